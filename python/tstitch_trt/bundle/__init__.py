@@ -1,0 +1,25 @@
+"""The on-disk engine bundle (manifest.json + files). No torch, no TensorRT."""
+
+from tstitch_trt.bundle.manifest import (
+    BACKENDS,
+    EngineEntry,
+    Manifest,
+    ModelEntry,
+    artifact_path,
+    read_manifest,
+    sha256_file,
+    staged_bundle,
+    write_manifest,
+)
+
+__all__ = [
+    "BACKENDS",
+    "EngineEntry",
+    "Manifest",
+    "ModelEntry",
+    "artifact_path",
+    "read_manifest",
+    "sha256_file",
+    "staged_bundle",
+    "write_manifest",
+]

@@ -1,0 +1,234 @@
+"""`tstitch-trt build | run | info | check | bench`.
+
+User errors print one line (`error: ...`) and exit 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tstitch_trt.errors import UserError
+
+DEMO = "demo"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # one line, exit 2 (argparse's default prints the whole usage first)
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _parse_labels(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"class labels must be integers separated by commas, got {text!r}") from None
+
+
+def _parse_fractions(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"fractions must be numbers separated by commas, got {text!r}") from None
+
+
+def _parse_batch_sizes(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    try:
+        a, b = int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch-sizes takes N or MIN-MAX, got {text!r}") from None
+    if not 1 <= a <= b:
+        raise argparse.ArgumentTypeError(f"--batch-sizes needs 1 <= MIN <= MAX, got {text!r}")
+    return a, b
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tstitch-trt", description="T-Stitch diffusion sampling on TensorRT / ONNX Runtime step engines")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    b = sub.add_parser("build", help="export checkpoints to a bundle of step graphs / engines")
+    b.add_argument("--recipe", help="TOML file with the same settings (command-line flags override it)")
+    b.add_argument("--model", action="append", metavar="ARCH=CHECKPOINT",
+                   help="e.g. DiT-S/2=DiT-S-2.pt (smallest first; CHECKPOINT may be random:SEED)")
+    b.add_argument("--image-size", type=int)
+    b.add_argument("--num-classes", type=int)
+    b.add_argument("--latent-channels", type=int)
+    b.add_argument("--downsample", type=int, help="VAE factor (8; 1 for pixel-space models)")
+    b.add_argument("--vae", help="diffusers AutoencoderKL directory (or hub id where a network exists)")
+    b.add_argument("--backend", help="comma list of torch, ort, trt, trt-rtx")
+    b.add_argument("--precision", choices=["fp16", "fp32"])
+    b.add_argument("--batch-sizes", type=_parse_batch_sizes, help="MIN-MAX batch of the engines' profile")
+    b.add_argument("--guidance-channels", help="'3' (DiT reference) or 'all'")
+    b.add_argument("--opt-level", type=int, help="TensorRT builder optimization level (0-5)")
+    b.add_argument("--timing-cache", help="TensorRT timing cache file, reused and updated")
+    b.add_argument("--out", help="bundle directory (default engines/NAME)")
+
+    r = sub.add_parser("run", help="sample images with a bundle (default: the built-in demo pair)")
+    r.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo' (default)")
+    r.add_argument("--backend", default="auto", help="auto, trt, trt-rtx, ort, torch")
+    r.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm-solver++"])
+    r.add_argument("--steps", type=int, default=None)
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--ratio", type=float, default=None, help="share of early steps on the small model (0..1)")
+    g.add_argument("--fractions", type=_parse_fractions, help="one share per model, summing to 1")
+    r.add_argument("--cfg-scale", type=float, default=1.5)
+    r.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    r.add_argument("--class-labels", type=_parse_labels, default=None)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--init-noise", help=".npy starting latent (B, C, H, W); sets the batch")
+    r.add_argument("--save-latents", help="write the final latent (before decoding) to this .npy")
+    r.add_argument("--out", help="PNG grid to write (default ./tstitch-<bundle>.png)")
+    r.add_argument("--report", help="write the JSON report here")
+    r.add_argument("--device", default=None, help="torch backend device (cpu, cuda)")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+
+    i = sub.add_parser("info", help="describe a bundle")
+    i.add_argument("--bundle", default=DEMO)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return {"build": cmd_build, "run": cmd_run, "info": cmd_info}[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------------------------------------
+def resolve_bundle(name: str) -> Path:
+    if name == DEMO:
+        from tstitch_trt.demo import demo_bundle_dir
+
+        return demo_bundle_dir()
+    return Path(name)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from tstitch_trt.bundle.manifest import read_manifest
+
+    bundle = resolve_bundle(args.bundle)
+    print(describe_bundle(bundle, read_manifest(bundle)))
+    return 0
+
+
+def describe_bundle(bundle: Path, m) -> str:  # m: Manifest
+    c, h, w = m.latent_shape
+    lines = [
+        f"bundle {bundle}: {m.pipeline}, {len(m.models)} models in stitch order (smallest first)",
+        f"  latent {c}x{h}x{w}, image {m.image_size}px, {m.num_classes} classes, scale factor {m.latent_scale_factor}",
+        f"  schedule: {m.schedule.get('kind')} over {m.schedule.get('num_timesteps')} timesteps; "
+        f"CFG on {m.guidance_channels} eps channel(s)",
+    ]
+    for i, model in enumerate(m.models):
+        a = model.arch
+        lines.append(f"  [{i}] {model.name}: depth {a['depth']}, hidden {a['hidden_size']}, heads {a['num_heads']}, "
+                     f"patch {a['patch_size']}, {model.macs_per_forward / 1e9:.2f} GMACs/forward")
+        for kind, e in model.engines.items():
+            extra = ""
+            if e.builder:
+                extra = ", " + ", ".join(f"{k} {v}" for k, v in e.builder.items())
+            lines.append(f"      {kind:8s} {e.file} ({e.precision}, batch {e.batch_range[0]}-{e.batch_range[1]}{extra})")
+    lines.append(f"  VAE: {', '.join(m.vae['engines']) + ' from ' + m.vae['source'] if m.vae else 'none'}")
+    lines.append(f"  backends usable for the whole pair: {', '.join(m.backends()) or 'none'}")
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tstitch_trt.pipeline.dit import StitchedPipeline, image_grid
+
+    bundle = resolve_bundle(args.bundle)
+    is_demo = args.bundle == DEMO
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    init = None
+    if args.init_noise:
+        try:
+            init = np.load(args.init_noise, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read --init-noise {args.init_noise}: {e}") from None
+    pipe = StitchedPipeline.from_bundle(bundle, backend=args.backend, device=args.device)
+    try:
+        nc = pipe.manifest.num_classes
+        labels = args.class_labels
+        if labels is None:
+            labels = [c for c in range(min(nc, 10)) for _ in range(2)] if is_demo else [207, 360, 387, 974, 88, 979, 417, 279]
+            labels = [v % nc for v in labels]
+        ratio = args.ratio if args.ratio is not None or args.fractions is not None else (
+            0.4 if len(pipe.manifest.models) == 2 else None)
+        fractions = args.fractions
+        if ratio is None and fractions is None:
+            n = len(pipe.manifest.models)
+            fractions = [1.0 / n] * n
+        steps = args.steps if args.steps is not None else 50
+        res = pipe(class_labels=labels, ratio=ratio, fractions=fractions, steps=steps, sampler=args.sampler,
+                   cfg_scale=args.cfg_scale, seed=args.seed, eta=args.eta, init_noise=init, progress=args.progress)
+    finally:
+        pipe.close()
+    rep = res.report
+    if args.save_latents:
+        _atomic_write(Path(args.save_latents), lambda p: np.save(p, res.latents))
+    written = None
+    if res.images is not None:
+        from PIL import Image
+
+        nrow = 2 if is_demo and args.class_labels is None else min(len(res.images), 8)
+        grid = image_grid(res.images, nrow=max(1, nrow))
+        out = Path(args.out or f"tstitch-{Path(str(bundle)).name}.png")
+        img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+        _atomic_write(out, lambda p: img.save(p, format="PNG"))
+        written = out
+    if args.report:
+        _atomic_write(Path(args.report), lambda p: Path(p).write_text(json.dumps(rep, indent=2)))
+    per_model = ", ".join(f"{n} {name}" for n, name in zip(rep["steps_per_model"], rep["models"], strict=True))
+    print(f"{rep['steps']} {rep['sampler']} steps ({per_model}) on {rep['backend']} [{rep['device']}], "
+          f"batch {rep['batch']}: {rep['total_seconds']:.2f} s")
+    if written:
+        print(f"wrote {written.resolve()}")
+    for note in rep["notes"]:
+        print(f"note: {note}")
+    return 0
+
+
+def _atomic_write(path: Path, write) -> None:  # write(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from tstitch_trt.recipes import build_config_from_args
+
+    cfg = build_config_from_args(args)
+    from tstitch_trt.export.build import build_bundle
+
+    manifest = build_bundle(cfg, on_model=lambda name: print(f"exporting {name} ...", flush=True))
+    times = manifest.io.get("build_seconds", {})
+    for k, v in times.items():
+        print(f"  {k}: {v:.1f} s")
+    print(f"wrote bundle {cfg.out} ({', '.join(manifest.backends())})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""StepModule, ONNX export, engine builders and the torch backend (needs torch)."""

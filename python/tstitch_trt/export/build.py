@@ -1,0 +1,155 @@
+"""`tstitch-trt build`: checkpoints -> a bundle of step artifacts for the requested backends."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tstitch_trt import __version__
+from tstitch_trt.bundle.manifest import EngineEntry, Manifest, ModelEntry, add_file, staged_bundle, write_manifest
+from tstitch_trt.errors import UserError
+from tstitch_trt.export.onnx_export import export_step_graph, io_spec
+from tstitch_trt.export.step_module import StepModule
+from tstitch_trt.models.checkpoints import load_dit
+from tstitch_trt.models.dit import DiT, DiTConfig, dit_config, randomized_dit
+
+log = logging.getLogger("tstitch_trt.build")
+BUILD_BACKENDS = ("torch", "ort", "trt", "trt-rtx")
+
+
+@dataclass
+class ModelSpec:
+    arch: str  # "DiT-S/2"
+    checkpoint: str  # a path, or "random:SEED" for randomized weights (tests, timing)
+
+
+@dataclass
+class BuildConfig:
+    models: list[ModelSpec]
+    out: Path
+    backends: list[str] = field(default_factory=lambda: ["torch", "ort"])
+    image_size: int = 256
+    num_classes: int = 1000
+    latent_channels: int = 4
+    downsample: int = 8  # VAE factor; 1 for pixel-space models
+    latent_scale_factor: float = 0.18215
+    vae: str | None = None
+    precision: str = "fp16"  # engines (trt, trt-rtx); ort is always fp32
+    batch_range: tuple[int, int] = (1, 16)
+    guidance_channels: int = 3
+    opt_level: int = 3
+    timing_cache: str | None = None
+    arch_overrides: dict = field(default_factory=dict)  # DiTConfig fields (e.g. depth) for custom pairs
+
+
+def model_config(spec: ModelSpec, cfg: BuildConfig) -> DiTConfig:
+    if cfg.image_size % cfg.downsample:
+        raise UserError(f"--image-size {cfg.image_size} is not a multiple of the VAE factor {cfg.downsample}")
+    try:
+        return dit_config(spec.arch, input_size=cfg.image_size // cfg.downsample, in_channels=cfg.latent_channels,
+                          num_classes=cfg.num_classes, **cfg.arch_overrides.get(spec.arch, {}))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def load_model(spec: ModelSpec, config: DiTConfig) -> DiT:
+    if spec.checkpoint.startswith("random"):
+        _, _, seed = spec.checkpoint.partition(":")
+        return randomized_dit(config, seed=int(seed or 0))
+    return load_dit(config, spec.checkpoint)
+
+
+def build_bundle(cfg: BuildConfig, on_model: Callable[[str], None] | None = None) -> Manifest:
+    """Write the bundle atomically; returns its manifest. Timings land in manifest.io['build_seconds']."""
+    unknown = [b for b in cfg.backends if b not in BUILD_BACKENDS]
+    if unknown:
+        raise UserError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BUILD_BACKENDS)}")
+    if len(cfg.models) < 2:
+        raise UserError("give at least two --model entries (smallest first) to stitch")
+    if cfg.precision not in ("fp16", "fp32"):
+        raise UserError(f"--precision must be fp16 or fp32, got {cfg.precision!r}")
+    configs = [model_config(s, cfg) for s in cfg.models]
+    engine_builder = None
+    trt_kinds = [b for b in cfg.backends if b in ("trt", "trt-rtx")]
+    if trt_kinds:
+        from tstitch_trt.export.trt_build import make_engine_builder
+
+        engine_builder = {k: make_engine_builder(k, cfg.opt_level, cfg.timing_cache) for k in trt_kinds}
+    timings: dict[str, float] = {}
+    with staged_bundle(cfg.out) as tmp:
+        entries = []
+        for i, (spec, mcfg) in enumerate(zip(cfg.models, configs, strict=True)):
+            if on_model:
+                on_model(spec.arch)
+            net = load_model(spec, mcfg)
+            step = StepModule(net, guidance_channels=cfg.guidance_channels).eval()
+            tag = f"{i}-{spec.arch.replace('/', '_')}"
+            engines: dict[str, EngineEntry] = {}
+            if "torch" in cfg.backends:
+                engines["torch"] = add_file(tmp, f"models/{tag}.safetensors", lambda p, n=net: _save_weights(n, p))
+            onnx_paths: dict[str, Path] = {}
+            for precision in _onnx_precisions(cfg):
+                t0 = time.perf_counter()
+                rel = f"onnx/{tag}-{precision}.onnx"
+                export_step_graph(step, tmp / rel, precision)
+                timings[f"export {spec.arch} {precision}"] = time.perf_counter() - t0
+                onnx_paths[precision] = tmp / rel
+                if precision == "fp32" and "ort" in cfg.backends:
+                    engines["ort"] = _entry(tmp, rel, "fp32", cfg)
+            for kind, builder in (engine_builder or {}).items():
+                t0 = time.perf_counter()
+                rel = f"trt/{tag}-{kind}-{cfg.precision}.plan"
+                info = builder.build(onnx_paths[cfg.precision], tmp / rel, cfg.batch_range, io_spec(step))
+                timings[f"build {kind} {spec.arch}"] = time.perf_counter() - t0
+                engines[kind] = _entry(tmp, rel, cfg.precision, cfg, builder=info)
+            if "ort" not in cfg.backends:
+                for p in onnx_paths.values():  # graphs only kept for the backends asked for
+                    for f in p.parent.glob(p.name + "*"):
+                        f.unlink()
+            entries.append(ModelEntry(name=spec.arch, family="dit", arch=mcfg.to_dict(), engines=engines,
+                                      macs_per_forward=mcfg.macs_per_forward()))
+            del net, step
+        manifest = Manifest(
+            pipeline="dit-class-conditional",
+            models=entries,
+            num_classes=cfg.num_classes,
+            image_size=cfg.image_size,
+            latent_scale_factor=cfg.latent_scale_factor if cfg.downsample > 1 else 1.0,
+            guidance_channels=cfg.guidance_channels,
+            io={**io_spec(StepModule(DiT(configs[0]))), "build_seconds": timings},
+            created_by=f"tstitch-trt {__version__}, torch {torch.__version__}",
+        )
+        manifest.validate()
+        if cfg.vae:
+            from tstitch_trt.export.vae_export import add_vae
+
+            manifest.vae = add_vae(tmp, cfg.vae, cfg.backends, cfg.batch_range, manifest.latent_shape)
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def _onnx_precisions(cfg: BuildConfig) -> Sequence[str]:
+    wanted = []
+    if "ort" in cfg.backends or (cfg.precision == "fp32" and {"trt", "trt-rtx"} & set(cfg.backends)):
+        wanted.append("fp32")
+    if cfg.precision == "fp16" and {"trt", "trt-rtx"} & set(cfg.backends):
+        wanted.append("fp16")
+    return wanted
+
+
+def _entry(bundle: Path, rel: str, precision: str, cfg: BuildConfig, builder: dict | None = None) -> EngineEntry:
+    from tstitch_trt.bundle.manifest import sha256_file
+
+    return EngineEntry(file=rel, sha256=sha256_file(bundle / rel), precision=precision,
+                       batch_range=cfg.batch_range, builder=builder or {})
+
+
+def _save_weights(net: DiT, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))

@@ -1,0 +1,1 @@
+"""Denoisers in PyTorch (export and the torch backend only; the runtime never imports this)."""

@@ -1,0 +1,1 @@
+"""Pipelines: conditioning -> stitched loop -> decode -> images. Python API: StitchedPipeline."""

@@ -1,0 +1,102 @@
+"""Choosing and opening a backend for a bundle (`--backend auto|trt|trt-rtx|ort|torch`)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from tstitch_trt.bundle.manifest import Manifest
+from tstitch_trt.errors import UserError
+from tstitch_trt.runtime.backend import Backend
+
+BACKEND_CHOICES = ("auto", "trt", "trt-rtx", "ort", "torch")
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def cuda_device_count() -> int:
+    """NVIDIA GPUs visible through the driver (cuda-python), without torch. 0 when unsure."""
+    try:
+        from cuda.bindings import driver  # type: ignore[import-not-found]
+    except ImportError:
+        try:
+            from cuda import cuda as driver  # type: ignore[import-not-found,no-redef]
+        except ImportError:
+            return 0
+    try:
+        if driver.cuInit(0)[0] != driver.CUresult.CUDA_SUCCESS:
+            return 0
+        err, n = driver.cuDeviceGetCount()
+        return int(n) if err == driver.CUresult.CUDA_SUCCESS else 0
+    except Exception:
+        return 0
+
+
+def tensorrt_module(kind: str):  # -> module | None
+    """The real TensorRT module for `kind` or None (tensorrt-stubs leave an importable empty namespace)."""
+    name = "tensorrt" if kind == "trt" else "tensorrt_rtx"
+    if not _has_module(name):
+        return None
+    try:
+        mod = importlib.import_module(name)
+    except Exception:
+        return None
+    return mod if hasattr(mod, "Runtime") else None
+
+
+def choose_backend(manifest: Manifest, requested: str) -> tuple[str, str]:
+    """(backend, why). auto: trt, then trt-rtx, then ort on CUDA, then ort on CPU, then torch."""
+    present = manifest.backends()
+    if requested != "auto":
+        if requested not in BACKEND_CHOICES:
+            raise UserError(f"unknown backend {requested!r}; choose from {', '.join(BACKEND_CHOICES)}")
+        if requested not in present:
+            raise UserError(
+                f"the bundle has no {requested} artifacts (it has: {', '.join(present) or 'none'}); "
+                f"rebuild it with --backend {requested} or pick one of those"
+            )
+        return requested, "requested"
+    gpus = cuda_device_count()
+    reasons = []
+    for kind in ("trt", "trt-rtx"):
+        if kind not in present:
+            reasons.append(f"no {kind} engines in the bundle")
+        elif gpus == 0:
+            reasons.append(f"{kind} engines need an NVIDIA GPU and none is visible")
+        elif tensorrt_module(kind) is None:
+            reasons.append(f"{kind} engines present but {'tensorrt' if kind == 'trt' else 'tensorrt_rtx'} is not installed")
+        else:
+            return kind, f"{kind} engines and an NVIDIA GPU are present"
+    if "ort" in present and _has_module("onnxruntime"):
+        return "ort", "; ".join(reasons) + "; using ONNX Runtime"
+    if "torch" in present and _has_module("torch"):
+        return "torch", "; ".join(reasons) + "; no ONNX Runtime graphs, using the torch StepModule"
+    raise UserError(f"no usable backend for this bundle (has: {', '.join(present) or 'none'}; {'; '.join(reasons)})")
+
+
+def open_backend(kind: str, bundle_dir: str | Path, manifest: Manifest, device: str | None = None) -> Backend:
+    if kind == "ort":
+        from tstitch_trt.runtime.ort_backend import OrtBackend, ort_providers
+
+        providers = ort_providers() if device != "cpu" else ["CPUExecutionProvider"]
+        return OrtBackend(bundle_dir, manifest, providers=["CPUExecutionProvider"] if not providers else providers)
+    if kind in ("trt", "trt-rtx"):
+        from tstitch_trt.runtime.trt_backend import TrtBackend
+
+        return TrtBackend(bundle_dir, manifest, kind=kind)
+    if kind == "torch":
+        if not _has_module("torch"):
+            raise UserError("the torch backend needs PyTorch: pip install 'tstitch-trt[build]'")
+        from tstitch_trt.export.torch_backend import TorchBackend
+
+        if device is None:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return TorchBackend(bundle_dir, manifest, device=device)
+    raise UserError(f"unknown backend {kind!r}")

@@ -1,0 +1,189 @@
+"""Class-conditional DiT pipeline: labels -> stitched loop -> (VAE decode) -> images + report.
+
+    pipe = StitchedPipeline.from_bundle("engines/dit-s-xl", backend="auto")
+    images, report = pipe(class_labels=[207, 360], ratio=0.4, steps=50, sampler="ddim", cfg_scale=1.5, seed=0)
+
+A pipeline is reusable: the second call with the same batch and steps allocates nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tstitch_trt.bundle.manifest import Manifest, read_manifest
+from tstitch_trt.errors import UserError
+from tstitch_trt.pipeline.backends import choose_backend, open_backend
+from tstitch_trt.runtime.backend import Backend
+from tstitch_trt.runtime.loop import LoopResult, run_stitched
+from tstitch_trt.sampling.coefficients import SAMPLERS
+from tstitch_trt.sampling.stitch import check_fractions, steps_per_model
+from tstitch_trt.sampling.trajectory import TrajectoryPlan, plan_trajectory
+
+
+@dataclass
+class SampleResult:
+    latents: np.ndarray  # (B, C, H, W) final latent, before decoding
+    images: np.ndarray | None  # (B, H, W, C) uint8, or None without a VAE / pixel-space decode
+    report: dict
+
+
+class StitchedPipeline:
+    def __init__(self, bundle_dir: str | Path, manifest: Manifest, backend: Backend, backend_reason: str):
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = manifest
+        self.backend = backend
+        self.backend_reason = backend_reason
+        self._decoder = None
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: str | Path, backend: str = "auto", device: str | None = None) -> StitchedPipeline:
+        manifest = read_manifest(bundle_dir)
+        kind, why = choose_backend(manifest, backend)
+        return cls(bundle_dir, manifest, open_backend(kind, bundle_dir, manifest, device=device), why)
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.manifest.models]
+
+    def validate(self, labels: np.ndarray, ratio: float | None, fractions: Sequence[float] | None,
+                 steps: int, sampler: str, x_init: np.ndarray | None) -> None:
+        n_models = len(self.manifest.models)
+        if sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if not 1 <= steps <= 1000:
+            raise UserError(f"--steps must be between 1 and 1000, got {steps}")
+        if fractions is not None:
+            try:
+                check_fractions(fractions, n_models)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        elif ratio is None:
+            raise UserError("give --ratio (two models) or --fractions (one per model)")
+        elif not 0.0 <= ratio <= 1.0:
+            raise UserError(f"--ratio must be in [0, 1] (the share of early steps on the small model), got {ratio}")
+        elif n_models != 2:
+            raise UserError(f"--ratio stitches two models but the bundle has {n_models}; give --fractions with {n_models} values")
+        nc = self.manifest.num_classes
+        bad = [int(v) for v in labels if not 0 <= int(v) < nc]
+        if bad:
+            raise UserError(f"class label {bad[0]} is outside [0, {nc}); this bundle's models know {nc} classes")
+        if len(labels) == 0:
+            raise UserError("give at least one class label")
+        if x_init is not None:
+            want = self.manifest.latent_shape
+            if x_init.ndim != 4 or tuple(x_init.shape[1:]) != want:
+                raise UserError(f"--init-noise has shape {tuple(x_init.shape)}, expected (B, {', '.join(map(str, want))})")
+            if x_init.shape[0] != len(labels):
+                raise UserError(f"--init-noise has batch {x_init.shape[0]} but {len(labels)} class labels were given")
+        lo, hi = self._batch_range()
+        b = len(labels)
+        if not lo <= b <= hi:
+            raise UserError(f"batch {b} is outside the engines' range [{lo}, {hi}]; rebuild with --batch-sizes {lo}-{max(b, hi)}")
+
+    def _batch_range(self) -> tuple[int, int]:
+        ranges = [m.engines[self.backend.name].batch_range for m in self.manifest.models
+                  if self.backend.name in m.engines]
+        if not ranges or self.backend.name in ("torch", "ort"):
+            return (1, 1 << 20)
+        return (max(r[0] for r in ranges), min(r[1] for r in ranges))
+
+    def __call__(
+        self,
+        class_labels: Sequence[int],
+        ratio: float | None = 0.4,
+        steps: int = 50,
+        sampler: str = "ddim",
+        cfg_scale: float = 1.5,
+        seed: int = 0,
+        fractions: Sequence[float] | None = None,
+        eta: float = 0.0,
+        init_noise: np.ndarray | None = None,
+        progress: bool | None = None,
+        decode: bool = True,
+    ) -> SampleResult:
+        labels = np.asarray(list(class_labels), dtype=np.int64)
+        if init_noise is not None and init_noise.ndim == 4 and len(labels) == 1:
+            labels = np.repeat(labels, init_noise.shape[0])  # one label for the whole --init-noise batch
+        self.validate(labels, None if fractions is not None else ratio, fractions, steps, sampler, init_noise)
+        rng = np.random.default_rng(seed)
+        shape = (len(labels), *self.manifest.latent_shape)
+        x_init = (init_noise.astype(np.float32) if init_noise is not None
+                  else rng.standard_normal(shape, dtype=np.float32))
+        plan = plan_trajectory(sampler, steps, len(self.manifest.models), shape, rng,
+                               ratio=None if fractions is not None else ratio, fractions=fractions, eta=eta)
+        t0 = time.perf_counter()
+        loop = run_stitched(self.backend, plan, x_init, labels, cfg_scale, progress=progress,
+                            model_names=self.model_names)
+        images, decode_s, decode_note = None, 0.0, None
+        if decode:
+            t1 = time.perf_counter()
+            images, decode_note = self._decode(loop.x)
+            decode_s = time.perf_counter() - t1
+        total = time.perf_counter() - t0
+        report = self._report(plan, loop, labels, cfg_scale, seed, total, decode_s, decode_note)
+        return SampleResult(loop.x, images, report)
+
+    def _decode(self, latents: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+        m = self.manifest
+        if m.latent_scale_factor == 1.0 and m.vae is None:  # pixel-space models: the latent is the image
+            return to_uint8(latents), None
+        if m.vae is None:
+            return None, "the bundle has no VAE (build with --vae DIR), so only latents are written"
+        if self._decoder is None:
+            from tstitch_trt.pipeline.vae import open_decoder
+
+            self._decoder = open_decoder(self.bundle_dir, m, self.backend.name)
+        return to_uint8(self._decoder(latents / m.latent_scale_factor)), None
+
+    def _report(self, plan: TrajectoryPlan, loop: LoopResult, labels: np.ndarray, cfg: float, seed: int,
+                total: float, decode_s: float, decode_note: str | None) -> dict:
+        n = len(self.manifest.models)
+        return {
+            "backend": self.backend.name,
+            "backend_reason": self.backend_reason,
+            "device": self.backend.device,
+            "models": self.model_names,
+            "sampler": plan.sampler,
+            "steps": plan.steps,
+            "timesteps": plan.timesteps.tolist(),
+            "step_model": plan.step_model.tolist(),
+            "steps_per_model": steps_per_model(plan.step_model, n),
+            "batch": int(len(labels)),
+            "class_labels": labels.tolist(),
+            "cfg_scale": cfg,
+            "seed": seed,
+            "loop_mode": loop.mode,
+            "step_ms": [round(v, 4) for v in loop.step_ms],
+            "engine_ms": None if loop.engine_ms is None else [round(v, 4) for v in loop.engine_ms],
+            "host_overhead_ms_per_step": loop.host_overhead_ms_per_step,
+            "loop_seconds": loop.total_seconds,
+            "decode_seconds": decode_s,
+            "total_seconds": total,
+            "notes": loop.notes + ([decode_note] if decode_note else []),
+        }
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
+    x = np.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    return x.transpose(0, 2, 3, 1)
+
+
+def image_grid(images: np.ndarray, nrow: int) -> np.ndarray:
+    """(B, H, W, C) uint8 -> one (rows*H + pad, nrow*W + pad, C) grid with 2 px borders."""
+    b, h, w, c = images.shape
+    rows = -(-b // nrow)
+    pad = 2
+    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), np.uint8)
+    for i in range(b):
+        r, col = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+    return grid

@@ -1,0 +1,76 @@
+"""Build settings from `--recipe export/NAME.toml` merged with command-line flags (flags win)."""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from tstitch_trt.errors import UserError
+from tstitch_trt.export.build import BuildConfig, ModelSpec
+
+_KEYS = {
+    "image_size": int, "num_classes": int, "latent_channels": int, "downsample": int, "vae": str,
+    "precision": str, "guidance_channels": str, "opt_level": int, "timing_cache": str, "out": str,
+}
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise UserError(f"recipe {p} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"recipe {p} is not valid TOML: {e}") from None
+    unknown = set(data) - set(_KEYS) - {"models", "backend", "batch_sizes", "name", "description"}
+    if unknown:
+        raise UserError(f"recipe {p}: unknown setting {sorted(unknown)[0]!r}")
+    return data
+
+
+def build_config_from_args(args: argparse.Namespace) -> BuildConfig:
+    recipe = read_recipe(args.recipe) if args.recipe else {}
+
+    def pick(name: str, default: Any) -> Any:
+        v = getattr(args, name, None)
+        return v if v is not None else recipe.get(name, default)
+
+    model_texts = args.model or [f"{m['arch']}={m['checkpoint']}" for m in recipe.get("models", [])]
+    if not model_texts:
+        raise UserError("give the models to stitch, smallest first: --model DiT-S/2=CKPT --model DiT-XL/2=CKPT")
+    models = []
+    for text in model_texts:
+        arch, sep, ckpt = text.partition("=")
+        if not sep or not arch or not ckpt:
+            raise UserError(f"--model takes ARCH=CHECKPOINT (e.g. DiT-S/2=DiT-S-2.pt), got {text!r}")
+        models.append(ModelSpec(arch.strip(), ckpt.strip()))
+    backend_text = args.backend or recipe.get("backend", "torch,ort")
+    backends = [b.strip() for b in (backend_text.split(",") if isinstance(backend_text, str) else backend_text)]
+    batch = args.batch_sizes or _batch(recipe.get("batch_sizes", "1-16"))
+    g = str(pick("guidance_channels", "3"))
+    if g != "all" and not g.isdigit():
+        raise UserError(f"--guidance-channels takes a number or 'all', got {g!r}")
+    latent_channels = int(pick("latent_channels", 4))
+    name = recipe.get("name") or "-".join(m.arch.replace("/", "").lower() for m in models)
+    return BuildConfig(
+        models=models,
+        out=Path(pick("out", f"engines/{name}")),
+        backends=backends,
+        image_size=int(pick("image_size", 256)),
+        num_classes=int(pick("num_classes", 1000)),
+        latent_channels=latent_channels,
+        downsample=int(pick("downsample", 8)),
+        vae=pick("vae", None),
+        precision=pick("precision", "fp16"),
+        batch_range=batch,
+        guidance_channels=latent_channels if g == "all" else int(g),
+        opt_level=int(pick("opt_level", 3)),
+        timing_cache=pick("timing_cache", None),
+    )
+
+
+def _batch(text: str) -> tuple[int, int]:
+    lo, _, hi = str(text).partition("-")
+    return int(lo), int(hi or lo)

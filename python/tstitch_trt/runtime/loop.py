@@ -1,0 +1,106 @@
+"""The stitched loop: the stitch schedule x the engines x the shared buffers."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tstitch_trt.errors import UserError
+from tstitch_trt.runtime.backend import Backend, x_slots
+from tstitch_trt.sampling.trajectory import TrajectoryPlan
+
+
+class NonFiniteError(UserError):
+    """A step produced NaN or Inf."""
+
+
+@dataclass
+class LoopResult:
+    x: np.ndarray  # final latent (B, C, H, W) fp32
+    step_ms: list[float]  # wall time of each step (launch + wait)
+    engine_ms: list[float] | None  # engine time per step where the backend reports it
+    total_seconds: float
+    mode: str = "steps"  # "steps" (one launch per step) or "graph" (whole trajectory, one launch)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def host_overhead_ms_per_step(self) -> float | None:
+        if not self.engine_ms:
+            return None
+        return float(np.mean(np.asarray(self.step_ms) - np.asarray(self.engine_ms)))
+
+
+def run_stitched(
+    backend: Backend,
+    plan: TrajectoryPlan,
+    x_init: np.ndarray,
+    labels: np.ndarray,
+    guidance: float,
+    progress: bool | None = None,
+    model_names: list[str] | None = None,
+) -> LoopResult:
+    """Run the whole trajectory; raises NonFiniteError naming the first bad step and model."""
+    t_start = time.perf_counter()
+    backend.prepare(plan, x_init, labels, guidance)
+    graph = getattr(backend, "run_graph", None)
+    result: LoopResult | None = None
+    if graph is not None:
+        result = graph(plan)  # None when the backend decides it cannot (it says why in notes)
+    if result is None:
+        result = _run_steps(backend, plan, progress)
+    result.total_seconds = time.perf_counter() - t_start
+    if not np.isfinite(result.x).all():
+        step, model = locate_non_finite(backend, plan, x_init, labels, guidance)
+        name = model_names[model] if model_names else f"model {model}"
+        raise NonFiniteError(
+            f"NaN/Inf in the latent: first at step {step} (t={int(plan.timesteps[step])}) on {name}; "
+            "check the weights, the cfg scale and the engine precision (try --precision fp32)"
+        )
+    return result
+
+
+def _run_steps(backend: Backend, plan: TrajectoryPlan, progress: bool | None) -> LoopResult:
+    bar = _progress_bar(plan.steps, progress)
+    step_ms: list[float] = []
+    engine_ms: list[float] = []
+    for i in range(plan.steps):
+        t0 = time.perf_counter()
+        e = backend.launch(i, int(plan.step_model[i]))
+        backend.synchronize()
+        step_ms.append((time.perf_counter() - t0) * 1e3)
+        if e is not None:
+            engine_ms.append(e)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    x = backend.read_x(x_slots(plan.steps - 1)[1])
+    return LoopResult(x, step_ms, engine_ms if len(engine_ms) == plan.steps else None, 0.0)
+
+
+def locate_non_finite(
+    backend: Backend, plan: TrajectoryPlan, x_init: np.ndarray, labels: np.ndarray, guidance: float
+) -> tuple[int, int]:
+    """Replay the trajectory step by step (only after a failure) to find the first non-finite output."""
+    backend.prepare(plan, x_init, labels, guidance)
+    for i in range(plan.steps):
+        model = int(plan.step_model[i])
+        backend.launch(i, model)
+        backend.synchronize()
+        src, dst = x_slots(i)
+        if not (np.isfinite(backend.read_x(dst)).all() and np.isfinite(backend.read_x0(src)).all()):
+            return i, model
+    return plan.steps - 1, int(plan.step_model[-1])
+
+
+def _progress_bar(total: int, progress: bool | None):  # -> tqdm | None
+    if progress is None:
+        progress = sys.stderr.isatty() and total >= 20
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="step", leave=False)

@@ -1,0 +1,1 @@
+"""Noise schedules, respacing, sampler coefficient tables and the stitch schedule (numpy only)."""
