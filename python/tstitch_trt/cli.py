@@ -91,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe a bundle")
     i.add_argument("--bundle", default=DEMO)
+
+    c = sub.add_parser("check", help="compare every backend in a bundle against the torch StepModule")
+    c.add_argument("--bundle", required=True)
+    c.add_argument("--backend", default=None, help="comma list (default: every backend present)")
+    c.add_argument("--batch", type=int, default=2)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--report", help="write the comparison as JSON here")
+
+    from tstitch_trt.bench import add_bench_arguments
+
+    add_bench_arguments(sub.add_parser("bench", help="speed, host overhead, memory and quality benchmarks"))
     return p
 
 
@@ -101,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"build": cmd_build, "run": cmd_run, "info": cmd_info}[args.command](args)
+        return {"build": cmd_build, "run": cmd_run, "info": cmd_info, "check": cmd_check,
+                "bench": cmd_bench}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -228,6 +240,18 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"  {k}: {v:.1f} s")
     print(f"wrote bundle {cfg.out} ({', '.join(manifest.backends())})")
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from tstitch_trt.export.check import run_check
+
+    return run_check(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tstitch_trt.bench import run_bench
+
+    return run_bench(args)
 
 
 if __name__ == "__main__":
