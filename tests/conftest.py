@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny stitch pairs with every parameter randomized (built once per session)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_OVERRIDES = {
+    "DiT-S/2": {"depth": 2, "hidden_size": 64, "num_heads": 2},
+    "DiT-B/2": {"depth": 3, "hidden_size": 96, "num_heads": 4},
+    "DiT-XL/2": {"depth": 4, "hidden_size": 128, "num_heads": 4},
+}
+
+
+def build_tiny(out: Path, archs: list[str], backends: list[str], **kw) -> Path:
+    from tstitch_trt.export.build import BuildConfig, ModelSpec, build_bundle
+
+    cfg = BuildConfig(
+        models=[ModelSpec(a, f"random:{i + 1}") for i, a in enumerate(archs)],
+        out=out, backends=backends, image_size=64, num_classes=10,
+        arch_overrides={a: TINY_OVERRIDES[a] for a in archs}, **kw,
+    )
+    build_bundle(cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> Path:
+    """DiT-S/2 -> DiT-B/2 (shrunk), latent 4x8x8, 10 classes, torch + ort (fp32)."""
+    return build_tiny(tmp_path_factory.mktemp("bundles") / "pair", ["DiT-S/2", "DiT-B/2"], ["torch", "ort"])
+
+
+@pytest.fixture(scope="session")
+def tiny_trio(tmp_path_factory) -> Path:
+    """DiT-S/2 -> DiT-B/2 -> DiT-XL/2 (shrunk), torch + ort."""
+    return build_tiny(tmp_path_factory.mktemp("bundles") / "trio", ["DiT-S/2", "DiT-B/2", "DiT-XL/2"],
+                      ["torch", "ort"])
