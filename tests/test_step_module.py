@@ -30,7 +30,8 @@ def test_cfg_semantics_first_three_channels_and_null_label() -> None:
     torch.testing.assert_close(eps[:, 3:], cond[:, 3:4])  # 4th eps channel unguided (reference)
     torch.testing.assert_close(v, cond[:, 4:])  # variance half from the conditional pass
     eps_all, _ = StepModule(net, guidance_channels=None).guided_output(x, t, y, s)
-    torch.testing.assert_close(eps_all, uncond[:, :4] + 4.0 * (cond[:, :4] - uncond[:, :4]), rtol=1e-5, atol=1e-5)
+    expected_all = uncond[:, :4] + 4.0 * (cond[:, :4] - uncond[:, :4])
+    torch.testing.assert_close(eps_all, expected_all, rtol=1e-5, atol=1e-5)
 
 
 @torch.inference_mode()

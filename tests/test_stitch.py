@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tstitch_trt.sampling.schedule import dit_schedule
-from tstitch_trt.sampling.stitch import stitch_schedule, steps_per_model
+from tstitch_trt.sampling.stitch import steps_per_model, stitch_schedule
 
 
 def schedule(n: int, **kw) -> np.ndarray:

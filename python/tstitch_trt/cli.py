@@ -16,6 +16,7 @@ import numpy as np
 from tstitch_trt.errors import UserError
 
 DEMO = "demo"
+REFERENCE_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -158,7 +159,8 @@ def describe_bundle(bundle: Path, m) -> str:  # m: Manifest
             extra = ""
             if e.builder:
                 extra = ", " + ", ".join(f"{k} {v}" for k, v in e.builder.items())
-            lines.append(f"      {kind:8s} {e.file} ({e.precision}, batch {e.batch_range[0]}-{e.batch_range[1]}{extra})")
+            lo, hi = e.batch_range
+            lines.append(f"      {kind:8s} {e.file} ({e.precision}, batch {lo}-{hi}{extra})")
     lines.append(f"  VAE: {', '.join(m.vae['engines']) + ' from ' + m.vae['source'] if m.vae else 'none'}")
     lines.append(f"  backends usable for the whole pair: {', '.join(m.backends()) or 'none'}")
     return "\n".join(lines)
@@ -182,7 +184,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         nc = pipe.manifest.num_classes
         labels = args.class_labels
         if labels is None:
-            labels = [c for c in range(min(nc, 10)) for _ in range(2)] if is_demo else [207, 360, 387, 974, 88, 979, 417, 279]
+            # demo: two of each digit; DiT: the reference's demo labels
+            labels = [c for c in range(min(nc, 10)) for _ in range(2)] if is_demo else REFERENCE_LABELS
             labels = [v % nc for v in labels]
         ratio = args.ratio if args.ratio is not None or args.fractions is not None else (
             0.4 if len(pipe.manifest.models) == 2 else None)

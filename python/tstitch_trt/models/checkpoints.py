@@ -63,7 +63,9 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
     expected = model.state_dict()
     for key, tensor in expected.items():
         if key not in state:
-            raise UserError(f"{source}: missing key {key!r} (expected shape {tuple(tensor.shape)}); wrong architecture?")
+            raise UserError(
+                f"{source}: missing key {key!r} (expected shape {tuple(tensor.shape)}); wrong architecture?"
+            )
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise UserError(
                 f"{source}: key {key!r} has shape {tuple(state[key].shape)} but the architecture expects "
@@ -71,7 +73,8 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
             )
     extra = [k for k in state if k not in expected]
     if extra:
-        raise UserError(f"{source}: unexpected key {extra[0]!r} (shape {tuple(state[extra[0]].shape)}); wrong architecture?")
+        shape = tuple(state[extra[0]].shape)
+        raise UserError(f"{source}: unexpected key {extra[0]!r} (shape {shape}); wrong architecture?")
 
 
 def config_from_diffusers(path: str | Path) -> dict:

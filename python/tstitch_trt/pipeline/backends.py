@@ -69,7 +69,8 @@ def choose_backend(manifest: Manifest, requested: str) -> tuple[str, str]:
         elif gpus == 0:
             reasons.append(f"{kind} engines need an NVIDIA GPU and none is visible")
         elif tensorrt_module(kind) is None:
-            reasons.append(f"{kind} engines present but {'tensorrt' if kind == 'trt' else 'tensorrt_rtx'} is not installed")
+            module = "tensorrt" if kind == "trt" else "tensorrt_rtx"
+            reasons.append(f"{kind} engines present but {module} is not installed")
         else:
             return kind, f"{kind} engines and an NVIDIA GPU are present"
     if "ort" in present and _has_module("onnxruntime"):

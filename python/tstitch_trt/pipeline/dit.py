@@ -67,7 +67,9 @@ class StitchedPipeline:
         elif not 0.0 <= ratio <= 1.0:
             raise UserError(f"--ratio must be in [0, 1] (the share of early steps on the small model), got {ratio}")
         elif n_models != 2:
-            raise UserError(f"--ratio stitches two models but the bundle has {n_models}; give --fractions with {n_models} values")
+            raise UserError(
+                f"--ratio stitches two models but the bundle has {n_models}; give --fractions with {n_models} values"
+            )
         nc = self.manifest.num_classes
         bad = [int(v) for v in labels if not 0 <= int(v) < nc]
         if bad:
@@ -77,13 +79,16 @@ class StitchedPipeline:
         if x_init is not None:
             want = self.manifest.latent_shape
             if x_init.ndim != 4 or tuple(x_init.shape[1:]) != want:
-                raise UserError(f"--init-noise has shape {tuple(x_init.shape)}, expected (B, {', '.join(map(str, want))})")
+                want_text = ", ".join(map(str, want))
+                raise UserError(f"--init-noise has shape {tuple(x_init.shape)}, expected (B, {want_text})")
             if x_init.shape[0] != len(labels):
                 raise UserError(f"--init-noise has batch {x_init.shape[0]} but {len(labels)} class labels were given")
         lo, hi = self._batch_range()
         b = len(labels)
         if not lo <= b <= hi:
-            raise UserError(f"batch {b} is outside the engines' range [{lo}, {hi}]; rebuild with --batch-sizes {lo}-{max(b, hi)}")
+            raise UserError(
+                f"batch {b} is outside the engines' range [{lo}, {hi}]; rebuild with --batch-sizes {lo}-{max(b, hi)}"
+            )
 
     def _batch_range(self) -> tuple[int, int]:
         ranges = [m.engines[self.backend.name].batch_range for m in self.manifest.models
