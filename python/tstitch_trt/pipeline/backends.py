@@ -49,6 +49,12 @@ def tensorrt_module(kind: str):  # -> module | None
     return mod if hasattr(mod, "Runtime") else None
 
 
+def _ort_device(gpus: int) -> str:
+    from tstitch_trt.runtime.ort_backend import ort_providers
+
+    return "CUDA execution provider" if gpus and "CUDAExecutionProvider" in ort_providers() else "CPU"
+
+
 def choose_backend(manifest: Manifest, requested: str) -> tuple[str, str]:
     """(backend, why). auto: trt, then trt-rtx, then ort on CUDA, then ort on CPU, then torch."""
     present = manifest.backends()
@@ -74,7 +80,7 @@ def choose_backend(manifest: Manifest, requested: str) -> tuple[str, str]:
         else:
             return kind, f"{kind} engines and an NVIDIA GPU are present"
     if "ort" in present and _has_module("onnxruntime"):
-        return "ort", "; ".join(reasons) + "; using ONNX Runtime"
+        return "ort", "; ".join(reasons) + f"; using ONNX Runtime ({_ort_device(gpus)})"
     if "torch" in present and _has_module("torch"):
         return "torch", "; ".join(reasons) + "; no ONNX Runtime graphs, using the torch StepModule"
     raise UserError(f"no usable backend for this bundle (has: {', '.join(present) or 'none'}; {'; '.join(reasons)})")
@@ -82,10 +88,10 @@ def choose_backend(manifest: Manifest, requested: str) -> tuple[str, str]:
 
 def open_backend(kind: str, bundle_dir: str | Path, manifest: Manifest, device: str | None = None) -> Backend:
     if kind == "ort":
-        from tstitch_trt.runtime.ort_backend import OrtBackend, ort_providers
+        from tstitch_trt.runtime.ort_backend import open_ort_backend
 
-        providers = ort_providers() if device != "cpu" else ["CPUExecutionProvider"]
-        return OrtBackend(bundle_dir, manifest, providers=["CPUExecutionProvider"] if not providers else providers)
+        # CUDA execution provider on device buffers when onnxruntime-gpu can use a GPU, else the CPU
+        return open_ort_backend(bundle_dir, manifest, device=device)
     if kind in ("trt", "trt-rtx"):
         from tstitch_trt.runtime.trt_backend import TrtBackend
 

@@ -51,6 +51,9 @@ def run_stitched(
         result = graph(plan)  # None when the backend decides it cannot (it says why in notes)
     if result is None:
         result = _run_steps(backend, plan, progress)
+    take_notes = getattr(backend, "take_notes", None)
+    if take_notes is not None:  # e.g. why a CUDA graph fell back: reported once, with the run it affected
+        result.notes.extend(n for n in take_notes() if n not in result.notes)
     result.total_seconds = time.perf_counter() - t_start
     if not np.isfinite(result.x).all():
         step, model = locate_non_finite(backend, plan, x_init, labels, guidance)

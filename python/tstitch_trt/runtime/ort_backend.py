@@ -52,7 +52,8 @@ class OrtBackend:
             try:
                 self.sessions.append(ort.InferenceSession(str(path), opts, providers=self.providers))
             except Exception as e:
-                raise UserError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}; rebuild the bundle") from None
+                raise UserError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}; "
+                                "rebuild the bundle") from None
         self.allocations = 0
         self._shape_key: tuple | None = None
         self._bindings: list = []
@@ -139,3 +140,105 @@ class OrtBackend:
         self._bindings = []
         self.sessions = []
         self._shape_key = None
+
+
+class OrtDeviceBackend(OrtBackend):
+    """ONNX Runtime with every step bound to buffers in the execution provider's memory.
+
+    With the CUDA execution provider (onnxruntime-gpu) the x / x0 ping-pong pairs, y, guidance and
+    the per-trajectory t / coef / noise tables live on the GPU; each (model, step) binding points
+    at its table row by address, so a step moves no data over PCIe. `device_type="cpu"` runs the
+    same binding code on host OrtValues (how it is tested where there is no GPU).
+    """
+
+    def __init__(self, bundle_dir: str | Path, manifest: Manifest, providers: list[str] | None = None,
+                 threads: int | None = None, device_type: str | None = None, device_id: int = 0):
+        providers = providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        super().__init__(bundle_dir, manifest, providers=providers, threads=threads)
+        self.device_type = device_type or ("cuda" if providers[0] == "CUDAExecutionProvider" else "cpu")
+        self.device_id = device_id
+        self.device = f"cuda:{device_id}" if self.device_type == "cuda" else "cpu"
+        if self.device_type == "cuda":
+            used = self.sessions[0].get_providers()[0] if self.sessions else ""
+            if used != "CUDAExecutionProvider":  # ORT falls back to the CPU silently when CUDA fails
+                raise UserError(f"ONNX Runtime could not start its CUDA execution provider (got {used}); "
+                                "check the CUDA / cuDNN install of onnxruntime-gpu or use --device cpu")
+
+    def _value(self, shape: tuple[int, ...], dtype: type) -> object:
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device_type, self.device_id)
+
+    def _allocate(self, plan: TrajectoryPlan, batch: int) -> None:
+        c, h, w = self.manifest.latent_shape
+        key = (batch, plan.steps, plan.noise is not None, int(plan.coef.shape[1]))
+        if key == self._shape_key:
+            return
+        self._bindings = []  # bindings hold the old values' addresses: drop them first
+        lat = (batch, c, h, w)
+        self.xv = [self._value(lat, np.float32) for _ in range(2)]
+        self.x0v = [self._value(lat, np.float32) for _ in range(2)]
+        self.yv = self._value((batch,), np.int64)
+        self.gv = self._value((), np.float32)
+        self.t_tab = self._value((plan.steps, batch), np.int64)
+        self.coef_tab = self._value(tuple(plan.coef.shape), np.float32)
+        self.noise_tab = self._value((plan.steps, *lat), np.float32) if plan.noise is not None else None
+        self.zero_noise = self._value(lat, np.float32)
+        self.zero_noise.update_inplace(np.zeros(lat, np.float32))
+        self.allocations += 10
+        self._shape_key = key
+        self._bind_device(plan.steps, batch, lat, int(plan.coef.shape[1]))
+
+    def _bind_device(self, steps: int, batch: int, lat: tuple[int, ...], k: int) -> None:
+        dev, dev_id = self.device_type, self.device_id
+        t_row, coef_row, noise_row = batch * 8, k * 4, int(np.prod(lat)) * 4
+        self._bindings = []
+        for sess in self.sessions:
+            per_step = []
+            for i in range(steps):
+                src, dst = x_slots(i)
+                b = sess.io_binding()
+                b.bind_ortvalue_input("x", self.xv[src])
+                b.bind_ortvalue_input("prev_x0", self.x0v[dst])
+                b.bind_ortvalue_input("y", self.yv)
+                b.bind_ortvalue_input("guidance", self.gv)
+                b.bind_input("t", dev, dev_id, np.int64, [batch], self.t_tab.data_ptr() + i * t_row)
+                b.bind_input("coef", dev, dev_id, np.float32, [k], self.coef_tab.data_ptr() + i * coef_row)
+                if self.noise_tab is not None:
+                    b.bind_input("noise", dev, dev_id, np.float32, list(lat), self.noise_tab.data_ptr() + i * noise_row)
+                else:
+                    b.bind_ortvalue_input("noise", self.zero_noise)
+                b.bind_ortvalue_output("x_next", self.xv[dst])
+                b.bind_ortvalue_output("x0", self.x0v[src])
+                per_step.append(b)
+            self._bindings.append(per_step)
+
+    def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, labels: np.ndarray, guidance: float) -> None:
+        batch = x_init.shape[0]
+        self._allocate(plan, batch)
+        self.xv[0].update_inplace(np.ascontiguousarray(x_init, dtype=np.float32))
+        self.x0v[1].update_inplace(np.zeros(x_init.shape, np.float32))
+        self.yv.update_inplace(np.asarray(labels, dtype=np.int64))
+        self.gv.update_inplace(np.asarray(guidance, dtype=np.float32))
+        self.t_tab.update_inplace(np.ascontiguousarray(np.repeat(plan.timesteps.astype(np.int64)[:, None], batch, 1)))
+        self.coef_tab.update_inplace(np.ascontiguousarray(plan.coef, dtype=np.float32))
+        if self.noise_tab is not None:
+            self.noise_tab.update_inplace(np.ascontiguousarray(plan.noise, dtype=np.float32))
+
+    def read_x(self, slot: int) -> np.ndarray:
+        return np.array(self.xv[slot].numpy(), copy=True)  # numpy() copies device tensors to the host
+
+    def read_x0(self, slot: int) -> np.ndarray:
+        return np.array(self.x0v[slot].numpy(), copy=True)
+
+
+def open_ort_backend(bundle_dir: str | Path, manifest: Manifest, device: str | None = None,
+                     threads: int | None = None) -> OrtBackend:
+    """CUDA execution provider on device buffers where onnxruntime-gpu and a GPU are present, else the CPU."""
+    if device != "cpu" and "CUDAExecutionProvider" in ort_providers():
+        try:
+            return OrtDeviceBackend(bundle_dir, manifest, threads=threads)
+        except UserError:
+            if device is not None and device.startswith("cuda"):
+                raise
+    return OrtBackend(bundle_dir, manifest, providers=["CPUExecutionProvider"], threads=threads)

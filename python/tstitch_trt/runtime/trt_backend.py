@@ -1,0 +1,520 @@
+"""TensorRT and TensorRT-RTX backend: step engines on shared device buffers, one shared scratch, CUDA graphs.
+
+The same code drives `tensorrt` (kind "trt") and `tensorrt_rtx` (kind "trt-rtx"): the module is
+passed in. No torch: device memory, streams, events and graphs come from runtime/cuda.py.
+
+Buffers (one set, bound by every engine):
+    x[0], x[1]      latent ping-pong        x0[0], x0[1]   x0 ping-pong (prev_x0 for multistep)
+    y, guidance     per trajectory          t, coef, noise step buffers, fed by a D2D copy of
+    t/coef/noise tables (steps rows)        the step's table row before each launch
+
+Why copy the row instead of binding the row's address: every execution context then keeps ONE
+set of tensor addresses for its whole life. A CUDA graph bakes in the addresses TensorRT saw at
+capture, and TensorRT documents graph capture only for an enqueue whose bindings do not change
+afterwards; rebinding one context to 100 different rows inside one capture would rely on
+TensorRT keeping no host-side per-enqueue state. The copies are three small memcpy nodes per
+step (a few microseconds against milliseconds of network). For the same reason each engine has
+two contexts, one per ping-pong parity (step i reads x[i % 2] and writes x[(i + 1) % 2]); all
+contexts share ONE scratch allocation, since engines never run concurrently.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tstitch_trt.bundle.manifest import Manifest, ModelEntry, artifact_path
+from tstitch_trt.errors import UserError
+from tstitch_trt.runtime import cuda as cuda_rt
+from tstitch_trt.runtime.backend import x_slots
+from tstitch_trt.runtime.engine_compat import check_engine_compat
+from tstitch_trt.runtime.loop import LoopResult
+from tstitch_trt.sampling.trajectory import TrajectoryPlan
+
+log = logging.getLogger("tstitch_trt.trt")
+
+MODULES = {"trt": "tensorrt", "trt-rtx": "tensorrt_rtx"}
+PIP_NAMES = {"trt": "tensorrt", "trt-rtx": "tensorrt-rtx"}
+INPUTS = ("x", "t", "y", "guidance", "coef", "prev_x0", "noise")
+OUTPUTS = ("x_next", "x0")
+FLOAT_TENSORS = ("x", "guidance", "coef", "prev_x0", "noise", "x_next", "x0")
+INT_TENSORS = ("t", "y")
+
+
+def import_tensorrt(kind: str) -> Any:
+    """The real module for `kind` ("trt" or "trt-rtx"); UserError when it is missing or only stubs."""
+    if kind not in MODULES:
+        raise UserError(f"unknown TensorRT backend {kind!r}; choose trt or trt-rtx")
+    name = MODULES[kind]
+    try:
+        mod = importlib.import_module(name)
+    except Exception as e:
+        raise UserError(f"--backend {kind} needs the {name} package ({str(e).splitlines()[0] if str(e) else e!r}): "
+                        f"pip install {PIP_NAMES[kind]}") from None
+    if not hasattr(mod, "Runtime"):  # tensorrt-stubs leave an importable empty namespace package
+        raise UserError(f"{name} is importable but is not TensorRT (type stubs only?): pip install {PIP_NAMES[kind]}")
+    return mod
+
+
+def _make_logger(trt: Any) -> Any:
+    """A TensorRT logger that keeps the errors, so a failed load or enqueue can say why."""
+
+    class CollectingLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            # Errors end up in our exceptions (last_error); logging only at debug avoids printing them twice.
+            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
+                self.errors.append(msg)
+            log.debug("%s", msg)
+
+        def last_error(self, default: str = "no error message from TensorRT") -> str:
+            return self.errors[-1].strip() if self.errors else default
+
+    return CollectingLogger()
+
+
+@dataclass
+class _Graph:
+    graph: Any  # cuda_rt.CudaGraph
+    events: list[Any] = field(default_factory=list)  # steps + 1 events inside the graph, or empty
+
+    def close(self) -> None:
+        self.graph.close()
+        for e in self.events:
+            e.close()
+        self.events = []
+
+
+class TrtBackend:
+    """Backend protocol (runtime/backend.py) over TensorRT step engines."""
+
+    def __init__(self, bundle_dir: str | Path, manifest: Manifest, kind: str = "trt", trt_module: Any = None,
+                 cuda: Any = None, device_index: int = 0, cuda_graph: bool = True, graph_step_events: bool = True):
+        """`trt_module` and `cuda` default to the installed TensorRT and runtime/cuda.py (tests pass fakes)."""
+        self.name = kind
+        self.manifest = manifest
+        self.trt = trt_module if trt_module is not None else import_tensorrt(kind)
+        self.cu = cuda if cuda is not None else cuda_rt
+        self.use_cuda_graph = cuda_graph
+        self.graph_step_events = graph_step_events
+        self.device = f"cuda:{device_index}"
+        self._notes: list[str] = []
+        self._graphs: dict[tuple, _Graph] = {}
+        self._generation = 0  # bumped whenever a bound address changes: graphs of older generations die
+        self._key: tuple | None = None
+        self._buf: dict[str, Any] = {}
+        self.engines: list[Any] = []
+        self._contexts: list[list[Any]] = []
+        self._configs: list[Any] = []
+        self.scratch = None
+        self.stream = None
+        self.cu.require_device(device_index)
+        self.device_cc = tuple(self.cu.compute_capability(device_index))
+        self.alloc = self.cu.DeviceAllocator()
+        self.logger = _make_logger(self.trt)
+        self.runtime = self.trt.Runtime(self.logger)
+        try:
+            self.stream = self.cu.Stream()
+            self._ev_start, self._ev_end = self.cu.Event(), self.cu.Event()
+            for m in manifest.models:
+                self.engines.append(self._load_engine(bundle_dir, m))
+            self.io = self._check_io()
+            self.engine_memory = [int(e.device_memory_size_v2) for e in self.engines]
+            for e in self.engines:
+                self._contexts.append([self._create_context(e) for _ in range(2)])
+            # One scratch for every context: engines never run at the same time.
+            self.scratch = self.alloc.alloc(max(self.engine_memory + [1]), "TensorRT scratch (shared by all engines)")
+            self._set_device_memory()
+        except BaseException:
+            self.close()
+            raise
+
+    # loading ------------------------------------------------------------------------------------------
+    def _load_engine(self, bundle_dir: str | Path, m: ModelEntry) -> Any:
+        entry = m.engines.get(self.name)
+        if entry is None:
+            raise UserError(f"the bundle has no {self.name} engine for {m.name}; rebuild it with --backend {self.name}")
+        path = artifact_path(bundle_dir, entry)  # missing file / checksum mismatch -> UserError
+        what = f"the {self.name} engine of {m.name} ({path.name})"
+        check_engine_compat(entry.builder, self.trt, self.device_cc, what=what, kind=self.name)
+        data = path.read_bytes()
+        self._check_validity(data, what)
+        self.logger.errors.clear()
+        engine = self.runtime.deserialize_cuda_engine(data)
+        if engine is None:
+            raise UserError(f"{self.trt.__name__} could not load {what}: {self.logger.last_error()}; "
+                            f"rebuild the bundle on this machine (`tstitch-trt build --backend {self.name}`)")
+        return engine
+
+    def _check_validity(self, data: bytes, what: str) -> None:
+        """TensorRT-RTX can tell why a plan will not load before trying (get_engine_validity)."""
+        if not hasattr(self.runtime, "get_engine_validity"):
+            return
+        try:
+            validity, diagnostics = self.runtime.get_engine_validity(data)
+        except Exception:  # informative only: deserialize_cuda_engine still checks
+            return
+        if validity != self.trt.EngineValidity.INVALID:
+            return
+        flags = self.trt.EngineInvalidityDiagnostics.__members__.items()
+        reasons = [name.lower().replace("_", " ") for name, flag in flags if int(diagnostics) & int(flag)]
+        if reasons:  # without a named reason, let deserialize_cuda_engine try and report
+            raise UserError(f"{self.trt.__name__} reports {what} cannot run here ({', '.join(reasons)}); "
+                            f"rebuild the bundle on this machine (`tstitch-trt build --backend {self.name}`)")
+
+    def _check_io(self) -> dict[str, dict]:
+        """Names, modes, dtypes and static dims of the step I/O, identical across engines."""
+        trt = self.trt
+        io: dict[str, dict] = {}
+        for m, engine in zip(self.manifest.models, self.engines, strict=True):
+            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            unknown = [n for n in names if n not in INPUTS + OUTPUTS]
+            missing = [n for n in INPUTS + OUTPUTS if n not in names]
+            if unknown or missing:
+                raise UserError(f"the {self.name} engine of {m.name} is not a step engine (unknown I/O {unknown}, "
+                                f"missing {missing}); rebuild the bundle")
+            for n in names:
+                want_mode = trt.TensorIOMode.INPUT if n in INPUTS else trt.TensorIOMode.OUTPUT
+                if engine.get_tensor_mode(n) != want_mode:
+                    raise UserError(f"the {self.name} engine of {m.name}: tensor {n} has the wrong direction; rebuild")
+                on_host = hasattr(engine, "get_tensor_location") and (
+                    engine.get_tensor_location(n) != trt.TensorLocation.DEVICE)
+                if on_host:
+                    raise UserError(f"the {self.name} engine of {m.name} keeps {n} on the host; rebuild the bundle")
+                dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(n)))
+                ok = dtype == np.float32 if n in FLOAT_TENSORS else dtype in (np.int64, np.int32)
+                if not ok:
+                    raise UserError(f"the {self.name} engine of {m.name} has {n} as {dtype}; the step I/O is fp32 "
+                                    "(t and y int64); rebuild the bundle")
+                dims = tuple(int(d) for d in engine.get_tensor_shape(n))
+                prev = io.setdefault(n, {"dtype": dtype, "dims": dims})
+                if prev["dtype"] != dtype or prev["dims"] != dims:
+                    raise UserError(f"the engines disagree on tensor {n} ({prev['dtype']}{list(prev['dims'])} vs "
+                                    f"{dtype}{list(dims)}); stitched engines must share one I/O; rebuild the bundle")
+        c, h, w = self.manifest.latent_shape
+        if io["x"]["dims"][1:] != (c, h, w):
+            raise UserError(f"the engines take latents {list(io['x']['dims'])}, the manifest says (B, {c}, {h}, {w}); "
+                            "rebuild the bundle")
+        return io
+
+    def _create_context(self, engine: Any) -> Any:
+        """A context without its own scratch (USER_MANAGED), shapes specialised eagerly on TensorRT-RTX."""
+        trt = self.trt
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        config = None
+        if hasattr(engine, "create_runtime_config"):
+            config = engine.create_runtime_config()
+            config.set_execution_context_allocation_strategy(strategy)
+            # TensorRT-RTX compiles shape-specialised kernels; EAGER does it at the first (warm-up)
+            # launch, so a CUDA graph captured after it never holds the generic fallback kernels.
+            if hasattr(config, "dynamic_shapes_kernel_specialization_strategy"):
+                try:
+                    config.dynamic_shapes_kernel_specialization_strategy = (
+                        trt.DynamicShapesKernelSpecializationStrategy.EAGER)
+                except Exception as e:  # pragma: no cover - informative
+                    log.info("could not select eager kernel specialization: %s", e)
+            self._configs.append(config)  # keep it alive as long as its contexts
+        ctx = engine.create_execution_context(config if config is not None else strategy)
+        if ctx is None:
+            raise UserError(f"{trt.__name__} could not create an execution context: {self.logger.last_error()}")
+        return ctx
+
+    def _set_device_memory(self) -> None:
+        for pair in self._contexts:
+            for ctx in pair:
+                ctx.set_device_memory(self.scratch.ptr, self.scratch.nbytes)
+
+    # buffers ------------------------------------------------------------------------------------------
+    @property
+    def allocations(self) -> int:
+        return int(self.alloc.count)
+
+    def _allocate(self, plan: TrajectoryPlan, batch: int) -> None:
+        k = int(plan.coef.shape[1])
+        key = (batch, plan.steps, plan.noise is not None, k)
+        if key == self._key:
+            return
+        self._check_batch(batch, k)
+        self._drop_graphs()
+        for buf in self._buf.values():
+            self.alloc.free(buf)
+        self._buf = {}
+        self._key = None
+        c, h, w = self.manifest.latent_shape
+        lat = batch * c * h * w * 4
+        t_size = batch * self.io["t"]["dtype"].itemsize
+        y_size = batch * self.io["y"]["dtype"].itemsize
+        sizes = {
+            "x0_slot0": lat, "x0_slot1": lat, "x_slot0": lat, "x_slot1": lat,
+            "y": y_size, "guidance": 4, "t": t_size, "coef": 4 * k, "noise": lat,
+            "t_table": t_size * plan.steps, "coef_table": 4 * k * plan.steps,
+        }
+        if plan.noise is not None:
+            sizes["noise_table"] = lat * plan.steps
+        try:
+            for name, size in sizes.items():
+                self._buf[name] = self.alloc.alloc(size, f"{name} ({batch} x {c}x{h}x{w})")
+        except UserError:  # out of memory: the allocator freed everything, the scratch included
+            self.close()
+            raise
+        self._buf["noise"].zero(self.stream)  # stays zero for samplers without noise
+        self._row_bytes = {"t": t_size, "coef": 4 * k, "noise": lat}
+        self._bind(batch, k)
+        self._key = key
+        self._generation += 1
+
+    def _check_batch(self, batch: int, k: int) -> None:
+        for m, engine in zip(self.manifest.models, self.engines, strict=True):
+            lo, _, hi = (tuple(int(d) for d in s) for s in engine.get_tensor_profile_shape("x", 0))
+            if not lo[0] <= batch <= hi[0]:
+                raise UserError(f"batch {batch} is outside the {self.name} engine's range [{lo[0]}, {hi[0]}] "
+                                f"({m.name}); rebuild with --batch-sizes {min(lo[0], batch)}-{max(hi[0], batch)}")
+        if self.io["coef"]["dims"] != (k,):
+            raise UserError(f"the engines take {list(self.io['coef']['dims'])} sampler coefficients, the sampler "
+                            f"tables have {k}; rebuild the bundle with this version")
+
+    def _bind(self, batch: int, k: int) -> None:
+        """Shapes and addresses of every context, once per allocation (contexts never rebind per step)."""
+        c, h, w = self.manifest.latent_shape
+        lat = (batch, c, h, w)
+        shapes = {"x": lat, "t": (batch,), "y": (batch,), "guidance": (), "coef": (k,), "prev_x0": lat, "noise": lat}
+        b = self._buf
+        need = self.scratch.nbytes
+        for model, pair in enumerate(self._contexts):
+            for parity, ctx in enumerate(pair):
+                src, dst = parity, 1 - parity  # = x_slots(step) for any step of this parity
+                addr = {"x": b[f"x_slot{src}"], "x_next": b[f"x_slot{dst}"], "x0": b[f"x0_slot{src}"],
+                        "prev_x0": b[f"x0_slot{dst}"], "t": b["t"], "y": b["y"], "guidance": b["guidance"],
+                        "coef": b["coef"], "noise": b["noise"]}
+                engine = self.engines[model]
+                for i in range(engine.num_io_tensors):
+                    name = engine.get_tensor_name(i)
+                    if name in shapes and not ctx.set_input_shape(name, shapes[name]):
+                        raise UserError(f"{self.trt.__name__} refused shape {list(shapes[name])} for {name} of "
+                                        f"{self.manifest.models[model].name}: {self.logger.last_error()}")
+                    if not ctx.set_tensor_address(name, addr[name].ptr):
+                        raise RuntimeError(f"set_tensor_address({name}) failed: {self.logger.last_error()}")
+                if hasattr(ctx, "update_device_memory_size_for_shapes"):
+                    try:
+                        need = max(need, int(ctx.update_device_memory_size_for_shapes()))
+                    except Exception as e:  # the engine-wide size is a safe upper bound
+                        log.debug("update_device_memory_size_for_shapes: %s", e)
+        if need > self.scratch.nbytes:  # shapes needing more than the engine-wide size (not expected)
+            self.alloc.free(self.scratch)
+            self.scratch = self.alloc.alloc(need, "TensorRT scratch (shared by all engines)")
+        self._set_device_memory()
+
+    # Backend protocol -----------------------------------------------------------------------------------
+    def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, labels: np.ndarray, guidance: float) -> None:
+        if self.scratch is None:
+            raise UserError(f"the {self.name} backend was closed (after an error or close()); open a new pipeline")
+        batch = int(x_init.shape[0])
+        self._allocate(plan, batch)
+        b, s = self._buf, self.stream
+        self._x_init = np.ascontiguousarray(x_init, dtype=np.float32)
+        b["x_slot0"].upload(self._x_init, s)
+        b["x0_slot1"].zero(s)  # step 0's prev_x0
+        t_dtype, y_dtype = self.io["t"]["dtype"], self.io["y"]["dtype"]
+        b["y"].upload(np.asarray(labels).astype(y_dtype), s)
+        b["guidance"].upload(np.asarray(guidance, dtype=np.float32), s)
+        b["t_table"].upload(np.repeat(plan.timesteps.astype(t_dtype)[:, None], batch, axis=1), s)
+        b["coef_table"].upload(np.asarray(plan.coef, dtype=np.float32), s)
+        if plan.noise is not None:
+            b["noise_table"].upload(np.asarray(plan.noise, dtype=np.float32), s)
+        s.synchronize()
+
+    def _enqueue(self, step: int, model: int) -> None:
+        """The step's table rows into the step buffers, then the engine: all async on the stream."""
+        b, rows, s = self._buf, self._row_bytes, self.stream
+        for name in ("t", "coef") + (("noise",) if "noise_table" in b else ()):
+            n = rows[name]
+            self.cu.copy_device(b[name].ptr, b[f"{name}_table"].ptr + step * n, n, s)
+        if not self._contexts[model][step % 2].execute_async_v3(s.handle):
+            raise RuntimeError(f"{self.trt.__name__} enqueue failed at step {step} on "
+                               f"{self.manifest.models[model].name}: {self.logger.last_error()}")
+
+    def launch(self, step: int, model: int) -> float | None:
+        self._ev_start.record(self.stream)
+        self._enqueue(step, model)
+        self._ev_end.record(self.stream)
+        self._ev_end.synchronize()
+        return self._ev_start.elapsed_ms(self._ev_end)
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    def read_x(self, slot: int) -> np.ndarray:
+        return self._read(f"x_slot{slot}")
+
+    def read_x0(self, slot: int) -> np.ndarray:
+        return self._read(f"x0_slot{slot}")
+
+    def _read(self, name: str) -> np.ndarray:
+        c, h, w = self.manifest.latent_shape
+        out = np.empty((self._key[0], c, h, w), np.float32)
+        return self._buf[name].download(out, self.stream)
+
+    def take_notes(self) -> list[str]:
+        """Notes not yet reported (the loop adds them to its result once)."""
+        notes, self._notes = self._notes, []
+        return notes
+
+    def memory_report(self) -> dict:
+        """Scratch sharing: what one allocation for all contexts saves against one per engine / context."""
+        per_engine = sum(self.engine_memory)
+        per_context = sum(len(p) * size for p, size in zip(self._contexts, self.engine_memory, strict=True))
+        shared = self.scratch.nbytes if self.scratch is not None else 0
+        return {
+            "engines": {m.name: size for m, size in zip(self.manifest.models, self.engine_memory, strict=True)},
+            "contexts": sum(len(p) for p in self._contexts),
+            "shared_scratch_bytes": shared,
+            "one_per_engine_bytes": per_engine,
+            "one_per_context_bytes": per_context,
+            "saved_vs_one_per_engine_bytes": per_engine - shared,
+            "saved_vs_one_per_context_bytes": per_context - shared,
+            "io_buffer_bytes": sum(b.nbytes for b in self._buf.values()),
+            "allocations": self.allocations,
+        }
+
+    # CUDA graphs ----------------------------------------------------------------------------------------
+    def run_graph(self, plan: TrajectoryPlan) -> LoopResult | None:
+        """The whole trajectory (every model, every step) as one CUDA graph; None -> plain launches.
+
+        Cached per (buffers generation, steps, step_model, batch): new buffers or another schedule
+        get a new capture, never a stale replay. The first call per key warms up with a plain run
+        (TensorRT must have enqueued once before capture), captures, replays, and checks the replay
+        against the plain run before trusting the graph.
+        """
+        if not self.use_cuda_graph or self._key is None:
+            return None
+        key = (self._generation, plan.steps, tuple(int(m) for m in plan.step_model), self._key[0])
+        g = self._graphs.get(key)
+        if g is not None:
+            return self._replay(g, plan)
+        warm = self._plain_run(plan)
+        g = self._capture(plan)
+        if g is None:
+            return warm
+        self._restore_start()
+        res = self._replay(g, plan)
+        ref = warm.x
+        if np.isfinite(ref).all():
+            diff = float(np.max(np.abs(res.x - ref))) if np.isfinite(res.x).all() else float("inf")
+            if diff > 1e-3 * max(1.0, float(np.max(np.abs(ref)))):
+                g.close()
+                self.use_cuda_graph = False
+                self._notes.append(f"the CUDA graph's result differs from plain launches (max |diff| {diff:.3g}); "
+                                   "using plain launches")
+                return warm
+        self._graphs[key] = g
+        return res
+
+    def _plain_run(self, plan: TrajectoryPlan) -> LoopResult:
+        step_ms, engine_ms = [], []
+        for i in range(plan.steps):
+            t0 = time.perf_counter()
+            engine_ms.append(self.launch(i, int(plan.step_model[i])))
+            step_ms.append((time.perf_counter() - t0) * 1e3)
+        x = self.read_x(x_slots(plan.steps - 1)[1])
+        return LoopResult(x, step_ms, engine_ms, 0.0)
+
+    def _restore_start(self) -> None:
+        """The warm-up ran real steps on the buffers: put back the trajectory's start state."""
+        self._buf["x_slot0"].upload(self._x_init, self.stream)
+        self._buf["x0_slot1"].zero(self.stream)
+        self.stream.synchronize()
+
+    def _capture(self, plan: TrajectoryPlan) -> _Graph | None:
+        used = sorted({(int(m), i % 2) for i, m in enumerate(plan.step_model)})
+        for model, parity in used:
+            ctx = self._contexts[model][parity]
+            if hasattr(ctx, "is_stream_capturable") and not ctx.is_stream_capturable(self.stream.handle):
+                return self._graph_failed(f"{self.manifest.models[model].name}'s context is not stream-capturable")
+        attempts = [True, False] if self.graph_step_events else [False]
+        error = ""
+        for with_events in attempts:
+            events = [self.cu.Event() for _ in range(plan.steps + 1)] if with_events else []
+
+            def body(events: list[Any] = events) -> None:
+                for i in range(plan.steps):
+                    if events:
+                        events[i].record(self.stream, external=True)
+                    self._enqueue(i, int(plan.step_model[i]))
+                if events:
+                    events[-1].record(self.stream, external=True)
+
+            try:
+                graph = self.cu.capture_graph(self.stream, body)
+            except Exception as e:
+                for ev in events:
+                    ev.close()
+                error = str(e).splitlines()[0] if str(e) else type(e).__name__
+                continue
+            if not with_events and self.graph_step_events:
+                self._notes.append(f"CUDA graph captured without per-step events ({error}); "
+                                   "graph-mode step times are the trajectory's GPU time / steps")
+            return _Graph(graph, events)
+        return self._graph_failed(f"capture failed: {error}")
+
+    def _graph_failed(self, why: str) -> None:
+        self.use_cuda_graph = False
+        self._notes.append(f"CUDA graph disabled, using plain launches: {why}")
+        return None
+
+    def _replay(self, g: _Graph, plan: TrajectoryPlan) -> LoopResult:
+        n = plan.steps
+        t0 = time.perf_counter()
+        self._ev_start.record(self.stream)
+        g.graph.launch(self.stream)
+        self._ev_end.record(self.stream)
+        self._ev_end.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+        gpu_ms = self._ev_start.elapsed_ms(self._ev_end)
+        engine_ms = None
+        if g.events:
+            try:
+                engine_ms = [g.events[i].elapsed_ms(g.events[i + 1]) for i in range(n)]
+            except Exception as e:
+                self._notes.append(f"per-step CUDA events in the graph are unreadable ({e}); "
+                                   "graph-mode step times are the trajectory's GPU time / steps")
+                for ev in g.events:
+                    ev.close()
+                g.events = []
+        if engine_ms is None:
+            engine_ms = [gpu_ms / n] * n
+        x = self.read_x(x_slots(n - 1)[1])
+        # One launch: per-step wall time is not observable, so step_ms is the honest average.
+        return LoopResult(x, [wall_ms / n] * n, engine_ms, 0.0, mode="graph")
+
+    def _drop_graphs(self) -> None:
+        for g in self._graphs.values():
+            g.close()
+        self._graphs.clear()
+
+    def close(self) -> None:
+        """Graphs, contexts, engines, then memory (contexts use the scratch until they are gone)."""
+        self._drop_graphs()
+        self._contexts = []
+        self._configs = []
+        self.engines = []
+        alloc = getattr(self, "alloc", None)
+        if alloc is not None:
+            alloc.free_all()
+        self._buf = {}
+        self.scratch = None
+        self._key = None
+        for ev in (getattr(self, "_ev_start", None), getattr(self, "_ev_end", None)):
+            if ev is not None:
+                ev.close()
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None

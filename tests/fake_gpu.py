@@ -1,0 +1,420 @@
+"""Stand-ins for runtime/cuda.py and a TensorRT module, so TrtBackend's logic runs where there is no GPU.
+
+FakeCuda keeps "device memory" in host arrays at synthetic addresses and queues work on streams;
+a capture records the queued work and a graph replays it, reading the buffers at replay time
+(like a real graph, whose nodes hold addresses, not values). FakeTrt mirrors the TensorRT calls
+TrtBackend makes (names and signatures as in tensorrt / tensorrt_rtx); its engines run a step
+function over the bound addresses: the fp32 ONNX step graph on ONNX Runtime (CPU), or `toy_step`
+(numpy here, cupy on a GPU with the real runtime/cuda.py).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from tstitch_trt.errors import UserError
+
+STEP_INPUTS = ("x", "t", "y", "guidance", "coef", "prev_x0", "noise")
+STEP_OUTPUTS = ("x_next", "x0")
+
+
+# -- a fake runtime/cuda.py -------------------------------------------------------------------------------
+class FakeCuda:
+    def __init__(self, cc: tuple[int, int] = (8, 9), memory_limit: int | None = None, fail_capture: bool = False,
+                 devices: int = 1):
+        self.cc = cc
+        self.memory_limit = memory_limit
+        self.fail_capture = fail_capture
+        self.devices = devices
+        self.memory: dict[int, np.ndarray] = {}  # base address -> bytes
+        self.next_ptr = 1 << 32
+        self.streams: dict[int, FakeStream] = {}
+        self.captures = 0
+        cu = self
+
+        class Stream(FakeStream):
+            def __init__(self) -> None:
+                super().__init__(cu)
+
+        class Event(FakeEvent):
+            pass
+
+        class DeviceAllocator(FakeAllocator):
+            def __init__(self) -> None:
+                super().__init__(cu)
+
+        self.Stream, self.Event, self.DeviceAllocator = Stream, Event, DeviceAllocator
+
+    # device
+    def require_device(self, index: int = 0) -> None:
+        if self.devices == 0:
+            raise UserError("no NVIDIA GPU is visible")
+
+    def compute_capability(self, index: int = 0) -> tuple[int, int]:
+        return self.cc
+
+    # memory
+    def view(self, ptr: int, nbytes: int) -> np.ndarray:
+        for base, mem in self.memory.items():
+            if base <= ptr and ptr + nbytes <= base + mem.nbytes:
+                return mem[ptr - base: ptr - base + nbytes]
+        raise AssertionError(f"access to unallocated fake device memory at {ptr:#x} (+{nbytes})")
+
+    def array(self, ptr: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        return self.view(ptr, n).view(dtype).reshape(shape)
+
+    def copy_device(self, dst: int, src: int, nbytes: int, stream: FakeStream) -> None:
+        stream.enqueue(lambda: self.view(dst, nbytes).__setitem__(slice(None), self.view(src, nbytes)))
+
+    def capture_graph(self, stream: FakeStream, body: Callable[[], None]) -> FakeGraph:
+        stream.captured = []
+        try:
+            body()
+            if self.fail_capture:
+                raise RuntimeError("cudaStreamEndCapture failed: cudaErrorStreamCaptureInvalidated (fake)")
+        finally:
+            ops, stream.captured = stream.captured, None
+        self.captures += 1
+        return FakeGraph(ops)
+
+
+class FakeStream:
+    def __init__(self, cu: FakeCuda):
+        self.cu = cu
+        self.handle = 0x1000 + len(cu.streams)
+        self.captured: list[Callable[[], None]] | None = None
+        cu.streams[self.handle] = self
+
+    def enqueue(self, fn: Callable[[], None]) -> None:
+        if self.captured is not None:
+            self.captured.append(fn)
+        else:
+            fn()  # the fake "GPU" runs work as soon as it is queued
+
+    def synchronize(self) -> None:
+        assert self.captured is None, "synchronize() during a capture"
+
+    def close(self) -> None:
+        self.cu.streams.pop(self.handle, None)
+
+
+class FakeEvent:
+    def __init__(self) -> None:
+        self.t: float | None = None
+
+    def record(self, stream: FakeStream, external: bool = False) -> None:
+        stream.enqueue(lambda: setattr(self, "t", time.perf_counter()))
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_ms(self, end: FakeEvent) -> float:
+        assert self.t is not None and end.t is not None, "elapsed time of an unrecorded event"
+        return (end.t - self.t) * 1e3
+
+    def close(self) -> None:
+        pass
+
+
+class FakeGraph:
+    def __init__(self, ops: list[Callable[[], None]]):
+        self.ops = ops
+        self.closed = False
+
+    def launch(self, stream: FakeStream) -> None:
+        assert not self.closed, "replay of a destroyed graph"
+        for op in self.ops:
+            stream.enqueue(op)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeBuffer:
+    def __init__(self, cu: FakeCuda, ptr: int, nbytes: int, what: str):
+        self.cu, self.ptr, self.nbytes, self.what = cu, ptr, nbytes, what
+
+    def upload(self, host: np.ndarray, stream: FakeStream, offset: int = 0) -> None:
+        data = np.ascontiguousarray(host).view(np.uint8).reshape(-1).copy()
+        assert offset + data.nbytes <= self.nbytes, f"upload overruns {self.what}"
+        stream.enqueue(lambda: self.cu.view(self.ptr + offset, data.nbytes).__setitem__(slice(None), data))
+
+    def download(self, out: np.ndarray, stream: FakeStream, offset: int = 0) -> np.ndarray:
+        out.reshape(-1).view(np.uint8)[:] = self.cu.view(self.ptr + offset, out.nbytes)
+        return out
+
+    def zero(self, stream: FakeStream) -> None:
+        stream.enqueue(lambda: self.cu.view(self.ptr, self.nbytes).__setitem__(slice(None), 0))
+
+
+class FakeAllocator:
+    def __init__(self, cu: FakeCuda):
+        self.cu = cu
+        self.buffers: list[FakeBuffer] = []
+        self.count = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers)
+
+    def alloc(self, nbytes: int, what: str) -> FakeBuffer:
+        used = sum(m.nbytes for m in self.cu.memory.values())
+        if self.cu.memory_limit is not None and used + nbytes > self.cu.memory_limit:
+            self.free_all()
+            raise UserError(f"out of GPU memory allocating {nbytes} B for {what} (fake)")
+        ptr = self.cu.next_ptr
+        self.cu.next_ptr += (max(nbytes, 1) + 511) // 256 * 256  # 256-aligned, with a gap
+        self.cu.memory[ptr] = np.full(max(nbytes, 1), 0xAB, np.uint8)  # garbage, like cudaMalloc
+        buf = FakeBuffer(self.cu, ptr, nbytes, what)
+        self.buffers.append(buf)
+        self.count += 1
+        return buf
+
+    def free(self, buf: FakeBuffer | None) -> None:
+        if buf is not None and buf in self.buffers:
+            self.buffers.remove(buf)
+            del self.cu.memory[buf.ptr]
+
+    def free_all(self) -> None:
+        for b in list(self.buffers):
+            self.free(b)
+
+
+# -- step functions ----------------------------------------------------------------------------------------
+def toy_step(xp: Any, inputs: dict[str, Any], scale: float) -> tuple[Any, Any]:
+    """A cheap stand-in denoiser (eps from x, t, y, guidance) plus the real coefficient-table update."""
+    x, t, y, g, coef = inputs["x"], inputs["t"], inputs["y"], inputs["guidance"], inputs["coef"]
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    t_term, y_term = (t.astype(xp.float32) * 1e-3).reshape(shape), (y.astype(xp.float32) * 1e-2).reshape(shape)
+    cond = xp.tanh(scale * x + t_term) + y_term
+    uncond = xp.tanh(scale * x)
+    eps = (uncond + g * (cond - uncond)).astype(xp.float32)
+    c = [coef[i] for i in range(coef.shape[0])]
+    x0 = c[0] * x - c[1] * eps
+    d = c[2] * x0 + c[3] * inputs["prev_x0"]
+    logvar = c[10] + (xp.float32(-1.0) + 1) * 0.5 * (c[9] - c[10])  # v = -1: the posterior variance
+    std = c[7] + c[8] * xp.exp(0.5 * logvar)
+    x_next = c[4] * x + c[5] * d + c[6] * eps + std * inputs["noise"]
+    return x_next.astype(xp.float32), x0.astype(xp.float32)
+
+
+def ort_step(onnx_bytes: bytes) -> Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+    return lambda feeds: tuple(sess.run(list(STEP_OUTPUTS), {k: feeds[k] for k in STEP_INPUTS}))
+
+
+# -- a fake TensorRT module ----------------------------------------------------------------------------------
+class _Severity(enum.IntEnum):
+    INTERNAL_ERROR = 0
+    ERROR = 1
+    WARNING = 2
+    INFO = 3
+    VERBOSE = 4
+
+
+class _ILogger:
+    Severity = _Severity
+
+    def __init__(self) -> None:
+        pass
+
+
+class TensorIOMode(enum.Enum):
+    NONE = 0
+    INPUT = 1
+    OUTPUT = 2
+
+
+class TensorLocation(enum.Enum):
+    DEVICE = 0
+    HOST = 1
+
+
+class DataType(enum.Enum):
+    FLOAT = 0
+    INT64 = 1
+    INT32 = 2
+
+
+class ExecutionContextAllocationStrategy(enum.Enum):
+    STATIC = 0
+    ON_PROFILE_CHANGE = 1
+    USER_MANAGED = 2
+
+
+class DynamicShapesKernelSpecializationStrategy(enum.Enum):
+    LAZY = 0
+    EAGER = 1
+    NONE = 2
+
+
+def make_fake_trt(cu: FakeCuda, step_for: Callable[[bytes], Callable], name: str = "tensorrt_rtx",
+                  version: str = "1.7.1.116", scratch_for: Callable[[bytes], int] | None = None,
+                  memory: Callable[[int, tuple, Any], Any] | None = None,
+                  executor: Callable[[Any, dict, int], None] | None = None, runtime_config: bool = True,
+                  capturable: bool = True) -> SimpleNamespace:
+    """A module-like namespace. `step_for(plan_bytes)` -> step function; plans that are not ONNX fail to load.
+
+    By default the engines run on FakeCuda memory; `executor(ctx, shapes, stream_handle)` replaces
+    that (the cupy executor runs on real device pointers).
+    """
+    trt = SimpleNamespace(__name__=name, __version__=version, ILogger=_ILogger, TensorIOMode=TensorIOMode,
+                          TensorLocation=TensorLocation, DataType=DataType,
+                          ExecutionContextAllocationStrategy=ExecutionContextAllocationStrategy,
+                          DynamicShapesKernelSpecializationStrategy=DynamicShapesKernelSpecializationStrategy)
+    trt.nptype = lambda dt: {DataType.FLOAT: np.float32, DataType.INT64: np.int64, DataType.INT32: np.int32}[dt]
+    trt.contexts = []
+
+    class RuntimeConfig:
+        def __init__(self) -> None:
+            self.strategy = ExecutionContextAllocationStrategy.STATIC
+            self.dynamic_shapes_kernel_specialization_strategy = DynamicShapesKernelSpecializationStrategy.LAZY
+
+        def set_execution_context_allocation_strategy(self, s: Any) -> None:
+            self.strategy = s
+
+    class Context:
+        def __init__(self, engine: Engine, strategy: Any):
+            assert strategy == ExecutionContextAllocationStrategy.USER_MANAGED, "the runtime must manage scratch"
+            self.engine = engine
+            self.shapes: dict[str, tuple] = {}
+            self.addresses: dict[str, int] = {}
+            self.device_memory: tuple[int, int] | None = None
+            self.enqueues = 0
+            trt.contexts.append(self)
+
+        def set_input_shape(self, n: str, shape: Any) -> bool:
+            shape = tuple(int(d) for d in shape)
+            if n in ("x", "prev_x0", "noise", "t", "y"):
+                lo, hi = self.engine.batch_range
+                if not lo <= shape[0] <= hi:
+                    return False
+            self.shapes[n] = shape
+            return True
+
+        def set_tensor_address(self, n: str, ptr: int) -> bool:
+            self.addresses[n] = int(ptr)
+            return True
+
+        def set_device_memory(self, ptr: int, size: int) -> None:
+            assert size >= self.engine.device_memory_size_v2, "scratch smaller than the engine needs"
+            self.device_memory = (int(ptr), int(size))
+
+        def update_device_memory_size_for_shapes(self) -> int:
+            return self.engine.device_memory_size_v2
+
+        def is_stream_capturable(self, stream: int) -> bool:
+            return capturable
+
+        def execute_async_v3(self, stream_handle: int) -> bool:
+            assert self.device_memory is not None, "enqueue without device memory (USER_MANAGED)"
+            assert set(self.addresses) == set(STEP_INPUTS + STEP_OUTPUTS), "unbound I/O tensor"
+            lat = self.shapes["x"]
+            shapes = {"x": lat, "prev_x0": lat, "noise": lat, "x_next": lat, "x0": lat, "t": self.shapes["t"],
+                      "y": self.shapes["y"], "guidance": (), "coef": self.shapes["coef"]}
+            self.enqueues += 1
+            if executor is not None:
+                executor(self, shapes, stream_handle)
+                return True
+            cu.view(*self.device_memory)  # the scratch must be live device memory
+            fn = self.engine.step
+
+            def run() -> None:
+                feeds = {n: cu.array(self.addresses[n], shapes[n], self.engine.dtypes[n]).copy() for n in STEP_INPUTS}
+                x_next, x0 = fn(feeds)
+                cu.array(self.addresses["x_next"], lat, np.float32)[...] = x_next
+                cu.array(self.addresses["x0"], lat, np.float32)[...] = x0
+
+            cu.streams[stream_handle].enqueue(run)
+            return True
+
+    class Engine:
+        def __init__(self, data: bytes, step: Callable, latent: tuple[int, int, int], k: int):
+            self.step = step
+            self.latent, self.k = latent, k
+            self.batch_range = (1, 16)
+            self.device_memory_size_v2 = scratch_for(data) if scratch_for else 1 << 20
+            self.names = list(STEP_INPUTS + STEP_OUTPUTS)
+            self.dtypes = {n: (np.int64 if n in ("t", "y") else np.float32) for n in self.names}
+            self.num_io_tensors = len(self.names)
+
+        def get_tensor_name(self, i: int) -> str:
+            return self.names[i]
+
+        def get_tensor_mode(self, n: str) -> TensorIOMode:
+            return TensorIOMode.INPUT if n in STEP_INPUTS else TensorIOMode.OUTPUT
+
+        def get_tensor_location(self, n: str) -> TensorLocation:
+            return TensorLocation.DEVICE
+
+        def get_tensor_dtype(self, n: str) -> DataType:
+            return DataType.INT64 if self.dtypes[n] == np.int64 else DataType.FLOAT
+
+        def get_tensor_shape(self, n: str) -> tuple:
+            return {"t": (-1,), "y": (-1,), "guidance": (), "coef": (self.k,)}.get(n, (-1, *self.latent))
+
+        def get_tensor_profile_shape(self, n: str, profile: int) -> list[tuple]:
+            lo, hi = self.batch_range
+            return [(lo, *self.latent), (hi, *self.latent), (hi, *self.latent)]
+
+        def create_execution_context(self, arg: Any = ExecutionContextAllocationStrategy.STATIC) -> Context:
+            return Context(self, arg.strategy if isinstance(arg, RuntimeConfig) else arg)
+
+        if runtime_config:
+            def create_runtime_config(self) -> RuntimeConfig:
+                return RuntimeConfig()
+
+    class Runtime:
+        def __init__(self, logger: Any):
+            self.logger = logger
+
+        def deserialize_cuda_engine(self, data: bytes) -> Engine | None:
+            try:
+                step = step_for(data)
+                latent, k = _onnx_io(data)
+            except Exception as e:
+                self.logger.log(_Severity.ERROR, f"IRuntime::deserializeCudaEngine: not a plan ({type(e).__name__})")
+                return None
+            return Engine(data, step, latent, k)
+
+    trt.Runtime = Runtime
+    return trt
+
+
+def _onnx_io(data: bytes) -> tuple[tuple[int, int, int], int]:
+    """Latent (C, H, W) and coefficient count of a step graph; toy plans carry them in a header."""
+    if data.startswith(b"TOY"):
+        c, h, w, k = (int(v) for v in data[3:].split(b",")[:4])
+        return (c, h, w), k
+    import onnx
+
+    model = onnx.load_from_string(data)
+    dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    return tuple(dims["x"][1:]), dims["coef"][0]  # type: ignore[return-value]
+
+
+def toy_plan(latent: tuple[int, int, int], k: int, scale: float) -> bytes:
+    """Bytes of a fake "plan" whose engine runs toy_step with `scale`."""
+    return b"TOY" + ",".join(str(v) for v in (*latent, k, scale)).encode() + b","
+
+
+def toy_step_for(xp: Any = np) -> Callable[[bytes], Callable]:
+    def step_for(data: bytes) -> Callable:
+        if not data.startswith(b"TOY"):
+            raise ValueError("not a toy plan")
+        scale = float(data[3:].split(b",")[4])
+        return lambda feeds: toy_step(xp, feeds, scale)
+    return step_for
