@@ -26,7 +26,7 @@ from tstitch_trt.bundle.manifest import EngineEntry, read_manifest, sha256_file
 from tstitch_trt.errors import UserError
 from tstitch_trt.pipeline.backends import cuda_device_count, tensorrt_module
 from tstitch_trt.runtime.engine_compat import builder_info, cc_string, check_engine_compat
-from tstitch_trt.runtime.loop import run_stitched
+from tstitch_trt.runtime.loop import NonFiniteError, run_stitched
 from tstitch_trt.runtime.ort_backend import OrtBackend, OrtDeviceBackend, ort_providers
 from tstitch_trt.runtime.trt_backend import TrtBackend
 from tstitch_trt.sampling.trajectory import plan_trajectory
@@ -488,3 +488,28 @@ def test_torch_cuda_graph_matches_eager(tiny_pair):
         assert g.mode == "graph", g.notes
         assert _close(e.x, want, 1e-3) and _close(g.x, e.x, 1e-5)
 
+
+
+def test_trt_backend_locates_nan_after_a_graph_run(tiny_pair, tmp_path):
+    """A NaN from the large engine in graph mode: the loop replays step by step and names step and model."""
+    bundle = add_fake_engines(tiny_pair, tmp_path / "b")
+    manifest = read_manifest(bundle)
+    cu = FakeCuda()
+
+    def nan_step(data: bytes):
+        run = ort_step(data)
+        large = data == (bundle / manifest.models[1].engines["trt-rtx"].file).read_bytes()
+
+        def step(feeds):
+            x_next, x0 = run(feeds)
+            if large:
+                x_next = x_next.copy()
+                x_next.flat[3] = np.nan
+            return x_next, x0
+        return step
+
+    backend = TrtBackend(bundle, manifest, kind="trt-rtx", trt_module=make_fake_trt(cu, nan_step), cuda=cu)
+    plan, x, labels = _plan(manifest, 2)
+    first_large = int(np.argmax(plan.step_model == 1))
+    with pytest.raises(NonFiniteError, match=rf"first at step {first_large} .* on DiT-B/2"):
+        run_stitched(backend, plan, x, labels, 1.5, progress=False, model_names=[m.name for m in manifest.models])
