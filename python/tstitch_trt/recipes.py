@@ -10,13 +10,16 @@ from typing import Any
 from tstitch_trt.errors import UserError
 from tstitch_trt.export.build import BuildConfig, ModelSpec
 
-_KEYS = {
+_KEYS: dict[str, type | tuple[type, ...]] = {
     "image_size": int, "num_classes": int, "latent_channels": int, "downsample": int, "vae": str,
-    "precision": str, "guidance_channels": str, "opt_level": int, "timing_cache": str, "out": str,
+    "precision": str, "guidance_channels": (str, int), "opt_level": int, "timing_cache": str, "out": str,
+    "models": list, "backend": (str, list), "batch_sizes": (str, int), "name": str, "description": str,
+    "arch_overrides": dict,  # {"DiT-S/2": {"depth": 2}}: DiTConfig fields for custom (or tiny test) models
 }
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
+    """The recipe's settings, checked for unknown keys and types (a typo must not be ignored)."""
     p = Path(path)
     try:
         data = tomllib.loads(p.read_text())
@@ -24,9 +27,19 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         raise UserError(f"recipe {p} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"recipe {p} is not valid TOML: {e}") from None
-    unknown = set(data) - set(_KEYS) - {"models", "backend", "batch_sizes", "name", "description"}
+    unknown = set(data) - set(_KEYS)
     if unknown:
-        raise UserError(f"recipe {p}: unknown setting {sorted(unknown)[0]!r}")
+        raise UserError(f"recipe {p}: unknown setting {sorted(unknown)[0]!r} (known: {', '.join(sorted(_KEYS))})")
+    for key, value in data.items():
+        if not isinstance(value, _KEYS[key]) or (isinstance(value, bool) and _KEYS[key] is int):
+            raise UserError(f"recipe {p}: {key} = {value!r} has the wrong type")
+    for m in data.get("models", []):
+        if not isinstance(m, dict) or not isinstance(m.get("arch"), str) or not isinstance(m.get("checkpoint"), str):
+            raise UserError(f"recipe {p}: each [[models]] entry needs arch = \"DiT-S/2\" and checkpoint = \"PATH\"")
+        if set(m) - {"arch", "checkpoint"}:
+            # TOML puts plain keys written after a [[models]] header inside that table
+            raise UserError(f"recipe {p}: unknown setting {sorted(set(m) - {'arch', 'checkpoint'})[0]!r} in a "
+                            f"[[models]] entry (settings go above the first [[models]])")
     return data
 
 
@@ -49,6 +62,9 @@ def build_config_from_args(args: argparse.Namespace) -> BuildConfig:
     backend_text = args.backend or recipe.get("backend", "torch,ort")
     backends = [b.strip() for b in (backend_text.split(",") if isinstance(backend_text, str) else backend_text)]
     batch = args.batch_sizes or _batch(recipe.get("batch_sizes", "1-16"))
+    overrides = recipe.get("arch_overrides", {})
+    if not all(isinstance(v, dict) for v in overrides.values()):
+        raise UserError("recipe: arch_overrides maps an architecture to a table of DiTConfig fields")
     g = str(pick("guidance_channels", "3"))
     if g != "all" and not g.isdigit():
         raise UserError(f"--guidance-channels takes a number or 'all', got {g!r}")
@@ -68,9 +84,16 @@ def build_config_from_args(args: argparse.Namespace) -> BuildConfig:
         guidance_channels=latent_channels if g == "all" else int(g),
         opt_level=int(pick("opt_level", 3)),
         timing_cache=pick("timing_cache", None),
+        arch_overrides=overrides,
     )
 
 
-def _batch(text: str) -> tuple[int, int]:
+def _batch(text: str | int) -> tuple[int, int]:
     lo, _, hi = str(text).partition("-")
-    return int(lo), int(hi or lo)
+    try:
+        a, b = int(lo), int(hi or lo)
+    except ValueError:
+        raise UserError(f"recipe: batch_sizes takes N or MIN-MAX, got {text!r}") from None
+    if not 1 <= a <= b:
+        raise UserError(f"recipe: batch_sizes needs 1 <= MIN <= MAX, got {text!r}")
+    return a, b

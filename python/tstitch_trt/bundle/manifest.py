@@ -41,7 +41,7 @@ class EngineEntry:
     precision: str = "fp32"
     batch_range: tuple[int, int] = (1, 16)
     builder: dict[str, Any] = field(default_factory=dict)  # e.g. tensorrt version, compute capability
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # external_data: [{file, sha256}] (ONNX > 2 GB)
 
     @classmethod
     def from_dict(cls, d: dict) -> EngineEntry:
@@ -149,10 +149,14 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
 def artifact_path(bundle_dir: str | Path, entry: EngineEntry, verify: bool = True) -> Path:
     """Path of an artifact, checked to exist and (verify=True) to match its recorded sha256."""
     p = Path(bundle_dir) / entry.file
-    if not p.is_file():
-        raise UserError(f"bundle file {p} is missing; rebuild the bundle")
-    if verify and sha256_file(p) != entry.sha256:
-        raise UserError(f"checksum mismatch for {p}: the file changed since the build; rebuild the bundle")
+    # ONNX graphs over 2 GB keep their weights beside them: extra["external_data"] = [{file, sha256}]
+    for f, digest in [(entry.file, entry.sha256)] + [(d["file"], d["sha256"]) for d in
+                                                      entry.extra.get("external_data", [])]:
+        path = Path(bundle_dir) / f
+        if not path.is_file():
+            raise UserError(f"bundle file {path} is missing; rebuild the bundle")
+        if verify and sha256_file(path) != digest:
+            raise UserError(f"checksum mismatch for {path}: the file changed since the build; rebuild the bundle")
     return p
 
 

@@ -13,7 +13,7 @@ import torch
 from tstitch_trt import __version__
 from tstitch_trt.bundle.manifest import EngineEntry, Manifest, ModelEntry, add_file, staged_bundle, write_manifest
 from tstitch_trt.errors import UserError
-from tstitch_trt.export.onnx_export import export_step_graph, io_spec
+from tstitch_trt.export.onnx_export import export_step_graph, external_data_files, io_spec
 from tstitch_trt.export.step_module import StepModule
 from tstitch_trt.models.checkpoints import load_dit
 from tstitch_trt.models.dit import DiT, DiTConfig, dit_config, randomized_dit
@@ -55,6 +55,8 @@ def model_config(spec: ModelSpec, cfg: BuildConfig) -> DiTConfig:
                           num_classes=cfg.num_classes, **cfg.arch_overrides.get(spec.arch, {}))
     except ValueError as e:
         raise UserError(str(e)) from None
+    except TypeError as e:  # an arch_overrides field DiTConfig does not have
+        raise UserError(f"{spec.arch}: {e}") from None
 
 
 def load_model(spec: ModelSpec, config: DiTConfig) -> DiT:
@@ -107,13 +109,16 @@ def build_bundle(cfg: BuildConfig, on_model: Callable[[str], None] | None = None
                 info = builder.build(onnx_paths[cfg.precision], tmp / rel, cfg.batch_range, io_spec(step))
                 timings[f"build {kind} {spec.arch}"] = time.perf_counter() - t0
                 engines[kind] = _entry(tmp, rel, cfg.precision, cfg, builder=info)
-            if "ort" not in cfg.backends:
-                for p in onnx_paths.values():  # graphs only kept for the backends asked for
-                    for f in p.parent.glob(p.name + "*"):
+            kept = {tmp / e.file for e in engines.values()}
+            for p in onnx_paths.values():  # graphs only kept where a backend runs them (ort: fp32)
+                if p not in kept:
+                    for f in p.parent.glob(p.name + "*"):  # the graph and its external data
                         f.unlink()
             entries.append(ModelEntry(name=spec.arch, family="dit", arch=mcfg.to_dict(), engines=engines,
                                       macs_per_forward=mcfg.macs_per_forward()))
             del net, step
+        if (tmp / "onnx").is_dir() and not any((tmp / "onnx").iterdir()):
+            (tmp / "onnx").rmdir()  # every graph was only the source of engines
         manifest = Manifest(
             pipeline="dit-class-conditional",
             models=entries,
@@ -128,7 +133,9 @@ def build_bundle(cfg: BuildConfig, on_model: Callable[[str], None] | None = None
         if cfg.vae:
             from tstitch_trt.export.vae_export import add_vae
 
-            manifest.vae = add_vae(tmp, cfg.vae, cfg.backends, cfg.batch_range, manifest.latent_shape)
+            manifest.vae = add_vae(tmp, cfg.vae, cfg.backends, cfg.batch_range, manifest.latent_shape,
+                                   precision=cfg.precision, engine_builders=engine_builder,
+                                   downsample=cfg.downsample)
         write_manifest(tmp, manifest)
     return manifest
 
@@ -143,10 +150,16 @@ def _onnx_precisions(cfg: BuildConfig) -> Sequence[str]:
 
 
 def _entry(bundle: Path, rel: str, precision: str, cfg: BuildConfig, builder: dict | None = None) -> EngineEntry:
+    """The manifest entry of an artifact; an ONNX graph's external weights get their own checksums."""
     from tstitch_trt.bundle.manifest import sha256_file
 
+    extra = {}
+    if rel.endswith(".onnx"):
+        data = external_data_files(bundle / rel)
+        if data:
+            extra["external_data"] = [{"file": str(f.relative_to(bundle)), "sha256": sha256_file(f)} for f in data]
     return EngineEntry(file=rel, sha256=sha256_file(bundle / rel), precision=precision,
-                       batch_range=cfg.batch_range, builder=builder or {})
+                       batch_range=cfg.batch_range, builder=builder or {}, extra=extra)
 
 
 def _save_weights(net: DiT, path: Path) -> None:

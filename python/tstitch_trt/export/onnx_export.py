@@ -9,6 +9,7 @@ the sampler update, LayerNorm and softmax statistics stay fp32.
 from __future__ import annotations
 
 import copy
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -54,42 +55,149 @@ def io_spec(step: StepModule) -> dict:
 
 
 def export_step_graph(step: StepModule, path: str | Path, precision: str = "fp32") -> Path:
-    """Write the step graph to `path` (external data beside it when over 2 GB) and return it."""
+    """Write the step graph to `path` (external data in `path.name + '.data'` when over 2 GB).
+
+    The fp16 graph is checked against the typing rules of this module's docstring before it is
+    written (a violation is a bug here, not a user error).
+    """
     import onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
-    step = copy.deepcopy(step).to(dtype)  # never mutate the caller's module
+    # never mutate the caller's module; fp32 needs no copy (a DiT-XL/2 copy is 2.7 GB)
+    module = copy.deepcopy(step).to(dtype) if dtype != step.dtype else step
     batch_dim = {0: "B"}
     dynamic_axes = {"x": batch_dim, "t": batch_dim, "y": batch_dim, "prev_x0": batch_dim, "noise": batch_dim,
                     "x_next": batch_dim, "x0": batch_dim}
-    tmp = path.with_suffix(".raw.onnx")
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            step.eval(),
-            example_inputs(step),
-            str(tmp),
-            input_names=list(STEP_INPUTS),
-            output_names=list(STEP_OUTPUTS),
-            dynamic_axes=dynamic_axes,
-            opset_version=OPSET,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    model = onnx.load(str(tmp))
-    tmp.unlink()
+    # A private directory for the raw export: over 2 GB torch writes one external file per
+    # weight beside the graph, which must not land in (and be left behind in) the bundle.
+    with tempfile.TemporaryDirectory(prefix="tstitch-export-", dir=path.parent) as raw_dir:
+        raw = Path(raw_dir) / "raw.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module.eval(),
+                example_inputs(step),
+                str(raw),
+                input_names=list(STEP_INPUTS),
+                output_names=list(STEP_OUTPUTS),
+                dynamic_axes=dynamic_axes,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        del module
+        model = onnx.load(str(raw))  # external data, if any, is read in here
     model = clean_graph(model)
-    large = model.ByteSize() > TWO_GB if _fits_proto(model) else True
-    if large:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data")
-        onnx.checker.check_model(str(path))
-    else:
+    check_step_graph_typing(model, precision)
+    save_graph(model, path)
+    return path
+
+
+def save_graph(model, path: Path) -> None:  # model: onnx.ModelProto
+    """Save and check a graph; over 2 GB the weights go to one external file `path.name + '.data'`."""
+    import onnx
+
+    if _fits_proto(model):
         onnx.save_model(model, str(path))
         onnx.checker.check_model(model)
-    return path
+    else:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=external_data_name(path))
+        onnx.checker.check_model(str(path))  # by path: the checker reads external data itself
+
+
+def external_data_name(path: str | Path) -> str:
+    return Path(path).name + ".data"
+
+
+def external_data_files(path: str | Path) -> list[Path]:
+    """The external data files an ONNX graph references (none below 2 GB), from its header only."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    names = set()
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            names.update(e.value for e in init.external_data if e.key == "location")
+    return [path.parent / n for n in sorted(names)]
+
+
+# --- typing rules ---------------------------------------------------------------------------------
+_FLOAT_IO = ("x", "guidance", "coef", "prev_x0", "noise", "x_next", "x0")
+_INT_IO = ("t", "y")
+_NETWORK_OPS = ("MatMul", "Gemm", "Conv")  # weights and matmuls: fp16 in an fp16 graph
+_FP32_OPS = ("LayerNormalization", "Softmax", "Exp")  # statistics and the variance: always fp32
+
+
+def tensor_types(model) -> dict[str, int]:
+    """name -> onnx elem type for every typed value of the graph (shape inference on the header)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(_without_weights(model))
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]}
+    types.update({i.name: i.data_type for i in g.initializer})
+    return types
+
+
+def check_step_graph_typing(model, precision: str) -> dict[str, dict[str, int]]:
+    """Check the step graph's typing; returns {op_type: {elem type name: count}} of its float ops.
+
+    fp16: I/O are fp32 (int64 for t, y); every MatMul/Gemm/Conv computes in fp16; LayerNorm,
+    softmax and the variance exp stay fp32. fp32: no fp16 anywhere.
+    """
+    import onnx
+
+    types = tensor_types(model)
+    name = onnx.TensorProto.DataType.Name
+    problems = []
+    for io in _FLOAT_IO:
+        if types.get(io) != onnx.TensorProto.FLOAT:
+            problems.append(f"{io} is {name(types.get(io, 0))}, not FLOAT")
+    for io in _INT_IO:
+        if types.get(io) != onnx.TensorProto.INT64:
+            problems.append(f"{io} is {name(types.get(io, 0))}, not INT64")
+    want = {"fp16": onnx.TensorProto.FLOAT16, "fp32": onnx.TensorProto.FLOAT}[precision]
+    summary: dict[str, dict[str, int]] = {}
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    for node in model.graph.node:
+        if node.op_type not in _NETWORK_OPS + _FP32_OPS:
+            continue
+        in_types = {types.get(i) for i in node.input if i and types.get(i) in floats}
+        expected = want if node.op_type in _NETWORK_OPS else onnx.TensorProto.FLOAT
+        for t in in_types:
+            counts = summary.setdefault(node.op_type, {})
+            counts[name(t)] = counts.get(name(t), 0) + 1
+        if in_types != {expected}:
+            problems.append(f"{node.op_type} {node.name} computes in {sorted(name(t) for t in in_types)}")
+    if precision == "fp32" and any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
+        problems.append("an fp32 graph holds fp16 weights")
+    if problems:
+        raise RuntimeError(f"the {precision} step graph is not typed as designed: " + "; ".join(problems[:5]))
+    return summary
+
+
+def _without_weights(model):  # the graph with empty initializer payloads (types and dims kept): cheap to infer
+    import onnx
+
+    light = onnx.ModelProto()
+    light.ir_version, light.producer_name = model.ir_version, model.producer_name
+    light.opset_import.extend(model.opset_import)
+    g = light.graph
+    g.name = model.graph.name
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)
+    for init in model.graph.initializer:
+        t = onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims)
+        t.data_location = onnx.TensorProto.EXTERNAL  # no payload; shape inference reads dims only
+        t.external_data.add(key="location", value="none")
+        g.initializer.append(t)
+    return light
 
 
 def clean_graph(model):  # onnx.ModelProto -> onnx.ModelProto
@@ -109,5 +217,5 @@ def clean_graph(model):  # onnx.ModelProto -> onnx.ModelProto
 def _fits_proto(model) -> bool:
     try:
         return model.ByteSize() < TWO_GB
-    except ValueError:  # protobuf refuses to size messages over 2 GB
+    except Exception:  # protobuf refuses to size messages over 2 GB (ValueError or its own error, by version)
         return False

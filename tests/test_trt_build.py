@@ -1,0 +1,163 @@
+"""Engine builders (export/trt_build.py): real TensorRT-RTX engines built on the CPU, clear errors.
+
+TensorRT-RTX builds ahead of time without a GPU, so these build REAL plans here; running them
+needs a GPU (tests/test_check or the runtime's GPU tests). `tensorrt` proper needs a GPU to build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+
+import onnx
+import pytest
+
+from tstitch_trt.bundle.manifest import artifact_path, read_manifest
+from tstitch_trt.errors import UserError
+from tstitch_trt.export.build import BuildConfig, ModelSpec, build_bundle
+from tstitch_trt.export.onnx_export import export_step_graph, io_spec
+from tstitch_trt.export.step_module import StepModule
+from tstitch_trt.export.trt_build import EngineBuilder, load_tensorrt, make_engine_builder
+from tstitch_trt.models.dit import dit_config, randomized_dit
+
+
+def _has_rtx() -> bool:
+    try:
+        return hasattr(importlib.import_module("tensorrt_rtx"), "Builder")
+    except Exception:
+        return False
+
+
+needs_rtx = pytest.mark.skipif(not _has_rtx(), reason="tensorrt_rtx is not installed (pip install tensorrt-rtx)")
+TINY = {"DiT-S/2": {"depth": 2, "hidden_size": 64, "num_heads": 2},
+        "DiT-B/2": {"depth": 3, "hidden_size": 96, "num_heads": 2}}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[StepModule, Path]:
+    cfg = dataclasses.replace(dit_config("DiT-S/2", input_size=8, num_classes=10), **TINY["DiT-S/2"])
+    step = StepModule(randomized_dit(cfg, seed=3)).eval()
+    return step, export_step_graph(step, tmp_path_factory.mktemp("g") / "s-fp16.onnx", "fp16")
+
+
+@needs_rtx
+def test_trt_rtx_builds_real_engines_for_a_pair_on_cpu(tmp_path):
+    from tstitch_trt.export.vae_export import randomized_vae
+
+    randomized_vae((32, 64), seed=0).save_pretrained(str(tmp_path / "vae"))
+    out = tmp_path / "pair"
+    cfg = BuildConfig(models=[ModelSpec("DiT-S/2", "random:1"), ModelSpec("DiT-B/2", "random:2")], out=out,
+                      backends=["trt-rtx"], image_size=64, num_classes=10, batch_range=(1, 4), precision="fp16",
+                      arch_overrides=TINY, vae=str(tmp_path / "vae"))
+    build_bundle(cfg)
+    m = read_manifest(out)
+    assert m.vae is not None
+    vae = m.vae["engines"]["trt-rtx"]
+    assert artifact_path(out, vae).stat().st_size > 10_000 and vae.precision == "fp16"  # PSNR ~72 dB > 40
+    assert vae.builder["options"]["profile"]["latent"] == [[1, 4, 8, 8], [4, 4, 8, 8], [4, 4, 8, 8]]
+    assert "PSNR" in m.vae["notes"][0] and set(m.vae["engines"]) == {"trt-rtx"}
+    assert m.backends() == ["trt-rtx"]
+    rtx = importlib.import_module("tensorrt_rtx")
+    for model in m.models:
+        e = model.engines["trt-rtx"]
+        plan = artifact_path(out, e)  # exists, checksum matches
+        assert e.precision == "fp16" and e.batch_range == (1, 4)
+        assert e.builder["module"] == "tensorrt_rtx" and e.builder["version"] == rtx.__version__
+        assert e.builder["plan_bytes"] == plan.stat().st_size > 100_000
+        assert e.builder["options"]["strongly_typed"] is True
+        assert e.builder["options"]["profile"]["x"] == [[1, 4, 8, 8], [4, 4, 8, 8], [4, 4, 8, 8]]
+        assert set(e.builder["options"]["profile"]) == {"x", "t", "y", "prev_x0", "noise"}  # guidance, coef static
+        # a plan starts with TensorRT's serialized-engine header, not ONNX or zeros
+        assert plan.read_bytes()[:4] != b"\0\0\0\0"
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "trt", "vae"]  # ONNX graphs not kept
+    assert sorted(p.name for p in (out / "vae").iterdir()) == ["decoder-trt-rtx-fp16.plan"]
+
+
+@needs_rtx
+def test_trt_rtx_records_targets_and_ignores_timing_cache(tiny, tmp_path):
+    step, graph = tiny
+    b = make_engine_builder("trt-rtx", opt_level=1, timing_cache=str(tmp_path / "tc.bin"),
+                            compute_capabilities=["8.9", "SM120"])
+    info = b.build(graph, tmp_path / "s.plan", (2, 16), io_spec(step))
+    assert info["compute_capabilities"] == ["12.0", "8.9"] and info["targets"] == ["SM89", "SM120"]
+    assert info["options"]["builder_optimization_level"] == 1
+    assert info["options"]["timing_cache"] is None and not (tmp_path / "tc.bin").exists()  # a no-op in RTX
+    assert info["options"]["profile"]["t"] == [[2], [8], [16]]
+    with pytest.raises(UserError, match="SM99 is not a tensorrt_rtx target"):
+        make_engine_builder("trt-rtx", compute_capabilities=["9.9"]).build(graph, tmp_path / "x.plan", (1, 2),
+                                                                          io_spec(step))
+
+
+@needs_rtx
+def test_parser_errors_name_the_node(tiny, tmp_path):
+    step, graph = tiny
+    model = onnx.load(str(graph))
+    node = next(n for n in model.graph.node if n.op_type == "Softmax")
+    node.op_type = "SoftmaxTypo"
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    b = make_engine_builder("trt-rtx")
+    with pytest.raises(UserError) as err:
+        b.build(bad, tmp_path / "bad.plan", (1, 2), io_spec(step))
+    msg = str(err.value)
+    assert node.name in msg and "SoftmaxTypo" in msg and "\n" not in msg
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    with pytest.raises(UserError, match="corrupt or not ONNX"):
+        b.build(truncated, tmp_path / "t.plan", (1, 2), io_spec(step))
+    assert not (tmp_path / "bad.plan").exists() and not (tmp_path / "t.plan").exists()
+
+
+@needs_rtx
+def test_builder_rejects_bad_options(tiny, tmp_path):
+    step, graph = tiny
+    with pytest.raises(UserError, match="opt-level must be 0..5"):
+        make_engine_builder("trt-rtx", opt_level=7)
+    with pytest.raises(UserError, match="1 <= MIN <= MAX"):
+        make_engine_builder("trt-rtx").build(graph, tmp_path / "p.plan", (4, 2), io_spec(step))
+
+
+def test_trt_without_tensorrt_or_gpu_is_one_clear_line():
+    try:
+        load_tensorrt("trt")
+    except UserError:
+        pass
+    else:
+        from tstitch_trt.export.trt_build import cuda_gpu
+
+        if cuda_gpu() is not None:
+            pytest.skip("real TensorRT and a GPU are present: building for trt works here")
+    with pytest.raises(UserError) as err:
+        make_engine_builder("trt")
+    msg = str(err.value)
+    assert "\n" not in msg and "--backend trt-rtx" in msg and "ort" in msg
+    assert "TensorRT" in msg or "GPU" in msg
+
+
+def test_stub_namespace_is_not_mistaken_for_tensorrt(monkeypatch):
+    import types
+
+    empty = types.ModuleType("tensorrt")  # what tensorrt-stubs leaves importable
+    monkeypatch.setitem(__import__("sys").modules, "tensorrt", empty)
+    with pytest.raises(UserError, match="tensorrt module is not usable here"):
+        load_tensorrt("trt")
+
+
+def test_old_tensorrt_is_refused(monkeypatch):
+    import types
+
+    old = types.ModuleType("tensorrt")
+    old.Builder, old.__version__ = object, "10.3.0"
+    monkeypatch.setitem(__import__("sys").modules, "tensorrt", old)
+    with pytest.raises(UserError, match="needs TensorRT >= 10.8.*found 10.3.0"):
+        load_tensorrt("trt")
+
+
+def test_trt_kind_cannot_take_rtx_targets():
+    import types
+
+    fake = types.ModuleType("tensorrt")
+    b = EngineBuilder("trt", fake, compute_capabilities=["8.9"])
+    with pytest.raises(UserError, match="trt-rtx option"):
+        b._set_targets(config=None)  # type: ignore[arg-type]
