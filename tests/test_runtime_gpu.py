@@ -370,7 +370,7 @@ def _cupy_executor():
 
     def view(ptr, shape, dtype):
         n = max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1)
-        mem = cp.cuda.UnownedMemory(ptr, n, None)
+        mem = cp.cuda.UnownedMemory(ptr, n, None, 0)  # device 0 given: no pointer query inside a capture
         return cp.ndarray(shape, dtype, cp.cuda.MemoryPointer(mem, 0))
 
     def execute(ctx, shapes, stream_handle):

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One GPU check, under 6 minutes, for a bare NVIDIA machine with python3 + torch (CUDA) + onnx +
+# onnxruntime (CPU) + cuda-python + cupy, and NO TensorRT and no diffusers:
+#   1. the GPU tests (tests/test_runtime_gpu.py): runtime/cuda.py (buffers, events, graph capture,
+#      out-of-memory), TrtBackend on real CUDA streams and graphs with cupy stand-in engines, the
+#      torch backend's CUDA graph against eager; the real-TensorRT and ORT-CUDA tests skip, with a
+#      reason, unless tensorrt / tensorrt_rtx / onnxruntime-gpu are importable;
+#   2. timings (benchmarks/gpu_check.py): torch-CUDA eager vs whole-trajectory CUDA graph vs the
+#      reference loop, DiT-S/2 -> DiT-XL/2 at 256 px, batch 8, DDIM 100, cfg 1.5, ratio 0.4.
+# Writes $OUT/gpu_check.json (+ gpu_tests.log, gpu_check.log). Run from anywhere:
+#   bash benchmarks/gpu_check.sh                 # on the GPU machine
+#   bash benchmarks/gpu_check.sh --cpu-dry-run   # here: tiny models on the CPU, same code paths
+#
+# Nothing is installed from a network: the package runs from python/ via PYTHONPATH. Wheels
+# carried in .whl/ (git-ignored) are installed into /tmp/site first. The test fixtures export
+# ONNX and need onnx-graphsurgeon, which that image lacks; carry it:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl onnx-graphsurgeon==0.6.1
+# TensorRT cannot come along (the tensorrt-rtx wheels are ~95 MB, libtensorrt_rtx.so 234 MB,
+# over the 64 MiB a run may carry), so the real-engine tests skip there.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/out/gpu_check}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+DRY=()
+[[ "${1:-}" == "--cpu-dry-run" ]] && DRY=(--cpu-dry-run)
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/python:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
+[[ ${#DRY[@]} -gt 0 ]] && export OMP_NUM_THREADS=1  # a shared 2-core machine: no thread thrashing
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+
+"$PY" - <<'EOF' 2>&1 | tee "$OUT/environment.txt"
+import importlib, platform
+print("python", platform.python_version())
+for name in ("torch", "numpy", "onnx", "onnxruntime", "onnx_graphsurgeon", "cupy", "cuda.bindings", "tensorrt",
+             "tensorrt_rtx"):
+    try:
+        mod = importlib.import_module(name)
+        real = not name.startswith("tensorrt") or hasattr(mod, "Runtime")  # tensorrt-stubs: empty namespace
+        print(f"{name:18s}", getattr(mod, "__version__", "?") if real else "type stubs only")
+    except Exception as e:
+        print(f"{name:18s} missing ({type(e).__name__})")
+from tstitch_trt.pipeline.backends import cuda_device_count
+print("cuda devices (cuda-python):", cuda_device_count())
+EOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
+    | tee -a "$OUT/environment.txt"
+
+# 1. GPU tests (the CPU ones in that file run too: they are quick)
+timeout 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_runtime_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
+tests_rc=${PIPESTATUS[0]}
+summary=$(grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 1)
+
+# 2. timings (own budget; what would start after it is recorded as skipped)
+timeout 220 "$PY" benchmarks/gpu_check.py "${DRY[@]}" --out "$OUT/gpu_check.json" --budget-s 150 \
+    --tests-rc "$tests_rc" --tests-summary "$summary" 2>&1 | tee "$OUT/gpu_check.log"
+bench_rc=${PIPESTATUS[0]}
+echo "gpu tests: rc=$tests_rc ($summary); timings: rc=$bench_rc; results in $OUT"
+[[ $tests_rc -eq 0 && $bench_rc -eq 0 ]]
