@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -164,7 +165,7 @@ class OrtDeviceBackend(OrtBackend):
                 raise UserError(f"ONNX Runtime could not start its CUDA execution provider (got {used}); "
                                 "check the CUDA / cuDNN install of onnxruntime-gpu or use --device cpu")
 
-    def _value(self, shape: tuple[int, ...], dtype: type) -> object:
+    def _value(self, shape: tuple[int, ...], dtype: type) -> Any:
         import onnxruntime as ort
 
         return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device_type, self.device_id)
@@ -183,8 +184,8 @@ class OrtDeviceBackend(OrtBackend):
         self.t_tab = self._value((plan.steps, batch), np.int64)
         self.coef_tab = self._value(tuple(plan.coef.shape), np.float32)
         self.noise_tab = self._value((plan.steps, *lat), np.float32) if plan.noise is not None else None
-        self.zero_noise = self._value(lat, np.float32)
-        self.zero_noise.update_inplace(np.zeros(lat, np.float32))
+        self.zero_noise_v = self._value(lat, np.float32)
+        self.zero_noise_v.update_inplace(np.zeros(lat, np.float32))
         self.allocations += 10
         self._shape_key = key
         self._bind_device(plan.steps, batch, lat, int(plan.coef.shape[1]))
@@ -207,7 +208,7 @@ class OrtDeviceBackend(OrtBackend):
                 if self.noise_tab is not None:
                     b.bind_input("noise", dev, dev_id, np.float32, list(lat), self.noise_tab.data_ptr() + i * noise_row)
                 else:
-                    b.bind_ortvalue_input("noise", self.zero_noise)
+                    b.bind_ortvalue_input("noise", self.zero_noise_v)
                 b.bind_ortvalue_output("x_next", self.xv[dst])
                 b.bind_ortvalue_output("x0", self.x0v[src])
                 per_step.append(b)

@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from tstitch_trt.runtime.backend import x_slots
 from tstitch_trt.runtime.engine_compat import check_engine_compat
 from tstitch_trt.runtime.loop import LoopResult
 from tstitch_trt.sampling.trajectory import TrajectoryPlan
+
+if TYPE_CHECKING:  # .ci/typecheck.sh checks every TensorRT call below against tensorrt-stubs
+    import tensorrt as trt_types
 
 log = logging.getLogger("tstitch_trt.trt")
 
@@ -60,6 +63,11 @@ def import_tensorrt(kind: str) -> Any:
     if not hasattr(mod, "Runtime"):  # tensorrt-stubs leave an importable empty namespace package
         raise UserError(f"{name} is importable but is not TensorRT (type stubs only?): pip install {PIP_NAMES[kind]}")
     return mod
+
+
+def _dims(d: Any) -> tuple[int, ...]:
+    """A TensorRT Dims (or tuple) as a tuple of ints."""
+    return tuple(int(d[i]) for i in range(len(d)))
 
 
 def _make_logger(trt: Any) -> Any:
@@ -112,16 +120,16 @@ class TrtBackend:
         self._generation = 0  # bumped whenever a bound address changes: graphs of older generations die
         self._key: tuple | None = None
         self._buf: dict[str, Any] = {}
-        self.engines: list[Any] = []
-        self._contexts: list[list[Any]] = []
+        self.engines: list[trt_types.ICudaEngine] = []
+        self._contexts: list[list[trt_types.IExecutionContext]] = []
         self._configs: list[Any] = []
-        self.scratch = None
-        self.stream = None
+        self.scratch: Any = None  # cuda DeviceBuffer, shared by every context
+        self.stream: Any = None
         self.cu.require_device(device_index)
         self.device_cc = tuple(self.cu.compute_capability(device_index))
         self.alloc = self.cu.DeviceAllocator()
         self.logger = _make_logger(self.trt)
-        self.runtime = self.trt.Runtime(self.logger)
+        self.runtime: trt_types.Runtime = self.trt.Runtime(self.logger)
         try:
             self.stream = self.cu.Stream()
             self._ev_start, self._ev_end = self.cu.Event(), self.cu.Event()
@@ -139,7 +147,7 @@ class TrtBackend:
             raise
 
     # loading ------------------------------------------------------------------------------------------
-    def _load_engine(self, bundle_dir: str | Path, m: ModelEntry) -> Any:
+    def _load_engine(self, bundle_dir: str | Path, m: ModelEntry) -> trt_types.ICudaEngine:
         entry = m.engines.get(self.name)
         if entry is None:
             raise UserError(f"the bundle has no {self.name} engine for {m.name}; rebuild it with --backend {self.name}")
@@ -195,7 +203,7 @@ class TrtBackend:
                 if not ok:
                     raise UserError(f"the {self.name} engine of {m.name} has {n} as {dtype}; the step I/O is fp32 "
                                     "(t and y int64); rebuild the bundle")
-                dims = tuple(int(d) for d in engine.get_tensor_shape(n))
+                dims = _dims(engine.get_tensor_shape(n))
                 prev = io.setdefault(n, {"dtype": dtype, "dims": dims})
                 if prev["dtype"] != dtype or prev["dims"] != dims:
                     raise UserError(f"the engines disagree on tensor {n} ({prev['dtype']}{list(prev['dims'])} vs "
@@ -206,7 +214,7 @@ class TrtBackend:
                             "rebuild the bundle")
         return io
 
-    def _create_context(self, engine: Any) -> Any:
+    def _create_context(self, engine: trt_types.ICudaEngine) -> trt_types.IExecutionContext:
         """A context without its own scratch (USER_MANAGED), shapes specialised eagerly on TensorRT-RTX."""
         trt = self.trt
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
@@ -274,7 +282,7 @@ class TrtBackend:
 
     def _check_batch(self, batch: int, k: int) -> None:
         for m, engine in zip(self.manifest.models, self.engines, strict=True):
-            lo, _, hi = (tuple(int(d) for d in s) for s in engine.get_tensor_profile_shape("x", 0))
+            lo, _, hi = (_dims(s) for s in engine.get_tensor_profile_shape("x", 0))
             if not lo[0] <= batch <= hi[0]:
                 raise UserError(f"batch {batch} is outside the {self.name} engine's range [{lo[0]}, {hi[0]}] "
                                 f"({m.name}); rebuild with --batch-sizes {min(lo[0], batch)}-{max(hi[0], batch)}")
@@ -343,6 +351,10 @@ class TrtBackend:
                                f"{self.manifest.models[model].name}: {self.logger.last_error()}")
 
     def launch(self, step: int, model: int) -> float | None:
+        return self._timed_launch(step, model)
+
+    def _timed_launch(self, step: int, model: int) -> float:
+        """Enqueue one step between two events and wait: the engine milliseconds of that step."""
         self._ev_start.record(self.stream)
         self._enqueue(step, model)
         self._ev_end.record(self.stream)
@@ -359,6 +371,8 @@ class TrtBackend:
         return self._read(f"x0_slot{slot}")
 
     def _read(self, name: str) -> np.ndarray:
+        if self._key is None:
+            raise UserError(f"the {self.name} backend has no buffers yet (prepare() first) or was closed")
         c, h, w = self.manifest.latent_shape
         out = np.empty((self._key[0], c, h, w), np.float32)
         return self._buf[name].download(out, self.stream)
@@ -422,7 +436,7 @@ class TrtBackend:
         step_ms, engine_ms = [], []
         for i in range(plan.steps):
             t0 = time.perf_counter()
-            engine_ms.append(self.launch(i, int(plan.step_model[i])))
+            engine_ms.append(self._timed_launch(i, int(plan.step_model[i])))
             step_ms.append((time.perf_counter() - t0) * 1e3)
         x = self.read_x(x_slots(plan.steps - 1)[1])
         return LoopResult(x, step_ms, engine_ms, 0.0)
@@ -438,7 +452,8 @@ class TrtBackend:
         for model, parity in used:
             ctx = self._contexts[model][parity]
             if hasattr(ctx, "is_stream_capturable") and not ctx.is_stream_capturable(self.stream.handle):
-                return self._graph_failed(f"{self.manifest.models[model].name}'s context is not stream-capturable")
+                self._graph_failed(f"{self.manifest.models[model].name}'s context is not stream-capturable")
+                return None
         attempts = [True, False] if self.graph_step_events else [False]
         error = ""
         for with_events in attempts:
@@ -463,7 +478,8 @@ class TrtBackend:
                 self._notes.append(f"CUDA graph captured without per-step events ({error}); "
                                    "graph-mode step times are the trajectory's GPU time / steps")
             return _Graph(graph, events)
-        return self._graph_failed(f"capture failed: {error}")
+        self._graph_failed(f"capture failed: {error}")
+        return None
 
     def _graph_failed(self, why: str) -> None:
         self.use_cuda_graph = False
