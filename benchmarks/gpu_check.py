@@ -106,13 +106,20 @@ def main(argv: list[str] | None = None) -> int:
         "gpu_tests": {"rc": args.tests_rc, "summary": args.tests_summary},
         "results": {},
         "skipped": [],
+        "complete": False,
     }
+
+    def save() -> None:  # after every block: a run killed by its time limit still leaves its numbers
+        report["total_s"] = clock.elapsed
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
 
     # -- models and one fixed trajectory --------------------------------------------------------------------
     t0 = time.perf_counter()
     nets = [randomized_dit(dit_config(a, input_size=latent[1], num_classes=1000, **overrides), seed=i + 1).eval()
             for i, a in enumerate((args.small, args.large))]
     report["build_models_s"] = round(time.perf_counter() - t0, 2)
+    save()
     rng = np.random.default_rng(0)
     shape = (batch, *latent)
     x_init = rng.standard_normal(shape, dtype=np.float32)
@@ -193,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         if device == "cuda":
             torch.cuda.empty_cache()
         report["results"][precision] = res
+        save()
         print(f"[{clock.elapsed:6.1f}s] {precision}: " + json.dumps(res), flush=True)
 
     # -- the public reference loop (fp32, TF32 as its sample script) --------------------------------------------
@@ -206,9 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     elif "fp32" in precisions:
         report["skipped"].append("reference: time budget spent")
 
-    report["total_s"] = clock.elapsed
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    report["complete"] = True
+    save()
     print(f"wrote {args.out}")
     return 0
 
