@@ -318,7 +318,12 @@ class TrtBackend:
                         log.debug("update_device_memory_size_for_shapes: %s", e)
         if need > self.scratch.nbytes:  # shapes needing more than the engine-wide size (not expected)
             self.alloc.free(self.scratch)
-            self.scratch = self.alloc.alloc(need, "TensorRT scratch (shared by all engines)")
+            try:
+                self.scratch = self.alloc.alloc(need, "TensorRT scratch (shared by all engines)")
+            except UserError:  # out of memory: nothing is left allocated; never launch on freed memory
+                self.scratch = None
+                self.close()
+                raise
         self._set_device_memory()
 
     # Backend protocol -----------------------------------------------------------------------------------
