@@ -55,8 +55,8 @@ def _ort_device(gpus: int) -> str:
     return "CUDA execution provider" if gpus and "CUDAExecutionProvider" in ort_providers() else "CPU"
 
 
-def choose_backend(manifest: Manifest, requested: str) -> tuple[str, str]:
-    """(backend, why). auto: trt, then trt-rtx, then ort on CUDA, then ort on CPU, then torch."""
+def backend_candidates(manifest: Manifest, requested: str) -> list[tuple[str, str]]:
+    """[(backend, why)] to try in order. auto: trt, trt-rtx, ort on CUDA, ort on CPU, torch."""
     present = manifest.backends()
     if requested != "auto":
         if requested not in BACKEND_CHOICES:
@@ -66,9 +66,10 @@ def choose_backend(manifest: Manifest, requested: str) -> tuple[str, str]:
                 f"the bundle has no {requested} artifacts (it has: {', '.join(present) or 'none'}); "
                 f"rebuild it with --backend {requested} or pick one of those"
             )
-        return requested, "requested"
+        return [(requested, "requested")]
     gpus = cuda_device_count()
-    reasons = []
+    reasons: list[str] = []
+    out: list[tuple[str, str]] = []
     for kind in ("trt", "trt-rtx"):
         if kind not in present:
             reasons.append(f"no {kind} engines in the bundle")
@@ -78,11 +79,13 @@ def choose_backend(manifest: Manifest, requested: str) -> tuple[str, str]:
             module = "tensorrt" if kind == "trt" else "tensorrt_rtx"
             reasons.append(f"{kind} engines present but {module} is not installed")
         else:
-            return kind, f"{kind} engines and an NVIDIA GPU are present"
+            out.append((kind, f"{kind} engines and an NVIDIA GPU are present"))
     if "ort" in present and _has_module("onnxruntime"):
-        return "ort", "; ".join(reasons) + f"; using ONNX Runtime ({_ort_device(gpus)})"
+        out.append(("ort", "; ".join(reasons) + f"; using ONNX Runtime ({_ort_device(gpus)})"))
     if "torch" in present and _has_module("torch"):
-        return "torch", "; ".join(reasons) + "; no ONNX Runtime graphs, using the torch StepModule"
+        out.append(("torch", "; ".join(reasons) + "; using the torch StepModule"))
+    if out:
+        return out
     raise UserError(f"no usable backend for this bundle (has: {', '.join(present) or 'none'}; {'; '.join(reasons)})")
 
 

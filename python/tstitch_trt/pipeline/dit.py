@@ -17,7 +17,7 @@ import numpy as np
 
 from tstitch_trt.bundle.manifest import Manifest, read_manifest
 from tstitch_trt.errors import UserError
-from tstitch_trt.pipeline.backends import choose_backend, open_backend
+from tstitch_trt.pipeline.backends import backend_candidates, open_backend
 from tstitch_trt.runtime.backend import Backend
 from tstitch_trt.runtime.loop import LoopResult, run_stitched
 from tstitch_trt.sampling.coefficients import SAMPLERS
@@ -43,8 +43,19 @@ class StitchedPipeline:
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, backend: str = "auto", device: str | None = None) -> StitchedPipeline:
         manifest = read_manifest(bundle_dir)
-        kind, why = choose_backend(manifest, backend)
-        return cls(bundle_dir, manifest, open_backend(kind, bundle_dir, manifest, device=device), why)
+        candidates = backend_candidates(manifest, backend)
+        refusals: list[str] = []
+        for kind, why in candidates:
+            try:
+                opened = open_backend(kind, bundle_dir, manifest, device=device)
+            except UserError as e:
+                # auto: an engine refused here (another GPU arch, TensorRT version) falls through to the next
+                if len(candidates) == 1 or kind == candidates[-1][0]:
+                    raise
+                refusals.append(f"{kind} refused ({e})")
+                continue
+            return cls(bundle_dir, manifest, opened, "; ".join([*refusals, why]))
+        raise AssertionError("unreachable: the last candidate raises")
 
     @property
     def model_names(self) -> list[str]:

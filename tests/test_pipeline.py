@@ -1,0 +1,43 @@
+"""Pipeline-level behaviour: backend choice with fallback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tstitch_trt.errors import UserError
+from tstitch_trt.pipeline import backends, dit
+
+
+def test_auto_falls_through_a_refused_engine(tiny_pair: Path, monkeypatch) -> None:
+    monkeypatch.setattr(dit, "backend_candidates", lambda m, r: [("trt-rtx", "engines and a GPU"), ("ort", "cpu")])
+    real_open = backends.open_backend
+
+    def fake_open(kind, bundle_dir, manifest, device=None):
+        if kind == "trt-rtx":
+            raise UserError("engine built for compute capability 8.9, this GPU is 9.0; rebuild")
+        return real_open(kind, bundle_dir, manifest, device=device)
+
+    monkeypatch.setattr(dit, "open_backend", fake_open)
+    pipe = dit.StitchedPipeline.from_bundle(tiny_pair, backend="auto")
+    assert pipe.backend.name == "ort" and "trt-rtx refused (engine built for compute capability 8.9" in pipe.backend_reason
+    res = pipe(class_labels=[1], steps=2, decode=False)
+    assert "trt-rtx refused" in res.report["backend_reason"]
+    pipe.close()
+
+
+def test_requested_backend_refusal_is_an_error(tiny_pair: Path, monkeypatch) -> None:
+    def refuse(kind, bundle_dir, manifest, device=None):
+        raise UserError("no")
+
+    monkeypatch.setattr(dit, "open_backend", refuse)
+    with pytest.raises(UserError, match="no"):
+        dit.StitchedPipeline.from_bundle(tiny_pair, backend="ort")
+
+
+def test_auto_without_gpu_picks_ort_and_says_why(tiny_pair: Path) -> None:
+    pipe = dit.StitchedPipeline.from_bundle(tiny_pair, backend="auto")
+    assert pipe.backend.name == "ort"
+    assert "no trt engines in the bundle" in pipe.backend_reason and "ONNX Runtime" in pipe.backend_reason
+    pipe.close()
