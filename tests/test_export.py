@@ -138,6 +138,7 @@ def test_large_graph_uses_external_data_and_checksums_cover_it(step, tmp_path, m
     path = export_step_graph(step, tmp_path / "onnx" / "g-fp32.onnx", "fp32")
     data = external_data_files(path)
     assert [p.name for p in data] == ["g-fp32.onnx.data"] and data[0].stat().st_size > path.stat().st_size
+    assert data[0].stat().st_mode & 0o044 == 0o044  # readable by others, like the rest of the bundle
     onnx.checker.check_model(str(path))
     feeds = feeds_for(step)
     ref, out = torch_step(step, feeds), ort_step(path, feeds)

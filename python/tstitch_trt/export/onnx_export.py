@@ -9,6 +9,7 @@ the sampler update, LayerNorm and softmax statistics stay fp32.
 from __future__ import annotations
 
 import copy
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -105,6 +106,7 @@ def save_graph(model, path: Path) -> None:  # model: onnx.ModelProto
     else:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=external_data_name(path))
+        os.chmod(path.parent / external_data_name(path), 0o644)  # onnx creates it 0600: bundles are shared
         onnx.checker.check_model(str(path))  # by path: the checker reads external data itself
 
 

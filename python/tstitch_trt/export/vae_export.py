@@ -7,8 +7,10 @@ ONNX Runtime; else the engine is built from the fp32 graph and the manifest says
 
 The fp16 graph keeps GroupNorm statistics and the attention softmax in fp32, as the DiT step
 graph does for LayerNorm / softmax: convolutions and matmuls are fp16, the rest stays safe.
-Measured on a small random AutoencoderKL (tests/test_export.py; see the export issue report):
-fp16 vs fp32 decode PSNR well above 40 dB.
+Measured on a small random AutoencoderKL (block_out_channels (32, 64), every parameter random,
+latent 4x8x8; ONNX Runtime CPU): fp16 vs fp32 decode PSNR 71.5 .. 73.6 dB over 2 models x 3
+latents. On that model keeping GroupNorm in fp32 made no measurable difference in ONNX Runtime;
+it is kept because TensorRT may otherwise compute the statistics in fp16.
 """
 
 from __future__ import annotations
