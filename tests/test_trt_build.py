@@ -161,3 +161,24 @@ def test_trt_kind_cannot_take_rtx_targets():
     b = EngineBuilder("trt", fake, compute_capabilities=["8.9"])
     with pytest.raises(UserError, match="trt-rtx option"):
         b._set_targets(config=None)  # type: ignore[arg-type]
+
+
+@needs_rtx
+def test_cli_recipe_with_target_flag_records_compute_capability(tmp_path, capsys):
+    from tstitch_trt.cli import main
+
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(
+        'image_size = 64\nnum_classes = 10\nbackend = "trt-rtx"\nprecision = "fp16"\nbatch_sizes = "1-2"\n'
+        '[arch_overrides]\n"DiT-S/2" = { depth = 2, hidden_size = 64, num_heads = 2 }\n'
+        '"DiT-B/2" = { depth = 3, hidden_size = 96, num_heads = 2 }\n'
+        '[[models]]\narch = "DiT-S/2"\ncheckpoint = "random:1"\n'
+        '[[models]]\narch = "DiT-B/2"\ncheckpoint = "random:2"\n'
+    )
+    out = tmp_path / "b"
+    assert main(["build", "--recipe", str(recipe), "--compute-capabilities", "8.9", "--out", str(out)]) == 0
+    m = read_manifest(out)
+    assert [e.engines["trt-rtx"].builder["compute_capabilities"] for e in m.models] == [["8.9"], ["8.9"]]
+    assert m.models[0].engines["trt-rtx"].batch_range == (1, 2)
+    assert main(["build", "--recipe", str(recipe), "--compute-capabilities", "eight", "--out", str(out)]) == 2
+    assert "compute capabilities look like 8.9" in capsys.readouterr().err

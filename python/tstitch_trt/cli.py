@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--guidance-channels", help="'3' (DiT reference) or 'all'")
     b.add_argument("--opt-level", type=int, help="TensorRT builder optimization level (0-5)")
     b.add_argument("--timing-cache", help="TensorRT timing cache file, reused and updated")
+    b.add_argument("--compute-capabilities", help="TensorRT-RTX target GPUs, e.g. 8.9,12.0 (default: portable set)")
     b.add_argument("--out", help="bundle directory (default engines/NAME)")
 
     r = sub.add_parser("run", help="sample images with a bundle (default: the built-in demo pair)")

@@ -14,6 +14,7 @@ _KEYS: dict[str, type | tuple[type, ...]] = {
     "image_size": int, "num_classes": int, "latent_channels": int, "downsample": int, "vae": str,
     "precision": str, "guidance_channels": (str, int), "opt_level": int, "timing_cache": str, "out": str,
     "models": list, "backend": (str, list), "batch_sizes": (str, int), "name": str, "description": str,
+    "compute_capabilities": (str, list),  # TensorRT-RTX targets, e.g. "8.9,12.0"
     "arch_overrides": dict,  # {"DiT-S/2": {"depth": 2}}: DiTConfig fields for custom (or tiny test) models
 }
 
@@ -84,6 +85,7 @@ def build_config_from_args(args: argparse.Namespace) -> BuildConfig:
         guidance_channels=latent_channels if g == "all" else int(g),
         opt_level=int(pick("opt_level", 3)),
         timing_cache=pick("timing_cache", None),
+        compute_capabilities=_capabilities(pick("compute_capabilities", [])),
         arch_overrides=overrides,
     )
 
@@ -97,3 +99,13 @@ def _batch(text: str | int) -> tuple[int, int]:
     if not 1 <= a <= b:
         raise UserError(f"recipe: batch_sizes needs 1 <= MIN <= MAX, got {text!r}")
     return a, b
+
+
+def _capabilities(value: str | list) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    caps = tuple(v.strip() for v in items if v.strip())
+    for c in caps:
+        major, dot, minor = c.partition(".")
+        if not (dot and major.isdigit() and minor.isdigit()):
+            raise UserError(f"compute capabilities look like 8.9 or 12.0, got {c!r}")
+    return caps

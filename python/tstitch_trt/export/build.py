@@ -44,6 +44,7 @@ class BuildConfig:
     guidance_channels: int = 3
     opt_level: int = 3
     timing_cache: str | None = None
+    compute_capabilities: tuple[str, ...] = ()  # TensorRT-RTX target GPUs ("8.9"); () = its portable default
     arch_overrides: dict = field(default_factory=dict)  # DiTConfig fields (e.g. depth) for custom pairs
 
 
@@ -81,7 +82,8 @@ def build_bundle(cfg: BuildConfig, on_model: Callable[[str], None] | None = None
     if trt_kinds:
         from tstitch_trt.export.trt_build import make_engine_builder
 
-        engine_builder = {k: make_engine_builder(k, cfg.opt_level, cfg.timing_cache) for k in trt_kinds}
+        engine_builder = {k: make_engine_builder(k, cfg.opt_level, cfg.timing_cache, cfg.compute_capabilities)
+                          for k in trt_kinds}
     timings: dict[str, float] = {}
     with staged_bundle(cfg.out) as tmp:
         entries = []
