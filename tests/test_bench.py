@@ -43,6 +43,8 @@ def test_bench_smoke_schema(tiny_pair: Path, tmp_path: Path, capsys) -> None:
         assert e2e["steps_per_model"] == [2, 2]  # ratio 0.4 of 4 steps: t in {999, 666} on the small model
         assert all(math.isfinite(v) and v > 0 for v in e2e["speedup_vs_reference"].values())
         assert e2e["host_overhead_ms_per_step"]["min"] >= 0 and math.isfinite(e2e["host_overhead_pct"]["median"])
+        # the whole trajectory's non-engine time includes the loop's, so it is at least as large
+        assert e2e["trajectory_overhead_ms_per_step"]["min"] >= e2e["host_overhead_ms_per_step"]["min"] > 0
         # the baseline computes the same trajectory as our backends
         assert e2e["max_rel_diff_vs_reference"] < 1e-3
         sweep = e["ratio_sweep"]
