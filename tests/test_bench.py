@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tstitch_trt.bench import Trajectory, evaluate_targets, measure_sweep, stats, sweep_ratios
+from tstitch_trt.bench import IdleGate, Trajectory, evaluate_targets, measure_sweep, stats, sweep_ratios
 from tstitch_trt.cli import main
 
 
@@ -139,3 +140,18 @@ def test_bench_imports_without_torch() -> None:
             "import tstitch_trt.bench, tstitch_trt.cli\n"
             "tstitch_trt.cli.build_parser().parse_args(['bench', '--workload', 'dit-s-xl', '--plot'])\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_idle_gate() -> None:
+    off = IdleGate(0.0)
+    off.wait()
+    assert off.waits == 0  # off by default: no sampling, no delay
+    gate = IdleGate(0.5, busy_cores=1e9, window=0.05)  # any load counts as idle: returns after one sample
+    gate.wait()
+    assert gate.report()["waits"] == 1 and gate.timeouts == 0
+    if sys.platform.startswith("linux"):
+        busy = gate.others_busy_cores()
+        assert busy is not None and 0.0 <= busy <= (os.cpu_count() or 1) + 0.5
+    strict = IdleGate(0.2, busy_cores=-1.0, window=0.05)  # never idle enough: gives up after max_wait_s
+    strict.wait()
+    assert strict.timeouts == (1 if sys.platform.startswith("linux") else 0)

@@ -104,6 +104,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="where built workload bundles are kept and reused")
     p.add_argument("--out", default="bench-out", help="output directory (bench.json, bench.md, PNGs)")
     p.add_argument("--plot", action="store_true", help="also write PNG plots (matplotlib)")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="shared machines: before each timed run, wait up to SECONDS for other processes to leave "
+                        "the CPUs idle (Linux; 0 = off)")
     p.add_argument("--check-targets", action="store_true", help="exit 1 when a speed target is missed")
     p.add_argument("--quality", action="store_true", help="FID / accuracy sweep over the ratio (demo pair)")
     p.add_argument("--quality-images", type=int, default=64, help="images per ratio of the quality sweep")
@@ -258,6 +261,59 @@ class HostMemory:
         return None
 
 
+class IdleGate:
+    """Waits, before a timed run, until processes other than this one leave the CPUs (nearly) idle.
+
+    On a shared machine one busy neighbour makes 2-thread OpenMP code stall at every barrier, which
+    swamps the differences being measured. Other processes' load is this machine's busy time
+    (/proc/stat) minus this process's own (/proc/self/stat), sampled over `window` seconds.
+    """
+
+    def __init__(self, max_wait_s: float, busy_cores: float = 0.25, window: float = 1.0):
+        self.max_wait_s = max_wait_s
+        self.busy_cores = busy_cores
+        self.window = window
+        self.waits = self.timeouts = 0
+        self.waited_s = 0.0
+
+    def wait(self) -> None:
+        if self.max_wait_s <= 0:
+            return
+        t0 = time.perf_counter()
+        while True:
+            busy = self.others_busy_cores()
+            if busy is None or busy < self.busy_cores:
+                break
+            if time.perf_counter() - t0 > self.max_wait_s:
+                self.timeouts += 1
+                break
+        self.waits += 1
+        self.waited_s += time.perf_counter() - t0
+
+    def others_busy_cores(self) -> float | None:
+        a = self._sample()
+        time.sleep(self.window)
+        b = self._sample()
+        if a is None or b is None or b[0] <= a[0]:
+            return None
+        total, busy, own = (y - x for x, y in zip(a, b, strict=True))
+        return max(busy - own, 0) / (total / (os.cpu_count() or 1))
+
+    @staticmethod
+    def _sample() -> tuple[int, int, int] | None:
+        try:
+            cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+            own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, IndexError):
+            return None
+        idle = cpu[3] + (cpu[4] if len(cpu) > 4 else 0)  # idle + iowait
+        return sum(cpu[:8]), sum(cpu[:8]) - idle, int(own[11]) + int(own[12])  # utime + stime
+
+    def report(self) -> dict:
+        return {"max_wait_s": self.max_wait_s, "busy_cores_threshold": self.busy_cores, "waits": self.waits,
+                "timeouts": self.timeouts, "waited_s": round(self.waited_s, 1)}
+
+
 def _labels(batch: int, num_classes: int) -> np.ndarray:
     return np.array([DEMO_LABELS[i % len(DEMO_LABELS)] % num_classes for i in range(batch)], dtype=np.int64)
 
@@ -298,7 +354,8 @@ class BackendRunner:
         return Trajectory(seconds, res.latents, rep["steps_per_model"], float(np.mean(rep["step_ms"])),
                           None if engine is None else float(np.sum(engine)), rep["host_overhead_ms_per_step"])
 
-    def step_times(self, model: int, batch: int, repeats: int, warmup: int) -> tuple[list[float], list[float] | None]:
+    def step_times(self, model: int, batch: int, repeats: int, warmup: int,
+                   gate: IdleGate | None = None) -> tuple[list[float], list[float] | None]:
         """Wall (and engine) ms of single steps of `model` at `batch`: every step on that model."""
         from tstitch_trt.runtime.loop import run_stitched
         from tstitch_trt.sampling.trajectory import plan_trajectory
@@ -318,6 +375,8 @@ class BackendRunner:
         wall: list[float] = []
         engine: list[float] | None = []
         while len(wall) < repeats:
+            if gate is not None:
+                gate.wait()
             res = run_stitched(self.backend, plan(repeats), x, labels, 1.5)
             if res.mode == "steps":  # one sample per step
                 wall += res.step_ms
@@ -465,6 +524,7 @@ def run_bench(args: argparse.Namespace) -> int:
         result["notes"].append("torch on CUDA runs with TF32 matmuls allowed, as the reference script sets it")
     runners: dict[str, BackendRunner] = {}
     mem = HostMemory()
+    gate = IdleGate(args.wait_idle)
     labels = _labels(w.batch, manifest.num_classes)
     z = _latent(args.seed, w.batch, manifest.latent_shape)
     log(f"workload {w.name}: {' -> '.join(m.name for m in manifest.models)}, {w.steps} DDIM steps, batch {w.batch}, "
@@ -492,7 +552,7 @@ def run_bench(args: argparse.Namespace) -> int:
             for _ in range(args.warmup):  # warm the end-to-end shape now: memory is read with it
                 runner.trajectory(z, labels, w.steps, args.ratio, args.cfg_scale)
         if "steps" in args.parts:
-            entry["step_ms"] = measure_steps(runner, manifest, w.step_batches, args.repeats, args.warmup, log)
+            entry["step_ms"] = measure_steps(runner, manifest, w.step_batches, args.repeats, args.warmup, log, gate)
         entry["memory"] = {"host": mem.end(), "device": runner.memory()}
         if "e2e" not in args.parts and "sweep" not in args.parts:
             runner.close()
@@ -514,7 +574,7 @@ def run_bench(args: argparse.Namespace) -> int:
             log(f"reference loop: skipped: {e}")
 
     if "e2e" in args.parts and (runners or reference):
-        measure_e2e(result, runners, reference, z, labels, w.steps, args, log)
+        measure_e2e(result, runners, reference, z, labels, w.steps, args, log, gate)
     if reference is not None:
         reference.close()
     if "sweep" in args.parts:
@@ -522,10 +582,12 @@ def run_bench(args: argparse.Namespace) -> int:
         for kind in sweep_on:
             if kind in runners:
                 result["backends"][kind]["ratio_sweep"] = measure_sweep(
-                    runners[kind], z, labels, w.steps, args, len(manifest.models), log)
+                    runners[kind], z, labels, w.steps, args, len(manifest.models), log, gate)
     for r in runners.values():
         r.close()
     result["load_average"]["end"] = load_average()
+    if args.wait_idle > 0:
+        result["idle_gate"] = gate.report()
     result["targets"] = evaluate_targets(result)
     out = Path(args.out)
     write_outputs(result, out, plot=args.plot)
@@ -604,13 +666,13 @@ def host_info(threads: int, device: str) -> dict:
 
 
 def measure_steps(runner: BackendRunner, manifest, batches: list[int], repeats: int, warmup: int,
-                  log: Callable[[str], None]) -> dict:
+                  log: Callable[[str], None], gate: IdleGate | None = None) -> dict:
     """{model: {batch: {wall ms stats, engine ms stats, achieved GFLOP/s}}}."""
     out: dict = {}
     for i, m in enumerate(manifest.models):
         per_batch: dict = {}
         for b in batches:
-            wall, engine = runner.step_times(i, b, repeats, max(warmup, 1))
+            wall, engine = runner.step_times(i, b, repeats, max(warmup, 1), gate)
             flops = 2.0 * m.macs_per_forward * 2 * b  # CFG: 2b rows through the network
             st = stats(wall)
             per_batch[str(b)] = {"wall_ms": st, "engine_ms": None if engine is None else stats(engine),
@@ -622,13 +684,15 @@ def measure_steps(runner: BackendRunner, manifest, batches: list[int], repeats: 
 
 def measure_e2e(result: dict, runners: dict[str, BackendRunner], reference: ReferenceRunner | None,
                 z: np.ndarray, labels: np.ndarray, steps: int, args: argparse.Namespace,
-                log: Callable[[str], None]) -> None:
+                log: Callable[[str], None], gate: IdleGate | None = None) -> None:
     """Round-robin repeats (reference, then each backend) so drifting load hits all alike."""
     order: list = ([reference] if reference is not None else []) + list(runners.values())
     runs: dict[str, list[Trajectory]] = {r.name: [] for r in order}
     loads = []
     for rep in range(args.repeats):
         for r in order:
+            if gate is not None:
+                gate.wait()
             runs[r.name].append(r.trajectory(z, labels, steps, args.ratio, args.cfg_scale))
         loads.append(load_average())
         log(f"end to end, repeat {rep + 1}/{args.repeats}: " + ", ".join(
@@ -676,14 +740,18 @@ def sweep_ratios(requested: list[float] | None, steps: int) -> list[float]:
 
 
 def measure_sweep(runner: BackendRunner, z: np.ndarray, labels: np.ndarray, steps: int, args: argparse.Namespace,
-                  n_models: int, log: Callable[[str], None]) -> dict | None:
+                  n_models: int, log: Callable[[str], None], gate: IdleGate | None = None) -> dict | None:
     """Time against the ratio next to the ideal line (1 - s/N) T(0) + s/N T(1)."""
     if n_models != 2:
         return {"status": "skipped", "reason": f"a ratio stitches 2 models; the bundle has {n_models}"}
     ratios = sweep_ratios(args.ratios, steps)
     points: list[dict] = []
     for r in ratios:
-        trajs = [runner.trajectory(z, labels, steps, r, args.cfg_scale) for _ in range(args.repeats)]
+        trajs = []
+        for _ in range(args.repeats):
+            if gate is not None:
+                gate.wait()
+            trajs.append(runner.trajectory(z, labels, steps, r, args.cfg_scale))
         points.append({"ratio": r, "small_steps": trajs[0].steps_per_model[0],
                        "seconds": stats([t.seconds for t in trajs])})
         log(f"{runner.name}: ratio {r:.2f} ({points[-1]['small_steps']}/{steps} small steps): "
@@ -804,7 +872,12 @@ def markdown_report(result: dict) -> str:
              + (f", GPU {h['gpu']}" if h.get("gpu") else ""),
              f"- versions: onnxruntime {h.get('onnxruntime', '-')}, torch {h.get('torch', '-')}, numpy {h['numpy']}",
              f"- load average (1, 5, 15 min): start {la.get('start')}, end {la.get('end')}",
-             f"- created {result['created']}", ""]
+             f"- created {result['created']}"]
+    if result.get("idle_gate"):
+        g = result["idle_gate"]
+        lines.append(f"- --wait-idle {g['max_wait_s']}: {g['waits']} timed runs waited {g['waited_s']} s in all for "
+                     f"other processes to use < {g['busy_cores_threshold']} cores ({g['timeouts']} gave up waiting)")
+    lines.append("")
     lines += [markdown_summary(result), ""]
     for note in result.get("notes", []):
         lines.append(f"note: {note}")
