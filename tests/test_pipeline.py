@@ -21,7 +21,8 @@ def test_auto_falls_through_a_refused_engine(tiny_pair: Path, monkeypatch) -> No
 
     monkeypatch.setattr(dit, "open_backend", fake_open)
     pipe = dit.StitchedPipeline.from_bundle(tiny_pair, backend="auto")
-    assert pipe.backend.name == "ort" and "trt-rtx refused (engine built for compute capability 8.9" in pipe.backend_reason
+    assert pipe.backend.name == "ort"
+    assert "trt-rtx refused (engine built for compute capability 8.9" in pipe.backend_reason
     res = pipe(class_labels=[1], steps=2, decode=False)
     assert "trt-rtx refused" in res.report["backend_reason"]
     pipe.close()
