@@ -99,6 +99,15 @@ def test_bad_arguments_are_user_errors(capsys) -> None:
     assert "ratios must be in [0, 1]" in capsys.readouterr().err
 
 
+def test_cuda_device_without_cuda_is_a_user_error(tiny_pair: Path, tmp_path: Path, capsys) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert main(["bench", "--bundle", str(tiny_pair), "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
 class _LinearRunner:
     """Seconds = large steps x T_L + small steps x T_S + a fixed cost + a per-switch cost."""
 

@@ -543,6 +543,12 @@ def run_bench(args: argparse.Namespace) -> int:
         if kind in GPU_BACKENDS and tensorrt_module(kind) is None:
             entry.update(status="skipped", reason=f"{kind} runtime module is not installed")
             continue
+        if kind == "ort" and device.startswith("cuda") and args.backends is None and not _ort_has_cuda():
+            # a GPU-sized workload (batch 8, 100 steps of DiT-XL) would take hours on the host CPU
+            entry.update(status="skipped", reason="onnxruntime here runs on the CPU only (no CUDA execution "
+                                                  "provider); pass --backends ort to time it anyway")
+            log(f"ort: skipped: {entry['reason']}")
+            continue
         _reset_device_peak(device)
         mem.begin()
         runner = BackendRunner(kind, w.bundle, manifest, device, threads)
@@ -616,6 +622,12 @@ def _torch_device(requested: str, threads: int) -> str:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return device
+
+
+def _ort_has_cuda() -> bool:
+    from tstitch_trt.runtime.ort_backend import ort_providers
+
+    return "CUDAExecutionProvider" in ort_providers()
 
 
 def _reset_device_peak(device: str) -> None:
