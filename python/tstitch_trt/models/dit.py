@@ -61,9 +61,10 @@ _DIT_SIZES: dict[str, tuple[int, int, int]] = {
     "DiT-L": (24, 1024, 16),
     "DiT-B": (12, 768, 12),
     "DiT-S": (12, 384, 6),
-    # The built-in demo pair (pixel-space MNIST, see tstitch_trt.demo): same family, small sizes.
-    "DiT-Demo-S": (3, 64, 2),
-    "DiT-Demo-L": (8, 192, 6),
+    # The built-in demo pair (pixel-space MNIST 32x32, patch 4, see tstitch_trt.demo): same family,
+    # small sizes; L costs 12.4x the MACs of S per forward (DiT-XL/2 vs DiT-S/2 is 19.6x).
+    "DiT-Demo-S": (3, 48, 2),
+    "DiT-Demo-L": (6, 128, 4),
 }
 
 
