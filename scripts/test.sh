@@ -11,4 +11,5 @@ pip install torch==2.13.0
 pip install -e ".[build,trt-rtx,dev,demo-train]"
 # TensorRT type stubs for the mypy check; --no-deps because their `tensorrt` dependency cannot install here.
 pip install --no-deps tensorrt-stubs==10.13.0.35.1
+python -m ruff check python tests benchmarks
 python -m pytest -q -rs "$@"
