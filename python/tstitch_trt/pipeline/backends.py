@@ -38,15 +38,13 @@ def cuda_device_count() -> int:
 
 
 def tensorrt_module(kind: str):  # -> module | None
-    """The real TensorRT module for `kind` or None (tensorrt-stubs leave an importable empty namespace)."""
-    name = "tensorrt" if kind == "trt" else "tensorrt_rtx"
-    if not _has_module(name):
-        return None
+    """The real TensorRT module for `kind` ("trt" / "trt-rtx"), or None where it is missing or only stubs."""
+    from tstitch_trt.runtime.trt_backend import import_tensorrt
+
     try:
-        mod = importlib.import_module(name)
-    except Exception:
+        return import_tensorrt(kind)
+    except UserError:
         return None
-    return mod if hasattr(mod, "Runtime") else None
 
 
 def _ort_device(gpus: int) -> str:
