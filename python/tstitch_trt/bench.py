@@ -505,7 +505,7 @@ def run_bench(args: argparse.Namespace) -> int:
     result: dict = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": "tstitch-trt bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+        "command": _command_line(),
         "host": host_info(threads, device),
         "workload": {
             "name": w.name, "bundle": str(w.bundle), "models": [m.name for m in manifest.models],
@@ -601,6 +601,14 @@ def run_bench(args: argparse.Namespace) -> int:
     print(markdown_summary(result))
     missed = [t for t in result["targets"] if t["pass"] is False]
     return 1 if (args.check_targets and missed) else 0
+
+
+def _command_line() -> str:
+    """The command as typed, for the report (run_bench may also be called in-process, e.g. by tests)."""
+    argv = sys.argv
+    if "bench" in argv[1:] and Path(argv[0]).name in ("tstitch-trt", "cli.py", "__main__.py"):
+        return "tstitch-trt " + " ".join(argv[argv.index("bench"):])
+    return "tstitch-trt bench (called in-process)"
 
 
 def _logger() -> Callable[[str], None]:
