@@ -53,9 +53,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_dit(config: DiTConfig, path: str | Path) -> DiT:
     """A DiT of `config` with the weights at `path`; a mismatch names the first bad key and both shapes."""
     state = read_state_dict(path)
-    model = DiT(config)
+    with torch.device("meta"):  # no throwaway random init: peak memory is one copy of the weights
+        model = DiT(config)
     check_state_dict(model, state, source=str(path))
-    model.load_state_dict(state, strict=True)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
 
