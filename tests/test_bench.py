@@ -85,11 +85,13 @@ def test_gpu_backends_are_skipped_without_gpu(tiny_pair: Path, tmp_path: Path, c
     assert r["reference"] is None  # --parts steps: no end-to-end figure, no baseline run
 
 
-def test_quality_without_evaluator_is_a_user_error(monkeypatch, capsys) -> None:
-    monkeypatch.setitem(sys.modules, "tstitch_trt.eval.quality", None)  # import fails as if not installed
-    assert main(["bench", "--quality"]) == 2
+def test_quality_needs_a_bundle_with_the_evaluator(tiny_pair: Path, capsys) -> None:
+    assert main(["bench", "--quality", "--bundle", str(tiny_pair)]) == 2  # a DiT bundle: no digit classifier
     err = capsys.readouterr().err
-    assert err.startswith("error: the quality sweep is not available") and err.count("\n") == 1
+    assert err.startswith("error: ") and "has no eval/eval.json" in err and err.count("\n") == 1
+    assert main(["bench", "--quality", "--workload", "dit-s-xl"]) == 2
+    err = capsys.readouterr().err
+    assert "does not apply to --workload dit-s-xl" in err and err.count("\n") == 1
 
 
 def test_bad_arguments_are_user_errors(capsys) -> None:

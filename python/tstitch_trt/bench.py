@@ -110,7 +110,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "the CPUs idle (Linux; 0 = off)")
     p.add_argument("--check-targets", action="store_true", help="exit 1 when a speed target is missed")
     p.add_argument("--quality", action="store_true", help="FID / accuracy sweep over the ratio (demo pair)")
-    p.add_argument("--quality-images", type=int, default=64, help="images per ratio of the quality sweep")
+    p.add_argument("--quality-images", type=int, default=500, help="images per ratio of the quality sweep")
 
 
 # --- workloads -----------------------------------------------------------------------------------
@@ -145,7 +145,9 @@ def resolve_workload(args: argparse.Namespace, gpu: bool, log: Callable[[str], N
         bundle, name = Path(bundle_arg), "bundle"
     elif (name or "demo") == "demo":
         name = "demo"
-        bundle = demo_bundle(Path(args.cache), notes, log)
+        from tstitch_trt.demo import demo_bundle_dir
+
+        bundle = demo_bundle_dir()
     else:
         bundle = dit_s_xl_bundle(Path(args.cache), log)
     steps, batch, step_batches = workload_defaults(name, gpu)
@@ -153,29 +155,6 @@ def resolve_workload(args: argparse.Namespace, gpu: bool, log: Callable[[str], N
     if w.steps < 1 or w.batch < 1:
         raise UserError(f"--steps and --batch must be >= 1 (got {w.steps}, {w.batch})")
     return w
-
-
-def demo_bundle(cache: Path, notes: list[str], log: Callable[[str], None]) -> Path:
-    """The built-in demo pair; until it is installed, a tiny random stand-in pair built into the cache."""
-    try:
-        from tstitch_trt.demo import demo_bundle_dir
-
-        return demo_bundle_dir()
-    except (ImportError, UserError):
-        pass
-    out = cache / "demo-standin"
-    notes.append("the built-in demo pair is not installed: used a tiny random stand-in pair "
-                 "(DiT-S/2 -> DiT-B/2 shrunk, latent 4x8x8, 10 classes)")
-    if not _bundle_ok(out, ["torch", "ort"]):
-        log(f"building the stand-in demo pair into {out} ...")
-        from tstitch_trt.export.build import BuildConfig, ModelSpec, build_bundle
-
-        build_bundle(BuildConfig(
-            models=[ModelSpec("DiT-S/2", "random:1"), ModelSpec("DiT-B/2", "random:2")], out=out,
-            backends=["torch", "ort"], image_size=64, num_classes=10,
-            arch_overrides={"DiT-S/2": {"depth": 2, "hidden_size": 64, "num_heads": 2},
-                            "DiT-B/2": {"depth": 3, "hidden_size": 96, "num_heads": 4}}))
-    return out
 
 
 def dit_s_xl_bundle(cache: Path, log: Callable[[str], None]) -> Path:
@@ -990,14 +969,11 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-# --- quality (the demo issue's evaluator) ----------------------------------------------------------
+# --- quality (the demo pair's evaluator) -----------------------------------------------------------
 def run_quality(args: argparse.Namespace) -> int:
     """FID / class accuracy / ms per image against the ratio: tstitch_trt.eval.quality on the demo pair."""
-    try:
-        from tstitch_trt.eval import quality
-    except ImportError as e:
-        raise UserError(f"the quality sweep is not available in this install ({e}); "
-                        "it needs tstitch_trt.eval.quality from the demo issue") from None
+    from tstitch_trt.eval import quality
+
     if args.workload not in (None, "demo"):
         raise UserError(f"--quality scores digits with the demo pair's classifier; it does not apply to "
                         f"--workload {args.workload} (use --bundle DIR with a demo-style bundle, or no --workload)")

@@ -208,7 +208,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         nrow = 2 if is_demo and args.class_labels is None else min(len(res.images), 8)
         grid = image_grid(res.images, nrow=max(1, nrow))
-        out = Path(args.out or f"tstitch-{Path(str(bundle)).name}.png")
+        out = Path(args.out or f"tstitch-{DEMO if is_demo else Path(str(bundle)).name}.png")
         img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
         _atomic_write(out, lambda p: img.save(p, format="PNG"))
         written = out

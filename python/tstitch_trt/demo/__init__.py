@@ -1,4 +1,9 @@
-"""The built-in demo pair (see the demo issue): until it ships, say how to get a bundle."""
+"""The built-in demo pair: DiT-Demo-S/4 -> DiT-Demo-L/4, pixel-space MNIST digits (32x32, 10 classes).
+
+The bundle ships in demo/pair/ (manifest.json, safetensors for torch, ONNX for ORT, and eval/ with
+the quality evaluator's classifier and held-out digits). `python -m tstitch_trt.demo.train` trains
+and rebuilds it. This module imports without torch: the runtime only needs the files.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,6 @@ def demo_bundle_dir() -> Path:
     if (DEMO_DIR / "manifest.json").is_file():
         return DEMO_DIR
     raise UserError(
-        "the built-in demo pair is not installed; build a bundle with "
-        "`tstitch-trt build --model DiT-S/2=CKPT --model DiT-XL/2=CKPT --out engines/dit` "
-        "and run it with --bundle engines/dit"
+        f"the built-in demo pair is missing from {DEMO_DIR}; rebuild it with `python -m tstitch_trt.demo.train` "
+        "(needs the build and demo-train extras), or run your own bundle with --bundle DIR"
     )

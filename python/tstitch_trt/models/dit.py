@@ -62,9 +62,9 @@ _DIT_SIZES: dict[str, tuple[int, int, int]] = {
     "DiT-B": (12, 768, 12),
     "DiT-S": (12, 384, 6),
     # The built-in demo pair (pixel-space MNIST 32x32, patch 4, see tstitch_trt.demo): same family,
-    # small sizes; L costs 12.4x the MACs of S per forward (DiT-XL/2 vs DiT-S/2 is 19.6x).
-    "DiT-Demo-S": (3, 48, 2),
-    "DiT-Demo-L": (6, 128, 4),
+    # small sizes; L costs 9.8x the MACs of S per forward (DiT-XL/2 vs DiT-S/2 is 19.6x).
+    "DiT-Demo-S": (3, 64, 2),
+    "DiT-Demo-L": (8, 128, 4),
 }
 
 
