@@ -185,8 +185,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         nc = pipe.manifest.num_classes
         labels = args.class_labels
         if labels is None:
-            # demo: two of each digit; DiT: the reference's demo labels
-            labels = [c for c in range(min(nc, 10)) for _ in range(2)] if is_demo else REFERENCE_LABELS
+            # demo: two rows of the digits 0-9; DiT: the reference's demo labels
+            labels = [c for _ in range(2) for c in range(min(nc, 10))] if is_demo else REFERENCE_LABELS
             labels = [v % nc for v in labels]
         ratio = args.ratio if args.ratio is not None or args.fractions is not None else (
             0.4 if len(pipe.manifest.models) == 2 else None)
@@ -206,7 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if res.images is not None:
         from PIL import Image
 
-        nrow = 2 if is_demo and args.class_labels is None else min(len(res.images), 8)
+        nrow = min(nc, 10) if is_demo and args.class_labels is None else min(len(res.images), 8)
         grid = image_grid(res.images, nrow=max(1, nrow))
         out = Path(args.out or f"tstitch-{DEMO if is_demo else Path(str(bundle)).name}.png")
         img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)

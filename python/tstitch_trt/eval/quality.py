@@ -121,18 +121,22 @@ def plot_quality(result: dict, path: str | Path) -> bool:
     pts = result["points"]
     r = [p["ratio"] for p in pts]
     fig, (ax, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax.plot(r, [p["fid"] for p in pts], "o-", color="tab:blue", label="FID")
+    fid = [p["fid"] for p in pts]
+    ms = [p["seconds_per_image"] * 1e3 for p in pts]
+    ax.plot(r, fid, "o-", color="tab:blue", label="FID")
     ax.set_xlabel(f"share of steps on the small model ({result['models'][0]})")
     ax.set_ylabel("FID vs held-out digits (lower is better)", color="tab:blue")
     floor = result["reference"].get("fid_floor")
     if floor is not None:
-        ax.axhline(floor, color="tab:blue", ls=":", lw=1, label="real vs real")
-    ax.set_ylim(bottom=0)
-    ax.legend(loc="upper left")
+        ax.axhline(floor, color="tab:blue", ls=":", lw=1, label="FID real vs real")
     ax_t = ax.twinx()
-    ax_t.plot(r, [p["seconds_per_image"] * 1e3 for p in pts], "s--", color="tab:orange")
+    ax_t.plot(r, ms, "s--", color="tab:orange", label="ms / image")
     ax_t.set_ylabel(f"ms / image ({result['backend']}, {result['device']})", color="tab:orange")
-    ax_t.set_ylim(bottom=0)
+    # headroom above both curves for one legend of all three lines
+    ax.set_ylim(0, 1.35 * max(fid))
+    ax_t.set_ylim(0, 1.35 * max(ms))
+    handles = ax.get_legend_handles_labels()[0] + ax_t.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper center", ncol=3, fontsize="small")
     ax_acc.plot(r, [100 * p["accuracy"] for p in pts], "o-", color="tab:green", label="generated")
     ax_acc.axhline(100 * result["reference"]["heldout_accuracy"], color="tab:green", ls=":", lw=1,
                    label="held-out real digits")
