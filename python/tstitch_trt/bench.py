@@ -104,7 +104,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="where built workload bundles are kept and reused")
     p.add_argument("--out", default="bench-out", help="output directory (bench.json, bench.md, PNGs)")
-    p.add_argument("--plot", action="store_true", help="also write PNG plots (matplotlib)")
+    p.add_argument("--plot", action="store_true", help="also write PNG plots (matplotlib; --quality always does)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="shared machines: before each timed run, wait up to SECONDS for other processes to leave "
                         "the CPUs idle (Linux; 0 = off)")
@@ -991,9 +991,10 @@ def run_quality(args: argparse.Namespace) -> int:
                                    cfg_scale=args.cfg_scale, seed=args.seed, progress=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    written = quality.write_quality_report(result, markdown_path=out / "quality.md",
-                                           png_path=out / "quality.png" if args.plot else None,
+    written = quality.write_quality_report(result, markdown_path=out / "quality.md", png_path=out / "quality.png",
                                            json_path=out / "quality.json")
     print(quality.quality_table(result))
     _logger()("wrote " + ", ".join(str(p) for p in written))
+    if out / "quality.png" not in written:
+        _logger()("no plot: matplotlib is not installed (pip install matplotlib)")
     return 0

@@ -95,7 +95,8 @@ def build_bundle(cfg: BuildConfig, on_model: Callable[[str], None] | None = None
             tag = f"{i}-{spec.arch.replace('/', '_')}"
             engines: dict[str, EngineEntry] = {}
             if "torch" in cfg.backends:
-                engines["torch"] = add_file(tmp, f"models/{tag}.safetensors", lambda p, n=net: _save_weights(n, p))
+                engines["torch"] = add_file(tmp, f"models/{tag}.safetensors", lambda p, n=net: _save_weights(n, p),
+                                            batch_range=cfg.batch_range)
             onnx_paths: dict[str, Path] = {}
             for precision in _onnx_precisions(cfg):
                 t0 = time.perf_counter()
