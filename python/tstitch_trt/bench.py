@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tstitch_trt.demo import resolve_bundle
 from tstitch_trt.errors import UserError
 
 SCHEMA = "tstitch-bench/1"
@@ -145,9 +146,7 @@ def resolve_workload(args: argparse.Namespace, gpu: bool, log: Callable[[str], N
         bundle, name = Path(bundle_arg), "bundle"
     elif (name or "demo") == "demo":
         name = "demo"
-        from tstitch_trt.demo import demo_bundle_dir
-
-        bundle = demo_bundle_dir()
+        bundle = resolve_bundle(None)
     else:
         bundle = dit_s_xl_bundle(Path(args.cache), log)
     steps, batch, step_batches = workload_defaults(name, gpu)
@@ -977,12 +976,7 @@ def run_quality(args: argparse.Namespace) -> int:
     if args.workload not in (None, "demo"):
         raise UserError(f"--quality scores digits with the demo pair's classifier; it does not apply to "
                         f"--workload {args.workload} (use --bundle DIR with a demo-style bundle, or no --workload)")
-    if args.bundle in (None, "demo"):
-        from tstitch_trt.demo import demo_bundle_dir
-
-        bundle: Path = demo_bundle_dir()
-    else:
-        bundle = Path(args.bundle)
+    bundle = resolve_bundle(args.bundle)
     if args.quality_images < 2:
         raise UserError(f"--quality-images must be >= 2 (a covariance needs two samples), got {args.quality_images}")
     ratios = args.ratios if args.ratios is not None else list(quality.DEFAULT_RATIOS)

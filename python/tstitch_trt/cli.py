@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tstitch_trt.demo import DEMO_NAME as DEMO
+from tstitch_trt.demo import resolve_bundle
 from tstitch_trt.errors import UserError
 
-DEMO = "demo"
 REFERENCE_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 
 
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--bundle", default=DEMO)
 
     c = sub.add_parser("check", help="compare every backend in a bundle against the torch StepModule")
-    c.add_argument("--bundle", required=True)
+    c.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo' (default)")
     c.add_argument("--backend", default=None, help="comma list (default: every backend present)")
     c.add_argument("--batch", type=int, default=2)
     c.add_argument("--seed", type=int, default=0)
@@ -128,14 +129,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-def resolve_bundle(name: str) -> Path:
-    if name == DEMO:
-        from tstitch_trt.demo import demo_bundle_dir
-
-        return demo_bundle_dir()
-    return Path(name)
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     from tstitch_trt.bundle.manifest import read_manifest
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from tstitch_trt.errors import UserError
 
 DEMO_DIR = Path(__file__).parent / "pair"
+DEMO_NAME = "demo"  # what --bundle takes for this pair
 
 
 def demo_bundle_dir() -> Path:
@@ -21,3 +22,10 @@ def demo_bundle_dir() -> Path:
         f"the built-in demo pair is missing from {DEMO_DIR}; rebuild it with `python -m tstitch_trt.demo.train` "
         "(needs the build and demo-train extras), or run your own bundle with --bundle DIR"
     )
+
+
+def resolve_bundle(name: str | Path | None) -> Path:
+    """--bundle's value as a directory: 'demo' (or nothing) is the built-in pair, anything else a path."""
+    if name is None or str(name) == DEMO_NAME:
+        return demo_bundle_dir()
+    return Path(name)

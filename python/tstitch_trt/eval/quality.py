@@ -184,11 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     from tstitch_trt.errors import UserError
 
     try:
-        bundle = args.bundle
-        if bundle == "demo":
-            from tstitch_trt.demo import demo_bundle_dir
+        from tstitch_trt.demo import resolve_bundle
 
-            bundle = demo_bundle_dir()
+        bundle = resolve_bundle(args.bundle)
         t0 = time.perf_counter()
         result = quality_sweep(bundle, [float(v) for v in args.ratios.split(",")], args.images, backend=args.backend,
                                steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed, batch=args.batch,

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tstitch_trt.bundle.manifest import EngineEntry, Manifest, artifact_path, read_manifest
+from tstitch_trt.demo import resolve_bundle
 from tstitch_trt.errors import UserError
 from tstitch_trt.export.step_module import STEP_INPUTS, STEP_OUTPUTS
 
@@ -99,7 +100,7 @@ def step_inputs(manifest: Manifest, batch: int, seed: int) -> dict[str, np.ndarr
 
 
 def run_check(args: argparse.Namespace) -> int:
-    bundle = Path(args.bundle)
+    bundle = resolve_bundle(args.bundle)
     manifest = read_manifest(bundle)
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
