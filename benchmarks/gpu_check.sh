@@ -45,8 +45,8 @@ for name in ("torch", "numpy", "onnx", "onnxruntime", "onnx_graphsurgeon", "cupy
         print(f"{name:18s}", getattr(mod, "__version__", "?") if real else "type stubs only")
     except Exception as e:
         print(f"{name:18s} missing ({type(e).__name__})")
-from tstitch_trt.pipeline.backends import cuda_device_count
-print("cuda devices (cuda-python):", cuda_device_count())
+from tstitch_trt.runtime.cuda import device_count
+print("cuda devices (cuda-python):", device_count())
 EOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
     | tee -a "$OUT/environment.txt"

@@ -65,7 +65,7 @@ def test_bench_smoke_schema(tiny_pair: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_gpu_backends_are_skipped_without_gpu(tiny_pair: Path, tmp_path: Path, capsys) -> None:
-    from tstitch_trt.pipeline.backends import cuda_device_count
+    from tstitch_trt.runtime.cuda import device_count as cuda_device_count
 
     if cuda_device_count() > 0:
         pytest.skip("a GPU is present: the trt backend would run, not be skipped")

@@ -24,7 +24,8 @@ import pytest
 from fake_gpu import FakeCuda, make_fake_trt, ort_step, toy_plan, toy_step_for
 from tstitch_trt.bundle.manifest import EngineEntry, read_manifest, sha256_file
 from tstitch_trt.errors import UserError
-from tstitch_trt.pipeline.backends import cuda_device_count, tensorrt_module
+from tstitch_trt.pipeline.backends import tensorrt_module
+from tstitch_trt.runtime.cuda import device_count as cuda_device_count
 from tstitch_trt.runtime.engine_compat import builder_info, cc_string, check_engine_compat
 from tstitch_trt.runtime.loop import NonFiniteError, run_stitched
 from tstitch_trt.runtime.ort_backend import OrtBackend, OrtDeviceBackend, ort_providers

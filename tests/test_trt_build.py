@@ -18,8 +18,9 @@ from tstitch_trt.errors import UserError
 from tstitch_trt.export.build import BuildConfig, ModelSpec, build_bundle
 from tstitch_trt.export.onnx_export import export_step_graph, io_spec
 from tstitch_trt.export.step_module import StepModule
-from tstitch_trt.export.trt_build import EngineBuilder, load_tensorrt, make_engine_builder
+from tstitch_trt.export.trt_build import EngineBuilder, make_engine_builder
 from tstitch_trt.models.dit import dit_config, randomized_dit
+from tstitch_trt.runtime.trt_backend import import_tensorrt
 
 
 def _has_rtx() -> bool:
@@ -120,7 +121,7 @@ def test_builder_rejects_bad_options(tiny, tmp_path):
 
 def test_trt_without_tensorrt_or_gpu_is_one_clear_line():
     try:
-        load_tensorrt("trt")
+        import_tensorrt("trt")
     except UserError:
         pass
     else:
@@ -141,7 +142,7 @@ def test_stub_namespace_is_not_mistaken_for_tensorrt(monkeypatch):
     empty = types.ModuleType("tensorrt")  # what tensorrt-stubs leaves importable
     monkeypatch.setitem(__import__("sys").modules, "tensorrt", empty)
     with pytest.raises(UserError, match="tensorrt module is not usable here"):
-        load_tensorrt("trt")
+        import_tensorrt("trt")
 
 
 def test_old_tensorrt_is_refused(monkeypatch):
@@ -151,7 +152,7 @@ def test_old_tensorrt_is_refused(monkeypatch):
     old.Builder, old.__version__ = object, "10.3.0"
     monkeypatch.setitem(__import__("sys").modules, "tensorrt", old)
     with pytest.raises(UserError, match="needs TensorRT >= 10.8.*found 10.3.0"):
-        load_tensorrt("trt")
+        import_tensorrt("trt")
 
 
 def test_trt_kind_cannot_take_rtx_targets():

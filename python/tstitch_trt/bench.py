@@ -467,7 +467,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if not 0.0 <= args.ratio <= 1.0:
         raise UserError(f"--ratio must be in [0, 1], got {args.ratio}")
     from tstitch_trt.bundle.manifest import read_manifest
-    from tstitch_trt.pipeline.backends import BACKEND_CHOICES, cuda_device_count, tensorrt_module
+    from tstitch_trt.pipeline.backends import BACKEND_CHOICES, tensorrt_module
+    from tstitch_trt.runtime.cuda import device_count as cuda_device_count
 
     gpus = cuda_device_count()
     w = resolve_workload(args, gpus > 0, log)

@@ -229,12 +229,13 @@ def run_plan(kind: str, plan_path: Path, feeds: dict[str, np.ndarray], outputs: 
     """One synchronous launch of an engine plan on CUDA device 0 (torch tensors as device buffers)."""
     import torch
 
-    from tstitch_trt.export.trt_build import capturing_logger, load_tensorrt
+    from tstitch_trt.export.trt_build import capturing_logger
+    from tstitch_trt.runtime.trt_backend import import_tensorrt
 
     if TYPE_CHECKING:
         import tensorrt as trt
     else:
-        trt = load_tensorrt(kind)
+        trt = import_tensorrt(kind)
     logger = capturing_logger(trt)
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())

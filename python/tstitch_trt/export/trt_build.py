@@ -27,61 +27,27 @@ from typing import TYPE_CHECKING, Any
 
 from tstitch_trt.errors import UserError
 from tstitch_trt.runtime.engine_compat import builder_info, cc_string
+from tstitch_trt.runtime.trt_backend import import_tensorrt
 
 if TYPE_CHECKING:
     import tensorrt as trt_types
 
 log = logging.getLogger("tstitch_trt.trt")
 
-MODULES = {"trt": "tensorrt", "trt-rtx": "tensorrt_rtx"}
-MIN_TENSORRT = (10, 8)
 DEFAULT_OPT_BATCH = 8  # the DiT reference samples 8 images; the profile's opt is this, clamped to the range
-
-
-def load_tensorrt(kind: str) -> ModuleType:
-    """The real TensorRT module for `kind`, or a UserError naming what is missing."""
-    import importlib
-
-    if kind not in MODULES:
-        raise UserError(f"unknown engine kind {kind!r}; choose trt or trt-rtx")
-    name = MODULES[kind]
-    try:
-        mod = importlib.import_module(name)
-    except Exception as e:  # ImportError, or a broken install failing to load its libraries
-        mod, why = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    else:
-        why = "only type stubs are installed (tensorrt-stubs)"
-    # tensorrt-stubs leaves an importable, empty `tensorrt` namespace package: look for the API
-    if mod is None or not hasattr(mod, "Builder"):
-        if kind == "trt":
-            raise UserError(f"--backend trt needs NVIDIA TensorRT >= {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} "
-                            f"(pip install tensorrt) on a machine with an NVIDIA GPU, and the tensorrt module "
-                            f"is not usable here ({why}); use --backend trt-rtx (builds without a GPU) or ort")
-        raise UserError(f"--backend trt-rtx needs TensorRT-RTX (pip install tensorrt-rtx) and the tensorrt_rtx "
-                        f"module is not usable here ({why}); use --backend ort")
-    if kind == "trt" and _version_tuple(mod.__version__) < MIN_TENSORRT:
-        raise UserError(f"--backend trt needs TensorRT >= {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} (strongly typed "
-                        f"networks), found {mod.__version__}; pip install -U tensorrt, or use --backend trt-rtx")
-    return mod
 
 
 def cuda_gpu() -> dict[str, Any] | None:
     """{name, compute_capability} of CUDA device 0 (cuda-python, else torch), or None if none is visible."""
-    try:
+    from tstitch_trt.runtime import cuda as cuda_rt
+
+    if cuda_rt.device_count() > 0:
         try:
-            from cuda.bindings import driver  # type: ignore[import-not-found]
-        except ImportError:
-            from cuda import cuda as driver  # type: ignore[import-not-found,no-redef]
-        ok = driver.CUresult.CUDA_SUCCESS
-        if driver.cuInit(0)[0] == ok and driver.cuDeviceGetCount()[1] > 0:
-            attr = driver.CUdevice_attribute
-            major = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, 0)[1]
-            minor = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, 0)[1]
-            name = driver.cuDeviceGetName(256, 0)[1]
-            return {"name": name.split(b"\0")[0].decode(), "compute_capability": f"{major}.{minor}"}
-    except Exception:  # no cuda-python, or no driver: try torch
-        pass
-    try:
+            major, minor = cuda_rt.compute_capability(0)
+            return {"name": cuda_rt.device_name(0), "compute_capability": f"{major}.{minor}"}
+        except cuda_rt.CudaError:
+            pass
+    try:  # no cuda-python (the gpu extra): torch may still see the GPU
         import torch
 
         if torch.cuda.is_available():
@@ -281,7 +247,7 @@ class EngineBuilder:
 def make_engine_builder(kind: str, opt_level: int = 3, timing_cache: str | None = None,
                         compute_capabilities: Sequence[str] = ()) -> EngineBuilder:
     """An EngineBuilder for "trt" or "trt-rtx", or a one-line UserError saying what is missing."""
-    mod = load_tensorrt(kind)
+    mod = import_tensorrt(kind)
     gpu = None
     if kind == "trt":
         gpu = cuda_gpu()
@@ -313,11 +279,3 @@ def capturing_logger(trt: Any) -> Any:
             return self.errors[-1] if self.errors else "no error message from the builder"
 
     return CapturingLogger()
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for p in text.split(".")[:3]:
-        digits = "".join(ch for ch in p if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tstitch_trt.bundle.manifest import Manifest
 from tstitch_trt.errors import UserError
+from tstitch_trt.runtime import cuda as cuda_rt
 from tstitch_trt.runtime.backend import Backend
 
 BACKEND_CHOICES = ("auto", "trt", "trt-rtx", "ort", "torch")
@@ -17,24 +18,6 @@ def _has_module(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
-
-
-def cuda_device_count() -> int:
-    """NVIDIA GPUs visible through the driver (cuda-python), without torch. 0 when unsure."""
-    try:
-        from cuda.bindings import driver  # type: ignore[import-not-found]
-    except ImportError:
-        try:
-            from cuda import cuda as driver  # type: ignore[import-not-found,no-redef]
-        except ImportError:
-            return 0
-    try:
-        if driver.cuInit(0)[0] != driver.CUresult.CUDA_SUCCESS:
-            return 0
-        err, n = driver.cuDeviceGetCount()
-        return int(n) if err == driver.CUresult.CUDA_SUCCESS else 0
-    except Exception:
-        return 0
 
 
 def tensorrt_module(kind: str):  # -> module | None
@@ -65,7 +48,7 @@ def backend_candidates(manifest: Manifest, requested: str) -> list[tuple[str, st
                 f"rebuild it with --backend {requested} or pick one of those"
             )
         return [(requested, "requested")]
-    gpus = cuda_device_count()
+    gpus = cuda_rt.device_count()
     reasons: list[str] = []
     out: list[tuple[str, str]] = []
     for kind in ("trt", "trt-rtx"):

@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # .ci/typecheck.sh checks every TensorRT call below against t
 log = logging.getLogger("tstitch_trt.trt")
 
 MODULES = {"trt": "tensorrt", "trt-rtx": "tensorrt_rtx"}
-PIP_NAMES = {"trt": "tensorrt", "trt-rtx": "tensorrt-rtx"}
+MIN_TENSORRT = (10, 8)  # strongly typed networks, execute_async_v3, device_memory_size_v2
 INPUTS = ("x", "t", "y", "guidance", "coef", "prev_x0", "noise")
 OUTPUTS = ("x_next", "x0")
 FLOAT_TENSORS = ("x", "guidance", "coef", "prev_x0", "noise", "x_next", "x0")
@@ -51,18 +51,37 @@ INT_TENSORS = ("t", "y")
 
 
 def import_tensorrt(kind: str) -> Any:
-    """The real module for `kind` ("trt" or "trt-rtx"); UserError when it is missing or only stubs."""
+    """The real module for `kind` ("trt" or "trt-rtx"), for building and running alike; a one-line
+    UserError naming what is missing (the package, a real install rather than stubs, the version)."""
     if kind not in MODULES:
-        raise UserError(f"unknown TensorRT backend {kind!r}; choose trt or trt-rtx")
+        raise UserError(f"unknown engine kind {kind!r}; choose trt or trt-rtx")
     name = MODULES[kind]
     try:
         mod = importlib.import_module(name)
-    except Exception as e:
-        raise UserError(f"--backend {kind} needs the {name} package ({str(e).splitlines()[0] if str(e) else e!r}): "
-                        f"pip install {PIP_NAMES[kind]}") from None
-    if not hasattr(mod, "Runtime"):  # tensorrt-stubs leave an importable empty namespace package
-        raise UserError(f"{name} is importable but is not TensorRT (type stubs only?): pip install {PIP_NAMES[kind]}")
+    except Exception as e:  # ImportError, or a broken install failing to load its libraries
+        mod, why = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    else:
+        why = "only type stubs are installed (tensorrt-stubs)"
+    # tensorrt-stubs leaves an importable, empty `tensorrt` namespace package: look for the API
+    if mod is None or not (hasattr(mod, "Builder") or hasattr(mod, "Runtime")):
+        if kind == "trt":
+            raise UserError(f"--backend trt needs NVIDIA TensorRT >= {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} "
+                            f"(pip install tensorrt) on a machine with an NVIDIA GPU, and the tensorrt module "
+                            f"is not usable here ({why}); use --backend trt-rtx (builds without a GPU) or ort")
+        raise UserError(f"--backend trt-rtx needs TensorRT-RTX (pip install tensorrt-rtx) and the tensorrt_rtx "
+                        f"module is not usable here ({why}); use --backend ort")
+    if kind == "trt" and _version_tuple(getattr(mod, "__version__", "0")) < MIN_TENSORRT:
+        raise UserError(f"--backend trt needs TensorRT >= {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} (strongly typed "
+                        f"networks), found {mod.__version__}; pip install -U tensorrt, or use --backend trt-rtx")
     return mod
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for p in text.split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
 
 
 def _dims(d: Any) -> tuple[int, ...]:
