@@ -45,6 +45,11 @@ class OrtBackend:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or int(os.environ.get("TSTITCH_ORT_THREADS", "0"))
         opts.log_severity_level = 3
+        # One session (and intra-op pool) per model: by default a pool's threads keep spinning after
+        # its run and steal the cores from the next session's. On the demo pair that cost ~65 ms at
+        # the stitch switch (21% over the ideal line at ratio 0.9); stopping the spin removes it and
+        # does not slow single-model runs (benchmarks/RESULTS.md).
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
         self.sessions = []
         for m in manifest.models:
             if "ort" not in m.engines:
