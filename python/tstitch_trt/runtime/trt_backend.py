@@ -70,9 +70,10 @@ def import_tensorrt(kind: str) -> Any:
                             f"is not usable here ({why}); use --backend trt-rtx (builds without a GPU) or ort")
         raise UserError(f"--backend trt-rtx needs TensorRT-RTX (pip install tensorrt-rtx) and the tensorrt_rtx "
                         f"module is not usable here ({why}); use --backend ort")
-    if kind == "trt" and _version_tuple(getattr(mod, "__version__", "0")) < MIN_TENSORRT:
+    version = getattr(mod, "__version__", "0")
+    if kind == "trt" and _version_tuple(version) < MIN_TENSORRT:
         raise UserError(f"--backend trt needs TensorRT >= {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} (strongly typed "
-                        f"networks), found {mod.__version__}; pip install -U tensorrt, or use --backend trt-rtx")
+                        f"networks), found {version}; pip install -U tensorrt, or use --backend trt-rtx")
     return mod
 
 
