@@ -37,7 +37,7 @@ def test_shipped_pair_loads_and_checksums_match():
     assert size < 25e6, f"the demo pair is {size / 1e6:.1f} MB"
 
 
-def test_corrupted_pair_is_refused(tmp_path):
+def test_corrupted_pair_is_refused(tmp_path, capsys):
     bundle = tmp_path / "pair"
     shutil.copytree(DEMO_DIR, bundle)
     m = read_manifest(bundle)
@@ -47,6 +47,13 @@ def test_corrupted_pair_is_refused(tmp_path):
     onnx.write_bytes(bytes(data))
     with pytest.raises(UserError, match="checksum mismatch"):
         artifact_path(bundle, m.models[0].engines["ort"], verify=True)
+    from tstitch_trt.cli import main
+
+    out = tmp_path / "grid.png"
+    assert main(["run", "--bundle", str(bundle), "--backend", "ort", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checksum mismatch") and err.count("\n") == 1, err
+    assert not out.exists() and not list(tmp_path.glob("*.png"))
     from tstitch_trt.eval.scorer import DigitScorer
 
     (bundle / "eval" / "heldout.npz").write_bytes(b"not an npz")
