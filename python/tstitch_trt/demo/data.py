@@ -44,8 +44,11 @@ def load_split(seed: int = SPLIT_SEED) -> DigitSplit:
 
 
 def to_model_range(images: np.ndarray) -> np.ndarray:
-    """uint8 (B, H, W) or (B, H, W, 1) -> float32 (B, 1, H, W) in [-1, 1], the models' pixel space."""
-    x = images.astype(np.float32)
+    """uint8 (B, H, W) or (B, H, W, 1) -> float32 (B, 1, H, W) in [-1, 1]: the models' pixel space and
+    the classifier's input."""
+    x = np.asarray(images)
     if x.ndim == 4:
         x = x[..., 0]
-    return (x / 127.5 - 1.0)[:, None]
+    if x.ndim != 3:
+        raise ValueError(f"expected (B, H, W[, 1]) images, got shape {np.asarray(images).shape}")
+    return (x.astype(np.float32) / 127.5 - 1.0)[:, None]

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from tstitch_trt.demo import DEMO_DIR
 from tstitch_trt.demo.data import NUM_CLASSES, SPLIT_SEED, load_split, to_model_range
 from tstitch_trt.demo.diffusion import HybridLoss
+from tstitch_trt.models.checkpoints import save_dit
 from tstitch_trt.models.dit import DiT, DiTConfig, dit_config
 
 EVAL_DIR = "eval"
@@ -180,7 +181,7 @@ def train_denoiser(recipe: DenoiserRecipe, images: np.ndarray, labels: np.ndarra
             acc = dict.fromkeys(acc, 0.0)
         if state_path is not None and ((step + 1) % recipe.checkpoint_every == 0 or step + 1 == recipe.steps):
             # the final state too, so a longer run (--large-steps) can continue from it
-            save_weights(ema, state_path.parent / f"{tag}-ema-step{step + 1}.safetensors")
+            save_dit(ema, state_path.parent / f"{tag}-ema-step{step + 1}.safetensors")
             state = {"identity": training_identity(recipe), "seed": seed,
                      "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                      "sched": sched.state_dict(), "gen": gen.get_state(), "perm": perm, "pos": pos,
@@ -200,36 +201,26 @@ def train_denoiser(recipe: DenoiserRecipe, images: np.ndarray, labels: np.ndarra
     return ema, summary
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-
-
 def fid_floor(classifier_onnx: Path, split, seed: int = 0) -> float:
     """FID of real training digits vs the held-out ones, same count: the best a generator can score."""
     import onnxruntime as ort
 
     from tstitch_trt.eval.frechet import feature_stats, frechet_distance
-    from tstitch_trt.eval.scorer import to_classifier_input
 
     sess = ort.InferenceSession(str(classifier_onnx), providers=["CPUExecutionProvider"])
     pick = np.random.default_rng(seed).choice(len(split.train_images), len(split.heldout_images), replace=False)
-    feats = [sess.run(["features"], {"image": to_classifier_input(imgs)})[0]
+    feats = [sess.run(["features"], {"image": to_model_range(imgs)})[0]
              for imgs in (split.train_images[pick], split.heldout_images)]
     return frechet_distance(*feature_stats(feats[0]), *feature_stats(feats[1]))
 
 
 def write_pair(out: Path, work: Path, checkpoints: dict[str, Path], summary: dict) -> None:
-    """Bundle + eval files into a hidden sibling of `out`, then swap it into place."""
-    from tstitch_trt.bundle.manifest import sha256_file
+    """The bundle plus the eval files, swapped into `out` at once (bundle.manifest.staged_bundle)."""
+    from tstitch_trt.bundle.manifest import sha256_file, staged_bundle
     from tstitch_trt.export.build import BuildConfig, ModelSpec, build_bundle
 
-    out = out.resolve()
-    stage = out.parent / f".{out.name}.build-{os.getpid()}"
-    try:
-        build_bundle(BuildConfig(
+    with staged_bundle(out.resolve()) as stage:
+        build_bundle(BuildConfig(  # stages and swaps on its own: it replaces the empty `stage`
             models=[ModelSpec(arch, str(path)) for arch, path in checkpoints.items()],
             out=stage, backends=["torch", "ort"], image_size=32, downsample=1, latent_channels=1,
             num_classes=NUM_CLASSES, guidance_channels=1, batch_range=(1, 1024),
@@ -243,15 +234,6 @@ def write_pair(out: Path, work: Path, checkpoints: dict[str, Path], summary: dic
                                                    indent=2))
         shutil.copyfile(work / "train_log.jsonl", stage / "train_log.jsonl")
         (stage / "train.json").write_text(json.dumps(summary, indent=2))
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(stage, out)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             ema, s = train_denoiser(recipe, train_x, split.train_labels, seed=args.seed + 1 + i, log=log,
                                     checkpoint_dir=work / "checkpoints")
-            save_weights(ema, checkpoints[recipe.arch])
+            save_dit(ema, checkpoints[recipe.arch])
             print(f"{recipe.arch}: {s['seconds']:.0f} s, loss {s['final_loss']:.4f} "
                   f"(mse {s['final_mse']:.4f}, vb {s['final_vb']:.4f})", flush=True)
             done.write_text(json.dumps(s, indent=2))

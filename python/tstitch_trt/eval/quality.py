@@ -7,15 +7,13 @@ Frechet distance between its penultimate features on the generated digits and on
 held-out real digits (an MNIST-scale FID; 500 samples make it biased upwards, so compare
 ratios with each other and with the real-vs-real floor, not with ImageNet FIDs).
 
-    python -m tstitch_trt.eval.quality --images 500 --md quality.md --png quality.png
+Command line: `tstitch-trt bench --quality --out DIR` (table, plot and JSON in DIR).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -165,41 +163,3 @@ def write_quality_report(result: dict, markdown_path: str | Path | None = None,
         Path(json_path).write_text(json.dumps(result, indent=2))
         written.append(Path(json_path))
     return written
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tstitch_trt.eval.quality", description=__doc__.split("\n")[0])
-    p.add_argument("--bundle", default="demo", help="bundle directory or 'demo'")
-    p.add_argument("--ratios", default=",".join(map(str, DEFAULT_RATIOS)))
-    p.add_argument("--images", type=int, default=500, help="images per ratio")
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg-scale", type=float, default=1.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=100)
-    p.add_argument("--md", help="write the Markdown table here")
-    p.add_argument("--png", help="write the plot here")
-    p.add_argument("--json", help="write the raw result here")
-    args = p.parse_args(argv)
-    from tstitch_trt.errors import UserError
-
-    try:
-        from tstitch_trt.demo import resolve_bundle
-
-        bundle = resolve_bundle(args.bundle)
-        t0 = time.perf_counter()
-        result = quality_sweep(bundle, [float(v) for v in args.ratios.split(",")], args.images, backend=args.backend,
-                               steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed, batch=args.batch,
-                               progress=True)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(quality_table(result))
-    for path in write_quality_report(result, args.md, args.png, args.json):
-        print(f"wrote {path}")
-    print(f"sweep took {time.perf_counter() - t0:.0f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

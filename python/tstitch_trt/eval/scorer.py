@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from tstitch_trt.bundle.manifest import sha256_file
+from tstitch_trt.demo.data import to_model_range
 from tstitch_trt.errors import UserError
 
 EVAL_INDEX = "eval/eval.json"
@@ -25,16 +26,6 @@ def _verified(bundle: Path, rel: str, index: dict) -> Path:
     if want is None or sha256_file(path) != want:
         raise UserError(f"checksum mismatch for {path}: it changed since the build; rebuild the demo pair")
     return path
-
-
-def to_classifier_input(images: np.ndarray) -> np.ndarray:
-    """uint8 (B, H, W) or (B, H, W, 1) -> float32 (B, 1, H, W) in [-1, 1]."""
-    x = np.asarray(images)
-    if x.ndim == 4:
-        x = x[..., 0]
-    if x.ndim != 3:
-        raise ValueError(f"expected (B, H, W[, 1]) images, got shape {np.asarray(images).shape}")
-    return (x.astype(np.float32) / 127.5 - 1.0)[:, None]
 
 
 class DigitScorer:
@@ -59,6 +50,6 @@ class DigitScorer:
 
     def __call__(self, images: np.ndarray, batch: int = 250) -> tuple[np.ndarray, np.ndarray]:
         """(logits (B, 10), features (B, D)) for uint8 images."""
-        x = to_classifier_input(images)
+        x = to_model_range(images)
         outs = [self.session.run(["logits", "features"], {"image": x[i:i + batch]}) for i in range(0, len(x), batch)]
         return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])

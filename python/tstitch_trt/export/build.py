@@ -15,7 +15,7 @@ from tstitch_trt.bundle.manifest import EngineEntry, Manifest, ModelEntry, add_f
 from tstitch_trt.errors import UserError
 from tstitch_trt.export.onnx_export import export_step_graph, external_data_files, io_spec
 from tstitch_trt.export.step_module import StepModule
-from tstitch_trt.models.checkpoints import load_dit
+from tstitch_trt.models.checkpoints import load_dit, save_dit
 from tstitch_trt.models.dit import DiT, DiTConfig, dit_config, randomized_dit
 
 log = logging.getLogger("tstitch_trt.build")
@@ -95,7 +95,7 @@ def build_bundle(cfg: BuildConfig, on_model: Callable[[str], None] | None = None
             tag = f"{i}-{spec.arch.replace('/', '_')}"
             engines: dict[str, EngineEntry] = {}
             if "torch" in cfg.backends:
-                engines["torch"] = add_file(tmp, f"models/{tag}.safetensors", lambda p, n=net: _save_weights(n, p),
+                engines["torch"] = add_file(tmp, f"models/{tag}.safetensors", lambda p, n=net: save_dit(n, p),
                                             batch_range=cfg.batch_range)
             onnx_paths: dict[str, Path] = {}
             for precision in _onnx_precisions(cfg):
@@ -163,9 +163,3 @@ def _entry(bundle: Path, rel: str, precision: str, cfg: BuildConfig, builder: di
             extra["external_data"] = [{"file": str(f.relative_to(bundle)), "sha256": sha256_file(f)} for f in data]
     return EngineEntry(file=rel, sha256=sha256_file(bundle / rel), precision=precision,
                        batch_range=cfg.batch_range, builder=builder or {}, extra=extra)
-
-
-def _save_weights(net: DiT, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))

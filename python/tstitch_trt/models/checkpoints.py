@@ -61,6 +61,14 @@ def load_dit(config: DiTConfig, path: str | Path) -> DiT:
     return model.eval()
 
 
+def save_dit(model: torch.nn.Module, path: str | Path) -> None:
+    """The state dict as safetensors (what load_dit and the bundle's torch entry read)."""
+    from safetensors.torch import save_file
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
 def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     expected = model.state_dict()
     for key, tensor in expected.items():
