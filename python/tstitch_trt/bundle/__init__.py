@@ -9,6 +9,7 @@ from tstitch_trt.bundle.manifest import (
     read_manifest,
     sha256_file,
     staged_bundle,
+    verify_bundle,
     write_manifest,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "read_manifest",
     "sha256_file",
     "staged_bundle",
+    "verify_bundle",
     "write_manifest",
 ]

@@ -8,28 +8,31 @@ Language-neutral on purpose (the C++ runtime reads the same JSON). Layout:
     trt/<i>-<name>.plan                 TensorRT / TensorRT-RTX engines
     vae/...                             the VAE decoder (diffusers dir for torch, ONNX for ort)
 
-Bundles are written to a temporary sibling directory and renamed into place, so a failed or
-killed build never leaves a half bundle and never damages the previous one.
+The format is described once, by manifest.schema.json (bundle/schema.py validates every manifest
+against it before anything reads a field); the consistency rules between fields are in
+Manifest.validate. Paths are sealed inside the bundle and files are checked against their sha256
+(bundle/files.py). Bundles are written to a temporary sibling directory and renamed into place, so
+a failed or killed build never leaves a half bundle and never damages the previous one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tstitch_trt.errors import UserError
+from tstitch_trt.bundle.files import checked_file, sha256_file, staged_bundle
+from tstitch_trt.bundle.schema import FORMAT, FORMAT_VERSION, validate_schema
+from tstitch_trt.errors import BundleError, UserError
 
-FORMAT = "tstitch-bundle"
-FORMAT_VERSION = 1
+__all__ = ["BACKENDS", "FORMAT", "FORMAT_VERSION", "EngineEntry", "Manifest", "ModelEntry", "add_file",
+           "artifact_path", "read_manifest", "sha256_file", "staged_bundle", "verify_bundle", "write_manifest"]
+
 BACKENDS = ("trt", "trt-rtx", "ort", "torch")
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 @dataclass
@@ -48,6 +51,11 @@ class EngineEntry:
         d = dict(d)
         d["batch_range"] = tuple(d.get("batch_range", (1, 16)))
         return cls(**d)
+
+    def files(self) -> list[tuple[str, str]]:
+        """(path, sha256) of every file this artifact reads: itself, external ONNX data, extra files."""
+        return [(self.file, self.sha256)] + [(d["file"], d["sha256"]) for d in
+                                             self.extra.get("external_data", []) + self.extra.get("files", [])]
 
 
 @dataclass
@@ -106,84 +114,113 @@ class Manifest:
             d["vae"] = vae
         return cls(**d)
 
+    def artifacts(self) -> list[tuple[str, EngineEntry]]:
+        """(what, entry) for every artifact of every model and of the VAE."""
+        out = [(f"{m.name} {kind}", e) for m in self.models for kind, e in m.engines.items()]
+        if self.vae:
+            out += [(f"VAE {kind}", e) for kind, e in self.vae["engines"].items()]
+        return out
+
+    def files(self) -> list[str]:
+        return [f for _, e in self.artifacts() for f, _ in e.files()]
+
+    def in_owned_dir(self, rel: str) -> bool:
+        """Files inside a directory an artifact reads as a whole (a diffusers VAE directory)."""
+        dirs = [e.extra["dir"].rstrip("/") + "/" for _, e in self.artifacts() if e.extra.get("dir")]
+        return any(rel.startswith(d) for d in dirs)
+
     def validate(self) -> None:
+        """Consistency between fields (the schema checks each field on its own)."""
         if not self.models:
-            raise UserError("the bundle names no models")
+            raise BundleError("the bundle names no models")
         shapes = {m.latent_shape for m in self.models}
         if len(shapes) > 1:
             listed = ", ".join(f"{m.name}: {m.latent_shape}" for m in self.models)
-            raise UserError(f"the models' latent shapes differ ({listed}); stitched models must share one latent space")
+            raise BundleError(f"the models' latent shapes differ ({listed}); stitched models must share one latent space")
         classes = {int(m.arch.get("num_classes", self.num_classes)) for m in self.models}
-        if len(classes) > 1:
-            raise UserError(f"the models' class counts differ ({sorted(classes)}); they must share one label space")
+        if classes != {self.num_classes}:
+            raise BundleError(f"the models' class counts ({sorted(classes)}) differ from num_classes "
+                              f"{self.num_classes}; they must share one label space")
+        c, h, w = self.latent_shape
+        for m in self.models:
+            a = m.arch
+            if a["input_size"] % a["patch_size"]:
+                raise BundleError(f"{m.name}: input_size {a['input_size']} is not a multiple of patch_size "
+                                  f"{a['patch_size']}")
+            if a["hidden_size"] % a["num_heads"]:
+                raise BundleError(f"{m.name}: hidden_size {a['hidden_size']} is not a multiple of num_heads "
+                                  f"{a['num_heads']}")
+        if self.guidance_channels > c:
+            raise BundleError(f"guidance_channels {self.guidance_channels} exceeds the latent's {c} channels")
+        pixel_space = self.vae is None and self.latent_scale_factor == 1.0
+        if (h != w or (pixel_space and self.image_size != h) or (not pixel_space and self.image_size % h)):
+            raise BundleError(f"image_size {self.image_size} does not fit the models' latent {h}x{w}")
+        for what, e in self.artifacts():
+            lo, hi = e.batch_range
+            if lo > hi:
+                raise BundleError(f"{what}: batch_range [{lo}, {hi}] is empty (min > max)")
+        if self.io:
+            for name, want in (("x", [c, h, w]), ("x_next", [c, h, w])):
+                spec = self.io.get("inputs", {}).get(name) or self.io.get("outputs", {}).get(name)
+                if spec is not None and list(spec["shape"][1:]) != want:
+                    raise BundleError(f"io: {name} has shape {spec['shape']}, but the models' latent is "
+                                      f"{c}x{h}x{w}")
+        if not math.isfinite(self.latent_scale_factor):
+            raise BundleError("latent_scale_factor is not a finite number")
+
+    def batch_limits(self, backend: str) -> tuple[int, int]:
+        """The batch range every model's artifact for `backend` was built for (VAE included)."""
+        ranges = [e.batch_range for m in self.models for k, e in m.engines.items() if k == backend]
+        if self.vae and backend in self.vae["engines"]:
+            ranges.append(self.vae["engines"][backend].batch_range)
+        if not ranges:
+            raise UserError(f"the bundle has no {backend} artifacts")
+        return (max(r[0] for r in ranges), min(r[1] for r in ranges))
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def read_manifest(bundle_dir: str | Path) -> Manifest:
+    """The bundle's manifest, validated against the schema and for consistency (files not read yet)."""
     d = Path(bundle_dir)
-    path = d / "manifest.json"
     if not d.is_dir():
-        raise UserError(f"bundle {d} does not exist; build one with `tstitch-trt build` (or use --bundle demo)")
-    if not path.is_file():
-        raise UserError(f"{d} is not a bundle (no manifest.json); rebuild it with `tstitch-trt build`")
+        raise UserError(f"bundle {d} does not exist (or is not a folder); build one with `tstitch-trt build` "
+                        "(or use --bundle demo)")
+    path = d / "manifest.json"
+    if not path.exists() and not path.is_symlink():
+        raise UserError(f"{d} is not a bundle (no manifest.json); build one with `tstitch-trt build`")
+    real = checked_file(d, "manifest.json", None)  # inside the bundle, a regular file
+    if real.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path} is {real.stat().st_size} bytes, far larger than a manifest; rebuild the bundle")
     try:
-        raw = json.loads(path.read_text())
-        if raw.get("format") != FORMAT:
-            raise ValueError(f"format is {raw.get('format')!r}, not {FORMAT!r}")
-        if int(raw.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"format version {raw['format_version']} is newer than this runtime reads")
-        manifest = Manifest.from_dict(raw)
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is corrupt or not a tstitch bundle manifest ({e}); rebuild the bundle") from None
+        raw = json.loads(real.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BundleError(f"{path} is not valid JSON ({str(e).splitlines()[0][:120]}); rebuild the bundle") from None
+    except OSError as e:
+        raise BundleError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+    validate_schema(raw, str(path))
+    manifest = Manifest.from_dict(raw)
     manifest.validate()
     return manifest
 
 
+def verify_bundle(bundle_dir: str | Path, manifest: Manifest) -> None:
+    """Every file the manifest names: inside the bundle, present, and matching its sha256."""
+    for _, entry in manifest.artifacts():
+        for rel, digest in entry.files():
+            checked_file(bundle_dir, rel, digest)
+        if entry.extra.get("dir"):
+            from tstitch_trt.bundle.files import inside
+
+            inside(bundle_dir, entry.extra["dir"])
+
+
 def artifact_path(bundle_dir: str | Path, entry: EngineEntry, verify: bool = True) -> Path:
-    """Path of an artifact, checked to exist and (verify=True) to match its recorded sha256."""
-    p = Path(bundle_dir) / entry.file
-    # ONNX graphs over 2 GB keep their weights beside them: extra["external_data"] = [{file, sha256}]
-    for f, digest in [(entry.file, entry.sha256)] + [(d["file"], d["sha256"]) for d in
-                                                      entry.extra.get("external_data", [])]:
-        path = Path(bundle_dir) / f
-        if not path.is_file():
-            raise UserError(f"bundle file {path} is missing; rebuild the bundle")
-        if verify and sha256_file(path) != digest:
-            raise UserError(f"checksum mismatch for {path}: the file changed since the build; rebuild the bundle")
-    return p
-
-
-@contextmanager
-def staged_bundle(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside `out_dir`; on success it replaces `out_dir` atomically.
-
-    On any exception (or a kill, which leaves only a hidden .tmp directory) `out_dir` is untouched.
-    """
-    out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is shared like any build output
-    try:
-        yield tmp
-        if not (tmp / "manifest.json").is_file():
-            raise RuntimeError("internal error: staged bundle has no manifest.json")
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Path of an artifact, checked to be inside the bundle, to exist and (verify) to match its sha256."""
+    paths = [checked_file(bundle_dir, rel, digest, verify) for rel, digest in entry.files()]
+    return paths[0]
 
 
 def add_file(bundle_dir: Path, rel: str, write: Callable[[Path], None], **entry: Any) -> EngineEntry:
@@ -195,5 +232,8 @@ def add_file(bundle_dir: Path, rel: str, write: Callable[[Path], None], **entry:
 
 
 def write_manifest(bundle_dir: Path, manifest: Manifest) -> None:
+    """Write manifest.json, held to the same schema and rules the reader applies."""
     manifest.validate()
+    raw = json.loads(manifest.to_json())
+    validate_schema(raw, "the new manifest")
     (bundle_dir / "manifest.json").write_text(manifest.to_json())

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tstitch_trt.bundle.manifest import Manifest, read_manifest
-from tstitch_trt.errors import UserError
+from tstitch_trt.bundle.manifest import Manifest, read_manifest, verify_bundle
+from tstitch_trt.errors import BackendUnavailable, UserError
 from tstitch_trt.pipeline.backends import backend_candidates, open_backend
 from tstitch_trt.runtime.backend import Backend
 from tstitch_trt.runtime.loop import LoopResult, run_stitched
@@ -42,17 +42,26 @@ class StitchedPipeline:
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, backend: str = "auto", device: str | None = None) -> StitchedPipeline:
+        """Open a bundle directory (or "demo", the built-in pair) on `backend`.
+
+        The whole bundle is verified first (schema, sealed paths, every checksum): a damaged bundle is
+        an error whichever backend would run. auto moves to the next backend only when this machine
+        cannot run an engine (BackendUnavailable), and the report says which one ran and why.
+        """
+        from tstitch_trt.demo import resolve_bundle
+
+        bundle_dir = resolve_bundle(bundle_dir)
         manifest = read_manifest(bundle_dir)
+        verify_bundle(bundle_dir, manifest)
         candidates = backend_candidates(manifest, backend)
         refusals: list[str] = []
         for kind, why in candidates:
             try:
                 opened = open_backend(kind, bundle_dir, manifest, device=device)
-            except UserError as e:
-                # auto: an engine refused here (another GPU arch, TensorRT version) falls through to the next
+            except BackendUnavailable as e:
                 if len(candidates) == 1 or kind == candidates[-1][0]:
                     raise
-                refusals.append(f"{kind} refused ({e})")
+                refusals.append(f"{kind} cannot run here ({e})")
                 continue
             return cls(bundle_dir, manifest, opened, "; ".join([*refusals, why]))
         raise AssertionError("unreachable: the last candidate raises")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tstitch_trt.errors import UserError
+from tstitch_trt.errors import BackendUnavailable, UserError
 
 try:  # cuda-python >= 12.8 / 13
     from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
@@ -35,7 +35,7 @@ class CudaError(RuntimeError):
 
 def _require() -> Any:
     if cudart is None:
-        raise UserError("the GPU runtime needs cuda-python: pip install 'tstitch-trt[gpu]' (or cuda-python)")
+        raise BackendUnavailable("the GPU runtime needs cuda-python: pip install 'tstitch-trt[gpu]' (or cuda-python)")
     return cudart
 
 
@@ -79,7 +79,7 @@ def require_device(index: int = 0) -> None:
     _require()
     n = device_count()
     if n == 0:
-        raise UserError("no NVIDIA GPU is visible (no driver, no device, or CUDA_VISIBLE_DEVICES hides it); "
+        raise BackendUnavailable("no NVIDIA GPU is visible (no driver, no device, or CUDA_VISIBLE_DEVICES hides it); "
                         "use --backend ort for the CPU")
     if not 0 <= index < n:
         raise UserError(f"GPU {index} does not exist ({n} visible)")

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from tstitch_trt.errors import UserError
+from tstitch_trt.errors import BackendUnavailable
 
 KEYS = ("module", "version", "compute_capabilities", "hardware_compatibility", "version_compatible")
 
@@ -53,30 +53,30 @@ def builder_info(trt_module: Any, compute_capabilities: Iterable[Sequence[int] |
 
 def check_engine_compat(builder: dict, trt_module: Any, device_cc: Sequence[int], what: str = "the engine",
                         kind: str | None = None) -> None:
-    """Raise UserError if a plan built as described by `builder` cannot run on this module and GPU."""
+    """Raise BackendUnavailable if a plan built as described by `builder` cannot run on this module and GPU."""
     kind = kind or ("trt-rtx" if trt_module.__name__.startswith("tensorrt_rtx") else "trt")
     rebuild = f"rebuild the bundle on this machine (`tstitch-trt build --backend {kind}`)"
     module = builder.get("module")
     here_module = trt_module.__name__
     if module and module != here_module:
-        raise UserError(f"{what} was built with {module}, but this backend runs {here_module}; "
+        raise BackendUnavailable(f"{what} was built with {module}, but this backend runs {here_module}; "
                         f"use the matching --backend or {rebuild}")
     version = builder.get("version")
     here_version = str(trt_module.__version__)
     if version and str(version) != here_version:
         same_major = str(version).split(".")[0] == here_version.split(".")[0]
         if not (builder.get("version_compatible") and same_major):
-            raise UserError(f"{what} was built with {module or here_module} {version}, but {here_version} is "
+            raise BackendUnavailable(f"{what} was built with {module or here_module} {version}, but {here_version} is "
                             f"installed; engines only load in the TensorRT version that built them: install "
                             f"{module or here_module}=={version} or {rebuild}")
     here_cc = cc_string(device_cc)
     level = str(builder.get("hardware_compatibility") or "none").lower()
     if level == "ampere_plus":
         if tuple(device_cc) < (8, 0):
-            raise UserError(f"{what} was built for Ampere and newer GPUs (compute capability >= 8.0), "
+            raise BackendUnavailable(f"{what} was built for Ampere and newer GPUs (compute capability >= 8.0), "
                             f"this GPU is {here_cc}; {rebuild}")
         return
     targets = [cc_string(c) for c in builder.get("compute_capabilities") or []]
     if targets and here_cc not in targets:
-        raise UserError(f"{what} was built for GPU compute capability {', '.join(targets)}, but this GPU is "
+        raise BackendUnavailable(f"{what} was built for GPU compute capability {', '.join(targets)}, but this GPU is "
                         f"{here_cc}; engines are specific to the GPU architecture: {rebuild}")

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from tstitch_trt.bundle.manifest import Manifest, artifact_path
-from tstitch_trt.errors import UserError
+from tstitch_trt.errors import BackendUnavailable, BundleError, UserError
 from tstitch_trt.runtime.backend import x_slots
 from tstitch_trt.sampling.trajectory import TrajectoryPlan
 
@@ -24,6 +24,31 @@ def ort_providers() -> list[str]:
 
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+              "tensor(int32)": "int32"}
+
+
+def check_graph_io(sess: Any, io: dict, what: str) -> None:
+    """The session's inputs and outputs are exactly the manifest's: names, dtypes and static dims."""
+    if not io:
+        return
+    for kind, have in (("inputs", sess.get_inputs()), ("outputs", sess.get_outputs())):
+        want = io.get(kind, {})
+        names = [a.name for a in have]
+        if sorted(names) != sorted(want):
+            raise BundleError(f"{what} has {kind} {sorted(names)}, the manifest says {sorted(want)}; "
+                              "the graph does not belong to this bundle: rebuild it")
+        for arg in have:
+            spec = want[arg.name]
+            dtype = _ORT_TYPES.get(arg.type, arg.type)
+            dims = list(arg.shape)
+            static_ok = len(dims) == len(spec["shape"]) and all(
+                not isinstance(w, int) or not isinstance(d, int) or d == w for d, w in zip(dims, spec["shape"]))
+            if dtype != spec["dtype"] or not static_ok:
+                raise BundleError(f"{what}: {arg.name} is {dtype}{dims}, the manifest says {spec['dtype']}"
+                                  f"{spec['shape']}; the graph does not belong to this bundle: rebuild it")
 
 
 class OrtBackend:
@@ -56,10 +81,13 @@ class OrtBackend:
                 raise UserError(f"the bundle has no ONNX graph for {m.name}; rebuild with --backend ort")
             path = artifact_path(bundle_dir, m.engines["ort"])
             try:
-                self.sessions.append(ort.InferenceSession(str(path), opts, providers=self.providers))
-            except Exception as e:
-                raise UserError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}; "
-                                "rebuild the bundle") from None
+                sess = ort.InferenceSession(str(path), opts, providers=self.providers)
+            except Exception as e:  # the checksum matched: this ONNX Runtime cannot run what the build wrote
+                raise BackendUnavailable(f"ONNX Runtime {ort.__version__} cannot load {path.name}: "
+                                         f"{str(e).splitlines()[0][:200]}; upgrade onnxruntime or rebuild the "
+                                         "bundle") from None
+            check_graph_io(sess, manifest.io, f"the ONNX graph of {m.name} ({path.name})")
+            self.sessions.append(sess)
         self.allocations = 0
         self._shape_key: tuple | None = None
         self._bindings: list = []

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tstitch_trt.bundle.manifest import Manifest, ModelEntry, artifact_path
-from tstitch_trt.errors import UserError
+from tstitch_trt.errors import BackendUnavailable, BundleError, UserError
 from tstitch_trt.runtime import cuda as cuda_rt
 from tstitch_trt.runtime.backend import x_slots
 from tstitch_trt.runtime.engine_compat import check_engine_compat
@@ -65,14 +65,14 @@ def import_tensorrt(kind: str) -> Any:
     # tensorrt-stubs leaves an importable, empty `tensorrt` namespace package: look for the API
     if mod is None or not (hasattr(mod, "Builder") or hasattr(mod, "Runtime")):
         if kind == "trt":
-            raise UserError(f"--backend trt needs NVIDIA TensorRT >= {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} "
+            raise BackendUnavailable(f"--backend trt needs NVIDIA TensorRT >= {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} "
                             f"(pip install tensorrt) on a machine with an NVIDIA GPU, and the tensorrt module "
                             f"is not usable here ({why}); use --backend trt-rtx (builds without a GPU) or ort")
-        raise UserError(f"--backend trt-rtx needs TensorRT-RTX (pip install tensorrt-rtx) and the tensorrt_rtx "
+        raise BackendUnavailable(f"--backend trt-rtx needs TensorRT-RTX (pip install tensorrt-rtx) and the tensorrt_rtx "
                         f"module is not usable here ({why}); use --backend ort")
     version = getattr(mod, "__version__", "0")
     if kind == "trt" and _version_tuple(version) < MIN_TENSORRT:
-        raise UserError(f"--backend trt needs TensorRT >= {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} (strongly typed "
+        raise BackendUnavailable(f"--backend trt needs TensorRT >= {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} (strongly typed "
                         f"networks), found {version}; pip install -U tensorrt, or use --backend trt-rtx")
     return mod
 
@@ -179,7 +179,7 @@ class TrtBackend:
         self.logger.errors.clear()
         engine = self.runtime.deserialize_cuda_engine(data)
         if engine is None:
-            raise UserError(f"{self.trt.__name__} could not load {what}: {self.logger.last_error()}; "
+            raise BackendUnavailable(f"{self.trt.__name__} could not load {what}: {self.logger.last_error()}; "
                             f"rebuild the bundle on this machine (`tstitch-trt build --backend {self.name}`)")
         return engine
 
@@ -196,7 +196,7 @@ class TrtBackend:
         flags = self.trt.EngineInvalidityDiagnostics.__members__.items()
         reasons = [name.lower().replace("_", " ") for name, flag in flags if int(diagnostics) & int(flag)]
         if reasons:  # without a named reason, let deserialize_cuda_engine try and report
-            raise UserError(f"{self.trt.__name__} reports {what} cannot run here ({', '.join(reasons)}); "
+            raise BackendUnavailable(f"{self.trt.__name__} reports {what} cannot run here ({', '.join(reasons)}); "
                             f"rebuild the bundle on this machine (`tstitch-trt build --backend {self.name}`)")
 
     def _check_io(self) -> dict[str, dict]:
@@ -208,29 +208,29 @@ class TrtBackend:
             unknown = [n for n in names if n not in INPUTS + OUTPUTS]
             missing = [n for n in INPUTS + OUTPUTS if n not in names]
             if unknown or missing:
-                raise UserError(f"the {self.name} engine of {m.name} is not a step engine (unknown I/O {unknown}, "
+                raise BundleError(f"the {self.name} engine of {m.name} is not a step engine (unknown I/O {unknown}, "
                                 f"missing {missing}); rebuild the bundle")
             for n in names:
                 want_mode = trt.TensorIOMode.INPUT if n in INPUTS else trt.TensorIOMode.OUTPUT
                 if engine.get_tensor_mode(n) != want_mode:
-                    raise UserError(f"the {self.name} engine of {m.name}: tensor {n} has the wrong direction; rebuild")
+                    raise BundleError(f"the {self.name} engine of {m.name}: tensor {n} has the wrong direction; rebuild")
                 on_host = hasattr(engine, "get_tensor_location") and (
                     engine.get_tensor_location(n) != trt.TensorLocation.DEVICE)
                 if on_host:
-                    raise UserError(f"the {self.name} engine of {m.name} keeps {n} on the host; rebuild the bundle")
+                    raise BundleError(f"the {self.name} engine of {m.name} keeps {n} on the host; rebuild the bundle")
                 dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(n)))
                 ok = dtype == np.float32 if n in FLOAT_TENSORS else dtype in (np.int64, np.int32)
                 if not ok:
-                    raise UserError(f"the {self.name} engine of {m.name} has {n} as {dtype}; the step I/O is fp32 "
+                    raise BundleError(f"the {self.name} engine of {m.name} has {n} as {dtype}; the step I/O is fp32 "
                                     "(t and y int64); rebuild the bundle")
                 dims = _dims(engine.get_tensor_shape(n))
                 prev = io.setdefault(n, {"dtype": dtype, "dims": dims})
                 if prev["dtype"] != dtype or prev["dims"] != dims:
-                    raise UserError(f"the engines disagree on tensor {n} ({prev['dtype']}{list(prev['dims'])} vs "
+                    raise BundleError(f"the engines disagree on tensor {n} ({prev['dtype']}{list(prev['dims'])} vs "
                                     f"{dtype}{list(dims)}); stitched engines must share one I/O; rebuild the bundle")
         c, h, w = self.manifest.latent_shape
         if io["x"]["dims"][1:] != (c, h, w):
-            raise UserError(f"the engines take latents {list(io['x']['dims'])}, the manifest says (B, {c}, {h}, {w}); "
+            raise BundleError(f"the engines take latents {list(io['x']['dims'])}, the manifest says (B, {c}, {h}, {w}); "
                             "rebuild the bundle")
         return io
 
