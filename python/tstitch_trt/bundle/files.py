@@ -144,7 +144,8 @@ def staged_bundle(out_dir: str | Path, owned: Iterable[str] = ()) -> Iterator[Pa
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the folder {out.parent} for --out ({e.strerror}); choose another path") from None
+        raise UserError(f"cannot create the folder {out.parent} for --out ({e.strerror}); "
+                        "choose another path") from None
     clean_stale_staging(out)
     import tempfile
 

@@ -136,7 +136,8 @@ class Manifest:
         shapes = {m.latent_shape for m in self.models}
         if len(shapes) > 1:
             listed = ", ".join(f"{m.name}: {m.latent_shape}" for m in self.models)
-            raise BundleError(f"the models' latent shapes differ ({listed}); stitched models must share one latent space")
+            raise BundleError(f"the models' latent shapes differ ({listed}); stitched models must share one "
+                              "latent space")
         classes = {int(m.arch.get("num_classes", self.num_classes)) for m in self.models}
         if classes != {self.num_classes}:
             raise BundleError(f"the models' class counts ({sorted(classes)}) differ from num_classes "

@@ -45,7 +45,8 @@ def check_graph_io(sess: Any, io: dict, what: str) -> None:
             dtype = _ORT_TYPES.get(arg.type, arg.type)
             dims = list(arg.shape)
             static_ok = len(dims) == len(spec["shape"]) and all(
-                not isinstance(w, int) or not isinstance(d, int) or d == w for d, w in zip(dims, spec["shape"]))
+                not isinstance(w, int) or not isinstance(d, int) or d == w
+                for d, w in zip(dims, spec["shape"], strict=True))
             if dtype != spec["dtype"] or not static_ok:
                 raise BundleError(f"{what}: {arg.name} is {dtype}{dims}, the manifest says {spec['dtype']}"
                                   f"{spec['shape']}; the graph does not belong to this bundle: rebuild it")

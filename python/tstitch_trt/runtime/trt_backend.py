@@ -68,8 +68,8 @@ def import_tensorrt(kind: str) -> Any:
             raise BackendUnavailable(f"--backend trt needs NVIDIA TensorRT >= {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} "
                             f"(pip install tensorrt) on a machine with an NVIDIA GPU, and the tensorrt module "
                             f"is not usable here ({why}); use --backend trt-rtx (builds without a GPU) or ort")
-        raise BackendUnavailable(f"--backend trt-rtx needs TensorRT-RTX (pip install tensorrt-rtx) and the tensorrt_rtx "
-                        f"module is not usable here ({why}); use --backend ort")
+        raise BackendUnavailable(f"--backend trt-rtx needs TensorRT-RTX (pip install tensorrt-rtx) and the "
+                                 f"tensorrt_rtx module is not usable here ({why}); use --backend ort")
     version = getattr(mod, "__version__", "0")
     if kind == "trt" and _version_tuple(version) < MIN_TENSORRT:
         raise BackendUnavailable(f"--backend trt needs TensorRT >= {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} (strongly typed "
@@ -213,7 +213,8 @@ class TrtBackend:
             for n in names:
                 want_mode = trt.TensorIOMode.INPUT if n in INPUTS else trt.TensorIOMode.OUTPUT
                 if engine.get_tensor_mode(n) != want_mode:
-                    raise BundleError(f"the {self.name} engine of {m.name}: tensor {n} has the wrong direction; rebuild")
+                    raise BundleError(f"the {self.name} engine of {m.name}: tensor {n} has the wrong direction; "
+                                      "rebuild")
                 on_host = hasattr(engine, "get_tensor_location") and (
                     engine.get_tensor_location(n) != trt.TensorLocation.DEVICE)
                 if on_host:
@@ -230,7 +231,8 @@ class TrtBackend:
                                     f"{dtype}{list(dims)}); stitched engines must share one I/O; rebuild the bundle")
         c, h, w = self.manifest.latent_shape
         if io["x"]["dims"][1:] != (c, h, w):
-            raise BundleError(f"the engines take latents {list(io['x']['dims'])}, the manifest says (B, {c}, {h}, {w}); "
+            raise BundleError(f"the engines take latents {list(io['x']['dims'])}, the manifest says "
+                              f"(B, {c}, {h}, {w}); "
                             "rebuild the bundle")
         return io
 
