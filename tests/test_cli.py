@@ -24,7 +24,7 @@ def test_run_writes_latents_and_report(tiny_pair: Path, tmp_path: Path, capsys) 
     code, out, err = run_cli(["run", "--bundle", str(tiny_pair), "--backend", "ort", "--sampler", "ddim",
                               "--steps", "10", "--ratio", "0.4", "--cfg-scale", "1.5", "--class-labels", "1,2,3",
                               "--seed", "7", "--save-latents", str(tmp_path / "z.npy"),
-                              "--report", str(tmp_path / "r.json"), "--out", str(tmp_path / "g.png")], capsys)
+                              "--report", str(tmp_path / "r.json")], capsys)
     assert code == 0, err
     rep = json.loads((tmp_path / "r.json").read_text())
     for key in ("backend", "steps", "step_model", "steps_per_model", "step_ms", "total_seconds"):
@@ -32,8 +32,20 @@ def test_run_writes_latents_and_report(tiny_pair: Path, tmp_path: Path, capsys) 
     assert rep["backend"] == "ort" and rep["steps"] == 10 and rep["steps_per_model"] == [4, 6]
     assert len(rep["step_ms"]) == 10 and all(v > 0 for v in rep["step_ms"])
     assert np.load(tmp_path / "z.npy").shape == (3, 4, 8, 8)
-    # no VAE in this bundle: no image, and the run says why
-    assert not (tmp_path / "g.png").exists() and "no VAE" in out
+    # no VAE in this bundle: it makes latents, and says where they went
+    assert "no VAE" in out and str((tmp_path / "z.npy").resolve()) in out
+
+
+def test_run_without_vae_writes_latents_not_nothing(tiny_pair: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["run", "--bundle", str(tiny_pair), "--steps", "3", "--class-labels", "1"], capsys)
+    assert code == 0, err
+    written = tmp_path / f"tstitch-{tiny_pair.name}-latents.npy"
+    assert np.load(written).shape == (1, 4, 8, 8) and str(written) in out
+    # an image was asked for, and this bundle cannot make one: refused before any work, nothing written
+    code, out, err = run_cli(["run", "--bundle", str(tiny_pair), "--steps", "3", "--out", "g.png"], capsys)
+    assert code == 2 and "no VAE" in err and err.count("\n") == 1
+    assert not (tmp_path / "g.png").exists()
 
 
 def test_info_describes_bundle(tiny_pair: Path, capsys) -> None:
@@ -51,11 +63,11 @@ def test_three_model_fractions(tiny_trio: Path, tmp_path: Path, capsys) -> None:
 
 
 BAD_RUNS = [
-    (["--ratio", "1.5"], "ratio must be in [0, 1]"),
-    (["--ratio", "-0.2"], "ratio must be in [0, 1]"),
+    (["--ratio", "1.5"], "--ratio: must be in [0, 1]"),
+    (["--ratio", "-0.2"], "--ratio: must be in [0, 1]"),
     (["--fractions", "0.5,0.6"], "sum to 1"),
     (["--fractions", "0.2,0.3,0.5"], "3 fractions for 2 models"),
-    (["--steps", "0"], "--steps must be"),
+    (["--steps", "0"], "--steps: must be between 1 and"),
     (["--class-labels", "3,10"], "class label 10 is outside [0, 10)"),
     (["--class-labels", "-1"], "class label -1"),
     (["--sampler", "euler"], "invalid choice"),
@@ -71,7 +83,7 @@ def test_bad_run_input_is_one_line_exit_2(tiny_pair: Path, extra: list[str], msg
 
 def test_argparse_errors_exit_2(capsys) -> None:
     code, _, err = run_cli(["run", "--ratio", "abc"], capsys)
-    assert code == 2 and "invalid float value" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "expected a number, got 'abc'" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(["build", "--batch-sizes", "8-2"], capsys)
     assert code == 2 and "1 <= MIN <= MAX" in err
 

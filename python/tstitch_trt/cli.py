@@ -1,23 +1,38 @@
 """`tstitch-trt build | run | info | check | bench`.
 
-User errors print one line (`error: ...`) and exit 2; nothing half-written is left behind.
+User errors print one line (`error: ...`) and exit 2; nothing half-written is left behind. Any other
+exception is a bug: one line saying so and where the full traceback was written, exit 1. SIGTERM
+unwinds like Ctrl-C, so staging directories and temporary outputs are removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
+import signal
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 
+from tstitch_trt import __version__
 from tstitch_trt.demo import DEMO_NAME as DEMO
 from tstitch_trt.demo import resolve_bundle
 from tstitch_trt.errors import UserError
 
 REFERENCE_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
+INSTALL_BUILD = "pip install \"tstitch-trt[build]\""
+MAX_SEED = 2**64 - 1
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so cleanup (staging directories, temp files) runs."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,18 +41,70 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help shows its default (flags without one say nothing about it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text or "default" in text:
+            return text
+        return text + " (default: %(default)s)"
+
+
+# --- argument types: each refuses its bad values in one line ----------------------------------------------
+def _finite(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def _unit(text: str) -> float:
+    v = _finite(text)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (the share of early steps on the small model), got {v:g}")
+    return v
+
+
+def _non_negative(text: str) -> float:
+    v = _finite(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v:g}")
+    return v
+
+
+def _int_in(lo: int, hi: int):  # -> argparse type
+    def parse(text: str) -> int:
+        try:
+            v = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}, got {v}")
+        return v
+
+    parse.__name__ = "integer"
+    return parse
+
+
 def _parse_labels(text: str) -> list[int]:
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        labels = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"class labels must be integers separated by commas, got {text!r}") from None
+    if not labels:
+        raise argparse.ArgumentTypeError("give at least one class label")
+    return labels
 
 
 def _parse_fractions(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"fractions must be numbers separated by commas, got {text!r}") from None
+    vals = [_finite(v) for v in text.split(",")]
+    if any(v < 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"fractions must be >= 0, got {text!r}")
+    return vals
 
 
 def _parse_batch_sizes(text: str) -> tuple[int, int]:
@@ -46,65 +113,76 @@ def _parse_batch_sizes(text: str) -> tuple[int, int]:
         a, b = int(lo), int(hi or lo)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--batch-sizes takes N or MIN-MAX, got {text!r}") from None
-    if not 1 <= a <= b:
-        raise argparse.ArgumentTypeError(f"--batch-sizes needs 1 <= MIN <= MAX, got {text!r}")
+    if not 1 <= a <= b <= 65536:
+        raise argparse.ArgumentTypeError(f"--batch-sizes needs 1 <= MIN <= MAX <= 65536, got {text!r}")
     return a, b
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="tstitch-trt", description="T-Stitch diffusion sampling on TensorRT / ONNX Runtime step engines")
+    p = _Parser(prog="tstitch-trt", formatter_class=_Help,
+                description="T-Stitch diffusion sampling on TensorRT / ONNX Runtime step engines")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
-    b = sub.add_parser("build", help="export checkpoints to a bundle of step graphs / engines")
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Help)
+
+    b = command("build", "export checkpoints to a bundle of step graphs / engines (needs the build extra)")
     b.add_argument("--recipe", help="TOML file with the same settings (command-line flags override it)")
     b.add_argument("--model", action="append", metavar="ARCH=CHECKPOINT",
-                   help="e.g. DiT-S/2=DiT-S-2.pt (smallest first; CHECKPOINT may be random:SEED)")
-    b.add_argument("--image-size", type=int)
-    b.add_argument("--num-classes", type=int)
-    b.add_argument("--latent-channels", type=int)
-    b.add_argument("--downsample", type=int, help="VAE factor (8; 1 for pixel-space models)")
+                   help="a model to stitch, smallest first, e.g. DiT-S/2=DiT-S-2.pt (CHECKPOINT may be random:SEED); "
+                        "repeat the flag for each model")
+    b.add_argument("--image-size", type=_int_in(1, 16384), help="image size in pixels (default 256)")
+    b.add_argument("--num-classes", type=_int_in(1, 1_000_000), help="class count of the models (default 1000)")
+    b.add_argument("--latent-channels", type=_int_in(1, 1024), help="latent channels (default 4)")
+    b.add_argument("--downsample", type=_int_in(1, 64), help="VAE factor (default 8; 1 for pixel-space models)")
     b.add_argument("--vae", help="diffusers AutoencoderKL directory (or hub id where a network exists)")
-    b.add_argument("--backend", help="comma list of torch, ort, trt, trt-rtx")
-    b.add_argument("--precision", choices=["fp16", "fp32"])
-    b.add_argument("--batch-sizes", type=_parse_batch_sizes, help="MIN-MAX batch of the engines' profile")
-    b.add_argument("--guidance-channels", help="'3' (DiT reference) or 'all'")
-    b.add_argument("--opt-level", type=int, help="TensorRT builder optimization level (0-5)")
+    b.add_argument("--backend", help="comma list of torch, ort, trt, trt-rtx (default torch,ort)")
+    b.add_argument("--precision", choices=["fp16", "fp32"], help="engine precision for trt / trt-rtx (default fp16)")
+    b.add_argument("--batch-sizes", type=_parse_batch_sizes, help="MIN-MAX batch the bundle accepts (default 1-16)")
+    b.add_argument("--guidance-channels", help="eps channels that get CFG: '3' (DiT reference) or 'all' (default 3)")
+    b.add_argument("--opt-level", type=_int_in(0, 5), help="TensorRT builder optimization level 0-5 (default 3)")
     b.add_argument("--timing-cache", help="TensorRT timing cache file, reused and updated")
     b.add_argument("--compute-capabilities", help="TensorRT-RTX target GPUs, e.g. 8.9,12.0 (default: portable set)")
-    b.add_argument("--out", help="bundle directory (default engines/NAME)")
+    b.add_argument("--out", help="bundle directory (default engines/NAME); an existing one must be a bundle or empty")
 
-    r = sub.add_parser("run", help="sample images with a bundle (default: the built-in demo pair)")
-    r.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo' (default)")
+    r = command("run", "sample images with a bundle (default: the built-in demo pair)")
+    r.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo'")
     r.add_argument("--backend", default="auto", help="auto, trt, trt-rtx, ort, torch")
-    r.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm-solver++"])
-    r.add_argument("--steps", type=int, default=None)
+    r.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm-solver++"], help="sampler")
+    r.add_argument("--steps", type=_int_in(1, 100_000), default=50, help="sampling steps")
     g = r.add_mutually_exclusive_group()
-    g.add_argument("--ratio", type=float, default=None, help="share of early steps on the small model (0..1)")
-    g.add_argument("--fractions", type=_parse_fractions, help="one share per model, summing to 1")
-    r.add_argument("--cfg-scale", type=float, default=1.5)
-    r.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    r.add_argument("--class-labels", type=_parse_labels, default=None)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--init-noise", help=".npy starting latent (B, C, H, W); sets the batch")
-    r.add_argument("--save-latents", help="write the final latent (before decoding) to this .npy")
-    r.add_argument("--out", help="PNG grid to write (default ./tstitch-<bundle>.png)")
+    g.add_argument("--ratio", type=_unit, default=None,
+                   help="share of early steps on the small model, 0..1 (default 0.4 with two models)")
+    g.add_argument("--fractions", type=_parse_fractions,
+                   help="one share per model in stitch order, summing to 1 (default: equal shares with 3+ models)")
+    r.add_argument("--cfg-scale", type=_finite, default=1.5, help="classifier-free guidance scale")
+    r.add_argument("--eta", type=_non_negative, default=0.0, help="DDIM eta (0 = deterministic)")
+    r.add_argument("--class-labels", type=_parse_labels, default=None,
+                   help="comma list of class labels (default: 0-9 twice for the demo, the reference's 8 labels "
+                        "otherwise)")
+    r.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, help="seed of the initial and per-step noise")
+    r.add_argument("--init-noise", help=".npy starting latent (B, C, H, W) float; sets the batch")
+    r.add_argument("--save-latents", help="also write the final latent (before decoding) to this .npy")
+    r.add_argument("--out", help="image grid to write: .png, .jpg or .webp (default ./tstitch-BUNDLE.png)")
     r.add_argument("--report", help="write the JSON report here")
-    r.add_argument("--device", default=None, help="torch backend device (cpu, cuda)")
-    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    r.add_argument("--device", default=None, help="torch backend device: cpu or cuda (default: cuda if available)")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar (default: on a terminal, for 20+ steps)")
 
-    i = sub.add_parser("info", help="describe a bundle")
-    i.add_argument("--bundle", default=DEMO)
+    i = command("info", "describe a bundle and which of its backends can run here")
+    i.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo'")
 
-    c = sub.add_parser("check", help="compare every backend in a bundle against the torch StepModule")
-    c.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo' (default)")
+    c = command("check", "compare every backend in a bundle against the torch StepModule")
+    c.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo'")
     c.add_argument("--backend", default=None, help="comma list (default: every backend present)")
-    c.add_argument("--batch", type=int, default=2)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch", type=_int_in(1, 1024), default=2, help="batch of the compared step")
+    c.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, help="seed of the compared inputs")
     c.add_argument("--report", help="write the comparison as JSON here")
 
     from tstitch_trt.bench import add_bench_arguments
 
-    add_bench_arguments(sub.add_parser("bench", help="speed, host overhead, memory and quality benchmarks"))
+    add_bench_arguments(command("bench", "speed, host overhead, memory and quality benchmarks"))
     return p
 
 
@@ -112,35 +190,87 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed on one line)
+    except SystemExit as e:  # argparse: --help / --version (0) or a usage error (2, already printed on one line)
         return int(e.code or 0)
     if args.command is None:
         parser.print_help()
         return 2
+    previous = _install_sigterm()
     try:
         return {"build": cmd_build, "run": cmd_run, "info": cmd_info, "check": cmd_check,
                 "bench": cmd_bench}[args.command](args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted; nothing was left half-written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("error: terminated (SIGTERM); nothing was left half-written", file=sys.stderr)
+        return 143
+    except Exception as e:  # a bug: one line here, the traceback in a file
+        log = _write_crash_log(e)
+        print(f"error: internal error ({type(e).__name__}: {_one_line(str(e))[:200]}); this is a bug in "
+              f"tstitch-trt {__version__}: the full traceback is in {log}", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _install_sigterm():  # -> previous handler or None
+    def on_term(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread (main() called from a worker): leave signals alone
+        return None
+
+
+def _write_crash_log(error: BaseException) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f"tstitch-trt-crash-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"tstitch-trt {__version__}, python {sys.version.split()[0]}\nargv: {sys.argv}\n\n")
+        f.write("".join(traceback.format_exception(error)))
+    return Path(name)
+
+
+def _has_torch() -> bool:
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _require_torch(what: str) -> None:
+    if not _has_torch():
+        raise UserError(f"{what} needs PyTorch and the export tools, which are not installed: {INSTALL_BUILD}")
 
 
 # ---------------------------------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> int:
-    from tstitch_trt.bundle.manifest import read_manifest
+    from tstitch_trt.bundle.manifest import read_manifest, verify_bundle
+    from tstitch_trt.pipeline.backends import backend_availability
 
     bundle = resolve_bundle(args.bundle)
-    print(describe_bundle(bundle, read_manifest(bundle)))
+    manifest = read_manifest(bundle)
+    verify_bundle(bundle, manifest)
+    print(describe_bundle(bundle, manifest))
+    print("  backends on this machine:")
+    for kind, ok, reason in backend_availability(manifest):
+        print(f"    {kind:8s} {'can run' if ok else 'cannot run'}: {reason}")
     return 0
 
 
 def describe_bundle(bundle: Path, m) -> str:  # m: Manifest
     c, h, w = m.latent_shape
     lines = [
-        f"bundle {bundle}: {m.pipeline}, {len(m.models)} models in stitch order (smallest first)",
+        f"bundle {bundle}: {m.pipeline}, {len(m.models)} models in stitch order (smallest first); files verified",
         f"  latent {c}x{h}x{w}, image {m.image_size}px, {m.num_classes} classes, scale factor {m.latent_scale_factor}",
         f"  schedule: {m.schedule.get('kind')} over {m.schedule.get('num_timesteps')} timesteps; "
         f"CFG on {m.guidance_channels} eps channel(s)",
@@ -155,24 +285,35 @@ def describe_bundle(bundle: Path, m) -> str:  # m: Manifest
                 extra = ", " + ", ".join(f"{k} {v}" for k, v in e.builder.items())
             lo, hi = e.batch_range
             lines.append(f"      {kind:8s} {e.file} ({e.precision}, batch {lo}-{hi}{extra})")
-    lines.append(f"  VAE: {', '.join(m.vae['engines']) + ' from ' + m.vae['source'] if m.vae else 'none'}")
-    lines.append(f"  backends usable for the whole pair: {', '.join(m.backends()) or 'none'}")
+    lines.append(f"  VAE: {', '.join(m.vae['engines']) + ' from ' + str(m.vae.get('source')) if m.vae else 'none'}")
+    lines.append(f"  artifacts for the whole pair: {', '.join(m.backends()) or 'none'}")
     return "\n".join(lines)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tstitch_trt.pipeline.dit import StitchedPipeline, image_grid
+    from tstitch_trt.bundle.manifest import read_manifest
+    from tstitch_trt.outputs import IMAGE_FORMATS, OutputPlan
+    from tstitch_trt.pipeline.dit import StitchedPipeline, decodes_to_images
 
     bundle = resolve_bundle(args.bundle)
     is_demo = args.bundle == DEMO
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {args.steps}")
-    init = None
-    if args.init_noise:
-        try:
-            init = np.load(args.init_noise, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read --init-noise {args.init_noise}: {e}") from None
+    manifest = read_manifest(bundle)  # a broken manifest is refused before anything else
+    # Every output is checked before any work: a run never fails at the end for a path.
+    outputs = OutputPlan()
+    name = DEMO if is_demo else Path(str(bundle)).resolve().name
+    makes_images = decodes_to_images(manifest)
+    if makes_images:
+        outputs.add("--out", args.out or f"tstitch-{name}.png", tuple(IMAGE_FORMATS))
+    elif args.out:
+        raise UserError(f"--out {args.out}: this bundle has no VAE, so it makes latents, not images; "
+                        "use --save-latents FILE.npy (or rebuild it with --vae)")
+    latents_path = args.save_latents or (None if makes_images else f"tstitch-{name}-latents.npy")
+    if latents_path:
+        outputs.add("--save-latents", latents_path, (".npy",))
+    if args.report:
+        outputs.add("--report", args.report)
+    init = load_init_noise(args.init_noise) if args.init_noise else None
+
     pipe = StitchedPipeline.from_bundle(bundle, backend=args.backend, device=args.device)
     try:
         nc = pipe.manifest.num_classes
@@ -181,74 +322,118 @@ def cmd_run(args: argparse.Namespace) -> int:
             # demo: two rows of the digits 0-9; DiT: the reference's demo labels
             labels = [c for _ in range(2) for c in range(min(nc, 10))] if is_demo else REFERENCE_LABELS
             labels = [v % nc for v in labels]
-        ratio = args.ratio if args.ratio is not None or args.fractions is not None else (
-            0.4 if len(pipe.manifest.models) == 2 else None)
-        fractions = args.fractions
+        ratio, fractions = args.ratio, args.fractions
         if ratio is None and fractions is None:
             n = len(pipe.manifest.models)
-            fractions = [1.0 / n] * n
-        steps = args.steps if args.steps is not None else 50
-        res = pipe(class_labels=labels, ratio=ratio, fractions=fractions, steps=steps, sampler=args.sampler,
+            ratio, fractions = (0.4, None) if n == 2 else (None, [1.0 / n] * n)
+        res = pipe(class_labels=labels, ratio=ratio, fractions=fractions, steps=args.steps, sampler=args.sampler,
                    cfg_scale=args.cfg_scale, seed=args.seed, eta=args.eta, init_noise=init, progress=args.progress)
     finally:
         pipe.close()
     rep = res.report
-    if args.save_latents:
-        _atomic_write(Path(args.save_latents), lambda p: np.save(p, res.latents))
-    written = None
+    writers = {}
+    if "--save-latents" in outputs.paths:
+        writers["--save-latents"] = lambda p: np.save(p, res.latents)
     if res.images is not None:
         from PIL import Image
 
+        from tstitch_trt.outputs import save_image
+        from tstitch_trt.pipeline.dit import image_grid
+
         nrow = min(nc, 10) if is_demo and args.class_labels is None else min(len(res.images), 8)
         grid = image_grid(res.images, nrow=max(1, nrow))
-        out = Path(args.out or f"tstitch-{DEMO if is_demo else Path(str(bundle)).name}.png")
         img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-        _atomic_write(out, lambda p: img.save(p, format="PNG"))
-        written = out
+        writers["--out"] = lambda p: save_image(img, p, outputs.paths["--out"])
     if args.report:
-        _atomic_write(Path(args.report), lambda p: Path(p).write_text(json.dumps(rep, indent=2)))
+        writers["--report"] = lambda p: Path(p).write_text(json.dumps(rep, indent=2))
+    outputs.write(writers)
     per_model = ", ".join(f"{n} {name}" for n, name in zip(rep["steps_per_model"], rep["models"], strict=True))
     print(f"{rep['steps']} {rep['sampler']} steps ({per_model}) on {rep['backend']} [{rep['device']}], "
           f"batch {rep['batch']}: {rep['total_seconds']:.2f} s")
-    if written:
-        print(f"wrote {written.resolve()}")
+    if rep["backend_reason"] not in ("requested", ""):
+        print(f"backend: {rep['backend']} ({rep['backend_reason']})")
+    if "--out" in outputs.paths:
+        print(f"wrote {outputs.paths['--out'].resolve()}")
+    if "--save-latents" in outputs.paths:
+        why = "" if makes_images else " (this bundle has no VAE to decode them; build it with --vae to get images)"
+        print(f"wrote latents {outputs.paths['--save-latents'].resolve()}{why}")
+    if args.report:
+        print(f"wrote report {outputs.paths['--report'].resolve()}")
     for note in rep["notes"]:
         print(f"note: {note}")
     return 0
 
 
-def _atomic_write(path: Path, write) -> None:  # write(tmp_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+def load_init_noise(path: str) -> np.ndarray:
+    """A float .npy array, read without pickles; its shape is checked against the bundle later."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")
+    except FileNotFoundError:
+        raise UserError(f"--init-noise {path} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read --init-noise {path} as a .npy array ({_one_line(str(e))[:120]})") from None
+    if not isinstance(arr, np.ndarray):  # np.load gives an NpzFile for .npz archives
+        raise UserError(f"--init-noise {path} is an .npz archive; save one array with np.save(FILE.npy, latent)")
+    if arr.dtype.kind != "f":
+        raise UserError(f"--init-noise {path} holds {arr.dtype} values; the starting latent must be float")
+    if arr.ndim != 4:
+        raise UserError(f"--init-noise {path} has shape {tuple(arr.shape)}; expected (B, C, H, W)")
+    if arr.nbytes > 16 << 30:
+        raise UserError(f"--init-noise {path} is {arr.nbytes / 2**30:.1f} GiB, far beyond any batch this engine runs")
+    x = np.array(arr, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise UserError(f"--init-noise {path} contains NaN or Inf")
+    return x
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    _require_torch("`tstitch-trt build`")
     from tstitch_trt.recipes import build_config_from_args
 
     cfg = build_config_from_args(args)
     from tstitch_trt.export.build import build_bundle
+    from tstitch_trt.progress import Stages
 
-    manifest = build_bundle(cfg, on_model=lambda name: print(f"exporting {name} ...", flush=True))
-    times = manifest.io.get("build_seconds", {})
-    for k, v in times.items():
-        print(f"  {k}: {v:.1f} s")
-    print(f"wrote bundle {cfg.out} ({', '.join(manifest.backends())})")
+    with Stages() as stages:
+        manifest = build_bundle(cfg, stage=stages.stage)
+    print(f"wrote bundle {cfg.out} ({', '.join(manifest.backends())}) in {stages.total_seconds:.1f} s")
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from tstitch_trt.outputs import OutputPlan
+
+    outputs = OutputPlan()
+    if args.report:
+        outputs.add("--report", args.report)
+    if not _has_torch():
+        from tstitch_trt.pipeline.integrity import check_integrity
+
+        bundle = resolve_bundle(args.bundle)
+        for line in check_integrity(bundle):
+            print(line)
+        print(f"numeric check not run: the reference (the torch StepModule) needs PyTorch: {INSTALL_BUILD}")
+        return 1
     from tstitch_trt.export.check import run_check
 
-    return run_check(args)
+    return run_check(args, outputs)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from tstitch_trt.outputs import check_writable
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; bench writes a folder of results there")
+    check_writable(out / "bench.json", "--out")  if out.is_dir() else check_writable(out, "--out")
+    if not _has_torch() and not args.quality:
+        if args.workload == "dit-s-xl" or "torch" in (args.backends or []):
+            _require_torch(f"bench {'--workload dit-s-xl' if args.workload else '--backends torch'}")
+        if not args.no_reference:
+            print(f"note: the reference PyTorch loop is skipped: torch is not installed ({INSTALL_BUILD})",
+                  file=sys.stderr)
+            args.no_reference = True
+        args.backends = args.backends or ["ort"]
     from tstitch_trt.bench import run_bench
 
     return run_bench(args)

@@ -219,7 +219,8 @@ def write_pair(out: Path, work: Path, checkpoints: dict[str, Path], summary: dic
     from tstitch_trt.bundle.manifest import sha256_file, staged_bundle
     from tstitch_trt.export.build import BuildConfig, ModelSpec, build_bundle
 
-    with staged_bundle(out.resolve()) as stage:
+    owned = (f"{EVAL_DIR}/", "train.json", "train_log.jsonl")  # written below, so replaceable
+    with staged_bundle(out.resolve(), owned=owned) as stage:
         build_bundle(BuildConfig(  # stages and swaps on its own: it replaces the empty `stage`
             models=[ModelSpec(arch, str(path)) for arch, path in checkpoints.items()],
             out=stage, backends=["torch", "ort"], image_size=32, downsample=1, latent_channels=1,

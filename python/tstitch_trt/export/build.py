@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,16 +49,42 @@ class BuildConfig:
     arch_overrides: dict = field(default_factory=dict)  # DiTConfig fields (e.g. depth) for custom pairs
 
 
+def check_config(cfg: BuildConfig) -> None:
+    """Ranges of the numeric settings, whether they came from flags or a recipe."""
+    limits = {"image_size": (8, 16384), "num_classes": (1, 1_000_000), "latent_channels": (1, 1024),
+              "downsample": (1, 64), "opt_level": (0, 5), "guidance_channels": (1, 1024)}
+    for name, (lo, hi) in limits.items():
+        v = getattr(cfg, name)
+        if not lo <= v <= hi:
+            raise UserError(f"{name.replace('_', '-')} must be between {lo} and {hi}, got {v}")
+    lo, hi = cfg.batch_range
+    if not 1 <= lo <= hi <= 65536:
+        raise UserError(f"batch sizes must satisfy 1 <= MIN <= MAX <= 65536, got {lo}-{hi}")
+
+
 def model_config(spec: ModelSpec, cfg: BuildConfig) -> DiTConfig:
     if cfg.image_size % cfg.downsample:
         raise UserError(f"--image-size {cfg.image_size} is not a multiple of the VAE factor {cfg.downsample}")
     try:
-        return dit_config(spec.arch, input_size=cfg.image_size // cfg.downsample, in_channels=cfg.latent_channels,
-                          num_classes=cfg.num_classes, **cfg.arch_overrides.get(spec.arch, {}))
+        config = dit_config(spec.arch, input_size=cfg.image_size // cfg.downsample, in_channels=cfg.latent_channels,
+                            num_classes=cfg.num_classes, **cfg.arch_overrides.get(spec.arch, {}))
     except ValueError as e:
         raise UserError(str(e)) from None
     except TypeError as e:  # an arch_overrides field DiTConfig does not have
         raise UserError(f"{spec.arch}: {e}") from None
+    if config.input_size % config.patch_size:
+        raise UserError(f"{spec.arch}: the latent is {config.input_size} px wide (image {cfg.image_size} / VAE factor "
+                        f"{cfg.downsample}), not a multiple of the patch size {config.patch_size}; choose an image "
+                        f"size that is a multiple of {cfg.downsample * config.patch_size}")
+    if config.hidden_size % config.num_heads or min(config.depth, config.hidden_size, config.num_heads) < 1:
+        raise UserError(f"{spec.arch}: depth, hidden size and heads must be positive and hidden size a multiple of "
+                        f"the heads (got {config.depth}, {config.hidden_size}, {config.num_heads})")
+    return config
+
+
+@contextmanager
+def _no_progress(name: str) -> Iterator[None]:
+    yield
 
 
 def load_model(spec: ModelSpec, config: DiTConfig) -> DiT:
@@ -67,8 +94,13 @@ def load_model(spec: ModelSpec, config: DiTConfig) -> DiT:
     return load_dit(config, spec.checkpoint)
 
 
-def build_bundle(cfg: BuildConfig, on_model: Callable[[str], None] | None = None) -> Manifest:
-    """Write the bundle atomically; returns its manifest. Timings land in manifest.io['build_seconds']."""
+def build_bundle(cfg: BuildConfig, on_model: Callable[[str], None] | None = None,
+                 stage: Callable[[str], AbstractContextManager] = _no_progress) -> Manifest:
+    """Write the bundle atomically; returns its manifest. Timings land in manifest.io['build_seconds'].
+
+    `stage(name)` wraps every long step (loading, each export, each engine build): the CLI shows them.
+    """
+    check_config(cfg)
     unknown = [b for b in cfg.backends if b not in BUILD_BACKENDS]
     if unknown:
         raise UserError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BUILD_BACKENDS)}")
@@ -90,7 +122,8 @@ def build_bundle(cfg: BuildConfig, on_model: Callable[[str], None] | None = None
         for i, (spec, mcfg) in enumerate(zip(cfg.models, configs, strict=True)):
             if on_model:
                 on_model(spec.arch)
-            net = load_model(spec, mcfg)
+            with stage(f"load {spec.arch} ({spec.checkpoint})"):
+                net = load_model(spec, mcfg)
             step = StepModule(net, guidance_channels=cfg.guidance_channels).eval()
             tag = f"{i}-{spec.arch.replace('/', '_')}"
             engines: dict[str, EngineEntry] = {}
@@ -101,7 +134,8 @@ def build_bundle(cfg: BuildConfig, on_model: Callable[[str], None] | None = None
             for precision in _onnx_precisions(cfg):
                 t0 = time.perf_counter()
                 rel = f"onnx/{tag}-{precision}.onnx"
-                export_step_graph(step, tmp / rel, precision)
+                with stage(f"export {spec.arch} {precision} step graph"):
+                    export_step_graph(step, tmp / rel, precision)
                 timings[f"export {spec.arch} {precision}"] = time.perf_counter() - t0
                 onnx_paths[precision] = tmp / rel
                 if precision == "fp32" and "ort" in cfg.backends:
@@ -109,7 +143,8 @@ def build_bundle(cfg: BuildConfig, on_model: Callable[[str], None] | None = None
             for kind, builder in (engine_builder or {}).items():
                 t0 = time.perf_counter()
                 rel = f"trt/{tag}-{kind}-{cfg.precision}.plan"
-                info = builder.build(onnx_paths[cfg.precision], tmp / rel, cfg.batch_range, io_spec(step))
+                with stage(f"build {kind} {cfg.precision} engine of {spec.arch}"):
+                    info = builder.build(onnx_paths[cfg.precision], tmp / rel, cfg.batch_range, io_spec(step))
                 timings[f"build {kind} {spec.arch}"] = time.perf_counter() - t0
                 engines[kind] = _entry(tmp, rel, cfg.precision, cfg, builder=info)
             kept = {tmp / e.file for e in engines.values()}
@@ -136,9 +171,10 @@ def build_bundle(cfg: BuildConfig, on_model: Callable[[str], None] | None = None
         if cfg.vae:
             from tstitch_trt.export.vae_export import add_vae
 
-            manifest.vae = add_vae(tmp, cfg.vae, cfg.backends, cfg.batch_range, manifest.latent_shape,
-                                   precision=cfg.precision, engine_builders=engine_builder,
-                                   downsample=cfg.downsample)
+            with stage(f"VAE decoder from {cfg.vae}"):
+                manifest.vae = add_vae(tmp, cfg.vae, cfg.backends, cfg.batch_range, manifest.latent_shape,
+                                       precision=cfg.precision, engine_builders=engine_builder,
+                                       downsample=cfg.downsample)
         write_manifest(tmp, manifest)
     return manifest
 

@@ -35,10 +35,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tstitch_trt.bundle.manifest import EngineEntry, Manifest, artifact_path, read_manifest
+from tstitch_trt.bundle.manifest import EngineEntry, Manifest, artifact_path, read_manifest, verify_bundle
 from tstitch_trt.demo import resolve_bundle
 from tstitch_trt.errors import UserError
 from tstitch_trt.export.step_module import STEP_INPUTS, STEP_OUTPUTS
+from tstitch_trt.outputs import OutputPlan
 
 TOLERANCES = {"fp32": {"max_rel": 1e-4, "min_cos": 0.999999}, "fp16": {"max_rel": 3e-2, "min_cos": 0.9995}}
 ENGINE_KINDS = ("trt", "trt-rtx")
@@ -99,9 +100,11 @@ def step_inputs(manifest: Manifest, batch: int, seed: int) -> dict[str, np.ndarr
     }
 
 
-def run_check(args: argparse.Namespace) -> int:
+def run_check(args: argparse.Namespace, outputs: OutputPlan | None = None) -> int:
+    """Compare; `outputs` holds the --report path, checked writable before any work."""
     bundle = resolve_bundle(args.bundle)
     manifest = read_manifest(bundle)
+    verify_bundle(bundle, manifest)
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
     present = sorted({k for m in manifest.models for k in m.engines if k in CHECKABLE}, key=CHECKABLE.index)
@@ -131,7 +134,10 @@ def run_check(args: argparse.Namespace) -> int:
     print(f"summary: {len(ran)} compared, {len(ran) - len(failed)} within tolerance, {len(failed)} outside"
           + (f"; not run: {'; '.join(skipped)}" if skipped else ""))
     if args.report:
-        Path(args.report).write_text(json.dumps([asdict(r) for r in results], indent=2))
+        outputs = outputs or OutputPlan()
+        if "--report" not in outputs.paths:
+            outputs.add("--report", args.report)
+        outputs.write({"--report": lambda p: Path(p).write_text(json.dumps([asdict(r) for r in results], indent=2))})
     if not ran:
         print("nothing was compared: no backend of this bundle can run here, so nothing is verified")
         return 1

@@ -161,8 +161,10 @@ def add_vae(bundle: Path, source: str, backends: list[str], batch_range: tuple[i
         dst = bundle / "vae" / "diffusers"
         vae.save_pretrained(str(dst), safe_serialization=True)
         weights = next(dst.glob("*.safetensors"))
+        config = dst / "config.json"  # read with the weights: checksummed like them
         engines["torch"] = EngineEntry(file=str(weights.relative_to(bundle)), sha256=sha256_file(weights),
-                                       extra={"dir": "vae/diffusers"})
+                                       extra={"dir": "vae/diffusers", "files": [
+                                           {"file": str(config.relative_to(bundle)), "sha256": sha256_file(config)}]})
     graphs: dict[str, Path] = {}
     if "ort" in backends or engine_builders:
         graphs["fp32"] = export_vae_decoder(vae, bundle / "vae/decoder-fp32.onnx", latent_shape, "fp32")

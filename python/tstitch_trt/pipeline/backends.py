@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 
 from tstitch_trt.bundle.manifest import Manifest
-from tstitch_trt.errors import UserError
+from tstitch_trt.errors import BackendUnavailable, UserError
 from tstitch_trt.runtime import cuda as cuda_rt
 from tstitch_trt.runtime.backend import Backend
 
@@ -36,6 +36,53 @@ def _ort_device(gpus: int) -> str:
     return "CUDA execution provider" if gpus and "CUDAExecutionProvider" in ort_providers() else "CPU"
 
 
+def backend_availability(manifest: Manifest) -> list[tuple[str, bool, str]]:
+    """(backend, can run here, why) for every backend the bundle has artifacts for, in auto's order."""
+    present = manifest.backends()
+    gpus = cuda_rt.device_count()
+    out: list[tuple[str, bool, str]] = []
+    for kind in ("trt", "trt-rtx"):
+        if kind not in present:
+            continue
+        module = "tensorrt" if kind == "trt" else "tensorrt_rtx"
+        if gpus == 0:
+            out.append((kind, False, f"{kind} engines need an NVIDIA GPU and none is visible"))
+        elif tensorrt_module(kind) is None:
+            out.append((kind, False, f"{module} is not installed (pip install {module.replace('_', '-')})"))
+        else:
+            why = _engine_refusal(manifest, kind)
+            out.append((kind, why is None, why or f"{kind} engines match this GPU and {module}"))
+    if "ort" in present:
+        if _has_module("onnxruntime"):
+            import onnxruntime
+
+            out.append(("ort", True, f"ONNX Runtime {onnxruntime.__version__} ({_ort_device(gpus)})"))
+        else:
+            out.append(("ort", False, "onnxruntime is not installed (pip install onnxruntime)"))
+    if "torch" in present:
+        missing = [m for m in ("torch", "safetensors") if not _has_module(m)]
+        if missing:
+            out.append(("torch", False, f"{' and '.join(missing)} not installed (pip install \"tstitch-trt[build]\")"))
+        else:
+            out.append(("torch", True, "PyTorch StepModule"))
+    return out
+
+
+def _engine_refusal(manifest: Manifest, kind: str) -> str | None:
+    """Why this GPU / TensorRT cannot run the bundle's `kind` engines, from the manifest (None: it can)."""
+    from tstitch_trt.errors import BackendUnavailable
+    from tstitch_trt.runtime.engine_compat import check_engine_compat
+
+    try:
+        cc = cuda_rt.compute_capability(0)
+        for m in manifest.models:
+            check_engine_compat(m.engines[kind].builder, tensorrt_module(kind), cc, what=f"the {m.name} engine",
+                                kind=kind)
+    except BackendUnavailable as e:
+        return str(e)
+    return None
+
+
 def backend_candidates(manifest: Manifest, requested: str) -> list[tuple[str, str]]:
     """[(backend, why)] to try in order. auto: trt, trt-rtx, ort on CUDA, ort on CPU, torch."""
     present = manifest.backends()
@@ -48,26 +95,12 @@ def backend_candidates(manifest: Manifest, requested: str) -> list[tuple[str, st
                 f"rebuild it with --backend {requested} or pick one of those"
             )
         return [(requested, "requested")]
-    gpus = cuda_rt.device_count()
-    reasons: list[str] = []
-    out: list[tuple[str, str]] = []
-    for kind in ("trt", "trt-rtx"):
-        if kind not in present:
-            reasons.append(f"no {kind} engines in the bundle")
-        elif gpus == 0:
-            reasons.append(f"{kind} engines need an NVIDIA GPU and none is visible")
-        elif tensorrt_module(kind) is None:
-            module = "tensorrt" if kind == "trt" else "tensorrt_rtx"
-            reasons.append(f"{kind} engines present but {module} is not installed")
-        else:
-            out.append((kind, f"{kind} engines and an NVIDIA GPU are present"))
-    if "ort" in present and _has_module("onnxruntime"):
-        out.append(("ort", "; ".join(reasons) + f"; using ONNX Runtime ({_ort_device(gpus)})"))
-    if "torch" in present and _has_module("torch"):
-        out.append(("torch", "; ".join(reasons) + "; using the torch StepModule"))
+    available = backend_availability(manifest)
+    reasons = [why for _, ok, why in available if not ok]
+    out = [(kind, "; ".join([*reasons, f"using {why}"])) for kind, ok, why in available if ok]
     if out:
         return out
-    raise UserError(f"no usable backend for this bundle (has: {', '.join(present) or 'none'}; {'; '.join(reasons)})")
+    raise BackendUnavailable(f"no backend of this bundle can run here ({'; '.join(reasons) or 'it has none'})")
 
 
 def open_backend(kind: str, bundle_dir: str | Path, manifest: Manifest, device: str | None = None) -> Backend:
@@ -82,7 +115,7 @@ def open_backend(kind: str, bundle_dir: str | Path, manifest: Manifest, device: 
         return TrtBackend(bundle_dir, manifest, kind=kind)
     if kind == "torch":
         if not _has_module("torch"):
-            raise UserError("the torch backend needs PyTorch: pip install 'tstitch-trt[build]'")
+            raise BackendUnavailable("the torch backend needs PyTorch: pip install \"tstitch-trt[build]\"")
         from tstitch_trt.export.torch_backend import TorchBackend
 
         if device is None:

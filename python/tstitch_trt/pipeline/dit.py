@@ -8,6 +8,7 @@ A pipeline is reusable: the second call with the same batch and steps allocates 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,11 +19,12 @@ import numpy as np
 from tstitch_trt.bundle.manifest import Manifest, read_manifest, verify_bundle
 from tstitch_trt.errors import BackendUnavailable, UserError
 from tstitch_trt.pipeline.backends import backend_candidates, open_backend
+from tstitch_trt.pipeline.resources import available_memory_bytes, estimate_request_bytes
 from tstitch_trt.runtime.backend import Backend
 from tstitch_trt.runtime.loop import LoopResult, run_stitched
 from tstitch_trt.sampling.coefficients import SAMPLERS
 from tstitch_trt.sampling.stitch import check_fractions, steps_per_model
-from tstitch_trt.sampling.trajectory import TrajectoryPlan, plan_trajectory
+from tstitch_trt.sampling.trajectory import TrajectoryPlan, plan_trajectory, sampler_needs_noise
 
 
 @dataclass
@@ -71,31 +73,43 @@ class StitchedPipeline:
         return [m.name for m in self.manifest.models]
 
     def validate(self, labels: np.ndarray, ratio: float | None, fractions: Sequence[float] | None,
-                 steps: int, sampler: str, x_init: np.ndarray | None) -> None:
+                 steps: int, sampler: str, x_init: np.ndarray | None, cfg_scale: float = 1.5, eta: float = 0.0,
+                 seed: int = 0) -> None:
+        """Every request check, before any work; each failure is one line naming the value and the limit."""
         n_models = len(self.manifest.models)
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if not 1 <= steps <= 1000:
-            raise UserError(f"--steps must be between 1 and 1000, got {steps}")
+        max_steps = self.num_timesteps
+        if not isinstance(steps, int | np.integer) or not 1 <= steps <= max_steps:
+            raise UserError(f"--steps must be an integer between 1 and {max_steps} (the schedule's timesteps), "
+                            f"got {steps}")
         if fractions is not None:
+            if not all(math.isfinite(f) for f in fractions):
+                raise UserError(f"--fractions must be finite numbers, got {list(fractions)}")
             try:
                 check_fractions(fractions, n_models)
             except ValueError as e:
                 raise UserError(str(e)) from None
         elif ratio is None:
             raise UserError("give --ratio (two models) or --fractions (one per model)")
-        elif not 0.0 <= ratio <= 1.0:
+        elif not 0.0 <= ratio <= 1.0:  # NaN fails this too
             raise UserError(f"--ratio must be in [0, 1] (the share of early steps on the small model), got {ratio}")
         elif n_models != 2:
             raise UserError(
                 f"--ratio stitches two models but the bundle has {n_models}; give --fractions with {n_models} values"
             )
+        if not math.isfinite(cfg_scale) or abs(cfg_scale) > 1e4:
+            raise UserError(f"--cfg-scale must be a finite number of reasonable size, got {cfg_scale}")
+        if not math.isfinite(eta) or not 0.0 <= eta <= 100.0:
+            raise UserError(f"--eta must be between 0 and 100, got {eta}")
+        if not isinstance(seed, int | np.integer) or not 0 <= seed < 2**64:
+            raise UserError(f"--seed must be an integer in [0, 2^64), got {seed}")
+        if len(labels) == 0:
+            raise UserError("give at least one class label")
         nc = self.manifest.num_classes
         bad = [int(v) for v in labels if not 0 <= int(v) < nc]
         if bad:
             raise UserError(f"class label {bad[0]} is outside [0, {nc}); this bundle's models know {nc} classes")
-        if len(labels) == 0:
-            raise UserError("give at least one class label")
         if x_init is not None:
             want = self.manifest.latent_shape
             if x_init.ndim != 4 or tuple(x_init.shape[1:]) != want:
@@ -103,19 +117,23 @@ class StitchedPipeline:
                 raise UserError(f"--init-noise has shape {tuple(x_init.shape)}, expected (B, {want_text})")
             if x_init.shape[0] != len(labels):
                 raise UserError(f"--init-noise has batch {x_init.shape[0]} but {len(labels)} class labels were given")
-        lo, hi = self._batch_range()
+            if not np.isfinite(x_init).all():
+                raise UserError("--init-noise contains NaN or Inf")
+        lo, hi = self.manifest.batch_limits(self.backend.name)
         b = len(labels)
         if not lo <= b <= hi:
-            raise UserError(
-                f"batch {b} is outside the engines' range [{lo}, {hi}]; rebuild with --batch-sizes {lo}-{max(b, hi)}"
-            )
+            raise UserError(f"batch {b} is outside the range this bundle was built for on {self.backend.name} "
+                            f"[{lo}, {hi}]; split the request, or rebuild with --batch-sizes {lo}-{max(b, hi)}")
+        if self.backend.device == "cpu":
+            need = estimate_request_bytes(self.manifest, b, steps, sampler_needs_noise(sampler, eta))
+            have = available_memory_bytes()
+            if have is not None and need > have:
+                raise UserError(f"this request needs about {need / 2**30:.1f} GiB of memory (batch {b}, {steps} "
+                                f"steps) but only {have / 2**30:.1f} GiB is available; use a smaller batch")
 
-    def _batch_range(self) -> tuple[int, int]:
-        ranges = [m.engines[self.backend.name].batch_range for m in self.manifest.models
-                  if self.backend.name in m.engines]
-        if not ranges or self.backend.name in ("torch", "ort"):
-            return (1, 1 << 20)
-        return (max(r[0] for r in ranges), min(r[1] for r in ranges))
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.manifest.schedule["num_timesteps"])
 
     def __call__(
         self,
@@ -134,13 +152,15 @@ class StitchedPipeline:
         labels = np.asarray(list(class_labels), dtype=np.int64)
         if init_noise is not None and init_noise.ndim == 4 and len(labels) == 1:
             labels = np.repeat(labels, init_noise.shape[0])  # one label for the whole --init-noise batch
-        self.validate(labels, None if fractions is not None else ratio, fractions, steps, sampler, init_noise)
+        self.validate(labels, None if fractions is not None else ratio, fractions, steps, sampler, init_noise,
+                      cfg_scale=cfg_scale, eta=eta, seed=seed)
         rng = np.random.default_rng(seed)
         shape = (len(labels), *self.manifest.latent_shape)
         x_init = (init_noise.astype(np.float32) if init_noise is not None
                   else rng.standard_normal(shape, dtype=np.float32))
         plan = plan_trajectory(sampler, steps, len(self.manifest.models), shape, rng,
-                               ratio=None if fractions is not None else ratio, fractions=fractions, eta=eta)
+                               ratio=None if fractions is not None else ratio, fractions=fractions, eta=eta,
+                               num_timesteps=self.num_timesteps)
         t0 = time.perf_counter()
         loop = run_stitched(self.backend, plan, x_init, labels, cfg_scale, progress=progress,
                             model_names=self.model_names)
@@ -158,7 +178,7 @@ class StitchedPipeline:
         if m.latent_scale_factor == 1.0 and m.vae is None:  # pixel-space models: the latent is the image
             return to_uint8(latents), None
         if m.vae is None:
-            return None, "the bundle has no VAE (build with --vae DIR), so only latents are written"
+            return None, "the bundle has no VAE (build with --vae DIR): it makes latents, not images"
         if self._decoder is None:
             from tstitch_trt.pipeline.vae import open_decoder
 
@@ -194,6 +214,11 @@ class StitchedPipeline:
 
     def close(self) -> None:
         self.backend.close()
+
+
+def decodes_to_images(manifest: Manifest) -> bool:
+    """Whether samples of this bundle become images: pixel-space models, or a bundle with a VAE."""
+    return manifest.vae is not None or manifest.latent_scale_factor == 1.0
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
