@@ -97,12 +97,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratios", type=_float_list, default=None,
                    help="ratios of the sweep (default 0,0.1,...,1; 0 and 1 are always added: they define the "
                         "ideal line)")
-    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of every figure (3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before the first timed one (1)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for every backend and the reference (default: the cores this process may use)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and labels")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="where built workload bundles are kept and reused")
     p.add_argument("--out", default="bench-out", help="output directory (bench.json, bench.md, PNGs)")
     p.add_argument("--plot", action="store_true", help="also write PNG plots (matplotlib; --quality always does)")

@@ -24,10 +24,10 @@ def check_writable(path: str | Path, flag: str, suffixes: tuple[str, ...] | None
     p = Path(path)
     if not str(path).strip():
         raise UserError(f"{flag} is empty; give a file name")
-    if suffixes is not None and p.suffix.lower() not in suffixes:
-        raise UserError(f"{flag} {p}: the name must end in {' or '.join(suffixes)} (that sets the format)")
     if p.is_dir():
         raise UserError(f"{flag} {p} is a directory; give a file name inside it")
+    if suffixes is not None and p.suffix.lower() not in suffixes:
+        raise UserError(f"{flag} {p}: the name must end in {' or '.join(suffixes)} (that sets the format)")
     parent = p.absolute().parent
     if not parent.exists():
         raise UserError(f"{flag} {p}: the folder {parent} does not exist; create it first")

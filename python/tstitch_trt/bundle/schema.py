@@ -75,8 +75,8 @@ def describe(error: Any) -> str:
         extra = sorted(k for k in inst if k not in error.schema.get("properties", {})) if isinstance(inst, dict) else []
         name = field_path([*error.absolute_path, extra[0]]) if extra else where
         return f"{name} is a field this tstitch-trt does not understand (it would be ignored, so it is refused)"
-    if v == "propertyNames":
-        return f"{where} has a key this runtime does not know ({error.message.split(' is not')[0]})"
+    if v == "enum" and "propertyNames" in list(error.schema_path)[-2:]:
+        return f"{where} has the key {_short(inst)}; this tstitch-trt knows only {', '.join(map(repr, expected))}"
     if v == "type":
         return f"{where} must be of type {expected}, got {_json_type(inst)} {_short(inst)}"
     if v == "enum":

@@ -76,6 +76,9 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
             raise UserError(
                 f"{source}: missing key {key!r} (expected shape {tuple(tensor.shape)}); wrong architecture?"
             )
+        if not state[key].is_floating_point() and tensor.is_floating_point():
+            raise UserError(f"{source}: key {key!r} holds {str(state[key].dtype).removeprefix('torch.')} values; "
+                            "model weights must be floating point (a corrupted or foreign checkpoint?)")
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise UserError(
                 f"{source}: key {key!r} has shape {tuple(state[key].shape)} but the architecture expects "

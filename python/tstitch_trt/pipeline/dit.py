@@ -149,7 +149,12 @@ class StitchedPipeline:
         progress: bool | None = None,
         decode: bool = True,
     ) -> SampleResult:
-        labels = np.asarray(list(class_labels), dtype=np.int64)
+        label_list = [int(v) for v in class_labels]
+        nc = self.manifest.num_classes
+        bad = [v for v in label_list if not 0 <= v < nc]
+        if bad:  # before the int64 conversion, which would overflow on a huge label
+            raise UserError(f"class label {bad[0]} is outside [0, {nc}); this bundle's models know {nc} classes")
+        labels = np.asarray(label_list, dtype=np.int64)
         if init_noise is not None and init_noise.ndim == 4 and len(labels) == 1:
             labels = np.repeat(labels, init_noise.shape[0])  # one label for the whole --init-noise batch
         self.validate(labels, None if fractions is not None else ratio, fractions, steps, sampler, init_noise,
