@@ -561,7 +561,8 @@ def _no_torch(code: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_commands_without_torch(tmp_path):
     cli = "from tstitch_trt.cli import main; sys.exit(main({args!r}))"
     expect = {
-        ("build", "--model", "DiT-S/2=random:0", "--model", "DiT-B/2=random:1"): (2, "pip install \"tstitch-trt[build]\""),
+        ("build", "--model", "DiT-S/2=random:0", "--model", "DiT-B/2=random:1"):
+            (2, "pip install \"tstitch-trt[build]\""),
         ("check",): (1, "numeric check not run: the reference (the torch StepModule) needs PyTorch"),
         ("info",): (0, "torch    cannot run: torch and safetensors not installed"),
         ("bench", "--workload", "dit-s-xl"): (2, "pip install \"tstitch-trt[build]\""),
