@@ -12,4 +12,6 @@ pip install -e ".[build,trt-rtx,dev,demo-train]"
 # TensorRT type stubs for the mypy check; --no-deps because their `tensorrt` dependency cannot install here.
 pip install --no-deps tensorrt-stubs==10.13.0.35.1
 python -m ruff check python tests benchmarks
+# The README's install without torch, in its own fresh venv: every command works or says what to install.
+bash scripts/smoke_no_torch.sh
 python -m pytest -q -rs "$@"
