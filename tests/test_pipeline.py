@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tstitch_trt.errors import UserError
+from tstitch_trt.errors import BackendUnavailable, BundleError, UserError
 from tstitch_trt.pipeline import backends, dit
 
 
@@ -16,16 +16,28 @@ def test_auto_falls_through_a_refused_engine(tiny_pair: Path, monkeypatch) -> No
 
     def fake_open(kind, bundle_dir, manifest, device=None):
         if kind == "trt-rtx":
-            raise UserError("engine built for compute capability 8.9, this GPU is 9.0; rebuild")
+            raise BackendUnavailable("engine built for compute capability 8.9, this GPU is 9.0; rebuild")
         return real_open(kind, bundle_dir, manifest, device=device)
 
     monkeypatch.setattr(dit, "open_backend", fake_open)
     pipe = dit.StitchedPipeline.from_bundle(tiny_pair, backend="auto")
     assert pipe.backend.name == "ort"
-    assert "trt-rtx refused (engine built for compute capability 8.9" in pipe.backend_reason
+    assert "trt-rtx cannot run here (engine built for compute capability 8.9" in pipe.backend_reason
     res = pipe(class_labels=[1], steps=2, decode=False)
-    assert "trt-rtx refused" in res.report["backend_reason"]
+    assert "trt-rtx cannot run here" in res.report["backend_reason"]
     pipe.close()
+
+
+def test_auto_never_falls_through_a_damaged_bundle(tiny_pair: Path, monkeypatch) -> None:
+    """Integrity is not availability: a bad engine file must stop the run, not hand it to the next backend."""
+    monkeypatch.setattr(dit, "backend_candidates", lambda m, r: [("trt-rtx", "engines and a GPU"), ("ort", "cpu")])
+
+    def fake_open(kind, bundle_dir, manifest, device=None):
+        raise BundleError("the trt-rtx engine of DiT-S/2 has x as float16; rebuild the bundle")
+
+    monkeypatch.setattr(dit, "open_backend", fake_open)
+    with pytest.raises(BundleError, match="has x as float16"):
+        dit.StitchedPipeline.from_bundle(tiny_pair, backend="auto")
 
 
 def test_requested_backend_refusal_is_an_error(tiny_pair: Path, monkeypatch) -> None:
@@ -40,5 +52,5 @@ def test_requested_backend_refusal_is_an_error(tiny_pair: Path, monkeypatch) -> 
 def test_auto_without_gpu_picks_ort_and_says_why(tiny_pair: Path) -> None:
     pipe = dit.StitchedPipeline.from_bundle(tiny_pair, backend="auto")
     assert pipe.backend.name == "ort"
-    assert "no trt engines in the bundle" in pipe.backend_reason and "ONNX Runtime" in pipe.backend_reason
+    assert "using ONNX Runtime" in pipe.backend_reason
     pipe.close()
