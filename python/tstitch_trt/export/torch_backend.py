@@ -84,33 +84,34 @@ class TorchBackend:
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.notes: list[str] = []
 
-    def _allocate(self, plan: TrajectoryPlan, batch: int) -> None:
-        key = (batch, plan.steps, plan.noise is not None, int(plan.coef.shape[1]))
+    def _allocate(self, plan: TrajectoryPlan, latent_shape: tuple[int, ...]) -> None:
+        key = (tuple(latent_shape), plan.steps, plan.noise is not None, int(plan.coef.shape[1]))
         if key == self._key:
             return
         io, dev = self.io, self.device
+        dims = io.dims(latent_shape)
 
         def zeros(shape: tuple[int, ...], name: str) -> torch.Tensor:
             return torch.zeros(shape, dtype=_TORCH_DTYPES[io.dtype(name).name], device=dev)
 
-        self.state = {n: [zeros(io.shape(n, batch), n) for _ in range(2)] for n, _ in io.state}
-        self.request = {n: zeros(io.shape(n, batch), n) for n in io.request}
-        self.tables = {n: zeros((plan.steps, *io.shape(n, batch)), n) for n in io.step
+        self.state = {n: [zeros(io.shape(n, dims), n) for _ in range(2)] for n, _ in io.state}
+        self.request = {n: zeros(io.shape(n, dims), n) for n in io.request}
+        self.tables = {n: zeros((plan.steps, *io.shape(n, dims)), n) for n in io.step
                        if n != "noise" or plan.noise is not None}
-        self.zero_rows = {n: zeros(io.shape(n, batch), n) for n in io.step if n not in self.tables}
+        self.zero_rows = {n: zeros(io.shape(n, dims), n) for n in io.step if n not in self.tables}
         self.allocations += 2 * len(self.state) + len(self.request) + len(self.tables) + len(self.zero_rows)
         self._key = key
         self._graphs.clear()  # graphs captured on the old buffers must never replay
 
     def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, labels: Any, guidance: float) -> None:
         """labels: the conditioning (DiT labels (B,), SD context (2B, 77, D)) or a dict by input name."""
-        batch = x_init.shape[0]
-        self._allocate(plan, batch)
+        self._allocate(plan, x_init.shape)
+        dims = self.io.dims(x_init.shape)
         self._x_init = x_init
         self._reset_state()
         for n, a in self.io.request_arrays(labels, guidance).items():
             self.request[n].copy_(torch.from_numpy(a))
-        for n, t in self.io.step_tables(plan, batch).items():
+        for n, t in self.io.step_tables(plan, dims).items():
             if t is not None:
                 self.tables[n].copy_(torch.from_numpy(t))
 

@@ -12,7 +12,8 @@ A step graph's tensors fall into three roles (recorded in the manifest's io["rol
 - request: per-request constants. The conditioning (DiT: y (B,); SD: context (2B, 77, D), uncond
            first) and guidance ().
 
-Shapes come from io["inputs"] / io["outputs"]: "B" is the batch, "2B" twice it. Bundles written
+Shapes come from io["inputs"] / io["outputs"]: "B" is the batch, "2B" twice it, other names
+(SD: "H", "W") take their value from the initial latent's shape. Bundles written
 before roles existed (the shipped demo pair) are DiT bundles and get DIT_ROLES.
 """
 
@@ -36,11 +37,10 @@ PLAN_FIELDS = {"t": "timesteps", "coef": "coef", "noise": "noise"}  # step role 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    shape: tuple[int | str, ...]  # ints, "B" (batch) or "2B"
+    shape: tuple[int | str, ...]  # ints, or symbolic dims: "B" (batch), "2B", "H", "W"
     dtype: np.dtype
 
-    def resolve(self, batch: int) -> tuple[int, ...]:
-        dims = {"B": batch, "2B": 2 * batch}
+    def resolve(self, dims: Mapping[str, int]) -> tuple[int, ...]:
         return tuple(dims[d] if isinstance(d, str) else int(d) for d in self.shape)
 
 
@@ -83,8 +83,22 @@ class StepIO:
         """The conditioning input: the first request tensor that is not guidance."""
         return next(n for n in self.request if n != "guidance")
 
-    def shape(self, name: str, batch: int) -> tuple[int, ...]:
-        return self.specs[name].resolve(batch)
+    def dims(self, latent_shape: tuple[int, ...]) -> dict[str, int]:
+        """Symbolic dims from the initial latent's shape (B, C, H, W); a fixed dim that differs is refused."""
+        spec = self.specs[self.latent].shape
+        if len(spec) != len(latent_shape):
+            raise UserError(f"the latent has shape {tuple(latent_shape)}, the step graphs take {list(spec)}")
+        dims: dict[str, int] = {}
+        for d, n in zip(spec, latent_shape, strict=True):
+            if isinstance(d, str):
+                dims[d] = int(n)
+            elif int(d) != int(n):
+                raise UserError(f"the latent has shape {tuple(latent_shape)}, the step graphs take {list(spec)}")
+        dims["2B"] = 2 * dims["B"]
+        return dims
+
+    def shape(self, name: str, dims: Mapping[str, int]) -> tuple[int, ...]:
+        return self.specs[name].resolve(dims)
 
     def dtype(self, name: str) -> np.dtype:
         return self.specs[name].dtype
@@ -102,7 +116,7 @@ class StepIO:
         # np.array, not ascontiguousarray: that turns the 0-d guidance into shape (1,)
         return {n: np.array(given[n], dtype=self.dtype(n), order="C") for n in self.request}
 
-    def step_tables(self, plan: Any, batch: int) -> dict[str, np.ndarray | None]:
+    def step_tables(self, plan: Any, dims: Mapping[str, int]) -> dict[str, np.ndarray | None]:
         """(steps, *row shape) arrays per step role; None for noise where the sampler draws none."""
         out: dict[str, np.ndarray | None] = {}
         for name in self.step:
@@ -110,10 +124,10 @@ class StepIO:
             if value is None:
                 out[name] = None
                 continue
-            row = self.shape(name, batch)
+            row = self.shape(name, dims)
             value = np.asarray(value)
             if name == "t":  # one timestep per step, repeated over the batch
-                value = np.repeat(value[:, None], batch, axis=1)
+                value = np.repeat(value[:, None], dims["B"], axis=1)
             out[name] = np.ascontiguousarray(value.astype(self.dtype(name)).reshape(plan.steps, *row))
         return out
 

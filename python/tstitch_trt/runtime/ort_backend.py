@@ -66,16 +66,17 @@ class OrtBackend:
         self._bindings: list = []
 
     # buffers ----------------------------------------------------------------------------------
-    def _allocate(self, plan: TrajectoryPlan, batch: int) -> None:
-        key = (batch, plan.steps, plan.noise is not None, int(plan.coef.shape[1]))
+    def _allocate(self, plan: TrajectoryPlan, latent_shape: tuple[int, ...]) -> None:
+        key = (tuple(latent_shape), plan.steps, plan.noise is not None, int(plan.coef.shape[1]))
         if key == self._shape_key:
             return
         io = self.io
-        self.state = {n: [np.zeros(io.shape(n, batch), io.dtype(n)) for _ in range(2)] for n, _ in io.state}
-        self.request = {n: np.zeros(io.shape(n, batch), io.dtype(n)) for n in io.request}
-        self.tables = {n: np.zeros((plan.steps, *io.shape(n, batch)), io.dtype(n)) for n in io.step
+        dims = io.dims(latent_shape)
+        self.state = {n: [np.zeros(io.shape(n, dims), io.dtype(n)) for _ in range(2)] for n, _ in io.state}
+        self.request = {n: np.zeros(io.shape(n, dims), io.dtype(n)) for n in io.request}
+        self.tables = {n: np.zeros((plan.steps, *io.shape(n, dims)), io.dtype(n)) for n in io.step
                        if n != "noise" or plan.noise is not None}
-        self.zero_rows = {n: np.zeros(io.shape(n, batch), io.dtype(n)) for n in io.step if n not in self.tables}
+        self.zero_rows = {n: np.zeros(io.shape(n, dims), io.dtype(n)) for n in io.step if n not in self.tables}
         self.allocations += 2 * len(self.state) + len(self.request) + len(self.tables) + len(self.zero_rows)
         self._shape_key = key
         self._bind_all(plan.steps)
@@ -112,13 +113,13 @@ class OrtBackend:
     # Backend protocol ---------------------------------------------------------------------------
     def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, cond: Any, guidance: float) -> None:
         """cond: the conditioning array (DiT labels (B,), SD context (2B, 77, D)) or a dict by input name."""
-        batch = x_init.shape[0]
-        self._allocate(plan, batch)
+        self._allocate(plan, x_init.shape)
+        dims = self.io.dims(x_init.shape)
         for n, pair in self.state.items():
             pair[0][...] = x_init if n == self.io.latent else 0
         for n, a in self.io.request_arrays(cond, guidance).items():
             self.request[n][...] = a
-        for n, t in self.io.step_tables(plan, batch).items():
+        for n, t in self.io.step_tables(plan, dims).items():
             if t is not None:
                 self.tables[n][...] = t
 
@@ -173,26 +174,27 @@ class OrtDeviceBackend(OrtBackend):
 
         return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device_type, self.device_id)
 
-    def _allocate(self, plan: TrajectoryPlan, batch: int) -> None:
-        key = (batch, plan.steps, plan.noise is not None, int(plan.coef.shape[1]))
+    def _allocate(self, plan: TrajectoryPlan, latent_shape: tuple[int, ...]) -> None:
+        key = (tuple(latent_shape), plan.steps, plan.noise is not None, int(plan.coef.shape[1]))
         if key == self._shape_key:
             return
         self._bindings = []  # bindings hold the old values' addresses: drop them first
         io = self.io
-        self.state_v = {n: [self._value(io.shape(n, batch), io.dtype(n)) for _ in range(2)] for n, _ in io.state}
-        self.request_v = {n: self._value(io.shape(n, batch), io.dtype(n)) for n in io.request}
-        self.table_v = {n: self._value((plan.steps, *io.shape(n, batch)), io.dtype(n)) for n in io.step
+        dims = io.dims(latent_shape)
+        self.state_v = {n: [self._value(io.shape(n, dims), io.dtype(n)) for _ in range(2)] for n, _ in io.state}
+        self.request_v = {n: self._value(io.shape(n, dims), io.dtype(n)) for n in io.request}
+        self.table_v = {n: self._value((plan.steps, *io.shape(n, dims)), io.dtype(n)) for n in io.step
                         if n != "noise" or plan.noise is not None}
         self.zero_v = {}
         for n in io.step:
             if n not in self.table_v:
-                self.zero_v[n] = self._value(io.shape(n, batch), io.dtype(n))
-                self.zero_v[n].update_inplace(np.zeros(io.shape(n, batch), io.dtype(n)))
+                self.zero_v[n] = self._value(io.shape(n, dims), io.dtype(n))
+                self.zero_v[n].update_inplace(np.zeros(io.shape(n, dims), io.dtype(n)))
         self.allocations += 2 * len(self.state_v) + len(self.request_v) + len(self.table_v) + len(self.zero_v)
         self._shape_key = key
-        self._bind_device(plan.steps, batch)
+        self._bind_device(plan.steps, dims)
 
-    def _bind_device(self, steps: int, batch: int) -> None:
+    def _bind_device(self, steps: int, dims: dict[str, int]) -> None:
         dev, dev_id, io = self.device_type, self.device_id, self.io
         self._bindings = []
         for sess in self.sessions:
@@ -207,7 +209,7 @@ class OrtDeviceBackend(OrtBackend):
                     b.bind_ortvalue_input(n, self.request_v[n])
                 for n in io.step:
                     if n in self.table_v:  # the step's row of the table, by address
-                        shape = io.shape(n, batch)
+                        shape = io.shape(n, dims)
                         row = int(np.prod(shape)) * io.dtype(n).itemsize
                         b.bind_input(n, dev, dev_id, io.dtype(n), list(shape), self.table_v[n].data_ptr() + i * row)
                     else:
@@ -216,14 +218,14 @@ class OrtDeviceBackend(OrtBackend):
             self._bindings.append(per_step)
 
     def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, cond: Any, guidance: float) -> None:
-        batch = x_init.shape[0]
-        self._allocate(plan, batch)
+        self._allocate(plan, x_init.shape)
+        dims = self.io.dims(x_init.shape)
         for n, pair in self.state_v.items():
-            start = x_init if n == self.io.latent else np.zeros(self.io.shape(n, batch))
+            start = x_init if n == self.io.latent else np.zeros(self.io.shape(n, dims))
             pair[0].update_inplace(np.ascontiguousarray(start, dtype=self.io.dtype(n)))
         for n, a in self.io.request_arrays(cond, guidance).items():
             self.request_v[n].update_inplace(a)
-        for n, t in self.io.step_tables(plan, batch).items():
+        for n, t in self.io.step_tables(plan, dims).items():
             if t is not None:
                 self.table_v[n].update_inplace(t)
 
