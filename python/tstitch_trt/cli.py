@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="export checkpoints to a bundle of step graphs / engines")
     b.add_argument("--recipe", help="TOML file with the same settings (command-line flags override it)")
-    b.add_argument("--model", action="append", metavar="ARCH=CHECKPOINT",
-                   help="e.g. DiT-S/2=DiT-S-2.pt (smallest first; CHECKPOINT may be random:SEED)")
+    b.add_argument("--model", action="append", metavar="ARCH=CHECKPOINT|DIR",
+                   help="e.g. DiT-S/2=DiT-S-2.pt (smallest first; CHECKPOINT may be random:SEED), or a diffusers "
+                        "SD pipeline / U-Net directory (the last one a full pipeline)")
     b.add_argument("--image-size", type=int)
     b.add_argument("--num-classes", type=int)
     b.add_argument("--latent-channels", type=int)
@@ -76,14 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="sample images with a bundle (default: the built-in demo pair)")
     r.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo' (default)")
     r.add_argument("--backend", default="auto", help="auto, trt, trt-rtx, ort, torch")
-    r.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm-solver++"])
+    r.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "dpm-solver++", "pndm", "euler"],
+                   help="DiT: ddim (default), ddpm, dpm-solver++; SD: pndm, ddim, euler, dpm-solver++ "
+                        "(default: the bundle's scheduler)")
     r.add_argument("--steps", type=int, default=None)
     g = r.add_mutually_exclusive_group()
     g.add_argument("--ratio", type=float, default=None, help="share of early steps on the small model (0..1)")
     g.add_argument("--fractions", type=_parse_fractions, help="one share per model, summing to 1")
-    r.add_argument("--cfg-scale", type=float, default=1.5)
+    r.add_argument("--cfg-scale", type=float, default=None, help="DiT default 1.5, SD 7.5")
     r.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     r.add_argument("--class-labels", type=_parse_labels, default=None)
+    r.add_argument("--prompt", help="text-to-image (sd) bundles: the prompt")
+    r.add_argument("--negative-prompt", help="sd: the negative prompt (default: the empty string, as diffusers)")
+    r.add_argument("--num-images", type=int, help="sd: images per prompt (default 1)")
+    r.add_argument("--height", type=int, help="sd: image height (default: U-Net sample size x VAE factor)")
+    r.add_argument("--width", type=int, help="sd: image width")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--init-noise", help=".npy starting latent (B, C, H, W); sets the batch")
     r.add_argument("--save-latents", help="write the final latent (before decoding) to this .npy")
@@ -133,7 +141,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     from tstitch_trt.bundle.manifest import read_manifest
 
     bundle = resolve_bundle(args.bundle)
-    print(describe_bundle(bundle, read_manifest(bundle)))
+    manifest = read_manifest(bundle)
+    if manifest.pipeline == "sd":
+        from tstitch_trt.cli_sd import describe_sd_bundle
+
+        print(describe_sd_bundle(bundle, manifest))
+        return 0
+    print(describe_bundle(bundle, manifest))
     return 0
 
 
@@ -161,9 +175,20 @@ def describe_bundle(bundle: Path, m) -> str:  # m: Manifest
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from tstitch_trt.bundle.manifest import read_manifest
+    from tstitch_trt.cli_sd import cmd_run_sd, refuse_sd_flags
     from tstitch_trt.pipeline.dit import StitchedPipeline, image_grid
 
     bundle = resolve_bundle(args.bundle)
+    manifest = read_manifest(bundle)
+    if manifest.pipeline == "sd":
+        return cmd_run_sd(args, bundle, manifest)
+    refuse_sd_flags(args)
+    if args.sampler in ("pndm", "euler"):
+        raise UserError(f"--sampler {args.sampler} is for text-to-image (sd) bundles; DiT bundles take ddim, ddpm "
+                        "or dpm-solver++")
+    args.sampler = args.sampler or "ddim"
+    args.cfg_scale = 1.5 if args.cfg_scale is None else args.cfg_scale
     is_demo = args.bundle == DEMO
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
@@ -229,8 +254,13 @@ def _atomic_write(path: Path, write) -> None:  # write(tmp_path)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from tstitch_trt.models.sd import is_sd_model
     from tstitch_trt.recipes import build_config_from_args
 
+    if args.model and any(is_sd_model(m) for m in args.model):
+        from tstitch_trt.cli_sd import cmd_build_sd
+
+        return cmd_build_sd(args)
     cfg = build_config_from_args(args)
     from tstitch_trt.export.build import build_bundle
 

@@ -60,8 +60,10 @@ class ModelEntry:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W); U-Nets (family "unet") take any H, W: this is their default, sample_size."""
         a = self.arch
-        return (int(a["in_channels"]), int(a["input_size"]), int(a["input_size"]))
+        size = int(a["input_size"] if "input_size" in a else a["sample_size"])
+        return (int(a["in_channels"]), size, size)
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelEntry:
@@ -84,6 +86,19 @@ class Manifest:
     created_by: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+    # Text-to-image additions, all optional (None for DiT bundles):
+    #   pipeline "sd": models are U-Nets (family "unet", arch = the diffusers UNet config, latent
+    #     (C, sample_size, sample_size) by default, any H/W divisible by the VAE factor at run time);
+    #     num_classes 0; io["roles"] = the step graph's I/O by role (runtime/io_roles.py: state pairs,
+    #     per-step rows, per-request constants); io["inputs"/"outputs"] may use symbolic dims B, 2B, H, W.
+    #   text_encoder: {"source", "kind": "CLIPTextModel", "hidden_state": "last" | "penultimate",
+    #     "engines": {backend: EngineEntry}, "io": input_ids (N, L) int64 -> text_embeddings (N, L, D)}.
+    #   tokenizer: {"file": EngineEntry (tokenizer.json for the `tokenizers` library), "max_length",
+    #     "pad_id", "kind": "clip"}.
+    #   scheduler: the large pipeline's diffusers scheduler_config.json, as is (samplers are built from it).
+    text_encoder: dict[str, Any] | None = None
+    tokenizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -100,10 +115,11 @@ class Manifest:
     def from_dict(cls, d: dict) -> Manifest:
         d = dict(d)
         d["models"] = [ModelEntry.from_dict(m) for m in d["models"]]
-        if d.get("vae"):
-            vae = dict(d["vae"])
-            vae["engines"] = {k: EngineEntry.from_dict(v) for k, v in vae.get("engines", {}).items()}
-            d["vae"] = vae
+        for part in ("vae", "text_encoder"):
+            if d.get(part):
+                entry = dict(d[part])
+                entry["engines"] = {k: EngineEntry.from_dict(v) for k, v in entry.get("engines", {}).items()}
+                d[part] = entry
         return cls(**d)
 
     def validate(self) -> None:

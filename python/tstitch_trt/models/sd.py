@@ -41,9 +41,8 @@ class SdSource:
 
 
 def is_sd_model(spec: str) -> bool:
-    """True where --model names a diffusers directory (the SD build), not ARCH=CHECKPOINT (DiT)."""
-    p = Path(spec)
-    return "=" not in spec and p.is_dir() and ((p / "model_index.json").is_file() or (p / "config.json").is_file())
+    """True where --model names a diffusers directory or hub id (the SD build), not ARCH=CHECKPOINT (DiT)."""
+    return "=" not in spec
 
 
 def resolve_source(spec: str) -> SdSource:
