@@ -147,13 +147,12 @@ def _write_text_encoder(tmp: Path, large: Path, cfg: SdBuildConfig, builders: di
         export_text_encoder(clip, graph, cfg.precision, text_len)
         for kind, builder in builders.items():
             rel = f"text_encoder/text_encoder-{kind}-{cfg.precision}.plan"
-            lo, hi = cfg.batch_range
-            info = builder.build(graph, tmp / rel, (2 * lo, 2 * hi), text_io_spec(text_len, width))
+            info = builder.build(graph, tmp / rel, cfg.batch_range, text_io_spec(text_len, width, cfg.batch_range))
             engines[kind] = EngineEntry(file=rel, sha256=sha256_file(tmp / rel), precision=cfg.precision,
                                         batch_range=cfg.batch_range, builder=info)
         graph.unlink()
     return {"source": str(large / "text_encoder"), "kind": "CLIPTextModel", "hidden_state": "last",
-            "engines": engines, "io": text_io_spec(text_len, width)}
+            "engines": engines, "io": text_io_spec(text_len, width, cfg.batch_range)}
 
 
 def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: dict | None,

@@ -36,7 +36,14 @@ def unet_io_spec(step: UNetStepModule, text_len: int) -> dict:
         "inputs": {n: {"shape": s, "dtype": f32} for n, s in inputs.items()},
         "outputs": {n: {"shape": s, "dtype": f32} for n, s in outputs.items()},
         "roles": UNET_STEP_ROLES,
+        "dim_ranges": latent_dim_ranges(step.sample_size, ("H", "W")),
     }
+
+
+def latent_dim_ranges(sample_size: int, names: tuple[str, str]) -> dict[str, list[int]]:
+    """Engine profile range of the latent's H and W: half to twice the U-Net's sample size, opt at it
+    (SD 1.5: 256 to 1024 px around 512)."""
+    return {n: [max(1, sample_size // 2), sample_size, 2 * sample_size] for n in names}
 
 
 def example_unet_inputs(step: UNetStepModule, text_len: int, batch: int = 1) -> tuple[torch.Tensor, ...]:
@@ -143,6 +150,9 @@ def export_text_encoder(clip: torch.nn.Module, path: str | Path, precision: str,
     return path
 
 
-def text_io_spec(text_len: int, width: int) -> dict:
+def text_io_spec(text_len: int, width: int, batch_range: tuple[int, int] = (1, 4)) -> dict:
+    """N = prompts per request, both CFG halves: 2 x the step engines' batch range."""
+    lo, hi = batch_range
     return {"inputs": {TEXT_INPUT: {"shape": ["N", text_len], "dtype": "int64"}},
-            "outputs": {TEXT_OUTPUT: {"shape": ["N", text_len, width], "dtype": "float32"}}}
+            "outputs": {TEXT_OUTPUT: {"shape": ["N", text_len, width], "dtype": "float32"}},
+            "dim_ranges": {"N": [2 * lo, 2 * min(max(lo, 1), hi), 2 * hi]}}

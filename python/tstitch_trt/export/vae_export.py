@@ -135,7 +135,8 @@ def vae_io_spec(latent_shape: tuple[int, int, int], downsample: int = 8, dynamic
     c, h, w = latent_shape
     if dynamic_hw:
         return {"inputs": {"latent": {"shape": ["B", c, "h", "w"], "dtype": "float32"}},
-                "outputs": {"image": {"shape": ["B", 3, "H", "W"], "dtype": "float32"}}, "default_hw": [h, w]}
+                "outputs": {"image": {"shape": ["B", 3, "H", "W"], "dtype": "float32"}},
+                "dim_ranges": {"h": [max(1, h // 2), h, 2 * h], "w": [max(1, w // 2), w, 2 * w]}}
     return {"inputs": {"latent": {"shape": ["B", c, h, w], "dtype": "float32"}},
             "outputs": {"image": {"shape": ["B", 3, h * downsample, w * downsample], "dtype": "float32"}}}
 
