@@ -133,3 +133,16 @@ def test_sd_run_without_torch(sd_bundle, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert "on ort [cpu]" in proc.stdout and (tmp_path / "o.png").is_file()
+
+
+def test_check_covers_sd_bundles(sd_bundle, tmp_path, capsys):
+    """check: each U-Net step graph (every output, the history included), the text encoder and the VAE vs torch."""
+    code, out, err = run_cli(["check", "--bundle", str(sd_bundle), "--report", str(tmp_path / "c.json")], capsys)
+    assert code == 0, out + err
+    rows = json.loads((tmp_path / "c.json").read_text())
+    compared = {(r["model"], r["output"]) for r in rows if r["status"] == "ok"}
+    for model in ("small-unet", "large-pipeline"):
+        for output in ("x_next", "x0", "eps_hist_next", "saved_next"):
+            assert (model, output) in compared
+    assert ("text encoder", "text_embeddings") in compared and ("VAE decoder", "image") in compared
+    assert all(r["max_rel"] < 1e-4 for r in rows if r["status"] == "ok")
