@@ -43,7 +43,7 @@ def sd_pair(tmp_path_factory) -> tuple[Path, Path]:
     """(small bare U-Net dir, large SD pipeline dir): diffusers' dummy SD parts, every parameter random."""
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    from sd_parts import open_clip_vocab_file, save_tiny_pair
+    from tstitch_trt.models.sd_random import open_clip_vocab_file, save_tiny_pair
 
     if not open_clip_vocab_file().is_file():
         pytest.skip("open_clip_torch's vocabulary file is missing (pip install --no-deps open_clip_torch)")

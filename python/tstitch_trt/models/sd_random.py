@@ -1,9 +1,12 @@
-"""Tiny random SD 1.x parts, saved as diffusers directories (no hub here).
+"""Random SD 1.x parts saved as diffusers directories: tests, benchmarks, and trying the CLI offline.
 
-Configs are diffusers' own test components (tests/pipelines/stable_diffusion/
-test_stable_diffusion.py get_dummy_components), with every parameter randomized (no zero init),
-and a REAL CLIP BPE tokenizer built offline from open_clip_torch's vocabulary file (read from
-the installed wheel without importing open_clip, which would need torchvision).
+- tiny: diffusers' own test components (tests/pipelines/stable_diffusion/test_stable_diffusion.py
+  get_dummy_components), every parameter randomized (no zero init);
+- bk-sdm-tiny / sd15: U-Nets with the real architectures (random weights) for timing;
+- a REAL CLIP BPE tokenizer built offline from open_clip_torch's vocabulary file (read from the
+  installed wheel without importing open_clip, which would need torchvision).
+
+    python -m tstitch_trt.models.sd_random OUT_DIR     # OUT_DIR/small-unet, OUT_DIR/large-pipeline
 """
 
 from __future__ import annotations
@@ -73,6 +76,28 @@ def tiny_unet(seed: int, small: bool):
     return randomize_(unet, seed).eval()
 
 
+# The real U-Net architectures (diffusers UNet2DConditionModel configs), for timing with random weights.
+SD15_UNET = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "cross_attention_dim": 768,
+    "attention_head_dim": 8, "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+}
+# BK-SDM-Tiny (nota-ai): SD 1.5 with one layer per block, no mid block, the innermost level removed.
+BK_SDM_TINY_UNET = {
+    **SD15_UNET, "layers_per_block": 1, "mid_block_type": None, "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3, "up_block_types": ("CrossAttnUpBlock2D",) * 3,
+}
+UNET_CONFIGS = {"sd15": SD15_UNET, "bk-sdm-tiny": BK_SDM_TINY_UNET}
+
+
+def random_unet(name: str, seed: int = 0):
+    """A UNet2DConditionModel with the architecture `name` (UNET_CONFIGS) and every parameter random."""
+    from diffusers import UNet2DConditionModel
+
+    return randomize_(UNet2DConditionModel(**UNET_CONFIGS[name]), seed).eval()
+
+
 def save_tiny_pair(root: Path, cross_attention_dim: int = 32) -> tuple[Path, Path]:
     """(small bare U-Net dir, large full pipeline dir) under `root`."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
@@ -95,3 +120,19 @@ def save_tiny_pair(root: Path, cross_attention_dim: int = 32) -> tuple[Path, Pat
         feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(large_dir))
     return small_dir, large_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tstitch_trt.models.sd_random",
+                                description="write a tiny random SD pair (bare small U-Net + full large pipeline)")
+    p.add_argument("out", type=Path)
+    args = p.parse_args(argv)
+    small, large = save_tiny_pair(args.out)
+    print(f"wrote {small} and {large}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
