@@ -313,6 +313,14 @@ def make_fake_trt(cu: FakeCuda, step_for: Callable[[bytes], Callable], name: str
             self.addresses[n] = int(ptr)
             return True
 
+        def get_tensor_shape(self, n: str) -> tuple:
+            """Inputs: as set; outputs: inferred by running the engine's step on zeros of the input shapes."""
+            if n in self.shapes:
+                return self.shapes[n]
+            feeds = {i: np.zeros(self.shapes[i], self.engine.dtypes[i]) for i in self.engine.inputs}
+            outs = dict(zip(self.engine.outputs, self.engine.step(feeds), strict=True))
+            return tuple(outs[n].shape)
+
         def set_device_memory(self, ptr: int, size: int) -> None:
             assert size >= self.engine.device_memory_size_v2, "scratch smaller than the engine needs"
             self.device_memory = (int(ptr), int(size))
@@ -329,6 +337,7 @@ def make_fake_trt(cu: FakeCuda, step_for: Callable[[bytes], Callable], name: str
             assert set(self.addresses) == set(eng.inputs + eng.outputs), "unbound I/O tensor"
             shapes = {n: self.shapes[n] for n in eng.inputs}
             shapes.update({o: self.shapes[i] for i, o in eng.state_pairs})  # a state output has its input's shape
+            shapes.update({o: self.get_tensor_shape(o) for o in eng.outputs if o not in shapes})
             self.enqueues += 1
             if executor is not None:
                 executor(self, shapes, stream_handle)
@@ -350,7 +359,9 @@ def make_fake_trt(cu: FakeCuda, step_for: Callable[[bytes], Callable], name: str
             self.inputs, self.outputs = io["inputs"], io["outputs"]
             self.static, self.dtypes = io["static"], io["dtypes"]  # dims (-1 = dynamic) and numpy dtypes by name
             self.state_pairs = io["state_pairs"]
-            self.latent, self.k = tuple(self.static["x"][1:]), self.static["coef"][0]
+            # step engines: latent and coefficient count (other engines, e.g. a text encoder or VAE, have neither)
+            self.latent = tuple(self.static["x"][1:]) if "x" in self.static else ()
+            self.k = self.static["coef"][0] if "coef" in self.static else 0
             self.batch_range = (1, 16)
             self.device_memory_size_v2 = scratch_for(data) if scratch_for else 1 << 20
             self.names = list(self.inputs + self.outputs)

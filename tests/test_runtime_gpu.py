@@ -567,3 +567,33 @@ def test_trt_backend_sd_new_size_recaptures(fake_sd):
     got = run_stitched(backend, plan2, x2, context2, 7.5, progress=False)
     ref = run_stitched(OrtBackend(fake_sd, manifest), plan2, x2, context2, 7.5, progress=False)
     assert cu.captures == 2 and got.x.shape == (1, 4, 8, 8) and _close(got.x, ref.x)
+
+
+def test_sd_pipeline_on_fake_trt_equals_ort(fake_sd, tmp_path, monkeypatch):
+    """The whole SD request on (fake) TensorRT: text-encoder engine once, U-Net step engines in one graph,
+    VAE engine; the image equals the ORT pipeline's."""
+    import tstitch_trt.runtime.trt_engine as trt_engine
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    bundle = tmp_path / "sd-all-engines"
+    shutil.copytree(fake_sd, bundle)
+    manifest = read_manifest(bundle)
+    for part in (manifest.text_encoder, manifest.vae):
+        ort_entry = part["engines"]["ort"]
+        part["engines"]["trt-rtx"] = EngineEntry(file=ort_entry.file, sha256=ort_entry.sha256, precision="fp32",
+                                                 builder=manifest.models[0].engines["trt-rtx"].builder)
+    (bundle / "manifest.json").write_text(manifest.to_json())
+    manifest = read_manifest(bundle)
+    backend, cu, trt = _fake_backend(bundle)
+    monkeypatch.setattr(trt_engine, "import_tensorrt", lambda kind: trt)
+    monkeypatch.setattr(trt_engine, "cuda_rt", cu)
+    init = np.random.default_rng(0).standard_normal((2, 4, 16, 16), dtype=np.float32)
+    fake = StitchedSDPipeline(bundle, manifest, backend, "fake trt-rtx")
+    got = fake(prompt="a red cube", steps=6, init_noise=init, progress=False)
+    ref = StitchedSDPipeline.from_bundle(fake_sd, backend="ort")(prompt="a red cube", steps=6, init_noise=init,
+                                                                  progress=False)
+    assert got.report["loop_mode"] == "graph" and got.report["backend"] == "trt-rtx"
+    assert _close(got.latents, ref.latents) and np.abs(ref.latents).max() > 0.1
+    assert np.abs(got.images.astype(int) - ref.images.astype(int)).max() <= 1
+    runs = {tuple(c.engine.inputs): c.enqueues for c in trt.contexts if c.enqueues}
+    assert runs[("input_ids",)] == 1 and runs[("latent",)] == 1  # text encoder once per request (both halves)

@@ -37,4 +37,8 @@ def open_text_encoder(bundle_dir: Path, manifest: Manifest, backend: str) -> Cal
                 return clip(torch.from_numpy(ids.astype(np.int64)), return_dict=False)[0].float().numpy()
 
         return encode
-    raise UserError(f"running the {kind} text-encoder engine is not supported by this runtime yet; use --backend ort")
+    from tstitch_trt.runtime.trt_engine import TrtEngineRunner
+
+    runner = TrtEngineRunner(bundle_dir, entry, kind, "text encoder")  # once per request, before the U-Net loop
+    out = runner.outputs[0]
+    return lambda ids: runner({runner.inputs[0]: ids})[out].astype(np.float32)
