@@ -146,3 +146,16 @@ def test_check_covers_sd_bundles(sd_bundle, tmp_path, capsys):
             assert (model, output) in compared
     assert ("text encoder", "text_embeddings") in compared and ("VAE decoder", "image") in compared
     assert all(r["max_rel"] < 1e-4 for r in rows if r["status"] == "ok")
+
+
+def test_dit_pipeline_refuses_sd_bundle(sd_bundle):
+    from tstitch_trt.errors import UserError
+    from tstitch_trt.pipeline.dit import StitchedPipeline
+
+    with pytest.raises(UserError, match="text-to-image .*StitchedSDPipeline"):
+        StitchedPipeline.from_bundle(sd_bundle)
+
+
+def test_bare_dit_arch_keeps_the_dit_error(capsys, tmp_path):
+    code, _, err = run_cli(["build", "--model", "DiT-S/2", "--model", "DiT-B/2", "--out", str(tmp_path / "b")], capsys)
+    one_line_error(code, err, "ARCH=CHECKPOINT")

@@ -41,8 +41,12 @@ class SdSource:
 
 
 def is_sd_model(spec: str) -> bool:
-    """True where --model names a diffusers directory or hub id (the SD build), not ARCH=CHECKPOINT (DiT)."""
-    return "=" not in spec
+    """True where --model names a diffusers directory or hub id (the SD build), not ARCH=CHECKPOINT (DiT).
+
+    A bare DiT architecture name (a forgotten =CHECKPOINT) stays with the DiT build and its error."""
+    from tstitch_trt.models.dit import dit_arch_names
+
+    return "=" not in spec and spec.strip() not in dit_arch_names()
 
 
 def resolve_source(spec: str) -> SdSource:

@@ -43,6 +43,9 @@ class StitchedPipeline:
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, backend: str = "auto", device: str | None = None) -> StitchedPipeline:
         manifest = read_manifest(bundle_dir)
+        if manifest.pipeline == "sd":
+            raise UserError(f"{bundle_dir} is a text-to-image (sd) bundle; open it with "
+                            "tstitch_trt.pipeline.sd.StitchedSDPipeline")
         candidates = backend_candidates(manifest, backend)
         refusals: list[str] = []
         for kind, why in candidates:
