@@ -159,3 +159,15 @@ def test_dit_pipeline_refuses_sd_bundle(sd_bundle):
 def test_bare_dit_arch_keeps_the_dit_error(capsys, tmp_path):
     code, _, err = run_cli(["build", "--model", "DiT-S/2", "--model", "DiT-B/2", "--out", str(tmp_path / "b")], capsys)
     one_line_error(code, err, "ARCH=CHECKPOINT")
+
+
+def test_num_images_repeats_the_prompt(sd_bundle, tmp_path, capsys):
+    code, out, err = run_cli(["run", "--bundle", str(sd_bundle), "--backend", "ort", "--prompt", "a cat",
+                              "--num-images", "2", "--steps", "3", "--height", "32", "--width", "48",
+                              "--save-latents", str(tmp_path / "z.npy"), "--report", str(tmp_path / "r.json"),
+                              "--out", str(tmp_path / "o.png")], capsys)
+    assert code == 0, err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    z = np.load(tmp_path / "z.npy")
+    assert rep["batch"] == 2 and rep["prompts"] == ["a cat", "a cat"] and rep["negative_prompts"] == ["", ""]
+    assert z.shape == (2, 4, 16, 24) and not np.allclose(z[0], z[1])  # own noise per image, any W/8
