@@ -107,15 +107,16 @@ def cmd_build_sd(args: argparse.Namespace) -> int:
 
 
 def describe_sd_bundle(bundle: Path, m) -> str:  # m: Manifest
-    from tstitch_trt.sampling.sd_samplers import default_sampler
+    from tstitch_trt.sampling.sd_samplers import SCHEDULER_CLASSES
 
     c, h, w = m.latent_shape
     sched = m.scheduler or {}
+    default = SCHEDULER_CLASSES.get(str(sched.get("_class_name")), "none: pass --sampler")
     te = m.text_encoder or {}
     lines = [
         f"bundle {bundle}: text-to-image (sd), {len(m.models)} U-Nets in stitch order (smallest first)",
         f"  latent {c}x{h}x{w} by default ({m.image_size}px), VAE scale factor {m.latent_scale_factor}",
-        f"  scheduler {sched.get('_class_name')} (default sampler {default_sampler(sched)}), "
+        f"  scheduler {sched.get('_class_name')} (default sampler {default}), "
         f"{sched.get('beta_schedule')} over {sched.get('num_train_timesteps')} timesteps",
         f"  text encoder {te.get('kind')} ({te.get('hidden_state')} hidden state): {', '.join(te.get('engines', {}))}",
     ]

@@ -179,7 +179,11 @@ class StitchedSDPipeline:
         plan, sigma = self.plan(sampler, steps, shape, rng,
                                 None if fractions is not None else ratio, fractions, eta)
         x_init = x_unit * np.float32(sigma)
-        loop = run_stitched(self.backend, plan, x_init, context, cfg_scale, progress=progress,
+        # diffusers turns CFG off at cfg <= 1 (the conditional half alone); u + 1 (c - u) is that half
+        guidance = cfg_scale if cfg_scale > 1 else 1.0
+        if cfg_scale < 1:
+            notes.append(f"cfg {cfg_scale} <= 1 means no guidance (as diffusers): the conditional prediction alone")
+        loop = run_stitched(self.backend, plan, x_init, context, guidance, progress=progress,
                             model_names=self.model_names)
         images, decode_s = None, 0.0
         if decode:
