@@ -312,10 +312,12 @@ def run_plan(kind: str, plan_path: Path, feeds: dict[str, np.ndarray], outputs: 
 
 
 def _print(results: list[Comparison]) -> None:
-    print(f"  {'model':14s} {'backend':8s} {'output':7s} {'prec':5s} {'max abs':>10s} {'max rel':>10s} "
+    mw = max([14] + [len(r.model) for r in results])  # SD names are longer (eps_hist_next, text_embeddings)
+    ow = max([7] + [len(r.output) for r in results])
+    print(f"  {'model':{mw}s} {'backend':8s} {'output':{ow}s} {'prec':5s} {'max abs':>10s} {'max rel':>10s} "
           f"{'cosine':>10s}  result")
     for r in results:
-        head = f"  {r.model:14s} {r.backend:8s} {r.output:7s} {r.precision:5s}"
+        head = f"  {r.model:{mw}s} {r.backend:8s} {r.output:{ow}s} {r.precision:5s}"
         if r.status == "not run":
             print(f"{head} not run: {r.note}")
             continue
