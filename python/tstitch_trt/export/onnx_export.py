@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from tstitch_trt.export.step_module import STEP_INPUTS, STEP_OUTPUTS, StepModule
+from tstitch_trt.runtime.io_roles import DIT_ROLES
 from tstitch_trt.sampling.coefficients import NUM_COEFS
 
 OPSET = 18
@@ -52,6 +53,7 @@ def io_spec(step: StepModule) -> dict:
             "noise": {"shape": lat, "dtype": "float32"},
         },
         "outputs": {"x_next": {"shape": lat, "dtype": "float32"}, "x0": {"shape": lat, "dtype": "float32"}},
+        "roles": DIT_ROLES,  # how runtimes bind the graph (runtime/io_roles.py)
     }
 
 
