@@ -6,8 +6,12 @@
 #      torch backend's CUDA graph against eager; the real-TensorRT and ORT-CUDA tests skip, with a
 #      reason, unless tensorrt / tensorrt_rtx / onnxruntime-gpu are importable;
 #   2. timings (benchmarks/gpu_check.py): torch-CUDA eager vs whole-trajectory CUDA graph vs the
-#      reference loop, DiT-S/2 -> DiT-XL/2 at 256 px, batch 8, DDIM 100, cfg 1.5, ratio 0.4.
-# Writes $OUT/gpu_check.json (+ gpu_tests.log, gpu_check.log). Run from anywhere:
+#      reference loop, DiT-S/2 -> DiT-XL/2 at 256 px, batch 8, DDIM 100, cfg 1.5, ratio 0.4;
+#   3. SD timings (benchmarks/gpu_check_sd.py): random BK-SDM-Tiny -> SD 1.5 U-Nets, 512 px, batch 1,
+#      PNDM 50, ratio 0.4, torch-CUDA eager vs graph vs diffusers' StableDiffusionPipeline with the
+#      callback switch. Needs diffusers (+ transformers, tokenizers, huggingface_hub, safetensors,
+#      regex) carried in .whl/; without them it records "skipped" and why.
+# Writes $OUT/gpu_check.json, $OUT/gpu_check_sd.json (+ gpu_tests.log, gpu_check.log). Run from anywhere:
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine
 #   bash benchmarks/gpu_check.sh --cpu-dry-run   # here: tiny models on the CPU, same code paths
 #
@@ -60,5 +64,9 @@ summary=$(grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 1)
 timeout 220 "$PY" benchmarks/gpu_check.py "${DRY[@]}" --out "$OUT/gpu_check.json" --budget-s 150 \
     --tests-rc "$tests_rc" --tests-summary "$summary" 2>&1 | tee "$OUT/gpu_check.log"
 bench_rc=${PIPESTATUS[0]}
-echo "gpu tests: rc=$tests_rc ($summary); timings: rc=$bench_rc; results in $OUT"
-[[ $tests_rc -eq 0 && $bench_rc -eq 0 ]]
+
+# 3. SD timings (own budget)
+timeout 150 "$PY" benchmarks/gpu_check_sd.py "${DRY[@]}" --out "$OUT/gpu_check_sd.json" 2>&1 | tee "$OUT/gpu_check_sd.log"
+sd_rc=${PIPESTATUS[0]}
+echo "gpu tests: rc=$tests_rc ($summary); timings: rc=$bench_rc; SD timings: rc=$sd_rc; results in $OUT"
+[[ $tests_rc -eq 0 && $bench_rc -eq 0 && $sd_rc -eq 0 ]]

@@ -11,6 +11,9 @@ pip install torch==2.13.0
 pip install -e ".[build,trt-rtx,dev,demo-train]"
 # TensorRT type stubs for the mypy check; --no-deps because their `tensorrt` dependency cannot install here.
 pip install --no-deps tensorrt-stubs==10.13.0.35.1
+# open_clip_torch ships the real CLIP BPE vocabulary the SD tests build their tokenizer from; --no-deps because
+# its torchvision dependency cannot install here (the tests read the file, they never import open_clip).
+pip install --no-deps open_clip_torch
 python -m ruff check python tests benchmarks
 # The README's install without torch, in its own fresh venv: every command works or says what to install.
 bash scripts/smoke_no_torch.sh

@@ -36,3 +36,27 @@ def tiny_trio(tmp_path_factory) -> Path:
     """DiT-S/2 -> DiT-B/2 -> DiT-XL/2 (shrunk), torch + ort."""
     return build_tiny(tmp_path_factory.mktemp("bundles") / "trio", ["DiT-S/2", "DiT-B/2", "DiT-XL/2"],
                       ["torch", "ort"])
+
+
+@pytest.fixture(scope="session")
+def sd_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(small bare U-Net dir, large SD pipeline dir): diffusers' dummy SD parts, every parameter random."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from tstitch_trt.models.sd_random import open_clip_vocab_file, save_tiny_pair
+
+    if not open_clip_vocab_file().is_file():
+        pytest.skip("open_clip_torch's vocabulary file is missing (pip install --no-deps open_clip_torch)")
+    return save_tiny_pair(tmp_path_factory.mktemp("sd-parts"))
+
+
+@pytest.fixture(scope="session")
+def sd_bundle(sd_pair, tmp_path_factory) -> Path:
+    """The tiny SD pair built once through the CLI: torch + ort."""
+    from tstitch_trt.cli import main
+
+    out = tmp_path_factory.mktemp("sd-bundles") / "sd"
+    small, large = sd_pair
+    assert main(["build", "--model", str(small), "--model", str(large), "--backend", "torch,ort",
+                 "--out", str(out)]) == 0
+    return out

@@ -206,14 +206,17 @@ def toy_step(xp: Any, inputs: dict[str, Any], scale: float) -> tuple[Any, Any]:
     return x_next.astype(xp.float32), x0.astype(xp.float32)
 
 
-def ort_step(onnx_bytes: bytes) -> Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
+def ort_step(onnx_bytes: bytes) -> Callable[[dict[str, np.ndarray]], tuple[np.ndarray, ...]]:
+    """The step graph's outputs (in graph order) from feeds by input name: any step graph (DiT, U-Net)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
-    return lambda feeds: tuple(sess.run(list(STEP_OUTPUTS), {k: feeds[k] for k in STEP_INPUTS}))
+    inputs = [i.name for i in sess.get_inputs()]
+    outputs = [o.name for o in sess.get_outputs()]
+    return lambda feeds: tuple(sess.run(outputs, {k: feeds[k] for k in inputs}))
 
 
 # -- a fake TensorRT module ----------------------------------------------------------------------------------
@@ -298,9 +301,10 @@ def make_fake_trt(cu: FakeCuda, step_for: Callable[[bytes], Callable], name: str
 
         def set_input_shape(self, n: str, shape: Any) -> bool:
             shape = tuple(int(d) for d in shape)
-            if n in ("x", "prev_x0", "noise", "t", "y"):
+            if self.engine.static[n] and -1 in self.engine.static[n]:  # a dynamic input: batch within the profile
                 lo, hi = self.engine.batch_range
-                if not lo <= shape[0] <= hi:
+                scale = 2 if n == "context" else 1
+                if not scale * lo <= shape[0] <= scale * hi:
                     return False
             self.shapes[n] = shape
             return True
@@ -308,6 +312,14 @@ def make_fake_trt(cu: FakeCuda, step_for: Callable[[bytes], Callable], name: str
         def set_tensor_address(self, n: str, ptr: int) -> bool:
             self.addresses[n] = int(ptr)
             return True
+
+        def get_tensor_shape(self, n: str) -> tuple:
+            """Inputs: as set; outputs: inferred by running the engine's step on zeros of the input shapes."""
+            if n in self.shapes:
+                return self.shapes[n]
+            feeds = {i: np.zeros(self.shapes[i], self.engine.dtypes[i]) for i in self.engine.inputs}
+            outs = dict(zip(self.engine.outputs, self.engine.step(feeds), strict=True))
+            return tuple(outs[n].shape)
 
         def set_device_memory(self, ptr: int, size: int) -> None:
             assert size >= self.engine.device_memory_size_v2, "scratch smaller than the engine needs"
@@ -321,10 +333,11 @@ def make_fake_trt(cu: FakeCuda, step_for: Callable[[bytes], Callable], name: str
 
         def execute_async_v3(self, stream_handle: int) -> bool:
             assert self.device_memory is not None, "enqueue without device memory (USER_MANAGED)"
-            assert set(self.addresses) == set(STEP_INPUTS + STEP_OUTPUTS), "unbound I/O tensor"
-            lat = self.shapes["x"]
-            shapes = {"x": lat, "prev_x0": lat, "noise": lat, "x_next": lat, "x0": lat, "t": self.shapes["t"],
-                      "y": self.shapes["y"], "guidance": (), "coef": self.shapes["coef"]}
+            eng = self.engine
+            assert set(self.addresses) == set(eng.inputs + eng.outputs), "unbound I/O tensor"
+            shapes = {n: self.shapes[n] for n in eng.inputs}
+            shapes.update({o: self.shapes[i] for i, o in eng.state_pairs})  # a state output has its input's shape
+            shapes.update({o: self.get_tensor_shape(o) for o in eng.outputs if o not in shapes})
             self.enqueues += 1
             if executor is not None:
                 executor(self, shapes, stream_handle)
@@ -333,29 +346,32 @@ def make_fake_trt(cu: FakeCuda, step_for: Callable[[bytes], Callable], name: str
             fn = self.engine.step
 
             def run() -> None:
-                feeds = {n: cu.array(self.addresses[n], shapes[n], self.engine.dtypes[n]).copy() for n in STEP_INPUTS}
-                x_next, x0 = fn(feeds)
-                cu.array(self.addresses["x_next"], lat, np.float32)[...] = x_next
-                cu.array(self.addresses["x0"], lat, np.float32)[...] = x0
+                feeds = {n: cu.array(self.addresses[n], shapes[n], eng.dtypes[n]).copy() for n in eng.inputs}
+                for name, value in zip(eng.outputs, fn(feeds), strict=True):
+                    cu.array(self.addresses[name], shapes[name], np.float32)[...] = value
 
             cu.streams[stream_handle].enqueue(run)
             return True
 
     class Engine:
-        def __init__(self, data: bytes, step: Callable, latent: tuple[int, int, int], k: int):
+        def __init__(self, data: bytes, step: Callable, io: dict):
             self.step = step
-            self.latent, self.k = latent, k
+            self.inputs, self.outputs = io["inputs"], io["outputs"]
+            self.static, self.dtypes = io["static"], io["dtypes"]  # dims (-1 = dynamic) and numpy dtypes by name
+            self.state_pairs = io["state_pairs"]
+            # step engines: latent and coefficient count (other engines, e.g. a text encoder or VAE, have neither)
+            self.latent = tuple(self.static["x"][1:]) if "x" in self.static else ()
+            self.k = self.static["coef"][0] if "coef" in self.static else 0
             self.batch_range = (1, 16)
             self.device_memory_size_v2 = scratch_for(data) if scratch_for else 1 << 20
-            self.names = list(STEP_INPUTS + STEP_OUTPUTS)
-            self.dtypes = {n: (np.int64 if n in ("t", "y") else np.float32) for n in self.names}
+            self.names = list(self.inputs + self.outputs)
             self.num_io_tensors = len(self.names)
 
         def get_tensor_name(self, i: int) -> str:
             return self.names[i]
 
         def get_tensor_mode(self, n: str) -> TensorIOMode:
-            return TensorIOMode.INPUT if n in STEP_INPUTS else TensorIOMode.OUTPUT
+            return TensorIOMode.INPUT if n in self.inputs else TensorIOMode.OUTPUT
 
         def get_tensor_location(self, n: str) -> TensorLocation:
             return TensorLocation.DEVICE
@@ -364,11 +380,14 @@ def make_fake_trt(cu: FakeCuda, step_for: Callable[[bytes], Callable], name: str
             return DataType.INT64 if self.dtypes[n] == np.int64 else DataType.FLOAT
 
         def get_tensor_shape(self, n: str) -> tuple:
-            return {"t": (-1,), "y": (-1,), "guidance": (), "coef": (self.k,)}.get(n, (-1, *self.latent))
+            return tuple(self.static[n])
 
         def get_tensor_profile_shape(self, n: str, profile: int) -> list[tuple]:
             lo, hi = self.batch_range
-            return [(lo, *self.latent), (hi, *self.latent), (hi, *self.latent)]
+            # dynamic spatial dims (U-Nets): 1 .. 4096 in the fake profile
+            rest_lo = tuple(1 if d < 0 else d for d in self.latent)
+            rest_hi = tuple(4096 if d < 0 else d for d in self.latent)
+            return [(lo, *rest_lo), (hi, *rest_hi), (hi, *rest_hi)]
 
         def create_execution_context(self, arg: Any = ExecutionContextAllocationStrategy.STATIC) -> Context:
             return Context(self, arg.strategy if isinstance(arg, RuntimeConfig) else arg)
@@ -384,26 +403,42 @@ def make_fake_trt(cu: FakeCuda, step_for: Callable[[bytes], Callable], name: str
         def deserialize_cuda_engine(self, data: bytes) -> Engine | None:
             try:
                 step = step_for(data)
-                latent, k = _onnx_io(data)
+                io = _onnx_io(data)
             except Exception as e:
                 self.logger.log(_Severity.ERROR, f"IRuntime::deserializeCudaEngine: not a plan ({type(e).__name__})")
                 return None
-            return Engine(data, step, latent, k)
+            return Engine(data, step, io)
 
     trt.Runtime = Runtime
     return trt
 
 
-def _onnx_io(data: bytes) -> tuple[tuple[int, int, int], int]:
-    """Latent (C, H, W) and coefficient count of a step graph; toy plans carry them in a header."""
+STATE_PAIRS = (("x", "x_next"), ("prev_x0", "x0"), ("eps_hist", "eps_hist_next"), ("saved", "saved_next"))
+
+
+def _onnx_io(data: bytes) -> dict:
+    """The engine's I/O (names, static dims with -1 for dynamic, dtypes) from a step graph; toy plans
+    are DiT step engines whose latent and coefficient count are in a header."""
     if data.startswith(b"TOY"):
         c, h, w, k = (int(v) for v in data[3:].split(b",")[:4])
-        return (c, h, w), k
+        lat = (-1, c, h, w)
+        static = {"x": lat, "prev_x0": lat, "noise": lat, "x_next": lat, "x0": lat, "t": (-1,), "y": (-1,),
+                  "guidance": (), "coef": (k,)}
+        dtypes = {n: (np.int64 if n in ("t", "y") else np.float32) for n in static}
+        return {"inputs": list(STEP_INPUTS), "outputs": ["x_next", "x0"], "static": static, "dtypes": dtypes,
+                "state_pairs": STATE_PAIRS[:2]}
     import onnx
 
     model = onnx.load_from_string(data)
-    dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-    return tuple(dims["x"][1:]), dims["coef"][0]  # type: ignore[return-value]
+    elem = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
+    static, dtypes = {}, {}
+    for v in [*model.graph.input, *model.graph.output]:
+        static[v.name] = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim)
+        dtypes[v.name] = elem[v.type.tensor_type.elem_type]
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    return {"inputs": inputs, "outputs": outputs, "static": static, "dtypes": dtypes,
+            "state_pairs": tuple(p for p in STATE_PAIRS if p[0] in inputs)}
 
 
 def toy_plan(latent: tuple[int, int, int], k: int, scale: float) -> bytes:

@@ -70,7 +70,8 @@ BAD_RUNS = [
     (["--steps", "0"], "--steps: must be between 1 and"),
     (["--class-labels", "3,10"], "class label 10 is outside [0, 10)"),
     (["--class-labels", "-1"], "class label -1"),
-    (["--sampler", "euler"], "invalid choice"),
+    (["--sampler", "heun"], "invalid choice"),
+    (["--sampler", "euler"], "--sampler euler is for text-to-image (sd) bundles"),
 ]
 
 

@@ -520,3 +520,80 @@ def test_trt_backend_locates_nan_after_a_graph_run(tiny_pair, tmp_path):
     first_large = int(np.argmax(plan.step_model == 1))
     with pytest.raises(NonFiniteError, match=rf"first at step {first_large} .* on DiT-B/2"):
         run_stitched(backend, plan, x, labels, 1.5, progress=False, model_names=[m.name for m in manifest.models])
+
+
+# -- SD bundles: the same TrtBackend binds U-Net step engines by role (context, eps history, saved sample) --
+@pytest.fixture(scope="module")
+def fake_sd(sd_bundle, tmp_path_factory) -> Path:
+    return add_fake_engines(sd_bundle, tmp_path_factory.mktemp("fake-sd") / "sd")
+
+
+def _sd_plan(manifest, sampler: str, batch: int = 2, ratio: float = 0.4, hw: int = 16, seed: int = 0):
+    from tstitch_trt.sampling.sd_samplers import sd_table
+    from tstitch_trt.sampling.stitch import stitch_schedule_by_call
+    from tstitch_trt.sampling.trajectory import TrajectoryPlan
+
+    table = sd_table(sampler, manifest.scheduler, 6)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, 4, hw, hw), dtype=np.float32) * np.float32(table.init_noise_sigma)
+    context = rng.standard_normal((2 * batch, 77, 32), dtype=np.float32)
+    plan = TrajectoryPlan(sampler, table.timesteps, table.coef,
+                          stitch_schedule_by_call(len(table.timesteps), 2, ratio=ratio), None)
+    return plan, x, context
+
+
+@pytest.mark.parametrize("sampler", ["pndm", "dpm-solver++", "euler"])
+def test_trt_backend_runs_sd_bundles_like_ort(fake_sd, sampler):
+    manifest = read_manifest(fake_sd)
+    plan, x, context = _sd_plan(manifest, sampler)
+    ref = run_stitched(OrtBackend(fake_sd, manifest), plan, x, context, 7.5, progress=False)
+    plain, _, _ = _fake_backend(fake_sd, cuda_graph=False)
+    got = run_stitched(plain, plan, x, context, 7.5, progress=False)
+    assert got.mode == "steps" and _close(got.x, ref.x) and np.abs(ref.x).max() > 0.1
+    graph, cu, _ = _fake_backend(fake_sd)
+    first = run_stitched(graph, plan, x, context, 7.5, progress=False)
+    assert first.mode == "graph" and cu.captures == 1 and np.array_equal(first.x, got.x)
+    # the eps history and saved sample are state: a replay restarts them, so a second run is identical
+    again = run_stitched(graph, plan, x, context, 7.5, progress=False)
+    assert again.mode == "graph" and cu.captures == 1 and np.array_equal(again.x, got.x)
+
+
+def test_trt_backend_sd_new_size_recaptures(fake_sd):
+    manifest = read_manifest(fake_sd)
+    backend, cu, _ = _fake_backend(fake_sd)
+    plan, x, context = _sd_plan(manifest, "pndm")
+    run_stitched(backend, plan, x, context, 7.5, progress=False)
+    plan2, x2, context2 = _sd_plan(manifest, "pndm", hw=8, batch=1)  # another latent size: new buffers and graph
+    got = run_stitched(backend, plan2, x2, context2, 7.5, progress=False)
+    ref = run_stitched(OrtBackend(fake_sd, manifest), plan2, x2, context2, 7.5, progress=False)
+    assert cu.captures == 2 and got.x.shape == (1, 4, 8, 8) and _close(got.x, ref.x)
+
+
+def test_sd_pipeline_on_fake_trt_equals_ort(fake_sd, tmp_path, monkeypatch):
+    """The whole SD request on (fake) TensorRT: text-encoder engine once, U-Net step engines in one graph,
+    VAE engine; the image equals the ORT pipeline's."""
+    import tstitch_trt.runtime.trt_engine as trt_engine
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    bundle = tmp_path / "sd-all-engines"
+    shutil.copytree(fake_sd, bundle)
+    manifest = read_manifest(bundle)
+    for part in (manifest.text_encoder, manifest.vae):
+        ort_entry = part["engines"]["ort"]
+        part["engines"]["trt-rtx"] = EngineEntry(file=ort_entry.file, sha256=ort_entry.sha256, precision="fp32",
+                                                 builder=manifest.models[0].engines["trt-rtx"].builder)
+    (bundle / "manifest.json").write_text(manifest.to_json())
+    manifest = read_manifest(bundle)
+    backend, cu, trt = _fake_backend(bundle)
+    monkeypatch.setattr(trt_engine, "import_tensorrt", lambda kind: trt)
+    monkeypatch.setattr(trt_engine, "cuda_rt", cu)
+    init = np.random.default_rng(0).standard_normal((2, 4, 16, 16), dtype=np.float32)
+    fake = StitchedSDPipeline(bundle, manifest, backend, "fake trt-rtx")
+    got = fake(prompt="a red cube", steps=6, init_noise=init, progress=False)
+    ref = StitchedSDPipeline.from_bundle(fake_sd, backend="ort")(prompt="a red cube", steps=6, init_noise=init,
+                                                                  progress=False)
+    assert got.report["loop_mode"] == "graph" and got.report["backend"] == "trt-rtx"
+    assert _close(got.latents, ref.latents) and np.abs(ref.latents).max() > 0.1
+    assert np.abs(got.images.astype(int) - ref.images.astype(int)).max() <= 1
+    runs = {tuple(c.engine.inputs): c.enqueues for c in trt.contexts if c.enqueues}
+    assert runs[("input_ids",)] == 1 and runs[("latent",)] == 1  # text encoder once per request (both halves)

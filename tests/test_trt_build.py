@@ -183,3 +183,29 @@ def test_cli_recipe_with_target_flag_records_compute_capability(tmp_path, capsys
     assert m.models[0].engines["trt-rtx"].batch_range == (1, 2)
     assert main(["build", "--recipe", str(recipe), "--compute-capabilities", "eight", "--out", str(out)]) == 2
     assert "compute capabilities look like 8.9" in capsys.readouterr().err
+
+
+@needs_rtx
+def test_trt_rtx_builds_the_sd_pair_on_cpu(sd_pair, tmp_path):
+    """The tiny SD pair: fp16-typed text encoder, U-Net step graphs and VAE become real TensorRT-RTX plans."""
+    from tstitch_trt.export.sd_build import SdBuildConfig, build_sd_bundle
+
+    out = tmp_path / "sd-rtx"
+    build_sd_bundle(SdBuildConfig(models=[str(p) for p in sd_pair], out=out, backends=["trt-rtx"],
+                                  precision="fp16", batch_range=(1, 2)))
+    m = read_manifest(out)
+    assert m.pipeline == "sd" and m.backends() == ["trt-rtx"]
+    te = m.text_encoder["engines"]["trt-rtx"]
+    assert te.precision == "fp16" and artifact_path(out, te).stat().st_size > 10_000
+    assert te.builder["options"]["profile"]["input_ids"] == [[2, 77], [2, 77], [4, 77]]
+    for model in m.models:
+        e = model.engines["trt-rtx"]
+        assert e.precision == "fp16" and artifact_path(out, e).stat().st_size > 10_000
+        profile = e.builder["options"]["profile"]
+        assert profile["x"] == [[1, 4, 16, 16], [2, 4, 32, 32], [2, 4, 64, 64]]  # B 1-2, H/W 16..64 around 32
+        assert profile["context"] == [[2, 77, 32], [4, 77, 32], [4, 77, 32]]
+        assert profile["eps_hist"][2] == [2, 3, 4, 64, 64]
+    vae = m.vae["engines"]["trt-rtx"]
+    assert artifact_path(out, vae).stat().st_size > 10_000
+    assert vae.builder["options"]["profile"]["latent"][0] == [1, 4, 16, 16]
+    assert not any(out.glob("**/*.onnx"))  # the graphs were only the engines' source

@@ -38,7 +38,7 @@ from tstitch_trt.demo import resolve_bundle
 from tstitch_trt.errors import UserError
 
 SCHEMA = "tstitch-bench/1"
-WORKLOADS = ("demo", "dit-s-xl")
+WORKLOADS = ("demo", "dit-s-xl", "sd-bk-tiny-sd15")
 GPU_BACKENDS = ("trt", "trt-rtx")
 PARTS = ("steps", "e2e", "sweep")
 # The reference's demo labels (REFERENCE.md); cycled and taken modulo the bundle's class count.
@@ -80,7 +80,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", default=None, help="bundle directory ('demo' = --workload demo)")
     p.add_argument("--workload", choices=WORKLOADS, default=None,
                    help="demo: the built-in demo pair (default); dit-s-xl: DiT-S/2 -> DiT-XL/2 at 256 px, random "
-                        "weights, built once into --cache")
+                        "weights, built once into --cache; sd-bk-tiny-sd15: random BK-SDM-Tiny -> SD 1.5 U-Nets "
+                        "against diffusers' pipeline (tstitch_trt/bench_sd.py)")
     p.add_argument("--backends", type=_name_list, default=None,
                    help="comma list of trt, trt-rtx, ort, torch (default: every backend in the bundle)")
     p.add_argument("--sweep-backends", type=_name_list, default=None,
@@ -458,6 +459,10 @@ def load_reference_loop():  # -> module
 def run_bench(args: argparse.Namespace) -> int:
     if args.quality:
         return run_quality(args)
+    if args.workload == "sd-bk-tiny-sd15":
+        from tstitch_trt.bench_sd import run_sd_bench
+
+        return run_sd_bench(args)
     log = _logger()
     bad = [p for p in args.parts if p not in PARTS]
     if bad:

@@ -129,13 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = command("build", "export checkpoints to a bundle of step graphs / engines (needs the build extra)")
     b.add_argument("--recipe", help="TOML file with the same settings (command-line flags override it)")
-    b.add_argument("--model", action="append", metavar="ARCH=CHECKPOINT",
-                   help="a model to stitch, smallest first, e.g. DiT-S/2=DiT-S-2.pt (CHECKPOINT may be random:SEED); "
-                        "repeat the flag for each model")
-    b.add_argument("--image-size", type=_int_in(1, 16384), help="image size in pixels (default 256)")
-    b.add_argument("--num-classes", type=_int_in(1, 1_000_000), help="class count of the models (default 1000)")
-    b.add_argument("--latent-channels", type=_int_in(1, 1024), help="latent channels (default 4)")
-    b.add_argument("--downsample", type=_int_in(1, 64), help="VAE factor (default 8; 1 for pixel-space models)")
+    b.add_argument("--model", action="append", metavar="ARCH=CHECKPOINT|DIR",
+                   help="a model to stitch, smallest first, repeated: DiT-S/2=DiT-S-2.pt (CHECKPOINT may be "
+                        "random:SEED), or a diffusers SD pipeline / U-Net directory (the last one a full pipeline)")
+    b.add_argument("--image-size", type=_int_in(1, 16384), help="DiT: image size in pixels (default 256)")
+    b.add_argument("--num-classes", type=_int_in(1, 1_000_000), help="DiT: class count of the models (default 1000)")
+    b.add_argument("--latent-channels", type=_int_in(1, 1024), help="DiT: latent channels (default 4)")
+    b.add_argument("--downsample", type=_int_in(1, 64), help="DiT: VAE factor (default 8; 1 for pixel-space models)")
     b.add_argument("--vae", help="diffusers AutoencoderKL directory (or hub id where a network exists)")
     b.add_argument("--backend", help="comma list of torch, ort, trt, trt-rtx (default torch,ort)")
     b.add_argument("--precision", choices=["fp16", "fp32"], help="engine precision for trt / trt-rtx (default fp16)")
@@ -149,22 +149,31 @@ def build_parser() -> argparse.ArgumentParser:
     r = command("run", "sample images with a bundle (default: the built-in demo pair)")
     r.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo'")
     r.add_argument("--backend", default="auto", help="auto, trt, trt-rtx, ort, torch")
-    r.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm-solver++"], help="sampler")
+    r.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "dpm-solver++", "pndm", "euler"],
+                   help="DiT: ddim, ddpm, dpm-solver++ (default ddim); SD: pndm, ddim, euler, dpm-solver++ "
+                        "(default: the bundle's scheduler)")
     r.add_argument("--steps", type=_int_in(1, 100_000), default=50, help="sampling steps")
     g = r.add_mutually_exclusive_group()
     g.add_argument("--ratio", type=_unit, default=None,
                    help="share of early steps on the small model, 0..1 (default 0.4 with two models)")
     g.add_argument("--fractions", type=_parse_fractions,
                    help="one share per model in stitch order, summing to 1 (default: equal shares with 3+ models)")
-    r.add_argument("--cfg-scale", type=_finite, default=1.5, help="classifier-free guidance scale")
+    r.add_argument("--cfg-scale", type=_finite, default=None, help="classifier-free guidance scale (default: DiT 1.5, "
+                                                                   "SD 7.5)")
     r.add_argument("--eta", type=_non_negative, default=0.0, help="DDIM eta (0 = deterministic)")
     r.add_argument("--class-labels", type=_parse_labels, default=None,
-                   help="comma list of class labels (default: 0-9 twice for the demo, the reference's 8 labels "
+                   help="DiT: comma list of class labels (default: 0-9 twice for the demo, the reference's 8 labels "
                         "otherwise)")
+    r.add_argument("--prompt", help="SD (text-to-image) bundles: the prompt")
+    r.add_argument("--negative-prompt", help="SD: the negative prompt (default: the empty string, as diffusers)")
+    r.add_argument("--num-images", type=_int_in(1, 65536), help="SD: images per prompt (default 1)")
+    r.add_argument("--height", type=_int_in(8, 16384),
+                   help="SD: image height (default: U-Net sample size x VAE factor)")
+    r.add_argument("--width", type=_int_in(8, 16384), help="SD: image width (default as --height)")
     r.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, help="seed of the initial and per-step noise")
     r.add_argument("--init-noise", help=".npy starting latent (B, C, H, W) float; sets the batch")
     r.add_argument("--save-latents", help="also write the final latent (before decoding) to this .npy")
-    r.add_argument("--out", help="image grid to write: .png, .jpg or .webp (default ./tstitch-BUNDLE.png)")
+    r.add_argument("--out", help="image (grid) to write: .png, .jpg or .webp (default ./tstitch-BUNDLE.png)")
     r.add_argument("--report", help="write the JSON report here")
     r.add_argument("--device", default=None, help="torch backend device: cpu or cuda (default: cuda if available)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -260,7 +269,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     bundle = resolve_bundle(args.bundle)
     manifest = read_manifest(bundle)
     verify_bundle(bundle, manifest)
-    print(describe_bundle(bundle, manifest))
+    if manifest.pipeline == "sd":
+        from tstitch_trt.cli_sd import describe_sd_bundle
+
+        print(describe_sd_bundle(bundle, manifest))
+    else:
+        print(describe_bundle(bundle, manifest))
     print("  backends on this machine:")
     for kind, ok, reason in backend_availability(manifest):
         print(f"    {kind:8s} {'can run' if ok else 'cannot run'}: {reason}")
@@ -292,12 +306,21 @@ def describe_bundle(bundle: Path, m) -> str:  # m: Manifest
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tstitch_trt.bundle.manifest import read_manifest
+    from tstitch_trt.cli_sd import cmd_run_sd, refuse_sd_flags
     from tstitch_trt.outputs import IMAGE_FORMATS, OutputPlan
     from tstitch_trt.pipeline.dit import StitchedPipeline, decodes_to_images
 
     bundle = resolve_bundle(args.bundle)
-    is_demo = args.bundle == DEMO
     manifest = read_manifest(bundle)  # a broken manifest is refused before anything else
+    if manifest.pipeline == "sd":
+        return cmd_run_sd(args, bundle, manifest)
+    refuse_sd_flags(args)
+    if args.sampler in ("pndm", "euler"):
+        raise UserError(f"--sampler {args.sampler} is for text-to-image (sd) bundles; DiT bundles take ddim, ddpm "
+                        "or dpm-solver++")
+    args.sampler = args.sampler or "ddim"
+    args.cfg_scale = 1.5 if args.cfg_scale is None else args.cfg_scale
+    is_demo = args.bundle == DEMO
     # Every output is checked before any work: a run never fails at the end for a path.
     outputs = OutputPlan()
     name = DEMO if is_demo else Path(str(bundle)).resolve().name
@@ -388,8 +411,13 @@ def load_init_noise(path: str) -> np.ndarray:
 
 def cmd_build(args: argparse.Namespace) -> int:
     _require_torch("`tstitch-trt build`")
+    from tstitch_trt.models.sd import is_sd_model
     from tstitch_trt.recipes import build_config_from_args
 
+    if args.model and any(is_sd_model(m) for m in args.model):
+        from tstitch_trt.cli_sd import cmd_build_sd
+
+        return cmd_build_sd(args)
     cfg = build_config_from_args(args)
     from tstitch_trt.export.build import build_bundle
     from tstitch_trt.progress import Stages

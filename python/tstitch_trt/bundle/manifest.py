@@ -68,8 +68,10 @@ class ModelEntry:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W); U-Nets (family "unet") take any H, W: this is their default, sample_size."""
         a = self.arch
-        return (int(a["in_channels"]), int(a["input_size"]), int(a["input_size"]))
+        size = int(a["input_size"] if "input_size" in a else a["sample_size"])
+        return (int(a["in_channels"]), size, size)
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelEntry:
@@ -92,6 +94,19 @@ class Manifest:
     created_by: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+    # Text-to-image additions, all optional (None for DiT bundles):
+    #   pipeline "sd": models are U-Nets (family "unet", arch = the diffusers UNet config, latent
+    #     (C, sample_size, sample_size) by default, any H/W divisible by the VAE factor at run time);
+    #     num_classes 0; io["roles"] = the step graph's I/O by role (runtime/io_roles.py: state pairs,
+    #     per-step rows, per-request constants); io["inputs"/"outputs"] may use symbolic dims B, 2B, H, W.
+    #   text_encoder: {"source", "kind": "CLIPTextModel", "hidden_state": "last" | "penultimate",
+    #     "engines": {backend: EngineEntry}, "io": input_ids (N, L) int64 -> text_embeddings (N, L, D)}.
+    #   tokenizer: {"file": EngineEntry (tokenizer.json for the `tokenizers` library), "max_length",
+    #     "pad_id", "kind": "clip"}.
+    #   scheduler: the large pipeline's diffusers scheduler_config.json, as is (samplers are built from it).
+    text_encoder: dict[str, Any] | None = None
+    tokenizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -108,25 +123,32 @@ class Manifest:
     def from_dict(cls, d: dict) -> Manifest:
         d = dict(d)
         d["models"] = [ModelEntry.from_dict(m) for m in d["models"]]
-        if d.get("vae"):
-            vae = dict(d["vae"])
-            vae["engines"] = {k: EngineEntry.from_dict(v) for k, v in vae.get("engines", {}).items()}
-            d["vae"] = vae
+        for part in ("vae", "text_encoder"):
+            if d.get(part):
+                entry = dict(d[part])
+                entry["engines"] = {k: EngineEntry.from_dict(v) for k, v in entry.get("engines", {}).items()}
+                d[part] = entry
         return cls(**d)
 
     def artifacts(self) -> list[tuple[str, EngineEntry]]:
-        """(what, entry) for every artifact of every model and of the VAE."""
+        """(what, entry) for every artifact: each model's, the VAE's, the text encoder's, the tokenizer."""
         out = [(f"{m.name} {kind}", e) for m in self.models for kind, e in m.engines.items()]
-        if self.vae:
-            out += [(f"VAE {kind}", e) for kind, e in self.vae["engines"].items()]
+        for part, label in ((self.vae, "VAE"), (self.text_encoder, "text encoder")):
+            if part:
+                out += [(f"{label} {kind}", e) for kind, e in part["engines"].items()]
+        if self.tokenizer:
+            f = self.tokenizer["file"]
+            out.append(("tokenizer", EngineEntry(file=f["file"], sha256=f["sha256"])))
         return out
 
     def files(self) -> list[str]:
         return [f for _, e in self.artifacts() for f, _ in e.files()]
 
     def in_owned_dir(self, rel: str) -> bool:
-        """Files inside a directory an artifact reads as a whole (a diffusers VAE directory)."""
+        """Files inside a directory an artifact reads as a whole (a diffusers model or tokenizer directory)."""
         dirs = [e.extra["dir"].rstrip("/") + "/" for _, e in self.artifacts() if e.extra.get("dir")]
+        if self.tokenizer:
+            dirs.append(str(Path(self.tokenizer["file"]["file"]).parent) + "/")
         return any(rel.startswith(d) for d in dirs)
 
     def validate(self) -> None:
@@ -138,6 +160,18 @@ class Manifest:
             listed = ", ".join(f"{m.name}: {m.latent_shape}" for m in self.models)
             raise BundleError(f"the models' latent shapes differ ({listed}); stitched models must share one "
                               "latent space")
+        for what, e in self.artifacts():
+            lo, hi = e.batch_range
+            if lo > hi:
+                raise BundleError(f"{what}: batch_range [{lo}, {hi}] is empty (min > max)")
+        if not math.isfinite(self.latent_scale_factor):
+            raise BundleError("latent_scale_factor is not a finite number")
+        if self.pipeline == "sd":
+            self._validate_sd()
+        else:
+            self._validate_dit()
+
+    def _validate_dit(self) -> None:
         classes = {int(m.arch.get("num_classes", self.num_classes)) for m in self.models}
         if classes != {self.num_classes}:
             raise BundleError(f"the models' class counts ({sorted(classes)}) differ from num_classes "
@@ -156,18 +190,32 @@ class Manifest:
         pixel_space = self.vae is None and self.latent_scale_factor == 1.0
         if (h != w or (pixel_space and self.image_size != h) or (not pixel_space and self.image_size % h)):
             raise BundleError(f"image_size {self.image_size} does not fit the models' latent {h}x{w}")
-        for what, e in self.artifacts():
-            lo, hi = e.batch_range
-            if lo > hi:
-                raise BundleError(f"{what}: batch_range [{lo}, {hi}] is empty (min > max)")
         if self.io:
             for name, want in (("x", [c, h, w]), ("x_next", [c, h, w])):
                 spec = self.io.get("inputs", {}).get(name) or self.io.get("outputs", {}).get(name)
                 if spec is not None and list(spec["shape"][1:]) != want:
                     raise BundleError(f"io: {name} has shape {spec['shape']}, but the models' latent is "
                                       f"{c}x{h}x{w}")
-        if not math.isfinite(self.latent_scale_factor):
-            raise BundleError("latent_scale_factor is not a finite number")
+        if self.text_encoder or self.tokenizer or self.scheduler:
+            raise BundleError("a class-conditional (DiT) bundle has a text encoder, tokenizer or scheduler entry; "
+                              "rebuild the bundle")
+
+    def _validate_sd(self) -> None:
+        widths = {int(m.arch["cross_attention_dim"]) for m in self.models}
+        text = (self.text_encoder or {}).get("io", {}).get("outputs", {})
+        text_width = {int(spec["shape"][-1]) for spec in text.values() if spec["shape"]}
+        if len(widths) > 1 or (text_width and text_width != widths):
+            listed = ", ".join(f"{m.name}: {m.arch['cross_attention_dim']}" for m in self.models)
+            raise BundleError(f"the U-Nets' cross-attention widths ({listed}) and the text encoder's "
+                              f"({sorted(text_width)}) must all be equal; rebuild the bundle")
+        roles = self.io.get("roles")
+        if not roles:
+            raise BundleError("io.roles is missing: a text-to-image bundle must record its step graph's roles")
+        names = set(self.io.get("inputs", {})) | set(self.io.get("outputs", {}))
+        named = {n for pair in roles["state"] for n in pair} | set(roles["step"]) | set(roles["request"])
+        if named != names:
+            raise BundleError(f"io.roles names {sorted(named ^ names)[:3]} that are not (or not all) the step "
+                              "graph's inputs and outputs; rebuild the bundle")
 
     def batch_limits(self, backend: str) -> tuple[int, int]:
         """The batch range every model's artifact for `backend` was built for (VAE included)."""

@@ -38,7 +38,6 @@ import numpy as np
 from tstitch_trt.bundle.manifest import EngineEntry, Manifest, artifact_path, read_manifest, verify_bundle
 from tstitch_trt.demo import resolve_bundle
 from tstitch_trt.errors import UserError
-from tstitch_trt.export.step_module import STEP_INPUTS, STEP_OUTPUTS
 from tstitch_trt.outputs import OutputPlan
 
 TOLERANCES = {"fp32": {"max_rel": 1e-4, "min_cos": 0.999999}, "fp16": {"max_rel": 3e-2, "min_cos": 0.9995}}
@@ -79,6 +78,8 @@ def within(metrics: dict[str, float], precision: str) -> bool:
 
 def step_inputs(manifest: Manifest, batch: int, seed: int) -> dict[str, np.ndarray]:
     """Seeded inputs for one step that exercise the whole update (see the module docstring)."""
+    if manifest.pipeline == "sd":
+        return sd_step_inputs(manifest, batch, seed)
     from tstitch_trt.sampling.coefficients import coefficient_table
     from tstitch_trt.sampling.schedule import dit_schedule
 
@@ -98,6 +99,24 @@ def step_inputs(manifest: Manifest, batch: int, seed: int) -> dict[str, np.ndarr
         "prev_x0": rng.standard_normal(lat, dtype=np.float32),
         "noise": rng.standard_normal(lat, dtype=np.float32),
     }
+
+
+def sd_step_inputs(manifest: Manifest, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """U-Net step: a PLMS 4th-order row with every other term switched on too (Euler input scale, DDIM-style
+    noise, the DPM-Solver++ prev_x0 weight, a half-saved sample), random history, a random context."""
+    from tstitch_trt.runtime.io_roles import StepIO
+    from tstitch_trt.sampling.sd_samplers import C, sd_table
+
+    io = StepIO.from_io(manifest.io)
+    rng = np.random.default_rng(seed)
+    dims = io.dims((batch, *manifest.latent_shape))
+    row = sd_table("pndm", manifest.scheduler or {}, 20).coef[10].copy()
+    row[C["c_in"]], row[C["k_s"]], row[C["d1"]], row[C["w_d"]] = 0.8, 0.25, -0.3, 0.2
+    row[C["sigma"]], row[C["save"]] = 0.1, 0.5
+    feeds = {n: rng.standard_normal(io.shape(n, dims), dtype=np.float32) for n in io.inputs}
+    feeds.update({"t": np.full((batch,), 481.0, dtype=np.float32), "guidance": np.array(4.0, dtype=np.float32),
+                  "coef": row.astype(np.float32)})
+    return feeds
 
 
 def run_check(args: argparse.Namespace, outputs: OutputPlan | None = None) -> int:
@@ -125,6 +144,8 @@ def run_check(args: argparse.Namespace, outputs: OutputPlan | None = None) -> in
     print(f"check {bundle}: reference torch StepModule (fp32, CPU); batch {args.batch}, seed {args.seed}, "
           f"one step at t={int(feeds['t'][0])}")
     results = _check_models(bundle, manifest, wanted, feeds)
+    if manifest.text_encoder and "torch" in manifest.text_encoder["engines"]:
+        results += _check_text_encoder(bundle, manifest, wanted, args.batch, args.seed)
     if manifest.vae and "torch" in manifest.vae["engines"]:
         results += _check_vae(bundle, manifest, wanted, args.batch, args.seed)
     _print(results)
@@ -150,19 +171,21 @@ def _check_models(bundle: Path, manifest: Manifest, wanted: list[str],
     import torch
 
     from tstitch_trt.export.torch_backend import load_step_modules
+    from tstitch_trt.runtime.io_roles import StepIO
 
+    io = StepIO.from_io(manifest.io)  # the step graph's I/O by role: DiT (x, t, y, ...) or U-Net (x, t, context, ...)
     results = []
     for model, step in zip(manifest.models, load_step_modules(bundle, manifest), strict=True):
         with torch.inference_mode():
-            ref_t = step(*(torch.from_numpy(feeds[n]) for n in STEP_INPUTS))
-        ref = {n: t.numpy() for n, t in zip(STEP_OUTPUTS, ref_t, strict=True)}
+            ref_t = step(**{n: torch.from_numpy(feeds[n]) for n in io.inputs})
+        ref = {n: t.numpy() for n, t in zip(io.outputs, ref_t, strict=True)}
         del step
         for backend in wanted:
             entry = model.engines.get(backend)
             if entry is None:
                 results.append(Comparison(model.name, backend, "-", "-", "not run", note="no artifact"))
                 continue
-            outs, why = _run(bundle, backend, entry, feeds, list(STEP_OUTPUTS))
+            outs, why = _run(bundle, backend, entry, feeds, list(io.outputs))
             results += _judge(model.name, backend, entry, ref, outs, why)
     return results
 
@@ -185,6 +208,35 @@ def _check_vae(bundle: Path, manifest: Manifest, wanted: list[str], batch: int, 
         if backend in engines:
             outs, why = _run(bundle, backend, engines[backend], {"latent": z}, ["image"])
             results += _judge("VAE decoder", backend, engines[backend], ref, outs, why)
+    return results
+
+
+def _check_text_encoder(bundle: Path, manifest: Manifest, wanted: list[str], batch: int,
+                        seed: int) -> list[Comparison]:
+    """The CLIP text encoder on seeded token ids (BOS, random tokens, EOS padding) for 2 x batch prompts."""
+    import torch
+    from transformers import CLIPTextModel
+
+    assert manifest.text_encoder is not None
+    engines: dict[str, EngineEntry] = manifest.text_encoder["engines"]
+    artifact_path(bundle, engines["torch"])
+    clip = CLIPTextModel.from_pretrained(str(bundle / engines["torch"].extra["dir"])).eval()
+    spec = manifest.text_encoder["io"]
+    (in_name, in_spec), = spec["inputs"].items()
+    (out_name, _), = spec["outputs"].items()
+    length = int(in_spec["shape"][1])
+    rng = np.random.default_rng(seed + 2)
+    vocab = int(clip.config.vocab_size)
+    ids = np.full((2 * batch, length), vocab - 1, dtype=np.int64)
+    ids[:, 0] = vocab - 2
+    ids[:, 1:12] = rng.integers(0, vocab - 2, size=(2 * batch, 11))
+    with torch.inference_mode():
+        ref = {out_name: clip(torch.from_numpy(ids), return_dict=False)[0].float().numpy()}
+    results = []
+    for backend in wanted:
+        if backend in engines:
+            outs, why = _run(bundle, backend, engines[backend], {in_name: ids}, [out_name])
+            results += _judge("text encoder", backend, engines[backend], ref, outs, why)
     return results
 
 
@@ -266,10 +318,12 @@ def run_plan(kind: str, plan_path: Path, feeds: dict[str, np.ndarray], outputs: 
 
 
 def _print(results: list[Comparison]) -> None:
-    print(f"  {'model':14s} {'backend':8s} {'output':7s} {'prec':5s} {'max abs':>10s} {'max rel':>10s} "
+    mw = max([14] + [len(r.model) for r in results])  # SD names are longer (eps_hist_next, text_embeddings)
+    ow = max([7] + [len(r.output) for r in results])
+    print(f"  {'model':{mw}s} {'backend':8s} {'output':{ow}s} {'prec':5s} {'max abs':>10s} {'max rel':>10s} "
           f"{'cosine':>10s}  result")
     for r in results:
-        head = f"  {r.model:14s} {r.backend:8s} {r.output:7s} {r.precision:5s}"
+        head = f"  {r.model:{mw}s} {r.backend:8s} {r.output:{ow}s} {r.precision:5s}"
         if r.status == "not run":
             print(f"{head} not run: {r.note}")
             continue

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from tstitch_trt.export.step_module import STEP_INPUTS, STEP_OUTPUTS, StepModule
+from tstitch_trt.runtime.io_roles import DIT_ROLES
 from tstitch_trt.sampling.coefficients import NUM_COEFS
 
 OPSET = 18
@@ -52,6 +53,7 @@ def io_spec(step: StepModule) -> dict:
             "noise": {"shape": lat, "dtype": "float32"},
         },
         "outputs": {"x_next": {"shape": lat, "dtype": "float32"}, "x0": {"shape": lat, "dtype": "float32"}},
+        "roles": DIT_ROLES,  # how runtimes bind the graph (runtime/io_roles.py)
     }
 
 
@@ -145,21 +147,23 @@ def tensor_types(model) -> dict[str, int]:
     return types
 
 
-def check_step_graph_typing(model, precision: str) -> dict[str, dict[str, int]]:
+def check_step_graph_typing(model, precision: str, float_io: tuple[str, ...] = _FLOAT_IO,
+                            int_io: tuple[str, ...] = _INT_IO) -> dict[str, dict[str, int]]:
     """Check the step graph's typing; returns {op_type: {elem type name: count}} of its float ops.
 
     fp16: I/O are fp32 (int64 for t, y); every MatMul/Gemm/Conv computes in fp16; LayerNorm,
-    softmax and the variance exp stay fp32. fp32: no fp16 anywhere.
+    softmax and the variance exp stay fp32. fp32: no fp16 anywhere. float_io / int_io name the
+    graph's I/O (default: the DiT step graph's).
     """
     import onnx
 
     types = tensor_types(model)
     name = onnx.TensorProto.DataType.Name
     problems = []
-    for io in _FLOAT_IO:
+    for io in float_io:
         if types.get(io) != onnx.TensorProto.FLOAT:
             problems.append(f"{io} is {name(types.get(io, 0))}, not FLOAT")
-    for io in _INT_IO:
+    for io in int_io:
         if types.get(io) != onnx.TensorProto.INT64:
             problems.append(f"{io} is {name(types.get(io, 0))}, not INT64")
     want = {"fp16": onnx.TensorProto.FLOAT16, "fp32": onnx.TensorProto.FLOAT}[precision]

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from tstitch_trt.bundle.manifest import Manifest, artifact_path
 from tstitch_trt.errors import UserError
@@ -18,21 +20,33 @@ from tstitch_trt.export.step_module import StepModule
 from tstitch_trt.models.checkpoints import load_dit
 from tstitch_trt.models.dit import DiTConfig
 from tstitch_trt.runtime.backend import x_slots
+from tstitch_trt.runtime.io_roles import StepIO, state_slots
 from tstitch_trt.runtime.loop import LoopResult
 from tstitch_trt.sampling.trajectory import TrajectoryPlan
 
 
 def load_step_modules(bundle_dir: str | Path, manifest: Manifest, guidance_channels: int | None = None,
-                      dtype: torch.dtype = torch.float32) -> list[StepModule]:
+                      dtype: torch.dtype = torch.float32) -> list[nn.Module]:
+    """The step module of every model: StepModule (family dit) or UNetStepModule (family unet)."""
     g = manifest.guidance_channels if guidance_channels is None else guidance_channels
-    mods = []
+    mods: list[nn.Module] = []
     for m in manifest.models:
         if "torch" not in m.engines:
             raise UserError(f"the bundle has no torch weights for {m.name}; rebuild with --backend torch")
         path = artifact_path(bundle_dir, m.engines["torch"])
+        if m.family == "unet":
+            from tstitch_trt.export.unet_step import UNetStepModule
+            from tstitch_trt.models.sd import load_unet
+
+            unet = load_unet(Path(bundle_dir) / m.engines["torch"].extra["dir"]).to(dtype)
+            mods.append(UNetStepModule(unet).eval())
+            continue
         net = load_dit(DiTConfig.from_dict(m.arch), path).to(dtype)
         mods.append(StepModule(net, guidance_channels=g).eval())
     return mods
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
 
 
 class TorchBackend:
@@ -41,22 +55,28 @@ class TorchBackend:
     def __init__(self, bundle_dir: str | Path, manifest: Manifest, device: str = "cpu",
                  guidance_channels: int | None = None, cuda_graph: bool = True):
         self.manifest = manifest
-        self._setup(load_step_modules(bundle_dir, manifest, guidance_channels), manifest.latent_shape, device,
+        self._setup(load_step_modules(bundle_dir, manifest, guidance_channels), StepIO.from_io(manifest.io), device,
                     cuda_graph)
 
     @classmethod
-    def from_modules(cls, modules: list[StepModule], latent_shape: tuple[int, int, int], device: str = "cpu",
-                     cuda_graph: bool = True) -> TorchBackend:
-        """A backend over in-memory StepModules (benchmarks, tests): no bundle needed."""
+    def from_modules(cls, modules: list[nn.Module], latent_shape: tuple[int, int, int] | None = None,
+                     device: str = "cpu", cuda_graph: bool = True, io: StepIO | None = None) -> TorchBackend:
+        """A backend over in-memory step modules (benchmarks, tests): no bundle needed.
+
+        io: the step I/O by role; default: the DiT step graph of modules[0] (latent_shape is then implied).
+        """
         self = cls.__new__(cls)
         self.manifest = None
-        self._setup(modules, latent_shape, device, cuda_graph)
+        if io is None:
+            from tstitch_trt.export.onnx_export import io_spec
+
+            io = StepIO.from_io(io_spec(modules[0]))
+        self._setup(modules, io, device, cuda_graph)
         return self
 
-    def _setup(self, modules: list[StepModule], latent_shape: tuple[int, int, int], device: str,
-               cuda_graph: bool) -> None:
+    def _setup(self, modules: list[nn.Module], io: StepIO, device: str, cuda_graph: bool) -> None:
         self.device = device
-        self.latent_shape = tuple(latent_shape)
+        self.io = io
         self.modules = [m.to(device) for m in modules]
         self.allocations = 0
         self._key: tuple | None = None
@@ -64,46 +84,54 @@ class TorchBackend:
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.notes: list[str] = []
 
-    def _allocate(self, plan: TrajectoryPlan, batch: int) -> None:
-        key = (batch, plan.steps, plan.noise is not None)
+    def _allocate(self, plan: TrajectoryPlan, latent_shape: tuple[int, ...]) -> None:
+        key = (tuple(latent_shape), plan.steps, plan.noise is not None, int(plan.coef.shape[1]))
         if key == self._key:
             return
-        c, h, w = self.latent_shape
-        dev = self.device
-        lat = (batch, c, h, w)
-        self.x = [torch.zeros(lat, device=dev), torch.zeros(lat, device=dev)]
-        self.x0 = [torch.zeros(lat, device=dev), torch.zeros(lat, device=dev)]
-        self.y = torch.zeros(batch, dtype=torch.int64, device=dev)
-        self.guidance = torch.zeros((), device=dev)
-        self.t_table = torch.zeros((plan.steps, batch), dtype=torch.int64, device=dev)
-        self.coef_table = torch.zeros(plan.coef.shape, device=dev)
-        self.noise_table = torch.zeros((plan.steps, *lat), device=dev) if plan.noise is not None else None
-        self.zero_noise = torch.zeros(lat, device=dev)
-        self.allocations += 10
+        io, dev = self.io, self.device
+        dims = io.dims(latent_shape)
+
+        def zeros(shape: tuple[int, ...], name: str) -> torch.Tensor:
+            return torch.zeros(shape, dtype=_TORCH_DTYPES[io.dtype(name).name], device=dev)
+
+        self.state = {n: [zeros(io.shape(n, dims), n) for _ in range(2)] for n, _ in io.state}
+        self.request = {n: zeros(io.shape(n, dims), n) for n in io.request}
+        self.tables = {n: zeros((plan.steps, *io.shape(n, dims)), n) for n in io.step
+                       if n != "noise" or plan.noise is not None}
+        self.zero_rows = {n: zeros(io.shape(n, dims), n) for n in io.step if n not in self.tables}
+        self.allocations += 2 * len(self.state) + len(self.request) + len(self.tables) + len(self.zero_rows)
         self._key = key
         self._graphs.clear()  # graphs captured on the old buffers must never replay
 
-    def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, labels: np.ndarray, guidance: float) -> None:
-        self._allocate(plan, x_init.shape[0])
+    def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, labels: Any, guidance: float) -> None:
+        """labels: the conditioning (DiT labels (B,), SD context (2B, 77, D)) or a dict by input name."""
+        self._allocate(plan, x_init.shape)
+        dims = self.io.dims(x_init.shape)
         self._x_init = x_init
-        self.x[0].copy_(torch.from_numpy(x_init))
-        self.x0[1].zero_()
-        self.y.copy_(torch.from_numpy(np.asarray(labels, dtype=np.int64)))
-        self.guidance.fill_(float(guidance))
-        self.t_table.copy_(torch.from_numpy(np.repeat(plan.timesteps[:, None], x_init.shape[0], 1)))
-        self.coef_table.copy_(torch.from_numpy(plan.coef))
-        if self.noise_table is not None:
-            self.noise_table.copy_(torch.from_numpy(plan.noise))
+        self._reset_state()
+        for n, a in self.io.request_arrays(labels, guidance).items():
+            self.request[n].copy_(torch.from_numpy(a))
+        for n, t in self.io.step_tables(plan, dims).items():
+            if t is not None:
+                self.tables[n].copy_(torch.from_numpy(t))
+
+    def _reset_state(self) -> None:
+        for n, pair in self.state.items():
+            if n == self.io.latent:
+                pair[0].copy_(torch.from_numpy(np.ascontiguousarray(self._x_init, dtype=np.float32)))
+            else:
+                pair[0].zero_()
 
     @torch.inference_mode()
     def _step(self, step: int, model: int) -> None:
-        src, dst = x_slots(step)
-        noise = self.noise_table[step] if self.noise_table is not None else self.zero_noise
-        x_next, x0 = self.modules[model](
-            self.x[src], self.t_table[step], self.y, self.guidance, self.coef_table[step], self.x0[dst], noise
-        )
-        self.x[dst].copy_(x_next)
-        self.x0[src].copy_(x0)
+        src, dst = state_slots(step)
+        io = self.io
+        kwargs = {n: self.state[n][src] for n, _ in io.state}
+        kwargs.update(self.request)
+        kwargs.update({n: self.tables[n][step] if n in self.tables else self.zero_rows[n] for n in io.step})
+        outs = self.modules[model](**kwargs)
+        for (n, _), out in zip(io.state, outs, strict=True):
+            self.state[n][dst].copy_(out)
 
     def launch(self, step: int, model: int) -> float | None:
         if self.device == "cpu":
@@ -136,14 +164,12 @@ class TorchBackend:
                         self._step(i, int(plan.step_model[i]))
                 self._graphs[key] = g
                 # warm-up ran real steps on the buffers: restore the trajectory's start state
-                self.x[0].copy_(torch.from_numpy(self._x_init))
-                self.x0[1].zero_()
+                self._reset_state()
         except RuntimeError as e:
             self.use_cuda_graph = False
             self.notes.append(f"CUDA graph capture failed, using plain launches: {str(e).splitlines()[0]}")
             torch.cuda.synchronize()
-            self.x[0].copy_(torch.from_numpy(self._x_init))  # warm-up steps may have run: start over
-            self.x0[1].zero_()
+            self._reset_state()  # warm-up steps may have run: start over
             return None
         return self._replay(g, plan)
 
@@ -170,11 +196,14 @@ class TorchBackend:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    def read_state(self, name: str, slot: int) -> np.ndarray:
+        return self.state[name][slot].detach().cpu().numpy().copy()
+
     def read_x(self, slot: int) -> np.ndarray:
-        return self.x[slot].detach().cpu().numpy().copy()
+        return self.read_state(self.io.latent, slot)
 
     def read_x0(self, slot: int) -> np.ndarray:
-        return self.x0[slot].detach().cpu().numpy().copy()
+        return self.read_state("prev_x0", slot)
 
     def close(self) -> None:
         self._graphs.clear()

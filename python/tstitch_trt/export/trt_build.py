@@ -147,12 +147,14 @@ class EngineBuilder:
     def _add_profile(self, builder: trt_types.Builder, network: trt_types.INetworkDefinition,
                      config: trt_types.IBuilderConfig, batch_range: tuple[int, int],
                      io_spec: dict) -> dict[str, list[list[int]]]:
-        """One optimization profile: 'B' (io_spec) -> (min, opt, max) of the batch range."""
+        """One optimization profile: 'B' (io_spec) -> (min, opt, max) of the batch range, '2B' twice it, and
+        any other symbolic dim (SD: H, W) -> io_spec["dim_ranges"][dim] = [min, opt, max]."""
         lo, hi = batch_range
         if not 1 <= lo <= hi:
             raise UserError(f"batch range {lo}-{hi} is not 1 <= MIN <= MAX")
         opt = min(max(self.opt_batch, lo), hi)
-        sizes = {"B": (lo, opt, hi)}
+        sizes = {"B": (lo, opt, hi), "2B": (2 * lo, 2 * opt, 2 * hi)}
+        sizes.update({k: tuple(int(x) for x in v) for k, v in io_spec.get("dim_ranges", {}).items()})
         specs = io_spec.get("inputs", {})
         profile = builder.create_optimization_profile()
         shapes: dict[str, list[list[int]]] = {}

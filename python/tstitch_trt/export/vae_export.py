@@ -104,8 +104,11 @@ def _export_ready(vae, precision: str):
     return vae.eval()
 
 
-def export_vae_decoder(vae, path: Path, latent_shape: tuple[int, int, int], precision: str = "fp32") -> Path:
-    """latent (B, C, h, w) fp32 -> image (B, 3, H, W) fp32 graph; fp16 inside when precision is fp16."""
+def export_vae_decoder(vae, path: Path, latent_shape: tuple[int, int, int], precision: str = "fp32",
+                       dynamic_hw: bool = False) -> Path:
+    """latent (B, C, h, w) fp32 -> image (B, 3, H, W) fp32 graph; fp16 inside when precision is fp16.
+
+    dynamic_hw: h and w are symbolic too (SD: --height / --width at run time)."""
     import onnx
 
     dec = VaeDecoder(_export_ready(vae, precision)).eval()
@@ -115,15 +118,25 @@ def export_vae_decoder(vae, path: Path, latent_shape: tuple[int, int, int], prec
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(dec, (torch.randn(1, *latent_shape),), str(raw), input_names=["latent"],
-                              output_names=["image"], dynamic_axes={"latent": {0: "B"}, "image": {0: "B"}},
+                              output_names=["image"], dynamic_axes=_vae_axes(dynamic_hw),
                               opset_version=OPSET, dynamo=False)
         model = onnx.load(str(raw))
     save_graph(clean_graph(model), path)
     return path
 
 
-def vae_io_spec(latent_shape: tuple[int, int, int], downsample: int = 8) -> dict:
+def _vae_axes(dynamic_hw: bool) -> dict:
+    if dynamic_hw:
+        return {"latent": {0: "B", 2: "h", 3: "w"}, "image": {0: "B", 2: "H", 3: "W"}}
+    return {"latent": {0: "B"}, "image": {0: "B"}}
+
+
+def vae_io_spec(latent_shape: tuple[int, int, int], downsample: int = 8, dynamic_hw: bool = False) -> dict:
     c, h, w = latent_shape
+    if dynamic_hw:
+        return {"inputs": {"latent": {"shape": ["B", c, "h", "w"], "dtype": "float32"}},
+                "outputs": {"image": {"shape": ["B", 3, "H", "W"], "dtype": "float32"}},
+                "dim_ranges": {"h": [max(1, h // 2), h, 2 * h], "w": [max(1, w // 2), w, 2 * w]}}
     return {"inputs": {"latent": {"shape": ["B", c, h, w], "dtype": "float32"}},
             "outputs": {"image": {"shape": ["B", 3, h * downsample, w * downsample], "dtype": "float32"}}}
 
@@ -152,7 +165,7 @@ def fp16_decode_psnr(fp32_onnx: Path, fp16_onnx: Path, latent_shape: tuple[int, 
 
 def add_vae(bundle: Path, source: str, backends: list[str], batch_range: tuple[int, int],
             latent_shape: tuple[int, int, int] = (4, 32, 32), precision: str = "fp32",
-            engine_builders: Mapping[str, Any] | None = None, downsample: int = 8) -> dict:
+            engine_builders: Mapping[str, Any] | None = None, downsample: int = 8, dynamic_hw: bool = False) -> dict:
     """Write the VAE artifacts for `backends` into `bundle`; returns the manifest's `vae` entry."""
     vae = load_vae(source)
     engines: dict[str, EngineEntry] = {}
@@ -167,14 +180,16 @@ def add_vae(bundle: Path, source: str, backends: list[str], batch_range: tuple[i
                                            {"file": str(config.relative_to(bundle)), "sha256": sha256_file(config)}]})
     graphs: dict[str, Path] = {}
     if "ort" in backends or engine_builders:
-        graphs["fp32"] = export_vae_decoder(vae, bundle / "vae/decoder-fp32.onnx", latent_shape, "fp32")
+        graphs["fp32"] = export_vae_decoder(vae, bundle / "vae/decoder-fp32.onnx", latent_shape, "fp32",
+                                             dynamic_hw)
     if "ort" in backends:
         rel = "vae/decoder-fp32.onnx"
         engines["ort"] = EngineEntry(file=rel, sha256=sha256_file(bundle / rel), batch_range=batch_range)
     if engine_builders:
         engine_precision = "fp32"
         if precision == "fp16":
-            graphs["fp16"] = export_vae_decoder(vae, bundle / "vae/decoder-fp16.onnx", latent_shape, "fp16")
+            graphs["fp16"] = export_vae_decoder(vae, bundle / "vae/decoder-fp16.onnx", latent_shape, "fp16",
+                                                 dynamic_hw)
             psnr = fp16_decode_psnr(graphs["fp32"], graphs["fp16"], latent_shape)
             if psnr >= FP16_MIN_PSNR_DB:
                 engine_precision = "fp16"
@@ -183,7 +198,7 @@ def add_vae(bundle: Path, source: str, backends: list[str], batch_range: tuple[i
         for kind, builder in engine_builders.items():
             rel = f"vae/decoder-{kind}-{engine_precision}.plan"
             info = builder.build(graphs[engine_precision], bundle / rel, batch_range,
-                                 vae_io_spec(latent_shape, downsample))
+                                 vae_io_spec(latent_shape, downsample, dynamic_hw))
             engines[kind] = EngineEntry(file=rel, sha256=sha256_file(bundle / rel), precision=engine_precision,
                                         batch_range=batch_range, builder=info)
         if "ort" not in backends:

@@ -124,3 +124,20 @@ def open_backend(kind: str, bundle_dir: str | Path, manifest: Manifest, device: 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return TorchBackend(bundle_dir, manifest, device=device)
     raise UserError(f"unknown backend {kind!r}")
+
+
+def open_first_backend(bundle_dir: str | Path, manifest: Manifest, requested: str = "auto",
+                       device: str | None = None) -> tuple[Backend, str]:
+    """(backend, why) for the first candidate that opens; auto falls through refusals (another GPU, version).
+
+    The same selection as StitchedPipeline.from_bundle (DiT), for pipelines added since (SD)."""
+    candidates = backend_candidates(manifest, requested)
+    refusals: list[str] = []
+    for kind, why in candidates:
+        try:
+            return open_backend(kind, bundle_dir, manifest, device=device), "; ".join([*refusals, why])
+        except UserError as e:
+            if kind == candidates[-1][0]:
+                raise
+            refusals.append(f"{kind} refused ({e})")
+    raise AssertionError("unreachable: the last candidate raises")

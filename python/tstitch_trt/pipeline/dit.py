@@ -54,6 +54,9 @@ class StitchedPipeline:
 
         bundle_dir = resolve_bundle(bundle_dir)
         manifest = read_manifest(bundle_dir)
+        if manifest.pipeline == "sd":
+            raise UserError(f"{bundle_dir} is a text-to-image (sd) bundle; open it with "
+                            "tstitch_trt.pipeline.sd.StitchedSDPipeline")
         verify_bundle(bundle_dir, manifest)
         candidates = backend_candidates(manifest, backend)
         refusals: list[str] = []

@@ -36,4 +36,9 @@ def open_decoder(bundle_dir: Path, manifest: Manifest, backend: str) -> Callable
                 return vae.decode(torch.from_numpy(z.astype(np.float32))).sample.float().numpy()
 
         return decode
+    if kind in ("trt", "trt-rtx"):
+        from tstitch_trt.runtime.trt_engine import TrtEngineRunner
+
+        runner = TrtEngineRunner(bundle_dir, entry, kind, "VAE decoder")
+        return lambda z: runner({"latent": z.astype(np.float32)})["image"].astype(np.float32)
     raise UserError(f"decoding with the {kind} VAE engine is not supported by this runtime yet; use --backend ort")

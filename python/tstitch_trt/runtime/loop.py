@@ -93,10 +93,19 @@ def locate_non_finite(
         model = int(plan.step_model[i])
         backend.launch(i, model)
         backend.synchronize()
-        src, dst = x_slots(i)
-        if not (np.isfinite(backend.read_x(dst)).all() and np.isfinite(backend.read_x0(src)).all()):
+        if not all(np.isfinite(a).all() for a in _state_outputs(backend, i)):
             return i, model
     return plan.steps - 1, int(plan.step_model[-1])
+
+
+def _state_outputs(backend: Backend, step: int) -> list[np.ndarray]:
+    """What step `step` wrote: every state by role where the backend binds by role, else x and x0."""
+    dst = x_slots(step)[1]
+    io = getattr(backend, "io", None)
+    read_state = getattr(backend, "read_state", None)
+    if read_state is not None and hasattr(io, "state"):
+        return [read_state(name, dst) for name, _ in io.state]
+    return [backend.read_x(dst), backend.read_x0(dst)]
 
 
 def _progress_bar(total: int, progress: bool | None):  # -> tqdm | None

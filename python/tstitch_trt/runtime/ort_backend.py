@@ -15,7 +15,7 @@ import numpy as np
 
 from tstitch_trt.bundle.manifest import Manifest, artifact_path
 from tstitch_trt.errors import BackendUnavailable, BundleError, UserError
-from tstitch_trt.runtime.backend import x_slots
+from tstitch_trt.runtime.io_roles import StepIO, state_slots
 from tstitch_trt.sampling.trajectory import TrajectoryPlan
 
 
@@ -60,6 +60,7 @@ class OrtBackend:
         import onnxruntime as ort
 
         self.manifest = manifest
+        self.io = StepIO.from_io(manifest.io)
         self.providers = providers or ["CPUExecutionProvider"]
         if self.providers[0] != "CPUExecutionProvider":
             # Host buffers + IOBinding would copy every step over PCIe; the CUDA EP path binds
@@ -94,68 +95,62 @@ class OrtBackend:
         self._bindings: list = []
 
     # buffers ----------------------------------------------------------------------------------
-    def _allocate(self, plan: TrajectoryPlan, batch: int) -> None:
-        c, h, w = self.manifest.latent_shape
-        key = (batch, plan.steps, plan.noise is not None)
+    def _allocate(self, plan: TrajectoryPlan, latent_shape: tuple[int, ...]) -> None:
+        key = (tuple(latent_shape), plan.steps, plan.noise is not None, int(plan.coef.shape[1]))
         if key == self._shape_key:
             return
-        lat = (batch, c, h, w)
-        self.x = [np.zeros(lat, np.float32), np.zeros(lat, np.float32)]
-        self.x0 = [np.zeros(lat, np.float32), np.zeros(lat, np.float32)]
-        self.y = np.zeros((batch,), np.int64)
-        self.guidance = np.zeros((), np.float32)
-        self.t_table = np.zeros((plan.steps, batch), np.int64)
-        self.coef_table = np.zeros_like(plan.coef)
-        self.noise_table = np.zeros((plan.steps, *lat), np.float32) if plan.noise is not None else None
-        self.zero_noise = np.zeros(lat, np.float32)
-        self.allocations += 10
+        io = self.io
+        dims = io.dims(latent_shape)
+        self.state = {n: [np.zeros(io.shape(n, dims), io.dtype(n)) for _ in range(2)] for n, _ in io.state}
+        self.request = {n: np.zeros(io.shape(n, dims), io.dtype(n)) for n in io.request}
+        self.tables = {n: np.zeros((plan.steps, *io.shape(n, dims)), io.dtype(n)) for n in io.step
+                       if n != "noise" or plan.noise is not None}
+        self.zero_rows = {n: np.zeros(io.shape(n, dims), io.dtype(n)) for n in io.step if n not in self.tables}
+        self.allocations += 2 * len(self.state) + len(self.request) + len(self.tables) + len(self.zero_rows)
         self._shape_key = key
         self._bind_all(plan.steps)
 
     def _bind_all(self, steps: int) -> None:
-        """One IOBinding per (model, step): binding is done once per shape, launching is just run."""
+        """One IOBinding per (model, step), by role: binding is done once per shape, launching is just run."""
         import onnxruntime as ort
 
         def val(a: np.ndarray) -> ort.OrtValue:
             return ort.OrtValue.ortvalue_from_numpy(a)
 
-        xv = [val(a) for a in self.x]
-        x0v = [val(a) for a in self.x0]
-        fixed = {"y": val(self.y), "guidance": val(self.guidance)}
-        self._keep = [xv, x0v, fixed]
+        io = self.io
+        state = {n: [val(a) for a in pair] for n, pair in self.state.items()}
+        request = {n: val(a) for n, a in self.request.items()}
+        rows = {n: [val(t[i]) for i in range(steps)] for n, t in self.tables.items()}
+        rows.update({n: [val(z)] * steps for n, z in self.zero_rows.items()})
+        self._keep = [state, request, rows]
         self._bindings = []
         for sess in self.sessions:
             per_step = []
             for i in range(steps):
-                src, dst = x_slots(i)
+                src, dst = state_slots(i)
                 b = sess.io_binding()
-                b.bind_ortvalue_input("x", xv[src])
-                b.bind_ortvalue_input("prev_x0", x0v[dst])
-                b.bind_ortvalue_input("y", fixed["y"])
-                b.bind_ortvalue_input("guidance", fixed["guidance"])
-                t, coef = val(self.t_table[i]), val(self.coef_table[i])
-                noise = val(self.noise_table[i] if self.noise_table is not None else self.zero_noise)
-                self._keep.append((t, coef, noise))
-                b.bind_ortvalue_input("t", t)
-                b.bind_ortvalue_input("coef", coef)
-                b.bind_ortvalue_input("noise", noise)
-                b.bind_ortvalue_output("x_next", xv[dst])
-                b.bind_ortvalue_output("x0", x0v[src])
+                for inp, out in io.state:
+                    b.bind_ortvalue_input(inp, state[inp][src])
+                    b.bind_ortvalue_output(out, state[inp][dst])
+                for n in io.request:
+                    b.bind_ortvalue_input(n, request[n])
+                for n in io.step:
+                    b.bind_ortvalue_input(n, rows[n][i])
                 per_step.append(b)
             self._bindings.append(per_step)
 
     # Backend protocol ---------------------------------------------------------------------------
-    def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, labels: np.ndarray, guidance: float) -> None:
-        batch = x_init.shape[0]
-        self._allocate(plan, batch)
-        self.x[0][...] = x_init
-        self.x0[1][...] = 0.0
-        self.y[...] = labels
-        self.guidance[...] = guidance
-        self.t_table[...] = plan.timesteps[:, None]
-        self.coef_table[...] = plan.coef
-        if self.noise_table is not None:
-            self.noise_table[...] = plan.noise
+    def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, cond: Any, guidance: float) -> None:
+        """cond: the conditioning array (DiT labels (B,), SD context (2B, 77, D)) or a dict by input name."""
+        self._allocate(plan, x_init.shape)
+        dims = self.io.dims(x_init.shape)
+        for n, pair in self.state.items():
+            pair[0][...] = x_init if n == self.io.latent else 0
+        for n, a in self.io.request_arrays(cond, guidance).items():
+            self.request[n][...] = a
+        for n, t in self.io.step_tables(plan, dims).items():
+            if t is not None:
+                self.tables[n][...] = t
 
     def launch(self, step: int, model: int) -> float | None:
         t0 = time.perf_counter()
@@ -165,11 +160,15 @@ class OrtBackend:
     def synchronize(self) -> None:
         pass
 
+    def read_state(self, name: str, slot: int) -> np.ndarray:
+        """A state tensor (by its input name) from ping-pong slot `slot`."""
+        return self.state[name][slot].copy()
+
     def read_x(self, slot: int) -> np.ndarray:
-        return self.x[slot].copy()
+        return self.read_state(self.io.latent, slot)
 
     def read_x0(self, slot: int) -> np.ndarray:
-        return self.x0[slot].copy()
+        return self.read_state("prev_x0", slot)
 
     def close(self) -> None:
         self._bindings = []
@@ -204,67 +203,63 @@ class OrtDeviceBackend(OrtBackend):
 
         return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device_type, self.device_id)
 
-    def _allocate(self, plan: TrajectoryPlan, batch: int) -> None:
-        c, h, w = self.manifest.latent_shape
-        key = (batch, plan.steps, plan.noise is not None, int(plan.coef.shape[1]))
+    def _allocate(self, plan: TrajectoryPlan, latent_shape: tuple[int, ...]) -> None:
+        key = (tuple(latent_shape), plan.steps, plan.noise is not None, int(plan.coef.shape[1]))
         if key == self._shape_key:
             return
         self._bindings = []  # bindings hold the old values' addresses: drop them first
-        lat = (batch, c, h, w)
-        self.xv = [self._value(lat, np.float32) for _ in range(2)]
-        self.x0v = [self._value(lat, np.float32) for _ in range(2)]
-        self.yv = self._value((batch,), np.int64)
-        self.gv = self._value((), np.float32)
-        self.t_tab = self._value((plan.steps, batch), np.int64)
-        self.coef_tab = self._value(tuple(plan.coef.shape), np.float32)
-        self.noise_tab = self._value((plan.steps, *lat), np.float32) if plan.noise is not None else None
-        self.zero_noise_v = self._value(lat, np.float32)
-        self.zero_noise_v.update_inplace(np.zeros(lat, np.float32))
-        self.allocations += 10
+        io = self.io
+        dims = io.dims(latent_shape)
+        self.state_v = {n: [self._value(io.shape(n, dims), io.dtype(n)) for _ in range(2)] for n, _ in io.state}
+        self.request_v = {n: self._value(io.shape(n, dims), io.dtype(n)) for n in io.request}
+        self.table_v = {n: self._value((plan.steps, *io.shape(n, dims)), io.dtype(n)) for n in io.step
+                        if n != "noise" or plan.noise is not None}
+        self.zero_v = {}
+        for n in io.step:
+            if n not in self.table_v:
+                self.zero_v[n] = self._value(io.shape(n, dims), io.dtype(n))
+                self.zero_v[n].update_inplace(np.zeros(io.shape(n, dims), io.dtype(n)))
+        self.allocations += 2 * len(self.state_v) + len(self.request_v) + len(self.table_v) + len(self.zero_v)
         self._shape_key = key
-        self._bind_device(plan.steps, batch, lat, int(plan.coef.shape[1]))
+        self._bind_device(plan.steps, dims)
 
-    def _bind_device(self, steps: int, batch: int, lat: tuple[int, ...], k: int) -> None:
-        dev, dev_id = self.device_type, self.device_id
-        t_row, coef_row, noise_row = batch * 8, k * 4, int(np.prod(lat)) * 4
+    def _bind_device(self, steps: int, dims: dict[str, int]) -> None:
+        dev, dev_id, io = self.device_type, self.device_id, self.io
         self._bindings = []
         for sess in self.sessions:
             per_step = []
             for i in range(steps):
-                src, dst = x_slots(i)
+                src, dst = state_slots(i)
                 b = sess.io_binding()
-                b.bind_ortvalue_input("x", self.xv[src])
-                b.bind_ortvalue_input("prev_x0", self.x0v[dst])
-                b.bind_ortvalue_input("y", self.yv)
-                b.bind_ortvalue_input("guidance", self.gv)
-                b.bind_input("t", dev, dev_id, np.int64, [batch], self.t_tab.data_ptr() + i * t_row)
-                b.bind_input("coef", dev, dev_id, np.float32, [k], self.coef_tab.data_ptr() + i * coef_row)
-                if self.noise_tab is not None:
-                    b.bind_input("noise", dev, dev_id, np.float32, list(lat), self.noise_tab.data_ptr() + i * noise_row)
-                else:
-                    b.bind_ortvalue_input("noise", self.zero_noise_v)
-                b.bind_ortvalue_output("x_next", self.xv[dst])
-                b.bind_ortvalue_output("x0", self.x0v[src])
+                for inp, out in io.state:
+                    b.bind_ortvalue_input(inp, self.state_v[inp][src])
+                    b.bind_ortvalue_output(out, self.state_v[inp][dst])
+                for n in io.request:
+                    b.bind_ortvalue_input(n, self.request_v[n])
+                for n in io.step:
+                    if n in self.table_v:  # the step's row of the table, by address
+                        shape = io.shape(n, dims)
+                        row = int(np.prod(shape)) * io.dtype(n).itemsize
+                        b.bind_input(n, dev, dev_id, io.dtype(n), list(shape), self.table_v[n].data_ptr() + i * row)
+                    else:
+                        b.bind_ortvalue_input(n, self.zero_v[n])
                 per_step.append(b)
             self._bindings.append(per_step)
 
-    def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, labels: np.ndarray, guidance: float) -> None:
-        batch = x_init.shape[0]
-        self._allocate(plan, batch)
-        self.xv[0].update_inplace(np.ascontiguousarray(x_init, dtype=np.float32))
-        self.x0v[1].update_inplace(np.zeros(x_init.shape, np.float32))
-        self.yv.update_inplace(np.asarray(labels, dtype=np.int64))
-        self.gv.update_inplace(np.asarray(guidance, dtype=np.float32))
-        self.t_tab.update_inplace(np.ascontiguousarray(np.repeat(plan.timesteps.astype(np.int64)[:, None], batch, 1)))
-        self.coef_tab.update_inplace(np.ascontiguousarray(plan.coef, dtype=np.float32))
-        if self.noise_tab is not None:
-            self.noise_tab.update_inplace(np.ascontiguousarray(plan.noise, dtype=np.float32))
+    def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, cond: Any, guidance: float) -> None:
+        self._allocate(plan, x_init.shape)
+        dims = self.io.dims(x_init.shape)
+        for n, pair in self.state_v.items():
+            start = x_init if n == self.io.latent else np.zeros(self.io.shape(n, dims))
+            pair[0].update_inplace(np.ascontiguousarray(start, dtype=self.io.dtype(n)))
+        for n, a in self.io.request_arrays(cond, guidance).items():
+            self.request_v[n].update_inplace(a)
+        for n, t in self.io.step_tables(plan, dims).items():
+            if t is not None:
+                self.table_v[n].update_inplace(t)
 
-    def read_x(self, slot: int) -> np.ndarray:
-        return np.array(self.xv[slot].numpy(), copy=True)  # numpy() copies device tensors to the host
-
-    def read_x0(self, slot: int) -> np.ndarray:
-        return np.array(self.x0v[slot].numpy(), copy=True)
+    def read_state(self, name: str, slot: int) -> np.ndarray:
+        return np.array(self.state_v[name][slot].numpy(), copy=True)  # numpy() copies device tensors to the host
 
 
 def open_ort_backend(bundle_dir: str | Path, manifest: Manifest, device: str | None = None,

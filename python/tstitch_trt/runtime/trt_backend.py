@@ -3,10 +3,10 @@
 The same code drives `tensorrt` (kind "trt") and `tensorrt_rtx` (kind "trt-rtx"): the module is
 passed in. No torch: device memory, streams, events and graphs come from runtime/cuda.py.
 
-Buffers (one set, bound by every engine):
-    x[0], x[1]      latent ping-pong        x0[0], x0[1]   x0 ping-pong (prev_x0 for multistep)
-    y, guidance     per trajectory          t, coef, noise step buffers, fed by a D2D copy of
-    t/coef/noise tables (steps rows)        the step's table row before each launch
+Buffers (one set, bound by every engine, by ROLE: runtime/io_roles.py):
+    <state>_slot0/1  ping-pong pair per state (DiT: x, prev_x0; SD: + eps_hist, saved)
+    <request>        per trajectory (DiT: y, guidance; SD: context, guidance)
+    t, coef, noise   step buffers, fed by a D2D copy of the step's row of <name>_table
 
 Why copy the row instead of binding the row's address: every execution context then keeps ONE
 set of tensor addresses for its whole life. A CUDA graph bakes in the addresses TensorRT saw at
@@ -34,6 +34,7 @@ from tstitch_trt.errors import BackendUnavailable, BundleError, UserError
 from tstitch_trt.runtime import cuda as cuda_rt
 from tstitch_trt.runtime.backend import x_slots
 from tstitch_trt.runtime.engine_compat import check_engine_compat
+from tstitch_trt.runtime.io_roles import StepIO
 from tstitch_trt.runtime.loop import LoopResult
 from tstitch_trt.sampling.trajectory import TrajectoryPlan
 
@@ -44,10 +45,6 @@ log = logging.getLogger("tstitch_trt.trt")
 
 MODULES = {"trt": "tensorrt", "trt-rtx": "tensorrt_rtx"}
 MIN_TENSORRT = (10, 8)  # strongly typed networks, execute_async_v3, device_memory_size_v2
-INPUTS = ("x", "t", "y", "guidance", "coef", "prev_x0", "noise")
-OUTPUTS = ("x_next", "x0")
-FLOAT_TENSORS = ("x", "guidance", "coef", "prev_x0", "noise", "x_next", "x0")
-INT_TENSORS = ("t", "y")
 
 
 def import_tensorrt(kind: str) -> Any:
@@ -130,6 +127,7 @@ class TrtBackend:
         """`trt_module` and `cuda` default to the installed TensorRT and runtime/cuda.py (tests pass fakes)."""
         self.name = kind
         self.manifest = manifest
+        self.io = StepIO.from_io(manifest.io)
         self.trt = trt_module if trt_module is not None else import_tensorrt(kind)
         self.cu = cuda if cuda is not None else cuda_rt
         self.use_cuda_graph = cuda_graph
@@ -155,7 +153,7 @@ class TrtBackend:
             self._ev_start, self._ev_end = self.cu.Event(), self.cu.Event()
             for m in manifest.models:
                 self.engines.append(self._load_engine(bundle_dir, m))
-            self.io = self._check_io()
+            self.engine_io = self._check_io()
             self.engine_memory = [int(e.device_memory_size_v2) for e in self.engines]
             for e in self.engines:
                 self._contexts.append([self._create_context(e) for _ in range(2)])
@@ -200,18 +198,18 @@ class TrtBackend:
                             f"rebuild the bundle on this machine (`tstitch-trt build --backend {self.name}`)")
 
     def _check_io(self) -> dict[str, dict]:
-        """Names, modes, dtypes and static dims of the step I/O, identical across engines."""
-        trt = self.trt
+        """Names (the manifest's roles), modes, dtypes and static dims of the step I/O, identical across engines."""
+        trt, roles = self.trt, self.io
         io: dict[str, dict] = {}
         for m, engine in zip(self.manifest.models, self.engines, strict=True):
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-            unknown = [n for n in names if n not in INPUTS + OUTPUTS]
-            missing = [n for n in INPUTS + OUTPUTS if n not in names]
+            unknown = [n for n in names if n not in roles.names]
+            missing = [n for n in roles.names if n not in names]
             if unknown or missing:
                 raise BundleError(f"the {self.name} engine of {m.name} is not a step engine (unknown I/O {unknown}, "
                                 f"missing {missing}); rebuild the bundle")
             for n in names:
-                want_mode = trt.TensorIOMode.INPUT if n in INPUTS else trt.TensorIOMode.OUTPUT
+                want_mode = trt.TensorIOMode.INPUT if n in roles.inputs else trt.TensorIOMode.OUTPUT
                 if engine.get_tensor_mode(n) != want_mode:
                     raise BundleError(f"the {self.name} engine of {m.name}: tensor {n} has the wrong direction; "
                                       "rebuild")
@@ -220,20 +218,23 @@ class TrtBackend:
                 if on_host:
                     raise BundleError(f"the {self.name} engine of {m.name} keeps {n} on the host; rebuild the bundle")
                 dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(n)))
-                ok = dtype == np.float32 if n in FLOAT_TENSORS else dtype in (np.int64, np.int32)
+                want = roles.dtype(n)
+                ok = dtype == want or (want == np.int64 and dtype == np.int32)  # int ids may be int32 in a plan
                 if not ok:
-                    raise BundleError(f"the {self.name} engine of {m.name} has {n} as {dtype}; the step I/O is fp32 "
-                                    "(t and y int64); rebuild the bundle")
+                    raise BundleError(f"the {self.name} engine of {m.name} has {n} as {dtype}, the manifest says "
+                                      f"{want}; "
+                                    "rebuild the bundle")
                 dims = _dims(engine.get_tensor_shape(n))
+                fixed = [d for d in roles.specs[n].shape]
+                if len(dims) != len(fixed) or any(isinstance(f, int) and d != f for d, f in zip(dims, fixed,
+                                                                                                strict=True)):
+                    raise BundleError(f"the {self.name} engine of {m.name} takes {n} as {list(dims)}, the manifest "
+                                      "says "
+                                    f"{fixed}; rebuild the bundle")
                 prev = io.setdefault(n, {"dtype": dtype, "dims": dims})
                 if prev["dtype"] != dtype or prev["dims"] != dims:
                     raise BundleError(f"the engines disagree on tensor {n} ({prev['dtype']}{list(prev['dims'])} vs "
                                     f"{dtype}{list(dims)}); stitched engines must share one I/O; rebuild the bundle")
-        c, h, w = self.manifest.latent_shape
-        if io["x"]["dims"][1:] != (c, h, w):
-            raise BundleError(f"the engines take latents {list(io['x']['dims'])}, the manifest says "
-                              f"(B, {c}, {h}, {w}); "
-                            "rebuild the bundle")
         return io
 
     def _create_context(self, engine: trt_types.ICudaEngine) -> trt_types.IExecutionContext:
@@ -268,67 +269,76 @@ class TrtBackend:
     def allocations(self) -> int:
         return int(self.alloc.count)
 
-    def _allocate(self, plan: TrajectoryPlan, batch: int) -> None:
+    def _allocate(self, plan: TrajectoryPlan, latent_shape: tuple[int, ...]) -> None:
         k = int(plan.coef.shape[1])
-        key = (batch, plan.steps, plan.noise is not None, k)
+        key = (tuple(int(d) for d in latent_shape), plan.steps, plan.noise is not None, k)
         if key == self._key:
             return
-        self._check_batch(batch, k)
+        roles = self.io
+        dims = roles.dims(latent_shape)
+        self._check_batch(dims, k)
         self._drop_graphs()
         for buf in self._buf.values():
             self.alloc.free(buf)
         self._buf = {}
         self._key = None
-        c, h, w = self.manifest.latent_shape
-        lat = batch * c * h * w * 4
-        t_size = batch * self.io["t"]["dtype"].itemsize
-        y_size = batch * self.io["y"]["dtype"].itemsize
-        sizes = {
-            "x0_slot0": lat, "x0_slot1": lat, "x_slot0": lat, "x_slot1": lat,
-            "y": y_size, "guidance": 4, "t": t_size, "coef": 4 * k, "noise": lat,
-            "t_table": t_size * plan.steps, "coef_table": 4 * k * plan.steps,
-        }
-        if plan.noise is not None:
-            sizes["noise_table"] = lat * plan.steps
+        shapes = {n: roles.shape(n, dims) for n in roles.names}
+        nbytes = {n: int(np.prod(shapes[n], dtype=np.int64)) * self.engine_io[n]["dtype"].itemsize for n in roles.names}
+        sizes: dict[str, int] = {}
+        for n, _ in roles.state:
+            sizes[f"{n}_slot0"] = sizes[f"{n}_slot1"] = nbytes[n]
+        for n in roles.request:
+            sizes[n] = nbytes[n]
+        for n in roles.step:
+            sizes[n] = nbytes[n]
+            if n != "noise" or plan.noise is not None:
+                sizes[f"{n}_table"] = nbytes[n] * plan.steps
+        what = "x".join(str(d) for d in latent_shape)
         try:
             for name, size in sizes.items():
-                self._buf[name] = self.alloc.alloc(size, f"{name} ({batch} x {c}x{h}x{w})")
+                self._buf[name] = self.alloc.alloc(max(size, 1), f"{name} ({what})")
         except UserError:  # out of memory: the allocator freed everything, the scratch included
             self.close()
             raise
-        self._buf["noise"].zero(self.stream)  # stays zero for samplers without noise
-        self._row_bytes = {"t": t_size, "coef": 4 * k, "noise": lat}
-        self._bind(batch, k)
+        for n in roles.step:
+            if f"{n}_table" not in self._buf:
+                self._buf[n].zero(self.stream)  # e.g. noise: stays zero for samplers without noise
+        self._row_bytes = {n: nbytes[n] for n in roles.step}
+        self._shapes = shapes
+        self._bind(shapes)
         self._key = key
         self._generation += 1
 
-    def _check_batch(self, batch: int, k: int) -> None:
+    def _check_batch(self, dims: dict[str, int], k: int) -> None:
+        latent = self.io.latent
+        want = self.io.shape(latent, dims)
         for m, engine in zip(self.manifest.models, self.engines, strict=True):
-            lo, _, hi = (_dims(s) for s in engine.get_tensor_profile_shape("x", 0))
-            if not lo[0] <= batch <= hi[0]:
-                raise UserError(f"batch {batch} is outside the {self.name} engine's range [{lo[0]}, {hi[0]}] "
-                                f"({m.name}); rebuild with --batch-sizes {min(lo[0], batch)}-{max(hi[0], batch)}")
-        if self.io["coef"]["dims"] != (k,):
-            raise UserError(f"the engines take {list(self.io['coef']['dims'])} sampler coefficients, the sampler "
-                            f"tables have {k}; rebuild the bundle with this version")
+            lo, _, hi = (_dims(s) for s in engine.get_tensor_profile_shape(latent, 0))
+            if not lo[0] <= want[0] <= hi[0]:
+                raise UserError(f"batch {want[0]} is outside the {self.name} engine's range [{lo[0]}, {hi[0]}] "
+                                f"({m.name}); rebuild with --batch-sizes {min(lo[0], want[0])}-{max(hi[0], want[0])}")
+            for axis in range(1, len(want)):
+                if not lo[axis] <= want[axis] <= hi[axis]:
+                    raise UserError(f"latent {list(want)} is outside the {self.name} engine's profile "
+                                    f"{list(lo)}..{list(hi)} ({m.name}); pick a size inside it or rebuild")
+        if self.engine_io["coef"]["dims"] != (k,):
+            raise UserError(f"the engines take {list(self.engine_io['coef']['dims'])} sampler coefficients, the "
+                            f"sampler tables have {k}; rebuild the bundle with this version")
 
-    def _bind(self, batch: int, k: int) -> None:
+    def _bind(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """Shapes and addresses of every context, once per allocation (contexts never rebind per step)."""
-        c, h, w = self.manifest.latent_shape
-        lat = (batch, c, h, w)
-        shapes = {"x": lat, "t": (batch,), "y": (batch,), "guidance": (), "coef": (k,), "prev_x0": lat, "noise": lat}
-        b = self._buf
+        b, roles = self._buf, self.io
         need = self.scratch.nbytes
         for model, pair in enumerate(self._contexts):
             for parity, ctx in enumerate(pair):
                 src, dst = parity, 1 - parity  # = x_slots(step) for any step of this parity
-                addr = {"x": b[f"x_slot{src}"], "x_next": b[f"x_slot{dst}"], "x0": b[f"x0_slot{src}"],
-                        "prev_x0": b[f"x0_slot{dst}"], "t": b["t"], "y": b["y"], "guidance": b["guidance"],
-                        "coef": b["coef"], "noise": b["noise"]}
+                addr = {n: b[n] for n in roles.request + roles.step}
+                for n, out in roles.state:
+                    addr[n], addr[out] = b[f"{n}_slot{src}"], b[f"{n}_slot{dst}"]
                 engine = self.engines[model]
                 for i in range(engine.num_io_tensors):
                     name = engine.get_tensor_name(i)
-                    if name in shapes and not ctx.set_input_shape(name, shapes[name]):
+                    if name in roles.inputs and not ctx.set_input_shape(name, shapes[name]):
                         raise UserError(f"{self.trt.__name__} refused shape {list(shapes[name])} for {name} of "
                                         f"{self.manifest.models[model].name}: {self.logger.last_error()}")
                     if not ctx.set_tensor_address(name, addr[name].ptr):
@@ -349,30 +359,36 @@ class TrtBackend:
         self._set_device_memory()
 
     # Backend protocol -----------------------------------------------------------------------------------
-    def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, labels: np.ndarray, guidance: float) -> None:
+    def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, labels: Any, guidance: float) -> None:
+        """labels: the conditioning (DiT labels (B,), SD context (2B, L, D)) or a dict by input name."""
         if self.scratch is None:
             raise UserError(f"the {self.name} backend was closed (after an error or close()); open a new pipeline")
-        batch = int(x_init.shape[0])
-        self._allocate(plan, batch)
-        b, s = self._buf, self.stream
+        self._allocate(plan, x_init.shape)
+        b, s, roles = self._buf, self.stream, self.io
         self._x_init = np.ascontiguousarray(x_init, dtype=np.float32)
-        b["x_slot0"].upload(self._x_init, s)
-        b["x0_slot1"].zero(s)  # step 0's prev_x0
-        t_dtype, y_dtype = self.io["t"]["dtype"], self.io["y"]["dtype"]
-        b["y"].upload(np.asarray(labels).astype(y_dtype), s)
-        b["guidance"].upload(np.asarray(guidance, dtype=np.float32), s)
-        b["t_table"].upload(np.repeat(plan.timesteps.astype(t_dtype)[:, None], batch, axis=1), s)
-        b["coef_table"].upload(np.asarray(plan.coef, dtype=np.float32), s)
-        if plan.noise is not None:
-            b["noise_table"].upload(np.asarray(plan.noise, dtype=np.float32), s)
+        self._upload_start()
+        for n, a in roles.request_arrays(labels, guidance).items():
+            b[n].upload(np.ascontiguousarray(a.astype(self.engine_io[n]["dtype"])), s)
+        for n, table in roles.step_tables(plan, roles.dims(x_init.shape)).items():
+            if table is not None:
+                b[f"{n}_table"].upload(np.ascontiguousarray(table.astype(self.engine_io[n]["dtype"])), s)
         s.synchronize()
+
+    def _upload_start(self) -> None:
+        """The trajectory's start state: the latent in its slot 0, every other state zero."""
+        for n, _ in self.io.state:
+            if n == self.io.latent:
+                self._buf[f"{n}_slot0"].upload(self._x_init, self.stream)
+            else:
+                self._buf[f"{n}_slot0"].zero(self.stream)
 
     def _enqueue(self, step: int, model: int) -> None:
         """The step's table rows into the step buffers, then the engine: all async on the stream."""
         b, rows, s = self._buf, self._row_bytes, self.stream
-        for name in ("t", "coef") + (("noise",) if "noise_table" in b else ()):
-            n = rows[name]
-            self.cu.copy_device(b[name].ptr, b[f"{name}_table"].ptr + step * n, n, s)
+        for name in self.io.step:
+            if f"{name}_table" in b:
+                n = rows[name]
+                self.cu.copy_device(b[name].ptr, b[f"{name}_table"].ptr + step * n, n, s)
         if not self._contexts[model][step % 2].execute_async_v3(s.handle):
             raise RuntimeError(f"{self.trt.__name__} enqueue failed at step {step} on "
                                f"{self.manifest.models[model].name}: {self.logger.last_error()}")
@@ -391,18 +407,18 @@ class TrtBackend:
     def synchronize(self) -> None:
         self.stream.synchronize()
 
-    def read_x(self, slot: int) -> np.ndarray:
-        return self._read(f"x_slot{slot}")
-
-    def read_x0(self, slot: int) -> np.ndarray:
-        return self._read(f"x0_slot{slot}")
-
-    def _read(self, name: str) -> np.ndarray:
+    def read_state(self, name: str, slot: int) -> np.ndarray:
+        """A state tensor (by its input name) from ping-pong slot `slot`, copied to the host."""
         if self._key is None:
             raise UserError(f"the {self.name} backend has no buffers yet (prepare() first) or was closed")
-        c, h, w = self.manifest.latent_shape
-        out = np.empty((self._key[0], c, h, w), np.float32)
-        return self._buf[name].download(out, self.stream)
+        out = np.empty(self._shapes[name], self.engine_io[name]["dtype"])
+        return self._buf[f"{name}_slot{slot}"].download(out, self.stream)
+
+    def read_x(self, slot: int) -> np.ndarray:
+        return self.read_state(self.io.latent, slot)
+
+    def read_x0(self, slot: int) -> np.ndarray:
+        return self.read_state("prev_x0", slot)
 
     def take_notes(self) -> list[str]:
         """Notes not yet reported (the loop adds them to its result once)."""
@@ -470,8 +486,7 @@ class TrtBackend:
 
     def _restore_start(self) -> None:
         """The warm-up ran real steps on the buffers: put back the trajectory's start state."""
-        self._buf["x_slot0"].upload(self._x_init, self.stream)
-        self._buf["x0_slot1"].zero(self.stream)
+        self._upload_start()
         self.stream.synchronize()
 
     def _capture(self, plan: TrajectoryPlan) -> _Graph | None:

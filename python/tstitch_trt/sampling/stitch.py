@@ -53,3 +53,27 @@ def check_fractions(fractions: Sequence[float], num_models: int) -> None:
 
 def steps_per_model(step_model: np.ndarray, num_models: int) -> list[int]:
     return [int((step_model == i).sum()) for i in range(num_models)]
+
+
+def stitch_schedule_by_call(
+    n_calls: int, num_models: int, ratio: float | None = None, fractions: Sequence[float] | None = None
+) -> np.ndarray:
+    """The T-Stitch SD rule, by U-Net CALL index i (not timestep): progress = (i + 1) / n_calls.
+
+    Two models, ratio r: the small model while progress <= r (PNDM 50 steps = 51 calls, r = 0.4 ->
+    20 small calls). K models, fractions f: the first model whose cumulative fraction (float32, as
+    the DiT rule) is >= progress.
+    """
+    if (ratio is None) == (fractions is None):
+        raise ValueError("give exactly one of ratio or fractions")
+    progress = [(i + 1) / n_calls for i in range(n_calls)]
+    if ratio is not None:
+        if num_models != 2:
+            raise ValueError(f"a ratio stitches exactly 2 models, the bundle has {num_models}; use fractions")
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+        return np.array([0 if p <= ratio else 1 for p in progress], dtype=np.int64)
+    check_fractions(fractions, num_models)
+    milestones = np.cumsum(np.asarray(fractions, dtype=np.float32), dtype=np.float32).astype(np.float64)
+    return np.array([next((i for i, m in enumerate(milestones) if p <= m), num_models - 1) for p in progress],
+                    dtype=np.int64)

@@ -1,0 +1,185 @@
+"""`tstitch-trt build` for Stable Diffusion 1.x: diffusers directories -> an SD bundle.
+
+Each --model is a diffusers pipeline directory, a U-Net directory or a hub id; the LAST must be
+a full pipeline and supplies the tokenizer, text encoder, VAE and scheduler (T-Stitch's rule).
+Written (per requested backend): tokenizer.json; the CLIP text encoder (torch: the diffusers
+directory; ort: fp32 ONNX; trt/trt-rtx: engine from the fp16-typed graph); one U-Net step graph per
+model (the same kinds); the VAE decoder (export/vae_export.py). The manifest is kind "sd".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tstitch_trt import __version__
+from tstitch_trt.bundle.manifest import EngineEntry, Manifest, ModelEntry, sha256_file, staged_bundle, write_manifest
+from tstitch_trt.errors import UserError
+from tstitch_trt.export.unet_export import export_text_encoder, export_unet_step, text_io_spec, unet_io_spec
+from tstitch_trt.export.unet_step import UNetStepModule
+from tstitch_trt.models.sd import SdSource, check_pair, load_text_encoder, load_unet, resolve_source
+
+BUILD_BACKENDS = ("torch", "ort", "trt", "trt-rtx")
+
+
+@dataclass
+class SdBuildConfig:
+    models: list[str]  # directories or hub ids, smallest first; the last is a full pipeline
+    out: Path
+    backends: list[str] = field(default_factory=lambda: ["torch", "ort"])
+    precision: str = "fp16"  # engines; ort is always fp32
+    batch_range: tuple[int, int] = (1, 4)
+    opt_level: int = 3
+    timing_cache: str | None = None
+    compute_capabilities: tuple[str, ...] = ()
+
+
+def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None = None) -> Manifest:
+    unknown = [b for b in cfg.backends if b not in BUILD_BACKENDS]
+    if unknown:
+        raise UserError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BUILD_BACKENDS)}")
+    if len(cfg.models) < 2:
+        raise UserError("give at least two --model entries (smallest first) to stitch")
+    sources = [resolve_source(m) for m in cfg.models]
+    facts = check_pair(sources)
+    large = sources[-1].pipeline
+    assert large is not None  # check_pair refuses otherwise
+    scheduler = _read_scheduler(large)
+    builders = _engine_builders(cfg)
+    timings: dict[str, float] = {}
+    text_len = facts["text_max_length"]
+    with staged_bundle(cfg.out) as tmp:
+        tokenizer = _write_tokenizer(tmp, large, text_len)
+        t0 = time.perf_counter()
+        text_encoder = _write_text_encoder(tmp, large, cfg, builders, text_len, facts["cross_attention_dim"])
+        timings["text encoder"] = time.perf_counter() - t0
+        entries, io = [], None
+        for i, src in enumerate(sources):
+            if on_model:
+                on_model(src.name)
+            t0 = time.perf_counter()
+            entry, io = _write_unet(tmp, i, src, cfg, builders, text_len)
+            entries.append(entry)
+            timings[f"unet {src.name}"] = time.perf_counter() - t0
+        c, s = facts["latent_channels"], facts["sample_size"]
+        t0 = time.perf_counter()
+        from tstitch_trt.export.vae_export import add_vae
+
+        vae = add_vae(tmp, str(large / "vae"), cfg.backends, cfg.batch_range, (c, s, s), precision=cfg.precision,
+                      engine_builders=builders, downsample=facts["vae_factor"], dynamic_hw=True)
+        timings["vae"] = time.perf_counter() - t0
+        manifest = Manifest(
+            pipeline="sd",
+            models=entries,
+            num_classes=0,
+            image_size=s * facts["vae_factor"],
+            latent_scale_factor=facts["latent_scale_factor"],
+            guidance_channels=c,
+            schedule={"kind": scheduler.get("beta_schedule", "linear"),
+                      "num_timesteps": int(scheduler.get("num_train_timesteps", 1000))},
+            vae=vae,
+            io={**(io or {}), "build_seconds": timings},
+            created_by=f"tstitch-trt {__version__}, torch {torch.__version__}",
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+        )
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def _read_scheduler(large: Path) -> dict[str, Any]:
+    path = large / "scheduler" / "scheduler_config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the large pipeline's scheduler config {path}: {e}") from None
+
+
+def _engine_builders(cfg: SdBuildConfig) -> dict[str, Any] | None:
+    kinds = [b for b in cfg.backends if b in ("trt", "trt-rtx")]
+    if not kinds:
+        return None
+    from tstitch_trt.export.trt_build import make_engine_builder
+
+    return {k: make_engine_builder(k, cfg.opt_level, cfg.timing_cache, cfg.compute_capabilities) for k in kinds}
+
+
+def _write_tokenizer(tmp: Path, large: Path, text_len: int) -> dict[str, Any]:
+    """tokenizer.json for the runtime's `tokenizers` (transformers' CLIPTokenizer writes it)."""
+    from transformers import CLIPTokenizer
+
+    try:
+        tok = CLIPTokenizer.from_pretrained(str(large / "tokenizer"))
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot load the tokenizer in {large / 'tokenizer'}: {first}") from None
+    tok.save_pretrained(str(tmp / "tokenizer"))
+    rel = "tokenizer/tokenizer.json"
+    if not (tmp / rel).is_file():
+        raise UserError(f"the tokenizer in {large / 'tokenizer'} could not be written as tokenizer.json")
+    max_length = min(int(tok.model_max_length), text_len)
+    return {"file": {"file": rel, "sha256": sha256_file(tmp / rel)}, "max_length": max_length,
+            "pad_id": int(tok.pad_token_id), "kind": "clip"}
+
+
+def _write_text_encoder(tmp: Path, large: Path, cfg: SdBuildConfig, builders: dict | None, text_len: int,
+                        width: int) -> dict[str, Any]:
+    clip = load_text_encoder(large)
+    engines: dict[str, EngineEntry] = {}
+    if "torch" in cfg.backends:
+        clip.save_pretrained(str(tmp / "text_encoder" / "diffusers"), safe_serialization=True)
+        weights = next((tmp / "text_encoder" / "diffusers").glob("*.safetensors"))
+        engines["torch"] = EngineEntry(file=str(weights.relative_to(tmp)), sha256=sha256_file(weights),
+                                       extra={"dir": "text_encoder/diffusers"})
+    if "ort" in cfg.backends:
+        rel = "text_encoder/text_encoder-fp32.onnx"
+        export_text_encoder(clip, tmp / rel, "fp32", text_len)
+        engines["ort"] = EngineEntry(file=rel, sha256=sha256_file(tmp / rel), batch_range=cfg.batch_range)
+    if builders:
+        graph = tmp / f"text_encoder/text_encoder-{cfg.precision}-src.onnx"
+        export_text_encoder(clip, graph, cfg.precision, text_len)
+        for kind, builder in builders.items():
+            rel = f"text_encoder/text_encoder-{kind}-{cfg.precision}.plan"
+            info = builder.build(graph, tmp / rel, cfg.batch_range, text_io_spec(text_len, width, cfg.batch_range))
+            engines[kind] = EngineEntry(file=rel, sha256=sha256_file(tmp / rel), precision=cfg.precision,
+                                        batch_range=cfg.batch_range, builder=info)
+        graph.unlink()
+    return {"source": str(large / "text_encoder"), "kind": "CLIPTextModel", "hidden_state": "last",
+            "engines": engines, "io": text_io_spec(text_len, width, cfg.batch_range)}
+
+
+def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: dict | None,
+                text_len: int) -> tuple[ModelEntry, dict]:
+    unet = load_unet(src.unet_dir)
+    step = UNetStepModule(unet).eval()
+    tag = f"{i}-{src.name}"
+    engines: dict[str, EngineEntry] = {}
+    if "torch" in cfg.backends:
+        rel_dir = f"unet/{tag}"
+        unet.save_pretrained(str(tmp / rel_dir), safe_serialization=True)
+        weights = next((tmp / rel_dir).glob("*.safetensors"))
+        engines["torch"] = EngineEntry(file=str(weights.relative_to(tmp)), sha256=sha256_file(weights),
+                                       batch_range=cfg.batch_range, extra={"dir": rel_dir})
+    if "ort" in cfg.backends:
+        rel = f"onnx/{tag}-fp32.onnx"
+        export_unet_step(step, tmp / rel, "fp32", text_len)
+        engines["ort"] = EngineEntry(file=rel, sha256=sha256_file(tmp / rel), batch_range=cfg.batch_range)
+    io = unet_io_spec(step, text_len)
+    if builders:
+        graph = tmp / f"onnx/{tag}-{cfg.precision}-src.onnx"
+        export_unet_step(step, graph, cfg.precision, text_len)
+        for kind, builder in builders.items():
+            rel = f"trt/{tag}-{kind}-{cfg.precision}.plan"
+            info = builder.build(graph, tmp / rel, cfg.batch_range, io)
+            engines[kind] = EngineEntry(file=rel, sha256=sha256_file(tmp / rel), precision=cfg.precision,
+                                        batch_range=cfg.batch_range, builder=info)
+        graph.unlink()
+    arch = {k: v for k, v in src.unet_config().items() if not k.startswith("_")}
+    return ModelEntry(name=src.name, family="unet", arch=arch, engines=engines), io

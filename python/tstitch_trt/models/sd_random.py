@@ -1,0 +1,138 @@
+"""Random SD 1.x parts saved as diffusers directories: tests, benchmarks, and trying the CLI offline.
+
+- tiny: diffusers' own test components (tests/pipelines/stable_diffusion/test_stable_diffusion.py
+  get_dummy_components), every parameter randomized (no zero init);
+- bk-sdm-tiny / sd15: U-Nets with the real architectures (random weights) for timing;
+- a REAL CLIP BPE tokenizer built offline from open_clip_torch's vocabulary file (read from the
+  installed wheel without importing open_clip, which would need torchvision).
+
+    python -m tstitch_trt.models.sd_random OUT_DIR     # OUT_DIR/small-unet, OUT_DIR/large-pipeline
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+from tstitch_trt.models.sd import randomize_
+
+# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+    "clip_sample": False,
+}
+SPECIALS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>"}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (GPT-2's) reversible byte -> printable character map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def open_clip_vocab_file() -> Path:
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("open_clip_torch is not installed (pip install --no-deps open_clip_torch)")
+    return Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def write_clip_tokenizer(out: Path) -> Path:
+    """vocab.json, merges.txt, tokenizer_config.json of the CLIP tokenizer (49408 ids, 77 tokens)."""
+    lines = gzip.open(open_clip_vocab_file()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    chars = list(_bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True, **SPECIALS}))
+    (out / "special_tokens_map.json").write_text(json.dumps(SPECIALS))
+    return out
+
+
+def tiny_unet(seed: int, small: bool):
+    """diffusers' dummy SD U-Net; the small one drops the mid block (BK-SDM-Small's change), the large
+    one has two layers per block."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1 if small else 2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=2, mid_block_type=None if small else "UNetMidBlock2DCrossAttn")
+    return randomize_(unet, seed).eval()
+
+
+# The real U-Net architectures (diffusers UNet2DConditionModel configs), for timing with random weights.
+SD15_UNET = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "cross_attention_dim": 768,
+    "attention_head_dim": 8, "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+}
+# BK-SDM-Tiny (nota-ai): SD 1.5 with one layer per block, no mid block, the innermost level removed.
+BK_SDM_TINY_UNET = {
+    **SD15_UNET, "layers_per_block": 1, "mid_block_type": None, "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3, "up_block_types": ("CrossAttnUpBlock2D",) * 3,
+}
+UNET_CONFIGS = {"sd15": SD15_UNET, "bk-sdm-tiny": BK_SDM_TINY_UNET}
+
+
+def random_unet(name: str, seed: int = 0):
+    """A UNet2DConditionModel with the architecture `name` (UNET_CONFIGS) and every parameter random."""
+    from diffusers import UNet2DConditionModel
+
+    return randomize_(UNet2DConditionModel(**UNET_CONFIGS[name]), seed).eval()
+
+
+def save_tiny_pair(root: Path, cross_attention_dim: int = 32) -> tuple[Path, Path]:
+    """(small bare U-Net dir, large full pipeline dir) under `root`."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from diffusers.schedulers import PNDMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    small_dir, large_dir = root / "small-unet", root / "large-pipeline"
+    tiny_unet(1, small=True).save_pretrained(str(small_dir))
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, norm_num_groups=2)
+    text = CLIPTextModel(CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                                        hidden_size=cross_attention_dim, intermediate_size=37, layer_norm_eps=1e-05,
+                                        num_attention_heads=4, num_hidden_layers=5, vocab_size=49408,
+                                        max_position_embeddings=77))
+    tok = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(root / "clip-tokenizer")))
+    pipe = StableDiffusionPipeline(
+        vae=randomize_(vae, 3).eval(), text_encoder=randomize_(text, 4).eval(), tokenizer=tok,
+        unet=tiny_unet(2, small=False), scheduler=PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(large_dir))
+    return small_dir, large_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tstitch_trt.models.sd_random",
+                                description="write a tiny random SD pair (bare small U-Net + full large pipeline)")
+    p.add_argument("out", type=Path)
+    args = p.parse_args(argv)
+    small, large = save_tiny_pair(args.out)
+    print(f"wrote {small} and {large}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""Text-to-image SD 1.x pipeline: prompt -> text encoder (once) -> stitched U-Net loop -> VAE -> images.
+
+    pipe = StitchedSDPipeline.from_bundle("engines/bk-tiny-sd15", backend="auto")
+    res = pipe(prompt="a photo of a cat", ratio=0.4, steps=50, cfg_scale=7.5, seed=0)
+
+Semantics are diffusers' StableDiffusionPipeline's: no negative prompt encodes ""; context is
+(2B, L, D), uncond half first; init_noise is the unit-Gaussian latent (like diffusers' `latents=`)
+and is scaled by the sampler's init_noise_sigma; the stitch follows the T-Stitch SD rule by U-Net
+call index ((i + 1) / n_calls <= ratio). Same names as StitchedPipeline (DiT) where the meaning is
+the same; the result is the same SampleResult.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from tstitch_trt.bundle.manifest import Manifest, read_manifest
+from tstitch_trt.errors import UserError
+from tstitch_trt.pipeline.backends import open_first_backend
+from tstitch_trt.pipeline.dit import SampleResult, to_uint8
+from tstitch_trt.runtime.backend import Backend
+from tstitch_trt.runtime.loop import run_stitched
+from tstitch_trt.sampling.sd_samplers import SD_SAMPLERS, default_sampler, sd_needs_noise, sd_table
+from tstitch_trt.sampling.stitch import check_fractions, steps_per_model, stitch_schedule_by_call
+from tstitch_trt.sampling.trajectory import TrajectoryPlan
+
+
+class StitchedSDPipeline:
+    def __init__(self, bundle_dir: str | Path, manifest: Manifest, backend: Backend, backend_reason: str):
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = manifest
+        self.backend = backend
+        self.backend_reason = backend_reason
+        self._tokenizer = None
+        self._text_encoder = None
+        self._decoder = None
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: str | Path, backend: str = "auto", device: str | None = None,
+                    manifest: Manifest | None = None) -> StitchedSDPipeline:
+        manifest = manifest or read_manifest(bundle_dir)
+        if manifest.pipeline != "sd":
+            raise UserError(f"{bundle_dir} is a {manifest.pipeline} bundle, not a text-to-image (sd) bundle")
+        opened, why = open_first_backend(bundle_dir, manifest, backend, device)
+        return cls(bundle_dir, manifest, opened, why)
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.manifest.models]
+
+    @property
+    def vae_factor(self) -> int:
+        return self.manifest.image_size // self.manifest.latent_shape[1]
+
+    @property
+    def default_sampler(self) -> str:
+        return default_sampler(self.manifest.scheduler or {})
+
+    def _unet_down_factor(self) -> int:
+        return max(2 ** (len(m.arch.get("block_out_channels", [0])) - 1) for m in self.manifest.models)
+
+    def validate(self, ratio: float | None, fractions: Sequence[float] | None, steps: int, sampler: str,
+                 height: int, width: int, batch: int) -> None:
+        n_models = len(self.manifest.models)
+        if sampler not in SD_SAMPLERS:
+            raise UserError(f"unknown sampler {sampler!r} for an SD bundle; choose one of {', '.join(SD_SAMPLERS)}")
+        if not 1 <= steps <= 1000:
+            raise UserError(f"--steps must be between 1 and 1000, got {steps}")
+        if fractions is not None:
+            try:
+                check_fractions(fractions, n_models)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        elif ratio is None:
+            raise UserError("give --ratio (two models) or --fractions (one per model)")
+        elif not 0.0 <= ratio <= 1.0:
+            raise UserError(f"--ratio must be in [0, 1] (the share of early U-Net calls on the small model), "
+                            f"got {ratio}")
+        elif n_models != 2:
+            raise UserError(f"--ratio stitches two models but the bundle has {n_models}; give --fractions with "
+                            f"{n_models} values")
+        f = self.vae_factor
+        for name, v in (("--height", height), ("--width", width)):
+            if v <= 0 or v % f:
+                raise UserError(f"{name} {v} is not a positive multiple of the VAE factor {f}")
+        down = f * self._unet_down_factor()
+        if height % down or width % down:
+            raise UserError(f"--height/--width {height}x{width} must be multiples of {down} (VAE factor {f} x the "
+                            f"U-Nets' {self._unet_down_factor()}x downsampling)")
+        if batch < 1:
+            raise UserError("give at least one prompt and --num-images >= 1")
+
+    def encode_prompts(self, prompts: Sequence[str], negative: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        """context (2B, L, D), uncond (negative) half first, and notes (truncated prompts)."""
+        if self._tokenizer is None:
+            from tstitch_trt.pipeline.text import PromptTokenizer
+            from tstitch_trt.pipeline.text_encoder import open_text_encoder
+
+            if self.manifest.tokenizer is None:
+                raise UserError("the bundle has no tokenizer; rebuild it from a full SD pipeline directory")
+            self._tokenizer = PromptTokenizer(self.bundle_dir, self.manifest.tokenizer)
+            self._text_encoder = open_text_encoder(self.bundle_dir, self.manifest, self.backend.name)
+        ids, cut = self._tokenizer(list(negative) + list(prompts))
+        notes = [f"prompt {text!r} is longer than {self._tokenizer.max_length} tokens and was truncated (as diffusers "
+                 "does)" for text, c in zip(list(negative) + list(prompts), cut, strict=True) if c]
+        assert self._text_encoder is not None
+        return np.ascontiguousarray(self._text_encoder(ids), dtype=np.float32), list(dict.fromkeys(notes))
+
+    def plan(self, sampler: str, steps: int, batch_shape: tuple[int, ...], rng: np.random.Generator,
+             ratio: float | None, fractions: Sequence[float] | None, eta: float) -> tuple[TrajectoryPlan, float]:
+        table = sd_table(sampler, self.manifest.scheduler or {}, steps, eta)
+        n_calls = len(table.timesteps)
+        try:
+            step_model = stitch_schedule_by_call(n_calls, len(self.manifest.models), ratio=ratio, fractions=fractions)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        noise = rng.standard_normal((n_calls, *batch_shape), dtype=np.float32) if sd_needs_noise(sampler, eta) \
+            else None
+        return TrajectoryPlan(sampler, table.timesteps, table.coef, step_model, noise), table.init_noise_sigma
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_images: int = 1,
+        ratio: float | None = 0.4,
+        steps: int = 50,
+        sampler: str | None = None,
+        cfg_scale: float = 7.5,
+        seed: int = 0,
+        fractions: Sequence[float] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        eta: float = 0.0,
+        init_noise: np.ndarray | None = None,
+        progress: bool | None = None,
+        decode: bool = True,
+    ) -> SampleResult:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        elif isinstance(negative_prompt, str):
+            negatives = [negative_prompt] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise UserError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt")
+        sampler = sampler or self.default_sampler
+        c = self.manifest.latent_shape[0]
+        if init_noise is not None:
+            if init_noise.ndim != 4 or init_noise.shape[1] != c:
+                raise UserError(f"--init-noise has shape {tuple(init_noise.shape)}, expected (B, {c}, H/"
+                                f"{self.vae_factor}, W/{self.vae_factor})")
+            batch = init_noise.shape[0]
+            if len(prompts) == 1:  # the latent sets the batch, the prompt repeated
+                prompts, negatives, num_images = prompts * batch, negatives * batch, 1
+            if len(prompts) * num_images != batch:
+                raise UserError(f"--init-noise has batch {batch} but {len(prompts)} prompts x {num_images} images "
+                                "were asked for")
+            height, width = init_noise.shape[2] * self.vae_factor, init_noise.shape[3] * self.vae_factor
+        height = height or self.manifest.image_size
+        width = width or self.manifest.image_size
+        batch = len(prompts) * num_images
+        self.validate(None if fractions is not None else ratio, fractions, steps, sampler, height, width, batch)
+        # diffusers repeats each prompt's embedding num_images times in a row
+        prompts = [p for p in prompts for _ in range(num_images)]
+        negatives = [n for n in negatives for _ in range(num_images)]
+        t0 = time.perf_counter()
+        context, notes = self.encode_prompts(prompts, negatives)
+        encode_s = time.perf_counter() - t0
+        rng = np.random.default_rng(seed)
+        shape = (batch, c, height // self.vae_factor, width // self.vae_factor)
+        x_unit = (np.asarray(init_noise, dtype=np.float32) if init_noise is not None
+                  else rng.standard_normal(shape, dtype=np.float32))
+        plan, sigma = self.plan(sampler, steps, shape, rng,
+                                None if fractions is not None else ratio, fractions, eta)
+        x_init = x_unit * np.float32(sigma)
+        # diffusers turns CFG off at cfg <= 1 (the conditional half alone); u + 1 (c - u) is that half
+        guidance = cfg_scale if cfg_scale > 1 else 1.0
+        if cfg_scale < 1:
+            notes.append(f"cfg {cfg_scale} <= 1 means no guidance (as diffusers): the conditional prediction alone")
+        loop = run_stitched(self.backend, plan, x_init, context, guidance, progress=progress,
+                            model_names=self.model_names)
+        images, decode_s = None, 0.0
+        if decode:
+            t1 = time.perf_counter()
+            images = self.decode(loop.x)
+            decode_s = time.perf_counter() - t1
+        total = time.perf_counter() - t0
+        n = len(self.manifest.models)
+        report = {
+            "pipeline": "sd",
+            "backend": self.backend.name,
+            "backend_reason": self.backend_reason,
+            "device": self.backend.device,
+            "models": self.model_names,
+            "sampler": plan.sampler,
+            "steps": steps,
+            "unet_calls": plan.steps,
+            "timesteps": [float(t) for t in plan.timesteps],
+            "step_model": plan.step_model.tolist(),
+            "steps_per_model": steps_per_model(plan.step_model, n),  # U-Net calls per model
+            "batch": batch,
+            "prompts": prompts,
+            "negative_prompts": negatives,
+            "height": height,
+            "width": width,
+            "cfg_scale": cfg_scale,
+            "seed": seed,
+            "loop_mode": loop.mode,
+            "step_ms": [round(v, 4) for v in loop.step_ms],
+            "engine_ms": None if loop.engine_ms is None else [round(v, 4) for v in loop.engine_ms],
+            "host_overhead_ms_per_step": loop.host_overhead_ms_per_step,
+            "text_encoder_seconds": encode_s,
+            "loop_seconds": loop.total_seconds,
+            "decode_seconds": decode_s,
+            "total_seconds": total,
+            "notes": notes + loop.notes,
+        }
+        return SampleResult(loop.x, images, report)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Final latents -> (B, H, W, 3) uint8 with the bundle's VAE (latents / scaling factor)."""
+        if self.manifest.vae is None:
+            raise UserError("the bundle has no VAE; rebuild it from a full SD pipeline directory")
+        if self._decoder is None:
+            from tstitch_trt.pipeline.vae import open_decoder
+
+            self._decoder = open_decoder(self.bundle_dir, self.manifest, self.backend.name)
+        return to_uint8(self._decoder(latents / np.float32(self.manifest.latent_scale_factor)))
+
+    def close(self) -> None:
+        self.backend.close()

@@ -1,0 +1,137 @@
+"""Step-graph I/O by ROLE: how every backend binds a step graph without knowing its names.
+
+A step graph's tensors fall into three roles (recorded in the manifest's io["roles"]):
+
+- state:   (input, output) pairs carried from step to step in ping-pong slots. Step i reads the
+           input from slot i % 2 and writes the output to slot (i + 1) % 2. The FIRST pair is the
+           latent (x -> x_next): slot 0 of its input starts as the initial latent; every other
+           state starts at zero. DiT: x, prev_x0 <- x0. SD: + eps_hist, saved.
+- step:    per-step rows of tables uploaded once per trajectory (t, coef, noise), taken from the
+           TrajectoryPlan: t <- plan.timesteps, coef <- plan.coef, noise <- plan.noise (zero rows
+           where the sampler draws none).
+- request: per-request constants. The conditioning (DiT: y (B,); SD: context (2B, 77, D), uncond
+           first) and guidance ().
+
+Shapes come from io["inputs"] / io["outputs"]: "B" is the batch, "2B" twice it, other names
+(SD: "H", "W") take their value from the initial latent's shape. Bundles written
+before roles existed (the shipped demo pair) are DiT bundles and get DIT_ROLES.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tstitch_trt.errors import UserError
+
+DIT_ROLES = {
+    "state": [["x", "x_next"], ["prev_x0", "x0"]],
+    "step": ["t", "coef", "noise"],
+    "request": ["y", "guidance"],
+}
+PLAN_FIELDS = {"t": "timesteps", "coef": "coef", "noise": "noise"}  # step role -> TrajectoryPlan field
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int | str, ...]  # ints, or symbolic dims: "B" (batch), "2B", "H", "W"
+    dtype: np.dtype
+
+    def resolve(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(dims[d] if isinstance(d, str) else int(d) for d in self.shape)
+
+
+@dataclass(frozen=True)
+class StepIO:
+    state: tuple[tuple[str, str], ...]
+    step: tuple[str, ...]
+    request: tuple[str, ...]
+    specs: Mapping[str, TensorSpec]
+
+    @classmethod
+    def from_io(cls, io: Mapping[str, Any]) -> StepIO:
+        roles = io.get("roles") or DIT_ROLES
+        specs = {name: TensorSpec(tuple(s["shape"]), np.dtype(s["dtype"]))
+                 for part in ("inputs", "outputs") for name, s in io.get(part, {}).items()}
+        out = cls(tuple((a, b) for a, b in roles["state"]), tuple(roles["step"]), tuple(roles["request"]), specs)
+        missing = [n for n in out.names if n not in specs]
+        if missing:
+            raise UserError(f"the bundle manifest's io has no shape for {', '.join(missing)}; rebuild the bundle")
+        return out
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return tuple(a for a, _ in self.state) + self.step + self.request
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return tuple(b for _, b in self.state)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.inputs + self.outputs
+
+    @property
+    def latent(self) -> str:
+        return self.state[0][0]
+
+    @property
+    def cond(self) -> str:
+        """The conditioning input: the first request tensor that is not guidance."""
+        return next(n for n in self.request if n != "guidance")
+
+    def dims(self, latent_shape: tuple[int, ...]) -> dict[str, int]:
+        """Symbolic dims from the initial latent's shape (B, C, H, W); a fixed dim that differs is refused."""
+        spec = self.specs[self.latent].shape
+        if len(spec) != len(latent_shape):
+            raise UserError(f"the latent has shape {tuple(latent_shape)}, the step graphs take {list(spec)}")
+        dims: dict[str, int] = {}
+        for d, n in zip(spec, latent_shape, strict=True):
+            if isinstance(d, str):
+                dims[d] = int(n)
+            elif int(d) != int(n):
+                raise UserError(f"the latent has shape {tuple(latent_shape)}, the step graphs take {list(spec)}")
+        dims["2B"] = 2 * dims["B"]
+        return dims
+
+    def shape(self, name: str, dims: Mapping[str, int]) -> tuple[int, ...]:
+        return self.specs[name].resolve(dims)
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.specs[name].dtype
+
+    def output_of(self, state_input: str) -> str:
+        return dict(self.state)[state_input]
+
+    def request_arrays(self, cond: np.ndarray | Mapping[str, np.ndarray], guidance: float) -> dict[str, np.ndarray]:
+        """The request tensors, cast to their dtypes: `cond` is the conditioning array, or a dict by name."""
+        given = dict(cond) if isinstance(cond, Mapping) else {self.cond: cond}
+        given.setdefault("guidance", np.asarray(guidance, dtype=np.float32))
+        missing = [n for n in self.request if n not in given]
+        if missing:
+            raise UserError(f"the step graphs need {', '.join(missing)} for this request")
+        # np.array, not ascontiguousarray: that turns the 0-d guidance into shape (1,)
+        return {n: np.array(given[n], dtype=self.dtype(n), order="C") for n in self.request}
+
+    def step_tables(self, plan: Any, dims: Mapping[str, int]) -> dict[str, np.ndarray | None]:
+        """(steps, *row shape) arrays per step role; None for noise where the sampler draws none."""
+        out: dict[str, np.ndarray | None] = {}
+        for name in self.step:
+            value = getattr(plan, PLAN_FIELDS[name])
+            if value is None:
+                out[name] = None
+                continue
+            row = self.shape(name, dims)
+            value = np.asarray(value)
+            if name == "t":  # one timestep per step, repeated over the batch
+                value = np.repeat(value[:, None], dims["B"], axis=1)
+            out[name] = np.ascontiguousarray(value.astype(self.dtype(name)).reshape(plan.steps, *row))
+        return out
+
+
+def state_slots(step: int) -> tuple[int, int]:
+    """(slot the state inputs are read from, slot the state outputs are written to) at `step`."""
+    return step % 2, (step + 1) % 2
