@@ -11,13 +11,14 @@ from tstitch_trt.pipeline import backends, dit
 
 
 def test_auto_falls_through_a_refused_engine(tiny_pair: Path, monkeypatch) -> None:
-    monkeypatch.setattr(dit, "backend_candidates", lambda m, r: [("trt-rtx", "engines and a GPU"), ("ort", "cpu")])
+    monkeypatch.setattr(dit, "backend_candidates",
+                        lambda m, r, p="auto": [("trt-rtx", "engines and a GPU"), ("ort", "cpu")])
     real_open = backends.open_backend
 
-    def fake_open(kind, bundle_dir, manifest, device=None):
+    def fake_open(kind, bundle_dir, manifest, device=None, **kw):
         if kind == "trt-rtx":
             raise UserError("engine built for compute capability 8.9, this GPU is 9.0; rebuild")
-        return real_open(kind, bundle_dir, manifest, device=device)
+        return real_open(kind, bundle_dir, manifest, device=device, **kw)
 
     monkeypatch.setattr(dit, "open_backend", fake_open)
     pipe = dit.StitchedPipeline.from_bundle(tiny_pair, backend="auto")
@@ -29,7 +30,7 @@ def test_auto_falls_through_a_refused_engine(tiny_pair: Path, monkeypatch) -> No
 
 
 def test_requested_backend_refusal_is_an_error(tiny_pair: Path, monkeypatch) -> None:
-    def refuse(kind, bundle_dir, manifest, device=None):
+    def refuse(kind, bundle_dir, manifest, device=None, **kw):
         raise UserError("no")
 
     monkeypatch.setattr(dit, "open_backend", refuse)
@@ -37,7 +38,9 @@ def test_requested_backend_refusal_is_an_error(tiny_pair: Path, monkeypatch) -> 
         dit.StitchedPipeline.from_bundle(tiny_pair, backend="ort")
 
 
-def test_auto_without_gpu_picks_ort_and_says_why(tiny_pair: Path) -> None:
+def test_auto_without_gpu_picks_ort_and_says_why(tiny_pair: Path, monkeypatch) -> None:
+    real = backends._has_module
+    monkeypatch.setattr(backends, "_has_module", lambda name: name != "openvino" and real(name))
     pipe = dit.StitchedPipeline.from_bundle(tiny_pair, backend="auto")
     assert pipe.backend.name == "ort"
     assert "no trt engines in the bundle" in pipe.backend_reason and "ONNX Runtime" in pipe.backend_reason

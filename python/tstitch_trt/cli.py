@@ -75,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="sample images with a bundle (default: the built-in demo pair)")
     r.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo' (default)")
-    r.add_argument("--backend", default="auto", help="auto, trt, trt-rtx, ort, torch")
+    r.add_argument("--backend", default="auto", help="auto, trt, trt-rtx, ort, openvino, torch")
+    r.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="CPU backends (openvino): bf16 needs a CPU with native bf16; auto uses it only where the "
+                        "bundle records it as safe (tstitch-trt check --precision bf16 --record)")
     r.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm-solver++"])
     r.add_argument("--steps", type=int, default=None)
     g = r.add_mutually_exclusive_group()
@@ -173,7 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             init = np.load(args.init_noise, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read --init-noise {args.init_noise}: {e}") from None
-    pipe = StitchedPipeline.from_bundle(bundle, backend=args.backend, device=args.device)
+    pipe = StitchedPipeline.from_bundle(bundle, backend=args.backend, device=args.device, precision=args.precision)
     try:
         nc = pipe.manifest.num_classes
         labels = args.class_labels

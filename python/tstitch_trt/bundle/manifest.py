@@ -57,6 +57,9 @@ class ModelEntry:
     arch: dict[str, Any]  # DiTConfig as a dict
     engines: dict[str, EngineEntry] = field(default_factory=dict)  # backend -> artifact
     macs_per_forward: int = 0
+    # Whether bf16 inference keeps quality (CPU backends; `tstitch-trt check --precision bf16 --record`):
+    # {"safe": bool, "reason": str, "step_max_rel": float, "step_min_cosine": float, "checked_with": str}
+    bf16: dict[str, Any] | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

@@ -41,13 +41,15 @@ class StitchedPipeline:
         self._decoder = None
 
     @classmethod
-    def from_bundle(cls, bundle_dir: str | Path, backend: str = "auto", device: str | None = None) -> StitchedPipeline:
+    def from_bundle(cls, bundle_dir: str | Path, backend: str = "auto", device: str | None = None,
+                    precision: str = "auto") -> StitchedPipeline:
+        """precision: auto, fp32 or bf16, for the CPU backend that has bf16 (openvino; see pipeline.backends)."""
         manifest = read_manifest(bundle_dir)
-        candidates = backend_candidates(manifest, backend)
+        candidates = backend_candidates(manifest, backend, precision)
         refusals: list[str] = []
         for kind, why in candidates:
             try:
-                opened = open_backend(kind, bundle_dir, manifest, device=device)
+                opened = open_backend(kind, bundle_dir, manifest, device=device, precision=precision)
             except UserError as e:
                 # auto: an engine refused here (another GPU arch, TensorRT version) falls through to the next
                 if len(candidates) == 1 or kind == candidates[-1][0]:
@@ -163,6 +165,7 @@ class StitchedPipeline:
             "backend": self.backend.name,
             "backend_reason": self.backend_reason,
             "device": self.backend.device,
+            "precision": getattr(self.backend, "precisions", None),  # per model, where the backend chooses it
             "models": self.model_names,
             "sampler": plan.sampler,
             "steps": plan.steps,
