@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=int, default=2)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--report", help="write the comparison as JSON here")
+    c.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: also measure OpenVINO bf16 per step and, for a bundle with the demo evaluator, "
+                        "FID / accuracy at ratio 0 and 0.4, and give the bf16 verdict per model")
+    c.add_argument("--quality-images", type=int, default=500, help="images per point of the bf16 quality gate")
+    c.add_argument("--record", action="store_true", help="write the bf16 verdict into the bundle's manifest.json")
 
     from tstitch_trt.bench import add_bench_arguments
 

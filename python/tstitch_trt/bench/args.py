@@ -42,17 +42,20 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="demo: the built-in demo pair (default); dit-s-xl: DiT-S/2 -> DiT-XL/2 at 256 px, random "
                         "weights, built once into --cache")
     p.add_argument("--backends", type=_name_list, default=None,
-                   help="comma list of trt, trt-rtx, ort, torch (default: every backend in the bundle)")
+                   help="comma list of trt, trt-rtx, ort, openvino, openvino-bf16, torch (default: every backend "
+                        "in the bundle, and OpenVINO fp32 / bf16 where it is installed)")
     p.add_argument("--sweep-backends", type=_name_list, default=None,
                    help="backends that get the ratio sweep (default: all measured)")
     p.add_argument("--parts", type=_name_list, default=list(PARTS),
                    help=f"what to measure, comma list of {', '.join(PARTS)} (default: all)")
     p.add_argument("--no-reference", action="store_true", help="skip the reference PyTorch loop")
+    p.add_argument("--no-reference-bf16", action="store_true",
+                   help="skip the second baseline: the reference loop under torch.autocast(bf16)")
     p.add_argument("--device", default="auto", help="torch backend and reference loop device: auto, cpu, cuda")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps per trajectory (default: the workload's)")
     p.add_argument("--batch", type=int, default=None, help="images per trajectory (default: the workload's)")
     p.add_argument("--step-batches", type=_int_list, default=None,
-                   help="batches of the per-step figures (default 1,8,16; 1 for dit-s-xl on a CPU)")
+                   help="batches of the per-step figures (default 1,8,20; 1 for dit-s-xl on a CPU)")
     p.add_argument("--ratio", type=float, default=0.4, help="stitch ratio of the end-to-end figure (0.4)")
     p.add_argument("--ratios", type=_float_list, default=None,
                    help="ratios of the sweep (default 0,0.1,...,1; 0 and 1 are always added: they define the "

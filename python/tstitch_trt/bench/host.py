@@ -17,6 +17,16 @@ def load_average() -> list[float]:
         return []
 
 
+def native_bf16() -> bool:
+    """The CPU computes bf16 natively (AVX512_BF16 or AMX; Linux /proc/cpuinfo flags)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -101,6 +111,13 @@ def host_info(threads: int, device: str) -> dict:
         info["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         pass
+    try:
+        import openvino
+
+        info["openvino"] = openvino.__version__
+    except ImportError:
+        pass
+    info["native_bf16"] = native_bf16()
     if "torch" in sys.modules:
         import torch
 

@@ -36,9 +36,15 @@ def measure_steps(runner: BackendRunner, manifest, batches: list[int], repeats: 
 
 def measure_e2e(result: dict, runners: dict[str, BackendRunner], reference: ReferenceRunner | None,
                 z: np.ndarray, labels: np.ndarray, steps: int, args: argparse.Namespace,
-                log: Callable[[str], None], gate: IdleGate | None = None) -> None:
-    """Round-robin repeats (reference, then each backend) so drifting load hits all alike."""
-    order: list = ([reference] if reference is not None else []) + list(runners.values())
+                log: Callable[[str], None], gate: IdleGate | None = None,
+                reference_bf16: ReferenceRunner | None = None) -> None:
+    """Round-robin repeats (the baselines, then each backend) so drifting load hits all alike.
+
+    Every backend also gets `speedup_vs`: its speed against each other runner of the same round robin
+    (reference, reference-bf16, ort, ...), min over min and median over median.
+    """
+    baselines = [r for r in (reference, reference_bf16) if r is not None]
+    order: list = baselines + list(runners.values())
     runs: dict[str, list[Trajectory]] = {r.name: [] for r in order}
     loads = []
     for rep in range(args.repeats):
@@ -51,12 +57,14 @@ def measure_e2e(result: dict, runners: dict[str, BackendRunner], reference: Refe
             f"{k} {v[-1].seconds:.3f} s" for k, v in runs.items()) + f"; load {loads[-1]}")
     result["load_average"]["e2e"] = loads
     ref_stats = None
+    all_stats = {name: stats([t.seconds for t in trajs]) for name, trajs in runs.items()}
+    for b in baselines:
+        key = b.name.replace("-", "_")  # result["reference"], result["reference_bf16"]
+        result[key]["e2e"] = {"seconds": all_stats[b.name], "steps_per_model": runs[b.name][0].steps_per_model}
     if reference is not None:
-        ref_runs = runs["reference"]
-        ref_stats = stats([t.seconds for t in ref_runs])
-        result["reference"]["e2e"] = {"seconds": ref_stats, "steps_per_model": ref_runs[0].steps_per_model}
+        ref_stats = all_stats["reference"]
     for name, trajs in runs.items():
-        if name == "reference":
+        if name in ("reference", "reference-bf16"):
             continue
         sec = stats([t.seconds for t in trajs])
         e2e: dict = {"seconds": sec, "steps_per_model": trajs[0].steps_per_model}
@@ -80,6 +88,8 @@ def measure_e2e(result: dict, runners: dict[str, BackendRunner], reference: Refe
             scale = float(np.abs(ref_latent).max()) or 1.0
             e2e["max_abs_diff_vs_reference"] = float(np.abs(trajs[0].latent - ref_latent).max())
             e2e["max_rel_diff_vs_reference"] = e2e["max_abs_diff_vs_reference"] / scale
+        e2e["speedup_vs"] = {other: {"min": s["min"] / sec["min"], "median": s["median"] / sec["median"]}
+                             for other, s in all_stats.items() if other != name}
         result["backends"][name]["e2e"] = e2e
 
 

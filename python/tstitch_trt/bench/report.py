@@ -54,6 +54,13 @@ def markdown_summary(result: dict) -> str:
         host = ref.get("memory", {}).get("host", {})
         lines.append(f"| reference loop (eager PyTorch) | {ref['device']} | {_ms(ref['e2e']['seconds'], digits=3)} "
                      f"| 1.00 | - | - | {host.get('peak_rss_added_mb', '-')} |")
+    ref16 = result.get("reference_bf16") or {}
+    if ref16.get("status") == "ok" and "e2e" in ref16 and ref.get("e2e"):
+        host = ref16.get("memory", {}).get("host", {})
+        sp = {k: ref["e2e"]["seconds"][k] / ref16["e2e"]["seconds"][k] for k in ("min", "median")}
+        lines.append(f"| reference loop under torch.autocast(bf16) | {ref16['device']} "
+                     f"| {_ms(ref16['e2e']['seconds'], digits=3)} | {sp['min']:.2f} / {sp['median']:.2f} | - | - "
+                     f"| {host.get('peak_rss_added_mb', '-')} |")
     for name, e in result["backends"].items():
         if e.get("status") != "ok":
             lines.append(f"| {name} | - | skipped: {e.get('reason')} | | | | |")
@@ -69,6 +76,7 @@ def markdown_summary(result: dict) -> str:
         host = e.get("memory", {}).get("host", {})
         lines.append(f"| {name} | {e.get('device')} | {_ms(e2e.get('seconds'), digits=3)} | {sp_s} | {cols[0]} "
                      f"| {cols[1]} | {host.get('peak_rss_added_mb', '-')} |")
+    lines += speedup_table(result)
     if result.get("targets"):
         lines += ["", "| target | backend | value (min) | median | pass |", "|---|---|---|---|---|"]
         for t in result["targets"]:
@@ -77,12 +85,27 @@ def markdown_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def speedup_table(result: dict) -> list[str]:
+    """Each backend against every other runner of the same end-to-end round robin (min / median)."""
+    rows = {n: e["e2e"]["speedup_vs"] for n, e in result["backends"].items() if e.get("e2e", {}).get("speedup_vs")}
+    if not rows:
+        return []
+    cols = list(dict.fromkeys(c for sv in rows.values() for c in sv))
+    lines = ["", "speedup, end to end, measured in the same round robin (x faster than the column; min / median)", "",
+             "| backend | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, sv in rows.items():
+        cells = [f"{sv[c]['min']:.2f} / {sv[c]['median']:.2f}" if c in sv else "-" for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown_report(result: dict) -> str:
     h, la = result["host"], result["load_average"]
     lines = ["# tstitch-trt benchmark", "", f"`{result['command']}`", "",
              f"- host: {h['cpu']}, {h['usable_cores']} usable cores, {h['threads']} threads"
              + (f", GPU {h['gpu']}" if h.get("gpu") else ""),
-             f"- versions: onnxruntime {h.get('onnxruntime', '-')}, torch {h.get('torch', '-')}, numpy {h['numpy']}",
+             f"- versions: onnxruntime {h.get('onnxruntime', '-')}, openvino {h.get('openvino', '-')}, "
+             f"torch {h.get('torch', '-')}, numpy {h['numpy']}; native bf16: {h.get('native_bf16', '-')}",
              f"- load average (1, 5, 15 min): start {la.get('start')}, end {la.get('end')}",
              f"- created {result['created']}"]
     if result.get("idle_gate"):
@@ -114,7 +137,8 @@ def markdown_report(result: dict) -> str:
                          f"| {_pair(p['ideal_seconds'], 3)} "
                          f"| {_pair(p['gap_pct'], 2)} |")
     mem_rows = []
-    for name, e in list(result["backends"].items()) + [("reference", result.get("reference") or {})]:
+    for name, e in list(result["backends"].items()) + [("reference", result.get("reference") or {}),
+                                                       ("reference-bf16", result.get("reference_bf16") or {})]:
         m = e.get("memory")
         if m:
             host, dev = m.get("host", {}), m.get("device")

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import sys
 import time
 from pathlib import Path
 
 from tstitch_trt.bench.args import PARTS
-from tstitch_trt.bench.host import HostMemory, host_info, load_average, reset_device_peak, usable_cores
+from tstitch_trt.bench.host import HostMemory, host_info, load_average, native_bf16, reset_device_peak, usable_cores
 from tstitch_trt.bench.idle import IdleGate
 from tstitch_trt.bench.log import logger
 from tstitch_trt.bench.measure import measure_e2e, measure_steps, measure_sweep
 from tstitch_trt.bench.quality import run_quality
 from tstitch_trt.bench.report import markdown_summary, write_outputs
-from tstitch_trt.bench.runners import BackendRunner, ReferenceRunner
+from tstitch_trt.bench.runners import OPENVINO_RUNNERS, BackendRunner, ReferenceRunner
 from tstitch_trt.bench.targets import evaluate_targets
 from tstitch_trt.bench.workloads import resolve_workload, start_latent, step_labels
 from tstitch_trt.errors import UserError
@@ -44,10 +45,11 @@ def run_bench(args: argparse.Namespace) -> int:
     manifest = read_manifest(w.bundle)
     threads = args.threads or usable_cores()
     present = manifest.backends()
-    wanted = args.backends or present
-    unknown = [b for b in wanted if b not in BACKEND_CHOICES or b == "auto"]
+    wanted = args.backends or default_backends(present)
+    choices = [b for b in BACKEND_CHOICES if b != "auto"] + list(OPENVINO_RUNNERS)
+    unknown = [b for b in wanted if b not in choices]
     if unknown:
-        raise UserError(f"unknown backend {unknown[0]!r}; choose from trt, trt-rtx, ort, torch")
+        raise UserError(f"unknown backend {unknown[0]!r}; choose from {', '.join(dict.fromkeys(choices))}")
     need_torch = "torch" in wanted or not args.no_reference
     device = _torch_device(args.device, threads) if need_torch else "cpu"
 
@@ -67,6 +69,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "load_average": {"start": load_average()},
         "backends": {},
         "reference": None,
+        "reference_bf16": None,
         "notes": list(w.notes),
     }
     if device.startswith("cuda"):
@@ -82,8 +85,13 @@ def run_bench(args: argparse.Namespace) -> int:
     for kind in wanted:
         entry: dict = {}
         result["backends"][kind] = entry
-        if kind not in present:
+        if (kind if kind not in OPENVINO_RUNNERS else "ort") not in present:
             entry.update(status="skipped", reason=f"not in the bundle (it has: {', '.join(present)})")
+            continue
+        why_not = openvino_unavailable(kind)
+        if why_not:
+            entry.update(status="skipped", reason=why_not)
+            log(f"{kind}: skipped: {why_not}")
             continue
         if kind in GPU_BACKENDS and gpus == 0:
             entry.update(status="skipped", reason="needs an NVIDIA GPU")
@@ -127,11 +135,24 @@ def run_bench(args: argparse.Namespace) -> int:
         except (FileNotFoundError, UserError) as e:
             result["reference"] = {"status": "skipped", "reason": str(e)}
             log(f"reference loop: skipped: {e}")
+    reference_bf16 = None
+    if reference is not None and not args.no_reference_bf16:
+        if device == "cpu" and not native_bf16():
+            result["reference_bf16"] = {"status": "skipped", "reason": "this CPU has no native bf16"}
+        else:  # the reference loop with one torch.autocast(bf16) line: the second baseline
+            reset_device_peak(device)
+            mem.begin()
+            reference_bf16 = ReferenceRunner(w.bundle, manifest, device, bf16=True)
+            for _ in range(args.warmup):
+                reference_bf16.trajectory(z, labels, w.steps, args.ratio, args.cfg_scale)
+            result["reference_bf16"] = {"status": "ok", "device": device,
+                                        "memory": {"host": mem.end(), "device": reference_bf16.memory()}}
 
     if "e2e" in args.parts and (runners or reference):
-        measure_e2e(result, runners, reference, z, labels, w.steps, args, log, gate)
-    if reference is not None:
-        reference.close()
+        measure_e2e(result, runners, reference, z, labels, w.steps, args, log, gate, reference_bf16=reference_bf16)
+    for ref in (reference, reference_bf16):
+        if ref is not None:
+            ref.close()
     if "sweep" in args.parts:
         sweep_on = args.sweep_backends or list(runners)
         for kind in sweep_on:
@@ -150,6 +171,26 @@ def run_bench(args: argparse.Namespace) -> int:
     print(markdown_summary(result))
     missed = [t for t in result["targets"] if t["pass"] is False]
     return 1 if (args.check_targets and missed) else 0
+
+
+def default_backends(present: list[str]) -> list[str]:
+    """The bundle's backends, plus OpenVINO fp32 and bf16 beside ort where openvino is installed."""
+    out = list(present)
+    if "ort" in present and importlib.util.find_spec("openvino") is not None:
+        i = out.index("ort") + 1
+        out[i:i] = [k for k in OPENVINO_RUNNERS if not openvino_unavailable(k)]
+    return out
+
+
+def openvino_unavailable(kind: str) -> str | None:
+    """Why OpenVINO runner `kind` cannot run here, or None."""
+    if kind not in OPENVINO_RUNNERS:
+        return None
+    if importlib.util.find_spec("openvino") is None:
+        return "openvino is not installed (pip install 'tstitch-trt[openvino]')"
+    if OPENVINO_RUNNERS[kind] == "bf16" and not native_bf16():
+        return "this CPU has no native bf16 (AVX512_BF16 / AMX)"
+    return None
 
 
 def _command_line() -> str:

@@ -16,6 +16,9 @@ from tstitch_trt.bench.idle import IdleGate
 from tstitch_trt.bench.workloads import start_latent, step_labels
 from tstitch_trt.errors import UserError
 
+# OpenVINO runs the bundle's ONNX graphs (the ort artifacts) at a fixed precision per runner
+OPENVINO_RUNNERS = {"openvino": "fp32", "openvino-bf16": "bf16"}
+
 
 @dataclass
 class Trajectory:
@@ -94,11 +97,15 @@ class BackendRunner:
 
 
 class ReferenceRunner:
-    """benchmarks/reference_loop.py on the bundle's torch weights."""
+    """benchmarks/reference_loop.py on the bundle's torch weights; bf16=True: under torch.autocast(bf16).
 
-    name = "reference"
+    The autocast variant is the one-line change a user would make to the reference loop: the second
+    baseline, the one a CPU engine in bf16 has to beat.
+    """
 
-    def __init__(self, bundle: Path, manifest, device: str):
+    def __init__(self, bundle: Path, manifest, device: str, bf16: bool = False):
+        self.name = "reference-bf16" if bf16 else "reference"
+        self.bf16 = bf16
         self.ref = load_reference_loop()
         self.device = device
         self.manifest = manifest
@@ -113,9 +120,10 @@ class ReferenceRunner:
         t0 = time.perf_counter()
         zt = torch.from_numpy(z).to(self.device)
         st: dict = {}
-        out = self.ref.reference_sample(self.models, zt, [int(v) for v in labels], steps, ratio=ratio,
-                                        cfg_scale=cfg, guidance_channels=self.manifest.guidance_channels, stats=st)
-        latent = out.cpu().numpy()  # the caller gets a host latent, as from our pipeline
+        with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.ref.reference_sample(self.models, zt, [int(v) for v in labels], steps, ratio=ratio,
+                                            cfg_scale=cfg, guidance_channels=self.manifest.guidance_channels, stats=st)
+        latent = out.float().cpu().numpy()  # the caller gets a host latent, as from our pipeline
         return Trajectory(time.perf_counter() - t0, latent, st["calls_per_model"])
 
     def memory(self) -> dict | None:
@@ -140,6 +148,10 @@ def open_bench_backend(kind: str, bundle: Path, manifest, device: str, threads: 
         from tstitch_trt.export.torch_backend import TorchBackend
 
         return TorchBackend(bundle, manifest, device=device)
+    if kind in OPENVINO_RUNNERS:
+        from tstitch_trt.runtime.openvino_backend import OpenVinoBackend
+
+        return OpenVinoBackend(bundle, manifest, precision=OPENVINO_RUNNERS[kind], threads=threads)
     from tstitch_trt.pipeline.backends import open_backend
 
     return open_backend(kind, bundle, manifest, device=device)

@@ -32,7 +32,7 @@ def workload_defaults(name: str, gpu: bool) -> tuple[int, int, list[int]]:
         # DiT-XL/2 is ~240 GFLOP per step at batch 1 (CFG: 2 rows): minutes per trajectory on a few cores.
         # 5 steps keep the ratio grid exact at 0.2 (s of the 5 steps on DiT-S/2 at ratio s/5).
         return 5, 1, [1]
-    return (100 if name == "dit-s-xl" else 50), 8, [1, 8, 16]
+    return (100 if name == "dit-s-xl" else 50), 8, [1, 8, 20]
 
 
 def resolve_workload(args: argparse.Namespace, gpu: bool, log: Callable[[str], None]) -> Workload:

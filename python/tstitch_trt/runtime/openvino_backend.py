@@ -88,6 +88,22 @@ def resolve_precisions(manifest: Manifest, requested: str, native_bf16: bool) ->
         ", fp32 elsewhere: the bundle records bf16 as safe only there"
 
 
+def compile_for_batch(core: Any, model: Any, batch: int, precision: str, threads: int = 0) -> Any:
+    """`model` (an ov.Model with a dynamic batch) compiled for the CPU at a static `batch` in `precision`."""
+    shapes = {}
+    for inp in model.inputs:
+        ps = inp.get_partial_shape()
+        if ps.rank.is_static and ps.rank.get_length() > 0 and ps[0].is_dynamic:
+            ps[0] = batch
+            shapes[inp.get_any_name()] = ps
+    static = model.clone()
+    static.reshape(shapes)
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": _HINT[precision]}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return core.compile_model(static, "CPU", config)
+
+
 class OpenVinoBackend:
     name = "openvino"
     device = "cpu"
@@ -131,20 +147,8 @@ class OpenVinoBackend:
             return
         self._requests = []
         self.compiled = []
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
-        if self.threads:
-            config["INFERENCE_NUM_THREADS"] = self.threads
         for model, precision in zip(self.models, self.precisions, strict=True):
-            shapes = {}
-            for inp in model.inputs:
-                ps = inp.get_partial_shape()
-                if ps.rank.is_static and ps.rank.get_length() > 0 and ps[0].is_dynamic:
-                    ps[0] = batch
-                    shapes[inp.get_any_name()] = ps
-            static = model.clone()
-            static.reshape(shapes)
-            self.compiled.append(self.core.compile_model(static, "CPU", {**config,
-                                                                         "INFERENCE_PRECISION_HINT": _HINT[precision]}))
+            self.compiled.append(compile_for_batch(self.core, model, batch, precision, self.threads))
             self.compiles += 1
         self._batch = batch
 
