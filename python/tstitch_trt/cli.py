@@ -163,6 +163,9 @@ def describe_bundle(bundle: Path, m) -> str:  # m: Manifest
                 extra = ", " + ", ".join(f"{k} {v}" for k, v in e.builder.items())
             lo, hi = e.batch_range
             lines.append(f"      {kind:8s} {e.file} ({e.precision}, batch {lo}-{hi}{extra})")
+        if model.bf16:  # `check --precision bf16 --record`
+            lines.append(f"      bf16     {'safe' if model.bf16.get('safe') else 'not safe'} on CPU backends "
+                         f"({model.bf16.get('checked_with', '?')})")
     lines.append(f"  VAE: {', '.join(m.vae['engines']) + ' from ' + m.vae['source'] if m.vae else 'none'}")
     lines.append(f"  backends usable for the whole pair: {', '.join(m.backends()) or 'none'}")
     return "\n".join(lines)
