@@ -142,7 +142,7 @@ def run_bench(args: argparse.Namespace) -> int:
         else:  # the reference loop with one torch.autocast(bf16) line: the second baseline
             reset_device_peak(device)
             mem.begin()
-            reference_bf16 = ReferenceRunner(w.bundle, manifest, device, bf16=True)
+            reference_bf16 = ReferenceRunner(w.bundle, manifest, device, bf16=True, models=reference.models)
             for _ in range(args.warmup):
                 reference_bf16.trajectory(z, labels, w.steps, args.ratio, args.cfg_scale)
             result["reference_bf16"] = {"status": "ok", "device": device,

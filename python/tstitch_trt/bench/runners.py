@@ -103,13 +103,14 @@ class ReferenceRunner:
     baseline, the one a CPU engine in bf16 has to beat.
     """
 
-    def __init__(self, bundle: Path, manifest, device: str, bf16: bool = False):
+    def __init__(self, bundle: Path, manifest, device: str, bf16: bool = False, models: list | None = None):
         self.name = "reference-bf16" if bf16 else "reference"
         self.bf16 = bf16
         self.ref = load_reference_loop()
         self.device = device
         self.manifest = manifest
-        self.models = self.ref.load_reference_models(bundle, manifest, device=device)
+        # autocast leaves the fp32 weights as they are, so both baselines can share one set (DiT-XL/2: 2.7 GB)
+        self.models = models if models is not None else self.ref.load_reference_models(bundle, manifest, device=device)
 
     def trajectory(self, z: np.ndarray, labels: np.ndarray, steps: int, ratio: float, cfg: float) -> Trajectory:
         import torch
