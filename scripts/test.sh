@@ -8,7 +8,7 @@ python3 -m venv .venv
 pip() { python -m pip --disable-pip-version-check -q "$@"; }
 # torch: the pinned CPU build (local on these machines); an unpinned torch would pull a multi-GB CUDA build.
 pip install torch==2.13.0
-pip install -e ".[build,trt-rtx,dev,demo-train]"
+pip install -e ".[build,trt-rtx,dev,demo-train,openvino]"
 # TensorRT type stubs for the mypy check; --no-deps because their `tensorrt` dependency cannot install here.
 pip install --no-deps tensorrt-stubs==10.13.0.35.1
 # open_clip_torch ships the real CLIP BPE vocabulary the SD tests build their tokenizer from; --no-deps because

@@ -24,7 +24,8 @@ def _finite_pos(s: dict) -> bool:
 def test_bench_smoke_schema(tiny_pair: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench"
     code = main(["bench", "--bundle", str(tiny_pair), "--steps", "4", "--batch", "2", "--step-batches", "1,2",
-                 "--repeats", "2", "--warmup", "1", "--ratios", "0.5", "--out", str(out)])
+                 "--repeats", "2", "--warmup", "1", "--ratios", "0.5", "--out", str(out), "--backends", "ort,torch",
+                 "--no-reference-bf16"])
     _, err = capsys.readouterr()
     assert code == 0, err
     r = json.loads((out / "bench.json").read_text())
@@ -166,3 +167,50 @@ def test_idle_gate() -> None:
     strict = IdleGate(0.2, busy_cores=-1.0, window=0.05)  # never idle enough: gives up after max_wait_s
     strict.wait()
     assert strict.timeouts == (1 if sys.platform.startswith("linux") else 0)
+
+
+def test_bench_openvino_beside_ort_and_both_baselines(tiny_pair: Path, tmp_path: Path, capsys) -> None:
+    """Default backends: OpenVINO fp32 / bf16 join ort where installed; the bf16-autocast reference is timed too."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    from tstitch_trt.bench.host import native_bf16
+
+    out = tmp_path / "bench"
+    code = main(["bench", "--bundle", str(tiny_pair), "--steps", "4", "--batch", "2", "--step-batches", "2",
+                 "--repeats", "2", "--warmup", "1", "--parts", "steps,e2e", "--out", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    r = json.loads((out / "bench.json").read_text())
+    ov_runners = ["openvino", "openvino-bf16"] if native_bf16() else ["openvino"]
+    assert list(r["backends"]) == ["ort", *ov_runners, "torch"]
+    assert r["host"]["openvino"] and isinstance(r["host"]["native_bf16"], bool)
+    for name in ov_runners:
+        e = r["backends"][name]
+        assert e["status"] == "ok" and e["device"] == "cpu"
+        assert _finite_pos(e["step_ms"]["DiT-S/2"]["2"]["wall_ms"]) and _finite_pos(e["e2e"]["seconds"])
+        sv = e["e2e"]["speedup_vs"]
+        assert {"reference", "ort", "torch"} <= set(sv) and name not in sv
+        # the ratio is the same round robin's: ort's seconds over this runner's
+        ort_s, own_s = r["backends"]["ort"]["e2e"]["seconds"], e["e2e"]["seconds"]
+        assert sv["ort"]["min"] == pytest.approx(ort_s["min"] / own_s["min"])
+    assert r["backends"]["openvino"]["e2e"]["max_rel_diff_vs_reference"] < 1e-3  # fp32: the same trajectory
+    if native_bf16():
+        ref16 = r["reference_bf16"]
+        assert ref16["status"] == "ok" and _finite_pos(ref16["e2e"]["seconds"])
+        assert "reference-bf16" in r["backends"]["openvino-bf16"]["e2e"]["speedup_vs"]
+        assert "| reference loop under torch.autocast(bf16) |" in (out / "bench.md").read_text()
+    assert "speedup, end to end, measured in the same round robin" in (out / "bench.md").read_text()
+
+
+def test_openvino_speed_targets_per_workload() -> None:
+    def e2e(**sv):
+        return {"e2e": {"speedup_vs": {k.replace("_", "-"): {"min": v, "median": v} for k, v in sv.items()}}}
+
+    result = {"workload": {"name": "demo"},
+              "backends": {"openvino": e2e(ort=1.3), "openvino-bf16": e2e(ort=1.7, reference=9.0)}}
+    got = {(t["backend"], t["pass"]) for t in evaluate_targets(result)}
+    assert got == {("openvino", True), ("openvino-bf16", False)}
+    result = {"workload": {"name": "dit-s-xl"},
+              "backends": {"openvino-bf16": e2e(ort=1.9, reference=2.6, reference_bf16=1.2)}}
+    targets = evaluate_targets(result)
+    assert [t["pass"] for t in targets] == [True, True, False]
+    assert "faster than the reference loop under bf16 autocast" in targets[2]["target"]

@@ -148,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = command("run", "sample images with a bundle (default: the built-in demo pair)")
     r.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo'")
-    r.add_argument("--backend", default="auto", help="auto, trt, trt-rtx, ort, torch")
+    r.add_argument("--backend", default="auto", help="auto, trt, trt-rtx, ort, openvino, torch")
+    r.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="CPU backends (openvino): bf16 needs a CPU with native bf16; auto uses it only where the "
+                        "bundle records it as safe (tstitch-trt check --precision bf16 --record)")
     r.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "dpm-solver++", "pndm", "euler"],
                    help="DiT: ddim, ddpm, dpm-solver++ (default ddim); SD: pndm, ddim, euler, dpm-solver++ "
                         "(default: the bundle's scheduler)")
@@ -188,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=_int_in(1, 1024), default=2, help="batch of the compared step")
     c.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, help="seed of the compared inputs")
     c.add_argument("--report", help="write the comparison as JSON here")
+    c.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: also measure OpenVINO bf16 per step and, for a bundle with the demo evaluator, "
+                        "FID / accuracy at ratio 0 and 0.4, and give the bf16 verdict per model")
+    c.add_argument("--quality-images", type=_int_in(10, 100_000), default=500,
+                   help="images per point of the bf16 quality gate")
+    c.add_argument("--record", action="store_true", help="write the bf16 verdict into the bundle's manifest.json")
 
     from tstitch_trt.bench import add_bench_arguments
 
@@ -299,6 +308,9 @@ def describe_bundle(bundle: Path, m) -> str:  # m: Manifest
                 extra = ", " + ", ".join(f"{k} {v}" for k, v in e.builder.items())
             lo, hi = e.batch_range
             lines.append(f"      {kind:8s} {e.file} ({e.precision}, batch {lo}-{hi}{extra})")
+        if model.bf16:  # `check --precision bf16 --record`
+            lines.append(f"      bf16     {'safe' if model.bf16.get('safe') else 'not safe'} on CPU backends "
+                         f"({model.bf16.get('checked_with', '?')})")
     lines.append(f"  VAE: {', '.join(m.vae['engines']) + ' from ' + str(m.vae.get('source')) if m.vae else 'none'}")
     lines.append(f"  artifacts for the whole pair: {', '.join(m.backends()) or 'none'}")
     return "\n".join(lines)
@@ -337,7 +349,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         outputs.add("--report", args.report)
     init = load_init_noise(args.init_noise) if args.init_noise else None
 
-    pipe = StitchedPipeline.from_bundle(bundle, backend=args.backend, device=args.device)
+    pipe = StitchedPipeline.from_bundle(bundle, backend=args.backend, device=args.device, precision=args.precision)
     try:
         nc = pipe.manifest.num_classes
         labels = args.class_labels

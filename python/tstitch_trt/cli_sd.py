@@ -46,7 +46,7 @@ def cmd_run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # mani
         outputs.add("--report", args.report)
     init = load_init_noise(args.init_noise) if args.init_noise else None
     num_images = args.num_images if args.num_images is not None else 1
-    pipe = StitchedSDPipeline.from_bundle(bundle, backend=args.backend, device=args.device, manifest=manifest)
+    pipe = StitchedSDPipeline.from_bundle(bundle, backend=args.backend, device=args.device)
     try:
         ratio = args.ratio if args.ratio is not None or args.fractions is not None else (
             0.4 if len(manifest.models) == 2 else None)

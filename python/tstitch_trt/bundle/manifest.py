@@ -32,6 +32,7 @@ __all__ = ["BACKENDS", "FORMAT", "FORMAT_VERSION", "EngineEntry", "Manifest", "M
            "artifact_path", "read_manifest", "sha256_file", "staged_bundle", "verify_bundle", "write_manifest"]
 
 BACKENDS = ("trt", "trt-rtx", "ort", "torch")
+ARTIFACTS_OF = {"openvino": "ort"}  # backends that run another backend's artifacts (OpenVINO: the ONNX graphs)
 MAX_MANIFEST_BYTES = 16 << 20
 
 
@@ -65,6 +66,9 @@ class ModelEntry:
     arch: dict[str, Any]  # DiTConfig as a dict
     engines: dict[str, EngineEntry] = field(default_factory=dict)  # backend -> artifact
     macs_per_forward: int = 0
+    # Whether bf16 inference keeps quality (CPU backends; `tstitch-trt check --precision bf16 --record`):
+    # {"safe": bool, "reason": str, "step_max_rel": float, "step_min_cosine": float, "checked_with": str}
+    bf16: dict[str, Any] | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -219,6 +223,7 @@ class Manifest:
 
     def batch_limits(self, backend: str) -> tuple[int, int]:
         """The batch range every model's artifact for `backend` was built for (VAE included)."""
+        backend = ARTIFACTS_OF.get(backend, backend)
         ranges = [e.batch_range for m in self.models for k, e in m.engines.items() if k == backend]
         if self.vae and backend in self.vae["engines"]:
             ranges.append(self.vae["engines"][backend].batch_range)

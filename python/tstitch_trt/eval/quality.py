@@ -27,7 +27,7 @@ DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(11))
 
 def quality_sweep(bundle_dir: str | Path, ratios: Sequence[float], images_per_point: int, backend: str = "auto",
                   steps: int = 50, cfg_scale: float = 1.5, seed: int = 0, batch: int = 100,
-                  sampler: str = "ddim", progress: bool = False) -> dict:
+                  sampler: str = "ddim", progress: bool = False, precision: str = "auto") -> dict:
     """Sample `images_per_point` digits at each ratio and score them.
 
     Returns {"points": [{"ratio", "fid", "accuracy", "seconds_per_image", "steps_per_model"}, ...],
@@ -41,7 +41,7 @@ def quality_sweep(bundle_dir: str | Path, ratios: Sequence[float], images_per_po
     scorer = DigitScorer(bundle_dir)
     ref_logits, ref_feats = scorer(scorer.heldout_images)
     ref_mu, ref_sigma = feature_stats(ref_feats)
-    pipe = StitchedPipeline.from_bundle(bundle_dir, backend=backend)
+    pipe = StitchedPipeline.from_bundle(bundle_dir, backend=backend, precision=precision)
     nc = pipe.manifest.num_classes
     labels = np.arange(images_per_point) % nc
     points = []
@@ -64,6 +64,7 @@ def quality_sweep(bundle_dir: str | Path, ratios: Sequence[float], images_per_po
                 print(f"ratio {point['ratio']:.2f}: FID {point['fid']:.2f}, accuracy {point['accuracy']:.3f}, "
                       f"{point['seconds_per_image'] * 1e3:.1f} ms/image", file=sys.stderr, flush=True)
         backend_name, device = pipe.backend.name, pipe.backend.device
+        precisions = getattr(pipe.backend, "precisions", None)
     finally:
         pipe.close()
     return {
@@ -71,6 +72,7 @@ def quality_sweep(bundle_dir: str | Path, ratios: Sequence[float], images_per_po
         "models": pipe.model_names,
         "backend": backend_name,
         "device": device,
+        "precision": precisions,
         "sampler": sampler,
         "steps": steps,
         "cfg_scale": cfg_scale,

@@ -10,7 +10,7 @@ because element-wise ratios explode where the reference crosses zero.
 Tolerances (max rel, min cosine), set from measurement on random-weight DiTs (every parameter
 random, so nothing compares zeros with zeros) and kept with a margin of about 10x:
 
-    fp32 graphs (ort) vs torch fp32        rel <= 1e-4      cos >= 0.999999
+    fp32 graphs (ort, openvino) vs torch   rel <= 1e-4      cos >= 0.999999
         measured (batch 2, seed 0): rel <= 1e-6 on tiny pairs, 2.7e-6 (x0) on DiT-S/2 and
         DiT-XL/2 at 256; cosine 1 - 1e-12
     fp16 networks (trt, trt-rtx) vs fp32   rel <= 3e-2      cos >= 0.9995
@@ -18,6 +18,7 @@ random, so nothing compares zeros with zeros) and kept with a margin of about 10
         on DiT-S/2, 6.4e-4 / 1.7e-3 on DiT-XL/2, cosine >= 0.9999994. TensorRT picks other fp16
         kernels, so the bound leaves ~20x; no engine was run here (no GPU) to narrow it.
     VAE decoder (ort / engines) vs torch   the same per precision, on the image
+    bf16 (openvino, --precision bf16)      the bf16 gate: see export/bf16_gate.py (BF16_STEP_TOLERANCE)
 
 Engines (trt, trt-rtx) need an NVIDIA GPU to run: without one they are reported as "not run"
 (their plan checksums are still verified), never as passed. Exit status: 0 when every backend
@@ -38,11 +39,13 @@ import numpy as np
 from tstitch_trt.bundle.manifest import EngineEntry, Manifest, artifact_path, read_manifest, verify_bundle
 from tstitch_trt.demo import resolve_bundle
 from tstitch_trt.errors import UserError
+from tstitch_trt.export.bf16_gate import BF16_STEP_TOLERANCE
 from tstitch_trt.outputs import OutputPlan
 
 TOLERANCES = {"fp32": {"max_rel": 1e-4, "min_cos": 0.999999}, "fp16": {"max_rel": 3e-2, "min_cos": 0.9995}}
 ENGINE_KINDS = ("trt", "trt-rtx")
-CHECKABLE = ("ort", *ENGINE_KINDS)
+CHECKABLE = ("ort", "openvino", *ENGINE_KINDS)
+ARTIFACT = {"openvino": "ort"}  # OpenVINO runs the fp32 ONNX graphs built for ort
 
 
 @dataclass
@@ -71,8 +74,13 @@ def compare(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
     return {"max_abs": float(diff.max()), "max_rel": float(diff.max()) / scale, "cosine": cos}
 
 
-def within(metrics: dict[str, float], precision: str) -> bool:
-    tol = TOLERANCES[precision]
+def tolerance(precision: str, output: str) -> dict[str, float]:
+    """The bound for `output` at `precision` (bf16 has one per output: see export/bf16_gate.py)."""
+    return BF16_STEP_TOLERANCE[output] if precision == "bf16" else TOLERANCES[precision]
+
+
+def within(metrics: dict[str, float], precision: str, output: str = "x_next") -> bool:
+    tol = tolerance(precision, output)
     return metrics["max_rel"] <= tol["max_rel"] and metrics["cosine"] >= tol["min_cos"]
 
 
@@ -127,7 +135,18 @@ def run_check(args: argparse.Namespace, outputs: OutputPlan | None = None) -> in
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
     present = sorted({k for m in manifest.models for k in m.engines if k in CHECKABLE}, key=CHECKABLE.index)
+    if "ort" in present and _openvino_installed():
+        present.insert(present.index("ort") + 1, "openvino")
+    precision = getattr(args, "precision", "fp32")
+    if getattr(args, "record", False) and precision != "bf16":
+        raise UserError("--record writes the bf16 verdict; give --precision bf16 with it")
     wanted = present if not args.backend else [b.strip() for b in args.backend.split(",") if b.strip()]
+    if precision == "bf16" and "openvino" not in wanted:
+        wanted.append("openvino")  # bf16 runs on OpenVINO; asking for it checks OpenVINO
+    if "openvino" in wanted and "ort" in present and "openvino" not in present:
+        from tstitch_trt.runtime.openvino_backend import import_openvino
+
+        import_openvino()  # one line saying how to install it
     for b in wanted:
         if b not in CHECKABLE:
             raise UserError(f"--backend {b!r} cannot be checked; choose from {', '.join(CHECKABLE)} "
@@ -143,7 +162,7 @@ def run_check(args: argparse.Namespace, outputs: OutputPlan | None = None) -> in
     feeds = step_inputs(manifest, args.batch, args.seed)
     print(f"check {bundle}: reference torch StepModule (fp32, CPU); batch {args.batch}, seed {args.seed}, "
           f"one step at t={int(feeds['t'][0])}")
-    results = _check_models(bundle, manifest, wanted, feeds)
+    results = _check_models(bundle, manifest, wanted, feeds, bf16=precision == "bf16")
     if manifest.text_encoder and "torch" in manifest.text_encoder["engines"]:
         results += _check_text_encoder(bundle, manifest, wanted, args.batch, args.seed)
     if manifest.vae and "torch" in manifest.vae["engines"]:
@@ -154,11 +173,18 @@ def run_check(args: argparse.Namespace, outputs: OutputPlan | None = None) -> in
     skipped = sorted({f"{r.backend}: {r.note}" for r in results if r.status == "not run"})
     print(f"summary: {len(ran)} compared, {len(ran) - len(failed)} within tolerance, {len(failed)} outside"
           + (f"; not run: {'; '.join(skipped)}" if skipped else ""))
+    report: Any = [asdict(r) for r in results]
+    if precision == "bf16":
+        from tstitch_trt.export import bf16_gate
+
+        gate = bf16_gate.run_gate(bundle, manifest, results, getattr(args, "quality_images", 500), args.seed,
+                                  record_it=getattr(args, "record", False))
+        report = {"comparisons": report, "bf16": gate}
     if args.report:
         outputs = outputs or OutputPlan()
         if "--report" not in outputs.paths:
             outputs.add("--report", args.report)
-        outputs.write({"--report": lambda p: Path(p).write_text(json.dumps([asdict(r) for r in results], indent=2))})
+        outputs.write({"--report": lambda p: Path(p).write_text(json.dumps(report, indent=2))})
     if not ran:
         print("nothing was compared: no backend of this bundle can run here, so nothing is verified")
         return 1
@@ -166,8 +192,17 @@ def run_check(args: argparse.Namespace, outputs: OutputPlan | None = None) -> in
 
 
 # ------------------------------------------------------------------------------------------------
+def _openvino_installed() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("openvino") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _check_models(bundle: Path, manifest: Manifest, wanted: list[str],
-                  feeds: dict[str, np.ndarray]) -> list[Comparison]:
+                  feeds: dict[str, np.ndarray], bf16: bool = False) -> list[Comparison]:
     import torch
 
     from tstitch_trt.export.torch_backend import load_step_modules
@@ -181,12 +216,18 @@ def _check_models(bundle: Path, manifest: Manifest, wanted: list[str],
         ref = {n: t.numpy() for n, t in zip(io.outputs, ref_t, strict=True)}
         del step
         for backend in wanted:
-            entry = model.engines.get(backend)
+            entry = model.engines.get(ARTIFACT.get(backend, backend))
             if entry is None:
                 results.append(Comparison(model.name, backend, "-", "-", "not run", note="no artifact"))
                 continue
             outs, why = _run(bundle, backend, entry, feeds, list(io.outputs))
             results += _judge(model.name, backend, entry, ref, outs, why)
+        if bf16:
+            from tstitch_trt.export.bf16_gate import run_bf16_step
+
+            entry = model.engines["ort"]
+            outs, why = run_bf16_step(artifact_path(bundle, entry), feeds, list(io.outputs))
+            results += _judge(model.name, "openvino", entry, ref, outs, why, precision="bf16")
     return results
 
 
@@ -241,15 +282,16 @@ def _check_text_encoder(bundle: Path, manifest: Manifest, wanted: list[str], bat
 
 
 def _judge(name: str, backend: str, entry: EngineEntry, ref: dict[str, np.ndarray],
-           outs: dict[str, np.ndarray] | None, why: str) -> list[Comparison]:
-    precision = entry.precision if entry.precision in TOLERANCES else "fp32"
+           outs: dict[str, np.ndarray] | None, why: str, precision: str | None = None) -> list[Comparison]:
+    precision = precision or (entry.precision if entry.precision in TOLERANCES else "fp32")
     if outs is None:
         return [Comparison(name, backend, "-", precision, "not run", note=why)]
     results = []
     for out_name, r in ref.items():
         m = compare(r, outs[out_name])
-        results.append(Comparison(name, backend, out_name, precision, "ok" if within(m, precision) else "FAIL",
-                                  tolerance=TOLERANCES[precision], **m))
+        status = "ok" if within(m, precision, out_name) else "FAIL"
+        results.append(Comparison(name, backend, out_name, precision, status,
+                                  tolerance=tolerance(precision, out_name), **m))
     return results
 
 
@@ -266,6 +308,10 @@ def _run(bundle: Path, backend: str, entry: EngineEntry, feeds: dict[str, np.nda
         except Exception as e:
             raise UserError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}; rebuild the bundle") from None
         return dict(zip(outputs, sess.run(outputs, feeds), strict=True)), ""
+    if backend == "openvino":
+        from tstitch_trt.export.bf16_gate import run_openvino_step
+
+        return run_openvino_step(path, feeds, outputs, "fp32"), ""
     lo, hi = entry.batch_range
     if not lo <= batch <= hi:
         raise UserError(f"--batch {batch} is outside the {backend} engine's profile {lo}-{hi} ({entry.file})")

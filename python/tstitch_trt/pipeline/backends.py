@@ -1,16 +1,16 @@
-"""Choosing and opening a backend for a bundle (`--backend auto|trt|trt-rtx|ort|torch`)."""
+"""Choosing and opening a backend for a bundle (`--backend auto|trt|trt-rtx|ort|openvino|torch`)."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
-from tstitch_trt.bundle.manifest import Manifest
+from tstitch_trt.bundle.manifest import ARTIFACTS_OF, Manifest, read_manifest, verify_bundle
 from tstitch_trt.errors import BackendUnavailable, UserError
 from tstitch_trt.runtime import cuda as cuda_rt
 from tstitch_trt.runtime.backend import Backend
 
-BACKEND_CHOICES = ("auto", "trt", "trt-rtx", "ort", "torch")
+BACKEND_CHOICES = ("auto", "trt", "trt-rtx", "ort", "openvino", "torch")
 
 
 def _has_module(name: str) -> bool:
@@ -53,11 +53,23 @@ def backend_availability(manifest: Manifest) -> list[tuple[str, bool, str]]:
             why = _engine_refusal(manifest, kind)
             out.append((kind, why is None, why or f"{kind} engines match this GPU and {module}"))
     if "ort" in present:
-        if _has_module("onnxruntime"):
+        ort_ok = _has_module("onnxruntime")
+        device = _ort_device(gpus) if ort_ok else None
+        if ort_ok and device != "CPU":  # onnxruntime-gpu on a GPU comes before any CPU backend
             import onnxruntime
 
-            out.append(("ort", True, f"ONNX Runtime {onnxruntime.__version__} ({_ort_device(gpus)})"))
+            out.append(("ort", True, f"ONNX Runtime {onnxruntime.__version__} ({device})"))
+        if _has_module("openvino"):
+            # on the CPU OpenVINO runs the same ONNX graphs faster than ONNX Runtime (benchmarks/RESULTS.md)
+            out.append(("openvino", True, "OpenVINO (CPU) on the bundle's ONNX graphs"))
         else:
+            out.append(("openvino", False, "OpenVINO is not installed (pip install \"tstitch-trt[openvino]\" "
+                                           "runs the CPU faster)"))
+        if ort_ok and device == "CPU":
+            import onnxruntime
+
+            out.append(("ort", True, f"ONNX Runtime {onnxruntime.__version__} (CPU)"))
+        elif not ort_ok:
             out.append(("ort", False, "onnxruntime is not installed (pip install onnxruntime)"))
     if "torch" in present:
         missing = [m for m in ("torch", "safetensors") if not _has_module(m)]
@@ -83,13 +95,18 @@ def _engine_refusal(manifest: Manifest, kind: str) -> str | None:
     return None
 
 
-def backend_candidates(manifest: Manifest, requested: str) -> list[tuple[str, str]]:
-    """[(backend, why)] to try in order. auto: trt, trt-rtx, ort on CUDA, ort on CPU, torch."""
+def backend_candidates(manifest: Manifest, requested: str, precision: str = "auto") -> list[tuple[str, str]]:
+    """[(backend, why)] to try in order. auto: trt, trt-rtx, ort on CUDA, openvino, ort on CPU, torch."""
     present = manifest.backends()
+    if requested == "auto" and precision == "bf16":  # only OpenVINO runs bf16
+        if "ort" not in present or not _has_module("openvino"):
+            raise UserError("--precision bf16 runs on the openvino backend, which needs the bundle's ONNX graphs and "
+                            "OpenVINO (pip install 'tstitch-trt[openvino]'); or use --precision fp32")
+        return [("openvino", "--precision bf16: OpenVINO (CPU) on the ONNX graphs")]
     if requested != "auto":
         if requested not in BACKEND_CHOICES:
             raise UserError(f"unknown backend {requested!r}; choose from {', '.join(BACKEND_CHOICES)}")
-        if requested not in present:
+        if ARTIFACTS_OF.get(requested, requested) not in present:
             raise UserError(
                 f"the bundle has no {requested} artifacts (it has: {', '.join(present) or 'none'}); "
                 f"rebuild it with --backend {requested} or pick one of those"
@@ -103,12 +120,21 @@ def backend_candidates(manifest: Manifest, requested: str) -> list[tuple[str, st
     raise BackendUnavailable(f"no backend of this bundle can run here ({'; '.join(reasons) or 'it has none'})")
 
 
-def open_backend(kind: str, bundle_dir: str | Path, manifest: Manifest, device: str | None = None) -> Backend:
+def open_backend(kind: str, bundle_dir: str | Path, manifest: Manifest, device: str | None = None,
+                 precision: str = "auto", threads: int | None = None) -> Backend:
+    """Open backend `kind`. precision (auto, fp32, bf16) applies to the CPU backend that has bf16 (openvino)."""
+    if precision not in ("auto", "fp32") and kind != "openvino":
+        raise UserError(f"--precision {precision} is for --backend openvino (CPU); {kind} runs its engines' "
+                        "own precision")
+    if kind == "openvino":
+        from tstitch_trt.runtime.openvino_backend import OpenVinoBackend
+
+        return OpenVinoBackend(bundle_dir, manifest, precision=precision, threads=threads)
     if kind == "ort":
         from tstitch_trt.runtime.ort_backend import open_ort_backend
 
         # CUDA execution provider on device buffers when onnxruntime-gpu can use a GPU, else the CPU
-        return open_ort_backend(bundle_dir, manifest, device=device)
+        return open_ort_backend(bundle_dir, manifest, device=device, threads=threads)
     if kind in ("trt", "trt-rtx"):
         from tstitch_trt.runtime.trt_backend import TrtBackend
 
@@ -126,18 +152,31 @@ def open_backend(kind: str, bundle_dir: str | Path, manifest: Manifest, device: 
     raise UserError(f"unknown backend {kind!r}")
 
 
-def open_first_backend(bundle_dir: str | Path, manifest: Manifest, requested: str = "auto",
-                       device: str | None = None) -> tuple[Backend, str]:
-    """(backend, why) for the first candidate that opens; auto falls through refusals (another GPU, version).
+def open_bundle(bundle_dir: str | Path) -> tuple[Path, Manifest]:
+    """(directory, manifest) of a bundle ("demo" is the built-in pair), schema-valid and every file verified."""
+    from tstitch_trt.demo import resolve_bundle
 
-    The same selection as StitchedPipeline.from_bundle (DiT), for pipelines added since (SD)."""
-    candidates = backend_candidates(manifest, requested)
+    path = resolve_bundle(bundle_dir)
+    manifest = read_manifest(path)
+    verify_bundle(path, manifest)
+    return path, manifest
+
+
+def open_first_backend(bundle_dir: str | Path, manifest: Manifest, requested: str = "auto",
+                       device: str | None = None, precision: str = "auto") -> tuple[Backend, str]:
+    """(backend, why) for the first candidate that opens, for every pipeline kind.
+
+    auto moves on only when this machine cannot run an engine (BackendUnavailable: no GPU, another
+    GPU or TensorRT version, a missing package); a damaged bundle (BundleError) stops here.
+    """
+    candidates = backend_candidates(manifest, requested, precision)
     refusals: list[str] = []
     for kind, why in candidates:
         try:
-            return open_backend(kind, bundle_dir, manifest, device=device), "; ".join([*refusals, why])
-        except UserError as e:
+            return (open_backend(kind, bundle_dir, manifest, device=device, precision=precision),
+                    "; ".join([*refusals, why]))
+        except BackendUnavailable as e:
             if kind == candidates[-1][0]:
                 raise
-            refusals.append(f"{kind} refused ({e})")
+            refusals.append(f"{kind} cannot run here ({e})")
     raise AssertionError("unreachable: the last candidate raises")

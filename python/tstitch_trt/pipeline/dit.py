@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tstitch_trt.bundle.manifest import Manifest, read_manifest, verify_bundle
-from tstitch_trt.errors import BackendUnavailable, UserError
-from tstitch_trt.pipeline.backends import backend_candidates, open_backend
+from tstitch_trt.bundle.manifest import Manifest
+from tstitch_trt.errors import UserError
+from tstitch_trt.pipeline.backends import open_bundle, open_first_backend
 from tstitch_trt.pipeline.resources import available_memory_bytes, estimate_request_bytes
 from tstitch_trt.runtime.backend import Backend
 from tstitch_trt.runtime.loop import LoopResult, run_stitched
@@ -43,33 +43,21 @@ class StitchedPipeline:
         self._decoder = None
 
     @classmethod
-    def from_bundle(cls, bundle_dir: str | Path, backend: str = "auto", device: str | None = None) -> StitchedPipeline:
+    def from_bundle(cls, bundle_dir: str | Path, backend: str = "auto", device: str | None = None,
+                    precision: str = "auto") -> StitchedPipeline:
         """Open a bundle directory (or "demo", the built-in pair) on `backend`.
 
         The whole bundle is verified first (schema, sealed paths, every checksum): a damaged bundle is
         an error whichever backend would run. auto moves to the next backend only when this machine
-        cannot run an engine (BackendUnavailable), and the report says which one ran and why.
+        cannot run an engine, and the report says which one ran and why. precision: auto, fp32 or
+        bf16, for the CPU backend that has bf16 (openvino).
         """
-        from tstitch_trt.demo import resolve_bundle
-
-        bundle_dir = resolve_bundle(bundle_dir)
-        manifest = read_manifest(bundle_dir)
+        bundle_dir, manifest = open_bundle(bundle_dir)
         if manifest.pipeline == "sd":
             raise UserError(f"{bundle_dir} is a text-to-image (sd) bundle; open it with "
                             "tstitch_trt.pipeline.sd.StitchedSDPipeline")
-        verify_bundle(bundle_dir, manifest)
-        candidates = backend_candidates(manifest, backend)
-        refusals: list[str] = []
-        for kind, why in candidates:
-            try:
-                opened = open_backend(kind, bundle_dir, manifest, device=device)
-            except BackendUnavailable as e:
-                if len(candidates) == 1 or kind == candidates[-1][0]:
-                    raise
-                refusals.append(f"{kind} cannot run here ({e})")
-                continue
-            return cls(bundle_dir, manifest, opened, "; ".join([*refusals, why]))
-        raise AssertionError("unreachable: the last candidate raises")
+        opened, why = open_first_backend(bundle_dir, manifest, backend, device, precision)
+        return cls(bundle_dir, manifest, opened, why)
 
     @property
     def model_names(self) -> list[str]:
@@ -200,6 +188,7 @@ class StitchedPipeline:
             "backend": self.backend.name,
             "backend_reason": self.backend_reason,
             "device": self.backend.device,
+            "precision": getattr(self.backend, "precisions", None),  # per model, where the backend chooses it
             "models": self.model_names,
             "sampler": plan.sampler,
             "steps": plan.steps,

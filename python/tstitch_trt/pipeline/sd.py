@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tstitch_trt.bundle.manifest import Manifest, read_manifest
+from tstitch_trt.bundle.manifest import Manifest
 from tstitch_trt.errors import UserError
-from tstitch_trt.pipeline.backends import open_first_backend
+from tstitch_trt.pipeline.backends import open_bundle, open_first_backend
 from tstitch_trt.pipeline.dit import SampleResult, to_uint8
 from tstitch_trt.runtime.backend import Backend
 from tstitch_trt.runtime.loop import run_stitched
@@ -40,9 +40,9 @@ class StitchedSDPipeline:
         self._decoder = None
 
     @classmethod
-    def from_bundle(cls, bundle_dir: str | Path, backend: str = "auto", device: str | None = None,
-                    manifest: Manifest | None = None) -> StitchedSDPipeline:
-        manifest = manifest or read_manifest(bundle_dir)
+    def from_bundle(cls, bundle_dir: str | Path, backend: str = "auto", device: str | None = None
+                    ) -> StitchedSDPipeline:
+        bundle_dir, manifest = open_bundle(bundle_dir)  # schema, sealed paths, every checksum
         if manifest.pipeline != "sd":
             raise UserError(f"{bundle_dir} is a {manifest.pipeline} bundle, not a text-to-image (sd) bundle")
         opened, why = open_first_backend(bundle_dir, manifest, backend, device)

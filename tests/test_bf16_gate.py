@@ -1,0 +1,108 @@
+"""`tstitch-trt check --precision bf16`: the per-model bf16 verdict, its quality gate and --record."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ov = pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install '.[openvino]')")
+
+from tstitch_trt.bundle.manifest import artifact_path, read_manifest  # noqa: E402
+from tstitch_trt.cli import main  # noqa: E402
+from tstitch_trt.demo import DEMO_DIR  # noqa: E402
+from tstitch_trt.export import bf16_gate  # noqa: E402
+from tstitch_trt.export.bf16_gate import quality_gate, verdicts  # noqa: E402
+from tstitch_trt.export.check import Comparison  # noqa: E402
+from tstitch_trt.runtime.openvino_backend import cpu_has_bf16, resolve_precisions  # noqa: E402
+
+needs_bf16 = pytest.mark.skipif(not cpu_has_bf16(ov.Core()), reason="this CPU has no native bf16 (AVX512_BF16 / AMX)")
+
+
+def _artifacts_intact(bundle: Path) -> None:
+    m = read_manifest(bundle)
+    for model in m.models:
+        for entry in model.engines.values():
+            artifact_path(bundle, entry)  # raises on a checksum mismatch
+
+
+@needs_bf16
+def test_random_pair_is_not_bf16_safe_and_is_recorded(tiny_pair, tmp_path, capsys):
+    """Random weights are bf16's worst case: x_next is outside the bound, the verdict says so and is recorded."""
+    bundle = tmp_path / "pair"
+    shutil.copytree(tiny_pair, bundle)
+    report = tmp_path / "check.json"
+    code = main(["check", "--bundle", str(bundle), "--precision", "bf16", "--record", "--report", str(report)])
+    out = capsys.readouterr().out
+    assert code == 1  # bf16 outside its step tolerance
+    assert "bf16 DiT-S/2: NOT safe" in out and f"recorded the bf16 verdict in {bundle / 'manifest.json'}" in out
+    r = json.loads(report.read_text())
+    rows = {(c["model"], c["backend"], c["precision"], c["output"]): c for c in r["comparisons"]}
+    assert rows[("DiT-S/2", "openvino", "fp32", "x_next")]["status"] == "ok"  # OpenVINO fp32 checked by default
+    assert rows[("DiT-S/2", "openvino", "bf16", "x_next")]["status"] == "FAIL"
+    raw = json.loads((bundle / "manifest.json").read_text())
+    for m in raw["models"]:
+        v = m["bf16"]
+        assert v["safe"] is False and v["step_max_rel"] > 0.02 and v["checked_with"].startswith("openvino ")
+    _artifacts_intact(bundle)
+    manifest = read_manifest(bundle)
+    assert resolve_precisions(manifest, "auto", True)[0] == ["fp32", "fp32"]
+
+
+def test_verdict_needs_every_check():
+    ok = [Comparison("S", "openvino", o, "bf16", "ok", 0.1, 0.01, 0.99999, tolerance={"max_rel": 0.02, "min_cos": 0.9})
+          for o in ("x_next", "x0")]
+    manifest = type("M", (), {"models": [type("E", (), {"name": "S"})()]})()
+    good = {"pass": True, "summary": "ratio 0.4: ..."}
+    assert verdicts(manifest, ok, good, "openvino x")["S"]["safe"] is True  # type: ignore[arg-type]
+    assert verdicts(manifest, ok, None, "openvino x")["S"]["safe"] is True  # type: ignore[arg-type]
+    assert verdicts(manifest, ok, {**good, "pass": False}, "x")["S"]["safe"] is False  # type: ignore[arg-type]
+    bad = [ok[0], Comparison("S", "openvino", "x0", "bf16", "FAIL", 9.0, 0.9, 0.5, tolerance=ok[0].tolerance)]
+    v = verdicts(manifest, bad, good, "x")["S"]  # type: ignore[arg-type]
+    assert v["safe"] is False and "x0 max rel 0.9" in v["reason"] and "OUTSIDE" in v["reason"]
+
+
+def test_record_needs_bf16_and_a_writable_bundle(tiny_pair, tmp_path, capsys, monkeypatch):
+    assert main(["check", "--bundle", str(tiny_pair), "--record"]) == 2
+    assert capsys.readouterr().err == "error: --record writes the bf16 verdict; give --precision bf16 with it\n"
+    if not cpu_has_bf16(ov.Core()):
+        return
+    bundle = tmp_path / "ro"
+    shutil.copytree(tiny_pair, bundle)
+    before = (bundle / "manifest.json").read_text()
+
+    def read_only(src, dst):  # what a read-only bundle (e.g. inside site-packages) does; chmod cannot stop root
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(bf16_gate.os, "replace", read_only)
+    assert main(["check", "--bundle", str(bundle), "--precision", "bf16", "--record"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot record the bf16 verdict in {bundle / 'manifest.json'} (Permission denied)")
+    assert err.count("\n") == 1
+    assert (bundle / "manifest.json").read_text() == before and sorted(p.name for p in bundle.iterdir()) == sorted(
+        p.name for p in tiny_pair.iterdir())  # no temporary file left behind
+
+
+@needs_bf16
+def test_quality_gate_on_the_demo_pair():
+    """The evaluator's FID / accuracy in fp32 and bf16 (40 images: structure and sanity, not the 500-image verdict)."""
+    q = quality_gate(DEMO_DIR, 40, seed=0)
+    assert [p["ratio"] for p in q["points"]] == [0.0, 0.4] and q["images_per_point"] == 40
+    for p in q["points"]:
+        assert p["fid_change"] == pytest.approx((p["fid_bf16"] - p["fid_fp32"]) / p["fid_fp32"])
+        assert abs(p["accuracy_change"]) <= 0.1  # bf16 must not break the trained pair
+        assert p["fid_bf16"] != p["fid_fp32"]  # bf16 really ran
+    assert q["pass"] == all(p["pass"] for p in q["points"])
+
+
+def test_demo_pair_records_its_bf16_verdict():
+    """The shipped pair carries the verdict of `check --precision bf16 --record` (500 images), checksums intact."""
+    manifest = read_manifest(DEMO_DIR)
+    _artifacts_intact(DEMO_DIR)
+    for m in manifest.models:
+        assert m.bf16 is not None and m.bf16["safe"] is True, m.name
+        assert "ratio 0.4: FID" in m.bf16["reason"] and "(500 images)" in m.bf16["reason"]
+    assert resolve_precisions(manifest, "auto", True)[0] == ["bf16", "bf16"]
+    assert resolve_precisions(manifest, "auto", False)[0] == ["fp32", "fp32"]
