@@ -13,3 +13,6 @@ pip install -e ".[build,trt-rtx,dev,demo-train]"
 pip install --no-deps tensorrt-stubs==10.13.0.35.1
 python -m ruff check python tests benchmarks
 python -m pytest -q -rs "$@"
+
+# The C++ runtime (CMakeLists.txt, cpp/): build, ctest, and an ASan+UBSan build (apt packages as root).
+scripts/test_cpp.sh

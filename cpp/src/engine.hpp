@@ -37,7 +37,8 @@ class StepEngine {
   virtual ~StepEngine() = default;
   virtual std::vector<EngineTensor> tensors() const = 0;
   virtual size_t scratch_bytes() const = 0;  // getDeviceMemorySizeV2
-  virtual std::pair<int64_t, int64_t> batch_range() const = 0;  // of the latent input, profile 0
+  // The batch range of `latent_input` (optimization profile 0).
+  virtual std::pair<int64_t, int64_t> batch_range(const std::string& latent_input) const = 0;
   virtual std::unique_ptr<StepContext> create_context() = 0;  // with user-managed scratch
 };
 

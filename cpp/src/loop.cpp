@@ -124,7 +124,7 @@ void StitchedLoop::allocate(const TrajectoryPlan& plan, int batch) {
   const std::vector<int64_t> key = {batch, plan.steps(), plan.noise.empty() ? 0 : 1, plan.k};
   if (key == key_) return;
   for (size_t m = 0; m < engines_.size(); ++m) {
-    auto [lo, hi] = engines_[m]->batch_range();
+    auto [lo, hi] = engines_[m]->batch_range(latent_name_);
     if (batch < lo || batch > hi)
       fail(TSTITCH_ERR_INVALID_ARGUMENT, "batch " + std::to_string(batch) + " is outside the engine's range [" +
                                              std::to_string(lo) + ", " + std::to_string(hi) + "] (" +

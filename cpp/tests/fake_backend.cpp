@@ -203,7 +203,7 @@ class FakeEngine : public StepEngine {
     return t;
   }
   size_t scratch_bytes() const override { return scratch_; }
-  std::pair<int64_t, int64_t> batch_range() const override { return {1, 16}; }
+  std::pair<int64_t, int64_t> batch_range(const std::string&) const override { return {1, 16}; }
   std::unique_ptr<StepContext> create_context() override {
     ++stats_.contexts;
     return std::make_unique<FakeContext>(dev_, plan_, scratch_, opt_, stats_);
@@ -231,7 +231,7 @@ class FakeBackend : public Backend {
     char comma;
     std::istringstream in(text.size() > 3 ? text.substr(3) : "");
     if (text.rfind("TOY", 0) != 0 || !(in >> p.c >> comma >> p.h >> comma >> p.w >> comma >> p.k >> comma >> p.scale))
-      fail(TSTITCH_ERR_RUNTIME, opt_.module + " could not load " + what +
+      fail(TSTITCH_ERR_INCOMPATIBLE, opt_.module + " could not load " + what +
                                     ": IRuntime::deserializeCudaEngine: not a plan (fake); rebuild the bundle on this machine");
     return std::make_unique<FakeEngine>(dev_, p, data.size() * opt_.scratch_per_plan_byte, opt_, stats_);
   }

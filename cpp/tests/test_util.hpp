@@ -20,7 +20,7 @@ inline nlohmann::json golden(const std::string& name) {
 
 inline std::vector<uint32_t> bits(const std::vector<float>& v) {
   std::vector<uint32_t> out(v.size());
-  std::memcpy(out.data(), v.data(), v.size() * 4);
+  if (!v.empty()) std::memcpy(out.data(), v.data(), v.size() * 4);
   return out;
 }
 
