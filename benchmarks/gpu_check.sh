@@ -6,7 +6,8 @@
 #      torch backend's CUDA graph against eager; the real-TensorRT and ORT-CUDA tests skip, with a
 #      reason, unless tensorrt / tensorrt_rtx / onnxruntime-gpu are importable;
 #   2. timings (benchmarks/gpu_check.py): torch-CUDA eager vs whole-trajectory CUDA graph vs the
-#      reference loop, DiT-S/2 -> DiT-XL/2 at 256 px, batch 8, DDIM 100, cfg 1.5, ratio 0.4.
+#      reference loop, DiT-S/2 -> DiT-XL/2 at 256 px, batch 8, DDIM 100, cfg 1.5, ratio 0.4;
+#   3. the C++ runtime: nvcc build, its CUDA tests, host overhead per step (benchmarks/gpu_check_cpp.sh).
 # Writes $OUT/gpu_check.json (+ gpu_tests.log, gpu_check.log). Run from anywhere:
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine
 #   bash benchmarks/gpu_check.sh --cpu-dry-run   # here: tiny models on the CPU, same code paths
@@ -60,5 +61,12 @@ summary=$(grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 1)
 timeout 220 "$PY" benchmarks/gpu_check.py "${DRY[@]}" --out "$OUT/gpu_check.json" --budget-s 150 \
     --tests-rc "$tests_rc" --tests-summary "$summary" 2>&1 | tee "$OUT/gpu_check.log"
 bench_rc=${PIPESTATUS[0]}
-echo "gpu tests: rc=$tests_rc ($summary); timings: rc=$bench_rc; results in $OUT"
-[[ $tests_rc -eq 0 && $bench_rc -eq 0 ]]
+# 3. the C++ runtime (benchmarks/gpu_check_cpp.sh: nvcc build, its CUDA tests, loop host overhead per step);
+#    carry .cpp-deps (bash benchmarks/gpu_check_cpp.sh --stage) where the Debian dev packages are missing
+cpp_rc=0
+if [[ ${#DRY[@]} -eq 0 ]]; then
+    OUT="$OUT" timeout 420 bash benchmarks/gpu_check_cpp.sh 2>&1 | tee "$OUT/gpu_check_cpp.log"
+    cpp_rc=${PIPESTATUS[0]}
+fi
+echo "gpu tests: rc=$tests_rc ($summary); timings: rc=$bench_rc; C++: rc=$cpp_rc; results in $OUT"
+[[ $tests_rc -eq 0 && $bench_rc -eq 0 && $cpp_rc -eq 0 ]]
