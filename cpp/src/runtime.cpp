@@ -65,10 +65,10 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& opt, const Ba
 
 void Runtime::check(const SampleRequest& req) const {
   auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
-  if (req.batch < batch_range_.first || req.batch > batch_range_.second)
-    bad("batch " + std::to_string(req.batch) + " is outside the bundle's batch range [" +
-        std::to_string(batch_range_.first) + ", " + std::to_string(batch_range_.second) +
-        "]; split the request or rebuild with --batch-sizes");
+  if (req.batch < batch_range_.first || req.batch > batch_range_.second)  // pipeline/dit.py's message
+    bad("batch " + std::to_string(req.batch) + " is outside the engines' range [" + std::to_string(batch_range_.first) +
+        ", " + std::to_string(batch_range_.second) + "]; rebuild with --batch-sizes " +
+        std::to_string(batch_range_.first) + "-" + std::to_string(std::max<int64_t>(req.batch, batch_range_.second)));
   if (req.steps < 1 || req.steps > manifest_.num_timesteps)
     bad("steps must be in [1, " + std::to_string(manifest_.num_timesteps) + "], got " + std::to_string(req.steps));
   if (static_cast<int>(req.class_labels.size()) != req.batch)
@@ -76,7 +76,8 @@ void Runtime::check(const SampleRequest& req) const {
         std::to_string(req.class_labels.size()));
   for (int64_t y : req.class_labels)
     if (y < 0 || y >= manifest_.num_classes)
-      bad("class label " + std::to_string(y) + " is outside [0, " + std::to_string(manifest_.num_classes - 1) + "]");
+      bad("class label " + std::to_string(y) + " is outside [0, " + std::to_string(manifest_.num_classes) +
+          "); this bundle's models know " + std::to_string(manifest_.num_classes) + " classes");
   const auto& names = sampler_names();
   if (std::find(names.begin(), names.end(), req.sampler) == names.end())
     bad("unknown sampler '" + req.sampler + "'; choose one of ddim, ddpm, dpm-solver++");

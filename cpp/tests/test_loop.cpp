@@ -241,13 +241,13 @@ TEST(Loop, RequestChecksBeforeAnyWork) {
   auto rt = open_fake(toy(), {}, stats);
   const size_t allocs = rt->loop().allocations();
   EXPECT_EQ(error_of([&] { rt->sample(request(17)); }),
-            "batch 17 is outside the bundle's batch range [1, 16]; split the request or rebuild with --batch-sizes");
+            "batch 17 is outside the engines' range [1, 16]; rebuild with --batch-sizes 1-17");
   EXPECT_EQ(error_of([&] { rt->sample(request(2, "ddim", 1001)); }), "steps must be in [1, 1000], got 1001");
   EXPECT_EQ(error_of([&] { rt->sample(request(2, "ddim", 0)); }), "steps must be in [1, 1000], got 0");
   EXPECT_EQ(error_of([&] { rt->sample(request(2, "euler")); }),
             "unknown sampler 'euler'; choose one of ddim, ddpm, dpm-solver++");
   SampleRequest bad_label = request(2);
   bad_label.class_labels[1] = 10;
-  EXPECT_EQ(error_of([&] { rt->sample(bad_label); }), "class label 10 is outside [0, 9]");
+  EXPECT_EQ(error_of([&] { rt->sample(bad_label); }), "class label 10 is outside [0, 10); this bundle's models know 10 classes");
   EXPECT_EQ(rt->loop().allocations(), allocs);
 }
