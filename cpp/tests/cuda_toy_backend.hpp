@@ -5,12 +5,11 @@
 
 #include <string>
 
+#include "fake_backend.hpp"  // write_toy_bundle
 #include "runtime.hpp"
 
 namespace tstitch::testing {
 
 BackendFactory cuda_toy_factory();
-// A two-model toy bundle (trt/<i>-toy.plan, manifest.json with checksums) for latent (c, h, w).
-void write_toy_bundle(const std::string& dir, int c, int h, int w);
 
 }  // namespace tstitch::testing

@@ -3,9 +3,13 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "errors.hpp"
+#include "manifest.hpp"
 
 namespace tstitch::testing {
 
@@ -250,6 +254,33 @@ std::unique_ptr<Backend> make_fake_backend(const FakeOptions& opt, FakeStats& st
 
 BackendFactory fake_factory(const FakeOptions& opt, FakeStats& stats) {
   return [opt, &stats](const std::string&, int) { return make_fake_backend(opt, stats); };
+}
+
+void write_toy_bundle(const std::string& dir, int c, int h, int w) {
+  namespace fs = std::filesystem;
+  fs::create_directories(dir + "/trt");
+  nlohmann::json models = nlohmann::json::array();
+  const float scales[2] = {0.5f, 0.9f};
+  for (int i = 0; i < 2; ++i) {
+    const std::string rel = "trt/" + std::to_string(i) + "-toy.plan";
+    std::ofstream(dir + "/" + rel) << "TOY" << c << "," << h << "," << w << ",11," << scales[i] << ","
+                                   << std::string(64 * (i + 1), '#');
+    models.push_back({{"name", i == 0 ? "Toy-S" : "Toy-L"},
+                      {"family", "dit"},
+                      {"arch", {{"in_channels", c}, {"input_size", h}, {"num_classes", 10}}},
+                      {"engines",
+                       {{"trt",
+                         {{"file", rel},
+                          {"sha256", sha256_file(dir + "/" + rel)},
+                          {"batch_range", {1, 16}},
+                          {"builder", {{"module", "tensorrt"}, {"version", "10.13.0.35"}}}}}}}});
+  }
+  (void)w;
+  nlohmann::json m = {{"pipeline", "dit-class-conditional"}, {"models", models},      {"num_classes", 10},
+                      {"image_size", h},                     {"latent_scale_factor", 1.0}, {"guidance_channels", c},
+                      {"schedule", {{"kind", "linear"}, {"num_timesteps", 1000}}},
+                      {"format", "tstitch-bundle"},          {"format_version", 1}};
+  std::ofstream(dir + "/manifest.json") << m.dump(2);
 }
 
 }  // namespace tstitch::testing

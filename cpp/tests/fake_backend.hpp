@@ -64,6 +64,10 @@ class FakeDevice : public Device {
 std::unique_ptr<Backend> make_fake_backend(const FakeOptions& opt, FakeStats& stats);
 BackendFactory fake_factory(const FakeOptions& opt, FakeStats& stats);
 
+// A two-model toy bundle (trt/<i>-toy.plan, manifest.json with checksums, no io: the DiT defaults)
+// for latent (c, h, h), batches 1..16.
+void write_toy_bundle(const std::string& dir, int c, int h, int w);
+
 // fake_gpu.toy_step (numpy, float32) for one batch: the reference the loop tests compare with.
 void toy_step(const float* x, const int64_t* t, const int64_t* y, float g, const float* c, const float* prev,
               const float* noise, float scale, size_t batch, size_t per_item, float* x_next, float* x0);
