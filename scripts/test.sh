@@ -15,4 +15,4 @@ python -m ruff check python tests benchmarks
 python -m pytest -q -rs "$@"
 
 # The C++ runtime (CMakeLists.txt, cpp/): build, ctest, and an ASan+UBSan build (apt packages as root).
-scripts/test_cpp.sh
+[[ "${TSTITCH_SKIP_CPP:-0}" == 1 ]] || scripts/test_cpp.sh

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <thread>
 
 #include "c_api_internal.hpp"
 #ifdef TSTITCH_TEST_HAVE_TENSORRT
@@ -208,4 +209,13 @@ TEST(CApi, CppWrapperThrowsWithStatusAndMessage) {
     EXPECT_EQ(e.status(), TSTITCH_ERR_BUNDLE);
     EXPECT_NE(std::string(e.what()).find("does not exist"), std::string::npos);
   }
+}
+
+TEST(CApi, LastErrorIsPerThread) {
+  int c = 0, h = 0, w = 0;
+  ASSERT_EQ(tstitch_latent_shape(nullptr, &c, &h, &w), TSTITCH_ERR_BAD_HANDLE);
+  std::string other = "unset";
+  std::thread([&] { other = tstitch_last_error(); }).join();
+  EXPECT_EQ(other, "");  // another thread sees its own (empty) last error
+  EXPECT_NE(std::string(tstitch_last_error()), "");
 }
