@@ -11,6 +11,7 @@
 #      PNDM 50, ratio 0.4, torch-CUDA eager vs graph vs diffusers' StableDiffusionPipeline with the
 #      callback switch. Needs diffusers (+ transformers, tokenizers, huggingface_hub, safetensors,
 #      regex) carried in .whl/; without them it records "skipped" and why.
+#   4. the C++ runtime: nvcc build, its CUDA tests, host overhead per step (benchmarks/gpu_check_cpp.sh).
 # Writes $OUT/gpu_check.json, $OUT/gpu_check_sd.json (+ gpu_tests.log, gpu_check.log). Run from anywhere:
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine
 #   bash benchmarks/gpu_check.sh --cpu-dry-run   # here: tiny models on the CPU, same code paths
@@ -68,5 +69,12 @@ bench_rc=${PIPESTATUS[0]}
 # 3. SD timings (own budget)
 timeout 150 "$PY" benchmarks/gpu_check_sd.py "${DRY[@]}" --out "$OUT/gpu_check_sd.json" 2>&1 | tee "$OUT/gpu_check_sd.log"
 sd_rc=${PIPESTATUS[0]}
-echo "gpu tests: rc=$tests_rc ($summary); timings: rc=$bench_rc; SD timings: rc=$sd_rc; results in $OUT"
-[[ $tests_rc -eq 0 && $bench_rc -eq 0 && $sd_rc -eq 0 ]]
+# 4. the C++ runtime (benchmarks/gpu_check_cpp.sh: nvcc build, its CUDA tests, loop host overhead per step);
+#    carry .cpp-deps (bash benchmarks/gpu_check_cpp.sh --stage) where the Debian dev packages are missing
+cpp_rc=0
+if [[ ${#DRY[@]} -eq 0 ]]; then
+    OUT="$OUT" timeout 420 bash benchmarks/gpu_check_cpp.sh 2>&1 | tee "$OUT/gpu_check_cpp.log"
+    cpp_rc=${PIPESTATUS[0]}
+fi
+echo "gpu tests: rc=$tests_rc ($summary); timings: rc=$bench_rc; SD timings: rc=$sd_rc; C++: rc=$cpp_rc; results in $OUT"
+[[ $tests_rc -eq 0 && $bench_rc -eq 0 && $sd_rc -eq 0 && $cpp_rc -eq 0 ]]

@@ -17,4 +17,7 @@ pip install --no-deps open_clip_torch
 python -m ruff check python tests benchmarks
 # The README's install without torch, in its own fresh venv: every command works or says what to install.
 bash scripts/smoke_no_torch.sh
+# The C++ runtime (CMakeLists.txt, cpp/): build, ctest, and an ASan+UBSan build (apt packages as root).
+[[ "${TSTITCH_SKIP_CPP:-0}" == 1 ]] || scripts/test_cpp.sh
+# pytest last: its summary is the suite's closing line
 python -m pytest -q -rs "$@"

@@ -1,0 +1,109 @@
+/* tstitch-trt C API: T-Stitch diffusion sampling from an engine bundle, no Python in the process.
+ *
+ * Contract: every function returns a tstitch_status (TSTITCH_OK = 0); on failure a one-line
+ * message saying what is wrong and what to do is in tstitch_last_error() (thread-local, valid until
+ * the next call on this thread). No C++ exception crosses this boundary. Structs carry their own
+ * size (struct_size): initialise them with the *_init functions so older callers keep working.
+ * Handles are checked against the set of open handles: a NULL, unknown or closed handle is
+ * TSTITCH_ERR_BAD_HANDLE, never a crash. A handle may be used by one thread at a time.
+ * Compiles as C11 and C++. */
+#ifndef TSTITCH_TSTITCH_H
+#define TSTITCH_TSTITCH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define TSTITCH_API_VERSION 1
+
+typedef enum tstitch_status {
+  TSTITCH_OK = 0,
+  TSTITCH_ERR_INVALID_ARGUMENT = 1, /* a NULL pointer, a wrong struct_size, a value out of range */
+  TSTITCH_ERR_BAD_HANDLE = 2,       /* NULL, unknown or already closed runtime handle */
+  TSTITCH_ERR_BUNDLE = 3,           /* missing / corrupt manifest, sealed-path violation, checksum mismatch */
+  TSTITCH_ERR_INCOMPATIBLE = 4,     /* engine built for another GPU or TensorRT version */
+  TSTITCH_ERR_UNAVAILABLE = 5,      /* not built into this library (e.g. no TensorRT at build time) */
+  TSTITCH_ERR_NO_DEVICE = 6,        /* no usable CUDA device */
+  TSTITCH_ERR_OUT_OF_MEMORY = 7,    /* device allocation failed; everything allocated was freed */
+  TSTITCH_ERR_RUNTIME = 8,          /* a CUDA or TensorRT call failed */
+  TSTITCH_ERR_NON_FINITE = 9,       /* a step produced NaN/Inf (the message names the step and model) */
+  TSTITCH_ERR_BUFFER_TOO_SMALL = 10,/* the caller's output buffer is smaller than the result */
+  TSTITCH_ERR_INTERNAL = 11
+} tstitch_status;
+
+typedef struct tstitch_runtime tstitch_runtime; /* opaque */
+
+typedef struct tstitch_open_params {
+  size_t struct_size;    /* sizeof(tstitch_open_params) */
+  const char* engine;    /* manifest engine kind to run; NULL = "trt" */
+  int device_index;      /* CUDA device, default 0 */
+  int cuda_graph;        /* 1 (default): the whole trajectory as one CUDA graph; 0: plain launches */
+  int verify_checksums;  /* 1 (default): sha256 of every engine file against the manifest */
+} tstitch_open_params;
+
+typedef struct tstitch_request {
+  size_t struct_size;            /* sizeof(tstitch_request) */
+  int batch;                     /* images in the request; within the engines' batch range */
+  /* DiT (class-conditional) */
+  const int64_t* class_labels;   /* batch labels in [0, num_classes) */
+  /* SD / SDXL (text-to-image): token ids come from the caller's tokenizer */
+  const int64_t* prompt_tokens;  /* batch x token_count */
+  const int64_t* negative_tokens;/* batch x token_count, or NULL for the empty prompt */
+  int token_count;
+  const float* added_conditions; /* SDXL: batch x (text_embeds + time_ids), or NULL */
+  int added_condition_count;
+  /* the trajectory */
+  int steps;                     /* sampling steps, >= 1 */
+  double ratio;                  /* two models: fraction of steps on the small one (used when fractions == NULL) */
+  const double* fractions;       /* K models: one fraction per model, summing to 1; or NULL */
+  int num_fractions;
+  const char* sampler;           /* "ddim" (NULL), "ddpm" or "dpm-solver++" */
+  double eta;                    /* DDIM eta */
+  float cfg_scale;               /* classifier-free guidance scale */
+  uint64_t seed;                 /* numpy default_rng(seed): the same noise as the Python runtime */
+  const float* init_noise;       /* optional batch x C x H x W initial latent (then seed feeds only step noise) */
+} tstitch_request;
+
+typedef struct tstitch_sample_info {
+  size_t struct_size;            /* sizeof(tstitch_sample_info) */
+  int used_cuda_graph;           /* 1: one graph launch for the whole trajectory */
+  int steps;
+  double total_ms;               /* prepare + run + read back */
+  double host_overhead_ms_per_step; /* mean(step wall - engine time) of plain launches; -1 if unknown */
+} tstitch_sample_info;
+
+int tstitch_api_version(void);
+const char* tstitch_last_error(void);
+const char* tstitch_status_name(tstitch_status status);
+
+void tstitch_open_params_init(tstitch_open_params* params);
+void tstitch_request_init(tstitch_request* request);
+void tstitch_sample_info_init(tstitch_sample_info* info);
+
+/* Open a bundle directory: manifest, sealed paths, checksums, engine compatibility, device buffers. */
+tstitch_status tstitch_open(const char* bundle_dir, const tstitch_open_params* params, tstitch_runtime** out);
+/* Close and invalidate the handle; closing NULL is OK, closing twice is TSTITCH_ERR_BAD_HANDLE. */
+tstitch_status tstitch_close(tstitch_runtime* runtime);
+
+/* The latent shape (C, H, W), the number of stitched models, the batch range of the engines. */
+tstitch_status tstitch_latent_shape(tstitch_runtime* runtime, int* channels, int* height, int* width);
+tstitch_status tstitch_model_count(tstitch_runtime* runtime, int* count);
+tstitch_status tstitch_batch_range(tstitch_runtime* runtime, int* min_batch, int* max_batch);
+
+/* Sample into the caller's buffer: latents holds batch*C*H*W floats (capacity in floats).
+ * rgb (batch*3*image*image bytes) is for bundles with a VAE engine; pass NULL otherwise. */
+tstitch_status tstitch_sample(tstitch_runtime* runtime, const tstitch_request* request, float* latents,
+                              size_t latents_capacity, uint8_t* rgb, size_t rgb_capacity, tstitch_sample_info* info);
+/* Sample into a buffer this library allocates (free it with tstitch_free); *count = floats written. */
+tstitch_status tstitch_sample_alloc(tstitch_runtime* runtime, const tstitch_request* request, float** latents,
+                                    size_t* count, tstitch_sample_info* info);
+void tstitch_free(void* buffer);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* TSTITCH_TSTITCH_H */

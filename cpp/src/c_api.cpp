@@ -1,0 +1,273 @@
+// The C API: status codes, a thread-local last error, a registry of open handles (a closed or
+// unknown handle is refused without being dereferenced), and no exception crossing the boundary.
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <new>
+#include <set>
+
+#include "c_api_internal.hpp"
+#include "errors.hpp"
+#include "tstitch/tstitch.h"
+
+struct tstitch_runtime {
+  std::unique_ptr<tstitch::Runtime> runtime;
+};
+
+namespace tstitch {
+namespace {
+
+thread_local std::string g_last_error;
+std::mutex g_handles_mutex;
+std::set<tstitch_runtime*>& handles() {
+  static std::set<tstitch_runtime*> h;
+  return h;
+}
+
+tstitch_status set_error(tstitch_status s, const std::string& message) {
+  g_last_error = message;
+  return s;
+}
+
+// Runs `fn`, turning every exception into a status and a one-line message.
+template <typename F>
+tstitch_status guarded(F&& fn) {
+  try {
+    g_last_error.clear();
+    return fn();
+  } catch (const Error& e) {
+    return set_error(e.status(), e.what());
+  } catch (const std::bad_alloc&) {
+    return set_error(TSTITCH_ERR_OUT_OF_MEMORY, "out of host memory");
+  } catch (const std::exception& e) {
+    return set_error(TSTITCH_ERR_INTERNAL, std::string("internal error: ") + e.what());
+  } catch (...) {
+    return set_error(TSTITCH_ERR_INTERNAL, "internal error (unknown exception)");
+  }
+}
+
+template <typename T>
+void check_struct(const T* s, const char* what) {
+  if (s == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, std::string(what) + " is NULL");
+  if (s->struct_size != sizeof(T))
+    fail(TSTITCH_ERR_INVALID_ARGUMENT, std::string(what) + ".struct_size is " + std::to_string(s->struct_size) +
+                                           ", this library expects " + std::to_string(sizeof(T)) +
+                                           " (API version " + std::to_string(TSTITCH_API_VERSION) +
+                                           "); initialise it with its _init function and rebuild against this header");
+}
+
+Runtime& checked(tstitch_runtime* h) {
+  Runtime* rt = runtime_of(h);
+  if (rt == nullptr) fail(TSTITCH_ERR_BAD_HANDLE, "the runtime handle is NULL, unknown or already closed; open a bundle first");
+  return *rt;
+}
+
+SampleRequest to_request(const Runtime& rt, const tstitch_request* r) {
+  check_struct(r, "request");
+  SampleRequest q;
+  if (r->batch < 1) fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.batch must be >= 1, got " + std::to_string(r->batch));
+  q.batch = r->batch;
+  if (rt.manifest().pipeline == "dit-class-conditional") {
+    if (r->class_labels == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.class_labels is NULL; a DiT bundle needs one label per image");
+    q.class_labels.assign(r->class_labels, r->class_labels + r->batch);
+  }
+  if (r->prompt_tokens != nullptr || r->added_conditions != nullptr)
+    fail(TSTITCH_ERR_INVALID_ARGUMENT, "this bundle is class-conditional (DiT): leave prompt_tokens and added_conditions NULL");
+  q.steps = r->steps;
+  q.ratio = r->ratio;
+  if (r->fractions != nullptr) {
+    if (r->num_fractions < 1) fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.num_fractions must be >= 1 with fractions");
+    q.fractions.assign(r->fractions, r->fractions + r->num_fractions);
+  }
+  q.sampler = r->sampler ? r->sampler : "ddim";
+  q.eta = r->eta;
+  q.cfg_scale = r->cfg_scale;
+  q.seed = r->seed;
+  if (r->init_noise != nullptr) {
+    const Manifest& m = rt.manifest();
+    q.init_noise.assign(r->init_noise, r->init_noise + static_cast<size_t>(r->batch) * m.channels() * m.height() * m.width());
+  }
+  return q;
+}
+
+void fill_info(tstitch_sample_info* info, const LoopResult& r) {
+  if (info == nullptr) return;
+  info->used_cuda_graph = r.graph ? 1 : 0;
+  info->steps = static_cast<int>(r.step_ms.size());
+  info->total_ms = 0.0;
+  for (double ms : r.step_ms) info->total_ms += ms;
+  info->host_overhead_ms_per_step = r.host_overhead_ms_per_step();
+}
+
+}  // namespace
+
+Runtime* runtime_of(tstitch_runtime* h) {
+  std::lock_guard<std::mutex> lock(g_handles_mutex);
+  return h != nullptr && handles().count(h) ? h->runtime.get() : nullptr;
+}
+
+tstitch_status open_with_factory(const char* bundle_dir, const tstitch_open_params* params,
+                                 const BackendFactory& factory, tstitch_runtime** out) {
+  return guarded([&] {
+    if (out == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "out (where the handle goes) is NULL");
+    *out = nullptr;
+    if (bundle_dir == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "bundle_dir is NULL");
+    OpenOptions opt;
+    if (params != nullptr) {
+      check_struct(params, "params");
+      if (params->engine != nullptr) opt.engine = params->engine;
+      opt.device_index = params->device_index;
+      opt.cuda_graph = params->cuda_graph != 0;
+      opt.verify_checksums = params->verify_checksums != 0;
+    }
+    auto h = std::make_unique<tstitch_runtime>();
+    h->runtime = std::make_unique<Runtime>(bundle_dir, opt, factory);
+    std::lock_guard<std::mutex> lock(g_handles_mutex);
+    handles().insert(h.get());
+    *out = h.release();
+    return TSTITCH_OK;
+  });
+}
+
+}  // namespace tstitch
+
+using namespace tstitch;
+
+extern "C" {
+
+int tstitch_api_version(void) { return TSTITCH_API_VERSION; }
+const char* tstitch_last_error(void) { return g_last_error.c_str(); }
+
+const char* tstitch_status_name(tstitch_status s) {
+  switch (s) {
+    case TSTITCH_OK: return "ok";
+    case TSTITCH_ERR_INVALID_ARGUMENT: return "invalid argument";
+    case TSTITCH_ERR_BAD_HANDLE: return "bad handle";
+    case TSTITCH_ERR_BUNDLE: return "bundle error";
+    case TSTITCH_ERR_INCOMPATIBLE: return "incompatible engine";
+    case TSTITCH_ERR_UNAVAILABLE: return "unavailable in this build";
+    case TSTITCH_ERR_NO_DEVICE: return "no device";
+    case TSTITCH_ERR_OUT_OF_MEMORY: return "out of memory";
+    case TSTITCH_ERR_RUNTIME: return "runtime error";
+    case TSTITCH_ERR_NON_FINITE: return "non-finite result";
+    case TSTITCH_ERR_BUFFER_TOO_SMALL: return "buffer too small";
+    case TSTITCH_ERR_INTERNAL: return "internal error";
+  }
+  return "unknown status";
+}
+
+void tstitch_open_params_init(tstitch_open_params* p) {
+  if (p == nullptr) return;
+  std::memset(p, 0, sizeof(*p));
+  p->struct_size = sizeof(*p);
+  p->cuda_graph = 1;
+  p->verify_checksums = 1;
+}
+
+void tstitch_request_init(tstitch_request* r) {
+  if (r == nullptr) return;
+  std::memset(r, 0, sizeof(*r));
+  r->struct_size = sizeof(*r);
+  r->batch = 1;
+  r->steps = 50;
+  r->ratio = 0.5;
+  r->cfg_scale = 1.5f;
+}
+
+void tstitch_sample_info_init(tstitch_sample_info* i) {
+  if (i == nullptr) return;
+  std::memset(i, 0, sizeof(*i));
+  i->struct_size = sizeof(*i);
+  i->host_overhead_ms_per_step = -1.0;
+}
+
+tstitch_status tstitch_open(const char* bundle_dir, const tstitch_open_params* params, tstitch_runtime** out) {
+  return open_with_factory(bundle_dir, params, default_backend_factory(), out);
+}
+
+tstitch_status tstitch_close(tstitch_runtime* h) {
+  return guarded([&] {
+    if (h == nullptr) return TSTITCH_OK;
+    {
+      std::lock_guard<std::mutex> lock(g_handles_mutex);
+      if (!handles().erase(h)) fail(TSTITCH_ERR_BAD_HANDLE, "the runtime handle is unknown or already closed");
+    }
+    delete h;
+    return TSTITCH_OK;
+  });
+}
+
+tstitch_status tstitch_latent_shape(tstitch_runtime* h, int* c, int* hh, int* w) {
+  return guarded([&] {
+    const Manifest& m = checked(h).manifest();
+    if (c == nullptr || hh == nullptr || w == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "an output pointer is NULL");
+    *c = m.channels(), *hh = m.height(), *w = m.width();
+    return TSTITCH_OK;
+  });
+}
+
+tstitch_status tstitch_model_count(tstitch_runtime* h, int* count) {
+  return guarded([&] {
+    Runtime& rt = checked(h);
+    if (count == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "count is NULL");
+    *count = static_cast<int>(rt.manifest().models.size());
+    return TSTITCH_OK;
+  });
+}
+
+tstitch_status tstitch_batch_range(tstitch_runtime* h, int* lo, int* hi) {
+  return guarded([&] {
+    Runtime& rt = checked(h);
+    if (lo == nullptr || hi == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "an output pointer is NULL");
+    *lo = static_cast<int>(rt.batch_range().first), *hi = static_cast<int>(std::min<int64_t>(rt.batch_range().second, 1 << 30));
+    return TSTITCH_OK;
+  });
+}
+
+tstitch_status tstitch_sample(tstitch_runtime* h, const tstitch_request* request, float* latents, size_t capacity,
+                              uint8_t* rgb, size_t rgb_capacity, tstitch_sample_info* info) {
+  return guarded([&] {
+    Runtime& rt = checked(h);
+    if (info != nullptr) check_struct(info, "info");
+    SampleRequest q = to_request(rt, request);
+    if (latents == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "latents is NULL; pass a buffer of batch*C*H*W floats");
+    const Manifest& m = rt.manifest();
+    const size_t need = static_cast<size_t>(q.batch) * m.channels() * m.height() * m.width();
+    if (capacity < need)
+      fail(TSTITCH_ERR_BUFFER_TOO_SMALL, "latents holds " + std::to_string(capacity) + " floats, the result needs " +
+                                             std::to_string(need));
+    if (rgb != nullptr || rgb_capacity != 0)
+      fail(TSTITCH_ERR_UNAVAILABLE, m.has_vae ? "VAE decoding is not implemented in the C++ runtime yet; pass rgb = NULL "
+                                                "and decode the latents"
+                                              : "this bundle has no VAE (a pixel-space model): pass rgb = NULL; the latents are the image");
+    LoopResult r = rt.sample(q);
+    std::memcpy(latents, r.x.data(), need * sizeof(float));
+    fill_info(info, r);
+    return TSTITCH_OK;
+  });
+}
+
+tstitch_status tstitch_sample_alloc(tstitch_runtime* h, const tstitch_request* request, float** latents, size_t* count,
+                                    tstitch_sample_info* info) {
+  return guarded([&] {
+    Runtime& rt = checked(h);
+    if (latents == nullptr || count == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "latents or count is NULL");
+    *latents = nullptr, *count = 0;
+    const int batch = request != nullptr ? request->batch : 0;
+    const Manifest& m = rt.manifest();
+    const size_t need = static_cast<size_t>(std::max(batch, 0)) * m.channels() * m.height() * m.width();
+    float* buf = static_cast<float*>(std::malloc(std::max<size_t>(need, 1) * sizeof(float)));
+    if (buf == nullptr) fail(TSTITCH_ERR_OUT_OF_MEMORY, "out of host memory for the latents");
+    const tstitch_status s = tstitch_sample(h, request, buf, need, nullptr, 0, info);
+    if (s != TSTITCH_OK) {
+      std::free(buf);
+      return s;  // tstitch_sample set the message
+    }
+    *latents = buf, *count = need;
+    return TSTITCH_OK;
+  });
+}
+
+void tstitch_free(void* buffer) { std::free(buffer); }
+
+}  // extern "C"

@@ -1,0 +1,56 @@
+// What the stitched loop needs from a step engine (TensorRT in trt_engine.cpp, a toy in the tests).
+// An engine exposes its I/O tensors; a context is bound ONCE per buffer allocation (addresses and
+// input shapes) and then only enqueued, so a captured CUDA graph never sees a changed binding.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "compat.hpp"
+#include "device.hpp"
+
+namespace tstitch {
+
+struct EngineTensor {
+  std::string name;
+  bool input = true;
+  std::string dtype;  // "float32", "int64", "int32", or what the engine says (refused by the loop)
+  bool on_device = true;
+};
+
+class StepContext {
+ public:
+  virtual ~StepContext() = default;
+  // Input shapes are set before addresses; returns false when the engine refuses the shape.
+  virtual bool set_input_shape(const std::string& name, const std::vector<int64_t>& shape) = 0;
+  virtual void set_address(const std::string& name, void* ptr) = 0;
+  virtual size_t scratch_needed() = 0;  // for the shapes set; <= the engine's size normally
+  virtual void set_scratch(void* ptr, size_t nbytes) = 0;
+  virtual bool capturable() = 0;  // may its enqueue be captured into a CUDA graph?
+  virtual void enqueue() = 0;     // on the device's stream; Error(TSTITCH_ERR_RUNTIME) on failure
+};
+
+class StepEngine {
+ public:
+  virtual ~StepEngine() = default;
+  virtual std::vector<EngineTensor> tensors() const = 0;
+  virtual size_t scratch_bytes() const = 0;  // getDeviceMemorySizeV2
+  // The batch range of `latent_input` (optimization profile 0).
+  virtual std::pair<int64_t, int64_t> batch_range(const std::string& latent_input) const = 0;
+  virtual std::unique_ptr<StepContext> create_context() = 0;  // with user-managed scratch
+};
+
+// One engine kind (the manifest's engines key): its device and how to load a plan.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string kind() const = 0;  // "trt"
+  virtual RuntimeIdentity identity() const = 0;
+  virtual Device& device() = 0;
+  // Error(TSTITCH_ERR_INCOMPATIBLE / RUNTIME) naming `what` when the plan does not load.
+  virtual std::unique_ptr<StepEngine> load(const std::vector<char>& plan, const std::string& what) = 0;
+};
+
+}  // namespace tstitch

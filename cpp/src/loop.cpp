@@ -1,0 +1,416 @@
+#include "loop.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <sstream>
+
+#include "errors.hpp"
+
+namespace tstitch {
+namespace {
+
+double now_ms() {
+  using namespace std::chrono;
+  return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
+}
+
+size_t count(const std::vector<int64_t>& dims) {
+  size_t n = 1;
+  for (int64_t d : dims) n *= static_cast<size_t>(d);
+  return n;
+}
+
+bool all_finite(const std::vector<float>& v) {
+  return std::all_of(v.begin(), v.end(), [](float f) { return std::isfinite(f); });
+}
+
+}  // namespace
+
+double LoopResult::host_overhead_ms_per_step() const {
+  if (engine_ms.empty() || engine_ms.size() != step_ms.size()) return -1.0;
+  double sum = 0.0;
+  for (size_t i = 0; i < step_ms.size(); ++i) sum += step_ms[i] - engine_ms[i];
+  return sum / static_cast<double>(step_ms.size());
+}
+
+StitchedLoop::StitchedLoop(const Manifest& manifest, Device& device, std::vector<std::unique_ptr<StepEngine>> engines,
+                           bool cuda_graph)
+    : manifest_(manifest), device_(device), engines_(std::move(engines)), use_graph_(cuda_graph) {
+  try {
+    bindings_ = resolve_roles(manifest_, 11);
+    for (const Binding& b : bindings_)
+      if (b.latent) latent_name_ = b.spec.name;
+    check_engines();
+    for (auto& e : engines_) {
+      engine_scratch_.push_back(e->scratch_bytes());
+      std::vector<std::unique_ptr<StepContext>> pair;
+      for (int parity = 0; parity < 2; ++parity) pair.push_back(e->create_context());
+      contexts_.push_back(std::move(pair));
+    }
+    // One scratch for every context: engines never run at the same time.
+    const size_t most = std::max<size_t>(1, *std::max_element(engine_scratch_.begin(), engine_scratch_.end()));
+    scratch_ = alloc(most, "TensorRT scratch (shared by all engines)");
+    for (auto& pair : contexts_)
+      for (auto& ctx : pair) ctx->set_scratch(scratch_.ptr, scratch_.nbytes);
+  } catch (...) {
+    close();
+    throw;
+  }
+}
+
+StitchedLoop::~StitchedLoop() { close(); }
+
+void StitchedLoop::check_engines() {
+  if (engines_.size() != manifest_.models.size()) fail(TSTITCH_ERR_INTERNAL, "one engine per model expected");
+  for (size_t m = 0; m < engines_.size(); ++m) {
+    const std::string& name = manifest_.models[m].name;
+    std::vector<EngineTensor> ts = engines_[m]->tensors();
+    std::vector<std::string> unknown, missing;
+    for (const EngineTensor& t : ts)
+      if (std::none_of(bindings_.begin(), bindings_.end(), [&](const Binding& b) { return b.spec.name == t.name; }))
+        unknown.push_back(t.name);
+    for (const Binding& b : bindings_)
+      if (std::none_of(ts.begin(), ts.end(), [&](const EngineTensor& t) { return t.name == b.spec.name; }))
+        missing.push_back(b.spec.name);
+    if (!unknown.empty() || !missing.empty()) {
+      auto join = [](const std::vector<std::string>& v) {
+        std::string s;
+        for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+        return "[" + s + "]";
+      };
+      fail(TSTITCH_ERR_BUNDLE, "the engine of " + name + " does not match the manifest's step I/O (unknown " +
+                                   join(unknown) + ", missing " + join(missing) + "); rebuild the bundle");
+    }
+    for (const EngineTensor& t : ts) {
+      const Binding& b = *std::find_if(bindings_.begin(), bindings_.end(), [&](const Binding& x) { return x.spec.name == t.name; });
+      if (t.input != b.spec.input)
+        fail(TSTITCH_ERR_BUNDLE, "the engine of " + name + ": tensor " + t.name + " has the wrong direction; rebuild");
+      if (!t.on_device)
+        fail(TSTITCH_ERR_BUNDLE, "the engine of " + name + " keeps " + t.name + " on the host; rebuild the bundle");
+      if (t.dtype != b.spec.dtype)
+        fail(TSTITCH_ERR_BUNDLE, "the engine of " + name + " has " + t.name + " as " + t.dtype + ", the manifest says " +
+                                     b.spec.dtype + "; rebuild the bundle");
+    }
+  }
+}
+
+StitchedLoop::Buffer StitchedLoop::alloc(size_t nbytes, const std::string& what) {
+  try {
+    Buffer b{device_.alloc(std::max<size_t>(nbytes, 1), what), nbytes};
+    owned_.push_back(b);
+    ++allocations_;
+    return b;
+  } catch (const Error&) {
+    close();  // out of memory: nothing stays allocated, and the loop never launches on freed memory
+    throw;
+  }
+}
+
+void StitchedLoop::free_buffers() {
+  for (auto* group : {&state_[0], &state_[1], &step_, &table_, &request_})
+    for (auto& kv : *group) {
+      device_.free(kv.second.ptr);
+      owned_.erase(std::remove_if(owned_.begin(), owned_.end(), [&](const Buffer& b) { return b.ptr == kv.second.ptr; }),
+                   owned_.end());
+    }
+  for (auto* group : {&state_[0], &state_[1], &step_, &table_, &request_}) group->clear();
+  key_.clear();
+}
+
+void StitchedLoop::allocate(const TrajectoryPlan& plan, int batch) {
+  const std::vector<int64_t> key = {batch, plan.steps(), plan.noise.empty() ? 0 : 1, plan.k};
+  if (key == key_) return;
+  for (size_t m = 0; m < engines_.size(); ++m) {
+    auto [lo, hi] = engines_[m]->batch_range(latent_name_);
+    if (batch < lo || batch > hi)
+      fail(TSTITCH_ERR_INVALID_ARGUMENT, "batch " + std::to_string(batch) + " is outside the engine's range [" +
+                                             std::to_string(lo) + ", " + std::to_string(hi) + "] (" +
+                                             manifest_.models[m].name + "); rebuild with --batch-sizes " +
+                                             std::to_string(std::min<int64_t>(lo, batch)) + "-" +
+                                             std::to_string(std::max<int64_t>(hi, batch)));
+  }
+  for (const Binding& b : bindings_)
+    if (b.role == Role::kStep && b.source == "coef" && (b.spec.dims.size() != 1 || b.spec.dims[0] != plan.k))
+      fail(TSTITCH_ERR_BUNDLE, "the engines take " + std::to_string(b.spec.dims.empty() ? 0 : b.spec.dims[0]) +
+                                   " sampler coefficients, the sampler tables have " + std::to_string(plan.k) +
+                                   "; rebuild the bundle with this version");
+  graphs_.clear();
+  free_buffers();
+  const std::string shape = " (batch " + std::to_string(batch) + ")";
+  for (const Binding& b : bindings_) {
+    const size_t bytes = count(resolve_dims(b.spec, batch)) * dtype_size(b.spec.dtype);
+    if (b.role == Role::kStateIn) {
+      for (int s = 0; s < 2; ++s) state_[s][b.spec.name] = alloc(bytes, b.spec.name + " slot " + std::to_string(s) + shape);
+    } else if (b.role == Role::kStep) {
+      step_[b.spec.name] = alloc(bytes, b.spec.name + shape);
+      row_bytes_[b.spec.name] = bytes;
+      if (b.source != "noise" || !plan.noise.empty())
+        table_[b.spec.name] = alloc(bytes * plan.steps(), b.spec.name + " table" + shape);
+      device_.zero(step_[b.spec.name].ptr, bytes);  // noise stays zero for samplers without noise
+    } else if (b.role == Role::kRequest) {
+      request_[b.spec.name] = alloc(bytes, b.spec.name + shape);
+    }
+  }
+  bind(batch);
+  key_ = key;
+  ++generation_;
+}
+
+void StitchedLoop::bind(int batch) {
+  size_t need = scratch_.nbytes;
+  for (size_t m = 0; m < contexts_.size(); ++m) {
+    for (int parity = 0; parity < 2; ++parity) {
+      StepContext& ctx = *contexts_[m][parity];
+      for (const Binding& b : bindings_) {
+        void* ptr = nullptr;
+        switch (b.role) {
+          case Role::kStateIn: ptr = state_[parity][b.spec.name].ptr; break;  // step i reads slot i % 2
+          case Role::kStateOut: ptr = state_[1 - parity][b.pair].ptr; break;   // and writes slot (i + 1) % 2
+          case Role::kStep: ptr = step_[b.spec.name].ptr; break;
+          case Role::kRequest: ptr = request_[b.spec.name].ptr; break;
+        }
+        if (b.spec.input && !ctx.set_input_shape(b.spec.name, resolve_dims(b.spec, batch)))
+          fail(TSTITCH_ERR_INVALID_ARGUMENT, "the engine of " + manifest_.models[m].name + " refused the shape of " +
+                                                 b.spec.name + " for batch " + std::to_string(batch));
+        ctx.set_address(b.spec.name, ptr);
+      }
+      need = std::max(need, ctx.scratch_needed());
+    }
+  }
+  if (need > scratch_.nbytes) {  // shapes needing more than the engine-wide size (not expected)
+    device_.free(scratch_.ptr);
+    owned_.erase(std::remove_if(owned_.begin(), owned_.end(), [&](const Buffer& b) { return b.ptr == scratch_.ptr; }),
+                 owned_.end());
+    scratch_ = {};
+    scratch_ = alloc(need, "TensorRT scratch (shared by all engines)");
+  }
+  for (auto& pair : contexts_)
+    for (auto& ctx : pair) ctx->set_scratch(scratch_.ptr, scratch_.nbytes);
+}
+
+void StitchedLoop::require_open() const {
+  if (closed_) fail(TSTITCH_ERR_RUNTIME, "the runtime was closed after an error (or close()); open the bundle again");
+}
+
+void StitchedLoop::prepare(const TrajectoryPlan& plan, const RequestInputs& in) {
+  require_open();
+  allocate(plan, in.batch);
+  staging_.clear();
+  auto upload = [&](const Buffer& dst, const void* src, size_t nbytes) {
+    if (nbytes > dst.nbytes) fail(TSTITCH_ERR_INTERNAL, "upload larger than its buffer");
+    staging_.emplace_back(static_cast<const char*>(src), static_cast<const char*>(src) + nbytes);
+    device_.upload(dst.ptr, staging_.back().data(), nbytes);
+  };
+  auto as_ints = [&](const std::vector<int64_t>& v, const std::string& dtype) {
+    std::vector<char> out(v.size() * dtype_size(dtype));
+    for (size_t i = 0; i < v.size(); ++i) {
+      if (dtype == "int64") std::memcpy(out.data() + 8 * i, &v[i], 8);
+      else { const int32_t x = static_cast<int32_t>(v[i]); std::memcpy(out.data() + 4 * i, &x, 4); }
+    }
+    return out;
+  };
+  x_init_ = in.x_init;
+  latent_count_ = in.x_init.size();
+  for (const Binding& b : bindings_) {
+    const std::string& n = b.spec.name;
+    if (b.role == Role::kStateIn) {
+      if (b.latent) upload(state_[0][n], x_init_.data(), x_init_.size() * 4);
+      else device_.zero(state_[0][n].ptr, state_[0][n].nbytes);  // step 0's history is zero
+    } else if (b.role == Role::kRequest) {
+      if (b.source == "class_labels") {
+        if (b.spec.dtype == "float32") fail(TSTITCH_ERR_BUNDLE, "class labels must be an integer tensor; rebuild the bundle");
+        std::vector<char> v = as_ints(in.class_labels, b.spec.dtype);
+        upload(request_[n], v.data(), v.size());
+      } else if (b.source == "guidance") {
+        upload(request_[n], &in.guidance, 4);
+      } else {
+        fail(TSTITCH_ERR_UNAVAILABLE, "the step input " + n + " (" + b.source +
+                                          ") is not fed by this runtime version; DiT bundles only");
+      }
+    } else if (b.role == Role::kStep) {
+      if (b.source == "timestep") {
+        std::vector<int64_t> rows;
+        for (int64_t t : plan.timesteps) rows.insert(rows.end(), static_cast<size_t>(in.batch), t);
+        std::vector<char> v = as_ints(rows, b.spec.dtype);
+        upload(table_[n], v.data(), v.size());
+      } else if (b.source == "coef") {
+        upload(table_[n], plan.coef.data(), plan.coef.size() * 4);
+      } else if (b.source == "noise") {
+        if (!plan.noise.empty()) upload(table_[n], plan.noise.data(), plan.noise.size() * 4);
+      } else {
+        fail(TSTITCH_ERR_UNAVAILABLE, "the step table " + b.source + " of " + n + " is unknown to this runtime version");
+      }
+    }
+  }
+  device_.synchronize();
+  staging_.clear();
+}
+
+void StitchedLoop::restore_start() {
+  // A warm-up ran real steps on the buffers: put back the trajectory's start state.
+  for (const Binding& b : bindings_) {
+    if (b.role != Role::kStateIn) continue;
+    Buffer& slot = state_[0][b.spec.name];
+    if (b.latent) device_.upload(slot.ptr, x_init_.data(), x_init_.size() * 4);
+    else device_.zero(slot.ptr, slot.nbytes);
+  }
+  device_.synchronize();
+}
+
+void StitchedLoop::enqueue(int step, int model) {
+  // The step's table rows into the step buffers, then the engine: all on the stream.
+  for (const auto& kv : table_) {
+    const size_t n = row_bytes_[kv.first];
+    device_.copy(step_[kv.first].ptr, static_cast<char*>(kv.second.ptr) + static_cast<size_t>(step) * n, n);
+  }
+  contexts_[static_cast<size_t>(model)][static_cast<size_t>(step % 2)]->enqueue();
+}
+
+std::vector<float> StitchedLoop::read_latent(int slot) {
+  std::vector<float> x(latent_count_);
+  device_.download(x.data(), state_[slot][latent_name_].ptr, x.size() * 4);
+  return x;
+}
+
+LoopResult StitchedLoop::plain_run(const TrajectoryPlan& plan) {
+  LoopResult r;
+  for (int i = 0; i < plan.steps(); ++i) {
+    const double t0 = now_ms();
+    r.engine_ms.push_back(device_.time_ms([&] { enqueue(i, plan.step_model[i]); }));
+    r.step_ms.push_back(now_ms() - t0);
+  }
+  r.x = read_latent(plan.steps() % 2);
+  return r;
+}
+
+LoopResult StitchedLoop::replay(Graph& g, const TrajectoryPlan& plan) {
+  const double t0 = now_ms();
+  const double gpu_ms = device_.time_ms([&] { g.launch(); });
+  const double wall = now_ms() - t0;
+  LoopResult r;
+  const size_t n = static_cast<size_t>(plan.steps());
+  // One launch: per-step times are not observable, so they are the honest averages.
+  r.step_ms.assign(n, wall / static_cast<double>(n));
+  r.engine_ms.assign(n, gpu_ms / static_cast<double>(n));
+  r.graph = true;
+  r.x = read_latent(plan.steps() % 2);
+  return r;
+}
+
+std::unique_ptr<Graph> StitchedLoop::capture(const TrajectoryPlan& plan) {
+  for (int i = 0; i < plan.steps(); ++i) {
+    const int m = plan.step_model[i];
+    if (!contexts_[m][i % 2]->capturable()) {
+      use_graph_ = false;
+      notes_.push_back("CUDA graph disabled, using plain launches: " + manifest_.models[m].name +
+                       "'s context is not stream-capturable");
+      return nullptr;
+    }
+  }
+  try {
+    auto g = device_.capture([&] {
+      for (int i = 0; i < plan.steps(); ++i) enqueue(i, plan.step_model[i]);
+    });
+    ++captures_;
+    return g;
+  } catch (const Error& e) {
+    use_graph_ = false;
+    notes_.push_back(std::string("CUDA graph disabled, using plain launches: capture failed: ") + e.what());
+    return nullptr;
+  }
+}
+
+LoopResult StitchedLoop::run_graph(const TrajectoryPlan& plan) {
+  std::vector<int64_t> key = {static_cast<int64_t>(generation_), plan.steps(), key_[0]};
+  key.insert(key.end(), plan.step_model.begin(), plan.step_model.end());
+  auto it = graphs_.find(key);
+  if (it != graphs_.end()) return replay(*it->second.graph, plan);
+  LoopResult warm = plain_run(plan);  // TensorRT must have enqueued once before a capture
+  std::unique_ptr<Graph> g = capture(plan);
+  if (!g) return warm;
+  restore_start();
+  LoopResult res = replay(*g, plan);
+  if (all_finite(warm.x)) {
+    float diff = 0.0f, scale = 1.0f;
+    for (size_t i = 0; i < warm.x.size(); ++i) {
+      diff = std::max(diff, std::isfinite(res.x[i]) ? std::fabs(res.x[i] - warm.x[i]) : INFINITY);
+      scale = std::max(scale, std::fabs(warm.x[i]));
+    }
+    if (diff > 1e-3f * scale) {
+      use_graph_ = false;
+      std::ostringstream os;
+      os << "the CUDA graph's result differs from plain launches (max |diff| " << diff << "); using plain launches";
+      notes_.push_back(os.str());
+      return warm;
+    }
+  }
+  graphs_[key] = CachedGraph{std::move(g)};
+  return res;
+}
+
+LoopResult StitchedLoop::run(const TrajectoryPlan& plan, const RequestInputs& in) {
+  prepare(plan, in);
+  LoopResult r = use_graph_ ? run_graph(plan) : plain_run(plan);
+  r.notes = std::move(notes_);  // each note once, with the run it affected
+  notes_.clear();
+  if (!all_finite(r.x)) locate_non_finite(plan, in);
+  return r;
+}
+
+void StitchedLoop::locate_non_finite(const TrajectoryPlan& plan, const RequestInputs& in) {
+  // Replay step by step (only after a failure) to find the first non-finite output.
+  prepare(plan, in);
+  int step = plan.steps() - 1;
+  for (int i = 0; i < plan.steps(); ++i) {
+    enqueue(i, plan.step_model[i]);
+    device_.synchronize();
+    bool finite = true;
+    for (const Binding& b : bindings_) {
+      if (b.role != Role::kStateIn) continue;
+      const Buffer& out = state_[(i + 1) % 2][b.spec.name];
+      std::vector<float> v(out.nbytes / 4);
+      device_.download(v.data(), out.ptr, out.nbytes);
+      finite = finite && all_finite(v);
+    }
+    if (!finite) {
+      step = i;
+      break;
+    }
+  }
+  fail(TSTITCH_ERR_NON_FINITE, "NaN/Inf in the latent: first at step " + std::to_string(step) + " (t=" +
+                                   std::to_string(plan.timesteps[step]) + ") on " +
+                                   manifest_.models[plan.step_model[step]].name +
+                                   "; check the weights, the cfg scale and the engine precision");
+}
+
+MemoryReport StitchedLoop::memory_report() const {
+  MemoryReport r;
+  for (size_t m = 0; m < contexts_.size(); ++m) {
+    r.contexts += contexts_[m].size();
+    r.one_per_engine_bytes += engine_scratch_[m];
+    r.one_per_context_bytes += contexts_[m].size() * engine_scratch_[m];
+  }
+  r.shared_scratch_bytes = scratch_.nbytes;
+  for (const Buffer& b : owned_)
+    if (b.ptr != scratch_.ptr) r.io_buffer_bytes += b.nbytes;
+  r.allocations = allocations_;
+  return r;
+}
+
+void StitchedLoop::close() {
+  // Graphs, contexts, engines, then memory (contexts use the scratch until they are gone).
+  graphs_.clear();
+  contexts_.clear();
+  engines_.clear();
+  for (const Buffer& b : owned_) device_.free(b.ptr);
+  owned_.clear();
+  for (auto* group : {&state_[0], &state_[1], &step_, &table_, &request_}) group->clear();
+  scratch_ = {};
+  key_.clear();
+  closed_ = true;
+}
+
+}  // namespace tstitch

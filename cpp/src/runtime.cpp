@@ -1,0 +1,117 @@
+#include "runtime.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+
+#include "errors.hpp"
+#include "sampling.hpp"
+
+namespace tstitch {
+
+#ifdef TSTITCH_WITH_TENSORRT
+std::unique_ptr<Backend> make_trt_backend(const std::string& kind, int device_index);  // trt_engine.cpp
+#endif
+
+BackendFactory default_backend_factory() {
+  return [](const std::string& kind, int device_index) -> std::unique_ptr<Backend> {
+#ifdef TSTITCH_WITH_TENSORRT
+    if (kind == "trt") return make_trt_backend(kind, device_index);
+#else
+    (void)device_index;
+    if (kind == "trt")
+      fail(TSTITCH_ERR_UNAVAILABLE, "this tstitch library was built without TensorRT (no NvInfer.h at configure "
+                                    "time); rebuild it with -DTensorRT_ROOT=<TensorRT dir>");
+#endif
+    fail(TSTITCH_ERR_INVALID_ARGUMENT, "engine kind '" + kind + "' is not one this C++ runtime runs; use trt");
+  };
+}
+
+Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& opt, const BackendFactory& factory)
+    : dir_(bundle_dir), manifest_(read_manifest(bundle_dir)) {
+  // Every file is checked (sealed path, presence, sha256) before any device work: a tampered
+  // bundle is refused the same way with or without a GPU.
+  std::vector<std::string> paths;
+  for (const ModelEntry& m : manifest_.models) {
+    auto it = m.engines.find(opt.engine);
+    if (it == m.engines.end())
+      fail(TSTITCH_ERR_BUNDLE, "the bundle has no " + opt.engine + " engine for " + m.name + "; rebuild it with --backend " +
+                                   opt.engine);
+    paths.push_back(artifact_path(dir_, it->second, opt.verify_checksums));
+  }
+  batch_range_ = {1, INT64_MAX};
+  for (const ModelEntry& m : manifest_.models) {
+    const EngineEntry& e = m.engines.at(opt.engine);
+    batch_range_.first = std::max(batch_range_.first, e.batch_min);
+    batch_range_.second = std::min(batch_range_.second, e.batch_max);
+  }
+  backend_ = factory(opt.engine, opt.device_index);  // no GPU -> TSTITCH_ERR_NO_DEVICE
+  std::vector<std::unique_ptr<StepEngine>> engines;
+  for (size_t i = 0; i < manifest_.models.size(); ++i) {
+    const ModelEntry& m = manifest_.models[i];
+    const std::string what = "the " + opt.engine + " engine of " + m.name + " (" +
+                             std::filesystem::path(paths[i]).filename().string() + ")";
+    check_engine_compat(m.engines.at(opt.engine).builder, backend_->identity(), backend_->device().compute_capability(),
+                        what);
+    std::ifstream in(paths[i], std::ios::binary);
+    std::vector<char> plan((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    if (!in.good() && !in.eof()) fail(TSTITCH_ERR_BUNDLE, "cannot read " + paths[i]);
+    engines.push_back(backend_->load(plan, what));
+  }
+  loop_ = std::make_unique<StitchedLoop>(manifest_, backend_->device(), std::move(engines), opt.cuda_graph);
+}
+
+void Runtime::check(const SampleRequest& req) const {
+  auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
+  if (req.batch < batch_range_.first || req.batch > batch_range_.second)  // pipeline/dit.py's message
+    bad("batch " + std::to_string(req.batch) + " is outside the engines' range [" + std::to_string(batch_range_.first) +
+        ", " + std::to_string(batch_range_.second) + "]; rebuild with --batch-sizes " +
+        std::to_string(batch_range_.first) + "-" + std::to_string(std::max<int64_t>(req.batch, batch_range_.second)));
+  if (req.steps < 1 || req.steps > manifest_.num_timesteps)
+    bad("steps must be in [1, " + std::to_string(manifest_.num_timesteps) + "], got " + std::to_string(req.steps));
+  if (static_cast<int>(req.class_labels.size()) != req.batch)
+    bad("give one class label per image (" + std::to_string(req.batch) + "), got " +
+        std::to_string(req.class_labels.size()));
+  for (int64_t y : req.class_labels)
+    if (y < 0 || y >= manifest_.num_classes)
+      bad("class label " + std::to_string(y) + " is outside [0, " + std::to_string(manifest_.num_classes) +
+          "); this bundle's models know " + std::to_string(manifest_.num_classes) + " classes");
+  const auto& names = sampler_names();
+  if (std::find(names.begin(), names.end(), req.sampler) == names.end())
+    bad("unknown sampler '" + req.sampler + "'; choose one of ddim, ddpm, dpm-solver++");
+  if (!std::isfinite(req.cfg_scale)) bad("cfg scale must be a finite number");
+  if (!(req.eta >= 0.0 && std::isfinite(req.eta))) bad("eta must be a finite number >= 0");
+  const size_t latent = static_cast<size_t>(req.batch) * manifest_.channels() * manifest_.height() * manifest_.width();
+  if (!req.init_noise.empty() && req.init_noise.size() != latent)
+    bad("init noise has " + std::to_string(req.init_noise.size()) + " values, the request needs " + std::to_string(latent));
+}
+
+LoopResult Runtime::sample(const SampleRequest& req) {
+  check(req);
+  const size_t latent = static_cast<size_t>(req.batch) * manifest_.channels() * manifest_.height() * manifest_.width();
+  Pcg64 rng(req.seed);  // numpy default_rng(seed): x_init first, then the plan's noise
+  RequestInputs in;
+  in.batch = req.batch;
+  in.class_labels = req.class_labels;
+  in.guidance = req.cfg_scale;
+  in.x_init = req.init_noise;
+  if (in.x_init.empty()) {
+    in.x_init.resize(latent);
+    standard_normal_f32(rng, in.x_init.data(), latent);
+  }
+  PlanSpec spec;
+  spec.sampler = req.sampler;
+  spec.steps = req.steps;
+  spec.num_models = static_cast<int>(manifest_.models.size());
+  spec.ratio = req.ratio;
+  spec.fractions = req.fractions;
+  spec.eta = req.eta;
+  spec.num_timesteps = manifest_.num_timesteps;
+  spec.latent_count = latent;
+  const TrajectoryPlan plan = plan_trajectory(spec, rng);
+  return loop_->run(plan, in);
+}
+
+}  // namespace tstitch

@@ -1,0 +1,58 @@
+// A runtime on one bundle: manifest + backend (device, engines) + the stitched loop; what the C API
+// handle wraps. Request checks (batch, steps, labels, sampler, stitch) happen here, before any work.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine.hpp"
+#include "loop.hpp"
+#include "manifest.hpp"
+
+namespace tstitch {
+
+struct OpenOptions {
+  std::string engine = "trt";
+  int device_index = 0;
+  bool cuda_graph = true;
+  bool verify_checksums = true;
+};
+
+struct SampleRequest {
+  int batch = 1;
+  std::vector<int64_t> class_labels;
+  int steps = 50;
+  double ratio = 0.5;
+  std::vector<double> fractions;
+  std::string sampler = "ddim";
+  double eta = 0.0;
+  float cfg_scale = 1.0f;
+  uint64_t seed = 0;
+  std::vector<float> init_noise;  // empty: drawn from seed
+};
+
+using BackendFactory = std::function<std::unique_ptr<Backend>(const std::string& kind, int device_index)>;
+
+// The factory of this build: TensorRT where it was compiled in, else Error(TSTITCH_ERR_UNAVAILABLE).
+BackendFactory default_backend_factory();
+
+class Runtime {
+ public:
+  Runtime(const std::string& bundle_dir, const OpenOptions& opt, const BackendFactory& factory);
+  LoopResult sample(const SampleRequest& req);
+  const Manifest& manifest() const { return manifest_; }
+  std::pair<int64_t, int64_t> batch_range() const { return batch_range_; }
+  StitchedLoop& loop() { return *loop_; }
+
+ private:
+  void check(const SampleRequest& req) const;
+  std::string dir_;
+  Manifest manifest_;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<StitchedLoop> loop_;
+  std::pair<int64_t, int64_t> batch_range_{1, 1};
+};
+
+}  // namespace tstitch

@@ -1,0 +1,36 @@
+// Everything a trajectory needs, precomputed on the host and uploaded once (sampling/trajectory.py).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "rng.hpp"
+
+namespace tstitch {
+
+struct TrajectoryPlan {
+  std::string sampler;
+  std::vector<int64_t> timesteps;  // (N,) original timesteps, sampling order
+  std::vector<float> coef;         // (N, k) row-major
+  int k = 0;
+  std::vector<int> step_model;     // (N,) model index in stitch order
+  std::vector<float> noise;        // (N, latent_count) or empty
+  int steps() const { return static_cast<int>(timesteps.size()); }
+};
+
+struct PlanSpec {
+  std::string sampler = "ddim";
+  int steps = 50;
+  int num_models = 2;
+  double ratio = 0.5;
+  std::vector<double> fractions;  // used when not empty
+  double eta = 0.0;
+  int num_timesteps = 1000;
+  size_t latent_count = 0;        // B * C * H * W
+};
+
+// Per-step noise comes from `rng` after the caller's own draws (x_init), as in Python.
+TrajectoryPlan plan_trajectory(const PlanSpec& spec, Pcg64& rng);
+
+}  // namespace tstitch

@@ -1,0 +1,286 @@
+#include "fake_backend.hpp"
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "errors.hpp"
+#include "manifest.hpp"
+
+namespace tstitch::testing {
+
+FakeDevice::~FakeDevice() {
+  for (auto& kv : live_) std::free(kv.first);
+}
+
+void* FakeDevice::alloc(size_t nbytes, const std::string& what) {
+  if (stats_.live_bytes + nbytes > opt_.memory_limit)
+    fail(TSTITCH_ERR_OUT_OF_MEMORY, "out of GPU memory allocating " + std::to_string(nbytes) + " B for " + what + " (fake)");
+  char* p = static_cast<char*>(std::malloc(nbytes));
+  std::memset(p, 0xAB, nbytes);  // garbage, like cudaMalloc
+  live_[p] = nbytes;
+  stats_.live_bytes += nbytes;
+  ++stats_.live_allocations;
+  return p;
+}
+
+void FakeDevice::free(void* p) {
+  auto it = live_.find(static_cast<char*>(p));
+  if (it == live_.end()) return;
+  stats_.live_bytes -= it->second;
+  --stats_.live_allocations;
+  std::free(it->first);
+  live_.erase(it);
+}
+
+void FakeDevice::check_range(const void* p, size_t n) const {
+  const char* c = static_cast<const char*>(p);
+  auto it = live_.upper_bound(const_cast<char*>(c));
+  if (it == live_.begin() || c + n > std::prev(it)->first + std::prev(it)->second)
+    throw std::logic_error("access to unallocated fake device memory");
+}
+
+void FakeDevice::enqueue(std::function<void()> op) {
+  if (capturing_) capturing_->push_back(std::move(op));
+  else op();  // the fake "GPU" runs work as soon as it is queued
+}
+
+void FakeDevice::upload(void* dst, const void* host, size_t n) {
+  check_range(dst, n);
+  std::vector<char> data(static_cast<const char*>(host), static_cast<const char*>(host) + n);
+  enqueue([dst, data] { std::memcpy(dst, data.data(), data.size()); });
+}
+
+void FakeDevice::copy(void* dst, const void* src, size_t n) {
+  check_range(dst, n);
+  check_range(src, n);
+  enqueue([this, dst, src, n] {
+    check_range(dst, n);  // a replayed graph must not touch freed buffers
+    std::memcpy(dst, src, n);
+  });
+}
+
+void FakeDevice::zero(void* dst, size_t n) {
+  check_range(dst, n);
+  enqueue([dst, n] { std::memset(dst, 0, n); });
+}
+
+void FakeDevice::download(void* host, const void* src, size_t n) {
+  check_range(src, n);
+  std::memcpy(host, src, n);
+}
+
+void FakeDevice::synchronize() {
+  if (capturing_) throw std::logic_error("synchronize() during a capture");
+}
+
+double FakeDevice::time_ms(const std::function<void()>& enqueue_fn) {
+  const auto t0 = std::chrono::steady_clock::now();
+  enqueue_fn();
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+namespace {
+
+class FakeGraph : public Graph {
+ public:
+  FakeGraph(FakeDevice& d, std::vector<std::function<void()>> ops, FakeStats& s) : dev_(d), ops_(std::move(ops)), stats_(s) {}
+  void launch() override {
+    ++stats_.graph_launches;
+    for (auto& op : ops_) dev_.enqueue(op);
+  }
+
+ private:
+  FakeDevice& dev_;
+  std::vector<std::function<void()>> ops_;
+  FakeStats& stats_;
+};
+
+}  // namespace
+
+std::unique_ptr<Graph> FakeDevice::capture(const std::function<void()>& body) {
+  std::vector<std::function<void()>> ops;
+  capturing_ = &ops;
+  try {
+    body();
+  } catch (...) {
+    capturing_ = nullptr;
+    throw;
+  }
+  capturing_ = nullptr;
+  if (opt_.fail_capture)
+    fail(TSTITCH_ERR_RUNTIME, "cudaStreamEndCapture failed: cudaErrorStreamCaptureInvalidated (fake)");
+  ++stats_.captures;
+  return std::make_unique<FakeGraph>(*this, std::move(ops), stats_);
+}
+
+void toy_step(const float* x, const int64_t* t, const int64_t* y, float g, const float* c, const float* prev,
+              const float* noise, float scale, size_t batch, size_t per_item, float* x_next, float* x0) {
+  for (size_t b = 0; b < batch; ++b) {
+    const float t_term = static_cast<float>(t[b]) * 1e-3f, y_term = static_cast<float>(y[b]) * 1e-2f;
+    for (size_t j = 0; j < per_item; ++j) {
+      const size_t i = b * per_item + j;
+      const float sx = scale * x[i];
+      const float cond = std::tanh(sx + t_term) + y_term, uncond = std::tanh(sx);
+      const float eps = uncond + g * (cond - uncond);
+      const float x0v = c[0] * x[i] - c[1] * eps;
+      const float d = c[2] * x0v + c[3] * prev[i];
+      const float logvar = c[10] + (-1.0f + 1.0f) * 0.5f * (c[9] - c[10]);  // v = -1: the posterior variance
+      const float std_ = c[7] + c[8] * std::exp(0.5f * logvar);
+      x_next[i] = c[4] * x[i] + c[5] * d + c[6] * eps + std_ * noise[i];
+      x0[i] = x0v;
+    }
+  }
+}
+
+namespace {
+
+struct ToyPlan {
+  int c, h, w, k;
+  float scale;
+};
+
+class FakeContext : public StepContext {
+ public:
+  FakeContext(FakeDevice& d, const ToyPlan& p, size_t scratch, FakeOptions opt, FakeStats& s)
+      : dev_(d), plan_(p), scratch_needed_(scratch), opt_(std::move(opt)), stats_(s) {}
+  bool set_input_shape(const std::string& name, const std::vector<int64_t>& shape) override {
+    if ((name == "x" || name == "t" || name == "y") && (shape.empty() || shape[0] < 1 || shape[0] > 16)) return false;
+    shapes_[name] = shape;
+    return true;
+  }
+  void set_address(const std::string& name, void* ptr) override { addr_[name] = ptr; }
+  size_t scratch_needed() override { return scratch_needed_; }
+  void set_scratch(void* ptr, size_t n) override {
+    if (n < scratch_needed_) throw std::logic_error("scratch smaller than the engine needs");
+    scratch_ = ptr;
+    stats_.scratch_bindings.emplace_back(ptr, n);
+  }
+  bool capturable() override { return opt_.capturable; }
+  void enqueue() override {
+    if (!scratch_) throw std::logic_error("enqueue without device memory (user-managed)");
+    for (const char* n : {"x", "t", "y", "guidance", "coef", "prev_x0", "noise", "x_next", "x0"})
+      if (!addr_.count(n)) throw std::logic_error(std::string("unbound I/O tensor ") + n);
+    dev_.check_range(scratch_, scratch_needed_);
+    ++stats_.enqueues_by_context[this];
+    const size_t batch = static_cast<size_t>(shapes_.at("x")[0]);
+    const size_t per = static_cast<size_t>(plan_.c) * plan_.h * plan_.w;
+    auto a = addr_;
+    const float scale = plan_.scale;
+    FakeDevice& dev = dev_;
+    dev_.enqueue([a, batch, per, scale, &dev] {
+      dev.check_range(a.at("x"), batch * per * 4);
+      dev.check_range(a.at("x_next"), batch * per * 4);
+      toy_step(static_cast<const float*>(a.at("x")), static_cast<const int64_t*>(a.at("t")),
+               static_cast<const int64_t*>(a.at("y")), *static_cast<const float*>(a.at("guidance")),
+               static_cast<const float*>(a.at("coef")), static_cast<const float*>(a.at("prev_x0")),
+               static_cast<const float*>(a.at("noise")), scale, batch, per, static_cast<float*>(a.at("x_next")),
+               static_cast<float*>(a.at("x0")));
+    });
+  }
+
+ private:
+  FakeDevice& dev_;
+  ToyPlan plan_;
+  size_t scratch_needed_;
+  FakeOptions opt_;
+  FakeStats& stats_;
+  std::map<std::string, std::vector<int64_t>> shapes_;
+  std::map<std::string, void*> addr_;
+  void* scratch_ = nullptr;
+};
+
+class FakeEngine : public StepEngine {
+ public:
+  FakeEngine(FakeDevice& d, ToyPlan p, size_t scratch, const FakeOptions& opt, FakeStats& s)
+      : dev_(d), plan_(p), scratch_(scratch), opt_(opt), stats_(s) {}
+  std::vector<EngineTensor> tensors() const override {
+    std::vector<EngineTensor> t;
+    for (const char* n : {"x", "t", "y", "guidance", "coef", "prev_x0", "noise"})
+      t.push_back({n, true, (std::string(n) == "t" || std::string(n) == "y") ? "int64" : "float32", true});
+    t.push_back({"x_next", false, "float32", true});
+    t.push_back({"x0", false, "float32", true});
+    return t;
+  }
+  size_t scratch_bytes() const override { return scratch_; }
+  std::pair<int64_t, int64_t> batch_range(const std::string&) const override { return {1, 16}; }
+  std::unique_ptr<StepContext> create_context() override {
+    ++stats_.contexts;
+    return std::make_unique<FakeContext>(dev_, plan_, scratch_, opt_, stats_);
+  }
+
+ private:
+  FakeDevice& dev_;
+  ToyPlan plan_;
+  size_t scratch_;
+  FakeOptions opt_;
+  FakeStats& stats_;
+};
+
+class FakeBackend : public Backend {
+ public:
+  FakeBackend(const FakeOptions& opt, FakeStats& s) : opt_(opt), stats_(s), dev_(opt, s) {
+    if (opt.devices == 0) fail(TSTITCH_ERR_NO_DEVICE, "no NVIDIA GPU is visible (fake)");
+  }
+  std::string kind() const override { return "trt"; }
+  RuntimeIdentity identity() const override { return {opt_.module, opt_.version, "trt"}; }
+  Device& device() override { return dev_; }
+  std::unique_ptr<StepEngine> load(const std::vector<char>& data, const std::string& what) override {
+    const std::string text(data.begin(), data.end());
+    ToyPlan p{};
+    char comma;
+    std::istringstream in(text.size() > 3 ? text.substr(3) : "");
+    if (text.rfind("TOY", 0) != 0 || !(in >> p.c >> comma >> p.h >> comma >> p.w >> comma >> p.k >> comma >> p.scale))
+      fail(TSTITCH_ERR_INCOMPATIBLE, opt_.module + " could not load " + what +
+                                    ": IRuntime::deserializeCudaEngine: not a plan (fake); rebuild the bundle on this machine");
+    return std::make_unique<FakeEngine>(dev_, p, data.size() * opt_.scratch_per_plan_byte, opt_, stats_);
+  }
+
+ private:
+  FakeOptions opt_;
+  FakeStats& stats_;
+  FakeDevice dev_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_fake_backend(const FakeOptions& opt, FakeStats& stats) {
+  return std::make_unique<FakeBackend>(opt, stats);
+}
+
+BackendFactory fake_factory(const FakeOptions& opt, FakeStats& stats) {
+  return [opt, &stats](const std::string&, int) { return make_fake_backend(opt, stats); };
+}
+
+void write_toy_bundle(const std::string& dir, int c, int h, int w) {
+  namespace fs = std::filesystem;
+  fs::create_directories(dir + "/trt");
+  nlohmann::json models = nlohmann::json::array();
+  const float scales[2] = {0.5f, 0.9f};
+  for (int i = 0; i < 2; ++i) {
+    const std::string rel = "trt/" + std::to_string(i) + "-toy.plan";
+    std::ofstream(dir + "/" + rel) << "TOY" << c << "," << h << "," << w << ",11," << scales[i] << ","
+                                   << std::string(64 * (i + 1), '#');
+    models.push_back({{"name", i == 0 ? "Toy-S" : "Toy-L"},
+                      {"family", "dit"},
+                      {"arch", {{"in_channels", c}, {"input_size", h}, {"num_classes", 10}}},
+                      {"engines",
+                       {{"trt",
+                         {{"file", rel},
+                          {"sha256", sha256_file(dir + "/" + rel)},
+                          {"batch_range", {1, 16}},
+                          {"builder", {{"module", "tensorrt"}, {"version", "10.13.0.35"}}}}}}}});
+  }
+  (void)w;
+  nlohmann::json m = {{"pipeline", "dit-class-conditional"}, {"models", models},      {"num_classes", 10},
+                      {"image_size", h},                     {"latent_scale_factor", 1.0}, {"guidance_channels", c},
+                      {"schedule", {{"kind", "linear"}, {"num_timesteps", 1000}}},
+                      {"format", "tstitch-bundle"},          {"format_version", 1}};
+  std::ofstream(dir + "/manifest.json") << m.dump(2);
+}
+
+}  // namespace tstitch::testing

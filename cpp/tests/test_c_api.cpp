@@ -1,0 +1,221 @@
+// The C API contract: version, handles (NULL, unknown, closed), struct sizes, NULL pointers,
+// out-of-range requests, a tampered bundle, this build without TensorRT; status + one-line error.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <thread>
+
+#include "c_api_internal.hpp"
+#ifdef TSTITCH_TEST_HAVE_TENSORRT
+#include "cuda_device.hpp"
+#endif
+#include "fake_backend.hpp"
+#include "test_util.hpp"
+#include "tstitch/tstitch.h"
+#include "tstitch/tstitch.hpp"
+
+using namespace tstitch::testing;
+
+namespace {
+
+std::string toy() { return test_dir() + "/data/toy_pair"; }
+bool one_line(const char* s) { return s != nullptr && *s != '\0' && std::string(s).find('\n') == std::string::npos; }
+
+struct FakeHandle {
+  FakeStats stats;
+  tstitch_runtime* h = nullptr;
+  explicit FakeHandle(const std::string& dir = toy()) {
+    tstitch_open_params p;
+    tstitch_open_params_init(&p);
+    EXPECT_EQ(tstitch::open_with_factory(dir.c_str(), &p, fake_factory({}, stats), &h), TSTITCH_OK) << tstitch_last_error();
+  }
+  ~FakeHandle() { tstitch_close(h); }
+};
+
+tstitch_request request(const int64_t* labels, int batch = 2) {
+  tstitch_request r;
+  tstitch_request_init(&r);
+  r.batch = batch;
+  r.class_labels = labels;
+  r.steps = 8;
+  r.ratio = 0.4;
+  r.sampler = "ddpm";
+  return r;
+}
+
+}  // namespace
+
+TEST(CApi, VersionAndStatusNames) {
+  EXPECT_EQ(tstitch_api_version(), TSTITCH_API_VERSION);
+  EXPECT_STREQ(tstitch_status_name(TSTITCH_ERR_BAD_HANDLE), "bad handle");
+  EXPECT_STREQ(tstitch_status_name(static_cast<tstitch_status>(999)), "unknown status");
+}
+
+TEST(CApi, BadHandlesAreRefusedNotDereferenced) {
+  int c = 0, h = 0, w = 0;
+  EXPECT_EQ(tstitch_latent_shape(nullptr, &c, &h, &w), TSTITCH_ERR_BAD_HANDLE);
+  EXPECT_TRUE(one_line(tstitch_last_error()));
+  auto* bogus = reinterpret_cast<tstitch_runtime*>(0x1234);  // never dereferenced: checked against open handles
+  EXPECT_EQ(tstitch_latent_shape(bogus, &c, &h, &w), TSTITCH_ERR_BAD_HANDLE);
+  EXPECT_EQ(tstitch_close(bogus), TSTITCH_ERR_BAD_HANDLE);
+  EXPECT_EQ(tstitch_close(nullptr), TSTITCH_OK);
+
+  FakeHandle f;
+  ASSERT_EQ(tstitch_latent_shape(f.h, &c, &h, &w), TSTITCH_OK);
+  EXPECT_EQ(c * 100 + h * 10 + w, 244);
+  ASSERT_EQ(tstitch_close(f.h), TSTITCH_OK);
+  EXPECT_EQ(tstitch_latent_shape(f.h, &c, &h, &w), TSTITCH_ERR_BAD_HANDLE);  // closed
+  EXPECT_STREQ(tstitch_last_error(), "the runtime handle is NULL, unknown or already closed; open a bundle first");
+  const int64_t labels[2] = {1, 2};
+  tstitch_request r = request(labels);
+  float out[64];
+  EXPECT_EQ(tstitch_sample(f.h, &r, out, 64, nullptr, 0, nullptr), TSTITCH_ERR_BAD_HANDLE);
+  EXPECT_EQ(tstitch_close(f.h), TSTITCH_ERR_BAD_HANDLE);  // twice
+  f.h = nullptr;
+}
+
+TEST(CApi, StructSizesAndNullPointers) {
+  tstitch_open_params p;
+  tstitch_open_params_init(&p);
+  p.struct_size = sizeof(p) - 8;  // a caller built against another header
+  tstitch_runtime* h = reinterpret_cast<tstitch_runtime*>(0x1);
+  EXPECT_EQ(tstitch_open(toy().c_str(), &p, &h), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(h, nullptr);  // out is cleared on failure
+  EXPECT_NE(std::string(tstitch_last_error()).find("params.struct_size is"), std::string::npos);
+  EXPECT_EQ(tstitch_open(nullptr, nullptr, &h), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(), "bundle_dir is NULL");
+  EXPECT_EQ(tstitch_open(toy().c_str(), nullptr, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+
+  FakeHandle f;
+  const int64_t labels[2] = {1, 2};
+  float out[64];
+  tstitch_request r = request(labels);
+  EXPECT_EQ(tstitch_sample(f.h, nullptr, out, 64, nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(), "request is NULL");
+  EXPECT_EQ(tstitch_sample(f.h, &r, nullptr, 64, nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  r.struct_size = 3;
+  EXPECT_EQ(tstitch_sample(f.h, &r, out, 64, nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  r = request(nullptr);
+  EXPECT_EQ(tstitch_sample(f.h, &r, out, 64, nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(tstitch_last_error()).find("class_labels is NULL"), std::string::npos);
+  r = request(labels);
+  EXPECT_EQ(tstitch_sample(f.h, &r, out, 63, nullptr, 0, nullptr), TSTITCH_ERR_BUFFER_TOO_SMALL);
+  EXPECT_STREQ(tstitch_last_error(), "latents holds 63 floats, the result needs 64");
+  tstitch_sample_info info;
+  tstitch_sample_info_init(&info);
+  info.struct_size = 1;
+  EXPECT_EQ(tstitch_sample(f.h, &r, out, 64, nullptr, 0, &info), TSTITCH_ERR_INVALID_ARGUMENT);
+  uint8_t rgb[16];
+  EXPECT_EQ(tstitch_sample(f.h, &r, out, 64, rgb, 16, nullptr), TSTITCH_ERR_UNAVAILABLE);
+  EXPECT_TRUE(one_line(tstitch_last_error()));
+}
+
+TEST(CApi, RequestsOutsideTheBundleRanges) {
+  FakeHandle f;
+  int lo = 0, hi = 0;
+  ASSERT_EQ(tstitch_batch_range(f.h, &lo, &hi), TSTITCH_OK);
+  EXPECT_EQ(lo, 1);
+  EXPECT_EQ(hi, 16);
+  std::vector<int64_t> labels(17, 0);
+  std::vector<float> out(17 * 32);
+  tstitch_request r = request(labels.data(), 17);
+  EXPECT_EQ(tstitch_sample(f.h, &r, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(tstitch_last_error()).find("batch 17 is outside"), std::string::npos);
+  r = request(labels.data(), 0);
+  EXPECT_EQ(tstitch_sample(f.h, &r, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  r = request(labels.data(), 2);
+  r.steps = 5000;
+  EXPECT_EQ(tstitch_sample(f.h, &r, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(), "steps must be in [1, 1000], got 5000");
+  r.steps = 8;
+  r.ratio = 2.0;
+  EXPECT_EQ(tstitch_sample(f.h, &r, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  r.ratio = 0.4;
+  r.sampler = "heun";
+  EXPECT_EQ(tstitch_sample(f.h, &r, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  r.sampler = nullptr;  // default ddim
+  EXPECT_EQ(tstitch_sample(f.h, &r, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_OK) << tstitch_last_error();
+  EXPECT_STREQ(tstitch_last_error(), "");
+}
+
+TEST(CApi, SampleEqualsThePythonTrajectory) {
+  FakeHandle f;
+  const auto c = golden("loop")["runs"][4];  // ddpm, batch 2, seed 0
+  ASSERT_EQ(c["sampler"], "ddpm");
+  const std::vector<int64_t> labels = c["labels"].get<std::vector<int64_t>>();
+  tstitch_request r = request(labels.data(), c["batch"]);
+  r.seed = c["seed"].get<uint64_t>();
+  r.steps = c["steps"];
+  r.ratio = c["ratio"];
+  r.cfg_scale = c["cfg"];
+  tstitch_sample_info info;
+  tstitch_sample_info_init(&info);
+  float* x = nullptr;
+  size_t n = 0;
+  ASSERT_EQ(tstitch_sample_alloc(f.h, &r, &x, &n, &info), TSTITCH_OK) << tstitch_last_error();
+  const std::vector<float> want = c["x"].get<std::vector<float>>();
+  ASSERT_EQ(n, want.size());
+  for (size_t i = 0; i < n; ++i) EXPECT_NEAR(x[i], want[i], 1e-5f * std::max(1.0f, std::fabs(want[i])));
+  tstitch_free(x);
+  EXPECT_EQ(info.used_cuda_graph, 1);
+  EXPECT_EQ(info.steps, c["steps"].get<int>());
+}
+
+TEST(CApi, TamperedBundleIsRefusedWithOneLine) {
+  TempBundle b;
+  {
+    std::ofstream f(b.dir() + "/trt/1-toy.plan", std::ios::app);
+    f << "x";
+  }
+  tstitch_runtime* h = nullptr;
+  EXPECT_EQ(tstitch_open(b.dir().c_str(), nullptr, &h), TSTITCH_ERR_BUNDLE);
+  EXPECT_EQ(h, nullptr);
+  EXPECT_TRUE(one_line(tstitch_last_error()));
+  EXPECT_NE(std::string(tstitch_last_error()).find("checksum mismatch for"), std::string::npos);
+  b.edit([](nlohmann::json& j) { j["models"][0]["engines"]["trt"]["file"] = "../../etc/passwd"; });
+  EXPECT_EQ(tstitch_open(b.dir().c_str(), nullptr, &h), TSTITCH_ERR_BUNDLE);
+  EXPECT_NE(std::string(tstitch_last_error()).find("leaves the bundle"), std::string::npos);
+  EXPECT_EQ(tstitch_open((b.root() + "/missing").c_str(), nullptr, &h), TSTITCH_ERR_BUNDLE);
+}
+
+TEST(CApi, OpenWithThisBuildsEngine) {
+  tstitch_runtime* h = nullptr;
+  const tstitch_status s = tstitch_open(toy().c_str(), nullptr, &h);
+#ifdef TSTITCH_TEST_HAVE_TENSORRT
+  // TensorRT is linked: without a GPU the CUDA device refuses first; with one, the toy plans are not plans.
+  if (tstitch::cuda_device_count() == 0) {
+    EXPECT_EQ(s, TSTITCH_ERR_NO_DEVICE) << tstitch_last_error();
+  } else {
+    EXPECT_EQ(s, TSTITCH_ERR_INCOMPATIBLE) << tstitch_last_error();
+  }
+#else
+  // The toy bundle's checksums pass; then this build says why it cannot run TensorRT engines.
+  EXPECT_EQ(s, TSTITCH_ERR_UNAVAILABLE);
+  EXPECT_NE(std::string(tstitch_last_error()).find("built without TensorRT"), std::string::npos);
+#endif
+  tstitch_close(h);
+  tstitch_open_params p;
+  tstitch_open_params_init(&p);
+  p.engine = "onnx";
+  EXPECT_EQ(tstitch_open(toy().c_str(), &p, &h), TSTITCH_ERR_BUNDLE);
+  EXPECT_STREQ(tstitch_last_error(), "the bundle has no onnx engine for Toy-S; rebuild it with --backend onnx");
+}
+
+TEST(CApi, CppWrapperThrowsWithStatusAndMessage) {
+  try {
+    tstitch::cpp::Runtime rt(test_dir() + "/no/such/bundle");
+    FAIL() << "opened a missing bundle";
+  } catch (const tstitch::cpp::Error& e) {
+    EXPECT_EQ(e.status(), TSTITCH_ERR_BUNDLE);
+    EXPECT_NE(std::string(e.what()).find("does not exist"), std::string::npos);
+  }
+}
+
+TEST(CApi, LastErrorIsPerThread) {
+  int c = 0, h = 0, w = 0;
+  ASSERT_EQ(tstitch_latent_shape(nullptr, &c, &h, &w), TSTITCH_ERR_BAD_HANDLE);
+  std::string other = "unset";
+  std::thread([&] { other = tstitch_last_error(); }).join();
+  EXPECT_EQ(other, "");  // another thread sees its own (empty) last error
+  EXPECT_NE(std::string(tstitch_last_error()), "");
+}

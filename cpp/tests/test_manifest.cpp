@@ -1,0 +1,144 @@
+// The manifest rules and their one-line messages; sealed paths; sha256 and checksum refusals.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "manifest.hpp"
+#include "test_util.hpp"
+
+using namespace tstitch;
+using tstitch::testing::error_of;
+using tstitch::testing::TempBundle;
+namespace fs = std::filesystem;
+
+TEST(Sha256, KnownVectors) {
+  EXPECT_EQ(sha256_bytes("abc", 3), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  EXPECT_EQ(sha256_bytes("", 0), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+}
+
+TEST(Manifest, ReadsTheToyBundle) {
+  const Manifest m = read_manifest(tstitch::testing::test_dir() + "/data/toy_pair");
+  ASSERT_EQ(m.models.size(), 2u);
+  EXPECT_EQ(m.models[0].name, "Toy-S");
+  EXPECT_EQ(m.channels(), 2);
+  EXPECT_EQ(m.height(), 4);
+  EXPECT_EQ(m.num_classes, 10);
+  EXPECT_EQ(m.io.size(), 9u);
+  EXPECT_EQ(m.models[1].engines.at("trt").batch_max, 16);
+  const std::string p = artifact_path(tstitch::testing::test_dir() + "/data/toy_pair", m.models[0].engines.at("trt"));
+  EXPECT_EQ(sha256_file(p), m.models[0].engines.at("trt").artifact.sha256);
+}
+
+TEST(Manifest, MissingBundleAndManifest) {
+  TempBundle b;
+  tstitch_status s = TSTITCH_OK;
+  EXPECT_EQ(error_of([&] { read_manifest(b.root() + "/nope"); }, &s),
+            "bundle " + b.root() + "/nope does not exist; build one with `tstitch-trt build`");
+  EXPECT_EQ(s, TSTITCH_ERR_BUNDLE);
+  fs::remove(b.dir() + "/manifest.json");
+  EXPECT_EQ(error_of([&] { read_manifest(b.dir()); }),
+            b.dir() + " is not a bundle (no manifest.json); rebuild it with `tstitch-trt build`");
+  std::ofstream(b.dir() + "/manifest.json") << "{not json";
+  EXPECT_EQ(error_of([&] { read_manifest(b.dir()); }),
+            b.dir() + "/manifest.json is corrupt or not a tstitch bundle manifest (not valid JSON); rebuild the bundle");
+}
+
+struct FieldCase {
+  const char* what;
+  std::function<void(nlohmann::json&)> edit;
+  const char* reason;  // inside "is corrupt or not a tstitch bundle manifest (...)"
+};
+
+TEST(Manifest, EachRuleIsOneLineNamingTheField) {
+  const std::vector<FieldCase> cases = {
+      {"format", [](auto& j) { j["format"] = "other"; }, "format is \"other\", not \"tstitch-bundle\""},
+      {"version", [](auto& j) { j["format_version"] = 2; }, "format_version 2 is not one this runtime reads (it reads 1)"},
+      {"pipeline", [](auto& j) { j["pipeline"] = "video"; },
+       "pipeline 'video' is unknown to this runtime (it runs dit-class-conditional)"},
+      {"schedule", [](auto& j) { j["schedule"]["kind"] = "cosine"; },
+       "schedule.kind 'cosine' is unknown to this runtime (it knows linear)"},
+      {"missing", [](auto& j) { j["models"][1].erase("name"); }, "models[1].name is missing"},
+      {"type", [](auto& j) { j["num_classes"] = "ten"; }, "num_classes must be an integer"},
+      {"batch", [](auto& j) { j["models"][0]["engines"]["trt"]["batch_range"] = {4, 2}; },
+       "models[0].engines.trt.batch_range must be [min, max] with 1 <= min <= max"},
+      {"dims", [](auto& j) { j["io"]["inputs"]["x"]["shape"][0] = "N"; },
+       "io.inputs.x.shape has \"N\"; dims are integers, \"B\" or \"2B\""},
+  };
+  for (const FieldCase& c : cases) {
+    TempBundle b;
+    b.edit(c.edit);
+    EXPECT_EQ(error_of([&] { read_manifest(b.dir()); }),
+              b.dir() + "/manifest.json is corrupt or not a tstitch bundle manifest (" + c.reason + "); rebuild the bundle")
+        << c.what;
+  }
+}
+
+TEST(Manifest, ModelsMustShareLatentAndLabels) {
+  TempBundle b;
+  b.edit([](auto& j) { j["models"][1]["arch"]["input_size"] = 8; });
+  EXPECT_EQ(error_of([&] { read_manifest(b.dir()); }),
+            "the models' latent shapes differ (Toy-S: (2, 4, 4), Toy-L: (2, 8, 8)); stitched models must share one "
+            "latent space");
+  TempBundle c;
+  c.edit([](auto& j) { j["models"][1]["arch"]["num_classes"] = 1000; });
+  EXPECT_EQ(error_of([&] { read_manifest(c.dir()); }),
+            "the models' class counts differ ([10, 1000]); they must share one label space");
+  TempBundle d;
+  d.edit([](auto& j) { j["models"] = nlohmann::json::array(); });
+  EXPECT_EQ(error_of([&] { read_manifest(d.dir()); }), "the bundle names no models");
+}
+
+TEST(Manifest, PathsAreSealedInsideTheBundle) {
+  TempBundle b;
+  Manifest m = read_manifest(b.dir());
+  EngineEntry e = m.models[0].engines.at("trt");
+  const std::string rule = "; bundle paths are relative and stay inside the bundle: rebuild the bundle";
+  e.artifact.file = "/etc/passwd";
+  EXPECT_EQ(error_of([&] { artifact_path(b.dir(), e); }),
+            "manifest.json: models[0].engines.trt.file is an absolute path (/etc/passwd)" + rule);
+  e.artifact.file = "trt/../../outside.plan";
+  EXPECT_EQ(error_of([&] { artifact_path(b.dir(), e); }),
+            "manifest.json: models[0].engines.trt.file (trt/../../outside.plan) leaves the bundle with .." + rule);
+  std::ofstream(b.root() + "/outside.plan") << "TOY2,4,4,11,0.5,";
+  fs::create_symlink(b.root() + "/outside.plan", b.dir() + "/trt/link.plan");
+  e.artifact.file = "trt/link.plan";
+  EXPECT_EQ(error_of([&] { artifact_path(b.dir(), e); }),
+            "manifest.json: models[0].engines.trt.file (trt/link.plan) resolves outside the bundle (a symlink?)" + rule);
+  fs::create_symlink(b.root(), b.dir() + "/up");  // a directory symlink leaving the bundle
+  e.artifact.file = "up/outside.plan";
+  EXPECT_NE(error_of([&] { artifact_path(b.dir(), e); }).find("resolves outside the bundle"), std::string::npos);
+  fs::create_symlink("0-toy.plan", b.dir() + "/trt/inside.plan");  // a symlink inside is fine
+  e.artifact.file = "trt/inside.plan";
+  EXPECT_EQ(error_of([&] { artifact_path(b.dir(), e); }), "");
+}
+
+TEST(Manifest, ChecksumMismatchAndMissingFile) {
+  TempBundle b;
+  const Manifest m = read_manifest(b.dir());
+  const EngineEntry& e = m.models[1].engines.at("trt");
+  const std::string path = b.dir() + "/" + e.artifact.file;
+  {
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(-1, std::ios::end);
+    f.put('!');  // one byte changed
+  }
+  tstitch_status s = TSTITCH_OK;
+  EXPECT_EQ(error_of([&] { artifact_path(b.dir(), e); }, &s),
+            "checksum mismatch for " + path + ": the file changed since the build; rebuild the bundle");
+  EXPECT_EQ(s, TSTITCH_ERR_BUNDLE);
+  EXPECT_EQ(error_of([&] { artifact_path(b.dir(), e, /*verify=*/false); }), "");
+  fs::remove(path);
+  EXPECT_EQ(error_of([&] { artifact_path(b.dir(), e); }), "bundle file " + path + " is missing; rebuild the bundle");
+}
+
+TEST(Manifest, ReadsThePythonDemoPair) {
+  // The committed demo bundle (ort + torch artifacts) parses with the same reader.
+  const std::string demo = tstitch::testing::test_dir() + "/../../python/tstitch_trt/demo/pair";
+  const Manifest m = read_manifest(demo);
+  EXPECT_EQ(m.models.size(), 2u);
+  EXPECT_EQ(m.channels(), 1);
+  EXPECT_EQ(m.height(), 32);
+  EXPECT_TRUE(m.models[0].engines.count("ort"));
+  EXPECT_EQ(artifact_path(demo, m.models[0].engines.at("ort")).empty(), false);
+}
