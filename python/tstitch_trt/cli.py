@@ -1,4 +1,4 @@
-"""`tstitch-trt build | run | info | check | bench`.
+"""`tstitch-trt build | run | info | check | bench | serve`.
 
 User errors print one line (`error: ...`) and exit 2; nothing half-written is left behind.
 """
@@ -16,8 +16,7 @@ import numpy as np
 from tstitch_trt.demo import DEMO_NAME as DEMO
 from tstitch_trt.demo import resolve_bundle
 from tstitch_trt.errors import UserError
-
-REFERENCE_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
+from tstitch_trt.pipeline import defaults
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,15 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="sample images with a bundle (default: the built-in demo pair)")
     r.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo' (default)")
     r.add_argument("--backend", default="auto", help="auto, trt, trt-rtx, ort, torch")
-    r.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm-solver++"])
+    r.add_argument("--sampler", default=defaults.DEFAULT_SAMPLER, choices=["ddim", "ddpm", "dpm-solver++"])
     r.add_argument("--steps", type=int, default=None)
     g = r.add_mutually_exclusive_group()
     g.add_argument("--ratio", type=float, default=None, help="share of early steps on the small model (0..1)")
     g.add_argument("--fractions", type=_parse_fractions, help="one share per model, summing to 1")
-    r.add_argument("--cfg-scale", type=float, default=1.5)
-    r.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    r.add_argument("--cfg-scale", type=float, default=defaults.DEFAULT_CFG_SCALE)
+    r.add_argument("--eta", type=float, default=defaults.DEFAULT_ETA, help="DDIM eta")
     r.add_argument("--class-labels", type=_parse_labels, default=None)
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=defaults.DEFAULT_SEED)
     r.add_argument("--init-noise", help=".npy starting latent (B, C, H, W); sets the batch")
     r.add_argument("--save-latents", help="write the final latent (before decoding) to this .npy")
     r.add_argument("--out", help="PNG grid to write (default ./tstitch-<bundle>.png)")
@@ -105,6 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     from tstitch_trt.bench import add_bench_arguments
 
     add_bench_arguments(sub.add_parser("bench", help="speed, host overhead, memory and quality benchmarks"))
+
+    s = sub.add_parser("serve", help="serve a bundle over HTTP on Ray Serve (needs the serve extra)")
+    s.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo' (default)")
+    s.add_argument("--backend", default="auto", help="auto, trt, trt-rtx, ort, torch")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--replicas", type=int, default=None, help="default: one per GPU, else one per --cores-per-replica")
+    s.add_argument("--cores-per-replica", type=int, default=4, help="without a GPU (default 4)")
+    s.add_argument("--max-batch-size", type=int, default=32,
+                   help="images per engine batch and per request (1: no batching)")
+    s.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
+    s.add_argument("--max-queued", type=int, default=64, help="queued requests beyond that answer 503")
+    s.add_argument("--request-timeout-s", type=float, default=60.0, help="slower requests answer 504")
+    s.add_argument("--latency-target-ms", type=float, default=None,
+                   help="load-adaptive stitching: raise the ratio while latency exceeds this")
+    s.add_argument("--max-ratio", type=float, default=0.4, help="the highest ratio the adaptive policy uses")
     return p
 
 
@@ -119,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return {"build": cmd_build, "run": cmd_run, "info": cmd_info, "check": cmd_check,
-                "bench": cmd_bench}[args.command](args)
+                "bench": cmd_bench, "serve": cmd_serve}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -178,16 +193,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         nc = pipe.manifest.num_classes
         labels = args.class_labels
         if labels is None:
-            # demo: two rows of the digits 0-9; DiT: the reference's demo labels
-            labels = [c for _ in range(2) for c in range(min(nc, 10))] if is_demo else REFERENCE_LABELS
-            labels = [v % nc for v in labels]
-        ratio = args.ratio if args.ratio is not None or args.fractions is not None else (
-            0.4 if len(pipe.manifest.models) == 2 else None)
-        fractions = args.fractions
-        if ratio is None and fractions is None:
-            n = len(pipe.manifest.models)
-            fractions = [1.0 / n] * n
-        steps = args.steps if args.steps is not None else 50
+            labels = defaults.default_class_labels(nc, is_demo)
+        ratio, fractions = defaults.default_stitch(len(pipe.manifest.models), args.ratio, args.fractions)
+        steps = args.steps if args.steps is not None else defaults.DEFAULT_STEPS
         res = pipe(class_labels=labels, ratio=ratio, fractions=fractions, steps=steps, sampler=args.sampler,
                    cfg_scale=args.cfg_scale, seed=args.seed, eta=args.eta, init_noise=init, progress=args.progress)
     finally:
@@ -252,6 +260,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from tstitch_trt.bench import run_bench
 
     return run_bench(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tstitch_trt.serve.launch import serve_forever, service_config
+
+    return serve_forever(service_config(args), args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from tstitch_trt.runtime.backend import Backend
 from tstitch_trt.runtime.loop import LoopResult, run_stitched
 from tstitch_trt.sampling.coefficients import SAMPLERS
 from tstitch_trt.sampling.stitch import check_fractions, steps_per_model
-from tstitch_trt.sampling.trajectory import TrajectoryPlan, plan_trajectory
+from tstitch_trt.sampling.trajectory import TrajectoryPlan, plan_trajectory, sampler_needs_noise
 
 
 @dataclass
@@ -94,14 +94,14 @@ class StitchedPipeline:
                 raise UserError(f"--init-noise has shape {tuple(x_init.shape)}, expected (B, {want_text})")
             if x_init.shape[0] != len(labels):
                 raise UserError(f"--init-noise has batch {x_init.shape[0]} but {len(labels)} class labels were given")
-        lo, hi = self._batch_range()
+        lo, hi = self.batch_range()
         b = len(labels)
         if not lo <= b <= hi:
             raise UserError(
                 f"batch {b} is outside the engines' range [{lo}, {hi}]; rebuild with --batch-sizes {lo}-{max(b, hi)}"
             )
 
-    def _batch_range(self) -> tuple[int, int]:
+    def batch_range(self) -> tuple[int, int]:
         ranges = [m.engines[self.backend.name].batch_range for m in self.manifest.models
                   if self.backend.name in m.engines]
         if not ranges or self.backend.name in ("torch", "ort"):
@@ -121,17 +121,22 @@ class StitchedPipeline:
         init_noise: np.ndarray | None = None,
         progress: bool | None = None,
         decode: bool = True,
+        step_noise: np.ndarray | None = None,
     ) -> SampleResult:
+        """step_noise (steps, B, C, H, W): the per-step noise of ddpm / ddim eta>0, else drawn from `seed`."""
         labels = np.asarray(list(class_labels), dtype=np.int64)
         if init_noise is not None and init_noise.ndim == 4 and len(labels) == 1:
             labels = np.repeat(labels, init_noise.shape[0])  # one label for the whole --init-noise batch
         self.validate(labels, None if fractions is not None else ratio, fractions, steps, sampler, init_noise)
-        rng = np.random.default_rng(seed)
         shape = (len(labels), *self.manifest.latent_shape)
-        x_init = (init_noise.astype(np.float32) if init_noise is not None
-                  else rng.standard_normal(shape, dtype=np.float32))
-        plan = plan_trajectory(sampler, steps, len(self.manifest.models), shape, rng,
-                               ratio=None if fractions is not None else ratio, fractions=fractions, eta=eta)
+        if init_noise is None:
+            x_init, drawn = request_noise(seed, len(labels), self.manifest.latent_shape, steps, sampler, eta)
+            step_noise = drawn if step_noise is None else step_noise
+        else:
+            x_init = init_noise.astype(np.float32)
+        plan = plan_trajectory(sampler, steps, len(self.manifest.models), shape, np.random.default_rng(seed),
+                               ratio=None if fractions is not None else ratio, fractions=fractions, eta=eta,
+                               noise=step_noise)
         t0 = time.perf_counter()
         loop = run_stitched(self.backend, plan, x_init, labels, cfg_scale, progress=progress,
                             model_names=self.model_names)
@@ -185,6 +190,17 @@ class StitchedPipeline:
 
     def close(self) -> None:
         self.backend.close()
+
+
+def request_noise(seed: int, batch: int, latent_shape: Sequence[int], steps: int, sampler: str,
+                  eta: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """(x_init, step_noise) exactly as a call with this seed and batch draws them: a served batch
+    concatenates each request's own (axis 0 / axis 1), so its images do not depend on its batch mates."""
+    rng = np.random.default_rng(seed)
+    shape = (batch, *latent_shape)
+    x_init = rng.standard_normal(shape, dtype=np.float32)
+    noise = rng.standard_normal((steps, *shape), dtype=np.float32) if sampler_needs_noise(sampler, eta) else None
+    return x_init, noise
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
