@@ -8,7 +8,7 @@ python3 -m venv .venv
 pip() { python -m pip --disable-pip-version-check -q "$@"; }
 # torch: the pinned CPU build (local on these machines); an unpinned torch would pull a multi-GB CUDA build.
 pip install torch==2.13.0
-pip install -e ".[build,trt-rtx,dev,demo-train,serve,browser-test]"
+pip install -e ".[build,trt-rtx,dev,demo-train,serve,serve-test]"
 # the serve web page test drives Debian's chromium (playwright cannot download its own browser here)
 if ! command -v chromium >/dev/null; then
     apt-get update -q && apt-get install -y -q chromium >/dev/null
