@@ -63,9 +63,9 @@ class Service:
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, dict(r.headers), r.read()
+                return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
         except urllib.error.HTTPError as e:
-            return e.code, dict(e.headers), e.read()
+            return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
     def post(self, body: bytes | dict, timeout: float = 120.0) -> tuple[int, dict, dict]:
         status, headers, raw = self.request("POST", "/v1/generate", body, timeout)
