@@ -14,7 +14,6 @@ import math
 import os
 import sys
 import time
-from collections import defaultdict
 from dataclasses import replace
 from importlib import resources
 
@@ -28,6 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from tstitch_trt.bundle.manifest import read_manifest
 from tstitch_trt.demo import DEMO_NAME, resolve_bundle
 from tstitch_trt.errors import UserError
+from tstitch_trt.serve.batcher import Batcher
 from tstitch_trt.serve.config import ServeConfig
 from tstitch_trt.serve.metrics import ServiceMetrics
 from tstitch_trt.serve.policy import AdaptiveRatio
@@ -35,10 +35,6 @@ from tstitch_trt.serve.requests import KINDS, GenerateRequest, RequestResult, pa
 
 APP_NAME = "tstitch"
 REPLICA_DIED = (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)
-
-
-def _images_in(reqs: list[GenerateRequest]) -> int:
-    return sum(r.num_images for r in reqs)
 
 
 @serve.deployment(health_check_period_s=2.0, graceful_shutdown_timeout_s=5.0)
@@ -50,23 +46,28 @@ class Generator:
         self.kind = KINDS[pipeline_kind(read_manifest(bundle))]
         self.pipe = self.kind.open(bundle, cfg.backend)
         self.policy = AdaptiveRatio(cfg.latency_target_ms, cfg.max_ratio) if cfg.adaptive else None
-        self.run_batch.set_max_batch_size(min(cfg.max_batch_size, self.kind.max_batch(self.pipe)))
-        self.run_batch.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1e3)
+        self.batcher = Batcher(self._run_batch, key=lambda r: r.batch_key, size=lambda r: r.num_images,
+                               max_images=min(cfg.max_batch_size, self.kind.max_batch(self.pipe)),
+                               wait_s=cfg.batch_wait_ms / 1e3, prepare=self._with_policy_ratio)
 
     def describe(self) -> dict:
         return {"pid": os.getpid(), "backend": self.pipe.backend.name, "backend_reason": self.pipe.backend_reason,
-                "torch_imported": "torch" in sys.modules,
+                "torch_imported": "torch" in sys.modules, "queued": self.batcher.queued,
                 "ratio": None if self.policy is None else self.policy.ratio}
 
     async def generate(self, req: GenerateRequest) -> dict:
         req = replace(req, arrival=time.monotonic())
         try:
-            # an adaptive request is checked at the policy's ratio now and runs at its ratio then
+            # an adaptive request is checked at the policy's ratio now and runs at the ratio of its batch
             self.kind.validate(self.pipe, self._with_policy_ratio(req))
         except UserError as e:
             return {"status": 400, "error": str(e)}
-        out = await self.run_batch(req)
-        if self.policy is not None and req.adaptive and out["status"] == 200:
+        try:
+            out = await self.batcher.submit(req)
+        except Exception as e:  # noqa: BLE001 - answered as 500 with one line, never dropped
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return {"status": 500, "error": f"generation failed: {msg}"}
+        if self.policy is not None and req.adaptive:
             rep = out["report"]
             self.policy.observe(rep["queue_ms"] + rep["compute_ms"])
         return out
@@ -77,31 +78,16 @@ class Generator:
         assert self.policy is not None, "adaptive requests reach only replicas with a policy"
         return replace(req, ratio=self.policy.ratio, fractions=None)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_images_in)
-    async def run_batch(self, reqs: list[GenerateRequest]) -> list[dict]:
-        """Requests that arrived together; those with equal batch keys run as one engine batch."""
-        reqs = [self._with_policy_ratio(r) for r in reqs]  # the ratio at batch time, one for the whole batch
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, r in enumerate(reqs):
-            groups[r.batch_key].append(i)
-        out: list[dict] = [{}] * len(reqs)
-        for idx in groups.values():
-            group = [reqs[i] for i in idx]
-            start = time.monotonic()
-            try:
-                # the engine runs in a thread so the replica keeps answering health checks and queuing
-                results = await asyncio.to_thread(self.kind.run_batch, self.pipe, group)
-                encoded = await asyncio.to_thread(lambda rs=results: [_encode(r) for r in rs])
-            except Exception as e:  # noqa: BLE001 - answered as 500 with one line, never dropped
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                for i in idx:
-                    out[i] = {"status": 500, "error": f"generation failed: {msg}"}
-                continue
-            compute_ms = (time.monotonic() - start) * 1e3
-            for i, r, body in zip(idx, group, encoded, strict=True):
-                body["report"].update(queue_ms=round((start - r.arrival) * 1e3, 3), compute_ms=round(compute_ms, 3))
-                out[i] = {"status": 200, **body}
-        return out
+    async def _run_batch(self, reqs: list[GenerateRequest]) -> list[dict]:
+        """One engine batch, in a thread, so the replica keeps answering health checks and queuing."""
+        start = time.monotonic()
+        results = await asyncio.to_thread(self.kind.run_batch, self.pipe, reqs)
+        encoded = await asyncio.to_thread(lambda: [_encode(r) for r in results])
+        compute_ms = (time.monotonic() - start) * 1e3
+        for r, body in zip(reqs, encoded, strict=True):
+            body["report"].update(queue_ms=round((start - r.arrival) * 1e3, 3), compute_ms=round(compute_ms, 3))
+            body["status"] = 200
+        return encoded
 
 
 def _encode(result: RequestResult) -> dict:
