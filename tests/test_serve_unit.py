@@ -147,3 +147,11 @@ def test_busy_port_is_one_line():
         s.listen()
         r = _serve("--port", str(s.getsockname()[1]))
     assert r.returncode == 2 and r.stderr.startswith("error: cannot listen on 127.0.0.1:"), r.stderr
+
+
+def test_without_ray_serve_says_what_to_install():
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "from tstitch_trt.cli import main\n"
+            "sys.exit(main(['serve']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: serve needs Ray Serve: pip install 'tstitch-trt[serve]'"

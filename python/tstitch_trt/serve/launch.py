@@ -42,7 +42,11 @@ def service_config(args) -> ServeConfig:  # args: the serve subcommand's argpars
     """Check the flags (one line each) and size the replicas; raises UserError."""
     import importlib.util
 
-    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("fastapi") is None:
+    try:  # find_spec, not import: importing Ray Serve takes seconds, and a flag error should not wait
+        missing = importlib.util.find_spec("ray") is None or importlib.util.find_spec("fastapi") is None
+    except (ImportError, ValueError):  # ValueError: a module blocked as sys.modules[name] = None
+        missing = True
+    if missing:
         raise UserError("serve needs Ray Serve: pip install 'tstitch-trt[serve]'")
     for flag, value, low in (("--max-batch-size", args.max_batch_size, 1), ("--max-queued", args.max_queued, 0),
                              ("--cores-per-replica", args.cores_per_replica, 1), ("--port", args.port, 1)):
