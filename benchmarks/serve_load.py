@@ -141,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-requests-per-level", type=int, default=400)
     p.add_argument("--latency-target-ms", type=float, default=1000.0)
     p.add_argument("--quality-images", type=int, default=200, help="evaluator images per chosen ratio (0: skip)")
+    p.add_argument("--replot", metavar="RESULTS_JSON", help="only redraw --plot from an earlier results.json")
     args = p.parse_args(argv)
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), Path(args.plot or "serve_load.png"))
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     levels = [int(v) for v in args.levels.split(",")]
@@ -155,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                           str(args.latency_target_ms), "--max-ratio", "0.4"], [("policy on", {})]),
     ]
     results = {"command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
-               "steps": args.steps, "levels": levels, "configs": {}}
+               "steps": args.steps, "levels": levels, "latency_target_ms": args.latency_target_ms, "configs": {}}
     for name, flags, configs in services:
         svc = LocalService(args.port, flags, out / f"serve-{name}.log")
         try:
@@ -209,18 +213,22 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    legend = {"batching off": "batching off (max batch 1), ratio 0.4", "batching on": "batching on (16), ratio 0.4",
+              "policy off": "batching on, ratio 0 (large model only)",
+              "policy on": f"batching on, adaptive ratio 0-0.4 (target {results.get('latency_target_ms', 0):g} ms)"}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, cfg in results["configs"].items():
         xs = [r["concurrency"] for r in cfg["levels"]]
-        a.plot(xs, [r["images_per_s"] for r in cfg["levels"]], marker="o", label=label)
+        a.plot(xs, [r["images_per_s"] for r in cfg["levels"]], marker="o", label=legend.get(label, label))
         b.plot(xs, [r["p95_ms"] for r in cfg["levels"]], marker="o", label=label)
     for ax, title in ((a, "throughput (images / s)"), (b, "p95 latency (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
         ax.set_title(title)
         ax.grid(alpha=0.3)
+    a.set_ylim(bottom=0)
     b.set_yscale("log")
-    a.legend()
+    a.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"tstitch-trt serve, demo pair, DDIM {results['steps']} steps, 1 replica, loopback")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -150,7 +150,7 @@ class Ingress:
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        running = _running_replicas()
+        running = await asyncio.to_thread(_running_replicas)  # a blocking call to Serve's controller
         try:
             replica = await asyncio.wait_for(self.gen.describe.remote(), timeout=10.0)
         except Exception as e:  # noqa: BLE001 - not ready (starting, restarting): 503, say why
