@@ -38,13 +38,16 @@ def free_port() -> int:
 
 
 class Service:
-    def __init__(self, args: list[str], block_torch: bool = True):
+    def __init__(self, args: list[str], block_torch: bool = True, cluster: RayCluster | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.ray_tmp = tempfile.mkdtemp(prefix="tsr", dir="/tmp")  # short: Ray's socket paths must fit
+        # short: Ray's socket paths must fit; a joined cluster's, so that its processes are ours to check
+        self.ray_tmp = cluster.ray_tmp if cluster else tempfile.mkdtemp(prefix="tsr", dir="/tmp")
         self.blocker_log = Path(self.ray_tmp) / "torch-blocked-pids.txt"
         env = dict(os.environ, RAY_TMPDIR=self.ray_tmp, RAY_USAGE_STATS_ENABLED="0")
         env.pop("RAY_ADDRESS", None)
+        if cluster:
+            env["RAY_ADDRESS"] = cluster.address
         if block_torch:
             env["PYTHONPATH"] = os.pathsep.join([str(BLOCKER), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
             env["TORCH_BLOCKER_LOG"] = str(self.blocker_log)
@@ -105,15 +108,7 @@ class Service:
         self.ray_pids |= {p.pid for p in self._naming_tmp()}
 
     def _naming_tmp(self) -> list:
-        out = []
-        for p in psutil.process_iter(["pid", "cmdline", "environ"]):
-            try:
-                text = " ".join(p.info["cmdline"] or []) + " " + (p.info["environ"] or {}).get("RAY_TMPDIR", "")
-            except (psutil.Error, TypeError):
-                continue
-            if self.ray_tmp in text and p.pid != os.getpid():
-                out.append(p)
-        return out
+        return processes_naming(self.ray_tmp)
 
     def replica_pids(self) -> list[int]:
         pids = []
@@ -153,6 +148,13 @@ class Service:
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
         return left
 
+    def stop_joined(self) -> int:
+        """SIGTERM a service that joined a cluster; the cluster must stay up. Returns the exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=90)
+        self.log.close()
+        return code
+
     @staticmethod
     def _alive(pids: set[int]) -> list:
         out = []
@@ -164,6 +166,56 @@ class Service:
             except psutil.NoSuchProcess:
                 pass
         return out
+
+
+def processes_naming(ray_tmp: str) -> list:
+    """Live processes whose command line or RAY_TMPDIR names this temp dir (all of one Ray instance)."""
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline", "environ", "status"]):
+        try:
+            text = " ".join(p.info["cmdline"] or []) + " " + (p.info["environ"] or {}).get("RAY_TMPDIR", "")
+        except (psutil.Error, TypeError):
+            continue
+        if ray_tmp in text and p.pid != os.getpid() and p.info["status"] != psutil.STATUS_ZOMBIE:
+            out.append(p)
+    return out
+
+
+class RayCluster:
+    """`ray start --head` on loopback with its own temp dir: a cluster for `serve` to join (RAY_ADDRESS)."""
+
+    def __init__(self) -> None:
+        self.ray_tmp = tempfile.mkdtemp(prefix="tsc", dir="/tmp")
+        port = free_port()
+        self.address = f"127.0.0.1:{port}"
+        ray_cli = Path(sys.executable).parent / "ray"
+        # token auth off for this throwaway loopback cluster (else the joining driver needs its token)
+        env = dict(os.environ, RAY_TMPDIR=self.ray_tmp, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+        env.pop("RAY_ADDRESS", None)
+        subprocess.run([str(ray_cli), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                        "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+                       env=env, check=True, capture_output=True, timeout=180)
+
+    def processes(self) -> list:
+        return processes_naming(self.ray_tmp)
+
+    def stop(self) -> list[str]:
+        """Terminate this cluster's processes by pid (never `ray stop`, which ends every Ray on the machine)."""
+        procs = self.processes()
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=20)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        left = [f"{p.pid}" for p in self.processes()]
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        return left
 
 
 def _safe_cmd(p) -> bool:

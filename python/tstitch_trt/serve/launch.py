@@ -87,8 +87,11 @@ def serve_forever(cfg: ServeConfig, host: str, port: int) -> int:
     from tstitch_trt.serve.app import APP_NAME, build_app
 
     stop = threading.Event()
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, namespace="tstitch-serve",
-             configure_logging=False)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, namespace="tstitch-serve",
+                 configure_logging=False)
+    except ConnectionError as e:  # RAY_ADDRESS names a cluster that is down, or refuses us (auth token)
+        raise UserError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {str(e).splitlines()[0]}") from None
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
             signal.signal(sig, lambda *_: stop.set())
