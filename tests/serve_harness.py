@@ -1,7 +1,7 @@
 """A `tstitch-trt serve` subprocess on loopback for the serve tests: start, talk HTTP, stop, prove cleanup.
 
-Each test module starts ONE service (module-scoped fixture). Ray gets its own short temp dir, so the
-cleanup check can name every Ray process of this service (and no one else's) and require them gone.
+Each test module starts ONE service (module-scoped fixture), in its own session: the cleanup check
+requires every process of that session (all of Ray's, none of anyone else's) gone after SIGTERM.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Service:
                *args]
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        self.ray_pids: set[int] = set()
+        self.cluster = cluster
 
     # ------------------------------------------------------------------ HTTP
     def request(self, method: str, path: str, body: bytes | dict | None = None,
@@ -99,53 +99,30 @@ class Service:
         return Path(self.log.name).read_text(errors="replace")
 
     # ------------------------------------------------------------------ processes
-    def record_ray_processes(self) -> None:
-        """Everything this service started: the driver's descendants and any process naming our temp dir."""
-        try:
-            self.ray_pids |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
-        except psutil.NoSuchProcess:
-            pass
-        self.ray_pids |= {p.pid for p in self._naming_tmp()}
-
-    def _naming_tmp(self) -> list:
-        return processes_naming(self.ray_tmp)
+    # The service runs in its own session (start_new_session): every process Ray starts for it inherits
+    # that session id (Ray does not call setsid), even once reparented to init. So "what this service
+    # left behind" is exactly the live processes of its session, found by id, never by name.
+    @property
+    def session(self) -> int:
+        return self.cluster.session if self.cluster else self.proc.pid
 
     def replica_pids(self) -> list[int]:
-        pids = []
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if "ServeReplica:tstitch:Generator" in cmd and p.pid in self._family():
-                pids.append(p.pid)
-        return pids
-
-    def _family(self) -> set[int]:
-        self.record_ray_processes()
-        return self.ray_pids
+        return [p.pid for p in session_processes(self.session)
+                if "ServeReplica:tstitch:Generator" in " ".join(_cmdline(p))]
 
     def stop(self) -> list[str]:
-        """SIGTERM, as a user would; returns the processes still alive afterwards (then kills them)."""
-        self.record_ray_processes()
+        """SIGTERM, as a user would; returns the processes of its session still alive afterwards (then
+        kills them, so that nothing survives even when the check fails)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=90)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        deadline = time.monotonic() + 30
-        alive = []
-        while time.monotonic() < deadline:
-            alive = [p for p in self._alive(self.ray_pids | {p.pid for p in self._naming_tmp()})]
-            if not alive:
-                break
-            time.sleep(1.0)
-        left = [f"{p.pid} {' '.join(p.cmdline())[:100]}" for p in alive if _safe_cmd(p)]
-        for p in alive:  # ours: make sure nothing survives even when the check fails
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        left = wait_session_gone(self.session, timeout=30)
         self.log.close()
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        if not self.cluster:
+            shutil.rmtree(self.ray_tmp, ignore_errors=True)
         return left
 
     def stop_joined(self) -> int:
@@ -155,34 +132,46 @@ class Service:
         self.log.close()
         return code
 
-    @staticmethod
-    def _alive(pids: set[int]) -> list:
-        out = []
-        for pid in pids:
-            try:
-                p = psutil.Process(pid)
-                if p.status() != psutil.STATUS_ZOMBIE:
-                    out.append(p)
-            except psutil.NoSuchProcess:
-                pass
-        return out
+
+def _cmdline(p) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
 
 
-def processes_naming(ray_tmp: str) -> list:
-    """Live processes whose command line or RAY_TMPDIR names this temp dir (all of one Ray instance)."""
+def session_processes(sid: int) -> list:
+    """Live (non-zombie) processes of session `sid`, this test process excluded."""
     out = []
-    for p in psutil.process_iter(["pid", "cmdline", "environ", "status"]):
-        try:
-            text = " ".join(p.info["cmdline"] or []) + " " + (p.info["environ"] or {}).get("RAY_TMPDIR", "")
-        except (psutil.Error, TypeError):
+    for p in psutil.process_iter(["pid", "status"]):
+        if p.pid == os.getpid() or p.info["status"] == psutil.STATUS_ZOMBIE:
             continue
-        if ray_tmp in text and p.pid != os.getpid() and p.info["status"] != psutil.STATUS_ZOMBIE:
-            out.append(p)
+        try:
+            if os.getsid(p.pid) == sid:
+                out.append(p)
+        except OSError:
+            continue
     return out
 
 
+def wait_session_gone(sid: int, timeout: float) -> list[str]:
+    """Wait for session `sid` to empty; describe and SIGKILL whatever is left (ours: we started it)."""
+    deadline = time.monotonic() + timeout
+    alive = session_processes(sid)
+    while alive and time.monotonic() < deadline:
+        time.sleep(1.0)
+        alive = session_processes(sid)
+    left = [f"{p.pid} {' '.join(_cmdline(p))[:100]}" for p in alive]
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    return left
+
+
 class RayCluster:
-    """`ray start --head` on loopback with its own temp dir: a cluster for `serve` to join (RAY_ADDRESS)."""
+    """`ray start --head --block` on loopback in its own session: a cluster for `serve` to join."""
 
     def __init__(self) -> None:
         self.ray_tmp = tempfile.mkdtemp(prefix="tsc", dir="/tmp")
@@ -192,38 +181,40 @@ class RayCluster:
         # token auth off for this throwaway loopback cluster (else the joining driver needs its token)
         env = dict(os.environ, RAY_TMPDIR=self.ray_tmp, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
         env.pop("RAY_ADDRESS", None)
-        subprocess.run([str(ray_cli), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                        "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
-                       env=env, check=True, capture_output=True, timeout=180)
+        self.log = open(Path(self.ray_tmp) / "ray-start.log", "w+")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [str(ray_cli), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+             "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.session = self.proc.pid
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._gcs_up():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"ray start failed:\n{Path(self.log.name).read_text()[-2000:]}")
+            time.sleep(1.0)
+
+    def _gcs_up(self) -> bool:
+        host, port = self.address.split(":")
+        with socket.socket() as s:
+            s.settimeout(1.0)
+            return s.connect_ex((host, int(port))) == 0
 
     def processes(self) -> list:
-        return processes_naming(self.ray_tmp)
+        return session_processes(self.session)
 
     def stop(self) -> list[str]:
-        """Terminate this cluster's processes by pid (never `ray stop`, which ends every Ray on the machine)."""
-        procs = self.processes()
-        for p in procs:
+        """SIGTERM `ray start --block` (it stops its cluster), then require the session empty."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
             try:
-                p.terminate()
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=20)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        left = [f"{p.pid}" for p in self.processes()]
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        left = wait_session_gone(self.session, timeout=30)
+        self.log.close()
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
         return left
-
-
-def _safe_cmd(p) -> bool:
-    try:
-        p.cmdline()
-        return True
-    except psutil.Error:
-        return False
 
 
 def start_service(args: list[str], replicas: int, block_torch: bool = True) -> Service:
@@ -233,7 +224,6 @@ def start_service(args: list[str], replicas: int, block_torch: bool = True) -> S
     except BaseException:
         svc.stop()
         raise
-    svc.record_ray_processes()
     return svc
 
 
