@@ -8,7 +8,11 @@ python3 -m venv .venv
 pip() { python -m pip --disable-pip-version-check -q "$@"; }
 # torch: the pinned CPU build (local on these machines); an unpinned torch would pull a multi-GB CUDA build.
 pip install torch==2.13.0
-pip install -e ".[build,trt-rtx,dev,demo-train,openvino]"
+pip install -e ".[build,trt-rtx,dev,demo-train,openvino,serve,serve-test]"
+# the serve web page test drives Debian's chromium (playwright cannot download its own browser here)
+if ! command -v chromium >/dev/null; then
+    apt-get update -q && apt-get install -y -q chromium >/dev/null
+fi
 # TensorRT type stubs for the mypy check; --no-deps because their `tensorrt` dependency cannot install here.
 pip install --no-deps tensorrt-stubs==10.13.0.35.1
 # open_clip_torch ships the real CLIP BPE vocabulary the SD tests build their tokenizer from; --no-deps because

@@ -1,4 +1,4 @@
-"""`tstitch-trt build | run | info | check | bench`.
+"""`tstitch-trt build | run | info | check | bench | serve`.
 
 User errors print one line (`error: ...`) and exit 2; nothing half-written is left behind. Any other
 exception is a bug: one line saying so and where the full traceback was written, exit 1. SIGTERM
@@ -25,8 +25,8 @@ from tstitch_trt import __version__
 from tstitch_trt.demo import DEMO_NAME as DEMO
 from tstitch_trt.demo import resolve_bundle
 from tstitch_trt.errors import UserError
+from tstitch_trt.pipeline import defaults
 
-REFERENCE_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 INSTALL_BUILD = "pip install \"tstitch-trt[build]\""
 MAX_SEED = 2**64 - 1
 
@@ -59,6 +59,13 @@ def _finite(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def _positive(text: str) -> float:
+    v = _finite(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v:g}")
     return v
 
 
@@ -155,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "dpm-solver++", "pndm", "euler"],
                    help="DiT: ddim, ddpm, dpm-solver++ (default ddim); SD: pndm, ddim, euler, dpm-solver++ "
                         "(default: the bundle's scheduler)")
-    r.add_argument("--steps", type=_int_in(1, 100_000), default=50, help="sampling steps")
+    r.add_argument("--steps", type=_int_in(1, 100_000), default=defaults.DEFAULT_STEPS, help="sampling steps")
     g = r.add_mutually_exclusive_group()
     g.add_argument("--ratio", type=_unit, default=None,
                    help="share of early steps on the small model, 0..1 (default 0.4 with two models)")
@@ -163,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one share per model in stitch order, summing to 1 (default: equal shares with 3+ models)")
     r.add_argument("--cfg-scale", type=_finite, default=None, help="classifier-free guidance scale (default: DiT 1.5, "
                                                                    "SD 7.5)")
-    r.add_argument("--eta", type=_non_negative, default=0.0, help="DDIM eta (0 = deterministic)")
+    r.add_argument("--eta", type=_non_negative, default=defaults.DEFAULT_ETA, help="DDIM eta (0 = deterministic)")
     r.add_argument("--class-labels", type=_parse_labels, default=None,
                    help="DiT: comma list of class labels (default: 0-9 twice for the demo, the reference's 8 labels "
                         "otherwise)")
@@ -173,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--height", type=_int_in(8, 16384),
                    help="SD: image height (default: U-Net sample size x VAE factor)")
     r.add_argument("--width", type=_int_in(8, 16384), help="SD: image width (default as --height)")
-    r.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, help="seed of the initial and per-step noise")
+    r.add_argument("--seed", type=_int_in(0, MAX_SEED), default=defaults.DEFAULT_SEED,
+                   help="seed of the initial and per-step noise")
     r.add_argument("--init-noise", help=".npy starting latent (B, C, H, W) float; sets the batch")
     r.add_argument("--save-latents", help="also write the final latent (before decoding) to this .npy")
     r.add_argument("--out", help="image (grid) to write: .png, .jpg or .webp (default ./tstitch-BUNDLE.png)")
@@ -201,6 +209,24 @@ def build_parser() -> argparse.ArgumentParser:
     from tstitch_trt.bench import add_bench_arguments
 
     add_bench_arguments(command("bench", "speed, host overhead, memory and quality benchmarks"))
+
+    s = command("serve", "serve a bundle over HTTP on Ray Serve (needs the serve extra)")
+    s.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo'")
+    s.add_argument("--backend", default="auto", help="auto, trt, trt-rtx, ort, openvino, torch")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback unless you mean otherwise)")
+    s.add_argument("--port", type=_int_in(1, 65535), default=8000, help="HTTP port")
+    s.add_argument("--replicas", type=_int_in(1, 1024), default=None,
+                   help="engine replicas (default: one per GPU, else one per --cores-per-replica)")
+    s.add_argument("--cores-per-replica", type=_int_in(1, 1024), default=4, help="CPU cores per replica without a GPU")
+    s.add_argument("--max-batch-size", type=_int_in(1, 65536), default=32,
+                   help="images per engine batch and per request (1: no batching)")
+    s.add_argument("--batch-wait-ms", type=_non_negative, default=10.0, help="how long a batch waits to fill")
+    s.add_argument("--max-queued", type=_int_in(1, 1_000_000), default=64,
+                   help="queued requests beyond that answer 503")
+    s.add_argument("--request-timeout-s", type=_positive, default=60.0, help="slower requests answer 504")
+    s.add_argument("--latency-target-ms", type=_positive, default=None,
+                   help="load-adaptive stitching: raise the ratio while latency exceeds this (default: off)")
+    s.add_argument("--max-ratio", type=_unit, default=0.4, help="the highest ratio the adaptive policy uses")
     return p
 
 
@@ -216,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = _install_sigterm()
     try:
         return {"build": cmd_build, "run": cmd_run, "info": cmd_info, "check": cmd_check,
-                "bench": cmd_bench}[args.command](args)
+                "bench": cmd_bench, "serve": cmd_serve}[args.command](args)
     except UserError as e:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
@@ -330,8 +356,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.sampler in ("pndm", "euler"):
         raise UserError(f"--sampler {args.sampler} is for text-to-image (sd) bundles; DiT bundles take ddim, ddpm "
                         "or dpm-solver++")
-    args.sampler = args.sampler or "ddim"
-    args.cfg_scale = 1.5 if args.cfg_scale is None else args.cfg_scale
+    args.sampler = args.sampler or defaults.DEFAULT_SAMPLER
+    args.cfg_scale = defaults.DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
     is_demo = args.bundle == DEMO
     # Every output is checked before any work: a run never fails at the end for a path.
     outputs = OutputPlan()
@@ -354,13 +380,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         nc = pipe.manifest.num_classes
         labels = args.class_labels
         if labels is None:
-            # demo: two rows of the digits 0-9; DiT: the reference's demo labels
-            labels = [c for _ in range(2) for c in range(min(nc, 10))] if is_demo else REFERENCE_LABELS
-            labels = [v % nc for v in labels]
-        ratio, fractions = args.ratio, args.fractions
-        if ratio is None and fractions is None:
-            n = len(pipe.manifest.models)
-            ratio, fractions = (0.4, None) if n == 2 else (None, [1.0 / n] * n)
+            labels = defaults.default_class_labels(nc, is_demo)
+        ratio, fractions = defaults.default_stitch(len(pipe.manifest.models), args.ratio, args.fractions)
         res = pipe(class_labels=labels, ratio=ratio, fractions=fractions, steps=args.steps, sampler=args.sampler,
                    cfg_scale=args.cfg_scale, seed=args.seed, eta=args.eta, init_noise=init, progress=args.progress)
     finally:
@@ -477,6 +498,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from tstitch_trt.bench import run_bench
 
     return run_bench(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tstitch_trt.serve.launch import serve_forever, service_config
+
+    return serve_forever(service_config(args), args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ class StitchedPipeline:
                 raise UserError(f"--init-noise has batch {x_init.shape[0]} but {len(labels)} class labels were given")
             if not np.isfinite(x_init).all():
                 raise UserError("--init-noise contains NaN or Inf")
-        lo, hi = self.manifest.batch_limits(self.backend.name)
+        lo, hi = self.batch_range()
         b = len(labels)
         if not lo <= b <= hi:
             raise UserError(f"batch {b} is outside the range this bundle was built for on {self.backend.name} "
@@ -121,6 +121,10 @@ class StitchedPipeline:
             if have is not None and need > have:
                 raise UserError(f"this request needs about {need / 2**30:.1f} GiB of memory (batch {b}, {steps} "
                                 f"steps) but only {have / 2**30:.1f} GiB is available; use a smaller batch")
+
+    def batch_range(self) -> tuple[int, int]:
+        """The batch range the bundle was built for on this pipeline's backend (every backend is bounded)."""
+        return self.manifest.batch_limits(self.backend.name)
 
     @property
     def num_timesteps(self) -> int:
@@ -139,7 +143,9 @@ class StitchedPipeline:
         init_noise: np.ndarray | None = None,
         progress: bool | None = None,
         decode: bool = True,
+        step_noise: np.ndarray | None = None,
     ) -> SampleResult:
+        """step_noise (steps, B, C, H, W): the per-step noise of ddpm / ddim eta>0, else drawn from `seed`."""
         label_list = [int(v) for v in class_labels]
         nc = self.manifest.num_classes
         bad = [v for v in label_list if not 0 <= v < nc]
@@ -150,13 +156,15 @@ class StitchedPipeline:
             labels = np.repeat(labels, init_noise.shape[0])  # one label for the whole --init-noise batch
         self.validate(labels, None if fractions is not None else ratio, fractions, steps, sampler, init_noise,
                       cfg_scale=cfg_scale, eta=eta, seed=seed)
-        rng = np.random.default_rng(seed)
         shape = (len(labels), *self.manifest.latent_shape)
-        x_init = (init_noise.astype(np.float32) if init_noise is not None
-                  else rng.standard_normal(shape, dtype=np.float32))
-        plan = plan_trajectory(sampler, steps, len(self.manifest.models), shape, rng,
+        if init_noise is None:
+            x_init, drawn = request_noise(seed, len(labels), self.manifest.latent_shape, steps, sampler, eta)
+            step_noise = drawn if step_noise is None else step_noise
+        else:
+            x_init = init_noise.astype(np.float32)
+        plan = plan_trajectory(sampler, steps, len(self.manifest.models), shape, np.random.default_rng(seed),
                                ratio=None if fractions is not None else ratio, fractions=fractions, eta=eta,
-                               num_timesteps=self.num_timesteps)
+                               noise=step_noise, num_timesteps=self.num_timesteps)
         t0 = time.perf_counter()
         loop = run_stitched(self.backend, plan, x_init, labels, cfg_scale, progress=progress,
                             model_names=self.model_names)
@@ -216,6 +224,17 @@ class StitchedPipeline:
 def decodes_to_images(manifest: Manifest) -> bool:
     """Whether samples of this bundle become images: pixel-space models, or a bundle with a VAE."""
     return manifest.vae is not None or manifest.latent_scale_factor == 1.0
+
+
+def request_noise(seed: int, batch: int, latent_shape: Sequence[int], steps: int, sampler: str,
+                  eta: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """(x_init, step_noise) exactly as a call with this seed and batch draws them: a served batch
+    concatenates each request's own (axis 0 / axis 1), so its images do not depend on its batch mates."""
+    rng = np.random.default_rng(seed)
+    shape = (batch, *latent_shape)
+    x_init = rng.standard_normal(shape, dtype=np.float32)
+    noise = rng.standard_normal((steps, *shape), dtype=np.float32) if sampler_needs_noise(sampler, eta) else None
+    return x_init, noise
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

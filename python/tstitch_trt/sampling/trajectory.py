@@ -36,19 +36,26 @@ def plan_trajectory(
     steps: int,
     num_models: int,
     latent_shape: Sequence[int],
-    rng: np.random.Generator,
+    rng: np.random.Generator | None,
     ratio: float | None = None,
     fractions: Sequence[float] | None = None,
     eta: float = 0.0,
     num_timesteps: int = 1000,
+    noise: np.ndarray | None = None,
 ) -> TrajectoryPlan:
-    """Tables for one trajectory; per-step noise (B, C, H, W) comes from `rng` after the caller's draws."""
+    """Tables for one trajectory; per-step noise (N, B, C, H, W) is `noise` when given (a served batch
+    concatenates each request's own), else drawn from `rng` after the caller's draws."""
     schedule = dit_schedule(steps, num_timesteps)
     timesteps = schedule.timesteps[::-1].copy()
     table = coefficient_table(sampler, schedule, eta)
     step_model = stitch_schedule(timesteps, num_models, ratio=ratio, fractions=fractions,
                                  num_timesteps=num_timesteps)
-    noise = None
-    if sampler_needs_noise(sampler, eta):
+    if not sampler_needs_noise(sampler, eta):
+        noise = None
+    elif noise is None:
+        if rng is None:
+            raise ValueError(f"{sampler} (eta {eta}) needs per-step noise: give noise or rng")
         noise = rng.standard_normal((len(timesteps), *latent_shape), dtype=np.float32)
+    elif noise.shape != (len(timesteps), *latent_shape):
+        raise ValueError(f"per-step noise has shape {noise.shape}, expected {(len(timesteps), *latent_shape)}")
     return TrajectoryPlan(sampler, timesteps, table, step_model, noise)

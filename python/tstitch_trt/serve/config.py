@@ -1,0 +1,24 @@
+"""The service's settings (from `tstitch-trt serve`'s flags); imports nothing heavy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    bundle: str  # as given: "demo" or a directory
+    backend: str = "auto"
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    max_batch_size: int = 32  # images per engine batch
+    batch_wait_ms: float = 10.0
+    max_queued: int = 64
+    request_timeout_s: float = 60.0
+    latency_target_ms: float | None = None
+    max_ratio: float = 0.4
+
+    @property
+    def adaptive(self) -> bool:
+        return self.latency_target_ms is not None

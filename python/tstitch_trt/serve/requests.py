@@ -1,0 +1,228 @@
+"""POST /v1/generate: parsing, validation and dispatch by the bundle's pipeline kind, in one place.
+
+A request body is JSON with the fields and defaults of `tstitch-trt run`. The common fields (steps,
+ratio or fractions, sampler, cfg_scale, eta, seed, height/width) are parsed here for every kind; each
+pipeline kind adds its conditioning fields and ONE function that runs a batch of its requests:
+
+    DiT ("dit-class-conditional"): class_labels          -> StitchedPipeline (pipeline/dit.py)
+    SD (to come):                  prompt, negative_prompt, num_images -> the SD pipeline
+
+Semantic checks (label range, ratio range, steps, sampler, engine batch range) are the pipeline's
+own (`StitchedPipeline.validate`), so the service answers with the CLI's messages.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tstitch_trt.bundle.manifest import Manifest
+from tstitch_trt.errors import UserError
+from tstitch_trt.pipeline import defaults
+
+COMMON_FIELDS = ("steps", "ratio", "fractions", "sampler", "cfg_scale", "eta", "seed", "height", "width",
+                 "return_latents")
+TEXT_FIELDS = ("prompt", "negative_prompt", "num_images")  # what text-to-image kinds take
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One parsed request. ratio and fractions are both None when the service's policy picks the ratio."""
+
+    kind: str
+    conditioning: dict[str, Any]  # DiT: {"class_labels": [...]}
+    num_images: int
+    steps: int
+    sampler: str
+    cfg_scale: float
+    eta: float
+    seed: int
+    ratio: float | None
+    fractions: tuple[float, ...] | None
+    return_latents: bool = False
+    adaptive: bool = False  # ratio left to the service's load-adaptive policy
+    arrival: float = field(default=0.0, compare=False)  # time.monotonic() when the replica received it
+
+    @property
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one engine batch (same trajectory tables, same guidance)."""
+        return (self.kind, self.steps, self.sampler, self.cfg_scale, self.eta, self.ratio, self.fractions)
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    images: list[np.ndarray]  # (H, W, C) uint8 each
+    latents: np.ndarray | None  # (B, C, H, W) of this request only
+    report: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PipelineKind:
+    """How one manifest pipeline kind takes requests: its conditioning fields, and its batch runner."""
+
+    fields: tuple[str, ...]
+    open: Callable[[Path, str], Any]  # (bundle dir, backend) -> pipeline
+    max_batch: Callable[[Any], int]  # pipeline -> the largest engine batch it can run
+    parse: Callable[[dict[str, Any], Manifest, bool, int], tuple[dict[str, Any], int]]  # -> conditioning, images
+    validate: Callable[[Any, GenerateRequest], None]  # (pipeline, request); raises UserError
+    run_batch: Callable[[Any, Sequence[GenerateRequest]], list[RequestResult]]  # one engine batch
+
+
+# --------------------------------------------------------------------------------------------- parsing
+def parse_generate(body: bytes, manifest: Manifest, is_demo: bool, max_images: int,
+                   adaptive: bool = False) -> GenerateRequest:
+    """The request body -> GenerateRequest, or UserError with one line (the service answers 400)."""
+    try:
+        data = json.loads(body or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"the request body is not valid JSON ({e}); send a JSON object") from None
+    if not isinstance(data, dict):
+        raise UserError(f"the request body must be a JSON object, got {type(data).__name__}")
+    kind = pipeline_kind(manifest)
+    spec = KINDS[kind]
+    allowed = (*spec.fields, *COMMON_FIELDS)
+    for name in data:
+        if name in allowed:
+            continue
+        if name in TEXT_FIELDS or name == "class_labels":
+            takes = ", ".join(spec.fields)
+            raise UserError(f"{name!r} does not apply to this {kind} bundle; it takes {takes}")
+        raise UserError(f"unknown field {name!r}; this {kind} bundle takes: {', '.join(allowed)}")
+
+    conditioning, num_images = spec.parse(data, manifest, is_demo, max_images)
+    steps = _int(data, "steps", defaults.DEFAULT_STEPS)
+    sampler = _str(data, "sampler", defaults.DEFAULT_SAMPLER)
+    cfg_scale = _float(data, "cfg_scale", defaults.DEFAULT_CFG_SCALE)
+    eta = _float(data, "eta", defaults.DEFAULT_ETA)
+    seed = _int(data, "seed", defaults.DEFAULT_SEED)
+    return_latents = _bool(data, "return_latents", False)
+    ratio = _float(data, "ratio", None)
+    fractions = _floats(data, "fractions")
+    if ratio is not None and fractions is not None:
+        raise UserError("give ratio or fractions, not both")
+    size = manifest.image_size
+    for side in ("height", "width"):
+        v = _int(data, side, size)
+        if v != size:
+            raise UserError(f"{side} {v} is not this bundle's image size; its models make {size}x{size} images")
+    # with the adaptive policy on, the service picks the ratio of requests that leave it out
+    follow_policy = adaptive and ratio is None and fractions is None and len(manifest.models) == 2
+    if not follow_policy:
+        ratio, fractions_list = defaults.default_stitch(len(manifest.models), ratio, fractions)
+        fractions = None if fractions_list is None else tuple(fractions_list)
+    return GenerateRequest(kind, conditioning, num_images, steps, sampler, cfg_scale, eta, seed, ratio,
+                           fractions, return_latents, adaptive=follow_policy)
+
+
+def pipeline_kind(manifest: Manifest) -> str:
+    if manifest.pipeline not in KINDS:
+        raise UserError(f"serve does not know pipeline kind {manifest.pipeline!r} (it serves: {', '.join(KINDS)})")
+    return manifest.pipeline
+
+
+def with_ratio(req: GenerateRequest, ratio: float) -> GenerateRequest:
+    return replace(req, ratio=ratio, fractions=None)
+
+
+def _get(data: dict, name: str, types: tuple[type, ...], what: str, default: Any) -> Any:
+    v = data.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) and bool not in types or not isinstance(v, types):
+        raise UserError(f"{name} must be {what}, got {json.dumps(v)[:40]}")
+    return v
+
+
+def _int(data: dict, name: str, default: Any) -> Any:
+    return _get(data, name, (int,), "an integer", default)
+
+
+def _float(data: dict, name: str, default: Any) -> Any:
+    v = _get(data, name, (int, float), "a number", default)
+    return None if v is None else float(v)
+
+
+def _str(data: dict, name: str, default: Any) -> Any:
+    return _get(data, name, (str,), "a string", default)
+
+
+def _bool(data: dict, name: str, default: bool) -> bool:
+    return _get(data, name, (bool,), "true or false", default)
+
+
+def _floats(data: dict, name: str) -> tuple[float, ...] | None:
+    v = _get(data, name, (list,), "a list of numbers", None)
+    if v is None:
+        return None
+    if not all(isinstance(f, int | float) and not isinstance(f, bool) for f in v):
+        raise UserError(f"{name} must be a list of numbers, got {json.dumps(v)[:40]}")
+    return tuple(float(f) for f in v)
+
+
+# ------------------------------------------------------------------------------- DiT, class-conditional
+def _dit_parse(data: dict, manifest: Manifest, is_demo: bool, max_images: int) -> tuple[dict, int]:
+    labels = _get(data, "class_labels", (list,), "a list of integers", None)
+    if labels is None:
+        labels = defaults.default_class_labels(manifest.num_classes, is_demo)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+        raise UserError(f"class_labels must be a list of integers, got {json.dumps(labels)[:40]}")
+    if len(labels) > max_images:
+        raise UserError(f"{len(labels)} class labels, but this service runs at most {max_images} images per "
+                        "request (--max-batch-size); split the request")
+    return {"class_labels": list(labels)}, len(labels)
+
+
+def _dit_open(bundle: Path, backend: str) -> Any:
+    from tstitch_trt.pipeline.dit import StitchedPipeline
+
+    return StitchedPipeline.from_bundle(bundle, backend=backend)
+
+
+def _dit_max_batch(pipe: Any) -> int:
+    return pipe.batch_range()[1]
+
+
+def _dit_validate(pipe: Any, req: GenerateRequest) -> None:
+    labels = np.asarray(req.conditioning["class_labels"], dtype=np.int64)
+    pipe.validate(labels, req.ratio, req.fractions, req.steps, req.sampler, None)
+
+
+def _dit_run_batch(pipe: Any, reqs: Sequence[GenerateRequest]) -> list[RequestResult]:
+    """One engine batch: each request's noise drawn from its own seed, concatenated, split back."""
+    from tstitch_trt.pipeline.dit import request_noise
+
+    first = reqs[0]
+    latent_shape = pipe.manifest.latent_shape
+    labels: list[int] = []
+    inits, step_noises = [], []
+    for r in reqs:
+        labels.extend(r.conditioning["class_labels"])
+        x, noise = request_noise(r.seed, r.num_images, latent_shape, r.steps, r.sampler, r.eta)
+        inits.append(x)
+        step_noises.append(noise)
+    step_noise = None if step_noises[0] is None else np.concatenate(step_noises, axis=1)
+    res = pipe(class_labels=labels, ratio=first.ratio, fractions=first.fractions, steps=first.steps,
+               sampler=first.sampler, cfg_scale=first.cfg_scale, seed=first.seed, eta=first.eta,
+               init_noise=np.concatenate(inits, axis=0), step_noise=step_noise, progress=False)
+    out, start = [], 0
+    for r in reqs:
+        stop = start + r.num_images
+        report = dict(res.report, class_labels=r.conditioning["class_labels"], seed=r.seed, batch=r.num_images,
+                      batch_size=len(labels), ratio=first.ratio,
+                      fractions=None if first.fractions is None else list(first.fractions))
+        images = [] if res.images is None else list(res.images[start:stop])
+        latents = res.latents[start:stop].copy() if r.return_latents else None
+        out.append(RequestResult(images, latents, report))
+        start = stop
+    return out
+
+
+KINDS: dict[str, PipelineKind] = {
+    "dit-class-conditional": PipelineKind(("class_labels",), _dit_open, _dit_max_batch, _dit_parse, _dit_validate,
+                                          _dit_run_batch),
+}
