@@ -105,21 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(sub.add_parser("bench", help="speed, host overhead, memory and quality benchmarks"))
 
-    s = sub.add_parser("serve", help="serve a bundle over HTTP on Ray Serve (needs the serve extra)")
-    s.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo' (default)")
-    s.add_argument("--backend", default="auto", help="auto, trt, trt-rtx, ort, torch")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--replicas", type=int, default=None, help="default: one per GPU, else one per --cores-per-replica")
-    s.add_argument("--cores-per-replica", type=int, default=4, help="without a GPU (default 4)")
-    s.add_argument("--max-batch-size", type=int, default=32,
-                   help="images per engine batch and per request (1: no batching)")
-    s.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
-    s.add_argument("--max-queued", type=int, default=64, help="queued requests beyond that answer 503")
-    s.add_argument("--request-timeout-s", type=float, default=60.0, help="slower requests answer 504")
-    s.add_argument("--latency-target-ms", type=float, default=None,
-                   help="load-adaptive stitching: raise the ratio while latency exceeds this")
-    s.add_argument("--max-ratio", type=float, default=0.4, help="the highest ratio the adaptive policy uses")
+    from tstitch_trt.serve.launch import add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="serve a bundle over HTTP on Ray Serve (needs the serve extra)"))
     return p
 
 
