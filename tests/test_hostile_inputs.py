@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -538,7 +539,9 @@ def test_every_flag_has_help_and_shows_its_default(capsys):
         for action in p._actions:
             if action.default not in (None, False, "==SUPPRESS==") and action.option_strings:
                 flag = action.option_strings[-1]
-                entry = options.split(f"  {flag}", 1)[1].split("\n  -", 1)[0]
+                m = re.search(rf"^  (?:-\w, )?{re.escape(flag)}\b(.*?)(?=^  -|\Z)", options, re.S | re.M)
+                assert m, f"{name} {flag} not in --help"
+                entry = m.group(1)
                 assert "default" in entry, f"{name} {flag}: no default shown in {entry!r}"
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import signal
 import sys
@@ -22,13 +21,22 @@ from pathlib import Path
 import numpy as np
 
 from tstitch_trt import __version__
+from tstitch_trt.argtypes import (
+    MAX_SEED,
+    finite,
+    int_in,
+    non_negative,
+    parse_batch_sizes,
+    parse_fractions,
+    parse_labels,
+    unit,
+)
 from tstitch_trt.demo import DEMO_NAME as DEMO
 from tstitch_trt.demo import resolve_bundle
 from tstitch_trt.errors import UserError
 from tstitch_trt.pipeline import defaults
 
 INSTALL_BUILD = "pip install \"tstitch-trt[build]\""
-MAX_SEED = 2**64 - 1
 
 
 class Terminated(BaseException):
@@ -51,80 +59,6 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-# --- argument types: each refuses its bad values in one line ----------------------------------------------
-def _finite(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return v
-
-
-def _positive(text: str) -> float:
-    v = _finite(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v:g}")
-    return v
-
-
-def _unit(text: str) -> float:
-    v = _finite(text)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1] (the share of early steps on the small model), got {v:g}")
-    return v
-
-
-def _non_negative(text: str) -> float:
-    v = _finite(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v:g}")
-    return v
-
-
-def _int_in(lo: int, hi: int):  # -> argparse type
-    def parse(text: str) -> int:
-        try:
-            v = int(text, 10)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}, got {v}")
-        return v
-
-    parse.__name__ = "integer"
-    return parse
-
-
-def _parse_labels(text: str) -> list[int]:
-    try:
-        labels = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"class labels must be integers separated by commas, got {text!r}") from None
-    if not labels:
-        raise argparse.ArgumentTypeError("give at least one class label")
-    return labels
-
-
-def _parse_fractions(text: str) -> list[float]:
-    vals = [_finite(v) for v in text.split(",")]
-    if any(v < 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"fractions must be >= 0, got {text!r}")
-    return vals
-
-
-def _parse_batch_sizes(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition("-")
-    try:
-        a, b = int(lo), int(hi or lo)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--batch-sizes takes N or MIN-MAX, got {text!r}") from None
-    if not 1 <= a <= b <= 65536:
-        raise argparse.ArgumentTypeError(f"--batch-sizes needs 1 <= MIN <= MAX <= 65536, got {text!r}")
-    return a, b
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tstitch-trt", formatter_class=_Help,
                 description="T-Stitch diffusion sampling on TensorRT / ONNX Runtime step engines")
@@ -139,16 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", action="append", metavar="ARCH=CHECKPOINT|DIR",
                    help="a model to stitch, smallest first, repeated: DiT-S/2=DiT-S-2.pt (CHECKPOINT may be "
                         "random:SEED), or a diffusers SD pipeline / U-Net directory (the last one a full pipeline)")
-    b.add_argument("--image-size", type=_int_in(1, 16384), help="DiT: image size in pixels (default 256)")
-    b.add_argument("--num-classes", type=_int_in(1, 1_000_000), help="DiT: class count of the models (default 1000)")
-    b.add_argument("--latent-channels", type=_int_in(1, 1024), help="DiT: latent channels (default 4)")
-    b.add_argument("--downsample", type=_int_in(1, 64), help="DiT: VAE factor (default 8; 1 for pixel-space models)")
+    b.add_argument("--image-size", type=int_in(1, 16384), help="DiT: image size in pixels (default 256)")
+    b.add_argument("--num-classes", type=int_in(1, 1_000_000), help="DiT: class count of the models (default 1000)")
+    b.add_argument("--latent-channels", type=int_in(1, 1024), help="DiT: latent channels (default 4)")
+    b.add_argument("--downsample", type=int_in(1, 64), help="DiT: VAE factor (default 8; 1 for pixel-space models)")
     b.add_argument("--vae", help="diffusers AutoencoderKL directory (or hub id where a network exists)")
     b.add_argument("--backend", help="comma list of torch, ort, trt, trt-rtx (default torch,ort)")
     b.add_argument("--precision", choices=["fp16", "fp32"], help="engine precision for trt / trt-rtx (default fp16)")
-    b.add_argument("--batch-sizes", type=_parse_batch_sizes, help="MIN-MAX batch the bundle accepts (default 1-16)")
+    b.add_argument("--batch-sizes", type=parse_batch_sizes, help="MIN-MAX batch the bundle accepts (default 1-16)")
     b.add_argument("--guidance-channels", help="eps channels that get CFG: '3' (DiT reference) or 'all' (default 3)")
-    b.add_argument("--opt-level", type=_int_in(0, 5), help="TensorRT builder optimization level 0-5 (default 3)")
+    b.add_argument("--opt-level", type=int_in(0, 5), help="TensorRT builder optimization level 0-5 (default 3)")
     b.add_argument("--timing-cache", help="TensorRT timing cache file, reused and updated")
     b.add_argument("--compute-capabilities", help="TensorRT-RTX target GPUs, e.g. 8.9,12.0 (default: portable set)")
     b.add_argument("--out", help="bundle directory (default engines/NAME); an existing one must be a bundle or empty")
@@ -162,25 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "dpm-solver++", "pndm", "euler"],
                    help="DiT: ddim, ddpm, dpm-solver++ (default ddim); SD: pndm, ddim, euler, dpm-solver++ "
                         "(default: the bundle's scheduler)")
-    r.add_argument("--steps", type=_int_in(1, 100_000), default=defaults.DEFAULT_STEPS, help="sampling steps")
+    r.add_argument("--steps", type=int_in(1, 100_000), default=defaults.DEFAULT_STEPS, help="sampling steps")
     g = r.add_mutually_exclusive_group()
-    g.add_argument("--ratio", type=_unit, default=None,
+    g.add_argument("--ratio", type=unit, default=None,
                    help="share of early steps on the small model, 0..1 (default 0.4 with two models)")
-    g.add_argument("--fractions", type=_parse_fractions,
+    g.add_argument("--fractions", type=parse_fractions,
                    help="one share per model in stitch order, summing to 1 (default: equal shares with 3+ models)")
-    r.add_argument("--cfg-scale", type=_finite, default=None, help="classifier-free guidance scale (default: DiT 1.5, "
+    r.add_argument("--cfg-scale", type=finite, default=None, help="classifier-free guidance scale (default: DiT 1.5, "
                                                                    "SD 7.5)")
-    r.add_argument("--eta", type=_non_negative, default=defaults.DEFAULT_ETA, help="DDIM eta (0 = deterministic)")
-    r.add_argument("--class-labels", type=_parse_labels, default=None,
+    r.add_argument("--eta", type=non_negative, default=defaults.DEFAULT_ETA, help="DDIM eta (0 = deterministic)")
+    r.add_argument("--class-labels", type=parse_labels, default=None,
                    help="DiT: comma list of class labels (default: 0-9 twice for the demo, the reference's 8 labels "
                         "otherwise)")
     r.add_argument("--prompt", help="SD (text-to-image) bundles: the prompt")
     r.add_argument("--negative-prompt", help="SD: the negative prompt (default: the empty string, as diffusers)")
-    r.add_argument("--num-images", type=_int_in(1, 65536), help="SD: images per prompt (default 1)")
-    r.add_argument("--height", type=_int_in(8, 16384),
+    r.add_argument("--num-images", type=int_in(1, 65536), help="SD: images per prompt (default 1)")
+    r.add_argument("--height", type=int_in(8, 16384),
                    help="SD: image height (default: U-Net sample size x VAE factor)")
-    r.add_argument("--width", type=_int_in(8, 16384), help="SD: image width (default as --height)")
-    r.add_argument("--seed", type=_int_in(0, MAX_SEED), default=defaults.DEFAULT_SEED,
+    r.add_argument("--width", type=int_in(8, 16384), help="SD: image width (default as --height)")
+    r.add_argument("--seed", type=int_in(0, MAX_SEED), default=defaults.DEFAULT_SEED,
                    help="seed of the initial and per-step noise")
     r.add_argument("--init-noise", help=".npy starting latent (B, C, H, W) float; sets the batch")
     r.add_argument("--save-latents", help="also write the final latent (before decoding) to this .npy")
@@ -196,13 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = command("check", "compare every backend in a bundle against the torch StepModule")
     c.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo'")
     c.add_argument("--backend", default=None, help="comma list (default: every backend present)")
-    c.add_argument("--batch", type=_int_in(1, 1024), default=2, help="batch of the compared step")
-    c.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, help="seed of the compared inputs")
+    c.add_argument("--batch", type=int_in(1, 1024), default=2, help="batch of the compared step")
+    c.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the compared inputs")
     c.add_argument("--report", help="write the comparison as JSON here")
     c.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: also measure OpenVINO bf16 per step and, for a bundle with the demo evaluator, "
                         "FID / accuracy at ratio 0 and 0.4, and give the bf16 verdict per model")
-    c.add_argument("--quality-images", type=_int_in(10, 100_000), default=500,
+    c.add_argument("--quality-images", type=int_in(10, 100_000), default=500,
                    help="images per point of the bf16 quality gate")
     c.add_argument("--record", action="store_true", help="write the bf16 verdict into the bundle's manifest.json")
 
@@ -210,23 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(command("bench", "speed, host overhead, memory and quality benchmarks"))
 
-    s = command("serve", "serve a bundle over HTTP on Ray Serve (needs the serve extra)")
-    s.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo'")
-    s.add_argument("--backend", default="auto", help="auto, trt, trt-rtx, ort, openvino, torch")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback unless you mean otherwise)")
-    s.add_argument("--port", type=_int_in(1, 65535), default=8000, help="HTTP port")
-    s.add_argument("--replicas", type=_int_in(1, 1024), default=None,
-                   help="engine replicas (default: one per GPU, else one per --cores-per-replica)")
-    s.add_argument("--cores-per-replica", type=_int_in(1, 1024), default=4, help="CPU cores per replica without a GPU")
-    s.add_argument("--max-batch-size", type=_int_in(1, 65536), default=32,
-                   help="images per engine batch and per request (1: no batching)")
-    s.add_argument("--batch-wait-ms", type=_non_negative, default=10.0, help="how long a batch waits to fill")
-    s.add_argument("--max-queued", type=_int_in(1, 1_000_000), default=64,
-                   help="queued requests beyond that answer 503")
-    s.add_argument("--request-timeout-s", type=_positive, default=60.0, help="slower requests answer 504")
-    s.add_argument("--latency-target-ms", type=_positive, default=None,
-                   help="load-adaptive stitching: raise the ratio while latency exceeds this (default: off)")
-    s.add_argument("--max-ratio", type=_unit, default=0.4, help="the highest ratio the adaptive policy uses")
+    from tstitch_trt.serve.launch import add_serve_arguments
+
+    add_serve_arguments(command("serve", "serve a bundle over HTTP on Ray Serve (needs the serve extra)"))
     return p
 
 

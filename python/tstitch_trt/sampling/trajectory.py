@@ -36,7 +36,7 @@ def plan_trajectory(
     steps: int,
     num_models: int,
     latent_shape: Sequence[int],
-    rng: np.random.Generator | None,
+    rng: np.random.Generator,
     ratio: float | None = None,
     fractions: Sequence[float] | None = None,
     eta: float = 0.0,
@@ -53,8 +53,6 @@ def plan_trajectory(
     if not sampler_needs_noise(sampler, eta):
         noise = None
     elif noise is None:
-        if rng is None:
-            raise ValueError(f"{sampler} (eta {eta}) needs per-step noise: give noise or rng")
         noise = rng.standard_normal((len(timesteps), *latent_shape), dtype=np.float32)
     elif noise.shape != (len(timesteps), *latent_shape):
         raise ValueError(f"per-step noise has shape {noise.shape}, expected {(len(timesteps), *latent_shape)}")

@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
 import threading
 
+from tstitch_trt.demo import DEMO_NAME
 from tstitch_trt.errors import UserError
 from tstitch_trt.serve.config import ServeConfig
+
+
+def add_serve_arguments(s: argparse.ArgumentParser) -> None:
+    from tstitch_trt.argtypes import int_in, non_negative, positive, unit
+
+    s.add_argument("--bundle", default=DEMO_NAME, help="bundle directory, or 'demo'")
+    s.add_argument("--backend", default="auto", help="auto, trt, trt-rtx, ort, openvino, torch")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback unless you mean otherwise)")
+    s.add_argument("--port", type=int_in(1, 65535), default=8000, help="HTTP port")
+    s.add_argument("--replicas", type=int_in(1, 1024), default=None,
+                   help="engine replicas (default: one per GPU, else one per --cores-per-replica)")
+    s.add_argument("--cores-per-replica", type=int_in(1, 1024), default=4, help="CPU cores per replica without a GPU")
+    s.add_argument("--max-batch-size", type=int_in(1, 65536), default=32,
+                   help="images per engine batch and per request (1: no batching)")
+    s.add_argument("--batch-wait-ms", type=non_negative, default=10.0,
+                   help="how long an idle engine waits to fill a batch")
+    s.add_argument("--max-queued", type=int_in(1, 1_000_000), default=64,
+                   help="queued requests beyond that answer 503")
+    s.add_argument("--request-timeout-s", type=positive, default=60.0, help="slower requests answer 504")
+    s.add_argument("--latency-target-ms", type=positive, default=None,
+                   help="load-adaptive stitching: raise the ratio while latency exceeds this (default: off)")
+    s.add_argument("--max-ratio", type=unit, default=0.4, help="the highest ratio the adaptive policy uses")
 
 
 def replica_resources(replicas: int | None, cores_per_replica: int) -> tuple[int, float, float]:
@@ -38,7 +62,7 @@ def check_port_free(host: str, port: int) -> None:
             raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host") from None
 
 
-def service_config(args) -> ServeConfig:  # args: the serve subcommand's argparse.Namespace
+def service_config(args: argparse.Namespace) -> ServeConfig:
     """Check the flags (one line each) and size the replicas; raises UserError."""
     import importlib.util
 
