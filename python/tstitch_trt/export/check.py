@@ -141,6 +141,9 @@ def run_check(args: argparse.Namespace, outputs: OutputPlan | None = None) -> in
     if getattr(args, "record", False) and precision != "bf16":
         raise UserError("--record writes the bf16 verdict; give --precision bf16 with it")
     wanted = present if not args.backend else [b.strip() for b in args.backend.split(",") if b.strip()]
+    if precision == "bf16" and "ort" not in present:
+        raise UserError("--precision bf16 runs the bundle's ONNX graphs on OpenVINO and this bundle has none; "
+                        "rebuild it with --backend ort")
     if precision == "bf16" and "openvino" not in wanted:
         wanted.append("openvino")  # bf16 runs on OpenVINO; asking for it checks OpenVINO
     if "openvino" in wanted and "ort" in present and "openvino" not in present:
