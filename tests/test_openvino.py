@@ -105,7 +105,7 @@ def test_zero_copy_and_reuse_without_allocations(pair):
     req = ov_b._requests[0][0]
     x_pair, x0_pair = ov_b.state["x"], ov_b.state["prev_x0"]
     assert np.shares_memory(req.get_tensor("x_next").data, x_pair[1])
-    assert np.shares_memory(req.get_tensor("x0").data, x0_pair[0])
+    assert np.shares_memory(req.get_tensor("x0").data, x0_pair[1])  # every state pair: read i % 2, write (i+1) % 2
     assert np.shares_memory(ov_b._requests[1][1].get_tensor("x").data, x_pair[1])
     ov_b.prepare(plan, x, labels, 1.5)
     x_pair[1][...] = np.nan
@@ -208,10 +208,11 @@ def test_openvino_missing_is_one_line(tiny_pair, tmp_path):
     block = "import sys; sys.modules['openvino'] = None\nfrom tstitch_trt.cli import main\n"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     run = [sys.executable, "-c", block + "sys.exit(main(sys.argv[1:]))", "run", "--bundle", str(tiny_pair),
-           "--steps", "2", "--no-progress", "--report", str(tmp_path / "r.json"), "--out", str(tmp_path / "a.png")]
+           "--steps", "2", "--no-progress", "--report", str(tmp_path / "r.json"),
+           "--save-latents", str(tmp_path / "z.npy")]
     proc = subprocess.run([*run, "--backend", "openvino"], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == "error: the openvino backend needs OpenVINO: pip install 'tstitch-trt[openvino]' " \
+    assert proc.stderr == 'error: the openvino backend needs OpenVINO: pip install "tstitch-trt[openvino]" ' \
                           "(or use --backend ort)\n"
     proc = subprocess.run(run, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
