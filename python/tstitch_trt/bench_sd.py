@@ -170,9 +170,25 @@ def run_sd_bench(args: argparse.Namespace) -> int:
         pipe.unet = large_unet
         return out.images
 
-    ref_s, ref_img = timed(diffusers_run)
-    ours_s, ours_res = timed(lambda: ours(PROMPT, ratio=args.ratio, steps=steps, sampler="pndm", height=size,
-                                          width=size, init_noise=z, progress=False))
+    def ours_run() -> Any:
+        return ours(PROMPT, ratio=args.ratio, steps=steps, sampler="pndm", height=size, width=size, init_noise=z,
+                    progress=False)
+
+    # interleaved (diffusers, ours, diffusers, ours, ...) so that a shared machine's load drifts on both alike
+    for _ in range(args.warmup):
+        ref_img, ours_res = diffusers_run(), ours_run()
+    ref_s, ours_s, parts = [], [], []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        ref_img = diffusers_run()
+        ref_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ours_res = ours_run()
+        ours_s.append(time.perf_counter() - t0)
+        rep = ours_res.report
+        parts.append({k: rep[k] for k in ("text_encoder_seconds", "loop_seconds", "decode_seconds")})
+    result["tstitch_trt_parts_seconds"] = parts
+    log("  ours, last run: " + ", ".join(f"{k.replace('_seconds', '')} {v:.2f} s" for k, v in parts[-1].items()))
     want = (ref_img[0] * 255).round().astype(np.int32)
     result["end_to_end_seconds"] = {"tstitch_trt": _stats(ours_s), "diffusers": _stats(ref_s)}
     result["speedup_vs_diffusers"] = {"min": min(ref_s) / min(ours_s),
