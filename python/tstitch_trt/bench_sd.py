@@ -11,7 +11,7 @@ the diffusers pipeline in memory, so both sides run the very same weights):
   U-Net and switched to the large one by callback_on_step_end after the same calls (what a user
   would otherwise write).
 
-Min and median of --repeats; CPU sized by default (256 px, 4 PNDM steps = 5 U-Net calls).
+Min and median of --repeats; CPU sized by default (256 px, 3 PNDM steps = 4 U-Net calls).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def run_sd_bench(args: argparse.Namespace) -> int:
         raise UserError("--device cuda: PyTorch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
-    steps = args.steps or (50 if device == "cuda" else 4)
+    steps = args.steps or (50 if device == "cuda" else 3)
     size = 512 if device == "cuda" else 256
     cache = Path(args.cache) / WORKLOAD
     small_dir, large_dir = write_parts(cache, log)
@@ -109,11 +109,12 @@ def run_sd_bench(args: argparse.Namespace) -> int:
     z = np.random.default_rng(args.seed).standard_normal(latent, dtype=np.float32)
     context, _ = ours.encode_prompts([PROMPT], [""])
 
-    def timed(fn, repeats: int = args.repeats) -> tuple[list[float], Any]:
-        for _ in range(args.warmup):
+    def timed(fn, warmup: int = args.warmup) -> tuple[list[float], Any]:
+        out = None
+        for _ in range(warmup):
             out = fn()
         samples = []
-        for _ in range(repeats):
+        for _ in range(args.repeats):
             t0 = time.perf_counter()
             out = fn()
             if device == "cuda":
@@ -141,8 +142,9 @@ def run_sd_bench(args: argparse.Namespace) -> int:
     for r in sorted({0.0, args.ratio, 1.0}):
         plan, sigma = ours.plan("pndm", steps, latent, np.random.default_rng(0), r, None, 0.0)
         n_calls = plan.steps
+        # both U-Nets are warm from the per-call figures: no warm-up trajectory (on a CPU one costs minutes)
         samples, _ = timed(lambda plan=plan, sigma=sigma: run_stitched(backend, plan, z * np.float32(sigma), context,
-                                                                       7.5, progress=False))
+                                                                       7.5, progress=False), warmup=0)
         traj[str(r)] = {**_stats(samples), "small_calls": int((plan.step_model == 0).sum())}
         log(f"  ratio {r}: {traj[str(r)]['min']:.2f} s per trajectory ({traj[str(r)]['small_calls']} small calls)")
     t_large, t_small = traj["0.0"]["min"], traj["1.0"]["min"]
@@ -168,9 +170,25 @@ def run_sd_bench(args: argparse.Namespace) -> int:
         pipe.unet = large_unet
         return out.images
 
-    ref_s, ref_img = timed(diffusers_run)
-    ours_s, ours_res = timed(lambda: ours(PROMPT, ratio=args.ratio, steps=steps, sampler="pndm", height=size,
-                                          width=size, init_noise=z, progress=False))
+    def ours_run() -> Any:
+        return ours(PROMPT, ratio=args.ratio, steps=steps, sampler="pndm", height=size, width=size, init_noise=z,
+                    progress=False)
+
+    # interleaved (diffusers, ours, diffusers, ours, ...) so that a shared machine's load drifts on both alike
+    for _ in range(args.warmup):
+        ref_img, ours_res = diffusers_run(), ours_run()
+    ref_s, ours_s, parts = [], [], []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        ref_img = diffusers_run()
+        ref_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ours_res = ours_run()
+        ours_s.append(time.perf_counter() - t0)
+        rep = ours_res.report
+        parts.append({k: rep[k] for k in ("text_encoder_seconds", "loop_seconds", "decode_seconds")})
+    result["tstitch_trt_parts_seconds"] = parts
+    log("  ours, last run: " + ", ".join(f"{k.replace('_seconds', '')} {v:.2f} s" for k, v in parts[-1].items()))
     want = (ref_img[0] * 255).round().astype(np.int32)
     result["end_to_end_seconds"] = {"tstitch_trt": _stats(ours_s), "diffusers": _stats(ref_s)}
     result["speedup_vs_diffusers"] = {"min": min(ref_s) / min(ours_s),
