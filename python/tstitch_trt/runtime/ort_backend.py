@@ -26,6 +26,7 @@ def ort_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+ORT_SPIN_DEFAULT = "1"
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(int32)": "int32"}
 
@@ -77,6 +78,10 @@ class OrtBackend:
         # the stitch switch (21% over the ideal line at ratio 0.9); stopping the spin removes it and
         # does not slow single-model runs (benchmarks/RESULTS.md).
         opts.add_session_config_entry("session.force_spinning_stop", "1")
+        # Between ops the pool's idle threads spin-wait for the next one (TSTITCH_ORT_SPIN=1, ORT's
+        # default) or sleep (0): see ORT_SPIN_DEFAULT for the measured trade-off.
+        opts.add_session_config_entry("session.intra_op.allow_spinning",
+                                      os.environ.get("TSTITCH_ORT_SPIN", ORT_SPIN_DEFAULT))
         self.sessions = []
         for m in manifest.models:
             if "ort" not in m.engines:
