@@ -587,3 +587,17 @@ def test_python_api_opens_the_demo_by_name_without_torch(tmp_path):
                      "print(res.images.shape, res.report['backend'])\n", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[-1] in ("ort", "openvino") and "(2, 32, 32, 1)" in proc.stdout
+
+
+def test_model_directory_configs_are_sealed_too(sd_bundle, tmp_path, capsys):
+    """A diffusers directory's config.json is read with its weights: editing it is tampering as well."""
+    bundle = tmp_path / "sd"
+    shutil.copytree(sd_bundle, bundle)
+    config = next((bundle / "unet").glob("*/config.json"))
+    cfg = json.loads(config.read_text())
+    cfg["cross_attention_dim"] = 64
+    config.write_text(json.dumps(cfg))
+    code, _, err = run_cli(["run", "--bundle", bundle, "--prompt", "a cat", "--steps", "2", "--backend", "torch",
+                            "--out", tmp_path / "x.png"], capsys)
+    assert_one_line(code, err, "checksum mismatch", "config.json")
+    assert not (tmp_path / "x.png").exists()

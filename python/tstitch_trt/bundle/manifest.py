@@ -277,6 +277,19 @@ def artifact_path(bundle_dir: str | Path, entry: EngineEntry, verify: bool = Tru
     return paths[0]
 
 
+def directory_entry(bundle_dir: Path, rel_dir: str, **entry: Any) -> EngineEntry:
+    """The entry of a saved diffusers / transformers model directory: its weights are the artifact, every
+    other file in it (config.json, ...) is checksummed too, and the directory is the artifact's own."""
+    root = Path(bundle_dir)
+    files = sorted(p for p in (root / rel_dir).rglob("*") if p.is_file())
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    if len(weights) != 1:
+        raise RuntimeError(f"internal error: {rel_dir} holds {len(weights)} .safetensors files, expected one")
+    others = [{"file": p.relative_to(root).as_posix(), "sha256": sha256_file(p)} for p in files if p != weights[0]]
+    return EngineEntry(file=weights[0].relative_to(root).as_posix(), sha256=sha256_file(weights[0]),
+                       extra={"dir": rel_dir, "files": others}, **entry)
+
+
 def add_file(bundle_dir: Path, rel: str, write: Callable[[Path], None], **entry: Any) -> EngineEntry:
     """Write an artifact with `write(path)` and return its manifest entry (with sha256)."""
     path = bundle_dir / rel

@@ -19,7 +19,15 @@ from typing import Any
 import torch
 
 from tstitch_trt import __version__
-from tstitch_trt.bundle.manifest import EngineEntry, Manifest, ModelEntry, sha256_file, staged_bundle, write_manifest
+from tstitch_trt.bundle.manifest import (
+    EngineEntry,
+    Manifest,
+    ModelEntry,
+    directory_entry,
+    sha256_file,
+    staged_bundle,
+    write_manifest,
+)
 from tstitch_trt.errors import UserError
 from tstitch_trt.export.unet_export import export_text_encoder, export_unet_step, text_io_spec, unet_io_spec
 from tstitch_trt.export.unet_step import UNetStepModule
@@ -135,9 +143,7 @@ def _write_text_encoder(tmp: Path, large: Path, cfg: SdBuildConfig, builders: di
     engines: dict[str, EngineEntry] = {}
     if "torch" in cfg.backends:
         clip.save_pretrained(str(tmp / "text_encoder" / "diffusers"), safe_serialization=True)
-        weights = next((tmp / "text_encoder" / "diffusers").glob("*.safetensors"))
-        engines["torch"] = EngineEntry(file=str(weights.relative_to(tmp)), sha256=sha256_file(weights),
-                                       extra={"dir": "text_encoder/diffusers"})
+        engines["torch"] = directory_entry(tmp, "text_encoder/diffusers")
     if "ort" in cfg.backends:
         rel = "text_encoder/text_encoder-fp32.onnx"
         export_text_encoder(clip, tmp / rel, "fp32", text_len)
@@ -164,9 +170,7 @@ def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: 
     if "torch" in cfg.backends:
         rel_dir = f"unet/{tag}"
         unet.save_pretrained(str(tmp / rel_dir), safe_serialization=True)
-        weights = next((tmp / rel_dir).glob("*.safetensors"))
-        engines["torch"] = EngineEntry(file=str(weights.relative_to(tmp)), sha256=sha256_file(weights),
-                                       batch_range=cfg.batch_range, extra={"dir": rel_dir})
+        engines["torch"] = directory_entry(tmp, rel_dir, batch_range=cfg.batch_range)
     if "ort" in cfg.backends:
         rel = f"onnx/{tag}-fp32.onnx"
         export_unet_step(step, tmp / rel, "fp32", text_len)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tstitch_trt.bundle.manifest import EngineEntry, sha256_file
+from tstitch_trt.bundle.manifest import EngineEntry, directory_entry, sha256_file
 from tstitch_trt.errors import UserError
 from tstitch_trt.export.onnx_export import OPSET, clean_graph, save_graph
 
@@ -173,11 +173,7 @@ def add_vae(bundle: Path, source: str, backends: list[str], batch_range: tuple[i
     if "torch" in backends:
         dst = bundle / "vae" / "diffusers"
         vae.save_pretrained(str(dst), safe_serialization=True)
-        weights = next(dst.glob("*.safetensors"))
-        config = dst / "config.json"  # read with the weights: checksummed like them
-        engines["torch"] = EngineEntry(file=str(weights.relative_to(bundle)), sha256=sha256_file(weights),
-                                       extra={"dir": "vae/diffusers", "files": [
-                                           {"file": str(config.relative_to(bundle)), "sha256": sha256_file(config)}]})
+        engines["torch"] = directory_entry(bundle, "vae/diffusers")
     graphs: dict[str, Path] = {}
     if "ort" in backends or engine_builders:
         graphs["fp32"] = export_vae_decoder(vae, bundle / "vae/decoder-fp32.onnx", latent_shape, "fp32",
