@@ -111,15 +111,18 @@ class StitchedSDPipeline:
         return np.ascontiguousarray(self._text_encoder(ids), dtype=np.float32), list(dict.fromkeys(notes))
 
     def plan(self, sampler: str, steps: int, batch_shape: tuple[int, ...], rng: np.random.Generator,
-             ratio: float | None, fractions: Sequence[float] | None, eta: float) -> tuple[TrajectoryPlan, float]:
+             ratio: float | None, fractions: Sequence[float] | None, eta: float,
+             step_noise: np.ndarray | None = None) -> tuple[TrajectoryPlan, float]:
         table = sd_table(sampler, self.manifest.scheduler or {}, steps, eta)
         n_calls = len(table.timesteps)
         try:
             step_model = stitch_schedule_by_call(n_calls, len(self.manifest.models), ratio=ratio, fractions=fractions)
         except ValueError as e:
             raise UserError(str(e)) from None
-        noise = rng.standard_normal((n_calls, *batch_shape), dtype=np.float32) if sd_needs_noise(sampler, eta) \
-            else None
+        noise = None
+        if sd_needs_noise(sampler, eta):
+            noise = step_noise if step_noise is not None else \
+                rng.standard_normal((n_calls, *batch_shape), dtype=np.float32)
         return TrajectoryPlan(sampler, table.timesteps, table.coef, step_model, noise), table.init_noise_sigma
 
     def __call__(
@@ -139,7 +142,9 @@ class StitchedSDPipeline:
         init_noise: np.ndarray | None = None,
         progress: bool | None = None,
         decode: bool = True,
+        step_noise: np.ndarray | None = None,
     ) -> SampleResult:
+        """step_noise (U-Net calls, B, C, h, w): the per-call noise of ddim eta>0, else drawn from `seed`."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if negative_prompt is None:
             negatives = [""] * len(prompts)
@@ -177,7 +182,7 @@ class StitchedSDPipeline:
         x_unit = (np.asarray(init_noise, dtype=np.float32) if init_noise is not None
                   else rng.standard_normal(shape, dtype=np.float32))
         plan, sigma = self.plan(sampler, steps, shape, rng,
-                                None if fractions is not None else ratio, fractions, eta)
+                                None if fractions is not None else ratio, fractions, eta, step_noise)
         x_init = x_unit * np.float32(sigma)
         # diffusers turns CFG off at cfg <= 1 (the conditional half alone); u + 1 (c - u) is that half
         guidance = cfg_scale if cfg_scale > 1 else 1.0
@@ -222,6 +227,18 @@ class StitchedSDPipeline:
             "notes": notes + loop.notes,
         }
         return SampleResult(loop.x, images, report)
+
+    def request_noise(self, seed: int, batch: int, height: int, width: int, steps: int, sampler: str,
+                      eta: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """(unit init latent, step noise) exactly as a call with this seed and batch draws them: a served
+        batch concatenates each request's own (axis 0 / axis 1), so its images do not depend on its batch mates."""
+        rng = np.random.default_rng(seed)
+        shape = (batch, self.manifest.latent_shape[0], height // self.vae_factor, width // self.vae_factor)
+        x_unit = rng.standard_normal(shape, dtype=np.float32)
+        if not sd_needs_noise(sampler, eta):
+            return x_unit, None
+        n_calls = len(sd_table(sampler, self.manifest.scheduler or {}, steps, eta).timesteps)
+        return x_unit, rng.standard_normal((n_calls, *shape), dtype=np.float32)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Final latents -> (B, H, W, 3) uint8 with the bundle's VAE (latents / scaling factor)."""

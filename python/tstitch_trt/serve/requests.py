@@ -4,11 +4,15 @@ A request body is JSON with the fields and defaults of `tstitch-trt run`. The co
 ratio or fractions, sampler, cfg_scale, eta, seed, height/width) are parsed here for every kind; each
 pipeline kind adds its conditioning fields and ONE function that runs a batch of its requests:
 
-    DiT ("dit-class-conditional"): class_labels          -> StitchedPipeline (pipeline/dit.py)
-    SD (to come):                  prompt, negative_prompt, num_images -> the SD pipeline
+    DiT ("dit-class-conditional"): class_labels                         -> StitchedPipeline (pipeline/dit.py)
+    SD ("sd"):                     prompt, negative_prompt, num_images  -> StitchedSDPipeline (pipeline/sd.py)
 
-Semantic checks (label range, ratio range, steps, sampler, engine batch range) are the pipeline's
-own (`StitchedPipeline.validate`), so the service answers with the CLI's messages.
+Defaults are run's for that kind (DiT: ddim, cfg 1.5, the bundle's image size only; SD: the bundle's
+scheduler's sampler, cfg 7.5, any height/width the U-Nets accept, the bundle's size by default).
+Semantic checks (label range, ratio range, steps, sampler, sizes, engine batch range) are the pipeline's
+own (`StitchedPipeline.validate`, `StitchedSDPipeline.validate`), so the service answers with the CLI's
+messages. Every request's initial latent (and per-step noise) is drawn from its own seed, so a batch of
+requests gives each the images a lone `tstitch-trt run --seed S` gives.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class GenerateRequest:
     seed: int
     ratio: float | None
     fractions: tuple[float, ...] | None
+    height: int
+    width: int
     return_latents: bool = False
     adaptive: bool = False  # ratio left to the service's load-adaptive policy
     arrival: float = field(default=0.0, compare=False)  # time.monotonic() when the replica received it
@@ -51,7 +57,8 @@ class GenerateRequest:
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one engine batch (same trajectory tables, same guidance)."""
-        return (self.kind, self.steps, self.sampler, self.cfg_scale, self.eta, self.ratio, self.fractions)
+        return (self.kind, self.steps, self.sampler, self.cfg_scale, self.eta, self.ratio, self.fractions,
+                self.height, self.width)
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,7 @@ class PipelineKind:
     """How one manifest pipeline kind takes requests: its conditioning fields, and its batch runner."""
 
     fields: tuple[str, ...]
+    defaults: Callable[[Manifest], tuple[str, float]]  # manifest -> run's default (sampler, cfg_scale)
     open: Callable[[Path, str], Any]  # (bundle dir, backend) -> pipeline
     max_batch: Callable[[Any], int]  # pipeline -> the largest engine batch it can run
     parse: Callable[[dict[str, Any], Manifest, bool, int], tuple[dict[str, Any], int]]  # -> conditioning, images
@@ -95,9 +103,10 @@ def parse_generate(body: bytes, manifest: Manifest, is_demo: bool, max_images: i
         raise UserError(f"unknown field {name!r}; this {kind} bundle takes: {', '.join(allowed)}")
 
     conditioning, num_images = spec.parse(data, manifest, is_demo, max_images)
+    default_sampler, default_cfg = spec.defaults(manifest)
     steps = _int(data, "steps", defaults.DEFAULT_STEPS)
-    sampler = _str(data, "sampler", defaults.DEFAULT_SAMPLER)
-    cfg_scale = _float(data, "cfg_scale", defaults.DEFAULT_CFG_SCALE)
+    sampler = _str(data, "sampler", default_sampler)
+    cfg_scale = _float(data, "cfg_scale", default_cfg)
     eta = _float(data, "eta", defaults.DEFAULT_ETA)
     seed = _int(data, "seed", defaults.DEFAULT_SEED)
     return_latents = _bool(data, "return_latents", False)
@@ -105,18 +114,14 @@ def parse_generate(body: bytes, manifest: Manifest, is_demo: bool, max_images: i
     fractions = _floats(data, "fractions")
     if ratio is not None and fractions is not None:
         raise UserError("give ratio or fractions, not both")
-    size = manifest.image_size
-    for side in ("height", "width"):
-        v = _int(data, side, size)
-        if v != size:
-            raise UserError(f"{side} {v} is not this bundle's image size; its models make {size}x{size} images")
+    height, width = _int(data, "height", manifest.image_size), _int(data, "width", manifest.image_size)
     # with the adaptive policy on, the service picks the ratio of requests that leave it out
     follow_policy = adaptive and ratio is None and fractions is None and len(manifest.models) == 2
     if not follow_policy:
         ratio, fractions_list = defaults.default_stitch(len(manifest.models), ratio, fractions)
         fractions = None if fractions_list is None else tuple(fractions_list)
     return GenerateRequest(kind, conditioning, num_images, steps, sampler, cfg_scale, eta, seed, ratio,
-                           fractions, return_latents, adaptive=follow_policy)
+                           fractions, height, width, return_latents, adaptive=follow_policy)
 
 
 def pipeline_kind(manifest: Manifest) -> str:
@@ -174,7 +179,16 @@ def _dit_parse(data: dict, manifest: Manifest, is_demo: bool, max_images: int) -
     if len(labels) > max_images:
         raise UserError(f"{len(labels)} class labels, but this service runs at most {max_images} images per "
                         "request (--max-batch-size); split the request")
+    size = manifest.image_size
+    for side in ("height", "width"):
+        v = _int(data, side, size)
+        if v != size:
+            raise UserError(f"{side} {v} is not this bundle's image size; its models make {size}x{size} images")
     return {"class_labels": list(labels)}, len(labels)
+
+
+def _dit_defaults(manifest: Manifest) -> tuple[str, float]:
+    return defaults.DEFAULT_SAMPLER, defaults.DEFAULT_CFG_SCALE
 
 
 def _dit_open(bundle: Path, backend: str) -> Any:
@@ -183,8 +197,9 @@ def _dit_open(bundle: Path, backend: str) -> Any:
     return StitchedPipeline.from_bundle(bundle, backend=backend)
 
 
-def _dit_max_batch(pipe: Any) -> int:
-    return pipe.batch_range()[1]
+def _max_batch(pipe: Any) -> int:
+    """The largest batch every artifact of the pipeline's backend was built for (models and VAE)."""
+    return pipe.manifest.batch_limits(pipe.backend.name)[1]
 
 
 def _dit_validate(pipe: Any, req: GenerateRequest) -> None:
@@ -222,7 +237,105 @@ def _dit_run_batch(pipe: Any, reqs: Sequence[GenerateRequest]) -> list[RequestRe
     return out
 
 
+# ------------------------------------------------------------------------------- SD 1.x, text-to-image
+SD_CFG_SCALE = 7.5  # run's default for SD bundles (cli_sd.py), as diffusers'
+
+
+def _texts(data: dict, name: str) -> list[str] | None:
+    v = _get(data, name, (str, list), "a string or a list of strings", None)
+    if v is None:
+        return None
+    texts = [v] if isinstance(v, str) else v
+    if not all(isinstance(t, str) for t in texts):
+        raise UserError(f"{name} must be a string or a list of strings, got {json.dumps(v)[:40]}")
+    return list(texts)
+
+
+def _sd_parse(data: dict, manifest: Manifest, is_demo: bool, max_images: int) -> tuple[dict, int]:
+    prompts = _texts(data, "prompt")
+    if not prompts:
+        raise UserError("this is a text-to-image (sd) bundle: give \"prompt\" (a string or a list of strings)")
+    negatives = _texts(data, "negative_prompt")
+    if negatives is None:
+        negatives = [""] * len(prompts)  # diffusers encodes "" when there is no negative prompt
+    elif len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    elif len(negatives) != len(prompts):
+        raise UserError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt")
+    num_images = _int(data, "num_images", 1)
+    if num_images < 1:
+        raise UserError("give at least one prompt and --num-images >= 1")
+    images = len(prompts) * num_images
+    if images > max_images:
+        raise UserError(f"{len(prompts)} prompts x {num_images} images = {images} images, but this service runs "
+                        f"at most {max_images} images per request (--max-batch-size); split the request")
+    return {"prompt": prompts, "negative_prompt": negatives, "num_images": num_images}, images
+
+
+def _sd_defaults(manifest: Manifest) -> tuple[str, float]:
+    from tstitch_trt.sampling.sd_samplers import default_sampler
+
+    return default_sampler(manifest.scheduler or {}), SD_CFG_SCALE
+
+
+def _sd_open(bundle: Path, backend: str) -> Any:
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    return StitchedSDPipeline.from_bundle(bundle, backend=backend)
+
+
+def _sd_validate(pipe: Any, req: GenerateRequest) -> None:
+    pipe.validate(req.ratio, req.fractions, req.steps, req.sampler, req.height, req.width, req.num_images)
+    lo, hi = pipe.manifest.batch_limits(pipe.backend.name)
+    if not lo <= req.num_images <= hi:  # the DiT pipeline's check, word for word
+        raise UserError(f"batch {req.num_images} is outside the range this bundle was built for on "
+                        f"{pipe.backend.name} [{lo}, {hi}]; split the request, or rebuild with --batch-sizes "
+                        f"{lo}-{max(req.num_images, hi)}")
+
+
+def _expand(texts: Sequence[str], n: int) -> list[str]:
+    return [t for t in texts for _ in range(n)]  # diffusers: each prompt num_images times in a row
+
+
+def _sd_run_batch(pipe: Any, reqs: Sequence[GenerateRequest]) -> list[RequestResult]:
+    """One engine batch: each request's prompts repeated num_images times and its own seed's latents,
+    concatenated in request order, split back (the text encoder and the U-Nets are per-row)."""
+    first = reqs[0]
+    prompts: list[str] = []
+    negatives: list[str] = []
+    inits, step_noises = [], []
+    for r in reqs:
+        c = r.conditioning
+        prompts += _expand(c["prompt"], c["num_images"])
+        negatives += _expand(c["negative_prompt"], c["num_images"])
+        x, noise = pipe.request_noise(r.seed, r.num_images, r.height, r.width, r.steps, r.sampler, r.eta)
+        inits.append(x)
+        step_noises.append(noise)
+    step_noise = None if step_noises[0] is None else np.concatenate(step_noises, axis=1)
+    res = pipe(prompt=prompts, negative_prompt=negatives, num_images=1, ratio=first.ratio,
+               fractions=first.fractions, steps=first.steps, sampler=first.sampler, cfg_scale=first.cfg_scale,
+               seed=first.seed, eta=first.eta, init_noise=np.concatenate(inits, axis=0), step_noise=step_noise,
+               progress=False)
+    out, start = [], 0
+    for r in reqs:
+        stop = start + r.num_images
+        c = r.conditioning
+        report = dict(res.report, prompts=_expand(c["prompt"], c["num_images"]),
+                      negative_prompts=_expand(c["negative_prompt"], c["num_images"]), seed=r.seed,
+                      batch=r.num_images, batch_size=len(prompts), ratio=first.ratio,
+                      fractions=None if first.fractions is None else list(first.fractions))
+        report["notes"] = [n for n in res.report["notes"] if not n.startswith("prompt ") or
+                           any(repr(t) in n for t in (*c["prompt"], *c["negative_prompt"]))]
+        images = [] if res.images is None else list(res.images[start:stop])
+        latents = res.latents[start:stop].copy() if r.return_latents else None
+        out.append(RequestResult(images, latents, report))
+        start = stop
+    return out
+
+
 KINDS: dict[str, PipelineKind] = {
-    "dit-class-conditional": PipelineKind(("class_labels",), _dit_open, _dit_max_batch, _dit_parse, _dit_validate,
-                                          _dit_run_batch),
+    "dit-class-conditional": PipelineKind(("class_labels",), _dit_defaults, _dit_open, _max_batch, _dit_parse,
+                                          _dit_validate, _dit_run_batch),
+    "sd": PipelineKind(TEXT_FIELDS, _sd_defaults, _sd_open, _max_batch, _sd_parse, _sd_validate,
+                       _sd_run_batch),
 }
