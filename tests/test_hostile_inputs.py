@@ -601,3 +601,17 @@ def test_model_directory_configs_are_sealed_too(sd_bundle, tmp_path, capsys):
                             "--out", tmp_path / "x.png"], capsys)
     assert_one_line(code, err, "checksum mismatch", "config.json")
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num-images", "99"], "batch 99 (prompts x --num-images) is outside the range this bundle was built for"),
+    (["--height", "1024"], "--height 1024 is outside the sizes this bundle was built for"),
+    (["--height", "35"], "is not a positive multiple of the VAE factor"),
+    (["--class-labels", "3"], "--class-labels applies to class-conditional (DiT) bundles"),
+    (["--cfg-scale", "nan"], "--cfg-scale: expected a finite number"),
+])
+def test_hostile_sd_requests(sd_bundle, tmp_path, capsys, extra, message):
+    code, _, err = run_cli(["run", "--bundle", sd_bundle, "--prompt", "a cat", "--steps", "2",
+                            "--out", tmp_path / "x.png", *extra], capsys)
+    assert_one_line(code, err, message)
+    assert not (tmp_path / "x.png").exists()

@@ -93,6 +93,17 @@ class StitchedSDPipeline:
                             f"U-Nets' {self._unet_down_factor()}x downsampling)")
         if batch < 1:
             raise UserError("give at least one prompt and --num-images >= 1")
+        # every backend is held to the sizes the bundle was built for (engines could not run others)
+        lo, hi = self.manifest.batch_limits(self.backend.name)
+        if not lo <= batch <= hi:
+            raise UserError(f"batch {batch} (prompts x --num-images) is outside the range this bundle was built "
+                            f"for on {self.backend.name} [{lo}, {hi}]; split the request, or rebuild with "
+                            f"--batch-sizes {lo}-{max(batch, hi)}")
+        ranges = self.manifest.io.get("dim_ranges", {})
+        for name, dim, v in (("--height", "H", height), ("--width", "W", width)):
+            if dim in ranges and not ranges[dim][0] * f <= v <= ranges[dim][2] * f:
+                raise UserError(f"{name} {v} is outside the sizes this bundle was built for "
+                                f"[{ranges[dim][0] * f}, {ranges[dim][2] * f}]")
 
     def encode_prompts(self, prompts: Sequence[str], negative: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         """context (2B, L, D), uncond (negative) half first, and notes (truncated prompts)."""
