@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from tstitch_trt.errors import UserError
+from tstitch_trt.pipeline import defaults
 
 DIT_ONLY_RUN_FLAGS = ("class_labels",)
 SD_ONLY_RUN_FLAGS = ("prompt", "negative_prompt", "num_images", "height", "width")
@@ -48,15 +49,11 @@ def cmd_run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # mani
     num_images = args.num_images if args.num_images is not None else 1
     pipe = StitchedSDPipeline.from_bundle(bundle, backend=args.backend, device=args.device)
     try:
-        ratio = args.ratio if args.ratio is not None or args.fractions is not None else (
-            0.4 if len(manifest.models) == 2 else None)
-        fractions = args.fractions
-        if ratio is None and fractions is None:
-            n = len(manifest.models)
-            fractions = [1.0 / n] * n
+        ratio, fractions = defaults.default_stitch(len(manifest.models), args.ratio, args.fractions)
         res = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, num_images=num_images, ratio=ratio,
-                   fractions=fractions, steps=args.steps if args.steps is not None else 50, sampler=args.sampler,
-                   cfg_scale=args.cfg_scale if args.cfg_scale is not None else 7.5, seed=args.seed,
+                   fractions=fractions, steps=args.steps, sampler=args.sampler,
+                   cfg_scale=defaults.DEFAULT_SD_CFG_SCALE if args.cfg_scale is None else args.cfg_scale,
+                   seed=args.seed,
                    height=args.height, width=args.width, eta=args.eta, init_noise=init, progress=args.progress)
     finally:
         pipe.close()

@@ -8,6 +8,7 @@ REFERENCE_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the DiT reference'
 DEFAULT_STEPS = 50
 DEFAULT_SAMPLER = "ddim"
 DEFAULT_CFG_SCALE = 1.5
+DEFAULT_SD_CFG_SCALE = 7.5  # text-to-image (sd) bundles, as diffusers' StableDiffusionPipeline
 DEFAULT_ETA = 0.0
 DEFAULT_SEED = 0
 DEFAULT_RATIO = 0.4  # two models: T-Stitch's usual share of early steps on the small model

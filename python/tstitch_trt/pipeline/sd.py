@@ -21,6 +21,7 @@ import numpy as np
 from tstitch_trt.bundle.manifest import Manifest
 from tstitch_trt.errors import UserError
 from tstitch_trt.pipeline.backends import open_bundle, open_first_backend
+from tstitch_trt.pipeline.defaults import DEFAULT_SD_CFG_SCALE
 from tstitch_trt.pipeline.dit import SampleResult, to_uint8
 from tstitch_trt.runtime.backend import Backend
 from tstitch_trt.runtime.loop import run_stitched
@@ -144,7 +145,7 @@ class StitchedSDPipeline:
         ratio: float | None = 0.4,
         steps: int = 50,
         sampler: str | None = None,
-        cfg_scale: float = 7.5,
+        cfg_scale: float = DEFAULT_SD_CFG_SCALE,
         seed: int = 0,
         fractions: Sequence[float] | None = None,
         height: int | None = None,

@@ -238,7 +238,6 @@ def _dit_run_batch(pipe: Any, reqs: Sequence[GenerateRequest]) -> list[RequestRe
 
 
 # ------------------------------------------------------------------------------- SD 1.x, text-to-image
-SD_CFG_SCALE = 7.5  # run's default for SD bundles (cli_sd.py), as diffusers'
 
 
 def _texts(data: dict, name: str) -> list[str] | None:
@@ -275,7 +274,7 @@ def _sd_parse(data: dict, manifest: Manifest, is_demo: bool, max_images: int) ->
 def _sd_defaults(manifest: Manifest) -> tuple[str, float]:
     from tstitch_trt.sampling.sd_samplers import default_sampler
 
-    return default_sampler(manifest.scheduler or {}), SD_CFG_SCALE
+    return default_sampler(manifest.scheduler or {}), defaults.DEFAULT_SD_CFG_SCALE
 
 
 def _sd_open(bundle: Path, backend: str) -> Any:
