@@ -54,7 +54,8 @@ def test_info_describes_bundle(tiny_pair: Path, capsys) -> None:
     assert "DiT-S/2" in out and "DiT-B/2" in out and "latent 4x8x8" in out and "10 classes" in out
 
 
-def test_three_model_fractions(tiny_trio: Path, tmp_path: Path, capsys) -> None:
+def test_three_model_fractions(tiny_trio: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the VAE-less bundle writes its latents to the working directory
     code, _, err = run_cli(["run", "--bundle", str(tiny_trio), "--backend", "torch", "--steps", "10",
                             "--fractions", "0.3,0.3,0.4", "--class-labels", "0", "--report",
                             str(tmp_path / "r.json")], capsys)
