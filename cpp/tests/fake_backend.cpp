@@ -267,7 +267,8 @@ void write_toy_bundle(const std::string& dir, int c, int h, int w) {
                                    << std::string(64 * (i + 1), '#');
     models.push_back({{"name", i == 0 ? "Toy-S" : "Toy-L"},
                       {"family", "dit"},
-                      {"arch", {{"in_channels", c}, {"input_size", h}, {"num_classes", 10}}},
+                      {"arch", {{"depth", 1}, {"hidden_size", 8}, {"num_heads", 1}, {"patch_size", 1}, {"input_size", h},
+                                {"in_channels", c}, {"num_classes", 10}, {"learn_sigma", false}, {"mlp_ratio", 4.0}}},
                       {"engines",
                        {{"trt",
                          {{"file", rel},
