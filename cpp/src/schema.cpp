@@ -4,7 +4,6 @@
 #include <cmath>
 #include <map>
 #include <regex>
-#include <tuple>
 #include <vector>
 
 #include "errors.hpp"
@@ -51,9 +50,35 @@ bool matches_type(const Violation& v) {
   return std::any_of(t.begin(), t.end(), [&](const ojson& x) { return x.is_string() && is_type(v.instance, x.get<std::string>()); });
 }
 
-// jsonschema's relevance: shallow first, anyOf/oneOf last, type-mismatched branches last.
-std::tuple<long, bool, bool> relevance(const Violation& v) {
-  return {-static_cast<long>(v.rel), v.keyword != "oneOf" && v.keyword != "anyOf", !matches_type(v)};
+// jsonschema's relevance (exceptions.by_relevance): shallow first, then the later sibling path,
+// anyOf/oneOf last, type-mismatched branches last. max() over it picks the reported violation.
+struct Relevance {
+  long depth;
+  std::vector<ojson> path;  // the path below the enclosing oneOf (error.path)
+  bool strong_keyword, type_mismatch;
+};
+
+bool path_less(const std::vector<ojson>& a, const std::vector<ojson>& b) {
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) {
+    if (a[i] == b[i]) continue;
+    if (a[i].is_number() != b[i].is_number()) return a[i].is_number();
+    return a[i] < b[i];
+  }
+  return a.size() < b.size();
+}
+
+bool operator<(const Relevance& a, const Relevance& b) {
+  if (a.depth != b.depth) return a.depth < b.depth;
+  if (a.path != b.path) return path_less(a.path, b.path);
+  if (a.strong_keyword != b.strong_keyword) return b.strong_keyword;
+  return !a.type_mismatch && b.type_mismatch;
+}
+bool operator==(const Relevance& a, const Relevance& b) { return !(a < b) && !(b < a); }
+bool operator>(const Relevance& a, const Relevance& b) { return b < a; }
+
+Relevance relevance(const Violation& v) {
+  return {-static_cast<long>(v.rel), std::vector<ojson>(v.path.end() - static_cast<long>(v.rel), v.path.end()),
+          v.keyword != "oneOf" && v.keyword != "anyOf", !matches_type(v)};
 }
 
 // -1, 0, 1 comparing two JSON numbers (integers exactly).
