@@ -111,6 +111,52 @@ def sampling_golden() -> dict:
             "stitch": stitch, "plans": plans}
 
 
+SD_CONFIGS = {  # diffusers scheduler_config.json dicts (SD 1.5's PNDM as shipped; Euler / DPM / DDIM variants)
+    "sd15-pndm": None,  # SD15_PNDM, below
+    "euler-linspace": {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                       "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
+                       "timestep_spacing": "linspace", "prediction_type": "epsilon"},
+    "euler-leading": {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                      "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
+                      "timestep_spacing": "leading"},
+    "dpm-linspace": {"_class_name": "DPMSolverMultistepScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                     "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "algorithm_type": "dpmsolver++",
+                     "solver_order": 2, "lower_order_final": True},
+    "dpm-trailing": {"_class_name": "DPMSolverMultistepScheduler", "beta_start": 0.0001, "beta_end": 0.02,
+                     "beta_schedule": "linear", "num_train_timesteps": 1000, "timestep_spacing": "trailing"},
+    "ddim-trailing": {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                      "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                      "steps_offset": 1, "clip_sample": False, "timestep_spacing": "trailing"},
+}
+SD_STEPS = (1, 2, 7, 20, 25, 50)
+
+
+def sd_sampling_golden() -> dict:
+    """SD sampler tables (bit patterns) for every sampler on several configs and step counts, and the call rule."""
+    from tstitch_trt.sampling.sd_samplers import SD_SAMPLERS, sd_table
+    from tstitch_trt.sampling.stitch import stitch_schedule_by_call
+
+    configs = {name: cfg or dict(SD15_PNDM) for name, cfg in SD_CONFIGS.items()}
+    tables = []
+    for name, cfg in configs.items():
+        for sampler in SD_SAMPLERS:
+            for steps in SD_STEPS:
+                for eta in ((0.0, 0.5) if sampler == "ddim" else (0.0,)):
+                    t = sd_table(sampler, cfg, steps, eta)
+                    tables.append({"config": name, "sampler": sampler, "steps": steps, "eta": eta,
+                                   "timesteps_bits": f32_bits(t.timesteps), "coef_bits": f32_bits(t.coef),
+                                   "init_noise_sigma_bits": f32_bits(np.float32(t.init_noise_sigma))[0]})
+    by_call = []
+    for n_calls in (1, 8, 21, 51):
+        for r in (0.0, 0.3, 0.4, 0.5, 1.0):
+            models = stitch_schedule_by_call(n_calls, 2, ratio=r).tolist()
+            by_call.append({"calls": n_calls, "ratio": r, "models": models})
+        for fr in ((0.3, 0.3, 0.4), (1 / 3, 1 / 3, 1 / 3), (0.0, 0.5, 0.5)):
+            by_call.append({"calls": n_calls, "fractions": list(fr),
+                            "models": stitch_schedule_by_call(n_calls, 3, fractions=fr).tolist()})
+    return {"configs": configs, "tables": tables, "by_call": by_call}
+
+
 def write_toy_bundle(dst: Path) -> None:
     """A two-model bundle whose "trt" engines are toy plans (fake_gpu.toy_plan) for the C++ fake engine."""
     from fake_gpu import toy_plan
@@ -395,7 +441,8 @@ def generate(golden: Path, toy_bundle: Path) -> None:
     toy_sd = toy_bundle.parent / TOY_SD_BUNDLE.name
     write_toy_sd_bundle(toy_sd)
     for name, data in (("rng", rng_golden()), ("sampling", sampling_golden()), ("loop", loop_golden(toy_bundle)),
-                       ("manifest_cases", manifest_cases_golden({"dit": toy_bundle, "sd": toy_sd}))):
+                       ("manifest_cases", manifest_cases_golden({"dit": toy_bundle, "sd": toy_sd})),
+                       ("sd_sampling", sd_sampling_golden())):
         (golden / f"{name}.json").write_text(json.dumps(data, separators=(",", ":")) + "\n")
 
 
