@@ -251,7 +251,14 @@ void StitchedLoop::prepare(const TrajectoryPlan& plan, const RequestInputs& in) 
                                           " (a second conditioning tensor, e.g. SDXL's) is not fed by this runtime version");
       }
     } else if (b.role == Role::kStep) {
-      if (b.source == "timestep") {
+      if (b.source == "timestep" && b.spec.dtype == "float32") {  // SD: t as float, one per image
+        std::vector<float> rows;
+        for (int i = 0; i < plan.steps(); ++i) {
+          const float t = plan.t_float.empty() ? static_cast<float>(plan.timesteps[i]) : plan.t_float[i];
+          rows.insert(rows.end(), static_cast<size_t>(dims_.at("B")), t);
+        }
+        upload(table_[n], rows.data(), rows.size() * 4);
+      } else if (b.source == "timestep") {
         std::vector<int64_t> rows;
         for (int64_t t : plan.timesteps) rows.insert(rows.end(), static_cast<size_t>(dims_.at("B")), t);
         std::vector<char> v = as_ints(rows, b.spec.dtype);

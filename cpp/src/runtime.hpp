@@ -10,6 +10,8 @@
 #include "engine.hpp"
 #include "loop.hpp"
 #include "manifest.hpp"
+#include "rng.hpp"
+#include "trajectory.hpp"
 
 namespace tstitch {
 
@@ -26,11 +28,13 @@ struct SampleRequest {
   int steps = 50;
   double ratio = 0.5;
   std::vector<double> fractions;
-  std::string sampler = "ddim";
+  std::string sampler;  // empty: ddim (DiT), the bundle scheduler's sampler (SD)
   double eta = 0.0;
   float cfg_scale = 1.0f;
   uint64_t seed = 0;
   std::vector<float> init_noise;  // empty: drawn from seed
+  std::vector<float> text_context;  // SD: (2B, tokens, width), uncond rows first
+  int text_tokens = 0, text_width = 0;
 };
 
 using BackendFactory = std::function<std::unique_ptr<Backend>(const std::string& kind, int device_index)>;
@@ -48,6 +52,8 @@ class Runtime {
 
  private:
   void check(const SampleRequest& req) const;
+  void check_sd(const SampleRequest& req) const;
+  TrajectoryPlan sd_plan(const SampleRequest& req, size_t latent, Pcg64& rng, float* init_sigma) const;
   std::string dir_;
   Manifest manifest_;
   std::unique_ptr<Backend> backend_;
