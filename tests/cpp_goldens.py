@@ -435,6 +435,63 @@ def loop_golden(bundle: Path) -> dict:
     return {"runs": runs}
 
 
+def sd_toy_eps(x_in, t, context, g, scale: float):  # noqa: ANN001, ANN201 (torch tensors)
+    """The C++ fake SD engine's stand-in U-Net: guided eps from (c_in x, t, both ends of each context row)."""
+    import torch
+
+    b = x_in.shape[0]
+    ends = context.reshape(2 * b, -1)
+    ctx = ends[:, 0] + ends[:, -1]
+    lift = (t * torch.tensor(1e-3, dtype=torch.float32)).reshape(b, 1, 1, 1)
+    u = torch.tanh(scale * x_in + lift + ctx[:b].reshape(b, 1, 1, 1))
+    c = torch.tanh(scale * x_in + lift + ctx[b:].reshape(b, 1, 1, 1))
+    return u + g * (c - u)
+
+
+# (sampler (None: the bundle scheduler's), eta, steps, ratio, cfg, batch, seed)
+SD_LOOP_CASES = [("pndm", 0.0, 5, 0.4, 7.5, 2, 0), ("euler", 0.0, 4, 0.5, 7.5, 1, 1),
+                 ("dpm-solver++", 0.0, 6, 0.5, 3.0, 2, 2), ("ddim", 0.5, 4, 0.0, 1.0, 2, 3),
+                 (None, 0.0, 3, 1.0, 5.0, 1, 4)]
+
+
+def sd_loop_golden(bundle: Path) -> dict:
+    """SD toy trajectories: pipeline/sd.py's plan (table, stitch by call, noise order, init_noise_sigma, cfg rule)
+    and export/unet_step.py's sd_sampler_update, stepping the four state pairs; the C++ loop runs the same."""
+    import torch
+
+    from tstitch_trt.bundle.manifest import read_manifest
+    from tstitch_trt.export.unet_step import sd_sampler_update
+    from tstitch_trt.sampling.sd_samplers import HISTORY, C, sd_needs_noise, sd_table
+    from tstitch_trt.sampling.stitch import stitch_schedule_by_call
+
+    manifest = read_manifest(bundle)
+    c, h, w = manifest.latent_shape
+    n_tok, width = SD_TOY_TEXT
+    runs = []
+    for sampler, eta, steps, ratio, cfg, batch, seed in SD_LOOP_CASES:
+        name = sampler or "pndm"  # None: the bundle scheduler's sampler (SD 1.5: PNDM)
+        rng = np.random.default_rng(seed)
+        x_unit = rng.standard_normal((batch, c, h, w), dtype=np.float32)
+        table = sd_table(name, manifest.scheduler, steps, eta)
+        n_calls = len(table.timesteps)
+        step_model = stitch_schedule_by_call(n_calls, 2, ratio=ratio)
+        noise = rng.standard_normal((n_calls, batch, c, h, w), dtype=np.float32) if sd_needs_noise(name, eta) else None
+        context = np.random.default_rng(100 + seed).standard_normal((2 * batch, n_tok, width), dtype=np.float32)
+        g = torch.tensor(cfg if cfg > 1 else 1.0, dtype=torch.float32)
+        x = torch.from_numpy(x_unit * np.float32(table.init_noise_sigma))
+        prev, hist, saved = torch.zeros_like(x), torch.zeros(batch, HISTORY, c, h, w), torch.zeros_like(x)
+        for i in range(n_calls):
+            coef = torch.from_numpy(table.coef[i])
+            t = torch.full((batch,), float(table.timesteps[i]), dtype=torch.float32)
+            eps = sd_toy_eps(coef[C["c_in"]] * x, t, torch.from_numpy(context), g, TOY_SCALES[int(step_model[i])])
+            nz = torch.from_numpy(noise[i]) if noise is not None else torch.zeros_like(x)
+            x, prev, hist, saved = sd_sampler_update(x, eps, coef, prev, hist, saved, nz)
+        runs.append({"sampler": sampler, "eta": eta, "steps": steps, "ratio": ratio, "cfg": cfg, "batch": batch,
+                     "seed": seed, "context_bits": f32_bits(context), "step_model": step_model.tolist(),
+                     "x": [float(v) for v in x.numpy().ravel()]})
+    return {"runs": runs}
+
+
 def generate(golden: Path, toy_bundle: Path) -> None:
     golden.mkdir(parents=True, exist_ok=True)
     write_toy_bundle(toy_bundle)
@@ -442,7 +499,7 @@ def generate(golden: Path, toy_bundle: Path) -> None:
     write_toy_sd_bundle(toy_sd)
     for name, data in (("rng", rng_golden()), ("sampling", sampling_golden()), ("loop", loop_golden(toy_bundle)),
                        ("manifest_cases", manifest_cases_golden({"dit": toy_bundle, "sd": toy_sd})),
-                       ("sd_sampling", sd_sampling_golden())):
+                       ("sd_sampling", sd_sampling_golden()), ("sd_loop", sd_loop_golden(toy_sd))):
         (golden / f"{name}.json").write_text(json.dumps(data, separators=(",", ":")) + "\n")
 
 
