@@ -226,6 +226,9 @@ Manifest read_manifest(const std::string& bundle_dir) {
   const std::string path = (fs::path(bundle_dir) / "manifest.json").string();
   if (!fs::is_regular_file(path, ec))
     fail(TSTITCH_ERR_BUNDLE, bundle_dir + " is not a bundle (no manifest.json); rebuild it with `tstitch-trt build`");
+  const auto size = fs::file_size(path, ec);
+  if (!ec && size > (16u << 20))  // bundle/manifest.py's MAX_MANIFEST_BYTES
+    fail(TSTITCH_ERR_BUNDLE, path + " is " + std::to_string(size) + " bytes, far larger than a manifest; rebuild the bundle");
   std::ifstream in(path, std::ios::binary);
   std::stringstream text;
   text << in.rdbuf();

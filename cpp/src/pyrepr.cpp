@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 
 namespace tstitch {
@@ -69,32 +70,53 @@ std::string str_repr(const std::string& s) {
 
 }  // namespace
 
-std::string py_repr(const nlohmann::ordered_json& v) {
+namespace {
+
+// repr() into `out`, giving up once `out` is longer than `limit` (a hostile, deeply nested or huge
+// value is cut, never walked to the end).
+void repr_into(const nlohmann::ordered_json& v, std::string& out, size_t limit) {
+  if (out.size() > limit) return;
   switch (v.type()) {
-    case nlohmann::ordered_json::value_t::null: return "None";
-    case nlohmann::ordered_json::value_t::boolean: return v.get<bool>() ? "True" : "False";
+    case nlohmann::ordered_json::value_t::null: out += "None"; return;
+    case nlohmann::ordered_json::value_t::boolean: out += v.get<bool>() ? "True" : "False"; return;
     case nlohmann::ordered_json::value_t::number_integer:
-    case nlohmann::ordered_json::value_t::number_unsigned: return v.dump();
-    case nlohmann::ordered_json::value_t::number_float: return float_repr(v.get<double>());
-    case nlohmann::ordered_json::value_t::string: return str_repr(v.get<std::string>());
+    case nlohmann::ordered_json::value_t::number_unsigned: out += v.dump(); return;
+    case nlohmann::ordered_json::value_t::number_float: out += float_repr(v.get<double>()); return;
+    case nlohmann::ordered_json::value_t::string: out += str_repr(v.get<std::string>()); return;
     case nlohmann::ordered_json::value_t::array: {
-      std::string out = "[";
-      for (size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + py_repr(v[i]);
-      return out + "]";
+      out += "[";
+      for (size_t i = 0; i < v.size() && out.size() <= limit; ++i) {
+        if (i) out += ", ";
+        repr_into(v[i], out, limit);
+      }
+      out += "]";
+      return;
     }
     case nlohmann::ordered_json::value_t::object: {
-      std::string out = "{";
+      out += "{";
       bool first = true;
-      for (auto it = v.begin(); it != v.end(); ++it, first = false)
-        out += (first ? "" : ", ") + str_repr(it.key()) + ": " + py_repr(it.value());
-      return out + "}";
+      for (auto it = v.begin(); it != v.end() && out.size() <= limit; ++it, first = false) {
+        out += (first ? "" : ", ") + str_repr(it.key()) + ": ";
+        repr_into(it.value(), out, limit);
+      }
+      out += "}";
+      return;
     }
-    default: return v.dump();
+    default: out += v.dump(); return;
   }
 }
 
+}  // namespace
+
+std::string py_repr(const nlohmann::ordered_json& v) {
+  std::string out;
+  repr_into(v, out, SIZE_MAX - 1);
+  return out;
+}
+
 std::string py_short(const nlohmann::ordered_json& v, size_t limit) {
-  const std::string text = py_repr(v);
+  std::string text;
+  repr_into(v, text, limit + 8);
   return text.size() <= limit ? text : text.substr(0, limit - 3) + "...";
 }
 

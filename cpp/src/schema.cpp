@@ -169,7 +169,12 @@ class Validator {
         const size_t n = code_points(inst.get<std::string>());
         if (k == "minLength" ? n < v.get<size_t>() : n > v.get<size_t>()) bad();
       } else if (k == "pattern") {
-        if (inst.is_string() && !pattern_matches(v.get<std::string>(), inst.get<std::string>())) bad();
+        // A string over the schema's maxLength is already refused (maxLength comes first, so it is the
+        // reported violation, as in Python); the regex never runs on it (std::regex recurses per character).
+        if (!inst.is_string()) continue;
+        const std::string& str = inst.get<std::string>();
+        if (schema.contains("maxLength") && code_points(str) > schema.at("maxLength").get<size_t>()) continue;
+        if (str.size() > 65536 || !pattern_matches(v.get<std::string>(), str)) bad();
       } else if (k == "minItems" || k == "maxItems") {
         if (inst.is_array() && (k == "minItems" ? inst.size() < v.get<size_t>() : inst.size() > v.get<size_t>())) bad();
       } else if (k == "prefixItems") {

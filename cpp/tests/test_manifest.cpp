@@ -149,3 +149,33 @@ TEST(Manifest, ReadsThePythonDemoPair) {
   EXPECT_TRUE(m.models[0].engines.count("ort"));
   EXPECT_EQ(artifact_path(demo, m.models[0].engines.at("ort")).empty(), false);
 }
+
+TEST(Manifest, HostileSizesAreRefusedNeverACrash) {
+  // a path at the schema's 1024-character limit, non-ASCII, is a path (as in Python); one over it,
+  // or a megabyte long, is refused without running the regex on it; deep nesting is cut in messages
+  const std::string base = tstitch::testing::test_dir() + "/data/toy_pair/manifest.json";
+  std::ifstream in(base);
+  const nlohmann::ordered_json good = nlohmann::ordered_json::parse(in);
+  auto with_file = [&](const std::string& file) {
+    nlohmann::ordered_json j = good;
+    j["models"][0]["engines"]["trt"]["file"] = file;
+    return error_of([&] { parse_manifest(j, "m"); });
+  };
+  EXPECT_EQ(with_file("trt/mod\u00e8le-\u4e2d.plan"), "");
+  EXPECT_EQ(with_file("trt/" + std::string(1020, 'a')), "");
+  const std::string too_long = "m: models[0].engines.trt.file has the wrong size (maxLength 1024); rebuild the bundle with `tstitch-trt build`";
+  EXPECT_EQ(with_file("trt/" + std::string(1021, 'a')), too_long);
+  EXPECT_EQ(with_file(std::string(1 << 20, 'a')), too_long);
+  EXPECT_NE(with_file("trt/\x01.plan").find("not a relative path inside the bundle"), std::string::npos);
+  nlohmann::ordered_json j = good;
+  nlohmann::ordered_json deep = nlohmann::ordered_json::array();
+  for (int i = 0; i < 100000; ++i) deep = nlohmann::ordered_json::array({std::move(deep)});
+  j["models"] = std::move(deep);
+  const std::string got = error_of([&] { parse_manifest(j, "m"); });
+  EXPECT_EQ(got.rfind("m: models has the wrong size (minItems 2)", 0), 0u) << got.substr(0, 200);
+  j = good;
+  j["models"][0]["name"] = nlohmann::ordered_json::array({nlohmann::ordered_json::array({std::string(1 << 20, 'x')})});
+  EXPECT_EQ(error_of([&] { parse_manifest(j, "m"); }),
+            "m: models[0].name must be of type string, got array [['" + std::string(54, 'x') +  // repr cut at 60, as _short
+                "...; rebuild the bundle with `tstitch-trt build`");
+}
