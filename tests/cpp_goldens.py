@@ -229,7 +229,7 @@ def write_toy_sd_bundle(dst: Path) -> None:
           "outputs": {n: {"shape": v, "dtype": f32} for n, v in outputs.items()},
           "roles": UNET_STEP_ROLES, "dim_ranges": {"H": [2, s, 2 * s], "W": [2, s, 2 * s]}}
     text = {"source": "toy", "kind": "CLIPTextModel", "hidden_state": "last",
-            "engines": {"trt": entry("text_encoder/toy.plan", b"TOYTEXT")},
+            "engines": {"trt": entry("text_encoder/toy.plan", b"TOYTEXT" + f"{n_tok},{width},".encode())},
             "io": {"inputs": {"input_ids": {"shape": ["N", n_tok], "dtype": "int64"}},
                    "outputs": {"text_embeddings": {"shape": ["N", n_tok, width], "dtype": f32}},
                    "dim_ranges": {"N": [2, 2, 8]}}}

@@ -75,6 +75,8 @@ struct Manifest {
   bool roles_recorded = false; // io.roles was in the manifest
   nlohmann::json scheduler;    // SD: the diffusers scheduler config (null otherwise)
   bool has_text_encoder = false;
+  std::map<std::string, EngineEntry> text_encoder_engines;  // SD: kind -> the text encoder's plan
+  std::vector<TensorSpec> text_encoder_io;                  // SD: input_ids (N, L) -> embeddings (N, L, D)
   bool is_sd() const { return pipeline == "sd"; }
   int channels() const { return models.front().channels; }
   int height() const { return models.front().height; }

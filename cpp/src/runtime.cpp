@@ -42,6 +42,9 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& opt, const Ba
                                    opt.engine);
     paths.push_back(artifact_path(dir_, it->second, opt.verify_checksums));
   }
+  std::string text_path;  // the SD text encoder's plan, checked with the rest
+  auto te = manifest_.text_encoder_engines.find(opt.engine);
+  if (te != manifest_.text_encoder_engines.end()) text_path = artifact_path(dir_, te->second, opt.verify_checksums);
   batch_range_ = {1, INT64_MAX};
   for (const ModelEntry& m : manifest_.models) {
     const EngineEntry& e = m.engines.at(opt.engine);
@@ -62,6 +65,38 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& opt, const Ba
     engines.push_back(backend_->load(plan, what));
   }
   loop_ = std::make_unique<StitchedLoop>(manifest_, backend_->device(), std::move(engines), opt.cuda_graph);
+  if (!text_path.empty()) {
+    const std::string what = "the " + opt.engine + " text encoder engine (" + std::filesystem::path(text_path).filename().string() + ")";
+    check_engine_compat(te->second.builder, backend_->identity(), backend_->device().compute_capability(), what);
+    std::ifstream in(text_path, std::ios::binary);
+    std::vector<char> plan((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    if (!in.good() && !in.eof()) fail(TSTITCH_ERR_BUNDLE, "cannot read " + text_path);
+    text_encoder_ = std::make_unique<TextEncoder>(manifest_, backend_->device(), backend_->load(plan, what));
+  }
+}
+
+// Token ids -> the text context (pipeline/sd.py's encode_prompts: negative prompts first).
+SampleRequest Runtime::encode_tokens(const SampleRequest& req) {
+  auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
+  if (!req.text_context.empty()) bad("give the text context or token ids, not both");
+  if (!text_encoder_)
+    fail(TSTITCH_ERR_UNAVAILABLE, "the bundle has no text encoder engine of this kind; pass request.text_context instead");
+  if (req.batch < batch_range_.first || req.batch > batch_range_.second)
+    bad("batch " + std::to_string(req.batch) + " is outside the engines' range [" + std::to_string(batch_range_.first) + ", " +
+        std::to_string(batch_range_.second) + "]; rebuild with a wider batch range");
+  const size_t n = static_cast<size_t>(req.batch) * static_cast<size_t>(req.token_count);
+  if (req.token_count < 1 || req.prompt_tokens.size() != n || req.negative_tokens.size() != n)
+    bad("prompt and negative token ids must each be batch x token_count (" + std::to_string(n) + ") ids");
+  std::vector<int64_t> ids(req.negative_tokens);
+  ids.insert(ids.end(), req.prompt_tokens.begin(), req.prompt_tokens.end());
+  for (int64_t id : ids)
+    if (id < 0) bad("token id " + std::to_string(id) + " is negative; pass the tokenizer's ids");
+  SampleRequest q = req;
+  int64_t width = 0;
+  q.text_context = text_encoder_->encode(ids, 2 * static_cast<int64_t>(req.batch), req.token_count, &width);
+  q.text_tokens = req.token_count, q.text_width = static_cast<int>(width);
+  q.prompt_tokens.clear(), q.negative_tokens.clear();
+  return q;
 }
 
 void Runtime::check(const SampleRequest& req) const {
@@ -105,8 +140,8 @@ void Runtime::check_sd(const SampleRequest& req) const {
     fail(TSTITCH_ERR_BUNDLE, "the SD step graph has no float (2B, tokens, width) text context input; rebuild the bundle");
   const int64_t tokens = cond->spec.shape[1].size, width = cond->spec.shape[2].size;
   if (req.text_context.empty())
-    bad("an SD request needs the text context (request.text_context: 2 x batch x " + std::to_string(tokens) + " x " +
-        std::to_string(width) + " floats, negative prompts first); token ids are not encoded by this runtime version");
+    bad("an SD request needs token ids or the text context (request.text_context: 2 x batch x " + std::to_string(tokens) +
+        " x " + std::to_string(width) + " floats, negative prompts first)");
   if (req.text_tokens != tokens || req.text_width != width)
     bad("the text context is " + std::to_string(req.text_tokens) + " tokens x " + std::to_string(req.text_width) +
         " wide, the U-Nets take " + std::to_string(tokens) + " x " + std::to_string(width));
@@ -139,7 +174,8 @@ TrajectoryPlan Runtime::sd_plan(const SampleRequest& req, size_t latent, Pcg64& 
   return p;
 }
 
-LoopResult Runtime::sample(const SampleRequest& req) {
+LoopResult Runtime::sample(const SampleRequest& request) {
+  const SampleRequest req = manifest_.is_sd() && !request.prompt_tokens.empty() ? encode_tokens(request) : request;
   check(req);
   if (manifest_.is_sd()) {
     const size_t latent = static_cast<size_t>(req.batch) * manifest_.channels() * manifest_.height() * manifest_.width();

@@ -11,6 +11,7 @@
 #include "loop.hpp"
 #include "manifest.hpp"
 #include "rng.hpp"
+#include "text_encoder.hpp"
 #include "trajectory.hpp"
 
 namespace tstitch {
@@ -35,6 +36,8 @@ struct SampleRequest {
   std::vector<float> init_noise;  // empty: drawn from seed
   std::vector<float> text_context;  // SD: (2B, tokens, width), uncond rows first
   int text_tokens = 0, text_width = 0;
+  std::vector<int64_t> prompt_tokens, negative_tokens;  // SD, instead of text_context: B x token_count each
+  int token_count = 0;
 };
 
 using BackendFactory = std::function<std::unique_ptr<Backend>(const std::string& kind, int device_index)>;
@@ -58,6 +61,8 @@ class Runtime {
   Manifest manifest_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<StitchedLoop> loop_;
+  std::unique_ptr<TextEncoder> text_encoder_;  // SD bundles with a text encoder plan of this engine kind
+  SampleRequest encode_tokens(const SampleRequest& req);
   std::pair<int64_t, int64_t> batch_range_{1, 1};
 };
 

@@ -118,6 +118,10 @@ std::unique_ptr<Graph> FakeDevice::capture(const std::function<void()>& body) {
   return std::make_unique<FakeGraph>(*this, std::move(ops), stats_);
 }
 
+float toy_text_embedding(int64_t id, int64_t d) {
+  return static_cast<float>(id % 997) * 1e-3f - static_cast<float>(d) * 1e-2f;
+}
+
 void toy_step(const float* x, const int64_t* t, const int64_t* y, float g, const float* c, const float* prev,
               const float* noise, float scale, size_t batch, size_t per_item, float* x_next, float* x0) {
   for (size_t b = 0; b < batch; ++b) {
@@ -326,6 +330,65 @@ class FakeSdEngine : public StepEngine {
   FakeStats& stats_;
 };
 
+// The SD toy text encoder ("TOYTEXT L,D,"): input_ids (N, L) int64 -> text_embeddings (N, L, D),
+// emb[n, l, d] = toy_text_embedding(id, d): exact float arithmetic the tests repeat on the host.
+class FakeTextContext : public StepContext {
+ public:
+  FakeTextContext(FakeDevice& d, int64_t width, FakeStats& s) : dev_(d), width_(width), stats_(s) {}
+  bool set_input_shape(const std::string& name, const std::vector<int64_t>& shape) override {
+    if (name != "input_ids" || shape.size() != 2 || shape[0] < 2 || shape[0] > 8) return false;
+    shape_ = shape;
+    return true;
+  }
+  void set_address(const std::string& name, void* ptr) override { addr_[name] = ptr; }
+  size_t scratch_needed() override { return 64; }
+  void set_scratch(void* ptr, size_t n) override {
+    if (n < 64) throw std::logic_error("scratch smaller than the engine needs");
+    scratch_ = ptr;
+  }
+  bool capturable() override { return true; }
+  void enqueue() override {
+    if (!scratch_ || shape_.empty() || !addr_.count("input_ids") || !addr_.count("text_embeddings"))
+      throw std::logic_error("text encoder enqueued unbound");
+    ++stats_.enqueues_by_context[this];
+    const size_t rows = static_cast<size_t>(shape_[0] * shape_[1]), width = static_cast<size_t>(width_);
+    auto a = addr_;
+    FakeDevice& dev = dev_;
+    dev_.enqueue([a, rows, width, &dev] {
+      dev.check_range(a.at("input_ids"), rows * 8);
+      dev.check_range(a.at("text_embeddings"), rows * width * 4);
+      const int64_t* ids = static_cast<const int64_t*>(a.at("input_ids"));
+      float* out = static_cast<float*>(a.at("text_embeddings"));
+      for (size_t i = 0; i < rows; ++i)
+        for (size_t d = 0; d < width; ++d) out[i * width + d] = toy_text_embedding(ids[i], static_cast<int64_t>(d));
+    });
+  }
+
+ private:
+  FakeDevice& dev_;
+  int64_t width_;
+  FakeStats& stats_;
+  std::vector<int64_t> shape_;
+  std::map<std::string, void*> addr_;
+  void* scratch_ = nullptr;
+};
+
+class FakeTextEngine : public StepEngine {
+ public:
+  FakeTextEngine(FakeDevice& d, int64_t width, FakeStats& s) : dev_(d), width_(width), stats_(s) {}
+  std::vector<EngineTensor> tensors() const override {
+    return {{"input_ids", true, "int64", true}, {"text_embeddings", false, "float32", true}};
+  }
+  size_t scratch_bytes() const override { return 64; }
+  std::pair<int64_t, int64_t> batch_range(const std::string&) const override { return {2, 8}; }
+  std::unique_ptr<StepContext> create_context() override { return std::make_unique<FakeTextContext>(dev_, width_, stats_); }
+
+ private:
+  FakeDevice& dev_;
+  int64_t width_;
+  FakeStats& stats_;
+};
+
 class FakeBackend : public Backend {
  public:
   FakeBackend(const FakeOptions& opt, FakeStats& s) : opt_(opt), stats_(s), dev_(opt, s) {
@@ -338,6 +401,13 @@ class FakeBackend : public Backend {
     const std::string text(data.begin(), data.end());
     ToyPlan p{};
     char comma;
+    if (text.rfind("TOYTEXT", 0) == 0) {
+      int64_t tokens = 0, width = 0;
+      char sep;
+      std::istringstream t(text.substr(7));
+      if (!(t >> tokens >> sep >> width)) fail(TSTITCH_ERR_INCOMPATIBLE, "not a toy text encoder plan (fake)");
+      return std::make_unique<FakeTextEngine>(dev_, width, stats_);
+    }
     const bool sd = text.rfind("TOYSD", 0) == 0;
     std::istringstream in(text.size() > 5 ? text.substr(sd ? 5 : 3) : "");
     if (text.rfind("TOY", 0) != 0 || !(in >> p.c >> comma >> p.h >> comma >> p.w >> comma >> p.k >> comma >> p.scale))

@@ -97,8 +97,8 @@ TEST(SdLoop, BadRequestsAreOneLineStatuses) {
   SampleRequest r = sd_request(c);
   r.text_context.clear();
   EXPECT_EQ(error_of([&] { rt.sample(r); }, &s),
-            "an SD request needs the text context (request.text_context: 2 x batch x 3 x 8 floats, negative prompts "
-            "first); token ids are not encoded by this runtime version");
+            "an SD request needs token ids or the text context (request.text_context: 2 x batch x 3 x 8 floats, negative "
+            "prompts first)");
   EXPECT_EQ(s, TSTITCH_ERR_INVALID_ARGUMENT);
   r = sd_request(c);
   r.text_width = 16;
@@ -140,15 +140,62 @@ TEST(SdLoop, CApiRequestWithTextContext) {
   for (size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(out[i], want[i], 1e-5f * std::max(1.0f, std::fabs(want[i])));
   req.text_context = nullptr;
   EXPECT_EQ(tstitch_sample(h, &req, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
-  EXPECT_STREQ(tstitch_last_error(), "request.text_context is NULL; an SD bundle needs the (2 x batch) x tokens x width text context");
+  EXPECT_STREQ(tstitch_last_error(), "request.text_context and prompt_tokens are NULL; an SD bundle needs token ids or the "
+                                     "(2 x batch) x tokens x width text context");
   const int64_t ids[6] = {49406, 1, 49407, 49406, 2, 49407};
   req.prompt_tokens = ids;
   req.token_count = 3;
-  EXPECT_EQ(tstitch_sample(h, &req, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_UNAVAILABLE);
+  EXPECT_EQ(tstitch_sample(h, &req, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(tstitch_last_error()).find("request.negative_tokens is NULL"), std::string::npos);
+  req.negative_tokens = ids;
+  req.text_context = ctx.data();
+  EXPECT_EQ(tstitch_sample(h, &req, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(), "give prompt_tokens or text_context, not both");
+  req.negative_tokens = nullptr;
   req.prompt_tokens = nullptr;
   req.text_context = ctx.data();
   const int64_t labels[2] = {1, 2};
   req.class_labels = labels;
   EXPECT_EQ(tstitch_sample(h, &req, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  tstitch_close(h);
+}
+
+TEST(SdLoop, TokenIdsRunThroughTheTextEncoderEngine) {
+  // token ids -> the bundle's text encoder plan (a toy here) -> the context, negative prompts first:
+  // the same trajectory as the context computed on the host from the same ids
+  FakeStats stats;
+  tstitch_runtime* h = nullptr;
+  ASSERT_EQ(open_with_factory(toy_sd().c_str(), nullptr, fake_factory({}, stats), &h), TSTITCH_OK) << tstitch_last_error();
+  const int batch = 2, tokens = 3, width = 8;
+  // the toy U-Net reads the first and last embedding of each row: the halves differ there
+  const std::vector<int64_t> prompt = {320, 49406, 1929, 77, 49407, 5}, negative = {49406, 49407, 49407, 49406, 49407, 49407};
+  std::vector<float> ctx;
+  for (const auto* rows : {&negative, &prompt})
+    for (int64_t id : *rows)
+      for (int d = 0; d < width; ++d) ctx.push_back(toy_text_embedding(id, d));
+  tstitch_request req;
+  tstitch_request_init(&req);
+  req.batch = batch, req.steps = 4, req.ratio = 0.5, req.cfg_scale = 7.5f, req.seed = 5, req.sampler = "pndm";
+  req.prompt_tokens = prompt.data(), req.negative_tokens = negative.data(), req.token_count = tokens;
+  std::vector<float> from_ids(batch * 2 * 4 * 4), from_ctx(from_ids.size());
+  ASSERT_EQ(tstitch_sample(h, &req, from_ids.data(), from_ids.size(), nullptr, 0, nullptr), TSTITCH_OK) << tstitch_last_error();
+  req.prompt_tokens = req.negative_tokens = nullptr;
+  req.text_context = ctx.data(), req.text_tokens = tokens, req.text_width = width;
+  ASSERT_EQ(tstitch_sample(h, &req, from_ctx.data(), from_ctx.size(), nullptr, 0, nullptr), TSTITCH_OK) << tstitch_last_error();
+  EXPECT_EQ(from_ids, from_ctx);
+  // the halves matter: prompts as negatives gives another trajectory
+  req.text_context = nullptr;
+  req.prompt_tokens = negative.data(), req.negative_tokens = prompt.data();
+  std::vector<float> swapped(from_ids.size());
+  ASSERT_EQ(tstitch_sample(h, &req, swapped.data(), swapped.size(), nullptr, 0, nullptr), TSTITCH_OK);
+  EXPECT_NE(swapped, from_ids);
+  req.token_count = 2;  // the U-Nets take 3 tokens: the text encoder refuses first
+  EXPECT_EQ(tstitch_sample(h, &req, swapped.data(), swapped.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(),
+               "the text encoder takes 3 tokens per prompt, the request has 2 (pad or cut to it, as the bundle's tokenizer does)");
+  const std::vector<int64_t> bad = {-1, 2, 3, 4, 5, 6};
+  req.token_count = 3, req.prompt_tokens = bad.data();
+  EXPECT_EQ(tstitch_sample(h, &req, swapped.data(), swapped.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(), "token id -1 is negative; pass the tokenizer's ids");
   tstitch_close(h);
 }
