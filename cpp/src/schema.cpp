@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <memory>
 #include <regex>
 #include <vector>
 
@@ -21,8 +22,9 @@ struct Violation {
   Path path;       // absolute
   size_t rel = 0;  // path length below the enclosing oneOf (jsonschema's error.path)
   std::string keyword;
-  ojson instance;
-  const ojson* schema = nullptr;  // the schema object holding the keyword
+  const ojson* instance = nullptr;     // into the manifest (never copied: it may be huge or deeply nested)
+  std::shared_ptr<const ojson> owned;  // a property name (propertyNames) the instance points at
+  const ojson* schema = nullptr;       // the schema object holding the keyword
   bool property_name = false;     // raised by propertyNames' own keyword
   std::vector<Violation> context;
 };
@@ -46,8 +48,8 @@ bool is_type(const ojson& v, const std::string& t) {
 bool matches_type(const Violation& v) {
   if (v.schema == nullptr || !v.schema->is_object() || !v.schema->contains("type")) return false;
   const ojson& t = v.schema->at("type");
-  if (t.is_string()) return is_type(v.instance, t.get<std::string>());
-  return std::any_of(t.begin(), t.end(), [&](const ojson& x) { return x.is_string() && is_type(v.instance, x.get<std::string>()); });
+  if (t.is_string()) return is_type(*v.instance, t.get<std::string>());
+  return std::any_of(t.begin(), t.end(), [&](const ojson& x) { return x.is_string() && is_type(*v.instance, x.get<std::string>()); });
 }
 
 // jsonschema's relevance (exceptions.by_relevance): shallow first, then the later sibling path,
@@ -154,8 +156,13 @@ class Validator {
           descend(p.value(), v, ojson(p.key()), path, base, out);
         }
       } else if (k == "propertyNames") {
-        if (inst.is_object())
-          for (auto p = inst.begin(); p != inst.end(); ++p) validate(ojson(p.key()), v, path, base, out, true);
+        if (!inst.is_object()) continue;
+        for (auto p = inst.begin(); p != inst.end(); ++p) {
+          auto key = std::make_shared<const ojson>(p.key());
+          const size_t before = out.size();
+          validate(*key, v, path, base, out, true);
+          for (size_t i = before; i < out.size(); ++i) out[i].owned = key;  // keeps the name alive
+        }
       } else if (k == "minProperties") {
         if (inst.is_object() && inst.size() < v.get<size_t>()) bad();
       } else if (k == "minimum" || k == "maximum" || k == "exclusiveMinimum" || k == "exclusiveMaximum") {
@@ -217,7 +224,7 @@ class Validator {
   static void add(std::vector<Violation>& out, const std::string& keyword, const ojson& inst, const ojson& schema,
                   const Path& path, size_t base, bool property_name) {
     Violation v;
-    v.path = path, v.rel = path.size() - base, v.keyword = keyword, v.instance = inst, v.schema = &schema;
+    v.path = path, v.rel = path.size() - base, v.keyword = keyword, v.instance = &inst, v.schema = &schema;
     v.property_name = property_name;
     out.push_back(std::move(v));
   }
@@ -265,12 +272,13 @@ std::string known(const ojson& values) {
 std::string describe(const Violation& e) {
   const std::string where = field_path(e.path);
   const std::string& v = e.keyword;
-  if (v == "false") return where + ": " + py_short(e.instance) + " is not allowed here";
+  if (v == "false") return where + ": " + py_short(*e.instance) + " is not allowed here";
   const ojson& expected = e.schema->at(v);
-  const std::string inst = py_short(e.instance);
+  const ojson& instance = *e.instance;
+  const std::string inst = py_short(instance);
   if (v == "required") {
     for (const ojson& k : expected)
-      if (e.instance.is_object() && !e.instance.contains(k.get<std::string>()))
+      if (instance.is_object() && !instance.contains(k.get<std::string>()))
         return where + " lacks the required field " + py_repr(k);
     return where + " lacks the required field " + py_repr(expected);
   }
@@ -278,7 +286,7 @@ std::string describe(const Violation& e) {
     std::vector<std::string> extra;
     const ojson none = ojson::object();
     const ojson& props = e.schema->contains("properties") ? e.schema->at("properties") : none;
-    for (auto it = e.instance.begin(); it != e.instance.end(); ++it)
+    for (auto it = instance.begin(); it != instance.end(); ++it)
       if (!props.contains(it.key())) extra.push_back(it.key());
     std::sort(extra.begin(), extra.end());
     Path name = e.path;
@@ -288,7 +296,7 @@ std::string describe(const Violation& e) {
   if (v == "enum" && e.property_name) return where + " has the key " + inst + "; this tstitch-trt knows only " + known(expected);
   if (v == "type")
     return where + " must be of type " + (expected.is_string() ? expected.get<std::string>() : py_repr(expected)) + ", got " +
-           json_type(e.instance) + " " + inst;
+           json_type(instance) + " " + inst;
   if (v == "enum") return where + " is " + inst + "; this tstitch-trt knows only " + known(expected);
   if (v == "const") return where + " is " + inst + ", expected " + py_repr(expected);
   if (v == "pattern") {
@@ -306,7 +314,7 @@ std::string describe(const Violation& e) {
     const Violation* inner = best_match(e.context);
     return inner ? describe(*inner) : where + " is not valid";
   }
-  return where + ": " + py_short(e.instance, 200) + " is valid under more than one of the alternatives";
+  return where + ": " + py_short(instance, 200) + " is valid under more than one of the alternatives";
 }
 
 const ojson& manifest_schema() {
