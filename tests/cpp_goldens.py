@@ -2,7 +2,9 @@
 
 The C++ tests read them and must reproduce them bit for bit (the RNG, schedules, coefficient tables,
 stitch schedules, trajectory plans) or to float32 rounding (a toy trajectory through the stitched
-loop, run here by TrtBackend on tests/fake_gpu.py's fakes). tests/test_cpp_goldens.py regenerates
+loop, run here by TrtBackend on tests/fake_gpu.py's fakes). manifest_cases.json is the conformance
+corpus of the two manifest readers: hostile edits (RFC 6902 patches) of a valid DiT and SD manifest,
+each with the exact refusal Python gives; the C++ reader must give the same. tests/test_cpp_goldens.py regenerates
 them and fails if the committed ones drift. Refresh with:  python tests/cpp_goldens.py --write
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "cpp" / "tests" / "golden"
 TOY_BUNDLE = REPO / "cpp" / "tests" / "data" / "toy_pair"
+TOY_SD_BUNDLE = REPO / "cpp" / "tests" / "data" / "toy_sd"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # fake_gpu
 
 from tstitch_trt.sampling.coefficients import coefficient_table  # noqa: E402
@@ -108,6 +111,52 @@ def sampling_golden() -> dict:
             "stitch": stitch, "plans": plans}
 
 
+SD_CONFIGS = {  # diffusers scheduler_config.json dicts (SD 1.5's PNDM as shipped; Euler / DPM / DDIM variants)
+    "sd15-pndm": None,  # SD15_PNDM, below
+    "euler-linspace": {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                       "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
+                       "timestep_spacing": "linspace", "prediction_type": "epsilon"},
+    "euler-leading": {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                      "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
+                      "timestep_spacing": "leading"},
+    "dpm-linspace": {"_class_name": "DPMSolverMultistepScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                     "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "algorithm_type": "dpmsolver++",
+                     "solver_order": 2, "lower_order_final": True},
+    "dpm-trailing": {"_class_name": "DPMSolverMultistepScheduler", "beta_start": 0.0001, "beta_end": 0.02,
+                     "beta_schedule": "linear", "num_train_timesteps": 1000, "timestep_spacing": "trailing"},
+    "ddim-trailing": {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                      "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                      "steps_offset": 1, "clip_sample": False, "timestep_spacing": "trailing"},
+}
+SD_STEPS = (1, 2, 7, 20, 25, 50)
+
+
+def sd_sampling_golden() -> dict:
+    """SD sampler tables (bit patterns) for every sampler on several configs and step counts, and the call rule."""
+    from tstitch_trt.sampling.sd_samplers import SD_SAMPLERS, sd_table
+    from tstitch_trt.sampling.stitch import stitch_schedule_by_call
+
+    configs = {name: cfg or dict(SD15_PNDM) for name, cfg in SD_CONFIGS.items()}
+    tables = []
+    for name, cfg in configs.items():
+        for sampler in SD_SAMPLERS:
+            for steps in SD_STEPS:
+                for eta in ((0.0, 0.5) if sampler == "ddim" else (0.0,)):
+                    t = sd_table(sampler, cfg, steps, eta)
+                    tables.append({"config": name, "sampler": sampler, "steps": steps, "eta": eta,
+                                   "timesteps_bits": f32_bits(t.timesteps), "coef_bits": f32_bits(t.coef),
+                                   "init_noise_sigma_bits": f32_bits(np.float32(t.init_noise_sigma))[0]})
+    by_call = []
+    for n_calls in (1, 8, 21, 51):
+        for r in (0.0, 0.3, 0.4, 0.5, 1.0):
+            models = stitch_schedule_by_call(n_calls, 2, ratio=r).tolist()
+            by_call.append({"calls": n_calls, "ratio": r, "models": models})
+        for fr in ((0.3, 0.3, 0.4), (1 / 3, 1 / 3, 1 / 3), (0.0, 0.5, 0.5)):
+            by_call.append({"calls": n_calls, "fractions": list(fr),
+                            "models": stitch_schedule_by_call(n_calls, 3, fractions=fr).tolist()})
+    return {"configs": configs, "tables": tables, "by_call": by_call}
+
+
 def write_toy_bundle(dst: Path) -> None:
     """A two-model bundle whose "trt" engines are toy plans (fake_gpu.toy_plan) for the C++ fake engine."""
     from fake_gpu import toy_plan
@@ -136,6 +185,225 @@ def write_toy_bundle(dst: Path) -> None:
     m = Manifest(pipeline="dit-class-conditional", models=models, num_classes=10, image_size=h, latent_scale_factor=1.0,
                  guidance_channels=c, io=io, created_by="tests/cpp_goldens.py")
     (dst / "manifest.json").write_text(m.to_json() + "\n")
+
+
+SD_TOY_LATENT = (2, 4, 4)
+SD_TOY_TEXT = (3, 8)  # tokens, cross-attention width
+SD15_PNDM = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+             "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+             "clip_sample": False}
+
+
+def write_toy_sd_bundle(dst: Path) -> None:
+    """An SD-shaped two-U-Net bundle (the role-bound step graph of export/unet_step.py) whose "trt" files are
+    toy plans ("TOYSD c,h,w,k,scale,") for the C++ fake engine; text encoder, tokenizer, VAE are placeholders."""
+    from tstitch_trt.bundle.manifest import EngineEntry, Manifest, ModelEntry, sha256_file
+    from tstitch_trt.export.unet_step import UNET_STEP_ROLES
+    from tstitch_trt.sampling.sd_samplers import HISTORY, SD_NUM_COEFS
+
+    if dst.exists():
+        shutil.rmtree(dst)
+    for d in ("trt", "text_encoder", "tokenizer", "vae"):
+        (dst / d).mkdir(parents=True)
+    c, s = SD_TOY_LATENT[0], SD_TOY_LATENT[1]
+    n_tok, width = SD_TOY_TEXT
+
+    def entry(rel: str, data: bytes) -> EngineEntry:
+        (dst / rel).write_bytes(data)
+        return EngineEntry(file=rel, sha256=sha256_file(dst / rel), batch_range=(1, 4), builder=dict(TOY_BUILDER))
+
+    models = []
+    for i, scale in enumerate(TOY_SCALES):
+        plan = b"TOYSD" + f"{c},{s},{s},{SD_NUM_COEFS},{scale},".encode() + b"#" * 64 * (i + 1)
+        arch = {"in_channels": c, "out_channels": c, "sample_size": s, "cross_attention_dim": width}
+        models.append(ModelEntry(name=f"ToyUNet-{'SL'[i]}", family="unet", arch=arch,
+                                 engines={"trt": entry(f"trt/{i}-toy-unet.plan", plan)}))
+    lat = ["B", c, "H", "W"]
+    hist = ["B", HISTORY, c, "H", "W"]
+    f32 = "float32"
+    inputs = {"x": lat, "t": ["B"], "context": ["2B", n_tok, width], "guidance": [], "coef": [SD_NUM_COEFS],
+              "prev_x0": lat, "eps_hist": hist, "saved": lat, "noise": lat}
+    outputs = {"x_next": lat, "x0": lat, "eps_hist_next": hist, "saved_next": lat}
+    io = {"inputs": {n: {"shape": v, "dtype": f32} for n, v in inputs.items()},
+          "outputs": {n: {"shape": v, "dtype": f32} for n, v in outputs.items()},
+          "roles": UNET_STEP_ROLES, "dim_ranges": {"H": [2, s, 2 * s], "W": [2, s, 2 * s]}}
+    text = {"source": "toy", "kind": "CLIPTextModel", "hidden_state": "last",
+            "engines": {"trt": entry("text_encoder/toy.plan", b"TOYTEXT" + f"{n_tok},{width},".encode())},
+            "io": {"inputs": {"input_ids": {"shape": ["N", n_tok], "dtype": "int64"}},
+                   "outputs": {"text_embeddings": {"shape": ["N", n_tok, width], "dtype": f32}},
+                   "dim_ranges": {"N": [2, 2, 8]}}}
+    tok = dst / "tokenizer" / "tokenizer.json"
+    tok.write_text("{}\n")
+    tokenizer = {"file": {"file": "tokenizer/tokenizer.json", "sha256": sha256_file(tok)},
+                 "max_length": n_tok, "pad_id": 0, "kind": "clip"}
+    vae = {"source": "toy", "kind": "AutoencoderKL", "engines": {"trt": entry("vae/toy.plan", b"TOYVAE")}}
+    m = Manifest(pipeline="sd", models=models, num_classes=0, image_size=8 * s, latent_scale_factor=0.18215,
+                 guidance_channels=c, schedule={"kind": "scaled_linear", "num_timesteps": 1000}, vae=vae, io=io,
+                 created_by="tests/cpp_goldens.py", text_encoder=text, tokenizer=tokenizer, scheduler=dict(SD15_PNDM))
+    (dst / "manifest.json").write_text(m.to_json() + "\n")
+
+
+# --- the manifest conformance corpus ----------------------------------------------------------------------
+WHERE = "<manifest>"  # how both readers name the manifest in these messages
+
+
+def _op(op: str, path: str, value: object = None) -> dict:
+    return {"op": op, "path": path} if op == "remove" else {"op": op, "path": path, "value": value}
+
+
+def _set(path: str, value: object) -> dict:
+    # RFC 6902: "add" sets an object member (new or not); an array element is replaced, not inserted before
+    return _op("replace" if path.rsplit("/", 1)[-1].isdigit() else "add", path, value)
+
+
+# (name, base, patch): hostile edits of the toy bundles' manifests (tests/test_hostile_inputs.py's
+# MANIFEST_CASES and more), each refused by Python with a message that names the field.
+MANIFEST_CASES = [
+    ("newer format version", "dit", [_set("/format_version", 2)]),
+    ("format version 0", "dit", [_set("/format_version", 0)]),
+    ("format version as text", "dit", [_set("/format_version", "1")]),
+    ("format version as float", "dit", [_set("/format_version", 1.0)]),
+    ("foreign format", "dit", [_set("/format", "other")]),
+    ("no format", "dit", [_op("remove", "/format")]),
+    ("JSON array", "dit", [_op("replace", "", [1, 2, 3])]),
+    ("unknown pipeline kind", "dit", [_set("/pipeline", "video-diffusion")]),
+    ("cosine schedule", "dit", [_set("/schedule/kind", "cosine")]),
+    ("timesteps as text", "dit", [_set("/schedule/num_timesteps", "1000")]),
+    ("one timestep", "dit", [_set("/schedule/num_timesteps", 1)]),
+    ("unknown schedule field", "dit", [_set("/schedule/offset", 1)]),
+    ("negative batch range", "dit", [_set("/models/0/engines/trt/batch_range", [-4, 8])]),
+    ("short batch range", "dit", [_set("/models/0/engines/trt/batch_range", [4])]),
+    ("empty batch range", "dit", [_set("/models/1/engines/trt/batch_range", [8, 2])]),
+    ("unknown top-level field", "dit", [_set("/sampler_override", "euler")]),
+    ("two unknown fields", "dit", [_set("/zeta", 1), _set("/alpha", 2)]),
+    ("unknown backend key", "dit", [_set("/models/0/engines/cuda", {"file": "x", "sha256": "0" * 64})]),
+    ("no engines", "dit", [_set("/models/0/engines", {})]),
+    ("unknown engine field", "dit", [_set("/models/1/engines/trt/speed", "fast")]),
+    ("malformed checksum", "dit", [_set("/models/0/engines/trt/sha256", "abc")]),
+    ("upper-case checksum", "dit", [_set("/models/0/engines/trt/sha256", "A" * 64)]),
+    ("missing checksum", "dit", [_op("remove", "/models/1/engines/trt/sha256")]),
+    ("parent path", "dit", [_set("/models/0/engines/trt/file", "../../elsewhere/x.plan")]),
+    ("absolute path", "dit", [_set("/models/0/engines/trt/file", "/etc/passwd")]),
+    ("inner parent path", "dit", [_set("/models/0/engines/trt/file", "trt/../../x.plan")]),
+    ("backslash path", "dit", [_set("/models/0/engines/trt/file", "trt\\..\\x.plan")]),
+    ("home path", "dit", [_set("/models/0/engines/trt/file", "~/x.plan")]),
+    ("dot path", "dit", [_set("/models/0/engines/trt/file", "./trt/x.plan")]),
+    ("external data leaving", "dit", [_set("/models/0/engines/trt/extra",
+                                          {"external_data": [{"file": "../x.data", "sha256": "0" * 64}]})]),
+    ("unknown extra field", "dit", [_set("/models/0/engines/trt/extra", {"weights": "x"})]),
+    ("unknown precision", "dit", [_set("/models/0/engines/trt/precision", "int4")]),
+    ("unknown builder module", "dit", [_set("/models/0/engines/trt/builder/module", "onnx")]),
+    ("bad compute capability", "dit", [_set("/models/1/engines/trt/builder/compute_capabilities", ["ampere"])]),
+    ("missing arch field", "dit", [_op("remove", "/models/0/arch/depth")]),
+    ("arch field as text", "dit", [_set("/models/1/arch/depth", "3")]),
+    ("bool as depth", "dit", [_set("/models/1/arch/depth", True)]),
+    ("huge depth", "dit", [_set("/models/0/arch/depth", 10**9)]),
+    ("unknown arch field", "dit", [_set("/models/0/arch/dropout", 0.1)]),
+    ("unknown family", "dit", [_set("/models/0/family", "vae")]),
+    ("unknown model field", "dit", [_set("/models/0/speed", 3)]),
+    ("nameless model", "dit", [_op("remove", "/models/1/name")]),
+    ("latent shapes differ", "dit", [_set("/models/1/arch/input_size", 8)]),
+    ("class counts differ", "dit", [_set("/num_classes", 12)]),
+    ("patch does not divide", "dit", [_set("/models/0/arch/patch_size", 3)]),
+    ("heads do not divide", "dit", [_set("/models/1/arch/hidden_size", 10), _set("/models/1/arch/num_heads", 4)]),
+    ("guidance beyond channels", "dit", [_set("/guidance_channels", 99)]),
+    ("zero guidance channels", "dit", [_set("/guidance_channels", 0)]),
+    ("image size off", "dit", [_set("/image_size", 70)]),
+    ("zero latent scale", "dit", [_set("/latent_scale_factor", 0)]),
+    ("one model", "dit", [_op("remove", "/models/1")]),
+    ("models not a list", "dit", [_set("/models", {"a": 1})]),
+    ("vae of another kind", "dit", [_set("/vae", {"kind": "VQModel", "engines": {}})]),
+    ("vae as text", "dit", [_set("/vae", "AutoencoderKL")]),
+    ("io shape off", "dit", [_set("/io/inputs/x/shape", ["B", 3, 4, 4])]),
+    ("per-tensor role", "dit", [_set("/io/inputs/x/role", "state")]),
+    ("bfloat16 tensor", "dit", [_set("/io/inputs/noise/dtype", "bfloat16")]),
+    ("fractional dim", "dit", [_set("/io/inputs/x/shape/1", 1.5)]),
+    ("unknown step role", "dit", [_set("/io/roles", {"state": [["x", "x_next"]], "step": ["sigma"], "request": []})]),
+    ("state triple", "dit", [_set("/io/roles", {"state": [["x", "x_next", "x0"]], "step": [], "request": []})]),
+    ("unknown io field", "dit", [_set("/io/layout", "nchw")]),
+    ("scheduler on a DiT bundle", "dit",
+     [_set("/scheduler", {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear"})]),
+    ("bf16 verdict without safe", "dit", [_set("/models/0/bf16", {"reason": "x"})]),
+    ("created_by a number", "dit", [_set("/created_by", 7)]),
+    ("DiT model in an SD bundle", "sd", [_set("/models/0/family", "dit")]),
+    ("SD without text encoder", "sd", [_op("remove", "/text_encoder")]),
+    ("SD without vae", "sd", [_op("remove", "/vae")]),
+    ("SD without roles", "sd", [_op("remove", "/io/roles")]),
+    ("roles name a ghost", "sd", [_set("/io/roles/request/-", "pooled")]),
+    ("roles miss a tensor", "sd", [_set("/io/roles/step", ["t", "coef"])]),
+    ("cross-attention widths differ", "sd", [_set("/models/1/arch/cross_attention_dim", 16)]),
+    ("text encoder width differs", "sd", [_set("/text_encoder/io/outputs/text_embeddings/shape/2", 16)]),
+    ("unet without sample size", "sd", [_op("remove", "/models/0/arch/sample_size")]),
+    ("unet sample size zero", "sd", [_set("/models/1/arch/sample_size", 0)]),
+    ("scheduler without class", "sd", [_op("remove", "/scheduler/_class_name")]),
+    ("scheduler beta_start zero", "sd", [_set("/scheduler/beta_start", 0)]),
+    ("scheduler offset as text", "sd", [_set("/scheduler/steps_offset", "1")]),
+    ("tokenizer of another kind", "sd", [_set("/tokenizer/kind", "bpe")]),
+    ("tokenizer path leaving", "sd", [_set("/tokenizer/file/file", "../tokenizer.json")]),
+    ("hidden state unknown", "sd", [_set("/text_encoder/hidden_state", "middle")]),
+    ("text encoder unknown field", "sd", [_set("/text_encoder/pooled", True)]),
+    ("dim range of two", "sd", [_set("/io/dim_ranges/H", [2, 8])]),
+    ("dim range zero", "sd", [_set("/io/dim_ranges/W", [0, 4, 8])]),
+    ("unknown SD schedule", "sd", [_set("/schedule/kind", "squaredcos_cap_v2")]),
+]
+
+
+def _pointer(doc: object, path: str) -> tuple[object, str | int]:
+    parts = [p.replace("~1", "/").replace("~0", "~") for p in path.split("/")[1:]]
+    for p in parts[:-1]:
+        doc = doc[int(p)] if isinstance(doc, list) else doc[p]
+    last = parts[-1]
+    return doc, (len(doc) if last == "-" else int(last)) if isinstance(doc, list) else last
+
+
+def apply_patch(doc: object, patch: list[dict]) -> object:
+    """RFC 6902 add / replace / remove (what the corpus uses; the C++ test applies nlohmann's json::patch)."""
+    import copy
+
+    doc = copy.deepcopy(doc)
+    for op in patch:
+        if op["path"] == "":
+            doc = copy.deepcopy(op["value"])
+            continue
+        parent, key = _pointer(doc, op["path"])
+        if op["op"] == "remove":
+            del parent[key]
+        elif op["op"] == "add" and isinstance(parent, list):
+            parent.insert(key, copy.deepcopy(op["value"]))
+        else:
+            parent[key] = copy.deepcopy(op["value"])
+    return doc
+
+
+def python_refusal(raw: object) -> str | None:
+    """What Python's manifest reader says about `raw` (schema, then Manifest.validate); None if accepted."""
+    from tstitch_trt.bundle.manifest import Manifest
+    from tstitch_trt.bundle.schema import validate_schema
+    from tstitch_trt.errors import BundleError
+
+    try:
+        validate_schema(raw, WHERE)
+        Manifest.from_dict(raw).validate()
+    except BundleError as e:
+        return str(e)
+    return None
+
+
+def manifest_cases_golden(bases: dict[str, Path]) -> dict:
+    docs = {name: json.loads((path / "manifest.json").read_text()) for name, path in bases.items()}
+    cases = []
+    for name, base, patch in MANIFEST_CASES:
+        assert python_refusal(docs[base]) is None, f"the {base} base manifest must be valid"
+        message = python_refusal(apply_patch(docs[base], patch))
+        assert message is not None, f"manifest case {name!r} is accepted by Python; it must be a refusal"
+        # schema violations name the field first ("<manifest>: models[0].arch lacks ..."); consistency rules
+        # (Manifest.validate) are worded without a field path
+        prefix = WHERE + ": "
+        clause = message[len(prefix):] if message.startswith(prefix) else ""
+        field = "the manifest" if clause.startswith("the manifest ") else clause.split(" ")[0]
+        cases.append({"name": name, "base": base, "patch": patch, "message": message, "field": field})
+    return {"where": WHERE, "bases": docs, "cases": cases}
 
 
 def loop_golden(bundle: Path) -> dict:
@@ -167,10 +435,71 @@ def loop_golden(bundle: Path) -> dict:
     return {"runs": runs}
 
 
+def sd_toy_eps(x_in, t, context, g, scale: float):  # noqa: ANN001, ANN201 (torch tensors)
+    """The C++ fake SD engine's stand-in U-Net: guided eps from (c_in x, t, both ends of each context row)."""
+    import torch
+
+    b = x_in.shape[0]
+    ends = context.reshape(2 * b, -1)
+    ctx = ends[:, 0] + ends[:, -1]
+    lift = (t * torch.tensor(1e-3, dtype=torch.float32)).reshape(b, 1, 1, 1)
+    u = torch.tanh(scale * x_in + lift + ctx[:b].reshape(b, 1, 1, 1))
+    c = torch.tanh(scale * x_in + lift + ctx[b:].reshape(b, 1, 1, 1))
+    return u + g * (c - u)
+
+
+# (sampler (None: the bundle scheduler's), eta, steps, ratio, cfg, batch, seed)
+SD_LOOP_CASES = [("pndm", 0.0, 5, 0.4, 7.5, 2, 0), ("euler", 0.0, 4, 0.5, 7.5, 1, 1),
+                 ("dpm-solver++", 0.0, 6, 0.5, 3.0, 2, 2), ("ddim", 0.5, 4, 0.0, 1.0, 2, 3),
+                 (None, 0.0, 3, 1.0, 5.0, 1, 4)]
+
+
+def sd_loop_golden(bundle: Path) -> dict:
+    """SD toy trajectories: pipeline/sd.py's plan (table, stitch by call, noise order, init_noise_sigma, cfg rule)
+    and export/unet_step.py's sd_sampler_update, stepping the four state pairs; the C++ loop runs the same."""
+    import torch
+
+    from tstitch_trt.bundle.manifest import read_manifest
+    from tstitch_trt.export.unet_step import sd_sampler_update
+    from tstitch_trt.sampling.sd_samplers import HISTORY, C, sd_needs_noise, sd_table
+    from tstitch_trt.sampling.stitch import stitch_schedule_by_call
+
+    manifest = read_manifest(bundle)
+    c, h, w = manifest.latent_shape
+    n_tok, width = SD_TOY_TEXT
+    runs = []
+    for sampler, eta, steps, ratio, cfg, batch, seed in SD_LOOP_CASES:
+        name = sampler or "pndm"  # None: the bundle scheduler's sampler (SD 1.5: PNDM)
+        rng = np.random.default_rng(seed)
+        x_unit = rng.standard_normal((batch, c, h, w), dtype=np.float32)
+        table = sd_table(name, manifest.scheduler, steps, eta)
+        n_calls = len(table.timesteps)
+        step_model = stitch_schedule_by_call(n_calls, 2, ratio=ratio)
+        noise = rng.standard_normal((n_calls, batch, c, h, w), dtype=np.float32) if sd_needs_noise(name, eta) else None
+        context = np.random.default_rng(100 + seed).standard_normal((2 * batch, n_tok, width), dtype=np.float32)
+        g = torch.tensor(cfg if cfg > 1 else 1.0, dtype=torch.float32)
+        x = torch.from_numpy(x_unit * np.float32(table.init_noise_sigma))
+        prev, hist, saved = torch.zeros_like(x), torch.zeros(batch, HISTORY, c, h, w), torch.zeros_like(x)
+        for i in range(n_calls):
+            coef = torch.from_numpy(table.coef[i])
+            t = torch.full((batch,), float(table.timesteps[i]), dtype=torch.float32)
+            eps = sd_toy_eps(coef[C["c_in"]] * x, t, torch.from_numpy(context), g, TOY_SCALES[int(step_model[i])])
+            nz = torch.from_numpy(noise[i]) if noise is not None else torch.zeros_like(x)
+            x, prev, hist, saved = sd_sampler_update(x, eps, coef, prev, hist, saved, nz)
+        runs.append({"sampler": sampler, "eta": eta, "steps": steps, "ratio": ratio, "cfg": cfg, "batch": batch,
+                     "seed": seed, "context_bits": f32_bits(context), "step_model": step_model.tolist(),
+                     "x": [float(v) for v in x.numpy().ravel()]})
+    return {"runs": runs}
+
+
 def generate(golden: Path, toy_bundle: Path) -> None:
     golden.mkdir(parents=True, exist_ok=True)
     write_toy_bundle(toy_bundle)
-    for name, data in (("rng", rng_golden()), ("sampling", sampling_golden()), ("loop", loop_golden(toy_bundle))):
+    toy_sd = toy_bundle.parent / TOY_SD_BUNDLE.name
+    write_toy_sd_bundle(toy_sd)
+    for name, data in (("rng", rng_golden()), ("sampling", sampling_golden()), ("loop", loop_golden(toy_bundle)),
+                       ("manifest_cases", manifest_cases_golden({"dit": toy_bundle, "sd": toy_sd})),
+                       ("sd_sampling", sd_sampling_golden()), ("sd_loop", sd_loop_golden(toy_sd))):
         (golden / f"{name}.json").write_text(json.dumps(data, separators=(",", ":")) + "\n")
 
 

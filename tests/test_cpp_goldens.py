@@ -1,4 +1,4 @@
-"""The C++ runtime's golden files (cpp/tests/golden, cpp/tests/data/toy_pair) are what the Python package
+"""The C++ runtime's golden files (cpp/tests/golden, cpp/tests/data/toy_pair, toy_sd) are what the Python package
 produces today: regenerated here and compared byte for byte, so a change to the RNG use, the schedules,
 the sampler tables, the stitch rules or the loop cannot leave the C++ tests checking stale numbers.
 Refresh after an intended change with: python tests/cpp_goldens.py --write
@@ -18,7 +18,8 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_committed_goldens_match_python(tmp_path):
     golden, bundle = tmp_path / "golden", tmp_path / "toy_pair"
     cpp_goldens.generate(golden, bundle)
-    for fresh, committed in ((golden, cpp_goldens.GOLDEN), (bundle, cpp_goldens.TOY_BUNDLE)):
+    for fresh, committed in ((golden, cpp_goldens.GOLDEN), (bundle, cpp_goldens.TOY_BUNDLE),
+                             (tmp_path / "toy_sd", cpp_goldens.TOY_SD_BUNDLE)):
         want, have = _files(fresh), _files(committed)
         assert sorted(have) == sorted(want), f"{committed}: files differ from what cpp_goldens.py writes"
         stale = [name for name in want if want[name] != have[name]]
@@ -34,3 +35,15 @@ def test_goldens_cover_every_sampler_and_the_rng_paths():
     assert any(p["noise_bits"] for p in sampling["plans"]) and any(not p["noise_bits"] for p in sampling["plans"])
     rng = json.loads((cpp_goldens.GOLDEN / "rng.json").read_text())
     assert len(rng["seeds"]) == len(cpp_goldens.SEEDS) and max(s["seed"] for s in rng["seeds"]) == 2**64 - 1
+
+
+def test_manifest_corpus_is_refused_by_python_with_a_field_path():
+    import json
+
+    corpus = json.loads((cpp_goldens.GOLDEN / "manifest_cases.json").read_text())
+    assert len(corpus["cases"]) == len(cpp_goldens.MANIFEST_CASES)
+    for case in corpus["cases"]:
+        doc = cpp_goldens.apply_patch(corpus["bases"][case["base"]], case["patch"])
+        assert cpp_goldens.python_refusal(doc) == case["message"], case["name"]
+    named = [c for c in corpus["cases"] if c["field"]]
+    assert len(named) >= 50 and {c["base"] for c in named} == {"dit", "sd"}

@@ -131,6 +131,7 @@ RAW_MANIFESTS = [
     ("empty", b"", "is not valid JSON"),
     ("NaN constant", None, "is not valid JSON"),
     ("binary", bytes(range(256)), "is not valid JSON"),
+    ("deeply nested", b"[" * 200_000, "nests deeper than any manifest does"),
 ]
 
 

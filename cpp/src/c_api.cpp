@@ -71,15 +71,41 @@ SampleRequest to_request(const Runtime& rt, const tstitch_request* r) {
     if (r->class_labels == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.class_labels is NULL; a DiT bundle needs one label per image");
     q.class_labels.assign(r->class_labels, r->class_labels + r->batch);
   }
-  if (r->prompt_tokens != nullptr || r->added_conditions != nullptr)
-    fail(TSTITCH_ERR_INVALID_ARGUMENT, "this bundle is class-conditional (DiT): leave prompt_tokens and added_conditions NULL");
+  if (!rt.manifest().is_sd() && (r->prompt_tokens != nullptr || r->added_conditions != nullptr || r->text_context != nullptr))
+    fail(TSTITCH_ERR_INVALID_ARGUMENT,
+         "this bundle is class-conditional (DiT): leave prompt_tokens, text_context and added_conditions NULL");
+  if (rt.manifest().is_sd()) {
+    if (r->class_labels != nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "this bundle is text-to-image (SD): leave class_labels NULL");
+    if (r->added_conditions != nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "added_conditions are for SDXL; this is an SD 1.x bundle");
+    if (r->prompt_tokens != nullptr) {  // the bundle's text encoder engine makes the context
+      if (r->text_context != nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "give prompt_tokens or text_context, not both");
+      if (r->negative_tokens == nullptr)
+        fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.negative_tokens is NULL; pass the tokenized negative (or empty) prompts, "
+                                           "batch x token_count ids like prompt_tokens");
+      if (r->token_count < 1) fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.token_count must be >= 1 with prompt_tokens");
+      const size_t n = static_cast<size_t>(r->batch) * static_cast<size_t>(r->token_count);
+      q.prompt_tokens.assign(r->prompt_tokens, r->prompt_tokens + n);
+      q.negative_tokens.assign(r->negative_tokens, r->negative_tokens + n);
+      q.token_count = r->token_count;
+    } else if (r->text_context == nullptr) {
+      fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.text_context and prompt_tokens are NULL; an SD bundle needs token ids or the "
+                                         "(2 x batch) x tokens x width text context");
+    }
+  }
+  if (rt.manifest().is_sd() && r->text_context != nullptr) {
+    if (r->text_tokens < 1 || r->text_width < 1)
+      fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.text_tokens and text_width must be >= 1 with text_context");
+    q.text_tokens = r->text_tokens, q.text_width = r->text_width;
+    q.text_context.assign(r->text_context, r->text_context + 2 * static_cast<size_t>(r->batch) * static_cast<size_t>(r->text_tokens) *
+                                                             static_cast<size_t>(r->text_width));
+  }
   q.steps = r->steps;
   q.ratio = r->ratio;
   if (r->fractions != nullptr) {
     if (r->num_fractions < 1) fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.num_fractions must be >= 1 with fractions");
     q.fractions.assign(r->fractions, r->fractions + r->num_fractions);
   }
-  q.sampler = r->sampler ? r->sampler : "ddim";
+  q.sampler = r->sampler ? r->sampler : "";
   q.eta = r->eta;
   q.cfg_scale = r->cfg_scale;
   q.seed = r->seed;

@@ -120,9 +120,11 @@ void StitchedLoop::free_buffers() {
   key_.clear();
 }
 
-void StitchedLoop::allocate(const TrajectoryPlan& plan, int batch) {
-  const std::vector<int64_t> key = {batch, plan.steps(), plan.noise.empty() ? 0 : 1, plan.k};
+void StitchedLoop::allocate(const TrajectoryPlan& plan, const DimValues& dims) {
+  std::vector<int64_t> key = {plan.steps(), plan.noise.empty() ? 0 : 1, plan.k};
+  for (const auto& kv : dims) key.push_back(kv.second);
   if (key == key_) return;
+  const int64_t batch = dims.at("B");
   for (size_t m = 0; m < engines_.size(); ++m) {
     auto [lo, hi] = engines_[m]->batch_range(latent_name_);
     if (batch < lo || batch > hi)
@@ -133,15 +135,16 @@ void StitchedLoop::allocate(const TrajectoryPlan& plan, int batch) {
                                              std::to_string(std::max<int64_t>(hi, batch)));
   }
   for (const Binding& b : bindings_)
-    if (b.role == Role::kStep && b.source == "coef" && (b.spec.dims.size() != 1 || b.spec.dims[0] != plan.k))
-      fail(TSTITCH_ERR_BUNDLE, "the engines take " + std::to_string(b.spec.dims.empty() ? 0 : b.spec.dims[0]) +
+    if (b.role == Role::kStep && b.source == "coef" &&
+        (b.spec.shape.size() != 1 || !b.spec.shape[0].symbol.empty() || b.spec.shape[0].size != plan.k))
+      fail(TSTITCH_ERR_BUNDLE, "the engines take " + std::to_string(b.spec.shape.size() == 1 ? b.spec.shape[0].size : 0) +
                                    " sampler coefficients, the sampler tables have " + std::to_string(plan.k) +
                                    "; rebuild the bundle with this version");
   graphs_.clear();
   free_buffers();
   const std::string shape = " (batch " + std::to_string(batch) + ")";
   for (const Binding& b : bindings_) {
-    const size_t bytes = count(resolve_dims(b.spec, batch)) * dtype_size(b.spec.dtype);
+    const size_t bytes = count(resolve_dims(b.spec, dims)) * dtype_size(b.spec.dtype);
     if (b.role == Role::kStateIn) {
       for (int s = 0; s < 2; ++s) state_[s][b.spec.name] = alloc(bytes, b.spec.name + " slot " + std::to_string(s) + shape);
     } else if (b.role == Role::kStep) {
@@ -154,12 +157,13 @@ void StitchedLoop::allocate(const TrajectoryPlan& plan, int batch) {
       request_[b.spec.name] = alloc(bytes, b.spec.name + shape);
     }
   }
-  bind(batch);
+  dims_ = dims;
+  bind();
   key_ = key;
   ++generation_;
 }
 
-void StitchedLoop::bind(int batch) {
+void StitchedLoop::bind() {
   size_t need = scratch_.nbytes;
   for (size_t m = 0; m < contexts_.size(); ++m) {
     for (int parity = 0; parity < 2; ++parity) {
@@ -172,9 +176,9 @@ void StitchedLoop::bind(int batch) {
           case Role::kStep: ptr = step_[b.spec.name].ptr; break;
           case Role::kRequest: ptr = request_[b.spec.name].ptr; break;
         }
-        if (b.spec.input && !ctx.set_input_shape(b.spec.name, resolve_dims(b.spec, batch)))
+        if (b.spec.input && !ctx.set_input_shape(b.spec.name, resolve_dims(b.spec, dims_)))
           fail(TSTITCH_ERR_INVALID_ARGUMENT, "the engine of " + manifest_.models[m].name + " refused the shape of " +
-                                                 b.spec.name + " for batch " + std::to_string(batch));
+                                                 b.spec.name + " for batch " + std::to_string(dims_.at("B")));
         ctx.set_address(b.spec.name, ptr);
       }
       need = std::max(need, ctx.scratch_needed());
@@ -197,7 +201,14 @@ void StitchedLoop::require_open() const {
 
 void StitchedLoop::prepare(const TrajectoryPlan& plan, const RequestInputs& in) {
   require_open();
-  allocate(plan, in.batch);
+  std::vector<int64_t> latent_shape = in.latent_shape;
+  if (latent_shape.empty()) latent_shape = {in.batch, manifest_.channels(), manifest_.height(), manifest_.width()};
+  const Binding& latent = *std::find_if(bindings_.begin(), bindings_.end(), [](const Binding& b) { return b.latent; });
+  const DimValues dims = latent_dims(latent.spec, latent_shape);
+  if (in.x_init.size() != count(resolve_dims(latent.spec, dims)))
+    fail(TSTITCH_ERR_INVALID_ARGUMENT, "the initial latent has " + std::to_string(in.x_init.size()) + " values, its shape needs " +
+                                           std::to_string(count(resolve_dims(latent.spec, dims))));
+  allocate(plan, dims);
   staging_.clear();
   auto upload = [&](const Buffer& dst, const void* src, size_t nbytes) {
     if (nbytes > dst.nbytes) fail(TSTITCH_ERR_INTERNAL, "upload larger than its buffer");
@@ -220,20 +231,36 @@ void StitchedLoop::prepare(const TrajectoryPlan& plan, const RequestInputs& in) 
       if (b.latent) upload(state_[0][n], x_init_.data(), x_init_.size() * 4);
       else device_.zero(state_[0][n].ptr, state_[0][n].nbytes);  // step 0's history is zero
     } else if (b.role == Role::kRequest) {
-      if (b.source == "class_labels") {
-        if (b.spec.dtype == "float32") fail(TSTITCH_ERR_BUNDLE, "class labels must be an integer tensor; rebuild the bundle");
+      const size_t want = request_[n].nbytes / dtype_size(b.spec.dtype);
+      if (b.source == "cond" && b.spec.dtype != "float32") {  // DiT: class labels
+        if (in.class_labels.size() != want)
+          fail(TSTITCH_ERR_INVALID_ARGUMENT, "the step graphs take " + std::to_string(want) + " class labels (" + n +
+                                                 "), the request has " + std::to_string(in.class_labels.size()));
         std::vector<char> v = as_ints(in.class_labels, b.spec.dtype);
         upload(request_[n], v.data(), v.size());
+      } else if (b.source == "cond") {  // SD: the text context, uncond rows first
+        if (in.context.size() != want)
+          fail(TSTITCH_ERR_INVALID_ARGUMENT, "the step graphs take a text context " + n + " of " + std::to_string(want) +
+                                                 " floats (2B x tokens x width), the request has " +
+                                                 std::to_string(in.context.size()));
+        upload(request_[n], in.context.data(), want * 4);
       } else if (b.source == "guidance") {
         upload(request_[n], &in.guidance, 4);
       } else {
-        fail(TSTITCH_ERR_UNAVAILABLE, "the step input " + n + " (" + b.source +
-                                          ") is not fed by this runtime version; DiT bundles only");
+        fail(TSTITCH_ERR_UNAVAILABLE, "the step input " + n +
+                                          " (a second conditioning tensor, e.g. SDXL's) is not fed by this runtime version");
       }
     } else if (b.role == Role::kStep) {
-      if (b.source == "timestep") {
+      if (b.source == "timestep" && b.spec.dtype == "float32") {  // SD: t as float, one per image
+        std::vector<float> rows;
+        for (int i = 0; i < plan.steps(); ++i) {
+          const float t = plan.t_float.empty() ? static_cast<float>(plan.timesteps[i]) : plan.t_float[i];
+          rows.insert(rows.end(), static_cast<size_t>(dims_.at("B")), t);
+        }
+        upload(table_[n], rows.data(), rows.size() * 4);
+      } else if (b.source == "timestep") {
         std::vector<int64_t> rows;
-        for (int64_t t : plan.timesteps) rows.insert(rows.end(), static_cast<size_t>(in.batch), t);
+        for (int64_t t : plan.timesteps) rows.insert(rows.end(), static_cast<size_t>(dims_.at("B")), t);
         std::vector<char> v = as_ints(rows, b.spec.dtype);
         upload(table_[n], v.data(), v.size());
       } else if (b.source == "coef") {

@@ -20,8 +20,10 @@ namespace tstitch {
 
 struct RequestInputs {
   int batch = 1;
-  std::vector<float> x_init;          // batch * C * H * W
-  std::vector<int64_t> class_labels;  // batch
+  std::vector<int64_t> latent_shape;  // (B, C, H, W); empty: (batch, the manifest's C, H, W)
+  std::vector<float> x_init;          // B * C * H * W
+  std::vector<int64_t> class_labels;  // DiT conditioning: batch
+  std::vector<float> context;         // SD conditioning: (2B, L, D) text embeddings, uncond first
   float guidance = 1.0f;
 };
 
@@ -67,8 +69,8 @@ class StitchedLoop {
   Buffer alloc(size_t nbytes, const std::string& what);
   void free_buffers();
   void check_engines();
-  void allocate(const TrajectoryPlan& plan, int batch);
-  void bind(int batch);
+  void allocate(const TrajectoryPlan& plan, const DimValues& dims);
+  void bind();
   void prepare(const TrajectoryPlan& plan, const RequestInputs& in);
   void restore_start();
   void enqueue(int step, int model);
@@ -94,7 +96,8 @@ class StitchedLoop {
   std::map<std::string, Buffer> step_, table_;  // by step tensor name
   std::map<std::string, Buffer> request_;
   std::map<std::string, size_t> row_bytes_;
-  std::vector<int64_t> key_;  // (batch, steps, has_noise, k) of the current buffers
+  std::vector<int64_t> key_;  // (steps, has_noise, k, dims...) of the current buffers
+  DimValues dims_;            // symbol values of the current buffers (B, 2B, H, W, ...)
   uint64_t generation_ = 0;   // bumped when buffers change: graphs of older generations are dropped
   std::map<std::vector<int64_t>, CachedGraph> graphs_;
   std::vector<std::string> notes_;

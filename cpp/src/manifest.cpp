@@ -3,9 +3,13 @@
 #include <filesystem>
 #include <fstream>
 #include <set>
+#include <cmath>
+#include <iterator>
 #include <sstream>
 
 #include "errors.hpp"
+#include "pyrepr.hpp"
+#include "schema.hpp"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -13,173 +17,209 @@ using nlohmann::json;
 namespace tstitch {
 namespace {
 
-const std::set<std::string> kPipelines = {"dit-class-conditional"};
-const std::set<std::string> kSchedules = {"linear"};
+using ojson = nlohmann::ordered_json;
 
-// A manifest that parses as JSON but breaks a rule: one line naming the field.
-[[noreturn]] void corrupt(const std::string& path, const std::string& why) {
-  fail(TSTITCH_ERR_BUNDLE, path + " is corrupt or not a tstitch bundle manifest (" + why + "); rebuild the bundle");
+[[noreturn]] void refuse(const std::string& why) { fail(TSTITCH_ERR_BUNDLE, why); }
+
+// Fields are read after the schema accepted the manifest: types and ranges hold here.
+FileRef file_ref(const ojson& j, const std::string& field) {
+  return {j.at("file").get<std::string>(), j.at("sha256").get<std::string>(), field + ".file"};
 }
 
-struct Reader {
-  std::string path;  // manifest.json, for messages
+EngineEntry engine(const ojson& j, const std::string& field) {
+  EngineEntry e;
+  e.artifact = file_ref(j, field);
+  e.precision = j.value("precision", "fp32");
+  if (j.contains("batch_range")) e.batch_min = j["batch_range"][0].get<int64_t>(), e.batch_max = j["batch_range"][1].get<int64_t>();
+  if (j.contains("builder")) e.builder = json::parse(j["builder"].dump());
+  const ojson extra = j.value("extra", ojson::object());
+  for (const char* key : {"external_data", "files"})
+    if (extra.contains(key))
+      for (size_t i = 0; i < extra[key].size(); ++i)
+        e.external_data.push_back(file_ref(extra[key][i], field + ".extra." + key + "[" + std::to_string(i) + "]"));
+  return e;
+}
 
-  const json& at(const json& j, const std::string& key, const std::string& field) const {
-    if (!j.is_object() || !j.contains(key)) corrupt(path, field + " is missing");
-    return j.at(key);
-  }
-  std::string str(const json& j, const std::string& key, const std::string& field) const {
-    const json& v = at(j, key, field);
-    if (!v.is_string()) corrupt(path, field + " must be a string");
-    return v.get<std::string>();
-  }
-  int64_t integer(const json& j, const std::string& key, const std::string& field) const {
-    const json& v = at(j, key, field);
-    if (!v.is_number_integer()) corrupt(path, field + " must be an integer");
-    return v.get<int64_t>();
-  }
-  double number(const json& j, const std::string& key, const std::string& field) const {
-    const json& v = at(j, key, field);
-    if (!v.is_number()) corrupt(path, field + " must be a number");
-    return v.get<double>();
-  }
+std::map<std::string, EngineEntry> engines(const ojson& j, const std::string& field) {
+  std::map<std::string, EngineEntry> out;
+  for (auto it = j.begin(); it != j.end(); ++it) out[it.key()] = engine(it.value(), field + "." + it.key());
+  return out;
+}
 
-  FileRef file_ref(const json& j, const std::string& field) const {
-    return {str(j, "file", field + ".file"), str(j, "sha256", field + ".sha256"), field + ".file"};
-  }
+ModelEntry model(const ojson& j, const std::string& field) {
+  ModelEntry m;
+  m.name = j.at("name").get<std::string>();
+  m.family = j.at("family").get<std::string>();
+  m.arch = json::parse(j.at("arch").dump());
+  // U-Nets take any H, W: sample_size is their default (ModelEntry.latent_shape)
+  const char* size = m.arch.contains("input_size") ? "input_size" : "sample_size";
+  if (!m.arch.contains("in_channels") || !m.arch["in_channels"].is_number_integer() || !m.arch.contains(size) ||
+      !m.arch[size].is_number_integer())
+    refuse(m.name + ": arch has no integer in_channels and " + size + "; rebuild the bundle");
+  m.channels = m.arch["in_channels"].get<int>();
+  m.height = m.width = m.arch[size].get<int>();
+  m.engines = engines(j.at("engines"), field + ".engines");
+  return m;
+}
 
-  EngineEntry engine(const json& j, const std::string& field) const {
-    EngineEntry e;
-    e.artifact = file_ref(j, field);
-    if (j.contains("precision")) e.precision = str(j, "precision", field + ".precision");
-    if (j.contains("batch_range")) {
-      const json& br = j.at("batch_range");
-      if (!br.is_array() || br.size() != 2 || !br[0].is_number_integer() || !br[1].is_number_integer() ||
-          br[0].get<int64_t>() < 1 || br[0].get<int64_t>() > br[1].get<int64_t>())
-        corrupt(path, field + ".batch_range must be [min, max] with 1 <= min <= max");
-      e.batch_min = br[0].get<int64_t>(), e.batch_max = br[1].get<int64_t>();
+std::vector<TensorSpec> io_specs(const ojson& io) {
+  std::vector<TensorSpec> out;
+  for (const char* side : {"inputs", "outputs"}) {
+    if (!io.contains(side)) continue;
+    for (auto it = io[side].begin(); it != io[side].end(); ++it) {
+      TensorSpec t;
+      t.name = it.key();
+      t.input = std::string(side) == "inputs";
+      t.dtype = it.value().at("dtype").get<std::string>();
+      for (const ojson& d : it.value().at("shape"))
+        t.shape.push_back(d.is_string() ? Dim{0, d.get<std::string>()} : Dim{d.get<int64_t>(), ""});
+      out.push_back(std::move(t));
     }
-    if (j.contains("builder")) {
-      if (!j.at("builder").is_object()) corrupt(path, field + ".builder must be an object");
-      e.builder = j.at("builder");
-    }
-    if (j.contains("extra") && j.at("extra").is_object() && j.at("extra").contains("external_data")) {
-      const json& ext = j.at("extra").at("external_data");
-      if (!ext.is_array()) corrupt(path, field + ".extra.external_data must be a list");
-      for (size_t i = 0; i < ext.size(); ++i)
-        e.external_data.push_back(file_ref(ext[i], field + ".extra.external_data[" + std::to_string(i) + "]"));
-    }
-    return e;
   }
+  return out;
+}
 
-  std::map<std::string, EngineEntry> engines(const json& j, const std::string& field) const {
-    std::map<std::string, EngineEntry> out;
-    if (!j.contains("engines")) return out;
-    const json& e = j.at("engines");
-    if (!e.is_object()) corrupt(path, field + ".engines must be an object");
-    for (auto it = e.begin(); it != e.end(); ++it) out[it.key()] = engine(it.value(), field + ".engines." + it.key());
-    return out;
-  }
-
-  ModelEntry model(const json& j, const std::string& field) const {
-    ModelEntry m;
-    m.name = str(j, "name", field + ".name");
-    m.family = str(j, "family", field + ".family");
-    m.arch = at(j, "arch", field + ".arch");
-    if (!m.arch.is_object()) corrupt(path, field + ".arch must be an object");
-    m.channels = static_cast<int>(integer(m.arch, "in_channels", field + ".arch.in_channels"));
-    m.height = m.width = static_cast<int>(integer(m.arch, "input_size", field + ".arch.input_size"));
-    if (m.channels < 1 || m.height < 1) corrupt(path, field + ".arch: the latent shape must be positive");
-    m.engines = engines(j, field);
-    return m;
-  }
-
-  std::vector<TensorSpec> io(const json& j) const {
-    std::vector<TensorSpec> out;
-    for (const char* side : {"inputs", "outputs"}) {
-      if (!j.contains(side)) continue;
-      const json& group = j.at(side);
-      if (!group.is_object()) corrupt(path, std::string("io.") + side + " must be an object");
-      for (auto it = group.begin(); it != group.end(); ++it) {
-        const std::string field = std::string("io.") + side + "." + it.key();
-        TensorSpec t;
-        t.name = it.key();
-        t.input = std::string(side) == "inputs";
-        t.dtype = str(it.value(), "dtype", field + ".dtype");
-        if (t.dtype != "float32" && t.dtype != "int64" && t.dtype != "int32")
-          corrupt(path, field + ".dtype '" + t.dtype + "' is not float32, int64 or int32");
-        const json& shape = at(it.value(), "shape", field + ".shape");
-        if (!shape.is_array()) corrupt(path, field + ".shape must be a list");
-        for (const json& d : shape) {
-          if (d.is_number_integer() && d.get<int64_t>() >= 0) t.dims.push_back(d.get<int64_t>());
-          else if (d == "B") t.dims.push_back(TensorSpec::kBatch);
-          else if (d == "2B") t.dims.push_back(TensorSpec::kDoubleBatch);
-          else corrupt(path, field + ".shape has " + d.dump() + "; dims are integers, \"B\" or \"2B\"");
-        }
-        t.extra = it.value();
-        out.push_back(std::move(t));
-      }
-    }
-    return out;
-  }
-};
+IoRoles io_roles(const ojson& roles) {
+  IoRoles r;
+  for (const ojson& pair : roles.at("state")) r.state.emplace_back(pair[0].get<std::string>(), pair[1].get<std::string>());
+  for (const ojson& n : roles.at("step")) r.step.push_back(n.get<std::string>());
+  for (const ojson& n : roles.at("request")) r.request.push_back(n.get<std::string>());
+  return r;
+}
 
 std::string shape_text(const ModelEntry& m) {
   return "(" + std::to_string(m.channels) + ", " + std::to_string(m.height) + ", " + std::to_string(m.width) + ")";
 }
 
+template <class T>
+std::string py_list(const std::set<T>& values) {
+  ojson list = ojson::array();
+  for (const T& v : values) list.push_back(v);
+  return py_repr(list);
+}
+
+// Manifest._validate_dit
+void validate_dit(const Manifest& m, const ojson& raw) {
+  std::set<int64_t> classes;
+  for (const ModelEntry& model : m.models)
+    classes.insert(model.arch.contains("num_classes") ? model.arch["num_classes"].get<int64_t>() : m.num_classes);
+  if (classes != std::set<int64_t>{m.num_classes})
+    refuse("the models' class counts (" + py_list(classes) + ") differ from num_classes " + std::to_string(m.num_classes) +
+           "; they must share one label space");
+  for (const ModelEntry& model : m.models) {
+    const json& a = model.arch;
+    for (auto [num, den] : {std::pair{"input_size", "patch_size"}, std::pair{"hidden_size", "num_heads"}})
+      if (a.contains(num) && a.contains(den) && a[den].get<int64_t>() != 0 && a[num].get<int64_t>() % a[den].get<int64_t>())
+        refuse(model.name + ": " + num + " " + a[num].dump() + " is not a multiple of " + den + " " + a[den].dump());
+  }
+  const int c = m.channels(), h = m.height(), w = m.width();
+  if (m.guidance_channels > c)
+    refuse("guidance_channels " + std::to_string(m.guidance_channels) + " exceeds the latent's " + std::to_string(c) + " channels");
+  const bool pixel_space = !m.has_vae && m.latent_scale_factor == 1.0;
+  if (h != w || (pixel_space && m.image_size != h) || (!pixel_space && m.image_size % h))
+    refuse("image_size " + std::to_string(m.image_size) + " does not fit the models' latent " + std::to_string(h) + "x" +
+           std::to_string(w));
+  if (raw.contains("io") && !raw["io"].empty()) {
+    const ojson& io = raw["io"];
+    for (const char* name : {"x", "x_next"}) {
+      const ojson* spec = nullptr;
+      for (const char* side : {"inputs", "outputs"})
+        if (!spec && io.contains(side) && io[side].contains(name)) spec = &io[side][name];
+      if (spec == nullptr) continue;
+      const ojson& shape = spec->at("shape");
+      const ojson tail = shape.empty() ? ojson::array() : ojson(std::vector<ojson>(shape.begin() + 1, shape.end()));
+      if (tail != ojson::array({c, h, w}))
+        refuse(std::string("io: ") + name + " has shape " + py_repr(shape) + ", but the models' latent is " + std::to_string(c) +
+               "x" + std::to_string(h) + "x" + std::to_string(w));
+    }
+  }
+  for (const char* part : {"text_encoder", "tokenizer", "scheduler"})
+    if (raw.contains(part) && !raw[part].is_null() && !raw[part].empty())
+      refuse("a class-conditional (DiT) bundle has a text encoder, tokenizer or scheduler entry; rebuild the bundle");
+}
+
+// Manifest._validate_sd
+void validate_sd(const Manifest& m, const ojson& raw) {
+  std::set<int64_t> widths, text_width;
+  std::string listed;
+  for (const ModelEntry& model : m.models) {
+    widths.insert(model.arch.at("cross_attention_dim").get<int64_t>());
+    listed += (listed.empty() ? "" : ", ") + model.name + ": " + model.arch.at("cross_attention_dim").dump();
+  }
+  const ojson te = raw.value("text_encoder", ojson());
+  if (te.is_object() && te.contains("io") && te["io"].contains("outputs"))
+    for (const auto& spec : te["io"]["outputs"])
+      if (!spec["shape"].empty() && spec["shape"].back().is_number_integer()) text_width.insert(spec["shape"].back().get<int64_t>());
+  if (widths.size() > 1 || (!text_width.empty() && text_width != widths))
+    refuse("the U-Nets' cross-attention widths (" + listed + ") and the text encoder's (" + py_list(text_width) +
+           ") must all be equal; rebuild the bundle");
+  const ojson io = raw.value("io", ojson::object());
+  if (!io.contains("roles") || io["roles"].empty())
+    refuse("io.roles is missing: a text-to-image bundle must record its step graph's roles");
+  std::set<std::string> names, named, diff;
+  for (const TensorSpec& t : m.io) names.insert(t.name);
+  for (const auto& [in, out] : m.roles.state) named.insert(in), named.insert(out);
+  named.insert(m.roles.step.begin(), m.roles.step.end());
+  named.insert(m.roles.request.begin(), m.roles.request.end());
+  std::set_symmetric_difference(named.begin(), named.end(), names.begin(), names.end(), std::inserter(diff, diff.end()));
+  if (!diff.empty()) {
+    std::set<std::string> first3;
+    for (const std::string& n : diff)
+      if (first3.size() < 3) first3.insert(n);
+    refuse("io.roles names " + py_list(first3) + " that are not (or not all) the step graph's inputs and outputs; rebuild the bundle");
+  }
+}
+
 }  // namespace
 
-Manifest parse_manifest(const json& raw, const std::string& path) {
-  Reader r{path};
-  if (!raw.is_object()) corrupt(path, "the top level must be an object");
-  const json format = raw.value("format", json());
-  if (format != kBundleFormat)
-    corrupt(path, "format is " + format.dump() + ", not \"" + std::string(kBundleFormat) + "\"");
-  const int64_t version = r.integer(raw, "format_version", "format_version");
-  if (version != kBundleFormatVersion)
-    corrupt(path, "format_version " + std::to_string(version) + " is not one this runtime reads (it reads " +
-                      std::to_string(kBundleFormatVersion) + ")");
-  Manifest m;
-  m.pipeline = r.str(raw, "pipeline", "pipeline");
-  if (!kPipelines.count(m.pipeline))
-    corrupt(path, "pipeline '" + m.pipeline + "' is unknown to this runtime (it runs dit-class-conditional)");
-  const json& sched = r.at(raw, "schedule", "schedule");
-  m.schedule_kind = r.str(sched, "kind", "schedule.kind");
-  if (!kSchedules.count(m.schedule_kind))
-    corrupt(path, "schedule.kind '" + m.schedule_kind + "' is unknown to this runtime (it knows linear)");
-  m.num_timesteps = static_cast<int>(r.integer(sched, "num_timesteps", "schedule.num_timesteps"));
-  if (m.num_timesteps < 1 || m.num_timesteps > 100000) corrupt(path, "schedule.num_timesteps must be in [1, 100000]");
-  m.num_classes = static_cast<int>(r.integer(raw, "num_classes", "num_classes"));
-  m.image_size = static_cast<int>(r.integer(raw, "image_size", "image_size"));
-  m.latent_scale_factor = r.number(raw, "latent_scale_factor", "latent_scale_factor");
-  m.guidance_channels = static_cast<int>(r.integer(raw, "guidance_channels", "guidance_channels"));
-  const json& models = r.at(raw, "models", "models");
-  if (!models.is_array()) corrupt(path, "models must be a list");
-  for (size_t i = 0; i < models.size(); ++i) m.models.push_back(r.model(models[i], "models[" + std::to_string(i) + "]"));
-  m.has_vae = raw.contains("vae") && !raw.at("vae").is_null();
-  if (raw.contains("io") && raw.at("io").is_object()) m.io = r.io(raw.at("io"));
+Manifest parse_manifest(const json& raw, const std::string& where) { return parse_manifest(ojson::parse(raw.dump()), where); }
 
-  // Manifest.validate(): the same rules and messages as Python.
-  if (m.models.empty()) fail(TSTITCH_ERR_BUNDLE, "the bundle names no models");
+Manifest parse_manifest(const ojson& raw, const std::string& where) {
+  validate_manifest_schema(raw, where);
+  Manifest m;
+  m.pipeline = raw["pipeline"].get<std::string>();
+  m.schedule_kind = raw["schedule"]["kind"].get<std::string>();
+  m.num_timesteps = raw["schedule"]["num_timesteps"].get<int>();
+  m.num_classes = raw["num_classes"].get<int>();
+  m.image_size = raw["image_size"].get<int>();
+  m.latent_scale_factor = raw["latent_scale_factor"].get<double>();
+  m.guidance_channels = raw["guidance_channels"].get<int>();
+  for (size_t i = 0; i < raw["models"].size(); ++i) m.models.push_back(model(raw["models"][i], "models[" + std::to_string(i) + "]"));
+  m.has_vae = raw.contains("vae") && !raw["vae"].is_null();
+  m.has_text_encoder = raw.contains("text_encoder") && !raw["text_encoder"].is_null();
+  if (raw.contains("scheduler") && !raw["scheduler"].is_null()) m.scheduler = json::parse(raw["scheduler"].dump());
+  if (m.has_text_encoder) {
+    m.text_encoder_engines = engines(raw["text_encoder"]["engines"], "text_encoder.engines");
+    m.text_encoder_io = io_specs(raw["text_encoder"]["io"]);
+  }
+  const ojson io = raw.value("io", ojson::object());
+  m.io = io_specs(io);
+  m.roles_recorded = io.contains("roles");
+  m.roles = m.roles_recorded ? io_roles(io["roles"])
+                             : IoRoles{{{"x", "x_next"}, {"prev_x0", "x0"}}, {"t", "coef", "noise"}, {"y", "guidance"}};
+
+  // Manifest.validate(): the same rules, in the same order, with the same messages as Python.
+  if (m.models.empty()) refuse("the bundle names no models");
   for (const ModelEntry& model : m.models) {
     if (model.channels != m.channels() || model.height != m.height() || model.width != m.width()) {
       std::string listed;
       for (const ModelEntry& x : m.models) listed += (listed.empty() ? "" : ", ") + x.name + ": " + shape_text(x);
-      fail(TSTITCH_ERR_BUNDLE, "the models' latent shapes differ (" + listed +
-                                   "); stitched models must share one latent space");
+      refuse("the models' latent shapes differ (" + listed + "); stitched models must share one latent space");
     }
   }
-  std::set<int64_t> classes;
-  for (const ModelEntry& model : m.models)
-    classes.insert(model.arch.contains("num_classes") && model.arch["num_classes"].is_number_integer()
-                       ? model.arch["num_classes"].get<int64_t>()
-                       : m.num_classes);
-  if (classes.size() > 1) {
-    std::string listed;
-    for (int64_t c : classes) listed += (listed.empty() ? "" : ", ") + std::to_string(c);
-    fail(TSTITCH_ERR_BUNDLE, "the models' class counts differ ([" + listed + "]); they must share one label space");
-  }
+  std::vector<std::pair<std::string, const ojson*>> parts;
+  for (const ojson& model : raw["models"]) parts.emplace_back(model["name"].get<std::string>(), &model["engines"]);
+  for (auto [part, label] : {std::pair{"vae", "VAE"}, std::pair{"text_encoder", "text encoder"}})
+    if (raw.contains(part) && raw[part].is_object() && raw[part].contains("engines")) parts.emplace_back(label, &raw[part]["engines"]);
+  for (const auto& [label, engines] : parts)
+    for (auto it = engines->begin(); it != engines->end(); ++it) {
+      const ojson range = it.value().value("batch_range", ojson::array({1, 16}));
+      if (range[0].get<int64_t>() > range[1].get<int64_t>())
+        refuse(label + " " + it.key() + ": batch_range [" + range[0].dump() + ", " + range[1].dump() + "] is empty (min > max)");
+    }
+  if (!std::isfinite(m.latent_scale_factor)) refuse("latent_scale_factor is not a finite number");
+  if (m.is_sd()) validate_sd(m, raw);
+  else validate_dit(m, raw);
   return m;
 }
 
@@ -190,12 +230,15 @@ Manifest read_manifest(const std::string& bundle_dir) {
   const std::string path = (fs::path(bundle_dir) / "manifest.json").string();
   if (!fs::is_regular_file(path, ec))
     fail(TSTITCH_ERR_BUNDLE, bundle_dir + " is not a bundle (no manifest.json); rebuild it with `tstitch-trt build`");
+  const auto size = fs::file_size(path, ec);
+  if (!ec && size > (16u << 20))  // bundle/manifest.py's MAX_MANIFEST_BYTES
+    fail(TSTITCH_ERR_BUNDLE, path + " is " + std::to_string(size) + " bytes, far larger than a manifest; rebuild the bundle");
   std::ifstream in(path, std::ios::binary);
   std::stringstream text;
   text << in.rdbuf();
   if (!in) fail(TSTITCH_ERR_BUNDLE, "cannot read " + path + "; check its permissions");
-  json raw = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
-  if (raw.is_discarded()) corrupt(path, "not valid JSON");
+  ojson raw = ojson::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+  if (raw.is_discarded()) fail(TSTITCH_ERR_BUNDLE, path + " is not valid JSON; rebuild the bundle");
   return parse_manifest(raw, path);
 }
 

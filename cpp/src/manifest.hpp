@@ -1,7 +1,7 @@
 // The bundle manifest (manifest.json), read with the same rules as python/tstitch_trt/bundle/:
-// format and version, known pipeline and schedule kinds, models sharing one latent and label space,
-// sealed paths (relative, no "..", no symlink leaving the bundle) and sha256 checksums.
-// One module, so it can follow the JSON Schema the Python side is moving to.
+// the JSON Schema (python/tstitch_trt/bundle/manifest.schema.json, embedded; see schema.hpp), the
+// consistency rules of Manifest.validate (DiT and SD), sealed paths (relative, no "..", no symlink
+// leaving the bundle) and sha256 checksums.
 #pragma once
 
 #include <cstdint>
@@ -37,19 +37,31 @@ struct ModelEntry {
   int channels = 0, height = 0, width = 0;     // latent (C, H, W)
 };
 
-// One tensor of the step graph's I/O, as the manifest's `io` records it. dims: >= 0 fixed,
-// kBatch = "B", kDoubleBatch = "2B" (CFG-doubled conditioning).
+// One dimension of a step-graph tensor: a size, or a symbol ("B", "2B", "H", "W", ...) whose value
+// comes from the initial latent's shape at run time (runtime/io_roles.py).
+struct Dim {
+  int64_t size = 0;
+  std::string symbol;  // empty: fixed size
+  bool operator==(const Dim& o) const { return size == o.size && symbol == o.symbol; }
+};
+
+// One tensor of the step graph's I/O, as the manifest's io.inputs / io.outputs record it.
 struct TensorSpec {
-  static constexpr int64_t kBatch = -1, kDoubleBatch = -2;
   std::string name;
   bool input = true;
-  std::string dtype;  // "float32", "int64", "int32"
-  std::vector<int64_t> dims;
-  nlohmann::json extra;  // anything else the manifest says about it (e.g. a role)
+  std::string dtype;  // "float32", "float16", "int64", "int32"
+  std::vector<Dim> shape;
+};
+
+// io.roles: the step graph's tensors by role (state pairs, per-step rows, per-request constants).
+struct IoRoles {
+  std::vector<std::pair<std::string, std::string>> state;  // (input, output); the first pair is the latent
+  std::vector<std::string> step;                           // "t", "coef", "noise"
+  std::vector<std::string> request;                        // conditioning first-non-guidance, "guidance"
 };
 
 struct Manifest {
-  std::string pipeline;
+  std::string pipeline;            // "dit-class-conditional" | "sd"
   std::vector<ModelEntry> models;  // stitch order, smallest first
   int num_classes = 0;
   int image_size = 0;
@@ -59,6 +71,13 @@ struct Manifest {
   int num_timesteps = 1000;
   bool has_vae = false;
   std::vector<TensorSpec> io;  // inputs then outputs; empty for bundles written before `io` existed
+  IoRoles roles;               // io.roles, or the DiT roles where the manifest has none
+  bool roles_recorded = false; // io.roles was in the manifest
+  nlohmann::json scheduler;    // SD: the diffusers scheduler config (null otherwise)
+  bool has_text_encoder = false;
+  std::map<std::string, EngineEntry> text_encoder_engines;  // SD: kind -> the text encoder's plan
+  std::vector<TensorSpec> text_encoder_io;                  // SD: input_ids (N, L) -> embeddings (N, L, D)
+  bool is_sd() const { return pipeline == "sd"; }
   int channels() const { return models.front().channels; }
   int height() const { return models.front().height; }
   int width() const { return models.front().width; }
@@ -66,7 +85,10 @@ struct Manifest {
 
 // Reads and validates <bundle_dir>/manifest.json; Error(TSTITCH_ERR_BUNDLE) with one line otherwise.
 Manifest read_manifest(const std::string& bundle_dir);
-Manifest parse_manifest(const nlohmann::json& raw, const std::string& bundle_dir);
+// `where` names the manifest in messages (its path). The schema (schema.hpp) first, then the
+// consistency rules of Manifest.validate (bundle/manifest.py), with Python's messages.
+Manifest parse_manifest(const nlohmann::ordered_json& raw, const std::string& where);
+Manifest parse_manifest(const nlohmann::json& raw, const std::string& where);
 
 // The absolute path of a file the manifest names, refused unless it stays inside the bundle.
 std::string sealed_path(const std::string& bundle_dir, const std::string& rel, const std::string& field);

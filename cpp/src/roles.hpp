@@ -1,12 +1,16 @@
-// Binding by ROLE, not by DiT names: every step-graph tensor is one of
-//   state   a ping-pong pair (input, output): step i reads slot i % 2, writes slot (i + 1) % 2
-//           (x -> x_next carries the latent; prev_x0 <- x0 carries a multistep solver's history);
-//   step    a per-step table row copied into place before each launch (t, coef, noise);
-//   request a per-request constant uploaded once (y, guidance; SD: context, text_embeds, time_ids).
-// The manifest's io may name the role of a tensor ("role": "state" + "pair", "step" + "table",
-// "request" + "source"); without one, the DiT step-graph names below apply.
+// Binding by ROLE (runtime/io_roles.py), from the manifest's io.roles:
+//   state   (input, output) pairs carried in ping-pong slots: step i reads slot i % 2, writes slot
+//           (i + 1) % 2; the FIRST pair carries the latent (slot 0 starts as the initial latent,
+//           every other state at zero). DiT: x -> x_next, prev_x0 <- x0; SD adds eps_hist, saved.
+//   step    per-step rows of tables uploaded once per trajectory: t, coef, noise.
+//   request per-request constants: the conditioning (the first request tensor that is not
+//           guidance: DiT's class labels y (B,), SD's text context (2B, 77, D), uncond first) and guidance.
+// Bundles without io.roles are DiT bundles and get the DiT roles. Shapes come from io.inputs /
+// io.outputs; "B" is the batch, "2B" twice it, other symbols (SD: "H", "W") take their value from
+// the initial latent's shape.
 #pragma once
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -20,15 +24,18 @@ struct Binding {
   TensorSpec spec;
   Role role = Role::kRequest;
   std::string pair;    // state: the other half of the pair
-  std::string source;  // step: "timestep" | "coef" | "noise"; request: "class_labels" | "guidance" | ...
-  bool latent = false; // state input that carries the latent (the sample's result)
+  std::string source;  // step: "timestep" | "coef" | "noise"; request: "cond" | "guidance" | "" (not fed)
+  bool latent = false; // the first state pair's input: carries the latent (the sample's result)
 };
 
-// Roles of the manifest's io; a bundle without io gets the DiT step graph for its latent shape.
+using DimValues = std::map<std::string, int64_t>;
+
+// Bindings of the step graph's I/O (inputs then outputs); io-less DiT bundles get the DiT step graph.
 std::vector<Binding> resolve_roles(const Manifest& m, int num_coefs);
 
-// Elements of a tensor for batch B (B and 2B resolved).
-std::vector<int64_t> resolve_dims(const TensorSpec& t, int64_t batch);
+// Symbol values from the initial latent's shape (B, C, H, W): its spec's symbols, and "2B".
+DimValues latent_dims(const TensorSpec& latent, const std::vector<int64_t>& latent_shape);
+std::vector<int64_t> resolve_dims(const TensorSpec& t, const DimValues& dims);
 size_t dtype_size(const std::string& dtype);
 
 }  // namespace tstitch

@@ -8,6 +8,7 @@
 
 #include "errors.hpp"
 #include "sampling.hpp"
+#include "sd_samplers.hpp"
 
 namespace tstitch {
 
@@ -41,6 +42,9 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& opt, const Ba
                                    opt.engine);
     paths.push_back(artifact_path(dir_, it->second, opt.verify_checksums));
   }
+  std::string text_path;  // the SD text encoder's plan, checked with the rest
+  auto te = manifest_.text_encoder_engines.find(opt.engine);
+  if (te != manifest_.text_encoder_engines.end()) text_path = artifact_path(dir_, te->second, opt.verify_checksums);
   batch_range_ = {1, INT64_MAX};
   for (const ModelEntry& m : manifest_.models) {
     const EngineEntry& e = m.engines.at(opt.engine);
@@ -61,10 +65,43 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& opt, const Ba
     engines.push_back(backend_->load(plan, what));
   }
   loop_ = std::make_unique<StitchedLoop>(manifest_, backend_->device(), std::move(engines), opt.cuda_graph);
+  if (!text_path.empty()) {
+    const std::string what = "the " + opt.engine + " text encoder engine (" + std::filesystem::path(text_path).filename().string() + ")";
+    check_engine_compat(te->second.builder, backend_->identity(), backend_->device().compute_capability(), what);
+    std::ifstream in(text_path, std::ios::binary);
+    std::vector<char> plan((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    if (!in.good() && !in.eof()) fail(TSTITCH_ERR_BUNDLE, "cannot read " + text_path);
+    text_encoder_ = std::make_unique<TextEncoder>(manifest_, backend_->device(), backend_->load(plan, what));
+  }
+}
+
+// Token ids -> the text context (pipeline/sd.py's encode_prompts: negative prompts first).
+SampleRequest Runtime::encode_tokens(const SampleRequest& req) {
+  auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
+  if (!req.text_context.empty()) bad("give the text context or token ids, not both");
+  if (!text_encoder_)
+    fail(TSTITCH_ERR_UNAVAILABLE, "the bundle has no text encoder engine of this kind; pass request.text_context instead");
+  if (req.batch < batch_range_.first || req.batch > batch_range_.second)
+    bad("batch " + std::to_string(req.batch) + " is outside the engines' range [" + std::to_string(batch_range_.first) + ", " +
+        std::to_string(batch_range_.second) + "]; rebuild with a wider batch range");
+  const size_t n = static_cast<size_t>(req.batch) * static_cast<size_t>(req.token_count);
+  if (req.token_count < 1 || req.prompt_tokens.size() != n || req.negative_tokens.size() != n)
+    bad("prompt and negative token ids must each be batch x token_count (" + std::to_string(n) + ") ids");
+  std::vector<int64_t> ids(req.negative_tokens);
+  ids.insert(ids.end(), req.prompt_tokens.begin(), req.prompt_tokens.end());
+  for (int64_t id : ids)
+    if (id < 0) bad("token id " + std::to_string(id) + " is negative; pass the tokenizer's ids");
+  SampleRequest q = req;
+  int64_t width = 0;
+  q.text_context = text_encoder_->encode(ids, 2 * static_cast<int64_t>(req.batch), req.token_count, &width);
+  q.text_tokens = req.token_count, q.text_width = static_cast<int>(width);
+  q.prompt_tokens.clear(), q.negative_tokens.clear();
+  return q;
 }
 
 void Runtime::check(const SampleRequest& req) const {
   auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
+  if (manifest_.is_sd()) return check_sd(req);
   if (req.batch < batch_range_.first || req.batch > batch_range_.second)  // pipeline/dit.py's message
     bad("batch " + std::to_string(req.batch) + " is outside the engines' range [" + std::to_string(batch_range_.first) +
         ", " + std::to_string(batch_range_.second) + "]; rebuild with --batch-sizes " +
@@ -79,7 +116,7 @@ void Runtime::check(const SampleRequest& req) const {
       bad("class label " + std::to_string(y) + " is outside [0, " + std::to_string(manifest_.num_classes) +
           "); this bundle's models know " + std::to_string(manifest_.num_classes) + " classes");
   const auto& names = sampler_names();
-  if (std::find(names.begin(), names.end(), req.sampler) == names.end())
+  if (!req.sampler.empty() && std::find(names.begin(), names.end(), req.sampler) == names.end())
     bad("unknown sampler '" + req.sampler + "'; choose one of ddim, ddpm, dpm-solver++");
   if (!std::isfinite(req.cfg_scale)) bad("cfg scale must be a finite number");
   if (!(req.eta >= 0.0 && std::isfinite(req.eta))) bad("eta must be a finite number >= 0");
@@ -88,8 +125,75 @@ void Runtime::check(const SampleRequest& req) const {
     bad("init noise has " + std::to_string(req.init_noise.size()) + " values, the request needs " + std::to_string(latent));
 }
 
-LoopResult Runtime::sample(const SampleRequest& req) {
+void Runtime::check_sd(const SampleRequest& req) const {
+  auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
+  if (req.batch < batch_range_.first || req.batch > batch_range_.second)
+    bad("batch " + std::to_string(req.batch) + " is outside the engines' range [" + std::to_string(batch_range_.first) +
+        ", " + std::to_string(batch_range_.second) + "]; rebuild with a wider batch range");
+  if (!req.class_labels.empty()) bad("this bundle is text-to-image (SD): give a text context, not class labels");
+  if (!std::isfinite(req.cfg_scale)) bad("cfg scale must be a finite number");
+  if (!(req.eta >= 0.0 && std::isfinite(req.eta))) bad("eta must be a finite number >= 0");
+  // the conditioning's (2B, tokens, width) from the step graph's io
+  const std::vector<Binding>& b = loop_->bindings();
+  auto cond = std::find_if(b.begin(), b.end(), [](const Binding& x) { return x.role == Role::kRequest && x.source == "cond"; });
+  if (cond == b.end() || cond->spec.dtype != "float32" || cond->spec.shape.size() != 3)
+    fail(TSTITCH_ERR_BUNDLE, "the SD step graph has no float (2B, tokens, width) text context input; rebuild the bundle");
+  const int64_t tokens = cond->spec.shape[1].size, width = cond->spec.shape[2].size;
+  if (req.text_context.empty())
+    bad("an SD request needs token ids or the text context (request.text_context: 2 x batch x " + std::to_string(tokens) +
+        " x " + std::to_string(width) + " floats, negative prompts first)");
+  if (req.text_tokens != tokens || req.text_width != width)
+    bad("the text context is " + std::to_string(req.text_tokens) + " tokens x " + std::to_string(req.text_width) +
+        " wide, the U-Nets take " + std::to_string(tokens) + " x " + std::to_string(width));
+  for (float v : req.text_context)
+    if (!std::isfinite(v)) bad("the text context holds NaN or Inf; check the text encoder's output");
+  const size_t latent = static_cast<size_t>(req.batch) * manifest_.channels() * manifest_.height() * manifest_.width();
+  if (!req.init_noise.empty() && req.init_noise.size() != latent)
+    bad("init noise has " + std::to_string(req.init_noise.size()) + " values, the request needs " + std::to_string(latent));
+}
+
+// pipeline/sd.py's plan: the sampler's table from the bundle's scheduler config, the stitch by
+// U-Net call, per-call noise (ddim eta > 0) drawn after the initial latent.
+TrajectoryPlan Runtime::sd_plan(const SampleRequest& req, size_t latent, Pcg64& rng, float* init_sigma) const {
+  const std::string sampler = req.sampler.empty() ? sd_default_sampler(manifest_.scheduler) : req.sampler;
+  const SdTable table = sd_table(sampler, manifest_.scheduler, req.steps, req.eta);
+  TrajectoryPlan p;
+  p.sampler = sampler;
+  p.t_float = table.timesteps;
+  for (float t : table.timesteps) p.timesteps.push_back(static_cast<int64_t>(std::lround(t)));
+  p.coef = table.coef;
+  p.k = kSdNumCoefs;
+  const int n = table.calls(), models = static_cast<int>(manifest_.models.size());
+  if (!req.fractions.empty()) check_fractions(req.fractions, models);
+  p.step_model = req.fractions.empty() ? stitch_by_call_index(n, models, req.ratio) : stitch_by_call_fractions(n, req.fractions);
+  if (sd_needs_noise(sampler, req.eta)) {
+    p.noise.resize(static_cast<size_t>(n) * latent);
+    standard_normal_f32(rng, p.noise.data(), p.noise.size());
+  }
+  *init_sigma = table.init_noise_sigma;
+  return p;
+}
+
+LoopResult Runtime::sample(const SampleRequest& request) {
+  const SampleRequest req = manifest_.is_sd() && !request.prompt_tokens.empty() ? encode_tokens(request) : request;
   check(req);
+  if (manifest_.is_sd()) {
+    const size_t latent = static_cast<size_t>(req.batch) * manifest_.channels() * manifest_.height() * manifest_.width();
+    Pcg64 rng(req.seed);
+    RequestInputs in;
+    in.batch = req.batch;
+    in.x_init = req.init_noise;
+    if (in.x_init.empty()) {
+      in.x_init.resize(latent);
+      standard_normal_f32(rng, in.x_init.data(), latent);
+    }
+    float sigma = 1.0f;
+    const TrajectoryPlan plan = sd_plan(req, latent, rng, &sigma);
+    for (float& v : in.x_init) v *= sigma;  // x_unit * init_noise_sigma, in float32
+    in.context = req.text_context;
+    in.guidance = req.cfg_scale > 1.0f ? req.cfg_scale : 1.0f;  // diffusers: no guidance at cfg <= 1
+    return loop_->run(plan, in);
+  }
   const size_t latent = static_cast<size_t>(req.batch) * manifest_.channels() * manifest_.height() * manifest_.width();
   Pcg64 rng(req.seed);  // numpy default_rng(seed): x_init first, then the plan's noise
   RequestInputs in;
@@ -102,7 +206,7 @@ LoopResult Runtime::sample(const SampleRequest& req) {
     standard_normal_f32(rng, in.x_init.data(), latent);
   }
   PlanSpec spec;
-  spec.sampler = req.sampler;
+  spec.sampler = req.sampler.empty() ? "ddim" : req.sampler;
   spec.steps = req.steps;
   spec.num_models = static_cast<int>(manifest_.models.size());
   spec.ratio = req.ratio;

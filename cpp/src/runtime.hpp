@@ -10,6 +10,9 @@
 #include "engine.hpp"
 #include "loop.hpp"
 #include "manifest.hpp"
+#include "rng.hpp"
+#include "text_encoder.hpp"
+#include "trajectory.hpp"
 
 namespace tstitch {
 
@@ -26,11 +29,15 @@ struct SampleRequest {
   int steps = 50;
   double ratio = 0.5;
   std::vector<double> fractions;
-  std::string sampler = "ddim";
+  std::string sampler;  // empty: ddim (DiT), the bundle scheduler's sampler (SD)
   double eta = 0.0;
   float cfg_scale = 1.0f;
   uint64_t seed = 0;
   std::vector<float> init_noise;  // empty: drawn from seed
+  std::vector<float> text_context;  // SD: (2B, tokens, width), uncond rows first
+  int text_tokens = 0, text_width = 0;
+  std::vector<int64_t> prompt_tokens, negative_tokens;  // SD, instead of text_context: B x token_count each
+  int token_count = 0;
 };
 
 using BackendFactory = std::function<std::unique_ptr<Backend>(const std::string& kind, int device_index)>;
@@ -48,10 +55,14 @@ class Runtime {
 
  private:
   void check(const SampleRequest& req) const;
+  void check_sd(const SampleRequest& req) const;
+  TrajectoryPlan sd_plan(const SampleRequest& req, size_t latent, Pcg64& rng, float* init_sigma) const;
   std::string dir_;
   Manifest manifest_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<StitchedLoop> loop_;
+  std::unique_ptr<TextEncoder> text_encoder_;  // SD bundles with a text encoder plan of this engine kind
+  SampleRequest encode_tokens(const SampleRequest& req);
   std::pair<int64_t, int64_t> batch_range_{1, 1};
 };
 

@@ -43,6 +43,8 @@ std::vector<int> stitch_by_fractions(const std::vector<int64_t>& timesteps, cons
                                      int num_timesteps = 1000);
 // SD rule on the UNet call index: small while (i + 1) / n_calls <= r.
 std::vector<int> stitch_by_call_index(int n_calls, int num_models, double ratio);
+// K models by the call index: the first whose cumulative fraction (float32) is >= (i + 1) / n_calls.
+std::vector<int> stitch_by_call_fractions(int n_calls, const std::vector<double>& fractions);
 void check_fractions(const std::vector<double>& fractions, int num_models);
 
 }  // namespace tstitch

@@ -75,6 +75,33 @@ std::vector<int> stitch_by_fractions(const std::vector<int64_t>& timesteps, cons
   return out;
 }
 
+namespace {
+std::vector<double> milestones_of(const std::vector<double>& fractions) {
+  std::vector<double> milestones;
+  float acc = 0.0f;  // the reference accumulates in float32: boundary steps land on the same model
+  for (double f : fractions) milestones.push_back(static_cast<double>(acc += static_cast<float>(f)));
+  return milestones;
+}
+}  // namespace
+
+std::vector<int> stitch_by_call_fractions(int n_calls, const std::vector<double>& fractions) {
+  const int num_models = static_cast<int>(fractions.size());
+  check_fractions(fractions, num_models);
+  const std::vector<double> milestones = milestones_of(fractions);
+  std::vector<int> out;
+  for (int i = 0; i < n_calls; ++i) {
+    const double progress = static_cast<double>(i + 1) / n_calls;
+    int idx = num_models - 1;
+    for (int k = 0; k < num_models; ++k)
+      if (progress <= milestones[k]) {
+        idx = k;
+        break;
+      }
+    out.push_back(idx);
+  }
+  return out;
+}
+
 std::vector<int> stitch_by_call_index(int n_calls, int num_models, double ratio) {
   check_ratio(num_models, ratio);
   std::vector<int> out;

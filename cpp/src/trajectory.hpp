@@ -12,6 +12,7 @@ namespace tstitch {
 struct TrajectoryPlan {
   std::string sampler;
   std::vector<int64_t> timesteps;  // (N,) original timesteps, sampling order
+  std::vector<float> t_float;      // (N,) the same as the step graph's float t (SD: Euler's are fractional)
   std::vector<float> coef;         // (N, k) row-major
   int k = 0;
   std::vector<int> step_model;     // (N,) model index in stitch order

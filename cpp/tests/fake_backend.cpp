@@ -118,6 +118,10 @@ std::unique_ptr<Graph> FakeDevice::capture(const std::function<void()>& body) {
   return std::make_unique<FakeGraph>(*this, std::move(ops), stats_);
 }
 
+float toy_text_embedding(int64_t id, int64_t d) {
+  return static_cast<float>(id % 997) * 1e-3f - static_cast<float>(d) * 1e-2f;
+}
+
 void toy_step(const float* x, const int64_t* t, const int64_t* y, float g, const float* c, const float* prev,
               const float* noise, float scale, size_t batch, size_t per_item, float* x_next, float* x0) {
   for (size_t b = 0; b < batch; ++b) {
@@ -221,6 +225,170 @@ class FakeEngine : public StepEngine {
   FakeStats& stats_;
 };
 
+// The SD toy step ("TOYSD c,h,w,k,scale,"): the U-Net step graph's I/O (export/unet_step.py) with a
+// cheap guided eps from (c_in x, t, context) and the real 17-coefficient update (sd_sampler_update).
+class FakeSdContext : public StepContext {
+ public:
+  FakeSdContext(FakeDevice& d, const ToyPlan& p, size_t scratch, FakeOptions opt, FakeStats& s)
+      : dev_(d), plan_(p), scratch_needed_(scratch), opt_(std::move(opt)), stats_(s) {}
+  bool set_input_shape(const std::string& name, const std::vector<int64_t>& shape) override {
+    if (name == "x" && (shape.size() != 4 || shape[0] < 1 || shape[0] > 4)) return false;
+    shapes_[name] = shape;
+    return true;
+  }
+  void set_address(const std::string& name, void* ptr) override { addr_[name] = ptr; }
+  size_t scratch_needed() override { return scratch_needed_; }
+  void set_scratch(void* ptr, size_t n) override {
+    if (n < scratch_needed_) throw std::logic_error("scratch smaller than the engine needs");
+    scratch_ = ptr;
+    stats_.scratch_bindings.emplace_back(ptr, n);
+  }
+  bool capturable() override { return opt_.capturable; }
+  void enqueue() override {
+    if (!scratch_) throw std::logic_error("enqueue without device memory (user-managed)");
+    for (const char* n : {"x", "t", "context", "guidance", "coef", "prev_x0", "eps_hist", "saved", "noise", "x_next", "x0",
+                          "eps_hist_next", "saved_next"})
+      if (!addr_.count(n)) throw std::logic_error(std::string("unbound I/O tensor ") + n);
+    ++stats_.enqueues_by_context[this];
+    const std::vector<int64_t> xs = shapes_.at("x"), cs = shapes_.at("context");
+    const size_t batch = static_cast<size_t>(xs[0]), per = static_cast<size_t>(xs[1] * xs[2] * xs[3]);
+    const size_t tokens = static_cast<size_t>(cs[1]), width = static_cast<size_t>(cs[2]);
+    if (static_cast<size_t>(cs[0]) != 2 * batch) throw std::logic_error("context is not (2B, L, D)");
+    auto a = addr_;
+    const float scale = plan_.scale;
+    FakeDevice& dev = dev_;
+    dev_.enqueue([a, batch, per, tokens, width, scale, &dev] {
+      const size_t lat = batch * per, row = tokens * width;
+      for (const char* n : {"x", "prev_x0", "saved", "noise", "x_next", "x0", "saved_next"}) dev.check_range(a.at(n), lat * 4);
+      for (const char* n : {"eps_hist", "eps_hist_next"}) dev.check_range(a.at(n), 3 * lat * 4);
+      dev.check_range(a.at("context"), 2 * batch * row * 4);
+      auto f = [&](const char* n) { return static_cast<float*>(a.at(n)); };
+      const float *x = f("x"), *t = f("t"), *ctx = f("context"), *c = f("coef"), *prev = f("prev_x0"), *hist = f("eps_hist"),
+                  *saved = f("saved"), *noise = f("noise");
+      const float g = *f("guidance");
+      float *x_next = f("x_next"), *x0 = f("x0"), *hist_next = f("eps_hist_next"), *saved_next = f("saved_next");
+      enum { c_in, k_x, k_s, a0, a1, a2, a3, r, m, d0, d1, w_x, w_d, w_e, sigma, shift, save };
+      for (size_t b = 0; b < batch; ++b) {
+        // both ends of each context row: a swapped or misplaced uncond / cond half changes the result
+        const float cu = ctx[b * row] + ctx[b * row + row - 1], cc = ctx[(batch + b) * row] + ctx[(batch + b) * row + row - 1];
+        const float tt = t[b] * 1e-3f;
+        for (size_t j = 0; j < per; ++j) {
+          const size_t i = b * per + j;
+          const float xin = c[c_in] * x[i];
+          const float u = std::tanh(scale * xin + tt + cu), v = std::tanh(scale * xin + tt + cc);
+          const float eps = u + g * (v - u);
+          const float h0 = hist[(b * 3 + 0) * per + j], h1 = hist[(b * 3 + 1) * per + j], h2 = hist[(b * 3 + 2) * per + j];
+          const float src = c[k_x] * x[i] + c[k_s] * saved[i];
+          const float e = c[a0] * eps + c[a1] * h0 + c[a2] * h1 + c[a3] * h2;
+          const float x0v = c[r] * src - c[m] * e;
+          const float d = c[d0] * x0v + c[d1] * prev[i];
+          x_next[i] = c[w_x] * src + c[w_d] * d + c[w_e] * e + c[sigma] * noise[i];
+          x0[i] = x0v;
+          const float p = c[shift], q = 1.0f - p;
+          const float shifted[3] = {eps, h0, h1}, old[3] = {h0, h1, h2};
+          for (int k = 0; k < 3; ++k) hist_next[(b * 3 + k) * per + j] = p * shifted[k] + q * old[k];
+          saved_next[i] = c[save] * x[i] + (1.0f - c[save]) * saved[i];
+        }
+      }
+    });
+  }
+
+ private:
+  FakeDevice& dev_;
+  ToyPlan plan_;
+  size_t scratch_needed_;
+  FakeOptions opt_;
+  FakeStats& stats_;
+  std::map<std::string, std::vector<int64_t>> shapes_;
+  std::map<std::string, void*> addr_;
+  void* scratch_ = nullptr;
+};
+
+class FakeSdEngine : public StepEngine {
+ public:
+  FakeSdEngine(FakeDevice& d, ToyPlan p, size_t scratch, const FakeOptions& opt, FakeStats& s)
+      : dev_(d), plan_(p), scratch_(scratch), opt_(opt), stats_(s) {}
+  std::vector<EngineTensor> tensors() const override {
+    std::vector<EngineTensor> t;
+    for (const char* n : {"x", "t", "context", "guidance", "coef", "prev_x0", "eps_hist", "saved", "noise"})
+      t.push_back({n, true, "float32", true});
+    for (const char* n : {"x_next", "x0", "eps_hist_next", "saved_next"}) t.push_back({n, false, "float32", true});
+    return t;
+  }
+  size_t scratch_bytes() const override { return scratch_; }
+  std::pair<int64_t, int64_t> batch_range(const std::string&) const override { return {1, 4}; }
+  std::unique_ptr<StepContext> create_context() override {
+    ++stats_.contexts;
+    return std::make_unique<FakeSdContext>(dev_, plan_, scratch_, opt_, stats_);
+  }
+
+ private:
+  FakeDevice& dev_;
+  ToyPlan plan_;
+  size_t scratch_;
+  FakeOptions opt_;
+  FakeStats& stats_;
+};
+
+// The SD toy text encoder ("TOYTEXT L,D,"): input_ids (N, L) int64 -> text_embeddings (N, L, D),
+// emb[n, l, d] = toy_text_embedding(id, d): exact float arithmetic the tests repeat on the host.
+class FakeTextContext : public StepContext {
+ public:
+  FakeTextContext(FakeDevice& d, int64_t width, FakeStats& s) : dev_(d), width_(width), stats_(s) {}
+  bool set_input_shape(const std::string& name, const std::vector<int64_t>& shape) override {
+    if (name != "input_ids" || shape.size() != 2 || shape[0] < 2 || shape[0] > 8) return false;
+    shape_ = shape;
+    return true;
+  }
+  void set_address(const std::string& name, void* ptr) override { addr_[name] = ptr; }
+  size_t scratch_needed() override { return 64; }
+  void set_scratch(void* ptr, size_t n) override {
+    if (n < 64) throw std::logic_error("scratch smaller than the engine needs");
+    scratch_ = ptr;
+  }
+  bool capturable() override { return true; }
+  void enqueue() override {
+    if (!scratch_ || shape_.empty() || !addr_.count("input_ids") || !addr_.count("text_embeddings"))
+      throw std::logic_error("text encoder enqueued unbound");
+    ++stats_.enqueues_by_context[this];
+    const size_t rows = static_cast<size_t>(shape_[0] * shape_[1]), width = static_cast<size_t>(width_);
+    auto a = addr_;
+    FakeDevice& dev = dev_;
+    dev_.enqueue([a, rows, width, &dev] {
+      dev.check_range(a.at("input_ids"), rows * 8);
+      dev.check_range(a.at("text_embeddings"), rows * width * 4);
+      const int64_t* ids = static_cast<const int64_t*>(a.at("input_ids"));
+      float* out = static_cast<float*>(a.at("text_embeddings"));
+      for (size_t i = 0; i < rows; ++i)
+        for (size_t d = 0; d < width; ++d) out[i * width + d] = toy_text_embedding(ids[i], static_cast<int64_t>(d));
+    });
+  }
+
+ private:
+  FakeDevice& dev_;
+  int64_t width_;
+  FakeStats& stats_;
+  std::vector<int64_t> shape_;
+  std::map<std::string, void*> addr_;
+  void* scratch_ = nullptr;
+};
+
+class FakeTextEngine : public StepEngine {
+ public:
+  FakeTextEngine(FakeDevice& d, int64_t width, FakeStats& s) : dev_(d), width_(width), stats_(s) {}
+  std::vector<EngineTensor> tensors() const override {
+    return {{"input_ids", true, "int64", true}, {"text_embeddings", false, "float32", true}};
+  }
+  size_t scratch_bytes() const override { return 64; }
+  std::pair<int64_t, int64_t> batch_range(const std::string&) const override { return {2, 8}; }
+  std::unique_ptr<StepContext> create_context() override { return std::make_unique<FakeTextContext>(dev_, width_, stats_); }
+
+ private:
+  FakeDevice& dev_;
+  int64_t width_;
+  FakeStats& stats_;
+};
+
 class FakeBackend : public Backend {
  public:
   FakeBackend(const FakeOptions& opt, FakeStats& s) : opt_(opt), stats_(s), dev_(opt, s) {
@@ -233,10 +401,19 @@ class FakeBackend : public Backend {
     const std::string text(data.begin(), data.end());
     ToyPlan p{};
     char comma;
-    std::istringstream in(text.size() > 3 ? text.substr(3) : "");
+    if (text.rfind("TOYTEXT", 0) == 0) {
+      int64_t tokens = 0, width = 0;
+      char sep;
+      std::istringstream t(text.substr(7));
+      if (!(t >> tokens >> sep >> width)) fail(TSTITCH_ERR_INCOMPATIBLE, "not a toy text encoder plan (fake)");
+      return std::make_unique<FakeTextEngine>(dev_, width, stats_);
+    }
+    const bool sd = text.rfind("TOYSD", 0) == 0;
+    std::istringstream in(text.size() > 5 ? text.substr(sd ? 5 : 3) : "");
     if (text.rfind("TOY", 0) != 0 || !(in >> p.c >> comma >> p.h >> comma >> p.w >> comma >> p.k >> comma >> p.scale))
       fail(TSTITCH_ERR_INCOMPATIBLE, opt_.module + " could not load " + what +
                                     ": IRuntime::deserializeCudaEngine: not a plan (fake); rebuild the bundle on this machine");
+    if (sd) return std::make_unique<FakeSdEngine>(dev_, p, data.size() * opt_.scratch_per_plan_byte, opt_, stats_);
     return std::make_unique<FakeEngine>(dev_, p, data.size() * opt_.scratch_per_plan_byte, opt_, stats_);
   }
 
@@ -267,7 +444,8 @@ void write_toy_bundle(const std::string& dir, int c, int h, int w) {
                                    << std::string(64 * (i + 1), '#');
     models.push_back({{"name", i == 0 ? "Toy-S" : "Toy-L"},
                       {"family", "dit"},
-                      {"arch", {{"in_channels", c}, {"input_size", h}, {"num_classes", 10}}},
+                      {"arch", {{"depth", 1}, {"hidden_size", 8}, {"num_heads", 1}, {"patch_size", 1}, {"input_size", h},
+                                {"in_channels", c}, {"num_classes", 10}, {"learn_sigma", false}, {"mlp_ratio", 4.0}}},
                       {"engines",
                        {{"trt",
                          {{"file", rel},

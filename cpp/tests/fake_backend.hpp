@@ -68,6 +68,9 @@ BackendFactory fake_factory(const FakeOptions& opt, FakeStats& stats);
 // for latent (c, h, h), batches 1..16.
 void write_toy_bundle(const std::string& dir, int c, int h, int w);
 
+// The toy text encoder's embedding of token `id` at channel d ("TOYTEXT" plans).
+float toy_text_embedding(int64_t id, int64_t d);
+
 // fake_gpu.toy_step (numpy, float32) for one batch: the reference the loop tests compare with.
 void toy_step(const float* x, const int64_t* t, const int64_t* y, float g, const float* c, const float* prev,
               const float* noise, float scale, size_t batch, size_t per_item, float* x_next, float* x0);

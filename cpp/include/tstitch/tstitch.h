@@ -17,7 +17,7 @@
 extern "C" {
 #endif
 
-#define TSTITCH_API_VERSION 1
+#define TSTITCH_API_VERSION 2  /* 2: tstitch_request.text_context (SD) */
 
 typedef enum tstitch_status {
   TSTITCH_OK = 0,
@@ -60,11 +60,17 @@ typedef struct tstitch_request {
   double ratio;                  /* two models: fraction of steps on the small one (used when fractions == NULL) */
   const double* fractions;       /* K models: one fraction per model, summing to 1; or NULL */
   int num_fractions;
-  const char* sampler;           /* "ddim" (NULL), "ddpm" or "dpm-solver++" */
+  const char* sampler;           /* DiT: "ddim" (NULL), "ddpm", "dpm-solver++"; SD: "pndm", "ddim", "euler",
+                                    "dpm-solver++" (NULL: the bundle's scheduler) */
   double eta;                    /* DDIM eta */
   float cfg_scale;               /* classifier-free guidance scale */
   uint64_t seed;                 /* numpy default_rng(seed): the same noise as the Python runtime */
   const float* init_noise;       /* optional batch x C x H x W initial latent (then seed feeds only step noise) */
+  /* SD: the text context from the caller's text encoder (instead of prompt_tokens): float32
+     (2 x batch) x text_tokens x text_width, the negative-prompt (unconditional) rows first */
+  const float* text_context;
+  int text_tokens;
+  int text_width;
 } tstitch_request;
 
 typedef struct tstitch_sample_info {

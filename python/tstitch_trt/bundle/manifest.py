@@ -207,7 +207,8 @@ class Manifest:
     def _validate_sd(self) -> None:
         widths = {int(m.arch["cross_attention_dim"]) for m in self.models}
         text = (self.text_encoder or {}).get("io", {}).get("outputs", {})
-        text_width = {int(spec["shape"][-1]) for spec in text.values() if spec["shape"]}
+        text_width = {spec["shape"][-1] for spec in text.values()
+                      if spec["shape"] and isinstance(spec["shape"][-1], int)}
         if len(widths) > 1 or (text_width and text_width != widths):
             listed = ", ".join(f"{m.name}: {m.arch['cross_attention_dim']}" for m in self.models)
             raise BundleError(f"the U-Nets' cross-attention widths ({listed}) and the text encoder's "
@@ -252,6 +253,8 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
         raw = json.loads(real.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise BundleError(f"{path} is not valid JSON ({str(e).splitlines()[0][:120]}); rebuild the bundle") from None
+    except RecursionError:
+        raise BundleError(f"{path} nests deeper than any manifest does; rebuild the bundle") from None
     except OSError as e:
         raise BundleError(f"cannot read {path} ({e.strerror}); check its permissions") from None
     validate_schema(raw, str(path))

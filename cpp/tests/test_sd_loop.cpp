@@ -1,0 +1,201 @@
+// The stitched loop on an SD-shaped toy bundle (data/toy_sd: the U-Net step graph's I/O bound by
+// io.roles, four state pairs incl. eps_hist and saved, a float (2B, tokens, width) text context),
+// on the fake engine: trajectories equal to the Python reference (golden/sd_loop.json: the
+// pipeline/sd.py plan and export/unet_step.py's update), plain and as one graph; the C API request.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "c_api_internal.hpp"
+#include "fake_backend.hpp"
+#include "runtime.hpp"
+#include "test_util.hpp"
+
+using namespace tstitch;
+using namespace tstitch::testing;
+
+namespace {
+
+std::string toy_sd() { return test_dir() + "/data/toy_sd"; }
+
+std::vector<float> floats(const nlohmann::json& bits) {
+  std::vector<float> out;
+  for (const auto& b : bits) {
+    const uint32_t u = b.get<uint32_t>();
+    float f;
+    std::memcpy(&f, &u, 4);
+    out.push_back(f);
+  }
+  return out;
+}
+
+SampleRequest sd_request(const nlohmann::json& c) {
+  SampleRequest r;
+  r.batch = c["batch"];
+  r.sampler = c["sampler"].is_null() ? "" : c["sampler"].get<std::string>();
+  r.eta = c["eta"];
+  r.steps = c["steps"];
+  r.ratio = c["ratio"];
+  r.cfg_scale = c["cfg"];
+  r.seed = c["seed"];
+  r.text_context = floats(c["context_bits"]);
+  r.text_tokens = 3, r.text_width = 8;
+  return r;
+}
+
+}  // namespace
+
+TEST(SdLoop, TrajectoriesEqualThePythonReference) {
+  const nlohmann::json gold = golden("sd_loop");
+  int compared = 0;
+  for (bool graph : {false, true}) {
+    for (const auto& c : gold["runs"]) {
+      FakeStats stats;
+      OpenOptions o;
+      o.cuda_graph = graph;
+      Runtime rt(toy_sd(), o, fake_factory({}, stats));
+      const LoopResult res = rt.sample(sd_request(c));
+      const std::vector<float> want = c["x"].get<std::vector<float>>();
+      ASSERT_EQ(res.x.size(), want.size());
+      float scale = 1.0f, diff = 0.0f;
+      for (size_t i = 0; i < want.size(); ++i) {
+        scale = std::max(scale, std::fabs(want[i]));
+        diff = std::max(diff, std::fabs(res.x[i] - want[i]));
+      }
+      // same RNG, tables and update; only tanh may differ in the last bit between libm and torch
+      EXPECT_LE(diff, 1e-5f * scale) << c["sampler"] << " seed " << c["seed"];
+      EXPECT_EQ(res.graph, graph);
+      EXPECT_EQ(res.step_ms.size(), c["step_model"].size());  // PNDM: steps + 1 U-Net calls
+      ++compared;
+    }
+  }
+  EXPECT_EQ(compared, 10);
+}
+
+TEST(SdLoop, EveryStatePairIsBoundByRole) {
+  FakeStats stats;
+  Runtime rt(toy_sd(), {}, fake_factory({}, stats));
+  std::vector<std::string> pairs;
+  for (const Binding& b : rt.loop().bindings())
+    if (b.role == Role::kStateIn) pairs.push_back(b.spec.name + "->" + b.pair);
+  EXPECT_EQ(pairs, (std::vector<std::string>{"x->x_next", "prev_x0->x0", "eps_hist->eps_hist_next", "saved->saved_next"}));
+  // the context's half swapped (cond first) changes the trajectory: the engine reads uncond rows first
+  const nlohmann::json c = golden("sd_loop")["runs"][0];
+  SampleRequest r = sd_request(c);
+  const std::vector<float> base = rt.sample(r).x;
+  const size_t half = r.text_context.size() / 2;
+  std::rotate(r.text_context.begin(), r.text_context.begin() + static_cast<long>(half), r.text_context.end());
+  EXPECT_NE(rt.sample(r).x, base);
+}
+
+TEST(SdLoop, BadRequestsAreOneLineStatuses) {
+  FakeStats stats;
+  Runtime rt(toy_sd(), {}, fake_factory({}, stats));
+  const nlohmann::json c = golden("sd_loop")["runs"][0];
+  tstitch_status s = TSTITCH_OK;
+  SampleRequest r = sd_request(c);
+  r.text_context.clear();
+  EXPECT_EQ(error_of([&] { rt.sample(r); }, &s),
+            "an SD request needs token ids or the text context (request.text_context: 2 x batch x 3 x 8 floats, negative "
+            "prompts first)");
+  EXPECT_EQ(s, TSTITCH_ERR_INVALID_ARGUMENT);
+  r = sd_request(c);
+  r.text_width = 16;
+  EXPECT_EQ(error_of([&] { rt.sample(r); }), "the text context is 3 tokens x 16 wide, the U-Nets take 3 x 8");
+  r = sd_request(c);
+  r.class_labels = {1, 2};
+  EXPECT_EQ(error_of([&] { rt.sample(r); }), "this bundle is text-to-image (SD): give a text context, not class labels");
+  r = sd_request(c);
+  r.batch = 5;
+  EXPECT_NE(error_of([&] { rt.sample(r); }).find("batch 5 is outside the engines' range [1, 4]"), std::string::npos);
+  r = sd_request(c);
+  r.sampler = "ddpm";
+  EXPECT_EQ(error_of([&] { rt.sample(r); }),
+            "unknown sampler 'ddpm' for an SD bundle; choose one of pndm, ddim, euler, dpm-solver++");
+  r = sd_request(c);
+  r.text_context[3] = NAN;
+  EXPECT_EQ(error_of([&] { rt.sample(r); }), "the text context holds NaN or Inf; check the text encoder's output");
+}
+
+TEST(SdLoop, CApiRequestWithTextContext) {
+  FakeStats stats;
+  tstitch_runtime* h = nullptr;
+  ASSERT_EQ(open_with_factory(toy_sd().c_str(), nullptr, fake_factory({}, stats), &h), TSTITCH_OK) << tstitch_last_error();
+  const nlohmann::json c = golden("sd_loop")["runs"][0];
+  const std::vector<float> ctx = floats(c["context_bits"]);
+  tstitch_request req;
+  tstitch_request_init(&req);
+  req.batch = c["batch"];
+  req.steps = c["steps"];
+  req.ratio = c["ratio"];
+  req.cfg_scale = c["cfg"];
+  req.seed = c["seed"];
+  req.sampler = "pndm";
+  req.text_context = ctx.data();
+  req.text_tokens = 3, req.text_width = 8;
+  std::vector<float> out(static_cast<size_t>(req.batch) * 2 * 4 * 4);
+  ASSERT_EQ(tstitch_sample(h, &req, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_OK) << tstitch_last_error();
+  const std::vector<float> want = c["x"].get<std::vector<float>>();
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(out[i], want[i], 1e-5f * std::max(1.0f, std::fabs(want[i])));
+  req.text_context = nullptr;
+  EXPECT_EQ(tstitch_sample(h, &req, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(), "request.text_context and prompt_tokens are NULL; an SD bundle needs token ids or the "
+                                     "(2 x batch) x tokens x width text context");
+  const int64_t ids[6] = {49406, 1, 49407, 49406, 2, 49407};
+  req.prompt_tokens = ids;
+  req.token_count = 3;
+  EXPECT_EQ(tstitch_sample(h, &req, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(tstitch_last_error()).find("request.negative_tokens is NULL"), std::string::npos);
+  req.negative_tokens = ids;
+  req.text_context = ctx.data();
+  EXPECT_EQ(tstitch_sample(h, &req, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(), "give prompt_tokens or text_context, not both");
+  req.negative_tokens = nullptr;
+  req.prompt_tokens = nullptr;
+  req.text_context = ctx.data();
+  const int64_t labels[2] = {1, 2};
+  req.class_labels = labels;
+  EXPECT_EQ(tstitch_sample(h, &req, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  tstitch_close(h);
+}
+
+TEST(SdLoop, TokenIdsRunThroughTheTextEncoderEngine) {
+  // token ids -> the bundle's text encoder plan (a toy here) -> the context, negative prompts first:
+  // the same trajectory as the context computed on the host from the same ids
+  FakeStats stats;
+  tstitch_runtime* h = nullptr;
+  ASSERT_EQ(open_with_factory(toy_sd().c_str(), nullptr, fake_factory({}, stats), &h), TSTITCH_OK) << tstitch_last_error();
+  const int batch = 2, tokens = 3, width = 8;
+  // the toy U-Net reads the first and last embedding of each row: the halves differ there
+  const std::vector<int64_t> prompt = {320, 49406, 1929, 77, 49407, 5}, negative = {49406, 49407, 49407, 49406, 49407, 49407};
+  std::vector<float> ctx;
+  for (const auto* rows : {&negative, &prompt})
+    for (int64_t id : *rows)
+      for (int d = 0; d < width; ++d) ctx.push_back(toy_text_embedding(id, d));
+  tstitch_request req;
+  tstitch_request_init(&req);
+  req.batch = batch, req.steps = 4, req.ratio = 0.5, req.cfg_scale = 7.5f, req.seed = 5, req.sampler = "pndm";
+  req.prompt_tokens = prompt.data(), req.negative_tokens = negative.data(), req.token_count = tokens;
+  std::vector<float> from_ids(batch * 2 * 4 * 4), from_ctx(from_ids.size());
+  ASSERT_EQ(tstitch_sample(h, &req, from_ids.data(), from_ids.size(), nullptr, 0, nullptr), TSTITCH_OK) << tstitch_last_error();
+  req.prompt_tokens = req.negative_tokens = nullptr;
+  req.text_context = ctx.data(), req.text_tokens = tokens, req.text_width = width;
+  ASSERT_EQ(tstitch_sample(h, &req, from_ctx.data(), from_ctx.size(), nullptr, 0, nullptr), TSTITCH_OK) << tstitch_last_error();
+  EXPECT_EQ(from_ids, from_ctx);
+  // the halves matter: prompts as negatives gives another trajectory
+  req.text_context = nullptr;
+  req.prompt_tokens = negative.data(), req.negative_tokens = prompt.data();
+  std::vector<float> swapped(from_ids.size());
+  ASSERT_EQ(tstitch_sample(h, &req, swapped.data(), swapped.size(), nullptr, 0, nullptr), TSTITCH_OK);
+  EXPECT_NE(swapped, from_ids);
+  req.token_count = 2;  // the U-Nets take 3 tokens: the text encoder refuses first
+  EXPECT_EQ(tstitch_sample(h, &req, swapped.data(), swapped.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(),
+               "the text encoder takes 3 tokens per prompt, the request has 2 (pad or cut to it, as the bundle's tokenizer does)");
+  const std::vector<int64_t> bad = {-1, 2, 3, 4, 5, 6};
+  req.token_count = 3, req.prompt_tokens = bad.data();
+  EXPECT_EQ(tstitch_sample(h, &req, swapped.data(), swapped.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(), "token id -1 is negative; pass the tokenizer's ids");
+  tstitch_close(h);
+}
