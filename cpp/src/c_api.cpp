@@ -232,6 +232,15 @@ tstitch_status tstitch_latent_shape(tstitch_runtime* h, int* c, int* hh, int* w)
   });
 }
 
+tstitch_status tstitch_image_shape(tstitch_runtime* h, int* height, int* width, int* channels) {
+  return guarded([&] {
+    Runtime& rt = checked(h);
+    if (height == nullptr || width == nullptr || channels == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "an output pointer is NULL");
+    rt.image_shape(height, width, channels);
+    return TSTITCH_OK;
+  });
+}
+
 tstitch_status tstitch_model_count(tstitch_runtime* h, int* count) {
   return guarded([&] {
     Runtime& rt = checked(h);
@@ -262,11 +271,17 @@ tstitch_status tstitch_sample(tstitch_runtime* h, const tstitch_request* request
     if (capacity < need)
       fail(TSTITCH_ERR_BUFFER_TOO_SMALL, "latents holds " + std::to_string(capacity) + " floats, the result needs " +
                                              std::to_string(need));
-    if (rgb != nullptr || rgb_capacity != 0)
-      fail(TSTITCH_ERR_UNAVAILABLE, m.has_vae ? "VAE decoding is not implemented in the C++ runtime yet; pass rgb = NULL "
-                                                "and decode the latents"
-                                              : "this bundle has no VAE (a pixel-space model): pass rgb = NULL; the latents are the image");
+    size_t rgb_need = 0;
+    if (rgb != nullptr) {  // checked before sampling: nothing is half-written
+      int ih = 0, iw = 0, ic = 0;
+      rt.image_shape(&ih, &iw, &ic);
+      rgb_need = static_cast<size_t>(q.batch) * ih * iw * ic;
+      if (rgb_capacity < rgb_need)
+        fail(TSTITCH_ERR_BUFFER_TOO_SMALL, "rgb holds " + std::to_string(rgb_capacity) + " bytes, the images need " +
+                                               std::to_string(rgb_need) + " (batch x H x W x channels)");
+    }
     LoopResult r = rt.sample(q);
+    if (rgb != nullptr) rt.decode_rgb(r.x, q.batch, rgb);
     std::memcpy(latents, r.x.data(), need * sizeof(float));
     fill_info(info, r);
     return TSTITCH_OK;

@@ -188,6 +188,7 @@ Manifest parse_manifest(const ojson& raw, const std::string& where) {
   m.has_vae = raw.contains("vae") && !raw["vae"].is_null();
   m.has_text_encoder = raw.contains("text_encoder") && !raw["text_encoder"].is_null();
   if (raw.contains("scheduler") && !raw["scheduler"].is_null()) m.scheduler = json::parse(raw["scheduler"].dump());
+  if (m.has_vae) m.vae_engines = engines(raw["vae"]["engines"], "vae.engines");
   if (m.has_text_encoder) {
     m.text_encoder_engines = engines(raw["text_encoder"]["engines"], "text_encoder.engines");
     m.text_encoder_io = io_specs(raw["text_encoder"]["io"]);

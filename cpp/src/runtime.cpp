@@ -45,6 +45,10 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& opt, const Ba
   std::string text_path;  // the SD text encoder's plan, checked with the rest
   auto te = manifest_.text_encoder_engines.find(opt.engine);
   if (te != manifest_.text_encoder_engines.end()) text_path = artifact_path(dir_, te->second, opt.verify_checksums);
+  std::string vae_path;  // the VAE decoder's plan, likewise
+  auto ve = manifest_.vae_engines.find(opt.engine);
+  if (ve != manifest_.vae_engines.end()) vae_path = artifact_path(dir_, ve->second, opt.verify_checksums);
+  engine_kind_ = opt.engine;
   batch_range_ = {1, INT64_MAX};
   for (const ModelEntry& m : manifest_.models) {
     const EngineEntry& e = m.engines.at(opt.engine);
@@ -73,6 +77,36 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& opt, const Ba
     if (!in.good() && !in.eof()) fail(TSTITCH_ERR_BUNDLE, "cannot read " + text_path);
     text_encoder_ = std::make_unique<TextEncoder>(manifest_, backend_->device(), backend_->load(plan, what));
   }
+  if (!vae_path.empty()) {
+    const std::string what = "the " + opt.engine + " VAE decoder engine (" + std::filesystem::path(vae_path).filename().string() + ")";
+    check_engine_compat(ve->second.builder, backend_->identity(), backend_->device().compute_capability(), what);
+    std::ifstream in(vae_path, std::ios::binary);
+    std::vector<char> plan((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    if (!in.good() && !in.eof()) fail(TSTITCH_ERR_BUNDLE, "cannot read " + vae_path);
+    const int factor = manifest_.height() > 0 ? manifest_.image_size / manifest_.height() : 0;
+    vae_ = std::make_unique<VaeDecoder>(backend_->device(), backend_->load(plan, what), factor);
+  }
+}
+
+void Runtime::image_shape(int* height, int* width, int* channels) const {
+  if (vae_) {
+    *height = manifest_.height() * vae_->factor(), *width = manifest_.width() * vae_->factor(), *channels = 3;
+  } else if (!manifest_.has_vae && manifest_.latent_scale_factor == 1.0) {  // pixel space: the latent is the image
+    *height = manifest_.height(), *width = manifest_.width(), *channels = manifest_.channels();
+  } else if (manifest_.has_vae) {
+    fail(TSTITCH_ERR_UNAVAILABLE, "the bundle's VAE has no " + engine_kind_ +
+                                      " engine; pass rgb = NULL and decode the latents, or rebuild the bundle with one");
+  } else {
+    fail(TSTITCH_ERR_UNAVAILABLE, "the bundle has no VAE (build with --vae DIR): it makes latents, not images; pass rgb = NULL");
+  }
+}
+
+void Runtime::decode_rgb(const std::vector<float>& latents, int batch, uint8_t* rgb) {
+  int h = 0, w = 0, c = 0;
+  image_shape(&h, &w, &c);
+  if (!vae_) return to_uint8_hwc(latents.data(), batch, c, h, w, rgb);
+  vae_->decode(latents.data(), batch, manifest_.channels(), manifest_.height(), manifest_.width(),
+               static_cast<float>(manifest_.latent_scale_factor), rgb);
 }
 
 // Token ids -> the text context (pipeline/sd.py's encode_prompts: negative prompts first).

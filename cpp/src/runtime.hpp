@@ -13,6 +13,7 @@
 #include "rng.hpp"
 #include "text_encoder.hpp"
 #include "trajectory.hpp"
+#include "vae_decoder.hpp"
 
 namespace tstitch {
 
@@ -52,6 +53,11 @@ class Runtime {
   const Manifest& manifest() const { return manifest_; }
   std::pair<int64_t, int64_t> batch_range() const { return batch_range_; }
   StitchedLoop& loop() { return *loop_; }
+  // The decoded image of one item (H, W, C): C = 3 through the VAE; pixel-space bundles (no VAE, scale 1)
+  // give the latent itself. Error(TSTITCH_ERR_UNAVAILABLE) with the reason when there is no image.
+  void image_shape(int* height, int* width, int* channels) const;
+  // The loop's latents (batch x C x H x W) -> batch x H x W x C bytes (pipeline/dit.py's _decode).
+  void decode_rgb(const std::vector<float>& latents, int batch, uint8_t* rgb);
 
  private:
   void check(const SampleRequest& req) const;
@@ -61,7 +67,9 @@ class Runtime {
   Manifest manifest_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<StitchedLoop> loop_;
-  std::unique_ptr<TextEncoder> text_encoder_;  // SD bundles with a text encoder plan of this engine kind
+  std::unique_ptr<TextEncoder> text_encoder_;
+  std::unique_ptr<VaeDecoder> vae_;  // bundles with a VAE plan of this engine kind
+  std::string engine_kind_;  // SD bundles with a text encoder plan of this engine kind
   SampleRequest encode_tokens(const SampleRequest& req);
   std::pair<int64_t, int64_t> batch_range_{1, 1};
 };

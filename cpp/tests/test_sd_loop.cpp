@@ -199,3 +199,83 @@ TEST(SdLoop, TokenIdsRunThroughTheTextEncoderEngine) {
   EXPECT_STREQ(tstitch_last_error(), "token id -1 is negative; pass the tokenizer's ids");
   tstitch_close(h);
 }
+
+// Decoded RGB (pipeline/sd.py's decode): the bundle's VAE engine on latents / latent_scale_factor,
+// then to_uint8 (HWC), equal to the golden Python computes with the same toy VAE (cpp_goldens.toy_vae).
+TEST(SdVae, DecodesLikeThePythonPipeline) {
+  FakeStats stats;
+  Runtime rt(toy_sd(), {}, fake_factory({}, stats));
+  int h = 0, w = 0, ch = 0;
+  rt.image_shape(&h, &w, &ch);
+  EXPECT_EQ(h, 32);
+  EXPECT_EQ(w, 32);
+  EXPECT_EQ(ch, 3);
+  size_t mid = 0, runs = 0;
+  const nlohmann::json gold = golden("sd_loop");
+  for (const auto& c : gold["runs"]) {
+    ++runs;
+    const int batch = c["batch"];
+    const std::vector<int> want = c["rgb"].get<std::vector<int>>();
+    ASSERT_EQ(want.size(), static_cast<size_t>(batch) * h * w * ch);
+    // Python's own final latents: the decode alone, bit for bit
+    std::vector<uint8_t> rgb(want.size(), 7);
+    rt.decode_rgb(c["x"].get<std::vector<float>>(), batch, rgb.data());
+    for (size_t i = 0; i < want.size(); ++i) ASSERT_EQ(rgb[i], want[i]) << "byte " << i << " seed " << c["seed"];
+    for (int v : want) mid += v > 0 && v < 255;
+  }
+  EXPECT_EQ(runs, 5u);
+  EXPECT_GT(mid, 1000u);  // the golden is not all clipped: the arithmetic is compared, not just the clip
+}
+
+TEST(SdVae, CApiWritesRgbOrLatentsOnly) {
+  FakeStats stats;
+  tstitch_runtime* h = nullptr;
+  ASSERT_EQ(open_with_factory(toy_sd().c_str(), nullptr, fake_factory({}, stats), &h), TSTITCH_OK) << tstitch_last_error();
+  int ih = 0, iw = 0, ic = 0;
+  ASSERT_EQ(tstitch_image_shape(h, &ih, &iw, &ic), TSTITCH_OK);
+  EXPECT_EQ(ih * iw * ic, 32 * 32 * 3);
+  EXPECT_EQ(tstitch_image_shape(h, nullptr, &iw, &ic), TSTITCH_ERR_INVALID_ARGUMENT);
+  const nlohmann::json c = golden("sd_loop")["runs"][3];  // ddim eta 0.5, batch 2: per-step noise too
+  const std::vector<float> ctx = floats(c["context_bits"]);
+  tstitch_request req;
+  tstitch_request_init(&req);
+  req.batch = c["batch"];
+  req.steps = c["steps"];
+  req.ratio = c["ratio"];
+  req.cfg_scale = c["cfg"];
+  req.seed = c["seed"];
+  req.eta = c["eta"];
+  req.sampler = "ddim";
+  req.text_context = ctx.data();
+  req.text_tokens = 3, req.text_width = 8;
+  const size_t n_lat = static_cast<size_t>(req.batch) * 2 * 4 * 4, n_rgb = static_cast<size_t>(req.batch) * ih * iw * ic;
+  std::vector<float> lat(n_lat), lat_only(n_lat, -7.0f);
+  std::vector<uint8_t> rgb(n_rgb, 7);
+  ASSERT_EQ(tstitch_sample(h, &req, lat.data(), lat.size(), rgb.data(), rgb.size(), nullptr), TSTITCH_OK) << tstitch_last_error();
+  // the trajectory matches Python to float32 rounding, so a byte may differ by one at a rounding edge
+  const std::vector<int> want = c["rgb"].get<std::vector<int>>();
+  size_t differ = 0;
+  for (size_t i = 0; i < n_rgb; ++i) {
+    EXPECT_LE(std::abs(rgb[i] - want[i]), 1) << "byte " << i;
+    differ += rgb[i] != want[i];
+  }
+  EXPECT_LE(differ, n_rgb / 100);
+  // and exactly the decode of the latents this call returned
+  std::vector<uint8_t> again(n_rgb);
+  FakeStats other;
+  Runtime(toy_sd(), {}, fake_factory({}, other)).decode_rgb(lat, req.batch, again.data());
+  EXPECT_EQ(again, rgb);
+  // NULL rgb: latents only, the same latents
+  ASSERT_EQ(tstitch_sample(h, &req, lat_only.data(), lat_only.size(), nullptr, 0, nullptr), TSTITCH_OK) << tstitch_last_error();
+  EXPECT_EQ(lat_only, lat);
+  // too small: refused before any work, nothing written
+  std::vector<uint8_t> small(n_rgb - 1, 9);
+  std::vector<float> untouched(n_lat, -7.0f);
+  EXPECT_EQ(tstitch_sample(h, &req, untouched.data(), untouched.size(), small.data(), small.size(), nullptr),
+            TSTITCH_ERR_BUFFER_TOO_SMALL);
+  EXPECT_NE(std::string(tstitch_last_error()).find("the images need " + std::to_string(n_rgb)), std::string::npos)
+      << tstitch_last_error();
+  EXPECT_EQ(untouched, std::vector<float>(n_lat, -7.0f));
+  EXPECT_EQ(small, std::vector<uint8_t>(n_rgb - 1, 9));
+  EXPECT_EQ(tstitch_close(h), TSTITCH_OK);
+}

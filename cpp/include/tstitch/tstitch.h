@@ -99,8 +99,14 @@ tstitch_status tstitch_latent_shape(tstitch_runtime* runtime, int* channels, int
 tstitch_status tstitch_model_count(tstitch_runtime* runtime, int* count);
 tstitch_status tstitch_batch_range(tstitch_runtime* runtime, int* min_batch, int* max_batch);
 
+/* The decoded image of one item, H x W x channels bytes: through the bundle's VAE engine (channels 3),
+ * or for a pixel-space bundle (no VAE, latent_scale_factor 1) the latent itself, as the Python
+ * pipelines give. TSTITCH_ERR_UNAVAILABLE (with the reason) when the bundle makes latents only. */
+tstitch_status tstitch_image_shape(tstitch_runtime* runtime, int* height, int* width, int* channels);
+
 /* Sample into the caller's buffer: latents holds batch*C*H*W floats (capacity in floats).
- * rgb (batch*3*image*image bytes) is for bundles with a VAE engine; pass NULL otherwise. */
+ * rgb: NULL for latents only, or batch*H*W*channels bytes (tstitch_image_shape) that receive the
+ * decoded images as uint8 HWC: clip((x + 1) * 127.5 + 0.5, 0, 255) of the VAE's [-1, 1] output. */
 tstitch_status tstitch_sample(tstitch_runtime* runtime, const tstitch_request* request, float* latents,
                               size_t latents_capacity, uint8_t* rgb, size_t rgb_capacity, tstitch_sample_info* info);
 /* Sample into a buffer this library allocates (free it with tstitch_free); *count = floats written. */
