@@ -458,10 +458,10 @@ def sd_toy_eps(x_in, t, context, g, scale: float):  # noqa: ANN001, ANN201 (torc
     return u + g * (c - u)
 
 
-# (sampler (None: the bundle scheduler's), eta, steps, ratio, cfg, batch, seed)
-SD_LOOP_CASES = [("pndm", 0.0, 5, 0.4, 7.5, 2, 0), ("euler", 0.0, 4, 0.5, 7.5, 1, 1),
-                 ("dpm-solver++", 0.0, 6, 0.5, 3.0, 2, 2), ("ddim", 0.5, 4, 0.0, 1.0, 2, 3),
-                 (None, 0.0, 3, 1.0, 5.0, 1, 4)]
+# (sampler (None: the bundle scheduler's), eta, steps, ratio, cfg, batch, seed, latent (h, w) (None: the U-Net's))
+SD_LOOP_CASES = [("pndm", 0.0, 5, 0.4, 7.5, 2, 0, None), ("euler", 0.0, 4, 0.5, 7.5, 1, 1, None),
+                 ("dpm-solver++", 0.0, 6, 0.5, 3.0, 2, 2, None), ("ddim", 0.5, 4, 0.0, 1.0, 2, 3, None),
+                 (None, 0.0, 3, 1.0, 5.0, 1, 4, None), ("euler", 0.0, 3, 0.5, 7.5, 2, 5, (6, 2))]
 
 
 def sd_loop_golden(bundle: Path) -> dict:
@@ -476,10 +476,11 @@ def sd_loop_golden(bundle: Path) -> dict:
     from tstitch_trt.sampling.stitch import stitch_schedule_by_call
 
     manifest = read_manifest(bundle)
-    c, h, w = manifest.latent_shape
+    c, sample_h, sample_w = manifest.latent_shape
     n_tok, width = SD_TOY_TEXT
     runs = []
-    for sampler, eta, steps, ratio, cfg, batch, seed in SD_LOOP_CASES:
+    for sampler, eta, steps, ratio, cfg, batch, seed, size in SD_LOOP_CASES:
+        h, w = size or (sample_h, sample_w)  # the request's height/width // the VAE factor
         name = sampler or "pndm"  # None: the bundle scheduler's sampler (SD 1.5: PNDM)
         rng = np.random.default_rng(seed)
         x_unit = rng.standard_normal((batch, c, h, w), dtype=np.float32)
@@ -500,7 +501,7 @@ def sd_loop_golden(bundle: Path) -> dict:
         # pipeline/sd.py's decode: to_uint8(vae(latents / np.float32(latent_scale_factor))), (B, H, W, 3)
         rgb = to_uint8(toy_vae(x.numpy() / np.float32(manifest.latent_scale_factor)))
         runs.append({"sampler": sampler, "eta": eta, "steps": steps, "ratio": ratio, "cfg": cfg, "batch": batch,
-                     "seed": seed, "context_bits": f32_bits(context), "step_model": step_model.tolist(),
+                     "seed": seed, "latent_hw": [h, w], "context_bits": f32_bits(context), "step_model": step_model.tolist(),
                      "x": [float(v) for v in x.numpy().ravel()], "rgb": rgb.ravel().tolist()})
     return {"runs": runs}
 

@@ -195,6 +195,9 @@ Manifest parse_manifest(const ojson& raw, const std::string& where) {
   }
   const ojson io = raw.value("io", ojson::object());
   m.io = io_specs(io);
+  if (io.contains("dim_ranges"))  // the schema holds them to three integers each
+    for (auto it = io["dim_ranges"].begin(); it != io["dim_ranges"].end(); ++it)
+      m.dim_ranges[it.key()] = it.value().get<std::vector<int64_t>>();
   m.roles_recorded = io.contains("roles");
   m.roles = m.roles_recorded ? io_roles(io["roles"])
                              : IoRoles{{{"x", "x_next"}, {"prev_x0", "x0"}}, {"t", "coef", "noise"}, {"y", "guidance"}};
