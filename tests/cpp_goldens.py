@@ -501,8 +501,9 @@ def sd_loop_golden(bundle: Path) -> dict:
         # pipeline/sd.py's decode: to_uint8(vae(latents / np.float32(latent_scale_factor))), (B, H, W, 3)
         rgb = to_uint8(toy_vae(x.numpy() / np.float32(manifest.latent_scale_factor)))
         runs.append({"sampler": sampler, "eta": eta, "steps": steps, "ratio": ratio, "cfg": cfg, "batch": batch,
-                     "seed": seed, "latent_hw": [h, w], "context_bits": f32_bits(context), "step_model": step_model.tolist(),
-                     "x": [float(v) for v in x.numpy().ravel()], "rgb": rgb.ravel().tolist()})
+                     "seed": seed, "latent_hw": [h, w], "context_bits": f32_bits(context),
+                     "step_model": step_model.tolist(), "x": [float(v) for v in x.numpy().ravel()],
+                     "rgb": rgb.ravel().tolist()})
     return {"runs": runs}
 
 
