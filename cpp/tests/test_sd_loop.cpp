@@ -6,8 +6,11 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 
 #include "c_api_internal.hpp"
+#include "errors.hpp"
 #include "fake_backend.hpp"
 #include "runtime.hpp"
 #include "test_util.hpp"
@@ -334,4 +337,26 @@ TEST(SdSize, HeightAndWidthAreCheckedAsPythonChecksThem) {
   EXPECT_EQ(tstitch_sample(h, &d, lat.data(), lat.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
   EXPECT_STREQ(tstitch_last_error(), "request.height and width are for SD bundles; leave them 0 (this bundle samples at 4x4)");
   EXPECT_EQ(tstitch_close(h), TSTITCH_OK);
+}
+
+TEST(SdSize, UNetDownsamplingIsPythonsRule) {
+  namespace fs = std::filesystem;
+  const std::string dir = ::testing::TempDir() + "/tstitch_sd_down";
+  fs::remove_all(dir);
+  fs::copy(toy_sd(), dir, fs::copy_options::recursive);
+  nlohmann::json m = nlohmann::json::parse(std::ifstream(dir + "/manifest.json"));
+  for (auto& model : m["models"]) model["arch"]["block_out_channels"] = {8, 8, 8};  // 2^(3-1) = 4x down
+  std::ofstream(dir + "/manifest.json") << m.dump(2);
+  FakeStats stats;
+  Runtime rt(dir, {}, fake_factory({}, stats));
+  SampleRequest r;
+  r.height = 48, r.width = 32;
+  try {
+    rt.latent_hw(r);
+    FAIL() << "48x32 passed a 32-pixel rule";
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "height/width 48x32 must be multiples of 32 (VAE factor 8 x the U-Nets' 4x downsampling)");
+  }
+  r.height = 64;
+  EXPECT_EQ(rt.latent_hw(r), (std::pair<int64_t, int64_t>{8, 4}));
 }
