@@ -189,6 +189,15 @@ def write_toy_bundle(dst: Path) -> None:
 
 SD_TOY_LATENT = (2, 4, 4)
 SD_TOY_TEXT = (3, 8)  # tokens, cross-attention width
+TOY_VAE_FACTOR = 8  # image pixels per latent pixel (image_size = 8 * sample_size)
+
+
+def toy_vae(z: np.ndarray) -> np.ndarray:
+    """The C++ fake VAE decoder ("TOYVAE f,"): (B, C, h, w) -> (B, 3, h*f, w*f), channel k from latent channel
+    k % C, nearest upsampling, image = z * 0.25 + (0.5 k - 0.5) in float32 (partly outside [-1, 1]: clipped)."""
+    c = z.shape[1]
+    up = z.repeat(TOY_VAE_FACTOR, axis=2).repeat(TOY_VAE_FACTOR, axis=3)
+    return np.stack([up[:, k % c] * np.float32(0.25) + np.float32(0.5 * k - 0.5) for k in range(3)], axis=1)
 SD15_PNDM = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
              "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
              "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
@@ -197,7 +206,7 @@ SD15_PNDM = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "bet
 
 def write_toy_sd_bundle(dst: Path) -> None:
     """An SD-shaped two-U-Net bundle (the role-bound step graph of export/unet_step.py) whose "trt" files are
-    toy plans ("TOYSD c,h,w,k,scale,") for the C++ fake engine; text encoder, tokenizer, VAE are placeholders."""
+    toy plans ("TOYSD c,h,w,k,scale,") for the C++ fake engine, a toy text encoder and VAE ("TOYVAE f,": toy_vae)."""
     from tstitch_trt.bundle.manifest import EngineEntry, Manifest, ModelEntry, sha256_file
     from tstitch_trt.export.unet_step import UNET_STEP_ROLES
     from tstitch_trt.sampling.sd_samplers import HISTORY, SD_NUM_COEFS
@@ -237,7 +246,8 @@ def write_toy_sd_bundle(dst: Path) -> None:
     tok.write_text("{}\n")
     tokenizer = {"file": {"file": "tokenizer/tokenizer.json", "sha256": sha256_file(tok)},
                  "max_length": n_tok, "pad_id": 0, "kind": "clip"}
-    vae = {"source": "toy", "kind": "AutoencoderKL", "engines": {"trt": entry("vae/toy.plan", b"TOYVAE")}}
+    vae_plan = b"TOYVAE" + f"{TOY_VAE_FACTOR},".encode()
+    vae = {"source": "toy", "kind": "AutoencoderKL", "engines": {"trt": entry("vae/toy.plan", vae_plan)}}
     m = Manifest(pipeline="sd", models=models, num_classes=0, image_size=8 * s, latent_scale_factor=0.18215,
                  guidance_channels=c, schedule={"kind": "scaled_linear", "num_timesteps": 1000}, vae=vae, io=io,
                  created_by="tests/cpp_goldens.py", text_encoder=text, tokenizer=tokenizer, scheduler=dict(SD15_PNDM))
@@ -448,10 +458,10 @@ def sd_toy_eps(x_in, t, context, g, scale: float):  # noqa: ANN001, ANN201 (torc
     return u + g * (c - u)
 
 
-# (sampler (None: the bundle scheduler's), eta, steps, ratio, cfg, batch, seed)
-SD_LOOP_CASES = [("pndm", 0.0, 5, 0.4, 7.5, 2, 0), ("euler", 0.0, 4, 0.5, 7.5, 1, 1),
-                 ("dpm-solver++", 0.0, 6, 0.5, 3.0, 2, 2), ("ddim", 0.5, 4, 0.0, 1.0, 2, 3),
-                 (None, 0.0, 3, 1.0, 5.0, 1, 4)]
+# (sampler (None: the bundle scheduler's), eta, steps, ratio, cfg, batch, seed, latent (h, w) (None: the U-Net's))
+SD_LOOP_CASES = [("pndm", 0.0, 5, 0.4, 7.5, 2, 0, None), ("euler", 0.0, 4, 0.5, 7.5, 1, 1, None),
+                 ("dpm-solver++", 0.0, 6, 0.5, 3.0, 2, 2, None), ("ddim", 0.5, 4, 0.0, 1.0, 2, 3, None),
+                 (None, 0.0, 3, 1.0, 5.0, 1, 4, None), ("euler", 0.0, 3, 0.5, 7.5, 2, 5, (6, 2))]
 
 
 def sd_loop_golden(bundle: Path) -> dict:
@@ -461,14 +471,16 @@ def sd_loop_golden(bundle: Path) -> dict:
 
     from tstitch_trt.bundle.manifest import read_manifest
     from tstitch_trt.export.unet_step import sd_sampler_update
+    from tstitch_trt.pipeline.dit import to_uint8
     from tstitch_trt.sampling.sd_samplers import HISTORY, C, sd_needs_noise, sd_table
     from tstitch_trt.sampling.stitch import stitch_schedule_by_call
 
     manifest = read_manifest(bundle)
-    c, h, w = manifest.latent_shape
+    c, sample_h, sample_w = manifest.latent_shape
     n_tok, width = SD_TOY_TEXT
     runs = []
-    for sampler, eta, steps, ratio, cfg, batch, seed in SD_LOOP_CASES:
+    for sampler, eta, steps, ratio, cfg, batch, seed, size in SD_LOOP_CASES:
+        h, w = size or (sample_h, sample_w)  # the request's height/width // the VAE factor
         name = sampler or "pndm"  # None: the bundle scheduler's sampler (SD 1.5: PNDM)
         rng = np.random.default_rng(seed)
         x_unit = rng.standard_normal((batch, c, h, w), dtype=np.float32)
@@ -486,9 +498,12 @@ def sd_loop_golden(bundle: Path) -> dict:
             eps = sd_toy_eps(coef[C["c_in"]] * x, t, torch.from_numpy(context), g, TOY_SCALES[int(step_model[i])])
             nz = torch.from_numpy(noise[i]) if noise is not None else torch.zeros_like(x)
             x, prev, hist, saved = sd_sampler_update(x, eps, coef, prev, hist, saved, nz)
+        # pipeline/sd.py's decode: to_uint8(vae(latents / np.float32(latent_scale_factor))), (B, H, W, 3)
+        rgb = to_uint8(toy_vae(x.numpy() / np.float32(manifest.latent_scale_factor)))
         runs.append({"sampler": sampler, "eta": eta, "steps": steps, "ratio": ratio, "cfg": cfg, "batch": batch,
-                     "seed": seed, "context_bits": f32_bits(context), "step_model": step_model.tolist(),
-                     "x": [float(v) for v in x.numpy().ravel()]})
+                     "seed": seed, "latent_hw": [h, w], "context_bits": f32_bits(context),
+                     "step_model": step_model.tolist(), "x": [float(v) for v in x.numpy().ravel()],
+                     "rgb": rgb.ravel().tolist()})
     return {"runs": runs}
 
 

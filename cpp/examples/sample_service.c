@@ -1,8 +1,9 @@
 /* An example service in C: open a bundle, sample class-conditional images, write them as a PNG.
  *   tstitch_sample <bundle_dir> [out.png] [label] [steps] [ratio]
  * Without a GPU (or a TensorRT build) it says in one line why it cannot sample and exits 2.
- * Pixel-space bundles (no VAE: the latent is the image, like the demo pair) are written directly;
- * a latent-space bundle's latents would go to a VAE decoder first (not in this example). */
+ * The runtime decodes the images (tstitch_image_shape: through the bundle's VAE engine, or a
+ * pixel-space bundle's latent itself); an RGB image is written in colour, other channel counts as
+ * channel 0 in gray; a bundle that makes latents only is written as its latents' channel 0. */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -44,8 +45,9 @@ static void chunk(FILE* f, const char* type, const unsigned char* data, uint32_t
   put32(f, crc ^ 0xffffffffu);
 }
 
-static int write_png(const char* path, const unsigned char* gray, uint32_t width, uint32_t height) {
-  const size_t row = width + 1, raw_n = row * height;
+/* pixels: height rows of width x channels bytes; channels 1 (gray) or 3 (RGB) */
+static int write_png(const char* path, const unsigned char* pixels, uint32_t width, uint32_t height, int channels) {
+  const size_t line = (size_t)width * (size_t)channels, row = line + 1, raw_n = row * height;
   const size_t blocks = (raw_n + 65534) / 65535, z_n = 2 + raw_n + 5 * blocks + 4;
   unsigned char ihdr[13] = {0};
   unsigned char* raw = malloc(raw_n);
@@ -60,7 +62,7 @@ static int write_png(const char* path, const unsigned char* gray, uint32_t width
   }
   for (y = 0; y < height; ++y) {
     raw[y * row] = 0; /* filter: none */
-    memcpy(raw + y * row + 1, gray + y * width, width);
+    memcpy(raw + y * row + 1, pixels + y * line, line);
   }
   z[pos++] = 0x78, z[pos++] = 0x01;
   while (done < raw_n) {
@@ -79,7 +81,8 @@ static int write_png(const char* path, const unsigned char* gray, uint32_t width
   ihdr[3] = (unsigned char)width;
   ihdr[4] = (unsigned char)(height >> 24), ihdr[5] = (unsigned char)(height >> 16), ihdr[6] = (unsigned char)(height >> 8),
   ihdr[7] = (unsigned char)height;
-  ihdr[8] = 8; /* bit depth; color type 0 = grayscale */
+  ihdr[8] = 8; /* bit depth */
+  ihdr[9] = channels == 3 ? 2 : 0; /* color type: 2 = RGB, 0 = grayscale */
   chunk(f, "IHDR", ihdr, 13);
   chunk(f, "IDAT", z, (uint32_t)pos);
   chunk(f, "IEND", NULL, 0);
@@ -100,8 +103,9 @@ int main(int argc, char** argv) {
   int64_t labels[4];
   float* x = NULL;
   size_t n = 0, i;
-  int c, h, w, k;
+  int c, h, w, k, ih = 0, iw = 0, ic = 0, png_channels = 1;
   unsigned char* gray;
+  unsigned char* rgb = NULL;
   if (!bundle) {
     fprintf(stderr, "usage: %s <bundle_dir> [out.png] [label] [steps] [ratio]\n", argv[0]);
     return 2;
@@ -123,21 +127,41 @@ int main(int argc, char** argv) {
   req.cfg_scale = 1.5f;
   req.seed = 0;
   tstitch_sample_info_init(&info);
-  s = tstitch_sample_alloc(rt, &req, &x, &n, &info);
+  if (tstitch_image_shape(rt, &ih, &iw, &ic) == TSTITCH_OK) { /* decoded images: uint8 HWC */
+    n = (size_t)4 * c * h * w;
+    x = malloc(n * sizeof(float));
+    rgb = malloc((size_t)4 * ih * iw * ic);
+    s = x && rgb ? tstitch_sample(rt, &req, x, n, rgb, (size_t)4 * ih * iw * ic, &info) : TSTITCH_ERR_OUT_OF_MEMORY;
+  } else {
+    printf("note: %s\n", tstitch_last_error()); /* latents only: channel 0 in gray */
+    s = tstitch_sample_alloc(rt, &req, &x, &n, &info);
+  }
   if (s != TSTITCH_OK) {
-    fprintf(stderr, "error: %s\n", tstitch_last_error());
+    fprintf(stderr, "error: %s\n", s == TSTITCH_ERR_OUT_OF_MEMORY && !rgb ? "out of host memory" : tstitch_last_error());
+    free(rgb);
+    tstitch_free(x);
     tstitch_close(rt);
     return 2;
   }
-  /* the images side by side, channel 0, [-1, 1] -> [0, 255] */
-  gray = malloc((size_t)4 * h * w);
-  for (k = 0; k < 4; ++k)
+  if (rgb) {
+    h = ih, w = iw;
+    png_channels = ic == 3 ? 3 : 1;
+  }
+  /* the images side by side: RGB as decoded, else channel 0 ([-1, 1] -> [0, 255] for latents) */
+  gray = malloc((size_t)4 * h * w * png_channels);
+  for (k = 0; gray && k < 4; ++k)
     for (i = 0; i < (size_t)h * w; ++i) {
-      const float v = x[(size_t)k * c * h * w + i];
-      const float p = floorf((v < -1 ? -1 : v > 1 ? 1 : v) * 127.5f + 127.5f + 0.5f);
-      gray[(i / w) * 4 * w + (size_t)k * w + i % w] = (unsigned char)(p > 255 ? 255 : p);
+      const size_t at = ((i / w) * 4 * w + (size_t)k * w + i % w) * png_channels;
+      if (rgb) {
+        int ch;
+        for (ch = 0; ch < png_channels; ++ch) gray[at + ch] = rgb[((size_t)k * h * w + i) * ic + ch];
+      } else {
+        const float v = x[(size_t)k * c * h * w + i];
+        const float p = floorf((v < -1 ? -1 : v > 1 ? 1 : v) * 127.5f + 127.5f + 0.5f);
+        gray[at] = (unsigned char)(p > 255 ? 255 : p);
+      }
     }
-  if (write_png(out, gray, (uint32_t)(4 * w), (uint32_t)h) != 0) {
+  if (!gray || write_png(out, gray, (uint32_t)(4 * w), (uint32_t)h, png_channels) != 0) {
     fprintf(stderr, "error: cannot write %s\n", out);
     s = TSTITCH_ERR_INVALID_ARGUMENT;
   } else {
@@ -145,7 +169,8 @@ int main(int argc, char** argv) {
            info.used_cuda_graph ? "one CUDA graph" : "plain launches", info.total_ms, info.host_overhead_ms_per_step);
   }
   free(gray);
-  tstitch_free(x);
+  free(rgb);
+  tstitch_free(x); /* malloc'd here or by tstitch_sample_alloc: both are free() */
   tstitch_close(rt);
   return s == TSTITCH_OK ? 0 : 2;
 }

@@ -99,6 +99,8 @@ SampleRequest to_request(const Runtime& rt, const tstitch_request* r) {
     q.text_context.assign(r->text_context, r->text_context + 2 * static_cast<size_t>(r->batch) * static_cast<size_t>(r->text_tokens) *
                                                              static_cast<size_t>(r->text_width));
   }
+  q.height = r->height, q.width = r->width;
+  const auto [lh, lw] = rt.latent_hw(q);  // refused here, before any caller buffer is read by its size
   q.steps = r->steps;
   q.ratio = r->ratio;
   if (r->fractions != nullptr) {
@@ -111,7 +113,7 @@ SampleRequest to_request(const Runtime& rt, const tstitch_request* r) {
   q.seed = r->seed;
   if (r->init_noise != nullptr) {
     const Manifest& m = rt.manifest();
-    q.init_noise.assign(r->init_noise, r->init_noise + static_cast<size_t>(r->batch) * m.channels() * m.height() * m.width());
+    q.init_noise.assign(r->init_noise, r->init_noise + static_cast<size_t>(r->batch) * m.channels() * lh * lw);
   }
   return q;
 }
@@ -232,6 +234,15 @@ tstitch_status tstitch_latent_shape(tstitch_runtime* h, int* c, int* hh, int* w)
   });
 }
 
+tstitch_status tstitch_image_shape(tstitch_runtime* h, int* height, int* width, int* channels) {
+  return guarded([&] {
+    Runtime& rt = checked(h);
+    if (height == nullptr || width == nullptr || channels == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "an output pointer is NULL");
+    rt.image_shape(height, width, channels);
+    return TSTITCH_OK;
+  });
+}
+
 tstitch_status tstitch_model_count(tstitch_runtime* h, int* count) {
   return guarded([&] {
     Runtime& rt = checked(h);
@@ -258,15 +269,22 @@ tstitch_status tstitch_sample(tstitch_runtime* h, const tstitch_request* request
     SampleRequest q = to_request(rt, request);
     if (latents == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "latents is NULL; pass a buffer of batch*C*H*W floats");
     const Manifest& m = rt.manifest();
-    const size_t need = static_cast<size_t>(q.batch) * m.channels() * m.height() * m.width();
+    const auto [lh, lw] = rt.latent_hw(q);
+    const size_t need = static_cast<size_t>(q.batch) * m.channels() * lh * lw;
     if (capacity < need)
       fail(TSTITCH_ERR_BUFFER_TOO_SMALL, "latents holds " + std::to_string(capacity) + " floats, the result needs " +
                                              std::to_string(need));
-    if (rgb != nullptr || rgb_capacity != 0)
-      fail(TSTITCH_ERR_UNAVAILABLE, m.has_vae ? "VAE decoding is not implemented in the C++ runtime yet; pass rgb = NULL "
-                                                "and decode the latents"
-                                              : "this bundle has no VAE (a pixel-space model): pass rgb = NULL; the latents are the image");
+    size_t rgb_need = 0;
+    if (rgb != nullptr) {  // checked before sampling: nothing is half-written
+      int ih = 0, iw = 0, ic = 0;
+      rt.image_shape(&ih, &iw, &ic, lh, lw);
+      rgb_need = static_cast<size_t>(q.batch) * ih * iw * ic;
+      if (rgb_capacity < rgb_need)
+        fail(TSTITCH_ERR_BUFFER_TOO_SMALL, "rgb holds " + std::to_string(rgb_capacity) + " bytes, the images need " +
+                                               std::to_string(rgb_need) + " (batch x H x W x channels)");
+    }
     LoopResult r = rt.sample(q);
+    if (rgb != nullptr) rt.decode_rgb(r.x, q.batch, lh, lw, rgb);
     std::memcpy(latents, r.x.data(), need * sizeof(float));
     fill_info(info, r);
     return TSTITCH_OK;
@@ -281,7 +299,10 @@ tstitch_status tstitch_sample_alloc(tstitch_runtime* h, const tstitch_request* r
     *latents = nullptr, *count = 0;
     const int batch = request != nullptr ? request->batch : 0;
     const Manifest& m = rt.manifest();
-    const size_t need = static_cast<size_t>(std::max(batch, 0)) * m.channels() * m.height() * m.width();
+    SampleRequest sized;  // the request's latent size; a malformed request is refused by tstitch_sample
+    if (request != nullptr && request->struct_size == sizeof(tstitch_request)) sized.height = request->height, sized.width = request->width;
+    const auto [lh, lw] = rt.latent_hw(sized);
+    const size_t need = static_cast<size_t>(std::max(batch, 0)) * m.channels() * lh * lw;
     float* buf = static_cast<float*>(std::malloc(std::max<size_t>(need, 1) * sizeof(float)));
     if (buf == nullptr) fail(TSTITCH_ERR_OUT_OF_MEMORY, "out of host memory for the latents");
     const tstitch_status s = tstitch_sample(h, request, buf, need, nullptr, 0, info);

@@ -188,12 +188,16 @@ Manifest parse_manifest(const ojson& raw, const std::string& where) {
   m.has_vae = raw.contains("vae") && !raw["vae"].is_null();
   m.has_text_encoder = raw.contains("text_encoder") && !raw["text_encoder"].is_null();
   if (raw.contains("scheduler") && !raw["scheduler"].is_null()) m.scheduler = json::parse(raw["scheduler"].dump());
+  if (m.has_vae) m.vae_engines = engines(raw["vae"]["engines"], "vae.engines");
   if (m.has_text_encoder) {
     m.text_encoder_engines = engines(raw["text_encoder"]["engines"], "text_encoder.engines");
     m.text_encoder_io = io_specs(raw["text_encoder"]["io"]);
   }
   const ojson io = raw.value("io", ojson::object());
   m.io = io_specs(io);
+  if (io.contains("dim_ranges"))  // the schema holds them to three integers each
+    for (auto it = io["dim_ranges"].begin(); it != io["dim_ranges"].end(); ++it)
+      m.dim_ranges[it.key()] = it.value().get<std::vector<int64_t>>();
   m.roles_recorded = io.contains("roles");
   m.roles = m.roles_recorded ? io_roles(io["roles"])
                              : IoRoles{{{"x", "x_next"}, {"prev_x0", "x0"}}, {"t", "coef", "noise"}, {"y", "guidance"}};

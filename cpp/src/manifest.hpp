@@ -70,6 +70,8 @@ struct Manifest {
   std::string schedule_kind = "linear";
   int num_timesteps = 1000;
   bool has_vae = false;
+  std::map<std::string, EngineEntry> vae_engines;  // kind -> the VAE decoder's plan (latent -> image)
+  std::map<std::string, std::vector<int64_t>> dim_ranges;  // io.dim_ranges: symbol -> (min, opt, max)
   std::vector<TensorSpec> io;  // inputs then outputs; empty for bundles written before `io` existed
   IoRoles roles;               // io.roles, or the DiT roles where the manifest has none
   bool roles_recorded = false; // io.roles was in the manifest

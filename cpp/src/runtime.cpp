@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <tuple>
 
 #include "errors.hpp"
 #include "sampling.hpp"
@@ -45,6 +46,10 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& opt, const Ba
   std::string text_path;  // the SD text encoder's plan, checked with the rest
   auto te = manifest_.text_encoder_engines.find(opt.engine);
   if (te != manifest_.text_encoder_engines.end()) text_path = artifact_path(dir_, te->second, opt.verify_checksums);
+  std::string vae_path;  // the VAE decoder's plan, likewise
+  auto ve = manifest_.vae_engines.find(opt.engine);
+  if (ve != manifest_.vae_engines.end()) vae_path = artifact_path(dir_, ve->second, opt.verify_checksums);
+  engine_kind_ = opt.engine;
   batch_range_ = {1, INT64_MAX};
   for (const ModelEntry& m : manifest_.models) {
     const EngineEntry& e = m.engines.at(opt.engine);
@@ -73,6 +78,73 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& opt, const Ba
     if (!in.good() && !in.eof()) fail(TSTITCH_ERR_BUNDLE, "cannot read " + text_path);
     text_encoder_ = std::make_unique<TextEncoder>(manifest_, backend_->device(), backend_->load(plan, what));
   }
+  if (!vae_path.empty()) {
+    const std::string what = "the " + opt.engine + " VAE decoder engine (" + std::filesystem::path(vae_path).filename().string() + ")";
+    check_engine_compat(ve->second.builder, backend_->identity(), backend_->device().compute_capability(), what);
+    std::ifstream in(vae_path, std::ios::binary);
+    std::vector<char> plan((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    if (!in.good() && !in.eof()) fail(TSTITCH_ERR_BUNDLE, "cannot read " + vae_path);
+    const int factor = manifest_.height() > 0 ? manifest_.image_size / manifest_.height() : 0;
+    vae_ = std::make_unique<VaeDecoder>(backend_->device(), backend_->load(plan, what), factor);
+  }
+}
+
+int Runtime::vae_factor() const { return manifest_.height() > 0 ? manifest_.image_size / manifest_.height() : 1; }
+
+std::pair<int64_t, int64_t> Runtime::latent_hw(const SampleRequest& req) const {
+  auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
+  if (!manifest_.is_sd()) {
+    if (req.height != 0 || req.width != 0)
+      bad("request.height and width are for SD bundles; leave them 0 (this bundle samples at " +
+          std::to_string(manifest_.image_size) + "x" + std::to_string(manifest_.image_size) + ")");
+    return {manifest_.height(), manifest_.width()};
+  }
+  const int64_t f = vae_factor();
+  const int64_t height = req.height != 0 ? req.height : manifest_.height() * f;
+  const int64_t width = req.width != 0 ? req.width : manifest_.width() * f;
+  for (auto [name, v] : {std::pair{"height", height}, std::pair{"width", width}})
+    if (v <= 0 || v % f) bad(std::string(name) + " " + std::to_string(v) + " is not a positive multiple of the VAE factor " + std::to_string(f));
+  int64_t unet_down = 1;  // pipeline/sd.py's _unet_down_factor: 2^(len(block_out_channels) - 1)
+  for (const ModelEntry& m : manifest_.models) {
+    const size_t levels = m.arch.contains("block_out_channels") && m.arch["block_out_channels"].is_array() ? m.arch["block_out_channels"].size() : 1;
+    unet_down = std::max<int64_t>(unet_down, int64_t{1} << (levels > 0 ? levels - 1 : 0));
+  }
+  const int64_t down = f * unet_down;
+  if (height % down || width % down)
+    bad("height/width " + std::to_string(height) + "x" + std::to_string(width) + " must be multiples of " + std::to_string(down) +
+        " (VAE factor " + std::to_string(f) + " x the U-Nets' " + std::to_string(unet_down) + "x downsampling)");
+  for (auto [name, dim, v] : {std::tuple{"height", "H", height}, std::tuple{"width", "W", width}}) {
+    auto r = manifest_.dim_ranges.find(dim);
+    if (r != manifest_.dim_ranges.end() && !(r->second[0] * f <= v && v <= r->second[2] * f))
+      bad(std::string(name) + " " + std::to_string(v) + " is outside the sizes this bundle was built for [" +
+          std::to_string(r->second[0] * f) + ", " + std::to_string(r->second[2] * f) + "]");
+  }
+  return {height / f, width / f};
+}
+
+void Runtime::image_shape(int* height, int* width, int* channels, int64_t latent_h, int64_t latent_w) const {
+  if (latent_h == 0) latent_h = manifest_.height();
+  if (latent_w == 0) latent_w = manifest_.width();
+  if (vae_) {
+    *height = static_cast<int>(latent_h * vae_->factor()), *width = static_cast<int>(latent_w * vae_->factor()), *channels = 3;
+  } else if (!manifest_.has_vae && manifest_.latent_scale_factor == 1.0) {  // pixel space: the latent is the image
+    *height = static_cast<int>(latent_h), *width = static_cast<int>(latent_w), *channels = manifest_.channels();
+  } else if (manifest_.has_vae) {
+    fail(TSTITCH_ERR_UNAVAILABLE, "the bundle's VAE has no " + engine_kind_ +
+                                      " engine; pass rgb = NULL and decode the latents, or rebuild the bundle with one");
+  } else {
+    fail(TSTITCH_ERR_UNAVAILABLE, "the bundle has no VAE (build with --vae DIR): it makes latents, not images; pass rgb = NULL");
+  }
+}
+
+void Runtime::decode_rgb(const std::vector<float>& latents, int batch, int64_t latent_h, int64_t latent_w, uint8_t* rgb) {
+  int h = 0, w = 0, c = 0;
+  image_shape(&h, &w, &c, latent_h, latent_w);
+  if (latents.size() != static_cast<size_t>(batch) * manifest_.channels() * latent_h * latent_w)
+    fail(TSTITCH_ERR_INTERNAL, "decode_rgb: the latents do not have the request's shape");
+  if (!vae_) return to_uint8_hwc(latents.data(), batch, c, h, w, rgb);
+  vae_->decode(latents.data(), batch, manifest_.channels(), latent_h, latent_w,
+               static_cast<float>(manifest_.latent_scale_factor), rgb);
 }
 
 // Token ids -> the text context (pipeline/sd.py's encode_prompts: negative prompts first).
@@ -108,6 +180,7 @@ void Runtime::check(const SampleRequest& req) const {
         std::to_string(batch_range_.first) + "-" + std::to_string(std::max<int64_t>(req.batch, batch_range_.second)));
   if (req.steps < 1 || req.steps > manifest_.num_timesteps)
     bad("steps must be in [1, " + std::to_string(manifest_.num_timesteps) + "], got " + std::to_string(req.steps));
+  latent_hw(req);  // refuses an SD-only height / width
   if (static_cast<int>(req.class_labels.size()) != req.batch)
     bad("give one class label per image (" + std::to_string(req.batch) + "), got " +
         std::to_string(req.class_labels.size()));
@@ -147,7 +220,8 @@ void Runtime::check_sd(const SampleRequest& req) const {
         " wide, the U-Nets take " + std::to_string(tokens) + " x " + std::to_string(width));
   for (float v : req.text_context)
     if (!std::isfinite(v)) bad("the text context holds NaN or Inf; check the text encoder's output");
-  const size_t latent = static_cast<size_t>(req.batch) * manifest_.channels() * manifest_.height() * manifest_.width();
+  const auto [lh, lw] = latent_hw(req);
+  const size_t latent = static_cast<size_t>(req.batch) * manifest_.channels() * lh * lw;
   if (!req.init_noise.empty() && req.init_noise.size() != latent)
     bad("init noise has " + std::to_string(req.init_noise.size()) + " values, the request needs " + std::to_string(latent));
 }
@@ -178,10 +252,12 @@ LoopResult Runtime::sample(const SampleRequest& request) {
   const SampleRequest req = manifest_.is_sd() && !request.prompt_tokens.empty() ? encode_tokens(request) : request;
   check(req);
   if (manifest_.is_sd()) {
-    const size_t latent = static_cast<size_t>(req.batch) * manifest_.channels() * manifest_.height() * manifest_.width();
+    const auto [lh, lw] = latent_hw(req);  // the symbolic H, W of the step graph for this request
+    const size_t latent = static_cast<size_t>(req.batch) * manifest_.channels() * lh * lw;
     Pcg64 rng(req.seed);
     RequestInputs in;
     in.batch = req.batch;
+    in.latent_shape = {req.batch, manifest_.channels(), lh, lw};
     in.x_init = req.init_noise;
     if (in.x_init.empty()) {
       in.x_init.resize(latent);

@@ -13,6 +13,7 @@
 #include "rng.hpp"
 #include "text_encoder.hpp"
 #include "trajectory.hpp"
+#include "vae_decoder.hpp"
 
 namespace tstitch {
 
@@ -38,6 +39,7 @@ struct SampleRequest {
   int text_tokens = 0, text_width = 0;
   std::vector<int64_t> prompt_tokens, negative_tokens;  // SD, instead of text_context: B x token_count each
   int token_count = 0;
+  int height = 0, width = 0;  // SD: the image size in pixels; 0: the U-Net's sample size x the VAE factor
 };
 
 using BackendFactory = std::function<std::unique_ptr<Backend>(const std::string& kind, int device_index)>;
@@ -52,6 +54,16 @@ class Runtime {
   const Manifest& manifest() const { return manifest_; }
   std::pair<int64_t, int64_t> batch_range() const { return batch_range_; }
   StitchedLoop& loop() { return *loop_; }
+  // The decoded image of one item (H, W, C): C = 3 through the VAE; pixel-space bundles (no VAE, scale 1)
+  // give the latent itself. Error(TSTITCH_ERR_UNAVAILABLE) with the reason when there is no image.
+  // latent_h/latent_w: the request's latent size (latent_hw); 0: the bundle's.
+  void image_shape(int* height, int* width, int* channels, int64_t latent_h = 0, int64_t latent_w = 0) const;
+  // The loop's latents (batch x C x latent_h x latent_w) -> batch x H x W x C bytes (pipeline/dit.py's _decode).
+  void decode_rgb(const std::vector<float>& latents, int batch, int64_t latent_h, int64_t latent_w, uint8_t* rgb);
+  // The request's latent (h, w): SD height/width checked as pipeline/sd.py's validate (VAE factor,
+  // U-Net downsampling, io.dim_ranges), with its messages; the manifest's latent size otherwise.
+  std::pair<int64_t, int64_t> latent_hw(const SampleRequest& req) const;
+  int vae_factor() const;  // image pixels per latent pixel: image_size / the latent height
 
  private:
   void check(const SampleRequest& req) const;
@@ -61,7 +73,9 @@ class Runtime {
   Manifest manifest_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<StitchedLoop> loop_;
-  std::unique_ptr<TextEncoder> text_encoder_;  // SD bundles with a text encoder plan of this engine kind
+  std::unique_ptr<TextEncoder> text_encoder_;
+  std::unique_ptr<VaeDecoder> vae_;  // bundles with a VAE plan of this engine kind
+  std::string engine_kind_;  // SD bundles with a text encoder plan of this engine kind
   SampleRequest encode_tokens(const SampleRequest& req);
   std::pair<int64_t, int64_t> batch_range_{1, 1};
 };

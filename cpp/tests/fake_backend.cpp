@@ -118,6 +118,8 @@ std::unique_ptr<Graph> FakeDevice::capture(const std::function<void()>& body) {
   return std::make_unique<FakeGraph>(*this, std::move(ops), stats_);
 }
 
+float toy_vae_pixel(float z, int64_t k) { return z * 0.25f + (0.5f * static_cast<float>(k) - 0.5f); }
+
 float toy_text_embedding(int64_t id, int64_t d) {
   return static_cast<float>(id % 997) * 1e-3f - static_cast<float>(d) * 1e-2f;
 }
@@ -389,6 +391,69 @@ class FakeTextEngine : public StepEngine {
   FakeStats& stats_;
 };
 
+// The toy VAE decoder ("TOYVAE f,"): latent (B, C, h, w) -> image (B, 3, h*f, w*f) float32,
+// image[b, k, Y, X] = toy_vae_pixel(latent[b, k % C, Y / f, X / f], k) (cpp_goldens.py's toy_vae).
+class FakeVaeContext : public StepContext {
+ public:
+  FakeVaeContext(FakeDevice& d, int64_t factor, FakeStats& s) : dev_(d), factor_(factor), stats_(s) {}
+  bool set_input_shape(const std::string& name, const std::vector<int64_t>& shape) override {
+    if (name != "latent" || shape.size() != 4 || shape[0] < 1 || shape[0] > 4) return false;
+    shape_ = shape;
+    return true;
+  }
+  void set_address(const std::string& name, void* ptr) override { addr_[name] = ptr; }
+  size_t scratch_needed() override { return 32; }
+  void set_scratch(void* ptr, size_t n) override {
+    if (n < 32) throw std::logic_error("scratch smaller than the engine needs");
+    scratch_ = ptr;
+  }
+  bool capturable() override { return true; }
+  void enqueue() override {
+    if (!scratch_ || shape_.empty() || !addr_.count("latent") || !addr_.count("image"))
+      throw std::logic_error("VAE enqueued unbound");
+    ++stats_.enqueues_by_context[this];
+    const int64_t b = shape_[0], c = shape_[1], h = shape_[2], w = shape_[3], f = factor_;
+    auto a = addr_;
+    FakeDevice& dev = dev_;
+    dev_.enqueue([a, b, c, h, w, f, &dev] {
+      dev.check_range(a.at("latent"), static_cast<size_t>(b * c * h * w) * 4);
+      dev.check_range(a.at("image"), static_cast<size_t>(b * 3 * h * f * w * f) * 4);
+      const float* z = static_cast<const float*>(a.at("latent"));
+      float* out = static_cast<float*>(a.at("image"));
+      const int64_t H = h * f, W = w * f;
+      for (int64_t i = 0; i < b; ++i)
+        for (int64_t k = 0; k < 3; ++k)
+          for (int64_t y = 0; y < H; ++y)
+            for (int64_t x = 0; x < W; ++x)
+              out[((i * 3 + k) * H + y) * W + x] = toy_vae_pixel(z[((i * c + k % c) * h + y / f) * w + x / f], k);
+    });
+  }
+
+ private:
+  FakeDevice& dev_;
+  int64_t factor_;
+  FakeStats& stats_;
+  std::vector<int64_t> shape_;
+  std::map<std::string, void*> addr_;
+  void* scratch_ = nullptr;
+};
+
+class FakeVaeEngine : public StepEngine {
+ public:
+  FakeVaeEngine(FakeDevice& d, int64_t factor, FakeStats& s) : dev_(d), factor_(factor), stats_(s) {}
+  std::vector<EngineTensor> tensors() const override {
+    return {{"latent", true, "float32", true}, {"image", false, "float32", true}};
+  }
+  size_t scratch_bytes() const override { return 32; }
+  std::pair<int64_t, int64_t> batch_range(const std::string&) const override { return {1, 4}; }
+  std::unique_ptr<StepContext> create_context() override { return std::make_unique<FakeVaeContext>(dev_, factor_, stats_); }
+
+ private:
+  FakeDevice& dev_;
+  int64_t factor_;
+  FakeStats& stats_;
+};
+
 class FakeBackend : public Backend {
  public:
   FakeBackend(const FakeOptions& opt, FakeStats& s) : opt_(opt), stats_(s), dev_(opt, s) {
@@ -407,6 +472,12 @@ class FakeBackend : public Backend {
       std::istringstream t(text.substr(7));
       if (!(t >> tokens >> sep >> width)) fail(TSTITCH_ERR_INCOMPATIBLE, "not a toy text encoder plan (fake)");
       return std::make_unique<FakeTextEngine>(dev_, width, stats_);
+    }
+    if (text.rfind("TOYVAE", 0) == 0) {
+      int64_t factor = 0;
+      std::istringstream t(text.substr(6));
+      if (!(t >> factor) || factor < 1) fail(TSTITCH_ERR_INCOMPATIBLE, "not a toy VAE plan (fake)");
+      return std::make_unique<FakeVaeEngine>(dev_, factor, stats_);
     }
     const bool sd = text.rfind("TOYSD", 0) == 0;
     std::istringstream in(text.size() > 5 ? text.substr(sd ? 5 : 3) : "");

@@ -2,7 +2,7 @@
 // same cases tests/fake_gpu.py gives the Python TrtBackend. Device "memory" is real host memory
 // (so ASan sees every overrun); stream work is queued, captured into graphs and replayed, reading
 // the buffers at replay time like a real CUDA graph. Toy plans ("TOY c,h,w,k,scale,") run
-// fake_gpu.toy_step in float32.
+// fake_gpu.toy_step in float32; "TOYVAE f," plans are a toy VAE decoder.
 #pragma once
 
 #include <cstdint>
@@ -70,6 +70,9 @@ void write_toy_bundle(const std::string& dir, int c, int h, int w);
 
 // The toy text encoder's embedding of token `id` at channel d ("TOYTEXT" plans).
 float toy_text_embedding(int64_t id, int64_t d);
+
+// The toy VAE decoder's image channel k from the (scaled) latent value z ("TOYVAE f," plans).
+float toy_vae_pixel(float z, int64_t k);
 
 // fake_gpu.toy_step (numpy, float32) for one batch: the reference the loop tests compare with.
 void toy_step(const float* x, const int64_t* t, const int64_t* y, float g, const float* c, const float* prev,

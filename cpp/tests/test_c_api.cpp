@@ -2,6 +2,7 @@
 // out-of-range requests, a tampered bundle, this build without TensorRT; status + one-line error.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <fstream>
 #include <thread>
 
@@ -105,9 +106,9 @@ TEST(CApi, StructSizesAndNullPointers) {
   tstitch_sample_info_init(&info);
   info.struct_size = 1;
   EXPECT_EQ(tstitch_sample(f.h, &r, out, 64, nullptr, 0, &info), TSTITCH_ERR_INVALID_ARGUMENT);
-  uint8_t rgb[16];
-  EXPECT_EQ(tstitch_sample(f.h, &r, out, 64, rgb, 16, nullptr), TSTITCH_ERR_UNAVAILABLE);
-  EXPECT_TRUE(one_line(tstitch_last_error()));
+  uint8_t rgb[16];  // a pixel-space toy: the image is the (2, 4, 4) latent, 64 bytes for batch 2
+  EXPECT_EQ(tstitch_sample(f.h, &r, out, 64, rgb, 16, nullptr), TSTITCH_ERR_BUFFER_TOO_SMALL);
+  EXPECT_STREQ(tstitch_last_error(), "rgb holds 16 bytes, the images need 64 (batch x H x W x channels)");
 }
 
 TEST(CApi, RequestsOutsideTheBundleRanges) {
@@ -159,6 +160,53 @@ TEST(CApi, SampleEqualsThePythonTrajectory) {
   tstitch_free(x);
   EXPECT_EQ(info.used_cuda_graph, 1);
   EXPECT_EQ(info.steps, c["steps"].get<int>());
+}
+
+// pipeline/dit.py's _decode: a pixel-space bundle (no VAE, latent_scale_factor 1) gives to_uint8(latents);
+// a latent-space bundle without a VAE has no image (one line, nothing written).
+TEST(CApi, PixelSpaceRgbIsTheLatent) {
+  FakeHandle f;
+  int h = 0, w = 0, c = 0;
+  ASSERT_EQ(tstitch_image_shape(f.h, &h, &w, &c), TSTITCH_OK);
+  EXPECT_EQ(h, 4);
+  EXPECT_EQ(w, 4);
+  EXPECT_EQ(c, 2);
+  const int64_t labels[2] = {1, 7};
+  tstitch_request r = request(labels);
+  std::vector<float> x(64);
+  std::vector<uint8_t> rgb(64, 1);
+  ASSERT_EQ(tstitch_sample(f.h, &r, x.data(), x.size(), rgb.data(), rgb.size(), nullptr), TSTITCH_OK) << tstitch_last_error();
+  for (int b = 0; b < 2; ++b)
+    for (int ch = 0; ch < 2; ++ch)
+      for (int p = 0; p < 16; ++p) {
+        const float v = std::clamp((x[(b * 2 + ch) * 16 + p] + 1.0f) * 127.5f + 0.5f, 0.0f, 255.0f);
+        EXPECT_EQ(rgb[(b * 16 + p) * 2 + ch], static_cast<uint8_t>(v));  // HWC
+      }
+  // the toy trajectory ends far outside [-1, 1], so this checks the layout and the clip; the mid-range
+  // arithmetic of the same to_uint8 is compared with Python's bytes in SdVae.DecodesLikeThePythonPipeline
+  EXPECT_NE(std::count(rgb.begin(), rgb.end(), 0), 0);
+  EXPECT_NE(std::count(rgb.begin(), rgb.end(), 255), 0);
+}
+
+TEST(CApi, LatentBundleWithoutVaeHasNoImage) {
+  FakeStats stats;
+  const std::string dir = testing::TempDir() + "/tstitch_latent_no_vae";
+  write_toy_bundle(dir, 2, 4, 4);
+  nlohmann::json m = nlohmann::json::parse(std::ifstream(dir + "/manifest.json"));
+  m["latent_scale_factor"] = 0.18215;
+  std::ofstream(dir + "/manifest.json") << m.dump(2);
+  FakeHandle f(dir);
+  int h = 0, w = 0, c = 0;
+  EXPECT_EQ(tstitch_image_shape(f.h, &h, &w, &c), TSTITCH_ERR_UNAVAILABLE);
+  EXPECT_STREQ(tstitch_last_error(),
+               "the bundle has no VAE (build with --vae DIR): it makes latents, not images; pass rgb = NULL");
+  const int64_t labels[2] = {1, 7};
+  tstitch_request r = request(labels);
+  std::vector<float> x(64, -3.0f);
+  std::vector<uint8_t> rgb(1024, 1);
+  EXPECT_EQ(tstitch_sample(f.h, &r, x.data(), x.size(), rgb.data(), rgb.size(), nullptr), TSTITCH_ERR_UNAVAILABLE);
+  EXPECT_EQ(x, std::vector<float>(64, -3.0f));
+  EXPECT_EQ(tstitch_sample(f.h, &r, x.data(), x.size(), nullptr, 0, nullptr), TSTITCH_OK) << tstitch_last_error();
 }
 
 TEST(CApi, TamperedBundleIsRefusedWithOneLine) {

@@ -6,8 +6,11 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 
 #include "c_api_internal.hpp"
+#include "errors.hpp"
 #include "fake_backend.hpp"
 #include "runtime.hpp"
 #include "test_util.hpp"
@@ -41,6 +44,7 @@ SampleRequest sd_request(const nlohmann::json& c) {
   r.seed = c["seed"];
   r.text_context = floats(c["context_bits"]);
   r.text_tokens = 3, r.text_width = 8;
+  r.height = 8 * c["latent_hw"][0].get<int>(), r.width = 8 * c["latent_hw"][1].get<int>();  // VAE factor 8
   return r;
 }
 
@@ -70,7 +74,7 @@ TEST(SdLoop, TrajectoriesEqualThePythonReference) {
       ++compared;
     }
   }
-  EXPECT_EQ(compared, 10);
+  EXPECT_EQ(compared, 12);
 }
 
 TEST(SdLoop, EveryStatePairIsBoundByRole) {
@@ -198,4 +202,161 @@ TEST(SdLoop, TokenIdsRunThroughTheTextEncoderEngine) {
   EXPECT_EQ(tstitch_sample(h, &req, swapped.data(), swapped.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
   EXPECT_STREQ(tstitch_last_error(), "token id -1 is negative; pass the tokenizer's ids");
   tstitch_close(h);
+}
+
+// Decoded RGB (pipeline/sd.py's decode): the bundle's VAE engine on latents / latent_scale_factor,
+// then to_uint8 (HWC), equal to the golden Python computes with the same toy VAE (cpp_goldens.toy_vae).
+TEST(SdVae, DecodesLikeThePythonPipeline) {
+  FakeStats stats;
+  Runtime rt(toy_sd(), {}, fake_factory({}, stats));
+  int h = 0, w = 0, ch = 0;
+  rt.image_shape(&h, &w, &ch);
+  EXPECT_EQ(h, 32);
+  EXPECT_EQ(w, 32);
+  EXPECT_EQ(ch, 3);
+  size_t mid = 0, runs = 0;
+  const nlohmann::json gold = golden("sd_loop");
+  for (const auto& c : gold["runs"]) {
+    ++runs;
+    const int batch = c["batch"], lh = c["latent_hw"][0], lw = c["latent_hw"][1];
+    const std::vector<int> want = c["rgb"].get<std::vector<int>>();
+    ASSERT_EQ(want.size(), static_cast<size_t>(batch) * lh * lw * 64 * ch);
+    // Python's own final latents: the decode alone, bit for bit
+    std::vector<uint8_t> rgb(want.size(), 7);
+    rt.decode_rgb(c["x"].get<std::vector<float>>(), batch, lh, lw, rgb.data());
+    for (size_t i = 0; i < want.size(); ++i) ASSERT_EQ(rgb[i], want[i]) << "byte " << i << " seed " << c["seed"];
+    for (int v : want) mid += v > 0 && v < 255;
+  }
+  EXPECT_EQ(runs, 6u);
+  EXPECT_GT(mid, 1000u);  // the golden is not all clipped: the arithmetic is compared, not just the clip
+}
+
+TEST(SdVae, CApiWritesRgbOrLatentsOnly) {
+  FakeStats stats;
+  tstitch_runtime* h = nullptr;
+  ASSERT_EQ(open_with_factory(toy_sd().c_str(), nullptr, fake_factory({}, stats), &h), TSTITCH_OK) << tstitch_last_error();
+  int ih = 0, iw = 0, ic = 0;
+  ASSERT_EQ(tstitch_image_shape(h, &ih, &iw, &ic), TSTITCH_OK);
+  EXPECT_EQ(ih * iw * ic, 32 * 32 * 3);
+  EXPECT_EQ(tstitch_image_shape(h, nullptr, &iw, &ic), TSTITCH_ERR_INVALID_ARGUMENT);
+  const nlohmann::json c = golden("sd_loop")["runs"][3];  // ddim eta 0.5, batch 2: per-step noise too
+  const std::vector<float> ctx = floats(c["context_bits"]);
+  tstitch_request req;
+  tstitch_request_init(&req);
+  req.batch = c["batch"];
+  req.steps = c["steps"];
+  req.ratio = c["ratio"];
+  req.cfg_scale = c["cfg"];
+  req.seed = c["seed"];
+  req.eta = c["eta"];
+  req.sampler = "ddim";
+  req.text_context = ctx.data();
+  req.text_tokens = 3, req.text_width = 8;
+  const size_t n_lat = static_cast<size_t>(req.batch) * 2 * 4 * 4, n_rgb = static_cast<size_t>(req.batch) * ih * iw * ic;
+  std::vector<float> lat(n_lat), lat_only(n_lat, -7.0f);
+  std::vector<uint8_t> rgb(n_rgb, 7);
+  ASSERT_EQ(tstitch_sample(h, &req, lat.data(), lat.size(), rgb.data(), rgb.size(), nullptr), TSTITCH_OK) << tstitch_last_error();
+  // the trajectory matches Python to float32 rounding, so a byte may differ by one at a rounding edge
+  const std::vector<int> want = c["rgb"].get<std::vector<int>>();
+  size_t differ = 0;
+  for (size_t i = 0; i < n_rgb; ++i) {
+    EXPECT_LE(std::abs(rgb[i] - want[i]), 1) << "byte " << i;
+    differ += rgb[i] != want[i];
+  }
+  EXPECT_LE(differ, n_rgb / 100);
+  // and exactly the decode of the latents this call returned
+  std::vector<uint8_t> again(n_rgb);
+  FakeStats other;
+  Runtime(toy_sd(), {}, fake_factory({}, other)).decode_rgb(lat, req.batch, 4, 4, again.data());
+  EXPECT_EQ(again, rgb);
+  // NULL rgb: latents only, the same latents
+  ASSERT_EQ(tstitch_sample(h, &req, lat_only.data(), lat_only.size(), nullptr, 0, nullptr), TSTITCH_OK) << tstitch_last_error();
+  EXPECT_EQ(lat_only, lat);
+  // too small: refused before any work, nothing written
+  std::vector<uint8_t> small(n_rgb - 1, 9);
+  std::vector<float> untouched(n_lat, -7.0f);
+  EXPECT_EQ(tstitch_sample(h, &req, untouched.data(), untouched.size(), small.data(), small.size(), nullptr),
+            TSTITCH_ERR_BUFFER_TOO_SMALL);
+  EXPECT_NE(std::string(tstitch_last_error()).find("the images need " + std::to_string(n_rgb)), std::string::npos)
+      << tstitch_last_error();
+  EXPECT_EQ(untouched, std::vector<float>(n_lat, -7.0f));
+  EXPECT_EQ(small, std::vector<uint8_t>(n_rgb - 1, 9));
+  EXPECT_EQ(tstitch_close(h), TSTITCH_OK);
+}
+
+// request.height/width: pipeline/sd.py's validate (VAE factor, U-Net downsampling, io.dim_ranges H/W [2, 8]
+// latent pixels -> [16, 64] image pixels), with its messages, before any work; DiT bundles refuse them.
+TEST(SdSize, HeightAndWidthAreCheckedAsPythonChecksThem) {
+  FakeStats stats;
+  tstitch_runtime* h = nullptr;
+  ASSERT_EQ(open_with_factory(toy_sd().c_str(), nullptr, fake_factory({}, stats), &h), TSTITCH_OK) << tstitch_last_error();
+  const std::vector<float> ctx(2 * 3 * 8, 0.25f);
+  tstitch_request req;
+  tstitch_request_init(&req);
+  req.steps = 3;
+  req.sampler = "euler";
+  req.text_context = ctx.data();
+  req.text_tokens = 3, req.text_width = 8;
+  std::vector<float> lat(8 * 8 * 2, -7.0f);
+  const std::pair<std::pair<int, int>, const char*> bad[] = {
+      {{20, 32}, "height 20 is not a positive multiple of the VAE factor 8"},
+      {{32, -8}, "width -8 is not a positive multiple of the VAE factor 8"},
+      {{72, 32}, "height 72 is outside the sizes this bundle was built for [16, 64]"},
+      {{32, 8}, "width 8 is outside the sizes this bundle was built for [16, 64]"},
+  };
+  for (const auto& [hw, message] : bad) {
+    req.height = hw.first, req.width = hw.second;
+    EXPECT_EQ(tstitch_sample(h, &req, lat.data(), lat.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+    EXPECT_STREQ(tstitch_last_error(), message);
+  }
+  EXPECT_EQ(lat, std::vector<float>(lat.size(), -7.0f));
+  // 64 x 16 pixels: an (8, 2) latent; the buffers are sized by it, the image too
+  req.height = 64, req.width = 16;
+  EXPECT_EQ(tstitch_sample(h, &req, lat.data(), 8 * 2 * 2 - 1, nullptr, 0, nullptr), TSTITCH_ERR_BUFFER_TOO_SMALL);
+  std::vector<uint8_t> rgb(64 * 16 * 3);
+  ASSERT_EQ(tstitch_sample(h, &req, lat.data(), 8 * 2 * 2, rgb.data(), rgb.size(), nullptr), TSTITCH_OK) << tstitch_last_error();
+  float* alloc = nullptr;
+  size_t n = 0;
+  ASSERT_EQ(tstitch_sample_alloc(h, &req, &alloc, &n, nullptr), TSTITCH_OK) << tstitch_last_error();
+  EXPECT_EQ(n, 8u * 2 * 2);
+  for (size_t i = 0; i < n; ++i) EXPECT_EQ(alloc[i], lat[i]);
+  tstitch_free(alloc);
+  // back to the default size on the same handle (the loop re-binds its buffers)
+  req.height = 0, req.width = 0;
+  ASSERT_EQ(tstitch_sample(h, &req, lat.data(), 4 * 4 * 2, nullptr, 0, nullptr), TSTITCH_OK) << tstitch_last_error();
+  EXPECT_EQ(tstitch_close(h), TSTITCH_OK);
+
+  FakeStats dit_stats;
+  ASSERT_EQ(open_with_factory((test_dir() + "/data/toy_pair").c_str(), nullptr, fake_factory({}, dit_stats), &h), TSTITCH_OK);
+  const int64_t labels[1] = {3};
+  tstitch_request d;
+  tstitch_request_init(&d);
+  d.class_labels = labels;
+  d.steps = 2;
+  d.height = 32;
+  EXPECT_EQ(tstitch_sample(h, &d, lat.data(), lat.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(), "request.height and width are for SD bundles; leave them 0 (this bundle samples at 4x4)");
+  EXPECT_EQ(tstitch_close(h), TSTITCH_OK);
+}
+
+TEST(SdSize, UNetDownsamplingIsPythonsRule) {
+  namespace fs = std::filesystem;
+  const std::string dir = ::testing::TempDir() + "/tstitch_sd_down";
+  fs::remove_all(dir);
+  fs::copy(toy_sd(), dir, fs::copy_options::recursive);
+  nlohmann::json m = nlohmann::json::parse(std::ifstream(dir + "/manifest.json"));
+  for (auto& model : m["models"]) model["arch"]["block_out_channels"] = {8, 8, 8};  // 2^(3-1) = 4x down
+  std::ofstream(dir + "/manifest.json") << m.dump(2);
+  FakeStats stats;
+  Runtime rt(dir, {}, fake_factory({}, stats));
+  SampleRequest r;
+  r.height = 48, r.width = 32;
+  try {
+    rt.latent_hw(r);
+    FAIL() << "48x32 passed a 32-pixel rule";
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "height/width 48x32 must be multiples of 32 (VAE factor 8 x the U-Nets' 4x downsampling)");
+  }
+  r.height = 64;
+  EXPECT_EQ(rt.latent_hw(r), (std::pair<int64_t, int64_t>{8, 4}));
 }

@@ -17,7 +17,7 @@
 extern "C" {
 #endif
 
-#define TSTITCH_API_VERSION 2  /* 2: tstitch_request.text_context (SD) */
+#define TSTITCH_API_VERSION 3  /* 2: tstitch_request.text_context (SD); 3: tstitch_request.height/width (SD) */
 
 typedef enum tstitch_status {
   TSTITCH_OK = 0,
@@ -71,6 +71,11 @@ typedef struct tstitch_request {
   const float* text_context;
   int text_tokens;
   int text_width;
+  /* SD: the image size in pixels (0: the U-Net's sample size x the VAE factor), multiples of the VAE
+     factor x the U-Nets' downsampling, within the bundle's io.dim_ranges; the latent is height/f x
+     width/f (init_noise and latents are sized by it). DiT: leave 0. */
+  int height;
+  int width;
 } tstitch_request;
 
 typedef struct tstitch_sample_info {
@@ -99,8 +104,16 @@ tstitch_status tstitch_latent_shape(tstitch_runtime* runtime, int* channels, int
 tstitch_status tstitch_model_count(tstitch_runtime* runtime, int* count);
 tstitch_status tstitch_batch_range(tstitch_runtime* runtime, int* min_batch, int* max_batch);
 
-/* Sample into the caller's buffer: latents holds batch*C*H*W floats (capacity in floats).
- * rgb (batch*3*image*image bytes) is for bundles with a VAE engine; pass NULL otherwise. */
+/* The decoded image of one item at the bundle's default size, H x W x channels bytes (an SD request
+ * with height/width set decodes to height x width): through the bundle's VAE engine (channels 3),
+ * or for a pixel-space bundle (no VAE, latent_scale_factor 1) the latent itself, as the Python
+ * pipelines give. TSTITCH_ERR_UNAVAILABLE (with the reason) when the bundle makes latents only. */
+tstitch_status tstitch_image_shape(tstitch_runtime* runtime, int* height, int* width, int* channels);
+
+/* Sample into the caller's buffer: latents holds batch*C*h*w floats (capacity in floats; h, w the
+ * request's latent size: tstitch_latent_shape, or height/f x width/f for an SD request that sets them).
+ * rgb: NULL for latents only, or batch*H*W*channels bytes (tstitch_image_shape) that receive the
+ * decoded images as uint8 HWC: clip((x + 1) * 127.5 + 0.5, 0, 255) of the VAE's [-1, 1] output. */
 tstitch_status tstitch_sample(tstitch_runtime* runtime, const tstitch_request* request, float* latents,
                               size_t latents_capacity, uint8_t* rgb, size_t rgb_capacity, tstitch_sample_info* info);
 /* Sample into a buffer this library allocates (free it with tstitch_free); *count = floats written. */

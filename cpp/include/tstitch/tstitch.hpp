@@ -3,6 +3,7 @@
 #pragma once
 
 #include <array>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -60,12 +61,21 @@ class Runtime {
     return s;
   }
 
-  // Latents (batch, C, H, W) for `request`; info is filled when given.
+  // (H, W, channels) of one decoded image at the bundle's size; throws where the bundle makes latents only.
+  std::array<int, 3> image_shape() const {
+    std::array<int, 3> s{};
+    check(tstitch_image_shape(handle_, &s[0], &s[1], &s[2]));
+    return s;
+  }
+
+  // Latents (batch, C, h, w) for `request` (h, w: an SD request's height/width, else the bundle's);
+  // info is filled when given.
   std::vector<float> sample(const tstitch_request& request, tstitch_sample_info* info = nullptr) const {
-    const std::array<int, 3> s = latent_shape();
-    std::vector<float> out(static_cast<size_t>(request.batch > 0 ? request.batch : 0) * s[0] * s[1] * s[2]);
-    check(tstitch_sample(handle_, &request, out.data(), out.size(), nullptr, 0, info));
-    return out;
+    float* x = nullptr;
+    size_t n = 0;
+    check(tstitch_sample_alloc(handle_, &request, &x, &n, info));
+    const std::unique_ptr<float, void (*)(void*)> owned(x, tstitch_free);
+    return std::vector<float>(x, x + n);
   }
 
   tstitch_runtime* handle() const { return handle_; }
