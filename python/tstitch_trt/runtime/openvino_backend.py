@@ -26,8 +26,8 @@ import numpy as np
 
 from tstitch_trt.bundle.manifest import Manifest, artifact_path
 from tstitch_trt.errors import BackendUnavailable, UserError
+from tstitch_trt.runtime.host_buffers import HostStepBuffers
 from tstitch_trt.runtime.io_roles import StepIO, state_slots
-from tstitch_trt.sampling.trajectory import TrajectoryPlan
 
 PRECISIONS = ("auto", "fp32", "bf16")
 _HINT = {"fp32": "f32", "bf16": "bf16"}
@@ -99,7 +99,7 @@ def compile_static(core: Any, model: Any, shapes: dict[str, tuple[int, ...]], pr
     return core.compile_model(static, "CPU", config)
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(HostStepBuffers):
     name = "openvino"
     device = "cpu"
 
@@ -149,22 +149,9 @@ class OpenVinoBackend:
         self.compiles += len(self.compiled)
         self._compiled_for = key
 
-    # buffers: the same role-bound set as ort_backend.OrtBackend ----------------------------------------
-    def _allocate(self, plan: TrajectoryPlan, latent_shape: tuple[int, ...]) -> None:
-        key = (tuple(latent_shape), plan.steps, plan.noise is not None, int(plan.coef.shape[1]))
-        if key == self._shape_key:
-            return
-        io = self.io
-        dims = io.dims(latent_shape)
+    # buffers: runtime/host_buffers.py (compiled for each new shape); bound here ------------------------
+    def _prepare_shape(self, dims: dict[str, int]) -> None:
         self._compile(dims)
-        self.state = {n: [np.zeros(io.shape(n, dims), io.dtype(n)) for _ in range(2)] for n, _ in io.state}
-        self.request = {n: np.zeros(io.shape(n, dims), io.dtype(n)) for n in io.request}
-        self.tables = {n: np.zeros((plan.steps, *io.shape(n, dims)), io.dtype(n)) for n in io.step
-                       if n != "noise" or plan.noise is not None}
-        self.zero_rows = {n: np.zeros(io.shape(n, dims), io.dtype(n)) for n in io.step if n not in self.tables}
-        self.allocations += 2 * len(self.state) + len(self.request) + len(self.tables) + len(self.zero_rows)
-        self._shape_key = key
-        self._bind_all(plan.steps)
 
     def _tensor(self, a: np.ndarray) -> Any:
         return self._ov.Tensor(a, shared_memory=True)  # a view: OpenVINO reads and writes the numpy array
@@ -190,19 +177,7 @@ class OpenVinoBackend:
                 per_parity.append(r)
             self._requests.append(per_parity)
 
-    # Backend protocol ---------------------------------------------------------------------------
-    def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, cond: Any, guidance: float) -> None:
-        """cond: the conditioning array (DiT labels (B,), SD context (2B, 77, D)) or a dict by input name."""
-        self._allocate(plan, x_init.shape)
-        dims = self.io.dims(x_init.shape)
-        for n, pair in self.state.items():
-            pair[0][...] = x_init if n == self.io.latent else 0
-        for n, a in self.io.request_arrays(cond, guidance).items():
-            self.request[n][...] = a
-        for n, t in self.io.step_tables(plan, dims).items():
-            if t is not None:
-                self.tables[n][...] = t
-
+    # Backend protocol (prepare, read_x, read_x0: HostStepBuffers) ---------------------------------
     def launch(self, step: int, model: int) -> float | None:
         t0 = time.perf_counter()
         r = self._requests[model][step % 2]
@@ -213,15 +188,6 @@ class OpenVinoBackend:
 
     def synchronize(self) -> None:
         pass
-
-    def read_state(self, name: str, slot: int) -> np.ndarray:
-        return self.state[name][slot].copy()
-
-    def read_x(self, slot: int) -> np.ndarray:
-        return self.read_state(self.io.latent, slot)
-
-    def read_x0(self, slot: int) -> np.ndarray:
-        return self.read_state("prev_x0", slot)
 
     def take_notes(self) -> list[str]:
         notes, self._notes = self._notes, []

@@ -15,6 +15,7 @@ import numpy as np
 
 from tstitch_trt.bundle.manifest import Manifest, artifact_path
 from tstitch_trt.errors import BackendUnavailable, BundleError, UserError
+from tstitch_trt.runtime.host_buffers import HostStepBuffers
 from tstitch_trt.runtime.io_roles import StepIO, state_slots
 from tstitch_trt.sampling.trajectory import TrajectoryPlan
 
@@ -53,7 +54,7 @@ def check_graph_io(sess: Any, io: dict, what: str) -> None:
                                   f"{spec['shape']}; the graph does not belong to this bundle: rebuild it")
 
 
-class OrtBackend:
+class OrtBackend(HostStepBuffers):
     name = "ort"
 
     def __init__(self, bundle_dir: str | Path, manifest: Manifest, providers: list[str] | None = None,
@@ -99,22 +100,7 @@ class OrtBackend:
         self._shape_key: tuple | None = None
         self._bindings: list = []
 
-    # buffers ----------------------------------------------------------------------------------
-    def _allocate(self, plan: TrajectoryPlan, latent_shape: tuple[int, ...]) -> None:
-        key = (tuple(latent_shape), plan.steps, plan.noise is not None, int(plan.coef.shape[1]))
-        if key == self._shape_key:
-            return
-        io = self.io
-        dims = io.dims(latent_shape)
-        self.state = {n: [np.zeros(io.shape(n, dims), io.dtype(n)) for _ in range(2)] for n, _ in io.state}
-        self.request = {n: np.zeros(io.shape(n, dims), io.dtype(n)) for n in io.request}
-        self.tables = {n: np.zeros((plan.steps, *io.shape(n, dims)), io.dtype(n)) for n in io.step
-                       if n != "noise" or plan.noise is not None}
-        self.zero_rows = {n: np.zeros(io.shape(n, dims), io.dtype(n)) for n in io.step if n not in self.tables}
-        self.allocations += 2 * len(self.state) + len(self.request) + len(self.tables) + len(self.zero_rows)
-        self._shape_key = key
-        self._bind_all(plan.steps)
-
+    # buffers: runtime/host_buffers.py; bound here --------------------------------------------------
     def _bind_all(self, steps: int) -> None:
         """One IOBinding per (model, step), by role: binding is done once per shape, launching is just run."""
         import onnxruntime as ort
@@ -144,19 +130,7 @@ class OrtBackend:
                 per_step.append(b)
             self._bindings.append(per_step)
 
-    # Backend protocol ---------------------------------------------------------------------------
-    def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, cond: Any, guidance: float) -> None:
-        """cond: the conditioning array (DiT labels (B,), SD context (2B, 77, D)) or a dict by input name."""
-        self._allocate(plan, x_init.shape)
-        dims = self.io.dims(x_init.shape)
-        for n, pair in self.state.items():
-            pair[0][...] = x_init if n == self.io.latent else 0
-        for n, a in self.io.request_arrays(cond, guidance).items():
-            self.request[n][...] = a
-        for n, t in self.io.step_tables(plan, dims).items():
-            if t is not None:
-                self.tables[n][...] = t
-
+    # Backend protocol (prepare, read_x, read_x0: HostStepBuffers) ---------------------------------
     def launch(self, step: int, model: int) -> float | None:
         t0 = time.perf_counter()
         self.sessions[model].run_with_iobinding(self._bindings[model][step])
@@ -164,16 +138,6 @@ class OrtBackend:
 
     def synchronize(self) -> None:
         pass
-
-    def read_state(self, name: str, slot: int) -> np.ndarray:
-        """A state tensor (by its input name) from ping-pong slot `slot`."""
-        return self.state[name][slot].copy()
-
-    def read_x(self, slot: int) -> np.ndarray:
-        return self.read_state(self.io.latent, slot)
-
-    def read_x0(self, slot: int) -> np.ndarray:
-        return self.read_state("prev_x0", slot)
 
     def close(self) -> None:
         self._bindings = []
