@@ -75,16 +75,9 @@ def randomized_vae(block_out_channels: tuple[int, ...] = (32, 64), seed: int = 0
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
                         block_out_channels=block_out_channels, layers_per_block=1, latent_channels=latent_channels,
                         norm_num_groups=min(32, block_out_channels[0]))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel()))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    return vae.eval()
+    from tstitch_trt.models.sd import randomize_
+
+    return randomize_(vae, seed).eval()
 
 
 def _export_ready(vae, precision: str):
