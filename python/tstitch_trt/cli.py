@@ -224,7 +224,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     bundle = resolve_bundle(args.bundle)
     manifest = read_manifest(bundle)
     verify_bundle(bundle, manifest)
-    if manifest.pipeline == "sd":
+    if manifest.text_to_image:
         from tstitch_trt.cli_sd import describe_sd_bundle
 
         print(describe_sd_bundle(bundle, manifest))
@@ -270,7 +270,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     bundle = resolve_bundle(args.bundle)
     manifest = read_manifest(bundle)  # a broken manifest is refused before anything else
-    if manifest.pipeline == "sd":
+    if manifest.text_to_image:
         return cmd_run_sd(args, bundle, manifest)
     refuse_sd_flags(args)
     if args.sampler in ("pndm", "euler"):

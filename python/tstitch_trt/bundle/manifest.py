@@ -69,6 +69,8 @@ class ModelEntry:
     # Whether bf16 inference keeps quality (CPU backends; `tstitch-trt check --precision bf16 --record`):
     # {"safe": bool, "reason": str, "step_max_rel": float, "step_min_cosine": float, "checked_with": str}
     bf16: dict[str, Any] | None = None
+    # LoRA weights fused before export: [{"source", "sha256", "scale"}] (informational)
+    lora: list[dict[str, Any]] | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -108,9 +110,30 @@ class Manifest:
     #   tokenizer: {"file": EngineEntry (tokenizer.json for the `tokenizers` library), "max_length",
     #     "pad_id", "kind": "clip"}.
     #   scheduler: the large pipeline's diffusers scheduler_config.json, as is (samplers are built from it).
+    #   pipeline "sdxl": + text_encoder_2 / tokenizer_2 (OpenCLIP bigG: penultimate hidden state
+    #     concatenated after text_encoder's, pooled text_embeds) and conditioning's SDXL fields.
+    #   conditioning: {"guidance": "cfg" | "embedding", "force_zeros_for_empty_prompt", "text_embeds_dim",
+    #     "time_ids": 6, "controlnet": {"source", "family", "conditioning_channels", "engines"} | None};
+    #     absent = cfg guidance, text context only.
     text_encoder: dict[str, Any] | None = None
     tokenizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
+    text_encoder_2: dict[str, Any] | None = None
+    tokenizer_2: dict[str, Any] | None = None
+    conditioning: dict[str, Any] | None = None
+
+    @property
+    def text_to_image(self) -> bool:
+        return self.pipeline in ("sd", "sdxl")
+
+    @property
+    def guidance_mode(self) -> str:
+        """How guidance reaches the U-Nets: "cfg" (batch doubling) or "embedding" (LCM, no doubling)."""
+        return str((self.conditioning or {}).get("guidance", "cfg"))
+
+    @property
+    def controlnet(self) -> dict[str, Any] | None:
+        return (self.conditioning or {}).get("controlnet")
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -127,22 +150,29 @@ class Manifest:
     def from_dict(cls, d: dict) -> Manifest:
         d = dict(d)
         d["models"] = [ModelEntry.from_dict(m) for m in d["models"]]
-        for part in ("vae", "text_encoder"):
+        for part in ("vae", "text_encoder", "text_encoder_2"):
             if d.get(part):
                 entry = dict(d[part])
                 entry["engines"] = {k: EngineEntry.from_dict(v) for k, v in entry.get("engines", {}).items()}
                 d[part] = entry
+        net = (d.get("conditioning") or {}).get("controlnet")
+        if net:
+            net = dict(net)
+            net["engines"] = {k: EngineEntry.from_dict(v) for k, v in net.get("engines", {}).items()}
+            d["conditioning"] = {**d["conditioning"], "controlnet": net}
         return cls(**d)
 
     def artifacts(self) -> list[tuple[str, EngineEntry]]:
         """(what, entry) for every artifact: each model's, the VAE's, the text encoder's, the tokenizer."""
         out = [(f"{m.name} {kind}", e) for m in self.models for kind, e in m.engines.items()]
-        for part, label in ((self.vae, "VAE"), (self.text_encoder, "text encoder")):
+        for part, label in ((self.vae, "VAE"), (self.text_encoder, "text encoder"),
+                            (self.text_encoder_2, "text encoder 2"), (self.controlnet, "ControlNet")):
             if part:
                 out += [(f"{label} {kind}", e) for kind, e in part["engines"].items()]
-        if self.tokenizer:
-            f = self.tokenizer["file"]
-            out.append(("tokenizer", EngineEntry(file=f["file"], sha256=f["sha256"])))
+        for tok, label in ((self.tokenizer, "tokenizer"), (self.tokenizer_2, "tokenizer 2")):
+            if tok:
+                f = tok["file"]
+                out.append((label, EngineEntry(file=f["file"], sha256=f["sha256"])))
         return out
 
     def files(self) -> list[str]:
@@ -151,8 +181,9 @@ class Manifest:
     def in_owned_dir(self, rel: str) -> bool:
         """Files inside a directory an artifact reads as a whole (a diffusers model or tokenizer directory)."""
         dirs = [e.extra["dir"].rstrip("/") + "/" for _, e in self.artifacts() if e.extra.get("dir")]
-        if self.tokenizer:
-            dirs.append(str(Path(self.tokenizer["file"]["file"]).parent) + "/")
+        for tok in (self.tokenizer, self.tokenizer_2):
+            if tok:
+                dirs.append(str(Path(tok["file"]["file"]).parent) + "/")
         return any(rel.startswith(d) for d in dirs)
 
     def validate(self) -> None:
@@ -170,7 +201,7 @@ class Manifest:
                 raise BundleError(f"{what}: batch_range [{lo}, {hi}] is empty (min > max)")
         if not math.isfinite(self.latent_scale_factor):
             raise BundleError("latent_scale_factor is not a finite number")
-        if self.pipeline == "sd":
+        if self.text_to_image:
             self._validate_sd()
         else:
             self._validate_dit()
@@ -200,7 +231,7 @@ class Manifest:
                 if spec is not None and list(spec["shape"][1:]) != want:
                     raise BundleError(f"io: {name} has shape {spec['shape']}, but the models' latent is "
                                       f"{c}x{h}x{w}")
-        if self.text_encoder or self.tokenizer or self.scheduler:
+        if self.text_encoder or self.tokenizer or self.scheduler or self.text_encoder_2 or self.conditioning:
             raise BundleError("a class-conditional (DiT) bundle has a text encoder, tokenizer or scheduler entry; "
                               "rebuild the bundle")
 

@@ -86,7 +86,7 @@ def within(metrics: dict[str, float], precision: str, output: str = "x_next") ->
 
 def step_inputs(manifest: Manifest, batch: int, seed: int) -> dict[str, np.ndarray]:
     """Seeded inputs for one step that exercise the whole update (see the module docstring)."""
-    if manifest.pipeline == "sd":
+    if manifest.text_to_image:
         return sd_step_inputs(manifest, batch, seed)
     from tstitch_trt.sampling.coefficients import coefficient_table
     from tstitch_trt.sampling.schedule import dit_schedule

@@ -39,7 +39,7 @@ def load_step_modules(bundle_dir: str | Path, manifest: Manifest, guidance_chann
             from tstitch_trt.models.sd import load_unet
 
             unet = load_unet(Path(bundle_dir) / m.engines["torch"].extra["dir"]).to(dtype)
-            mods.append(UNetStepModule(unet).eval())
+            mods.append(UNetStepModule(unet, guidance=manifest.guidance_mode).eval())
             continue
         net = load_dit(DiTConfig.from_dict(m.arch), path).to(dtype)
         mods.append(StepModule(net, guidance_channels=g).eval())

@@ -16,27 +16,41 @@ from pathlib import Path
 import torch
 
 from tstitch_trt.export.onnx_export import OPSET, check_step_graph_typing, clean_graph, save_graph
-from tstitch_trt.export.unet_step import UNET_STEP_INPUTS, UNET_STEP_OUTPUTS, UNET_STEP_ROLES, UNetStepModule
+from tstitch_trt.export.unet_step import UNET_STEP_OUTPUTS, UNetStepModule
 from tstitch_trt.sampling.sd_samplers import HISTORY, SD_NUM_COEFS
 
 TEXT_INPUT, TEXT_OUTPUT = "input_ids", "text_embeddings"
 
 
-def unet_io_spec(step: UNetStepModule, text_len: int) -> dict:
-    """Names, symbolic shapes and dtypes of the U-Net step graph plus its roles, for the manifest's io."""
-    c = step.channels
+def unet_io_spec(step: UNetStepModule, text_len: int, pixel_factor: int = 8) -> dict:
+    """Names, symbolic shapes and dtypes of the U-Net step graph plus its roles, for the manifest's io.
+
+    pixel_factor: the VAE's downsampling (a ControlNet's image is (B, 3, 8H, 8W) at factor 8)."""
+    cond = step.conditions
+    c, n = step.channels, cond.cond_batch
     lat = ["B", c, "H", "W"]
+    hist = ["B", HISTORY, c, "H", "W"]
+    inputs: dict[str, list] = {"x": lat, "t": ["B"], "context": [n, text_len, step.cross_attention_dim]}
+    if cond.added:
+        inputs.update({"text_embeds": [n, step.text_embeds_dim], "time_ids": [n, 6]})
+    ph, pw = f"{pixel_factor}H", f"{pixel_factor}W"
+    if cond.control:
+        inputs.update({"control_image": ["B", step.control_channels, ph, pw], "control_guess": []})
+    inputs.update({"guidance": [], "coef": [SD_NUM_COEFS], "prev_x0": lat, "eps_hist": hist, "saved": lat,
+                   "noise": lat})
+    if cond.control:
+        inputs["control_scale"] = []
+    assert tuple(inputs) == cond.inputs, (tuple(inputs), cond.inputs)
+    outputs = {"x_next": lat, "x0": lat, "eps_hist_next": hist, "saved_next": lat}
+    ranges = latent_dim_ranges(step.sample_size, ("H", "W"))
+    if cond.control:
+        ranges.update({ph: [pixel_factor * v for v in ranges["H"]], pw: [pixel_factor * v for v in ranges["W"]]})
     f32 = "float32"
-    inputs = {
-        "x": lat, "t": ["B"], "context": ["2B", text_len, step.cross_attention_dim], "guidance": [],
-        "coef": [SD_NUM_COEFS], "prev_x0": lat, "eps_hist": ["B", HISTORY, c, "H", "W"], "saved": lat, "noise": lat,
-    }
-    outputs = {"x_next": lat, "x0": lat, "eps_hist_next": ["B", HISTORY, c, "H", "W"], "saved_next": lat}
     return {
-        "inputs": {n: {"shape": s, "dtype": f32} for n, s in inputs.items()},
-        "outputs": {n: {"shape": s, "dtype": f32} for n, s in outputs.items()},
-        "roles": UNET_STEP_ROLES,
-        "dim_ranges": latent_dim_ranges(step.sample_size, ("H", "W")),
+        "inputs": {k: {"shape": s, "dtype": f32} for k, s in inputs.items()},
+        "outputs": {k: {"shape": s, "dtype": f32} for k, s in outputs.items()},
+        "roles": cond.roles,
+        "dim_ranges": ranges,
     }
 
 
@@ -46,38 +60,74 @@ def latent_dim_ranges(sample_size: int, names: tuple[str, str]) -> dict[str, lis
     return {n: [max(1, sample_size // 2), sample_size, 2 * sample_size] for n in names}
 
 
-def example_unet_inputs(step: UNetStepModule, text_len: int, batch: int = 1) -> tuple[torch.Tensor, ...]:
-    c, s = step.channels, step.sample_size
-    lat = (batch, c, s, s)
-    coef = torch.rand(SD_NUM_COEFS)
-    return (torch.randn(lat), torch.full((batch,), 500.0), torch.randn(2 * batch, text_len, step.cross_attention_dim),
-            torch.tensor(7.5), coef, torch.randn(lat), torch.randn(batch, HISTORY, *lat[1:]), torch.randn(lat),
-            torch.randn(lat))
+def example_unet_inputs(step: UNetStepModule, text_len: int, batch: int = 1, pixel_factor: int = 8
+                        ) -> tuple[torch.Tensor, ...]:
+    """One example value per graph input, in StepConditions.inputs order."""
+    spec = unet_io_spec(step, text_len, pixel_factor)["inputs"]
+    s = step.sample_size
+    dims = {"B": batch, "2B": 2 * batch, "H": s, "W": s, f"{pixel_factor}H": pixel_factor * s,
+            f"{pixel_factor}W": pixel_factor * s}
+    values = {}
+    for name, t in spec.items():
+        shape = [dims[d] if isinstance(d, str) else d for d in t["shape"]]
+        values[name] = torch.randn(shape)
+    values["t"] = torch.full((batch,), 500.0)
+    values["guidance"] = torch.tensor(7.5)
+    values["coef"] = torch.rand(SD_NUM_COEFS)
+    if "control_image" in values:
+        values["control_image"] = values["control_image"].uniform_(0, 1)
+        values["control_guess"], values["control_scale"] = torch.tensor(0.0), torch.tensor(1.0)
+    if "time_ids" in values:
+        values["time_ids"] = torch.tensor([float(8 * s), 8 * s, 0, 0, 8 * s, 8 * s]).repeat(dims["2B"] if
+                                                                                           step.conditions.guidance
+                                                                                           == "cfg" else batch, 1)
+    return tuple(values[n] for n in step.conditions.inputs)
 
 
-def export_unet_step(step: UNetStepModule, path: str | Path, precision: str, text_len: int) -> Path:
+def export_unet_step(step: UNetStepModule, path: str | Path, precision: str, text_len: int,
+                     pixel_factor: int = 8) -> Path:
     """Write the U-Net step graph (fp32, or fp16-typed for engines) and check its typing."""
     import onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = step if precision == "fp32" else _fp16_ready(step)
-    lat_axes = {0: "B", 2: "H", 3: "W"}
-    dynamic_axes = {n: lat_axes for n in ("x", "prev_x0", "saved", "noise", "x_next", "x0", "saved_next")}
-    dynamic_axes.update({"eps_hist": {0: "B", 3: "H", 4: "W"}, "eps_hist_next": {0: "B", 3: "H", 4: "W"},
-                         "t": {0: "B"}, "context": {0: "2B"}})
+    spec = unet_io_spec(step, text_len, pixel_factor)
+    dynamic_axes = {name: {i: d for i, d in enumerate(t["shape"]) if isinstance(d, str)}
+                    for part in ("inputs", "outputs") for name, t in spec[part].items()}
+    dynamic_axes = {k: v for k, v in dynamic_axes.items() if v}
+    names = step.conditions.inputs
     with tempfile.TemporaryDirectory(prefix="tstitch-export-", dir=path.parent) as raw_dir:
         raw = Path(raw_dir) / "raw.onnx"
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module.eval(), example_unet_inputs(step, text_len), str(raw),
-                              input_names=list(UNET_STEP_INPUTS), output_names=list(UNET_STEP_OUTPUTS),
+            torch.onnx.export(module.eval(), example_unet_inputs(step, text_len, pixel_factor=pixel_factor),
+                              str(raw), input_names=list(names), output_names=list(UNET_STEP_OUTPUTS),
                               dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True, dynamo=False)
         model = onnx.load(str(raw))
+    _restore_unused_inputs(model, spec, names)
     model = clean_graph(model)
-    check_step_graph_typing(model, precision, float_io=UNET_STEP_INPUTS + UNET_STEP_OUTPUTS, int_io=())
+    check_step_graph_typing(model, precision, float_io=names + UNET_STEP_OUTPUTS, int_io=())
     save_graph(model, path)
     return path
+
+
+def _restore_unused_inputs(model, spec: dict, names: tuple[str, ...]) -> None:
+    """The exporter drops an input no node reads (guidance of a U-Net without LCM's guidance embedding
+    under "embedding" guidance); every step graph of a bundle declares the same inputs, so put it back."""
+    from onnx import TensorProto, helper
+
+    have = {i.name: i for i in model.graph.input}
+    ordered = []
+    for n in names:
+        if n in have:
+            ordered.append(have[n])
+            continue
+        shape = spec["inputs"][n]["shape"]
+        ordered.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, shape))
+    ordered += [i for i in model.graph.input if i.name not in names]
+    del model.graph.input[:]
+    model.graph.input.extend(ordered)
 
 
 def _fp16_ready(step: UNetStepModule) -> UNetStepModule:
@@ -87,7 +137,7 @@ def _fp16_ready(step: UNetStepModule) -> UNetStepModule:
     from tstitch_trt.export.vae_export import _GroupNormFp32
 
     module = copy.deepcopy(step).to(torch.float16)
-    for parent in list(module.unet.modules()):
+    for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.GroupNorm):
                 setattr(parent, name, _GroupNormFp32(child))
@@ -96,6 +146,8 @@ def _fp16_ready(step: UNetStepModule) -> UNetStepModule:
             elif isinstance(child, Attention):
                 child.upcast_softmax = True
     module.unet.set_attn_processor(AttnProcessor())  # SDPA would export an fp16 softmax
+    if module.controlnet is not None:
+        module.controlnet.set_attn_processor(AttnProcessor())
     return module.eval()
 
 

@@ -53,7 +53,7 @@ class StitchedPipeline:
         bf16, for the CPU backend that has bf16 (openvino).
         """
         bundle_dir, manifest = open_bundle(bundle_dir)
-        if manifest.pipeline == "sd":
+        if manifest.text_to_image:
             raise UserError(f"{bundle_dir} is a text-to-image (sd) bundle; open it with "
                             "tstitch_trt.pipeline.sd.StitchedSDPipeline")
         opened, why = open_first_backend(bundle_dir, manifest, backend, device, precision)

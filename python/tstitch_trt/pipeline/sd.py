@@ -44,8 +44,8 @@ class StitchedSDPipeline:
     def from_bundle(cls, bundle_dir: str | Path, backend: str = "auto", device: str | None = None
                     ) -> StitchedSDPipeline:
         bundle_dir, manifest = open_bundle(bundle_dir)  # schema, sealed paths, every checksum
-        if manifest.pipeline != "sd":
-            raise UserError(f"{bundle_dir} is a {manifest.pipeline} bundle, not a text-to-image (sd) bundle")
+        if not manifest.text_to_image:
+            raise UserError(f"{bundle_dir} is a {manifest.pipeline} bundle, not a text-to-image (sd, sdxl) bundle")
         opened, why = open_first_backend(bundle_dir, manifest, backend, device)
         return cls(bundle_dir, manifest, opened, why)
 
@@ -106,8 +106,9 @@ class StitchedSDPipeline:
                 raise UserError(f"{name} {v} is outside the sizes this bundle was built for "
                                 f"[{ranges[dim][0] * f}, {ranges[dim][2] * f}]")
 
-    def encode_prompts(self, prompts: Sequence[str], negative: Sequence[str]) -> tuple[np.ndarray, list[str]]:
-        """context (2B, L, D), uncond (negative) half first, and notes (truncated prompts)."""
+    def encode_prompts(self, prompts: Sequence[str], negative: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+        """The step graphs' text conditioning by input name ({"context": (2B, L, D)}, uncond (negative) half
+        first), and notes (truncated prompts)."""
         if self._tokenizer is None:
             from tstitch_trt.pipeline.text import PromptTokenizer
             from tstitch_trt.pipeline.text_encoder import open_text_encoder
@@ -120,7 +121,8 @@ class StitchedSDPipeline:
         notes = [f"prompt {text!r} is longer than {self._tokenizer.max_length} tokens and was truncated (as diffusers "
                  "does)" for text, c in zip(list(negative) + list(prompts), cut, strict=True) if c]
         assert self._text_encoder is not None
-        return np.ascontiguousarray(self._text_encoder(ids), dtype=np.float32), list(dict.fromkeys(notes))
+        context = np.ascontiguousarray(self._text_encoder(ids), dtype=np.float32)
+        return {"context": context}, list(dict.fromkeys(notes))
 
     def plan(self, sampler: str, steps: int, batch_shape: tuple[int, ...], rng: np.random.Generator,
              ratio: float | None, fractions: Sequence[float] | None, eta: float,
@@ -187,7 +189,7 @@ class StitchedSDPipeline:
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [n for n in negatives for _ in range(num_images)]
         t0 = time.perf_counter()
-        context, notes = self.encode_prompts(prompts, negatives)
+        cond, notes = self.encode_prompts(prompts, negatives)
         encode_s = time.perf_counter() - t0
         rng = np.random.default_rng(seed)
         shape = (batch, c, height // self.vae_factor, width // self.vae_factor)
@@ -200,7 +202,7 @@ class StitchedSDPipeline:
         guidance = cfg_scale if cfg_scale > 1 else 1.0
         if cfg_scale < 1:
             notes.append(f"cfg {cfg_scale} <= 1 means no guidance (as diffusers): the conditional prediction alone")
-        loop = run_stitched(self.backend, plan, x_init, context, guidance, progress=progress,
+        loop = run_stitched(self.backend, plan, x_init, cond, guidance, progress=progress,
                             model_names=self.model_names)
         images, decode_s = None, 0.0
         if decode:

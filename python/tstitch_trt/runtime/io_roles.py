@@ -12,13 +12,15 @@ A step graph's tensors fall into three roles (recorded in the manifest's io["rol
 - request: per-request constants. The conditioning (DiT: y (B,); SD: context (2B, 77, D), uncond
            first) and guidance ().
 
-Shapes come from io["inputs"] / io["outputs"]: "B" is the batch, "2B" twice it, other names
-(SD: "H", "W") take their value from the initial latent's shape. Bundles written
+Shapes come from io["inputs"] / io["outputs"]: "B" is the batch, other names (SD: "H", "W") take
+their value from the initial latent's shape, and a name with a number in front is that multiple
+("2B": the CFG-doubled batch; "8H", "8W": a ControlNet image at the VAE's pixel size). Bundles written
 before roles existed (the shipped demo pair) are DiT bundles and get DIT_ROLES.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +35,7 @@ DIT_ROLES = {
     "request": ["y", "guidance"],
 }
 PLAN_FIELDS = {"t": "timesteps", "coef": "coef", "noise": "noise"}  # step role -> TrajectoryPlan field
+# other step inputs (a ControlNet's control_scale) come from TrajectoryPlan.tables by name
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,18 @@ class TensorSpec:
     dtype: np.dtype
 
     def resolve(self, dims: Mapping[str, int]) -> tuple[int, ...]:
-        return tuple(dims[d] if isinstance(d, str) else int(d) for d in self.shape)
+        return tuple(resolve_dim(d, dims) if isinstance(d, str) else int(d) for d in self.shape)
+
+
+def resolve_dim(symbol: str, dims: Mapping[str, int]) -> int:
+    """The value of a symbolic dim: a name from `dims`, or a multiple of one ("2B", "8H")."""
+    if symbol in dims:
+        return int(dims[symbol])
+    m = re.fullmatch(r"([1-9][0-9]*)([A-Za-z_][A-Za-z0-9_]*)", symbol)
+    if m is None or m.group(2) not in dims:
+        raise UserError(f"the bundle manifest's io uses the dim {symbol!r}, which no latent dim defines; rebuild "
+                        "the bundle")
+    return int(m.group(1)) * int(dims[m.group(2)])
 
 
 @dataclass(frozen=True)
@@ -120,7 +134,13 @@ class StepIO:
         """(steps, *row shape) arrays per step role; None for noise where the sampler draws none."""
         out: dict[str, np.ndarray | None] = {}
         for name in self.step:
-            value = getattr(plan, PLAN_FIELDS[name])
+            if name in PLAN_FIELDS:
+                value = getattr(plan, PLAN_FIELDS[name])
+            else:
+                value = (getattr(plan, "tables", None) or {}).get(name)
+                if value is None:
+                    raise UserError(f"the step graphs take the per-step input {name!r}, which this request does "
+                                    "not give")
             if value is None:
                 out[name] = None
                 continue

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,6 +21,7 @@ class TrajectoryPlan:
     coef: np.ndarray  # (N, K) float32
     step_model: np.ndarray  # (N,) int64, model index in stitch order
     noise: np.ndarray | None  # (N, B, C, H, W) float32
+    tables: Mapping[str, np.ndarray] = field(default_factory=dict)  # other per-step inputs by name, (N, ...)
 
     @property
     def steps(self) -> int:
