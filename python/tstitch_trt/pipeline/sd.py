@@ -106,7 +106,8 @@ class StitchedSDPipeline:
                 raise UserError(f"{name} {v} is outside the sizes this bundle was built for "
                                 f"[{ranges[dim][0] * f}, {ranges[dim][2] * f}]")
 
-    def encode_prompts(self, prompts: Sequence[str], negative: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+    def encode_prompts(self, prompts: Sequence[str], negative: Sequence[str]
+                       ) -> tuple[dict[str, np.ndarray], list[str]]:
         """The step graphs' text conditioning by input name ({"context": (2B, L, D)}, uncond (negative) half
         first), and notes (truncated prompts)."""
         if self._tokenizer is None:
