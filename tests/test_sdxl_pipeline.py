@@ -248,3 +248,55 @@ def test_bad_time_id_values_are_one_line(sdxl_bundle, capsys) -> None:
         from tstitch_trt.pipeline.sd import StitchedSDPipeline
 
         StitchedSDPipeline.sdxl_time_ids(32, 32, crop_coords=(1.5, 0))
+
+
+def test_info_and_check_on_an_sdxl_bundle(sdxl_bundle, tmp_path, capsys) -> None:
+    """`info` describes both encoders; `check` compares both text encoders (penultimate-raw hidden state, pooled
+    text_embeds), the step graphs with text_embeds / time_ids, and the VAE against torch: all within tolerance."""
+    assert main(["info", "--bundle", str(sdxl_bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "text-to-image (sdxl)" in out and "CLIPTextModelWithProjection (penultimate-raw" in out
+    assert main(["check", "--bundle", str(sdxl_bundle), "--backend", "ort", "--report",
+                 str(tmp_path / "check.json")]) == 0
+    rows = json.loads((tmp_path / "check.json").read_text())
+    rows = rows["results"] if isinstance(rows, dict) else rows
+    seen = {(r["model"], r["output"]) for r in rows if r["status"] == "ok"}
+    assert ("text encoder", "text_embeddings") in seen and ("text encoder 2", "text_embeds") in seen
+    assert ("large-sdxl-pipeline", "x_next") in seen and ("VAE decoder", "image") in seen
+    assert all(r["status"] == "ok" for r in rows if r["backend"] == "ort")
+
+
+def test_vae_that_overflows_in_fp16_gets_fp32_engines(tmp_path) -> None:
+    """SDXL's VAE overflows in fp16: the build-time probe (latents N(0,1) / scaling_factor, fp16 graph vs fp32
+    graph on ONNX Runtime) sends the engine builder the fp32 graph and says why. A VAE whose first decoder
+    convolution is scaled up overflows fp16 here; the same VAE unscaled stays fp16."""
+    from tstitch_trt.export.vae_export import add_vae, randomized_vae
+
+    class RecordingBuilder:  # stands in for TensorRT: records which graph it was handed
+        def __init__(self):
+            self.graphs: list[str] = []
+
+        def build(self, graph: Path, out: Path, batch_range, io) -> dict:
+            import onnx
+
+            types = {i.data_type for i in onnx.load(str(graph)).graph.initializer}
+            self.graphs.append("fp16" if onnx.TensorProto.FLOAT16 in types else "fp32")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(b"plan")
+            return {"kind": "recording"}
+
+    for scale_up, want in ((1.0, "fp16"), (3e4, "fp32")):
+        vae = randomized_vae((8, 16), seed=1)
+        with torch.no_grad():
+            vae.decoder.conv_in.weight.mul_(scale_up)
+        src = tmp_path / f"vae-{scale_up:g}"
+        vae.save_pretrained(str(src))
+        builder = RecordingBuilder()
+        bundle = tmp_path / f"bundle-{scale_up:g}"
+        bundle.mkdir()
+        entry = add_vae(bundle, str(src), ["trt-rtx"], (1, 1), (4, 8, 8), precision="fp16",
+                        engine_builders={"trt-rtx": builder}, downsample=2, dynamic_hw=True,
+                        probe_scale=1 / 0.13025)
+        assert builder.graphs == [want]
+        assert entry["engines"]["trt-rtx"].precision == want
+        assert f"VAE engines are {want}" in entry["notes"][0]
