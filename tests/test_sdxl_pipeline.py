@@ -300,3 +300,45 @@ def test_vae_that_overflows_in_fp16_gets_fp32_engines(tmp_path) -> None:
         assert builder.graphs == [want]
         assert entry["engines"]["trt-rtx"].precision == want
         assert f"VAE engines are {want}" in entry["notes"][0]
+
+
+# ------------------------------------------------------------------------- benchmarks/gpu_check_sd.py --pair sdxl
+
+def _gpu_check_sd():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check_sd.py"
+    spec = importlib.util.spec_from_file_location("gpu_check_sd", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sdxl_and_ssd_1b_configs_are_the_real_architectures() -> None:
+    """The GPU check's random U-Nets have SDXL base's and SSD-1B's sizes (built on the meta device: no memory)."""
+    from diffusers import UNet2DConditionModel
+
+    from tstitch_trt.models.sd_random import UNET_CONFIGS
+
+    counts = {}
+    for name in ("sdxl", "ssd-1b"):
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**UNET_CONFIGS[name])
+        counts[name] = sum(p.numel() for p in unet.parameters()) / 1e6
+        assert unet.config.addition_embed_type == "text_time"
+        assert unet.add_embedding.linear_1.in_features == 6 * 256 + 1280
+    assert round(counts["sdxl"], 1) == 2567.5  # REFERENCE.md: SDXL base 2567.5M
+    assert 1300 < counts["ssd-1b"] < 1350  # segmind: SSD-1B's U-Net is 1.3B
+
+
+def test_gpu_check_sdxl_dry_run_matches_diffusers(tmp_path) -> None:
+    """The GPU script's SDXL path on the CPU (tiny SDXL U-Nets, fp32, 2 Euler steps): the torch backend's stitched
+    trajectory equals diffusers' StableDiffusionXLPipeline with the callback switch."""
+    out = tmp_path / "sdxl.json"
+    assert _gpu_check_sd().main(["--cpu-dry-run", "--pair", "sdxl", "--steps", "2", "--repeats", "1",
+                                 "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["pair"] == "sdxl" and res["sampler"] == "euler" and res["cfg"] == 5.0 and res["unet_calls"] == 2
+    assert res["all_finite"] == {"eager": True, "diffusers": True}
+    assert res["max_rel_diff_vs_diffusers"]["eager"] < 1e-4

@@ -222,13 +222,14 @@ def load_text_encoder(pipeline: Path, part: str = "text_encoder") -> torch.nn.Mo
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Every parameter random (norm scales around 1): tests and timing must not compare zero inits."""
-    gen = torch.Generator().manual_seed(seed)
+    dev = next(module.parameters()).device  # drawn where the module lives (SDXL-size U-Nets on a GPU)
+    gen = torch.Generator(device=dev).manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel()))
+                p.copy_(torch.randn(p.shape, generator=gen, device=dev) / math.sqrt(p[0].numel()))
             elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen, device=dev))
             else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen, device=dev))
     return module

@@ -92,11 +92,15 @@ BK_SDM_TINY_UNET = {
 UNET_CONFIGS = {"sd15": SD15_UNET, "bk-sdm-tiny": BK_SDM_TINY_UNET}
 
 
-def random_unet(name: str, seed: int = 0):
-    """A UNet2DConditionModel with the architecture `name` (UNET_CONFIGS) and every parameter random."""
+def random_unet(name: str, seed: int = 0, device: str = "cpu"):
+    """A UNet2DConditionModel with the architecture `name` (UNET_CONFIGS) and every parameter random, built
+    and drawn on `device` (an SDXL U-Net is 2.6 G parameters: slow to initialise on a CPU)."""
+    import torch
     from diffusers import UNet2DConditionModel
 
-    return randomize_(UNet2DConditionModel(**UNET_CONFIGS[name]), seed).eval()
+    with torch.device(device):
+        unet = UNet2DConditionModel(**UNET_CONFIGS[name])
+    return randomize_(unet, seed).eval()
 
 
 def save_tiny_pair(root: Path, cross_attention_dim: int = 32) -> tuple[Path, Path]:
