@@ -342,3 +342,33 @@ def test_gpu_check_sdxl_dry_run_matches_diffusers(tmp_path) -> None:
     assert res["pair"] == "sdxl" and res["sampler"] == "euler" and res["cfg"] == 5.0 and res["unet_calls"] == 2
     assert res["all_finite"] == {"eager": True, "diffusers": True}
     assert res["max_rel_diff_vs_diffusers"]["eager"] < 1e-4
+
+
+def test_negative_time_ids_equal_diffusers(sdxl_bundle, reference, tmp_path) -> None:
+    """Negative time ids (diffusers' negative_original_size / negative_crops_coords_top_left /
+    negative_target_size) condition the uncond half only; batch 1, where diffusers' row order is unambiguous."""
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    init = unit_latents(batch=1, seed=6)
+    ref = reference("euler", 0.4, NEGATIVE, init, negative_original_size=(40, 36),
+                    negative_crops_coords_top_left=(2, 1), negative_target_size=(24, 28))
+    pipe = StitchedSDPipeline.from_bundle(sdxl_bundle, backend="ort")
+    try:
+        res = pipe(PROMPT, negative_prompt=NEGATIVE, ratio=0.4, steps=STEPS, init_noise=init, decode=False,
+                   negative_original_size=(40, 36), negative_crop_coords=(2, 1), negative_target_size=(24, 28))
+    finally:
+        pipe.close()
+    assert res.report["time_ids"] == [[40, 36, 2, 1, 24, 28], [32, 32, 0, 0, 32, 32]]
+    assert rel_diff(res.latents, ref) < 1e-4, f"{rel_diff(res.latents, ref):.2e}"
+
+
+def test_bundle_with_disagreeing_pooled_widths_is_refused(sdxl_bundle, tmp_path) -> None:
+    from tstitch_trt.bundle.manifest import BundleError, read_manifest
+
+    bad = tmp_path / "bad"
+    shutil.copytree(sdxl_bundle, bad)
+    doc = json.loads((bad / "manifest.json").read_text())
+    doc["conditioning"]["text_embeds_dim"] = 33
+    (bad / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match=r"pooled text_embeds widths disagree \(conditioning 33, step graphs 32"):
+        read_manifest(bad)

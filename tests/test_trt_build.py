@@ -211,6 +211,7 @@ def test_trt_rtx_builds_the_sd_pair_on_cpu(sd_pair, tmp_path):
     assert not any(out.glob("**/*.onnx"))  # the graphs were only the engines' source
 
 
+@pytest.mark.slow  # ~60 s on 2 cores: five real TensorRT-RTX builds (the large U-Net step graph is half of it)
 @needs_rtx
 def test_trt_rtx_builds_the_sdxl_pair_on_cpu(sdxl_pair, tmp_path):
     """The tiny SDXL pair: both fp16-typed text encoders (text_encoder_2 with its pooled output), the U-Net step

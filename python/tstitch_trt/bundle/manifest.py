@@ -245,11 +245,23 @@ class Manifest:
         roles = self.io.get("roles")
         if not roles:
             raise BundleError("io.roles is missing: a text-to-image bundle must record its step graph's roles")
+        if self.pipeline == "sdxl":
+            self._validate_sdxl()
         names = set(self.io.get("inputs", {})) | set(self.io.get("outputs", {}))
         named = {n for pair in roles["state"] for n in pair} | set(roles["step"]) | set(roles["request"])
         if named != names:
             raise BundleError(f"io.roles names {sorted(named ^ names)[:3]} that are not (or not all) the step "
                               "graph's inputs and outputs; rebuild the bundle")
+
+    def _validate_sdxl(self) -> None:
+        """The pooled width agrees between the conditioning, the step graphs and text_encoder_2."""
+        want = (self.conditioning or {}).get("text_embeds_dim")
+        graph = (self.io.get("inputs", {}).get("text_embeds") or {}).get("shape", [None, None])[-1]
+        pooled = ((self.text_encoder_2 or {}).get("io", {}).get("outputs", {}).get("text_embeds") or {}).get(
+            "shape", [None, None])[-1]
+        if not want or graph != want or pooled != want:
+            raise BundleError(f"the sdxl bundle's pooled text_embeds widths disagree (conditioning {want}, step graphs "
+                              f"{graph}, text_encoder_2 {pooled}); rebuild the bundle")
 
     def _text_width(self) -> int:
         """The context width the text encoder(s) produce (SDXL: both encoders' hidden states, concatenated)."""

@@ -187,6 +187,11 @@ def _sdxl_facts(large: SdSource, unet: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"{large.name}: the U-Net's added-condition input width {added} is not 6 time ids x "
                         f"{time_dim} + text_encoder_2's projection {proj} = {6 * time_dim + proj} (an SDXL refiner "
                         "or an aesthetic-score U-Net?); not supported")
+    text = _read_json(large.pipeline / "text_encoder" / "config.json")
+    lengths = (int(text.get("max_position_embeddings", 77)), int(text_2.get("max_position_embeddings", 77)))
+    if lengths[0] != lengths[1]:
+        raise UserError(f"{large.name}: text_encoder and text_encoder_2 take {lengths[0]} vs {lengths[1]} tokens; "
+                        "their hidden states are concatenated per token and must have one length")
     index = _read_json(large.pipeline / "model_index.json")
     return {
         "text_2_width": int(text_2.get("hidden_size", 0)),
