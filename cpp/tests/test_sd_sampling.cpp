@@ -58,7 +58,7 @@ TEST(SdSampling, RefusalsAreOneLine) {
   EXPECT_EQ(error_of([&] { sd_table("pndm", pndm, 1001); }), "steps 1001 is more than the scheduler's 1000 training timesteps");
   EXPECT_EQ(error_of([&] { sd_table("euler", pndm, 10, 0.5); }), "eta applies to ddim only, not euler");
   EXPECT_EQ(error_of([&] { sd_table("heun", pndm, 10); }),
-            "unknown sampler 'heun' for an SD bundle; choose one of pndm, ddim, euler, dpm-solver++");
+            "unknown sampler 'heun' for an SD bundle; choose one of pndm, ddim, euler, dpm-solver++, lcm");
   nlohmann::json cfg = pndm;
   cfg["prediction_type"] = "v_prediction";
   EXPECT_EQ(error_of([&] { sd_table("ddim", cfg, 10); }, &s), "prediction_type 'v_prediction' is not supported; SD 1.x predicts epsilon");
