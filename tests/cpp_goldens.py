@@ -654,12 +654,14 @@ def toy_unet_eps(x_in, t, cond: dict, g, scale: float, control_scale: float, cfg
     c = ends[:, 0] + ends[:, -1]
     if "text_embeds" in cond:
         te, ti = cond["text_embeds"], cond["time_ids"]
-        c = c + (te[:, 0] - te[:, -1]) * torch.tensor(0.5, dtype=f) + (ti[:, 0] + ti[:, 2] + ti[:, 5]) * torch.tensor(1e-3, dtype=f)
+        half, milli = torch.tensor(0.5, dtype=f), torch.tensor(1e-3, dtype=f)
+        c = c + (te[:, 0] - te[:, -1]) * half + (ti[:, 0] + ti[:, 2] + ti[:, 5]) * milli
     res_u = res_c = torch.zeros(b, dtype=f)
     if "control_image" in cond:
         img = cond["control_image"].reshape(b, -1)
         guess = cond["control_guess"].to(f)
-        res_c = (img[:, 0] + img[:, -1]) * torch.tensor(control_scale, dtype=f) * (1 - torch.tensor(0.5, dtype=f) * guess)
+        weight = torch.tensor(control_scale, dtype=f)  # the engine reads control_scale as float32
+        res_c = (img[:, 0] + img[:, -1]) * weight * (1 - torch.tensor(0.5, dtype=f) * guess)
         res_u = res_c * (1 - guess) if cfg else res_c
     lift = (t * torch.tensor(1e-3, dtype=f)).reshape(b, 1, 1, 1)
     col = [v.reshape(b, 1, 1, 1) for v in (c[:b], res_u, res_c)]
@@ -736,7 +738,8 @@ def lcm_golden() -> dict:
             x0 = rng.standard_normal((1, 2, 2, 2), dtype=np.float32)
             eps = rng.standard_normal((steps, 1, 2, 2, 2), dtype=np.float32)
             noise = rng.standard_normal((steps, 1, 2, 2, 2), dtype=np.float32)
-            sched, xs = lcm_steps(cfg, steps, torch.from_numpy(x0), lambda i, x, t: torch.from_numpy(eps[i]), noise)
+            given = lambda i, x, t, e=eps: torch.from_numpy(e[i])  # noqa: E731 (the model output of call i)
+            sched, xs = lcm_steps(cfg, steps, torch.from_numpy(x0), given, noise)
             ts = [int(t) for t in sched.timesteps]
             rows = []
             for i, t in enumerate(ts):
@@ -818,9 +821,10 @@ def sd_cond_loop_golden(bundles: Path) -> dict:
         if name == "lcm":
             noise = rng.standard_normal((n_calls, batch, c, h, w), dtype=np.float32)
 
-            def eps_of(i: int, x, t: int):  # noqa: ANN001, ANN202
-                tt = torch.full((batch,), float(t), dtype=torch.float32)
-                return toy_unet_eps(x, tt, cond, g, TOY_SCALES[int(step_model[i])], scales[i], guided)
+            def eps_of(i: int, x, t: int, n=batch, cond=cond, g=g, models=step_model, scales=scales,  # noqa: ANN001, ANN202
+                       guided=guided):
+                tt = torch.full((n,), float(t), dtype=torch.float32)
+                return toy_unet_eps(x, tt, cond, g, TOY_SCALES[int(models[i])], scales[i], guided)
 
             _, xs = lcm_steps(manifest.scheduler, steps, torch.from_numpy(x_unit), eps_of, noise[:-1])
             x = xs[-1]

@@ -18,7 +18,8 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_committed_goldens_match_python(tmp_path):
     golden, bundle = tmp_path / "golden", tmp_path / "toy_pair"
     cpp_goldens.generate(golden, bundle)
-    dirs = [(golden, cpp_goldens.GOLDEN), (bundle, cpp_goldens.TOY_BUNDLE), (tmp_path / "toy_sd", cpp_goldens.TOY_SD_BUNDLE)]
+    dirs = [(golden, cpp_goldens.GOLDEN), (bundle, cpp_goldens.TOY_BUNDLE),
+            (tmp_path / "toy_sd", cpp_goldens.TOY_SD_BUNDLE)]
     dirs += [(tmp_path / name, cpp_goldens.TOY_BUNDLE.parent / name) for name in cpp_goldens.TOY_COND_BUNDLES]
     for fresh, committed in dirs:
         want, have = _files(fresh), _files(committed)
