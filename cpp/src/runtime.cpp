@@ -78,7 +78,7 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& opt, const Ba
   loop_ = std::make_unique<StitchedLoop>(manifest_, backend_->device(), std::move(engines), opt.cuda_graph);
   for (const Binding& b : loop_->bindings())
     if (b.role == Role::kRequest && b.source != "guidance") request_inputs_.push_back(b.spec.name);
-  if (!text_path.empty()) {
+  if (!text_path.empty() && manifest_.pipeline != "sdxl") {  // SDXL: the caller encodes prompts (two encoders)
     const std::string what = "the " + opt.engine + " text encoder engine (" + std::filesystem::path(text_path).filename().string() + ")";
     check_engine_compat(te->second.builder, backend_->identity(), backend_->device().compute_capability(), what);
     std::ifstream in(text_path, std::ios::binary);
@@ -159,14 +159,14 @@ void Runtime::decode_rgb(const std::vector<float>& latents, int batch, int64_t l
 SampleRequest Runtime::encode_tokens(const SampleRequest& req) {
   auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
   if (!req.text_context.empty()) bad("give the text context or token ids, not both");
+  if (manifest_.pipeline == "sdxl")
+    fail(TSTITCH_ERR_UNAVAILABLE, "an SDXL bundle's prompts go through two text encoders (and the pooled text_embeds); this "
+                                  "runtime takes them encoded: pass text_context and the text_embeds input instead of token ids");
   if (!text_encoder_)
     fail(TSTITCH_ERR_UNAVAILABLE, "the bundle has no text encoder engine of this kind; pass request.text_context instead");
   if (req.batch < batch_range_.first || req.batch > batch_range_.second)
     bad("batch " + std::to_string(req.batch) + " is outside the engines' range [" + std::to_string(batch_range_.first) + ", " +
         std::to_string(batch_range_.second) + "]; rebuild with a wider batch range");
-  if (manifest_.pipeline == "sdxl")
-    fail(TSTITCH_ERR_UNAVAILABLE, "an SDXL bundle's prompts go through two text encoders (and the pooled text_embeds); this "
-                                  "runtime takes them encoded: pass text_context and the text_embeds input instead of token ids");
   const bool cfg = manifest_.conditioning.guidance == "cfg";
   if (!cfg && !req.negative_tokens.empty())
     bad("this bundle uses LCM's guidance embedding (no classifier-free guidance): it takes no negative prompt; "

@@ -478,3 +478,55 @@ TEST(SdConditioning, SymbolicMultiplesResolveAsIoRolesDoes) {
                   "', which the latent's shape does not define; rebuild the bundle")
         << bad;
 }
+
+TEST(SdConditioning, BundlesWithoutNamedInputsRefuseThem) {
+  const float v[4] = {};
+  const tstitch_input in[1] = {{"text_embeds", v, 4}};
+  const nlohmann::json c = golden("sd_loop")["runs"][0];
+  Open sd("toy_sd");
+  const std::vector<float> ctx = floats(c["context_bits"]);
+  tstitch_request req;
+  tstitch_request_init(&req);
+  req.batch = c["batch"], req.steps = 2, req.sampler = "ddim";
+  req.text_context = ctx.data(), req.text_tokens = 3, req.text_width = 8;
+  req.inputs = in, req.num_inputs = 1;
+  std::vector<float> out(c["x"].size());
+  EXPECT_EQ(tstitch_sample(sd.h, &req, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(),
+               "this bundle's step graphs take no input 'text_embeds' besides the text context; leave request.inputs empty");
+  req.inputs = nullptr, req.num_inputs = 0, req.control_guess_mode = 1;
+  EXPECT_EQ(tstitch_sample(sd.h, &req, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(), "controlnet_scale, control_guidance_start/end and control_guess_mode are for bundles with a "
+                                     "ControlNet; this one has none (leave them at 1, 0, 1, 0)");
+  FakeStats stats;
+  tstitch_runtime* dit = nullptr;
+  ASSERT_EQ(open_with_factory((test_dir() + "/data/toy_pair").c_str(), nullptr, fake_factory({}, stats), &dit), TSTITCH_OK);
+  const int64_t labels[1] = {3};
+  tstitch_request d;
+  tstitch_request_init(&d);
+  d.class_labels = labels, d.steps = 2, d.inputs = in, d.num_inputs = 1;
+  EXPECT_EQ(tstitch_sample(dit, &d, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(), "this bundle is class-conditional (DiT): it takes no named inputs; leave inputs NULL");
+  d.inputs = nullptr, d.num_inputs = 0, d.controlnet_scale = 2.0f;
+  EXPECT_EQ(tstitch_sample(dit, &d, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(tstitch_last_error()).find("are for bundles with a ControlNet"), std::string::npos);
+  EXPECT_EQ(tstitch_close(dit), TSTITCH_OK);
+}
+
+TEST(SdConditioning, ManifestReadsTheConditioning) {
+  const Manifest sdxl = read_manifest(bundle("toy_sdxl"));
+  EXPECT_TRUE(sdxl.text_to_image());
+  EXPECT_EQ(sdxl.conditioning.guidance, "cfg");
+  EXPECT_TRUE(sdxl.conditioning.force_zeros_for_empty_prompt);
+  EXPECT_EQ(sdxl.conditioning.text_embeds_dim, 5);
+  EXPECT_EQ(sdxl.conditioning.time_ids, 6);
+  EXPECT_TRUE(sdxl.has_text_encoder_2);
+  EXPECT_EQ(sdxl.text_encoder_2_engines.count("trt"), 1u);
+  const Manifest control = read_manifest(bundle("toy_control"));
+  EXPECT_TRUE(control.conditioning.controlnet);
+  EXPECT_EQ(control.conditioning.controlnet_family, "sd");
+  EXPECT_EQ(control.conditioning.controlnet_channels, 3);
+  EXPECT_EQ(control.conditioning.controlnet_engines.count("torch"), 1u);
+  EXPECT_EQ(read_manifest(bundle("toy_lcm")).conditioning.guidance, "embedding");
+  EXPECT_EQ(read_manifest(bundle("toy_sd")).conditioning.guidance, "cfg");  // no conditioning: cfg
+}

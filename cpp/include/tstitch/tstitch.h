@@ -58,7 +58,7 @@ typedef struct tstitch_input {
 } tstitch_input;
 
 typedef struct tstitch_request {
-  size_t struct_size;            /* sizeof(tstitch_request) */
+  size_t struct_size;            /* sizeof(tstitch_request) (a version-3 binary's smaller size is accepted) */
   int batch;                     /* images in the request; within the engines' batch range */
   /* DiT (class-conditional) */
   const int64_t* class_labels;   /* batch labels in [0, num_classes) */
@@ -78,7 +78,8 @@ typedef struct tstitch_request {
   const char* sampler;           /* DiT: "ddim" (NULL), "ddpm", "dpm-solver++"; SD: "pndm", "ddim", "euler",
                                     "dpm-solver++", "lcm" (NULL: the bundle's scheduler) */
   double eta;                    /* DDIM eta */
-  float cfg_scale;               /* classifier-free guidance scale */
+  float cfg_scale;               /* guidance scale (<= 1: none, as diffusers): classifier-free guidance under cfg;
+                                    under "embedding" guidance the step graphs embed (scale - 1) (LCM) */
   uint64_t seed;                 /* numpy default_rng(seed): the same noise as the Python runtime */
   const float* init_noise;       /* optional batch x C x H x W initial latent (then seed feeds only step noise) */
   /* SD: the text context from the caller's text encoder(s) (instead of prompt_tokens): float32 N x text_tokens
