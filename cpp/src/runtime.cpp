@@ -274,7 +274,10 @@ std::vector<int64_t> Runtime::request_input_shape(const std::string& name, int64
   return resolve_dims(it->spec, latent_dims(latent.spec, shape));
 }
 
-int64_t Runtime::context_rows(int64_t batch) const { return manifest_.conditioning.guidance == "cfg" ? 2 * batch : batch; }
+int64_t Runtime::context_rows(int64_t batch) const {
+  // the step graphs' own shape of it (2B under cfg, B under "embedding" guidance)
+  return request_input_shape(request_inputs_.front(), batch, manifest_.height(), manifest_.width()).front();
+}
 
 std::map<std::string, std::vector<float>> Runtime::named_inputs(const SampleRequest& req, int64_t lh, int64_t lw) const {
   auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
@@ -284,7 +287,7 @@ std::map<std::string, std::vector<float>> Runtime::named_inputs(const SampleRequ
   for (const auto& [name, values] : req.inputs) {
     (void)values;
     if (!names.empty() && name == names.front())
-      bad("give the text context " + name + " as request.text_context, not as a named input");
+      bad("give the text context ('" + name + "') as request.text_context, not as a named input");
     if (name == "control_guess") bad("control_guess comes from request.control_guess_mode; do not pass it as an input");
     if (std::find(names.begin(), names.end(), name) == names.end())
       bad("this bundle's step graphs take no input '" + name + "'" +

@@ -276,7 +276,7 @@ TEST(SdConditioning, SdxlBadInputsAreOneLine) {
   EXPECT_STREQ(tstitch_last_error(), "this bundle's step graphs take no input 'pooled' (they take text_embeds, time_ids)");
   inputs[1].name = "context";
   EXPECT_EQ(sample(req), TSTITCH_ERR_INVALID_ARGUMENT);
-  EXPECT_STREQ(tstitch_last_error(), "give the text context context as request.text_context, not as a named input");
+  EXPECT_STREQ(tstitch_last_error(), "give the text context ('context') as request.text_context, not as a named input");
   inputs[1].name = "text_embeds";
   EXPECT_EQ(sample(req), TSTITCH_ERR_INVALID_ARGUMENT);
   EXPECT_STREQ(tstitch_last_error(), "request.inputs names text_embeds twice");
