@@ -352,10 +352,49 @@ MANIFEST_CASES = [
     ("tokenizer of another kind", "sd", [_set("/tokenizer/kind", "bpe")]),
     ("tokenizer path leaving", "sd", [_set("/tokenizer/file/file", "../tokenizer.json")]),
     ("hidden state unknown", "sd", [_set("/text_encoder/hidden_state", "middle")]),
-    ("text encoder unknown field", "sd", [_set("/text_encoder/pooled", True)]),
+    ("text encoder unknown field", "sd", [_set("/text_encoder/pooling", "mean")]),
     ("dim range of two", "sd", [_set("/io/dim_ranges/H", [2, 8])]),
     ("dim range zero", "sd", [_set("/io/dim_ranges/W", [0, 4, 8])]),
     ("unknown SD schedule", "sd", [_set("/schedule/kind", "squaredcos_cap_v2")]),
+    # issue 12: SDXL, ControlNet, LCM guidance embedding, LoRA
+    ("SDXL without text_encoder_2", "sdxl", [_op("remove", "/text_encoder_2")]),
+    ("SDXL without tokenizer_2", "sdxl", [_op("remove", "/tokenizer_2")]),
+    ("SDXL without conditioning", "sdxl", [_op("remove", "/conditioning")]),
+    ("SDXL conditioning null", "sdxl", [_set("/conditioning", None)]),
+    ("SDXL without text_embeds_dim", "sdxl", [_op("remove", "/conditioning/text_embeds_dim")]),
+    ("SDXL without force_zeros", "sdxl", [_op("remove", "/conditioning/force_zeros_for_empty_prompt")]),
+    ("SDXL time_ids not 6", "sdxl", [_set("/conditioning/time_ids", 5)]),
+    ("SDXL text_embeds_dim zero", "sdxl", [_set("/conditioning/text_embeds_dim", 0)]),
+    ("SDXL force_zeros as text", "sdxl", [_set("/conditioning/force_zeros_for_empty_prompt", "yes")]),
+    ("SDXL DiT model", "sdxl", [_set("/models/1/family", "dit")]),
+    ("text encoder 2 of another kind", "sdxl", [_set("/text_encoder_2/kind", "T5EncoderModel")]),
+    ("text encoder 2 pooled as text", "sdxl", [_set("/text_encoder_2/pooled", "yes")]),
+    ("text encoder 2 empty batch range", "sdxl", [_set("/text_encoder_2/engines/trt/batch_range", [4, 2])]),
+    ("tokenizer_2 path leaving", "sdxl", [_set("/tokenizer_2/file/file", "../tokenizer.json")]),
+    ("SDXL roles name a ghost", "sdxl", [_set("/io/roles/request/-", "pooled")]),
+    ("SDXL roles miss time_ids", "sdxl", [_set("/io/roles/request", ["context", "text_embeds", "guidance"])]),
+    ("unknown guidance mode", "lcm", [_set("/conditioning/guidance", "distilled")]),
+    ("conditioning without guidance", "lcm", [_op("remove", "/conditioning/guidance")]),
+    ("conditioning unknown field", "lcm", [_set("/conditioning/strength", 2)]),
+    ("conditioning as a list", "lcm", [_set("/conditioning", ["embedding"])]),
+    ("ControlNet of another family", "control", [_set("/conditioning/controlnet/family", "sd3")]),
+    ("ControlNet without engines", "control", [_op("remove", "/conditioning/controlnet/engines")]),
+    ("ControlNet without family", "control", [_op("remove", "/conditioning/controlnet/family")]),
+    ("ControlNet zero channels", "control", [_set("/conditioning/controlnet/conditioning_channels", 0)]),
+    ("ControlNet unknown field", "control", [_set("/conditioning/controlnet/guess_mode", True)]),
+    ("ControlNet path leaving", "control", [_set("/conditioning/controlnet/engines/torch/file", "../cn.safetensors")]),
+    ("ControlNet empty batch range", "control", [_set("/conditioning/controlnet/engines/torch/batch_range", [3, 1])]),
+    ("unknown control step role", "control", [_set("/io/roles/step/3", "control_weight")]),
+    ("roles miss control_scale", "control", [_set("/io/roles/step", ["t", "coef", "noise"])]),
+    ("lora without checksum", "lcm", [_set("/models/0/lora", [{"source": "lcm.safetensors", "scale": 1.0}])]),
+    ("lora scale out of range", "lcm", [_set("/models/1/lora", [{"source": "x", "sha256": "0" * 64, "scale": 1000}])]),
+    ("lora unknown field", "lcm",
+     [_set("/models/1/lora", [{"source": "x", "sha256": "0" * 64, "scale": 1, "alpha": 8}])]),
+    ("lora not a list", "lcm", [_set("/models/0/lora", "lcm.safetensors")]),
+    ("DiT with conditioning", "dit", [_set("/conditioning", {"guidance": "cfg"})]),
+    ("DiT with text_encoder_2", "dit",
+     [_set("/text_encoder_2", {"kind": "CLIPTextModelWithProjection", "hidden_state": "penultimate", "io": {},
+                               "engines": {"trt": {"file": "te2/x.plan", "sha256": "0" * 64}}})]),
 ]
 
 
@@ -507,14 +546,321 @@ def sd_loop_golden(bundle: Path) -> dict:
     return {"runs": runs}
 
 
+# --- issue 12: step graphs conditioned beyond the text context (SDXL, ControlNet, LCM's guidance embedding) ---
+SDXL_EULER = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+              "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
+              "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False,
+              "prediction_type": "epsilon"}
+LCM_CONFIG = {"_class_name": "LCMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+              "num_train_timesteps": 1000, "original_inference_steps": 50, "timestep_scaling": 10.0,
+              "set_alpha_to_one": True, "steps_offset": 0, "prediction_type": "epsilon", "clip_sample": False,
+              "timestep_spacing": "leading"}
+TOY_TEXT_EMBEDS = 5  # SDXL toy: the pooled text_embeds width
+TOY_CONTROL_CHANNELS = 3
+# bundle dir name -> (pipeline, StepConditions fields, scheduler config)
+TOY_COND_BUNDLES = {"toy_sdxl": ("sdxl", {"guidance": "cfg", "added": True}, SDXL_EULER),
+                    "toy_control": ("sd", {"guidance": "cfg", "control": True}, SD15_PNDM),
+                    "toy_lcm": ("sd", {"guidance": "embedding"}, LCM_CONFIG)}
+
+
+def write_toy_cond_bundle(dst: Path) -> None:
+    """A TOY_COND_BUNDLES bundle: the step graph's io is export/unet_export.py's unet_io_spec for those
+    StepConditions (so the contract, not a copy of it), toy "TOYSD ...,[A][C]" plans for the C++ fake engine."""
+    from types import SimpleNamespace
+
+    from tstitch_trt.bundle.manifest import EngineEntry, Manifest, ModelEntry, sha256_file
+    from tstitch_trt.export.unet_export import unet_io_spec
+    from tstitch_trt.export.unet_step import StepConditions
+    from tstitch_trt.sampling.sd_samplers import SD_NUM_COEFS
+
+    pipeline, fields, scheduler = TOY_COND_BUNDLES[dst.name]
+    cond = StepConditions(**fields)
+    if dst.exists():
+        shutil.rmtree(dst)
+    for d in ("trt", "text_encoder", "tokenizer", "vae", "text_encoder_2", "tokenizer_2", "controlnet"):
+        (dst / d).mkdir(parents=True)
+    c, s = SD_TOY_LATENT[0], SD_TOY_LATENT[1]
+    n_tok, width = SD_TOY_TEXT
+
+    def entry(rel: str, data: bytes) -> EngineEntry:
+        (dst / rel).write_bytes(data)
+        return EngineEntry(file=rel, sha256=sha256_file(dst / rel), batch_range=(1, 4), builder=dict(TOY_BUILDER))
+
+    step = SimpleNamespace(conditions=cond, channels=c, sample_size=s, cross_attention_dim=width,
+                           text_embeds_dim=TOY_TEXT_EMBEDS if cond.added else 0,
+                           control_channels=TOY_CONTROL_CHANNELS if cond.control else 0)
+    io = unet_io_spec(step, n_tok, TOY_VAE_FACTOR)
+    flags = ("A" if cond.added else "") + ("C" if cond.control else "")
+    models = []
+    for i, scale in enumerate(TOY_SCALES):
+        plan = b"TOYSD" + f"{c},{s},{s},{SD_NUM_COEFS},{scale},{flags}".encode() + b"#" * 64 * (i + 1)
+        arch = {"in_channels": c, "out_channels": c, "sample_size": s, "cross_attention_dim": width}
+        if cond.added:
+            arch["addition_embed_type"] = "text_time"
+        if cond.guidance == "embedding":
+            arch["time_cond_proj_dim"] = 4
+        models.append(ModelEntry(name=f"ToyUNet-{'SL'[i]}", family="unet", arch=arch,
+                                 engines={"trt": entry(f"trt/{i}-toy-unet.plan", plan)}))
+    f32 = "float32"
+
+    def encoder(sub: str, pooled: bool) -> dict:
+        outputs = {"text_embeddings": {"shape": ["N", n_tok, width], "dtype": f32}}
+        if pooled:
+            outputs["text_embeds"] = {"shape": ["N", TOY_TEXT_EMBEDS], "dtype": f32}
+        enc = {"source": "toy", "kind": "CLIPTextModelWithProjection" if pooled else "CLIPTextModel",
+               "hidden_state": "penultimate" if pipeline == "sdxl" else "last",
+               "engines": {"trt": entry(f"{sub}/toy.plan", b"TOYTEXT" + f"{n_tok},{width},".encode())},
+               "io": {"inputs": {"input_ids": {"shape": ["N", n_tok], "dtype": "int64"}}, "outputs": outputs,
+                      "dim_ranges": {"N": [1, 2, 8]}}}
+        if pooled:
+            enc["pooled"] = True
+        return enc
+
+    def tokenizer(sub: str) -> dict:
+        tok = dst / sub / "tokenizer.json"
+        tok.write_text("{}\n")
+        return {"file": {"file": f"{sub}/tokenizer.json", "sha256": sha256_file(tok)}, "max_length": n_tok, "pad_id": 0,
+                "kind": "clip"}
+
+    conditioning: dict = {"guidance": cond.guidance}
+    extra: dict = {}
+    if pipeline == "sdxl":
+        conditioning.update({"force_zeros_for_empty_prompt": True, "text_embeds_dim": TOY_TEXT_EMBEDS, "time_ids": 6})
+        extra = {"text_encoder_2": encoder("text_encoder_2", True), "tokenizer_2": tokenizer("tokenizer_2")}
+    if cond.control:
+        conditioning["controlnet"] = {"source": "toy", "family": "sd", "conditioning_channels": TOY_CONTROL_CHANNELS,
+                                      "engines": {"torch": entry("controlnet/toy.safetensors", b"toy controlnet")}}
+    vae = {"source": "toy", "kind": "AutoencoderKL",
+           "engines": {"trt": entry("vae/toy.plan", b"TOYVAE" + f"{TOY_VAE_FACTOR},".encode())}}
+    m = Manifest(pipeline=pipeline, models=models, num_classes=0, image_size=TOY_VAE_FACTOR * s,
+                 latent_scale_factor=0.13025 if pipeline == "sdxl" else 0.18215, guidance_channels=c,
+                 schedule={"kind": "scaled_linear", "num_timesteps": 1000}, vae=vae, io=io,
+                 created_by="tests/cpp_goldens.py", text_encoder=encoder("text_encoder", False),
+                 tokenizer=tokenizer("tokenizer"), scheduler=dict(scheduler), conditioning=conditioning, **extra)
+    (dst / "manifest.json").write_text(m.to_json() + "\n")
+
+
+def toy_unet_eps(x_in, t, cond: dict, g, scale: float, control_scale: float, cfg: bool):  # noqa: ANN001, ANN201
+    """The C++ fake SD engine's stand-in U-Net (FakeSdContext), float32: one conditioning value per row from both
+    ends of the context row (+ SDXL: text_embeds and time_ids), a ControlNet residual per item from both ends of
+    its image (guess mode halves it and under cfg drops it from the uncond half); cfg: guided u + g (c - u);
+    "embedding": one call with (g - 1) added, as LCM's guidance embedding enters."""
+    import torch
+
+    f = torch.float32
+    b = x_in.shape[0]
+    rows = cond["context"].shape[0]
+    ends = cond["context"].reshape(rows, -1)
+    c = ends[:, 0] + ends[:, -1]
+    if "text_embeds" in cond:
+        te, ti = cond["text_embeds"], cond["time_ids"]
+        half, milli = torch.tensor(0.5, dtype=f), torch.tensor(1e-3, dtype=f)
+        c = c + (te[:, 0] - te[:, -1]) * half + (ti[:, 0] + ti[:, 2] + ti[:, 5]) * milli
+    res_u = res_c = torch.zeros(b, dtype=f)
+    if "control_image" in cond:
+        img = cond["control_image"].reshape(b, -1)
+        guess = cond["control_guess"].to(f)
+        weight = torch.tensor(control_scale, dtype=f)  # the engine reads control_scale as float32
+        res_c = (img[:, 0] + img[:, -1]) * weight * (1 - torch.tensor(0.5, dtype=f) * guess)
+        res_u = res_c * (1 - guess) if cfg else res_c
+    lift = (t * torch.tensor(1e-3, dtype=f)).reshape(b, 1, 1, 1)
+    col = [v.reshape(b, 1, 1, 1) for v in (c[:b], res_u, res_c)]
+    if not cfg:
+        return torch.tanh(scale * x_in + lift + col[0] + col[2] + (g - 1) * torch.tensor(0.05, dtype=f))
+    u = torch.tanh(scale * x_in + lift + col[0] + col[1])
+    v = torch.tanh(scale * x_in + lift + c[b:].reshape(b, 1, 1, 1) + col[2])
+    return u + g * (v - u)
+
+
+def control_keep(calls: int, start: float, end: float) -> list[float]:
+    """diffusers' ControlNet pipelines: controlnet_keep[i] = 1 - float(i / n < start or (i + 1) / n > end)."""
+    return [1.0 - float(i / calls < start or (i + 1) / calls > end) for i in range(calls)]
+
+
+class _NoiseFeed:
+    """Stands in for diffusers.utils.torch_utils.randn_tensor inside LCMScheduler.step: hands out the given
+    noise in order, so diffusers' own update runs on the noise the runtime draws."""
+
+    def __init__(self, noise):  # noqa: ANN001
+        self.noise, self.used = list(noise), 0
+
+    def __call__(self, shape, **_):  # noqa: ANN001, ANN003, ANN204
+        import torch
+
+        out = torch.as_tensor(self.noise[self.used]).reshape(shape)
+        self.used += 1
+        return out
+
+
+def lcm_scheduler(config: dict):  # noqa: ANN201
+    from diffusers import LCMScheduler
+
+    return LCMScheduler.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def lcm_steps(config: dict, steps: int, x, eps_of, noise):  # noqa: ANN001, ANN201
+    """x after each LCMScheduler.step (diffusers itself), eps_of(i, x) the model output of call i, noise[i] the
+    noise step i injects (the last step injects none)."""
+    from unittest import mock
+
+    sched = lcm_scheduler(config)
+    sched.set_timesteps(steps)
+    feed = _NoiseFeed(noise)
+    out = []
+    with mock.patch("diffusers.schedulers.scheduling_lcm.randn_tensor", feed):
+        for i, t in enumerate(sched.timesteps):
+            x = sched.step(eps_of(i, x, int(t)), t, x, return_dict=False)[0]
+            out.append(x)
+    assert feed.used == len(sched.timesteps) - 1
+    return sched, out
+
+
+LCM_GOLDEN_CONFIGS = {
+    "lcm-sdxl": LCM_CONFIG,
+    "lcm-orig25-scale5": {**LCM_CONFIG, "original_inference_steps": 25, "timestep_scaling": 5.0},
+    "lcm-linear-no-alpha-one": {**LCM_CONFIG, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
+                                "set_alpha_to_one": False},
+}
+
+
+def lcm_golden() -> dict:
+    """diffusers' LCMScheduler itself, no table of ours: timesteps, the per-call boundary scalings and alphas from its
+    own alphas_cumprod / get_scalings_for_boundary_condition_discrete, and whole trajectories on given model outputs
+    and noise (float32). The C++ lcm table must reproduce them."""
+    import torch
+
+    cases = []
+    for name, cfg in LCM_GOLDEN_CONFIGS.items():
+        for steps in (1, 2, 4, 8, 25):
+            if steps > cfg["original_inference_steps"]:
+                continue
+            rng = np.random.default_rng(steps)
+            x0 = rng.standard_normal((1, 2, 2, 2), dtype=np.float32)
+            eps = rng.standard_normal((steps, 1, 2, 2, 2), dtype=np.float32)
+            noise = rng.standard_normal((steps, 1, 2, 2, 2), dtype=np.float32)
+            given = lambda i, x, t, e=eps: torch.from_numpy(e[i])  # noqa: E731 (the model output of call i)
+            sched, xs = lcm_steps(cfg, steps, torch.from_numpy(x0), given, noise)
+            ts = [int(t) for t in sched.timesteps]
+            rows = []
+            for i, t in enumerate(ts):
+                prev = ts[i + 1] if i + 1 < len(ts) else t
+                a = float(sched.alphas_cumprod[t])
+                a_prev = float(sched.alphas_cumprod[prev]) if prev >= 0 else float(sched.final_alpha_cumprod)
+                c_skip, c_out = sched.get_scalings_for_boundary_condition_discrete(t)
+                rows.append({"alpha": a, "alpha_prev": a_prev, "c_skip": float(c_skip), "c_out": float(c_out)})
+            cases.append({"config": name, "steps": steps, "timesteps": ts, "rows": rows, "x_init": x0.ravel().tolist(),
+                          "eps": eps.reshape(steps, -1).tolist(), "noise": noise.reshape(steps, -1).tolist(),
+                          "x": [x.numpy().ravel().tolist() for x in xs]})
+    return {"configs": LCM_GOLDEN_CONFIGS, "cases": cases}
+
+
+# (bundle, sampler, eta, steps, ratio, cfg, batch, seed, latent (h, w) or None, time_ids given, control (scale,
+# start, end, guess) or None)
+SD_COND_CASES = [
+    ("toy_sdxl", "euler", 0.0, 4, 0.5, 5.0, 2, 0, None, True, None),
+    ("toy_sdxl", None, 0.0, 3, 0.4, 7.5, 1, 1, (6, 2), False, None),  # default time_ids at 48 x 16 px
+    ("toy_sdxl", "dpm-solver++", 0.0, 5, 0.4, 1.0, 2, 2, None, False, None),
+    ("toy_control", "pndm", 0.0, 4, 0.4, 7.5, 2, 3, None, False, (0.8, 0.0, 1.0, 0)),
+    ("toy_control", "euler", 0.0, 6, 0.5, 4.0, 1, 4, (2, 6), False, (1.5, 0.2, 0.7, 1)),
+    ("toy_control", "ddim", 0.5, 5, 0.6, 3.0, 2, 5, None, False, (0.5, 0.0, 0.6, 1)),
+    ("toy_lcm", "lcm", 0.0, 4, 0.5, 8.5, 2, 6, None, False, None),
+    ("toy_lcm", None, 0.0, 2, 0.5, 1.0, 1, 7, None, False, None),
+    ("toy_lcm", "lcm", 0.0, 8, 0.25, 3.0, 1, 8, (8, 4), False, None),
+]
+
+
+def sd_cond_loop_golden(bundles: Path) -> dict:
+    """Toy trajectories on the TOY_COND_BUNDLES bundles: cfg bundles step pipeline/sd.py's plan (table, stitch by
+    call, noise order, init_noise_sigma, cfg rule) through export/unet_step.py's sd_sampler_update; the LCM bundle
+    steps diffusers' LCMScheduler itself on the same noise (the runtime draws one noise row per call, after the
+    initial latent). control_scale per call is conditioning scale x diffusers' keep."""
+    import torch
+
+    from tstitch_trt.bundle.manifest import read_manifest
+    from tstitch_trt.export.unet_step import sd_sampler_update
+    from tstitch_trt.sampling.sd_samplers import HISTORY, C, sd_needs_noise, sd_table
+    from tstitch_trt.sampling.stitch import stitch_schedule_by_call
+
+    n_tok, width = SD_TOY_TEXT
+    runs = []
+    for (bundle, sampler, eta, steps, ratio, cfg, batch, seed, size, give_time_ids,
+         control) in SD_COND_CASES:
+        manifest = read_manifest(bundles / bundle)
+        c, sample_h, sample_w = manifest.latent_shape
+        h, w = size or (sample_h, sample_w)
+        name = sampler or {"toy_lcm": "lcm", "toy_sdxl": "euler"}.get(bundle, "pndm")
+        guided = manifest.guidance_mode == "cfg"
+        rows = 2 * batch if guided else batch
+        rng = np.random.default_rng(seed)
+        x_unit = rng.standard_normal((batch, c, h, w), dtype=np.float32)
+        inputs_rng = np.random.default_rng(100 + seed)
+        context = inputs_rng.standard_normal((rows, n_tok, width), dtype=np.float32)
+        named: dict[str, np.ndarray] = {}
+        if bundle == "toy_sdxl":
+            named["text_embeds"] = inputs_rng.standard_normal((rows, TOY_TEXT_EMBEDS), dtype=np.float32)
+            px = (TOY_VAE_FACTOR * h, TOY_VAE_FACTOR * w)
+            default = np.array([*px, 0, 0, *px], dtype=np.float32)
+            named["time_ids"] = (inputs_rng.integers(0, 1024, (rows, 6)).astype(np.float32) if give_time_ids
+                                 else np.tile(default, (rows, 1)))
+        if control:
+            named["control_image"] = inputs_rng.uniform(0, 1, (batch, TOY_CONTROL_CHANNELS, TOY_VAE_FACTOR * h,
+                                                                TOY_VAE_FACTOR * w)).astype(np.float32)
+        g = torch.tensor(cfg if cfg > 1 else 1.0, dtype=torch.float32)
+        cond = {"context": torch.from_numpy(context), **{k: torch.from_numpy(v) for k, v in named.items()}}
+        if control:
+            cond["control_guess"] = torch.tensor(float(control[3]))
+        if name == "lcm":
+            sched = lcm_scheduler(manifest.scheduler)
+            sched.set_timesteps(steps)
+            n_calls = len(sched.timesteps)
+        else:
+            table = sd_table(name, manifest.scheduler, steps, eta)
+            n_calls = len(table.timesteps)
+        step_model = stitch_schedule_by_call(n_calls, 2, ratio=ratio)
+        scales = [control[0] * k for k in control_keep(n_calls, control[1], control[2])] if control else [0.0] * n_calls
+        if name == "lcm":
+            noise = rng.standard_normal((n_calls, batch, c, h, w), dtype=np.float32)
+
+            def eps_of(i: int, x, t: int, n=batch, cond=cond, g=g, models=step_model, scales=scales,  # noqa: ANN001, ANN202
+                       guided=guided):
+                tt = torch.full((n,), float(t), dtype=torch.float32)
+                return toy_unet_eps(x, tt, cond, g, TOY_SCALES[int(models[i])], scales[i], guided)
+
+            _, xs = lcm_steps(manifest.scheduler, steps, torch.from_numpy(x_unit), eps_of, noise[:-1])
+            x = xs[-1]
+        else:
+            noise = rng.standard_normal((n_calls, batch, c, h, w), dtype=np.float32) if sd_needs_noise(name, eta) \
+                else None
+            x = torch.from_numpy(x_unit * np.float32(table.init_noise_sigma))
+            prev, hist, saved = torch.zeros_like(x), torch.zeros(batch, HISTORY, c, h, w), torch.zeros_like(x)
+            for i in range(n_calls):
+                coef = torch.from_numpy(table.coef[i])
+                t = torch.full((batch,), float(table.timesteps[i]), dtype=torch.float32)
+                eps = toy_unet_eps(coef[C["c_in"]] * x, t, cond, g, TOY_SCALES[int(step_model[i])], scales[i], guided)
+                nz = torch.from_numpy(noise[i]) if noise is not None else torch.zeros_like(x)
+                x, prev, hist, saved = sd_sampler_update(x, eps, coef, prev, hist, saved, nz)
+        given = {k: f32_bits(v) for k, v in named.items() if k != "time_ids" or give_time_ids}
+        runs.append({"bundle": bundle, "sampler": sampler, "eta": eta, "steps": steps, "ratio": ratio, "cfg": cfg,
+                     "batch": batch, "seed": seed, "latent_hw": [h, w], "context_bits": f32_bits(context),
+                     "inputs_bits": given, "control": list(control) if control else None,
+                     "control_scale": [float(np.float32(v)) for v in scales] if control else None,
+                     "step_model": step_model.tolist(), "x": [float(v) for v in x.numpy().ravel()]})
+    return {"runs": runs}
+
+
 def generate(golden: Path, toy_bundle: Path) -> None:
     golden.mkdir(parents=True, exist_ok=True)
     write_toy_bundle(toy_bundle)
     toy_sd = toy_bundle.parent / TOY_SD_BUNDLE.name
     write_toy_sd_bundle(toy_sd)
+    for name in TOY_COND_BUNDLES:
+        write_toy_cond_bundle(toy_bundle.parent / name)
+    bases = {"dit": toy_bundle, "sd": toy_sd, "sdxl": toy_bundle.parent / "toy_sdxl",
+             "control": toy_bundle.parent / "toy_control", "lcm": toy_bundle.parent / "toy_lcm"}
     for name, data in (("rng", rng_golden()), ("sampling", sampling_golden()), ("loop", loop_golden(toy_bundle)),
-                       ("manifest_cases", manifest_cases_golden({"dit": toy_bundle, "sd": toy_sd})),
-                       ("sd_sampling", sd_sampling_golden()), ("sd_loop", sd_loop_golden(toy_sd))):
+                       ("manifest_cases", manifest_cases_golden(bases)),
+                       ("sd_sampling", sd_sampling_golden()), ("sd_loop", sd_loop_golden(toy_sd)),
+                       ("lcm", lcm_golden()), ("sd_cond_loop", sd_cond_loop_golden(toy_bundle.parent))):
         (golden / f"{name}.json").write_text(json.dumps(data, separators=(",", ":")) + "\n")
 
 

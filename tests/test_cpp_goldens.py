@@ -18,8 +18,10 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_committed_goldens_match_python(tmp_path):
     golden, bundle = tmp_path / "golden", tmp_path / "toy_pair"
     cpp_goldens.generate(golden, bundle)
-    for fresh, committed in ((golden, cpp_goldens.GOLDEN), (bundle, cpp_goldens.TOY_BUNDLE),
-                             (tmp_path / "toy_sd", cpp_goldens.TOY_SD_BUNDLE)):
+    dirs = [(golden, cpp_goldens.GOLDEN), (bundle, cpp_goldens.TOY_BUNDLE),
+            (tmp_path / "toy_sd", cpp_goldens.TOY_SD_BUNDLE)]
+    dirs += [(tmp_path / name, cpp_goldens.TOY_BUNDLE.parent / name) for name in cpp_goldens.TOY_COND_BUNDLES]
+    for fresh, committed in dirs:
         want, have = _files(fresh), _files(committed)
         assert sorted(have) == sorted(want), f"{committed}: files differ from what cpp_goldens.py writes"
         stale = [name for name in want if want[name] != have[name]]
@@ -46,4 +48,4 @@ def test_manifest_corpus_is_refused_by_python_with_a_field_path():
         doc = cpp_goldens.apply_patch(corpus["bases"][case["base"]], case["patch"])
         assert cpp_goldens.python_refusal(doc) == case["message"], case["name"]
     named = [c for c in corpus["cases"] if c["field"]]
-    assert len(named) >= 50 and {c["base"] for c in named} == {"dit", "sd"}
+    assert len(named) >= 50 and {c["base"] for c in named} == {"dit", "sd", "sdxl", "control", "lcm"}

@@ -1,5 +1,7 @@
 // The C API: status codes, a thread-local last error, a registry of open handles (a closed or
 // unknown handle is refused without being dereferenced), and no exception crossing the boundary.
+#include <algorithm>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -56,14 +58,36 @@ void check_struct(const T* s, const char* what) {
                                            "); initialise it with its _init function and rebuild against this header");
 }
 
+// The request as this library's struct: a version-3 caller's smaller struct (struct_size up to height/width)
+// is copied and the API 4 fields take their _init defaults, so old binaries keep working.
+constexpr size_t kRequestV3Size = offsetof(tstitch_request, inputs);
+static_assert(kRequestV3Size == (offsetof(tstitch_request, width) + sizeof(int) + alignof(tstitch_request) - 1) /
+                                    alignof(tstitch_request) * alignof(tstitch_request),
+              "the API 4 fields start where sizeof(a version-3 request) ended");
+
+tstitch_request normalized(const tstitch_request* r) {
+  if (r == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "request is NULL");
+  if (r->struct_size != sizeof(tstitch_request) && r->struct_size != kRequestV3Size)
+    fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.struct_size is " + std::to_string(r->struct_size) + ", this library expects " +
+                                           std::to_string(sizeof(tstitch_request)) + " (API version " +
+                                           std::to_string(TSTITCH_API_VERSION) + ") or " + std::to_string(kRequestV3Size) +
+                                           " (version 3); initialise it with tstitch_request_init and rebuild against this header");
+  tstitch_request q;
+  tstitch_request_init(&q);
+  std::memcpy(static_cast<void*>(&q), r, r->struct_size);
+  q.struct_size = sizeof(tstitch_request);
+  return q;
+}
+
 Runtime& checked(tstitch_runtime* h) {
   Runtime* rt = runtime_of(h);
   if (rt == nullptr) fail(TSTITCH_ERR_BAD_HANDLE, "the runtime handle is NULL, unknown or already closed; open a bundle first");
   return *rt;
 }
 
-SampleRequest to_request(const Runtime& rt, const tstitch_request* r) {
-  check_struct(r, "request");
+SampleRequest to_request(const Runtime& rt, const tstitch_request* given) {
+  const tstitch_request req = normalized(given);
+  const tstitch_request* r = &req;
   SampleRequest q;
   if (r->batch < 1) fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.batch must be >= 1, got " + std::to_string(r->batch));
   q.batch = r->batch;
@@ -71,33 +95,61 @@ SampleRequest to_request(const Runtime& rt, const tstitch_request* r) {
     if (r->class_labels == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.class_labels is NULL; a DiT bundle needs one label per image");
     q.class_labels.assign(r->class_labels, r->class_labels + r->batch);
   }
-  if (!rt.manifest().is_sd() && (r->prompt_tokens != nullptr || r->added_conditions != nullptr || r->text_context != nullptr))
+  if (!rt.manifest().text_to_image() && (r->prompt_tokens != nullptr || r->added_conditions != nullptr || r->text_context != nullptr))
     fail(TSTITCH_ERR_INVALID_ARGUMENT,
          "this bundle is class-conditional (DiT): leave prompt_tokens, text_context and added_conditions NULL");
-  if (rt.manifest().is_sd()) {
+  if (!rt.manifest().text_to_image() && (r->inputs != nullptr || r->num_inputs != 0))
+    fail(TSTITCH_ERR_INVALID_ARGUMENT, "this bundle is class-conditional (DiT): it takes no named inputs; leave inputs NULL");
+  if (r->added_conditions != nullptr || r->added_condition_count != 0)
+    fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.added_conditions is not read: API 4 takes SDXL's text_embeds and time_ids by "
+                                       "name in request.inputs; leave it NULL");
+  const bool cfg = rt.manifest().conditioning.guidance == "cfg";
+  if (rt.manifest().text_to_image()) {
     if (r->class_labels != nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "this bundle is text-to-image (SD): leave class_labels NULL");
-    if (r->added_conditions != nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "added_conditions are for SDXL; this is an SD 1.x bundle");
     if (r->prompt_tokens != nullptr) {  // the bundle's text encoder engine makes the context
       if (r->text_context != nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "give prompt_tokens or text_context, not both");
-      if (r->negative_tokens == nullptr)
+      if (cfg && r->negative_tokens == nullptr)
         fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.negative_tokens is NULL; pass the tokenized negative (or empty) prompts, "
                                            "batch x token_count ids like prompt_tokens");
+      if (!cfg && r->negative_tokens != nullptr)
+        fail(TSTITCH_ERR_INVALID_ARGUMENT, "this bundle uses LCM's guidance embedding (no classifier-free guidance): it takes no "
+                                           "negative prompt; leave negative_tokens NULL");
       if (r->token_count < 1) fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.token_count must be >= 1 with prompt_tokens");
       const size_t n = static_cast<size_t>(r->batch) * static_cast<size_t>(r->token_count);
       q.prompt_tokens.assign(r->prompt_tokens, r->prompt_tokens + n);
-      q.negative_tokens.assign(r->negative_tokens, r->negative_tokens + n);
+      if (cfg) q.negative_tokens.assign(r->negative_tokens, r->negative_tokens + n);
       q.token_count = r->token_count;
     } else if (r->text_context == nullptr) {
-      fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.text_context and prompt_tokens are NULL; an SD bundle needs token ids or the "
-                                         "(2 x batch) x tokens x width text context");
+      fail(TSTITCH_ERR_INVALID_ARGUMENT, std::string("request.text_context and prompt_tokens are NULL; an SD bundle needs token "
+                                                     "ids or the ") + (cfg ? "(2 x batch)" : "batch") + " x tokens x width text context");
     }
+    if (r->num_inputs < 0 || (r->num_inputs > 0 && r->inputs == nullptr))
+      fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.inputs is NULL or num_inputs (" + std::to_string(r->num_inputs) + ") is negative");
+    for (int i = 0; i < r->num_inputs; ++i) {
+      const tstitch_input& in = r->inputs[i];
+      if (in.name == nullptr || in.data == nullptr)
+        fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.inputs[" + std::to_string(i) + "] has a NULL name or data");
+      const std::string name(in.name);
+      if (q.inputs.count(name)) fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.inputs names " + name + " twice");
+      if (in.count > (size_t{1} << 34)) fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.inputs[" + std::to_string(i) + "].count is implausible");
+      q.inputs[name].assign(in.data, in.data + in.count);
+    }
+    q.controlnet_scale = r->controlnet_scale;
+    q.control_guidance_start = r->control_guidance_start, q.control_guidance_end = r->control_guidance_end;
+    if (r->control_guess_mode != 0 && r->control_guess_mode != 1)
+      fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.control_guess_mode must be 0 or 1, got " + std::to_string(r->control_guess_mode));
+    q.control_guess_mode = r->control_guess_mode == 1;
+  } else if (r->controlnet_scale != 1.0f || r->control_guidance_start != 0.0 || r->control_guidance_end != 1.0 ||
+             r->control_guess_mode != 0) {
+    fail(TSTITCH_ERR_INVALID_ARGUMENT, "controlnet_scale, control_guidance_start/end and control_guess_mode are for bundles with a "
+                                       "ControlNet; this one has none (leave them at 1, 0, 1, 0)");
   }
-  if (rt.manifest().is_sd() && r->text_context != nullptr) {
+  if (rt.manifest().text_to_image() && r->text_context != nullptr) {
     if (r->text_tokens < 1 || r->text_width < 1)
       fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.text_tokens and text_width must be >= 1 with text_context");
     q.text_tokens = r->text_tokens, q.text_width = r->text_width;
-    q.text_context.assign(r->text_context, r->text_context + 2 * static_cast<size_t>(r->batch) * static_cast<size_t>(r->text_tokens) *
-                                                             static_cast<size_t>(r->text_width));
+    q.text_context.assign(r->text_context, r->text_context + static_cast<size_t>(rt.context_rows(r->batch)) *
+                                                             static_cast<size_t>(r->text_tokens) * static_cast<size_t>(r->text_width));
   }
   q.height = r->height, q.width = r->width;
   const auto [lh, lw] = rt.latent_hw(q);  // refused here, before any caller buffer is read by its size
@@ -200,6 +252,8 @@ void tstitch_request_init(tstitch_request* r) {
   r->steps = 50;
   r->ratio = 0.5;
   r->cfg_scale = 1.5f;
+  r->controlnet_scale = 1.0f;
+  r->control_guidance_end = 1.0;
 }
 
 void tstitch_sample_info_init(tstitch_sample_info* i) {
@@ -230,6 +284,44 @@ tstitch_status tstitch_latent_shape(tstitch_runtime* h, int* c, int* hh, int* w)
     const Manifest& m = checked(h).manifest();
     if (c == nullptr || hh == nullptr || w == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "an output pointer is NULL");
     *c = m.channels(), *hh = m.height(), *w = m.width();
+    return TSTITCH_OK;
+  });
+}
+
+tstitch_status tstitch_input_count(tstitch_runtime* h, int* count) {
+  return guarded([&] {
+    Runtime& rt = checked(h);
+    if (count == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "count is NULL");
+    *count = static_cast<int>(rt.request_input_names().size());
+    return TSTITCH_OK;
+  });
+}
+
+tstitch_status tstitch_input_name(tstitch_runtime* h, int index, const char** name) {
+  return guarded([&] {
+    Runtime& rt = checked(h);
+    if (name == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "name is NULL");
+    const std::vector<std::string>& names = rt.request_input_names();
+    if (index < 0 || static_cast<size_t>(index) >= names.size())
+      fail(TSTITCH_ERR_INVALID_ARGUMENT, "input index " + std::to_string(index) + " is outside [0, " + std::to_string(names.size()) + ")");
+    *name = names[static_cast<size_t>(index)].c_str();  // valid while the handle is open
+    return TSTITCH_OK;
+  });
+}
+
+tstitch_status tstitch_input_shape(tstitch_runtime* h, const char* name, int batch, int height, int width, int64_t dims[8],
+                                   int* rank) {
+  return guarded([&] {
+    Runtime& rt = checked(h);
+    if (name == nullptr || dims == nullptr || rank == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "name, dims or rank is NULL");
+    if (batch < 1) fail(TSTITCH_ERR_INVALID_ARGUMENT, "batch must be >= 1, got " + std::to_string(batch));
+    SampleRequest sized;
+    sized.height = height, sized.width = width;
+    const auto [lh, lw] = rt.latent_hw(sized);
+    const std::vector<int64_t> shape = rt.request_input_shape(name, batch, lh, lw);
+    if (shape.size() > 8) fail(TSTITCH_ERR_BUFFER_TOO_SMALL, std::string(name) + " has more than 8 dims");
+    std::copy(shape.begin(), shape.end(), dims);
+    *rank = static_cast<int>(shape.size());
     return TSTITCH_OK;
   });
 }
@@ -300,7 +392,8 @@ tstitch_status tstitch_sample_alloc(tstitch_runtime* h, const tstitch_request* r
     const int batch = request != nullptr ? request->batch : 0;
     const Manifest& m = rt.manifest();
     SampleRequest sized;  // the request's latent size; a malformed request is refused by tstitch_sample
-    if (request != nullptr && request->struct_size == sizeof(tstitch_request)) sized.height = request->height, sized.width = request->width;
+    if (request != nullptr && (request->struct_size == sizeof(tstitch_request) || request->struct_size == kRequestV3Size))
+      sized.height = request->height, sized.width = request->width;
     const auto [lh, lw] = rt.latent_hw(sized);
     const size_t need = static_cast<size_t>(std::max(batch, 0)) * m.channels() * lh * lw;
     float* buf = static_cast<float*>(std::malloc(std::max<size_t>(need, 1) * sizeof(float)));

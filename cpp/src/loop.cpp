@@ -241,14 +241,21 @@ void StitchedLoop::prepare(const TrajectoryPlan& plan, const RequestInputs& in) 
       } else if (b.source == "cond") {  // SD: the text context, uncond rows first
         if (in.context.size() != want)
           fail(TSTITCH_ERR_INVALID_ARGUMENT, "the step graphs take a text context " + n + " of " + std::to_string(want) +
-                                                 " floats (2B x tokens x width), the request has " +
+                                                 " floats (batch x tokens x width), the request has " +
                                                  std::to_string(in.context.size()));
         upload(request_[n], in.context.data(), want * 4);
       } else if (b.source == "guidance") {
         upload(request_[n], &in.guidance, 4);
-      } else {
-        fail(TSTITCH_ERR_UNAVAILABLE, "the step input " + n +
-                                          " (a second conditioning tensor, e.g. SDXL's) is not fed by this runtime version");
+      } else {  // by name: SDXL text_embeds / time_ids, a ControlNet's control_image / control_guess
+        auto it = in.tensors.find(n);
+        if (it == in.tensors.end())
+          fail(TSTITCH_ERR_INVALID_ARGUMENT, "the step graphs need " + n + " for this request");
+        if (b.spec.dtype != "float32")
+          fail(TSTITCH_ERR_UNAVAILABLE, "the step input " + n + " is " + b.spec.dtype + "; this runtime feeds float32 request inputs");
+        if (it->second.size() != want)
+          fail(TSTITCH_ERR_INVALID_ARGUMENT, "the step graphs take " + n + " as " + std::to_string(want) + " floats, the request has " +
+                                                 std::to_string(it->second.size()));
+        upload(request_[n], it->second.data(), want * 4);
       }
     } else if (b.role == Role::kStep) {
       if (b.source == "timestep" && b.spec.dtype == "float32") {  // SD: t as float, one per image
@@ -267,8 +274,17 @@ void StitchedLoop::prepare(const TrajectoryPlan& plan, const RequestInputs& in) 
         upload(table_[n], plan.coef.data(), plan.coef.size() * 4);
       } else if (b.source == "noise") {
         if (!plan.noise.empty()) upload(table_[n], plan.noise.data(), plan.noise.size() * 4);
-      } else {
-        fail(TSTITCH_ERR_UNAVAILABLE, "the step table " + b.source + " of " + n + " is unknown to this runtime version");
+      } else {  // a per-step table by name (a ControlNet's control_scale): one row per step
+        auto it = plan.tables.find(n);
+        if (it == plan.tables.end())
+          fail(TSTITCH_ERR_INVALID_ARGUMENT, "the step graphs take the per-step input '" + n + "', which this request does not give");
+        if (b.spec.dtype != "float32")
+          fail(TSTITCH_ERR_UNAVAILABLE, "the step input " + n + " is " + b.spec.dtype + "; this runtime feeds float32 step tables");
+        const size_t need = table_[n].nbytes / 4;
+        if (it->second.size() != need)
+          fail(TSTITCH_ERR_INTERNAL, "the " + n + " table has " + std::to_string(it->second.size()) + " values, " +
+                                         std::to_string(plan.steps()) + " steps need " + std::to_string(need));
+        upload(table_[n], it->second.data(), need * 4);
       }
     }
   }

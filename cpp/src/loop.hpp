@@ -23,7 +23,10 @@ struct RequestInputs {
   std::vector<int64_t> latent_shape;  // (B, C, H, W); empty: (batch, the manifest's C, H, W)
   std::vector<float> x_init;          // B * C * H * W
   std::vector<int64_t> class_labels;  // DiT conditioning: batch
-  std::vector<float> context;         // SD conditioning: (2B, L, D) text embeddings, uncond first
+  std::vector<float> context;         // SD conditioning: (2B, L, D) text embeddings, uncond first ((B, L, D) under
+                                      // "embedding" guidance)
+  std::map<std::string, std::vector<float>> tensors;  // the other request inputs by name (text_embeds, time_ids,
+                                                      // control_image, control_guess), float32, row-major
   float guidance = 1.0f;
 };
 

@@ -133,7 +133,8 @@ void validate_dit(const Manifest& m, const ojson& raw) {
                "x" + std::to_string(h) + "x" + std::to_string(w));
     }
   }
-  for (const char* part : {"text_encoder", "tokenizer", "scheduler"})
+  // Python's truthiness test over these fields (tokenizer_2 is not among them there either)
+  for (const char* part : {"text_encoder", "tokenizer", "scheduler", "text_encoder_2", "conditioning"})
     if (raw.contains(part) && !raw[part].is_null() && !raw[part].empty())
       refuse("a class-conditional (DiT) bundle has a text encoder, tokenizer or scheduler entry; rebuild the bundle");
 }
@@ -193,6 +194,22 @@ Manifest parse_manifest(const ojson& raw, const std::string& where) {
     m.text_encoder_engines = engines(raw["text_encoder"]["engines"], "text_encoder.engines");
     m.text_encoder_io = io_specs(raw["text_encoder"]["io"]);
   }
+  m.has_text_encoder_2 = raw.contains("text_encoder_2") && !raw["text_encoder_2"].is_null();
+  if (m.has_text_encoder_2) m.text_encoder_2_engines = engines(raw["text_encoder_2"]["engines"], "text_encoder_2.engines");
+  if (raw.contains("conditioning") && raw["conditioning"].is_object()) {  // the schema holds its fields' types
+    const ojson& c = raw["conditioning"];
+    m.conditioning.guidance = c["guidance"].get<std::string>();
+    m.conditioning.force_zeros_for_empty_prompt = c.value("force_zeros_for_empty_prompt", false);
+    m.conditioning.text_embeds_dim = c.value("text_embeds_dim", int64_t{0});
+    m.conditioning.time_ids = c.value("time_ids", int64_t{0});
+    if (c.contains("controlnet") && c["controlnet"].is_object()) {
+      const ojson& net = c["controlnet"];
+      m.conditioning.controlnet = true;
+      m.conditioning.controlnet_family = net["family"].get<std::string>();
+      m.conditioning.controlnet_channels = net["conditioning_channels"].get<int64_t>();
+      m.conditioning.controlnet_engines = engines(net["engines"], "conditioning.controlnet.engines");
+    }
+  }
   const ojson io = raw.value("io", ojson::object());
   m.io = io_specs(io);
   if (io.contains("dim_ranges"))  // the schema holds them to three integers each
@@ -213,8 +230,13 @@ Manifest parse_manifest(const ojson& raw, const std::string& where) {
   }
   std::vector<std::pair<std::string, const ojson*>> parts;
   for (const ojson& model : raw["models"]) parts.emplace_back(model["name"].get<std::string>(), &model["engines"]);
-  for (auto [part, label] : {std::pair{"vae", "VAE"}, std::pair{"text_encoder", "text encoder"}})
+  // Manifest.artifacts()' order: models, VAE, text encoder, text encoder 2, ControlNet (tokenizers have no range)
+  for (auto [part, label] : {std::pair{"vae", "VAE"}, std::pair{"text_encoder", "text encoder"},
+                             std::pair{"text_encoder_2", "text encoder 2"}})
     if (raw.contains(part) && raw[part].is_object() && raw[part].contains("engines")) parts.emplace_back(label, &raw[part]["engines"]);
+  if (raw.contains("conditioning") && raw["conditioning"].is_object() && raw["conditioning"].contains("controlnet") &&
+      raw["conditioning"]["controlnet"].is_object())
+    parts.emplace_back("ControlNet", &raw["conditioning"]["controlnet"]["engines"]);
   for (const auto& [label, engines] : parts)
     for (auto it = engines->begin(); it != engines->end(); ++it) {
       const ojson range = it.value().value("batch_range", ojson::array({1, 16}));
@@ -222,7 +244,7 @@ Manifest parse_manifest(const ojson& raw, const std::string& where) {
         refuse(label + " " + it.key() + ": batch_range [" + range[0].dump() + ", " + range[1].dump() + "] is empty (min > max)");
     }
   if (!std::isfinite(m.latent_scale_factor)) refuse("latent_scale_factor is not a finite number");
-  if (m.is_sd()) validate_sd(m, raw);
+  if (m.text_to_image()) validate_sd(m, raw);
   else validate_dit(m, raw);
   return m;
 }

@@ -60,8 +60,21 @@ struct IoRoles {
   std::vector<std::string> request;                        // conditioning first-non-guidance, "guidance"
 };
 
+// conditioning (text-to-image): how the step graphs are conditioned beyond the text context.
+struct Conditioning {
+  std::string guidance = "cfg";        // "cfg": batch doubling inside the graph (context (2B, L, D), uncond
+                                       // first); "embedding": LCM's guidance embedding, no doubling (B, L, D)
+  bool force_zeros_for_empty_prompt = false;  // SDXL (informational here: the caller encodes prompts)
+  int64_t text_embeds_dim = 0;         // SDXL: width of the pooled text_embeds input; 0: none
+  int64_t time_ids = 0;                // SDXL: 6; 0: none
+  bool controlnet = false;             // a ControlNet inside every step graph
+  std::string controlnet_family;       // "sd" | "sdxl"
+  int64_t controlnet_channels = 0;     // its conditioning image's channels
+  std::map<std::string, EngineEntry> controlnet_engines;  // kind -> artifact (kept apart from the step graphs)
+};
+
 struct Manifest {
-  std::string pipeline;            // "dit-class-conditional" | "sd"
+  std::string pipeline;            // "dit-class-conditional" | "sd" | "sdxl"
   std::vector<ModelEntry> models;  // stitch order, smallest first
   int num_classes = 0;
   int image_size = 0;
@@ -79,7 +92,10 @@ struct Manifest {
   bool has_text_encoder = false;
   std::map<std::string, EngineEntry> text_encoder_engines;  // SD: kind -> the text encoder's plan
   std::vector<TensorSpec> text_encoder_io;                  // SD: input_ids (N, L) -> embeddings (N, L, D)
-  bool is_sd() const { return pipeline == "sd"; }
+  bool has_text_encoder_2 = false;                          // SDXL: the second (OpenCLIP bigG) text encoder
+  std::map<std::string, EngineEntry> text_encoder_2_engines;
+  Conditioning conditioning;                                // defaults (cfg, no extras) where the manifest has none
+  bool text_to_image() const { return pipeline == "sd" || pipeline == "sdxl"; }
   int channels() const { return models.front().channels; }
   int height() const { return models.front().height; }
   int width() const { return models.front().width; }

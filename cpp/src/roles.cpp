@@ -1,6 +1,7 @@
 #include "roles.hpp"
 
 #include <algorithm>
+#include <cctype>
 #include <set>
 
 #include "errors.hpp"
@@ -59,12 +60,14 @@ std::vector<Binding> resolve_roles(const Manifest& m, int num_coefs) {
     out.push_back({a, Role::kStateIn, o, "", out.empty()});
   }
   for (const std::string& n : r.step) {
+    // t, coef, noise come from the plan's own fields; others (control_scale) from plan.tables by name
     static const std::map<std::string, std::string> sources = {{"t", "timestep"}, {"coef", "coef"}, {"noise", "noise"}};
-    out.push_back({*spec_of(n, true), Role::kStep, "", sources.at(n), false});  // the schema allows only these
+    auto known = sources.find(n);
+    out.push_back({*spec_of(n, true), Role::kStep, "", known != sources.end() ? known->second : n, false});
   }
   bool cond = false;
   for (const std::string& n : r.request) {
-    std::string source = n == "guidance" ? "guidance" : cond ? "" : "cond";
+    std::string source = n == "guidance" ? "guidance" : cond ? n : "cond";
     cond = cond || source == "cond";
     out.push_back({*spec_of(n, true), Role::kRequest, "", source, false});
   }
@@ -96,13 +99,25 @@ std::vector<int64_t> resolve_dims(const TensorSpec& t, const DimValues& dims) {
       d.push_back(x.size);
       continue;
     }
-    auto it = dims.find(x.symbol);
-    if (it == dims.end())
-      fail(TSTITCH_ERR_BUNDLE, "the step input " + t.name + " has the dimension '" + x.symbol +
-                                   "', which the latent's shape does not define; rebuild the bundle");
-    d.push_back(it->second);
+    d.push_back(resolve_dim(x.symbol, dims, t.name));
   }
   return d;
+}
+
+int64_t resolve_dim(const std::string& symbol, const DimValues& dims, const std::string& tensor) {
+  auto it = dims.find(symbol);
+  if (it != dims.end()) return it->second;
+  // "<k><Name>": k times a latent dim (io_roles.resolve_dim's [1-9][0-9]*[A-Za-z_][A-Za-z0-9_]*)
+  size_t digits = 0;
+  while (digits < symbol.size() && symbol[digits] >= '0' && symbol[digits] <= '9') ++digits;
+  const std::string name = symbol.substr(digits);
+  const bool word = !name.empty() && (std::isalpha(static_cast<unsigned char>(name[0])) || name[0] == '_') &&
+                    std::all_of(name.begin(), name.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; });
+  auto base = dims.find(name);
+  if (digits == 0 || digits > 6 || symbol[0] == '0' || !word || base == dims.end())
+    fail(TSTITCH_ERR_BUNDLE, "the step input " + tensor + " has the dimension '" + symbol +
+                                 "', which the latent's shape does not define; rebuild the bundle");
+  return std::stoll(symbol.substr(0, digits)) * base->second;
 }
 
 size_t dtype_size(const std::string& dtype) {

@@ -4,10 +4,13 @@
 //           every other state at zero). DiT: x -> x_next, prev_x0 <- x0; SD adds eps_hist, saved.
 //   step    per-step rows of tables uploaded once per trajectory: t, coef, noise.
 //   request per-request constants: the conditioning (the first request tensor that is not
-//           guidance: DiT's class labels y (B,), SD's text context (2B, 77, D), uncond first) and guidance.
+//           guidance: DiT's class labels y (B,), SD's text context (2B, 77, D), uncond first), the
+//           others by name (SDXL text_embeds / time_ids, a ControlNet's control_image / control_guess)
+//           and guidance. Step tables beyond t / coef / noise (control_scale) come from the plan by name.
 // Bundles without io.roles are DiT bundles and get the DiT roles. Shapes come from io.inputs /
-// io.outputs; "B" is the batch, "2B" twice it, other symbols (SD: "H", "W") take their value from
-// the initial latent's shape.
+// io.outputs; "B" is the batch, other symbols (SD: "H", "W") take their value from the initial
+// latent's shape, and "<k><Name>" is k times one ("2B": the CFG-doubled batch; "8H", "8W": a
+// ControlNet image at the VAE's pixel size).
 #pragma once
 
 #include <map>
@@ -24,7 +27,8 @@ struct Binding {
   TensorSpec spec;
   Role role = Role::kRequest;
   std::string pair;    // state: the other half of the pair
-  std::string source;  // step: "timestep" | "coef" | "noise"; request: "cond" | "guidance" | "" (not fed)
+  std::string source;  // step: "timestep" | "coef" | "noise" | a plan table's name (control_scale);
+                       // request: "cond" (the first: y / context) | "guidance" | the input's name (text_embeds ...)
   bool latent = false; // the first state pair's input: carries the latent (the sample's result)
 };
 
@@ -36,6 +40,8 @@ std::vector<Binding> resolve_roles(const Manifest& m, int num_coefs);
 // Symbol values from the initial latent's shape (B, C, H, W): its spec's symbols, and "2B".
 DimValues latent_dims(const TensorSpec& latent, const std::vector<int64_t>& latent_shape);
 std::vector<int64_t> resolve_dims(const TensorSpec& t, const DimValues& dims);
+// One symbolic dim: a name of `dims`, or "<k><Name>", k times one ("2B", "8H": io_roles.resolve_dim).
+int64_t resolve_dim(const std::string& symbol, const DimValues& dims, const std::string& tensor);
 size_t dtype_size(const std::string& dtype);
 
 }  // namespace tstitch

@@ -49,6 +49,12 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& opt, const Ba
   std::string vae_path;  // the VAE decoder's plan, likewise
   auto ve = manifest_.vae_engines.find(opt.engine);
   if (ve != manifest_.vae_engines.end()) vae_path = artifact_path(dir_, ve->second, opt.verify_checksums);
+  // SDXL's second text encoder and a ControlNet's own artifacts of this kind: checked like the rest
+  // (the caller encodes SDXL prompts; the ControlNet runs inside the step graphs)
+  for (const auto* part : {&manifest_.text_encoder_2_engines, &manifest_.conditioning.controlnet_engines}) {
+    auto it = part->find(opt.engine);
+    if (it != part->end()) artifact_path(dir_, it->second, opt.verify_checksums);
+  }
   engine_kind_ = opt.engine;
   batch_range_ = {1, INT64_MAX};
   for (const ModelEntry& m : manifest_.models) {
@@ -70,7 +76,9 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& opt, const Ba
     engines.push_back(backend_->load(plan, what));
   }
   loop_ = std::make_unique<StitchedLoop>(manifest_, backend_->device(), std::move(engines), opt.cuda_graph);
-  if (!text_path.empty()) {
+  for (const Binding& b : loop_->bindings())
+    if (b.role == Role::kRequest && b.source != "guidance") request_inputs_.push_back(b.spec.name);
+  if (!text_path.empty() && manifest_.pipeline != "sdxl") {  // SDXL: the caller encodes prompts (two encoders)
     const std::string what = "the " + opt.engine + " text encoder engine (" + std::filesystem::path(text_path).filename().string() + ")";
     check_engine_compat(te->second.builder, backend_->identity(), backend_->device().compute_capability(), what);
     std::ifstream in(text_path, std::ios::binary);
@@ -93,7 +101,7 @@ int Runtime::vae_factor() const { return manifest_.height() > 0 ? manifest_.imag
 
 std::pair<int64_t, int64_t> Runtime::latent_hw(const SampleRequest& req) const {
   auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
-  if (!manifest_.is_sd()) {
+  if (!manifest_.text_to_image()) {
     if (req.height != 0 || req.width != 0)
       bad("request.height and width are for SD bundles; leave them 0 (this bundle samples at " +
           std::to_string(manifest_.image_size) + "x" + std::to_string(manifest_.image_size) + ")");
@@ -151,21 +159,29 @@ void Runtime::decode_rgb(const std::vector<float>& latents, int batch, int64_t l
 SampleRequest Runtime::encode_tokens(const SampleRequest& req) {
   auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
   if (!req.text_context.empty()) bad("give the text context or token ids, not both");
+  if (manifest_.pipeline == "sdxl")
+    fail(TSTITCH_ERR_UNAVAILABLE, "an SDXL bundle's prompts go through two text encoders (and the pooled text_embeds); this "
+                                  "runtime takes them encoded: pass text_context and the text_embeds input instead of token ids");
   if (!text_encoder_)
     fail(TSTITCH_ERR_UNAVAILABLE, "the bundle has no text encoder engine of this kind; pass request.text_context instead");
   if (req.batch < batch_range_.first || req.batch > batch_range_.second)
     bad("batch " + std::to_string(req.batch) + " is outside the engines' range [" + std::to_string(batch_range_.first) + ", " +
         std::to_string(batch_range_.second) + "]; rebuild with a wider batch range");
+  const bool cfg = manifest_.conditioning.guidance == "cfg";
+  if (!cfg && !req.negative_tokens.empty())
+    bad("this bundle uses LCM's guidance embedding (no classifier-free guidance): it takes no negative prompt; "
+        "leave negative_tokens NULL");
   const size_t n = static_cast<size_t>(req.batch) * static_cast<size_t>(req.token_count);
-  if (req.token_count < 1 || req.prompt_tokens.size() != n || req.negative_tokens.size() != n)
-    bad("prompt and negative token ids must each be batch x token_count (" + std::to_string(n) + ") ids");
-  std::vector<int64_t> ids(req.negative_tokens);
+  if (req.token_count < 1 || req.prompt_tokens.size() != n || (cfg && req.negative_tokens.size() != n))
+    bad(cfg ? "prompt and negative token ids must each be batch x token_count (" + std::to_string(n) + ") ids"
+            : "prompt token ids must be batch x token_count (" + std::to_string(n) + ") ids");
+  std::vector<int64_t> ids(req.negative_tokens);  // cfg: the uncond (negative) rows first
   ids.insert(ids.end(), req.prompt_tokens.begin(), req.prompt_tokens.end());
   for (int64_t id : ids)
     if (id < 0) bad("token id " + std::to_string(id) + " is negative; pass the tokenizer's ids");
   SampleRequest q = req;
   int64_t width = 0;
-  q.text_context = text_encoder_->encode(ids, 2 * static_cast<int64_t>(req.batch), req.token_count, &width);
+  q.text_context = text_encoder_->encode(ids, context_rows(req.batch), req.token_count, &width);
   q.text_tokens = req.token_count, q.text_width = static_cast<int>(width);
   q.prompt_tokens.clear(), q.negative_tokens.clear();
   return q;
@@ -173,7 +189,7 @@ SampleRequest Runtime::encode_tokens(const SampleRequest& req) {
 
 void Runtime::check(const SampleRequest& req) const {
   auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
-  if (manifest_.is_sd()) return check_sd(req);
+  if (manifest_.text_to_image()) return check_sd(req);
   if (req.batch < batch_range_.first || req.batch > batch_range_.second)  // pipeline/dit.py's message
     bad("batch " + std::to_string(req.batch) + " is outside the engines' range [" + std::to_string(batch_range_.first) +
         ", " + std::to_string(batch_range_.second) + "]; rebuild with --batch-sizes " +
@@ -212,18 +228,118 @@ void Runtime::check_sd(const SampleRequest& req) const {
   if (cond == b.end() || cond->spec.dtype != "float32" || cond->spec.shape.size() != 3)
     fail(TSTITCH_ERR_BUNDLE, "the SD step graph has no float (2B, tokens, width) text context input; rebuild the bundle");
   const int64_t tokens = cond->spec.shape[1].size, width = cond->spec.shape[2].size;
+  const bool cfg = manifest_.conditioning.guidance == "cfg";
   if (req.text_context.empty())
-    bad("an SD request needs token ids or the text context (request.text_context: 2 x batch x " + std::to_string(tokens) +
-        " x " + std::to_string(width) + " floats, negative prompts first)");
+    bad("an SD request needs token ids or the text context (request.text_context: " + std::string(cfg ? "2 x " : "") +
+        "batch x " + std::to_string(tokens) + " x " + std::to_string(width) + " floats" +
+        (cfg ? ", negative prompts first)" : "; this bundle's LCM guidance embedding takes no negative prompts)"));
   if (req.text_tokens != tokens || req.text_width != width)
     bad("the text context is " + std::to_string(req.text_tokens) + " tokens x " + std::to_string(req.text_width) +
         " wide, the U-Nets take " + std::to_string(tokens) + " x " + std::to_string(width));
+  const size_t rows = static_cast<size_t>(context_rows(req.batch));
+  if (req.text_context.size() != rows * static_cast<size_t>(tokens * width))
+    bad("the text context has " + std::to_string(req.text_context.size()) + " floats, the request needs " + std::to_string(rows) +
+        " rows (" + (cfg ? "2 x batch: negative prompts first" : "batch: no negative prompts under LCM's guidance embedding") +
+        ") x " + std::to_string(tokens) + " x " + std::to_string(width));
   for (float v : req.text_context)
     if (!std::isfinite(v)) bad("the text context holds NaN or Inf; check the text encoder's output");
   const auto [lh, lw] = latent_hw(req);
   const size_t latent = static_cast<size_t>(req.batch) * manifest_.channels() * lh * lw;
   if (!req.init_noise.empty() && req.init_noise.size() != latent)
     bad("init noise has " + std::to_string(req.init_noise.size()) + " values, the request needs " + std::to_string(latent));
+  named_inputs(req, lh, lw);  // every named input: known, complete, sized, finite
+  const bool control = std::any_of(b.begin(), b.end(), [](const Binding& x) { return x.spec.name == "control_scale"; });
+  if (!control && (req.controlnet_scale != 1.0f || req.control_guidance_start != 0.0 || req.control_guidance_end != 1.0 ||
+                   req.control_guess_mode))
+    bad("controlnet_scale, control_guidance_start/end and control_guess_mode are for bundles with a ControlNet; this one has none "
+        "(leave them at 1, 0, 1, 0)");
+  if (!std::isfinite(req.controlnet_scale)) bad("controlnet_scale must be a finite number");
+  // diffusers' check_inputs rules for the ControlNet's start / end
+  if (!(req.control_guidance_start >= 0.0 && req.control_guidance_end <= 1.0 && req.control_guidance_start < req.control_guidance_end))
+    bad("control_guidance_start and control_guidance_end must satisfy 0 <= start < end <= 1, got " +
+        std::to_string(req.control_guidance_start) + " and " + std::to_string(req.control_guidance_end));
+}
+
+std::vector<int64_t> Runtime::request_input_shape(const std::string& name, int64_t batch, int64_t lh, int64_t lw) const {
+  const std::vector<Binding>& b = loop_->bindings();
+  auto it = std::find_if(b.begin(), b.end(), [&](const Binding& x) { return x.role == Role::kRequest && x.spec.name == name; });
+  if (it == b.end() || it->source == "guidance") {
+    std::string known;
+    for (const std::string& n : request_input_names()) known += (known.empty() ? "" : ", ") + n;
+    fail(TSTITCH_ERR_INVALID_ARGUMENT, "this bundle's step graphs take no request input '" + name + "' (they take " + known + ")");
+  }
+  const Binding& latent = *std::find_if(b.begin(), b.end(), [](const Binding& x) { return x.latent; });
+  std::vector<int64_t> shape = {batch, manifest_.channels(), lh, lw};
+  if (!manifest_.text_to_image()) shape = {batch, manifest_.channels(), manifest_.height(), manifest_.width()};
+  return resolve_dims(it->spec, latent_dims(latent.spec, shape));
+}
+
+int64_t Runtime::context_rows(int64_t batch) const {
+  // the step graphs' own shape of it (2B under cfg, B under "embedding" guidance)
+  return request_input_shape(request_inputs_.front(), batch, manifest_.height(), manifest_.width()).front();
+}
+
+std::map<std::string, std::vector<float>> Runtime::named_inputs(const SampleRequest& req, int64_t lh, int64_t lw) const {
+  auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
+  const std::vector<std::string>& names = request_inputs_;
+  std::string known;
+  for (size_t i = 1; i < names.size(); ++i) known += (known.empty() ? "" : ", ") + names[i];
+  for (const auto& [name, values] : req.inputs) {
+    (void)values;
+    if (!names.empty() && name == names.front())
+      bad("give the text context ('" + name + "') as request.text_context, not as a named input");
+    if (name == "control_guess") bad("control_guess comes from request.control_guess_mode; do not pass it as an input");
+    if (std::find(names.begin(), names.end(), name) == names.end())
+      bad("this bundle's step graphs take no input '" + name + "'" +
+          (known.empty() ? " besides the text context; leave request.inputs empty" : " (they take " + known + ")"));
+  }
+  std::map<std::string, std::vector<float>> out;
+  for (size_t i = 1; i < names.size(); ++i) {  // names[0] is the text context
+    const std::string& name = names[i];
+    const std::vector<int64_t> shape = request_input_shape(name, req.batch, lh, lw);
+    size_t count = 1;
+    for (int64_t d : shape) count *= static_cast<size_t>(d);
+    std::vector<float> v;
+    auto given = req.inputs.find(name);
+    if (name == "control_guess") {
+      v.assign(count, req.control_guess_mode ? 1.0f : 0.0f);
+    } else if (given != req.inputs.end()) {
+      v = given->second;
+    } else if (name == "time_ids") {  // diffusers' default: original size = target size = the image, no crop
+      const int f = vae_factor();
+      const float h = static_cast<float>(lh * f), w = static_cast<float>(lw * f);
+      for (size_t row = 0; row < count / 6; ++row) v.insert(v.end(), {h, w, 0.0f, 0.0f, h, w});
+    } else {
+      std::string dims;
+      for (const Dim& d : std::find_if(loop_->bindings().begin(), loop_->bindings().end(),
+                                       [&](const Binding& x) { return x.spec.name == name; })->spec.shape)
+        dims += (dims.empty() ? "" : ", ") + (d.symbol.empty() ? std::to_string(d.size) : d.symbol);
+      bad("this bundle's step graphs need the input " + name + " (" + dims + "); pass it in request.inputs");
+    }
+    if (v.size() != count) {
+      std::string want;
+      for (int64_t d : shape) want += (want.empty() ? "" : " x ") + std::to_string(d);
+      bad("the input " + name + " has " + std::to_string(v.size()) + " floats, this request needs " + want + " = " +
+          std::to_string(count) + (name == "control_image" ? " (batch x channels x height x width, the image size)" : ""));
+    }
+    for (float x : v)
+      if (!std::isfinite(x)) bad("the input " + name + " holds NaN or Inf");
+    if (name == "control_image")
+      for (float x : v)
+        if (x < 0.0f || x > 1.0f) bad("the input control_image holds values outside [0, 1]; scale the image to [0, 1] as diffusers does");
+    out[name] = std::move(v);
+  }
+  return out;
+}
+
+std::vector<float> control_scale_table(int calls, float scale, double start, double end) {
+  std::vector<float> out;
+  for (int i = 0; i < calls; ++i) {
+    const double n = calls;
+    const double keep = 1.0 - static_cast<double>(i / n < start || (i + 1) / n > end);
+    out.push_back(static_cast<float>(static_cast<double>(scale) * keep));
+  }
+  return out;
 }
 
 // pipeline/sd.py's plan: the sampler's table from the bundle's scheduler config, the stitch by
@@ -244,14 +360,17 @@ TrajectoryPlan Runtime::sd_plan(const SampleRequest& req, size_t latent, Pcg64& 
     p.noise.resize(static_cast<size_t>(n) * latent);
     standard_normal_f32(rng, p.noise.data(), p.noise.size());
   }
+  for (const Binding& b : loop_->bindings())
+    if (b.role == Role::kStep && b.spec.name == "control_scale")
+      p.tables["control_scale"] = control_scale_table(n, req.controlnet_scale, req.control_guidance_start, req.control_guidance_end);
   *init_sigma = table.init_noise_sigma;
   return p;
 }
 
 LoopResult Runtime::sample(const SampleRequest& request) {
-  const SampleRequest req = manifest_.is_sd() && !request.prompt_tokens.empty() ? encode_tokens(request) : request;
+  const SampleRequest req = manifest_.text_to_image() && !request.prompt_tokens.empty() ? encode_tokens(request) : request;
   check(req);
-  if (manifest_.is_sd()) {
+  if (manifest_.text_to_image()) {
     const auto [lh, lw] = latent_hw(req);  // the symbolic H, W of the step graph for this request
     const size_t latent = static_cast<size_t>(req.batch) * manifest_.channels() * lh * lw;
     Pcg64 rng(req.seed);
@@ -267,6 +386,7 @@ LoopResult Runtime::sample(const SampleRequest& request) {
     const TrajectoryPlan plan = sd_plan(req, latent, rng, &sigma);
     for (float& v : in.x_init) v *= sigma;  // x_unit * init_noise_sigma, in float32
     in.context = req.text_context;
+    in.tensors = named_inputs(req, lh, lw);
     in.guidance = req.cfg_scale > 1.0f ? req.cfg_scale : 1.0f;  // diffusers: no guidance at cfg <= 1
     return loop_->run(plan, in);
   }

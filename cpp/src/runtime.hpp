@@ -3,6 +3,7 @@
 #pragma once
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -40,7 +41,19 @@ struct SampleRequest {
   std::vector<int64_t> prompt_tokens, negative_tokens;  // SD, instead of text_context: B x token_count each
   int token_count = 0;
   int height = 0, width = 0;  // SD: the image size in pixels; 0: the U-Net's sample size x the VAE factor
+  // Other request inputs of the step graphs by name (SDXL text_embeds (N, P), time_ids (N, 6); a ControlNet's
+  // control_image (B, C, 8H, 8W) in [0, 1]), float32 row-major; N is 2B under cfg (negative rows first), B under
+  // "embedding" guidance. time_ids left out: diffusers' default (height, width, 0, 0, height, width) per row.
+  std::map<std::string, std::vector<float>> inputs;
+  // ControlNet (diffusers' names): control_scale of U-Net call i of n = controlnet_scale x keep_i,
+  // keep_i = 1 - (i / n < start or (i + 1) / n > end); guess mode feeds control_guess = 1.
+  float controlnet_scale = 1.0f;
+  double control_guidance_start = 0.0, control_guidance_end = 1.0;
+  bool control_guess_mode = false;
 };
+
+// diffusers' ControlNet keep rule: call i of n runs the ControlNet when start <= i / n and (i + 1) / n <= end.
+std::vector<float> control_scale_table(int calls, float scale, double start, double end);
 
 using BackendFactory = std::function<std::unique_ptr<Backend>(const std::string& kind, int device_index)>;
 
@@ -64,10 +77,18 @@ class Runtime {
   // U-Net downsampling, io.dim_ranges), with its messages; the manifest's latent size otherwise.
   std::pair<int64_t, int64_t> latent_hw(const SampleRequest& req) const;
   int vae_factor() const;  // image pixels per latent pixel: image_size / the latent height
+  // The step graphs' request inputs besides guidance (context first), and one's shape for a request
+  // of `batch` images at latent size (h, w) (symbolic dims resolved: 2B, 8H, ...).
+  const std::vector<std::string>& request_input_names() const { return request_inputs_; }
+  std::vector<int64_t> request_input_shape(const std::string& name, int64_t batch, int64_t latent_h, int64_t latent_w) const;
+  // Rows of the text context for `batch` images: 2 x batch under cfg guidance, batch under "embedding".
+  int64_t context_rows(int64_t batch) const;
 
  private:
   void check(const SampleRequest& req) const;
   void check_sd(const SampleRequest& req) const;
+  // The named request inputs (given, or made here: control_guess, default time_ids), checked one line each.
+  std::map<std::string, std::vector<float>> named_inputs(const SampleRequest& req, int64_t lh, int64_t lw) const;
   TrajectoryPlan sd_plan(const SampleRequest& req, size_t latent, Pcg64& rng, float* init_sigma) const;
   std::string dir_;
   Manifest manifest_;
@@ -78,6 +99,7 @@ class Runtime {
   std::string engine_kind_;  // SD bundles with a text encoder plan of this engine kind
   SampleRequest encode_tokens(const SampleRequest& req);
   std::pair<int64_t, int64_t> batch_range_{1, 1};
+  std::vector<std::string> request_inputs_;  // the step graphs' request inputs but guidance, context first
 };
 
 }  // namespace tstitch

@@ -309,10 +309,60 @@ SdTable dpmpp_2m_table(const SdSchedule& s, int steps) {
   return finish(tsd, table, 1.0f);
 }
 
+// diffusers' LCMScheduler (multistep consistency sampling): timesteps a subset of the original_inference_steps
+// schedule; each call x0 = (x - sqrt(1 - a) eps) / sqrt(a), denoised = c_out x0 + c_skip x with the boundary
+// scalings of t * timestep_scaling, x_next = sqrt(a_prev) denoised + sqrt(1 - a_prev) noise, and the last
+// call returns denoised itself. One noise row per call (the last one's weight is 0).
+SdTable lcm_table(const SdSchedule& s, int steps) {
+  const nlohmann::json& cfg = s.config;
+  for (const char* flag : {"thresholding", "clip_sample", "rescale_betas_zero_snr"})
+    if (s.flag(flag)) unsupported(std::string("the LCM scheduler config sets ") + flag + "; lcm supports it off only");
+  const int64_t t = s.num_train_timesteps;
+  const nlohmann::json orig_v = cfg.value("original_inference_steps", nlohmann::json(50));
+  const nlohmann::json scaling_v = cfg.value("timestep_scaling", nlohmann::json(10.0));
+  if (!orig_v.is_number_integer() || orig_v.get<int64_t>() < 1 || !scaling_v.is_number() ||
+      !std::isfinite(scaling_v.get<double>()))
+    unsupported("the LCM scheduler config's original_inference_steps / timestep_scaling are not a positive integer / a number");
+  const int64_t original = orig_v.get<int64_t>();
+  const double scaling = scaling_v.get<double>();
+  if (original > t)
+    unsupported("the LCM scheduler config's original_inference_steps " + std::to_string(original) +
+                " is more than its " + std::to_string(t) + " training timesteps");
+  if (steps > original)
+    fail(TSTITCH_ERR_INVALID_ARGUMENT, "steps " + std::to_string(steps) + " is more than the LCM scheduler's original_inference_steps " +
+                                           std::to_string(original) + " (lcm's timesteps are a subset of those)");
+  // set_timesteps: origin = [1..original] * (T // original) - 1, reversed; indices floor(linspace(0, original, steps,
+  // endpoint=False))
+  const int64_t k = t / original;
+  std::vector<int64_t> ts;
+  const double step = static_cast<double>(original) / steps;
+  for (int i = 0; i < steps; ++i) {
+    const int64_t index = static_cast<int64_t>(std::floor(static_cast<double>(i) * step));
+    ts.push_back((original - index) * k - 1);
+  }
+  std::vector<double> table = rows(ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const bool last = i + 1 == ts.size();
+    const int64_t prev = last ? ts[i] : ts[i + 1];
+    const double a = s.alphas_cumprod[static_cast<size_t>(ts[i])];
+    const double a_prev = prev >= 0 ? s.alphas_cumprod[static_cast<size_t>(prev)] : s.final_alpha_cumprod();
+    const double scaled = static_cast<double>(ts[i]) * scaling;  // get_scalings_for_boundary_condition_discrete
+    const double c_skip = 0.25 / (scaled * scaled + 0.25), c_out = scaled / std::sqrt(scaled * scaled + 0.25);
+    double* row = &table[i * kSdNumCoefs];
+    vp_x0(row, a);
+    const double keep = last ? 1.0 : std::sqrt(a_prev);  // the last call: x_next = denoised
+    row[w_x] = keep * c_skip;
+    row[w_d] = keep * c_out;  // D = x0 (d0 = 1)
+    row[w_e] = 0.0;
+    row[sigma] = last ? 0.0 : std::sqrt(1.0 - a_prev);
+  }
+  return finish(std::vector<double>(ts.begin(), ts.end()), table, 1.0f);
+}
+
 }  // namespace
 
 const std::vector<std::string>& sd_sampler_names() {
-  static const std::vector<std::string> names = {"pndm", "ddim", "euler", "dpm-solver++"};
+  static const std::vector<std::string> names = {"pndm", "ddim", "euler", "dpm-solver++", "lcm"};
   return names;
 }
 
@@ -320,12 +370,13 @@ std::string sd_default_sampler(const nlohmann::json& config) {
   static const std::map<std::string, std::string> classes = {{"PNDMScheduler", "pndm"},
                                                              {"DDIMScheduler", "ddim"},
                                                              {"EulerDiscreteScheduler", "euler"},
-                                                             {"DPMSolverMultistepScheduler", "dpm-solver++"}};
+                                                             {"DPMSolverMultistepScheduler", "dpm-solver++"},
+                                                             {"LCMScheduler", "lcm"}};
   const std::string name = config.is_object() ? config.value("_class_name", "") : "";
   auto it = classes.find(name);
   if (it == classes.end())
     fail(TSTITCH_ERR_INVALID_ARGUMENT, "the bundle's scheduler '" + name +
-                                           "' has no sampler here; pass a sampler (pndm, ddim, euler, dpm-solver++)");
+                                           "' has no sampler here; pass a sampler (pndm, ddim, euler, dpm-solver++, lcm)");
   return it->second;
 }
 
@@ -340,9 +391,10 @@ SdTable sd_table(const std::string& sampler, const nlohmann::json& config, int s
   if (sampler == "ddim") return ddim_table(s, steps, eta);
   if (sampler == "euler") return euler_table(s, steps);
   if (sampler == "dpm-solver++") return dpmpp_2m_table(s, steps);
-  fail(TSTITCH_ERR_INVALID_ARGUMENT, "unknown sampler '" + sampler + "' for an SD bundle; choose one of pndm, ddim, euler, dpm-solver++");
+  if (sampler == "lcm") return lcm_table(s, steps);
+  fail(TSTITCH_ERR_INVALID_ARGUMENT, "unknown sampler '" + sampler + "' for an SD bundle; choose one of pndm, ddim, euler, dpm-solver++, lcm");
 }
 
-bool sd_needs_noise(const std::string& sampler, double eta) { return sampler == "ddim" && eta > 0; }
+bool sd_needs_noise(const std::string& sampler, double eta) { return (sampler == "ddim" && eta > 0) || sampler == "lcm"; }
 
 }  // namespace tstitch

@@ -1,5 +1,6 @@
 // Stable Diffusion samplers as coefficient tables over one linear update: a port of
-// python/tstitch_trt/sampling/sd_samplers.py (pndm = PLMS, ddim, euler, dpm-solver++ (2M)) from the
+// python/tstitch_trt/sampling/sd_samplers.py (pndm = PLMS, ddim, euler, dpm-solver++ (2M); lcm = diffusers'
+// LCMScheduler, checked against diffusers itself (golden/lcm.json)) from the
 // bundle's diffusers scheduler config, float64 math in numpy's order, stored float32 (bit-equal to
 // Python on goldens). One row per U-Net CALL (PNDM makes N + 1 calls for N steps); the U-Net step
 // graph (export/unet_step.py) applies the row:
@@ -16,7 +17,7 @@ namespace tstitch {
 
 constexpr int kSdNumCoefs = 17;  // SD_COEF_NAMES
 constexpr int kSdHistory = 3;    // eps history depth
-const std::vector<std::string>& sd_sampler_names();  // "pndm", "ddim", "euler", "dpm-solver++"
+const std::vector<std::string>& sd_sampler_names();  // "pndm", "ddim", "euler", "dpm-solver++", "lcm"
 
 struct SdTable {
   std::vector<float> timesteps;  // (calls,) the U-Net's timestep per call

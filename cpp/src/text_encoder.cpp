@@ -55,7 +55,7 @@ std::vector<float> TextEncoder::encode(const std::vector<int64_t>& ids, int64_t 
   Scoped mem{device_, {}};  // declared first: freed after the context is gone
   std::unique_ptr<StepContext> ctx = engine_->create_context();
   if (!ctx->set_input_shape(input_.name, given))
-    fail(TSTITCH_ERR_INVALID_ARGUMENT, "the text encoder engine refused " + std::to_string(n) + " prompts (both CFG halves) of " +
+    fail(TSTITCH_ERR_INVALID_ARGUMENT, "the text encoder engine refused " + std::to_string(n) + " prompt rows (2 per image under cfg guidance) of " +
                                            std::to_string(tokens) + " tokens; rebuild with a wider batch range");
   void* in = mem.alloc(ids.size() * sizeof(int64_t), "text encoder input ids");
   void* out = mem.alloc(count * sizeof(float), "text encoder embeddings");

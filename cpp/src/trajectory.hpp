@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -17,6 +18,7 @@ struct TrajectoryPlan {
   int k = 0;
   std::vector<int> step_model;     // (N,) model index in stitch order
   std::vector<float> noise;        // (N, latent_count) or empty
+  std::map<std::string, std::vector<float>> tables;  // other per-step inputs by name (control_scale), (N, row...)
   int steps() const { return static_cast<int>(timesteps.size()); }
 };
 

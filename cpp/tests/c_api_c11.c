@@ -35,6 +35,21 @@ int main(int argc, char** argv) {
     CHECK(tstitch_close(rt) == TSTITCH_OK);
   }
   CHECK(tstitch_close(NULL) == TSTITCH_OK);
+  /* API 4: named inputs and the ControlNet fields, with their defaults, from C */
+  {
+    tstitch_request req;
+    tstitch_input in;
+    float v = 0.5f;
+    tstitch_request_init(&req);
+    CHECK(req.inputs == NULL && req.num_inputs == 0 && req.controlnet_scale == 1.0f && req.control_guidance_start == 0.0 &&
+          req.control_guidance_end == 1.0 && req.control_guess_mode == 0);
+    in.name = "control_image";
+    in.data = &v;
+    in.count = 1;
+    req.inputs = &in;
+    req.num_inputs = 1;
+    CHECK(tstitch_sample(NULL, &req, &v, 1, NULL, 0, NULL) == TSTITCH_ERR_BAD_HANDLE);
+  }
   if (failures == 0) printf("C API from C11: ok\n");
   return failures == 0 ? 0 : 1;
 }

@@ -148,7 +148,19 @@ namespace {
 struct ToyPlan {
   int c, h, w, k;
   float scale;
+  bool added = false, control = false;  // SD toys: SDXL's added conditions, a ControlNet
 };
+
+// The SD toy step graph's tensors in StepConditions.inputs order, then its outputs.
+std::vector<std::string> sd_toy_tensors(const ToyPlan& p) {
+  std::vector<std::string> n = {"x", "t", "context"};
+  if (p.added) n.insert(n.end(), {"text_embeds", "time_ids"});
+  if (p.control) n.insert(n.end(), {"control_image", "control_guess"});
+  n.insert(n.end(), {"guidance", "coef", "prev_x0", "eps_hist", "saved", "noise"});
+  if (p.control) n.push_back("control_scale");
+  n.insert(n.end(), {"x_next", "x0", "eps_hist_next", "saved_next"});
+  return n;
+}
 
 class FakeContext : public StepContext {
  public:
@@ -227,8 +239,11 @@ class FakeEngine : public StepEngine {
   FakeStats& stats_;
 };
 
-// The SD toy step ("TOYSD c,h,w,k,scale,"): the U-Net step graph's I/O (export/unet_step.py) with a
-// cheap guided eps from (c_in x, t, context) and the real 17-coefficient update (sd_sampler_update).
+// The SD toy step ("TOYSD c,h,w,k,scale,[A][C]"): the U-Net step graph's I/O (export/unet_step.py's
+// StepConditions: A = SDXL text_embeds + time_ids, C = a ControlNet's control_image / control_guess /
+// control_scale; the guidance mode follows the context's rows, 2B = cfg, B = "embedding") with a cheap
+// eps from (c_in x, t, each conditioning row) and the real 17-coefficient update (sd_sampler_update).
+// tests/cpp_goldens.py's toy_unet_eps is the same function.
 class FakeSdContext : public StepContext {
  public:
   FakeSdContext(FakeDevice& d, const ToyPlan& p, size_t scratch, FakeOptions opt, FakeStats& s)
@@ -248,37 +263,76 @@ class FakeSdContext : public StepContext {
   bool capturable() override { return opt_.capturable; }
   void enqueue() override {
     if (!scratch_) throw std::logic_error("enqueue without device memory (user-managed)");
-    for (const char* n : {"x", "t", "context", "guidance", "coef", "prev_x0", "eps_hist", "saved", "noise", "x_next", "x0",
-                          "eps_hist_next", "saved_next"})
-      if (!addr_.count(n)) throw std::logic_error(std::string("unbound I/O tensor ") + n);
+    for (const std::string& n : sd_toy_tensors(plan_))
+      if (!addr_.count(n)) throw std::logic_error("unbound I/O tensor " + n);
     ++stats_.enqueues_by_context[this];
     const std::vector<int64_t> xs = shapes_.at("x"), cs = shapes_.at("context");
     const size_t batch = static_cast<size_t>(xs[0]), per = static_cast<size_t>(xs[1] * xs[2] * xs[3]);
     const size_t tokens = static_cast<size_t>(cs[1]), width = static_cast<size_t>(cs[2]);
-    if (static_cast<size_t>(cs[0]) != 2 * batch) throw std::logic_error("context is not (2B, L, D)");
+    const bool cfg = static_cast<size_t>(cs[0]) == 2 * batch;
+    if (!cfg && static_cast<size_t>(cs[0]) != batch) throw std::logic_error("context is neither (2B, L, D) nor (B, L, D)");
+    const size_t rows = cfg ? 2 * batch : batch;
+    size_t embeds = 0, image = 0;
+    if (plan_.added) {
+      const std::vector<int64_t> te = shapes_.at("text_embeds"), ti = shapes_.at("time_ids");
+      if (te.size() != 2 || static_cast<size_t>(te[0]) != rows || ti != std::vector<int64_t>{static_cast<int64_t>(rows), 6})
+        throw std::logic_error("text_embeds / time_ids are not (N, P) / (N, 6) with the context's N");
+      embeds = static_cast<size_t>(te[1]);
+    }
+    if (plan_.control) {
+      const std::vector<int64_t> ci = shapes_.at("control_image");
+      if (ci.size() != 4 || static_cast<size_t>(ci[0]) != batch || ci[2] != 8 * xs[2] || ci[3] != 8 * xs[3] ||
+          !shapes_.at("control_guess").empty() || !shapes_.at("control_scale").empty())
+        throw std::logic_error("control_image is not (B, C, 8H, 8W) or control_guess / control_scale not scalars");
+      image = static_cast<size_t>(ci[1] * ci[2] * ci[3]);
+    }
     auto a = addr_;
     const float scale = plan_.scale;
     FakeDevice& dev = dev_;
-    dev_.enqueue([a, batch, per, tokens, width, scale, &dev] {
+    dev_.enqueue([a, batch, per, tokens, width, rows, embeds, image, cfg, scale, &dev] {
       const size_t lat = batch * per, row = tokens * width;
       for (const char* n : {"x", "prev_x0", "saved", "noise", "x_next", "x0", "saved_next"}) dev.check_range(a.at(n), lat * 4);
       for (const char* n : {"eps_hist", "eps_hist_next"}) dev.check_range(a.at(n), 3 * lat * 4);
-      dev.check_range(a.at("context"), 2 * batch * row * 4);
+      dev.check_range(a.at("context"), rows * row * 4);
+      if (embeds) dev.check_range(a.at("text_embeds"), rows * embeds * 4), dev.check_range(a.at("time_ids"), rows * 6 * 4);
+      if (image) dev.check_range(a.at("control_image"), batch * image * 4);
       auto f = [&](const char* n) { return static_cast<float*>(a.at(n)); };
       const float *x = f("x"), *t = f("t"), *ctx = f("context"), *c = f("coef"), *prev = f("prev_x0"), *hist = f("eps_hist"),
                   *saved = f("saved"), *noise = f("noise");
       const float g = *f("guidance");
       float *x_next = f("x_next"), *x0 = f("x0"), *hist_next = f("eps_hist_next"), *saved_next = f("saved_next");
+      // one conditioning value per row: both ends of the context row (+ SDXL's text_embeds and time_ids)
+      std::vector<float> cond(rows);
+      for (size_t k = 0; k < rows; ++k) {
+        cond[k] = ctx[k * row] + ctx[k * row + row - 1];
+        if (embeds) {
+          const float* te = f("text_embeds") + k * embeds;
+          const float* ti = f("time_ids") + k * 6;
+          cond[k] = cond[k] + (te[0] - te[embeds - 1]) * 0.5f + (ti[0] + ti[2] + ti[5]) * 1e-3f;
+        }
+      }
       enum { c_in, k_x, k_s, a0, a1, a2, a3, r, m, d0, d1, w_x, w_d, w_e, sigma, shift, save };
       for (size_t b = 0; b < batch; ++b) {
-        // both ends of each context row: a swapped or misplaced uncond / cond half changes the result
-        const float cu = ctx[b * row] + ctx[b * row + row - 1], cc = ctx[(batch + b) * row] + ctx[(batch + b) * row + row - 1];
+        // a ControlNet residual per item: both ends of its image, scaled; guess mode halves it and
+        // (under cfg) gives the uncond half none
+        float res_u = 0.0f, res_c = 0.0f;
+        if (image) {
+          const float* img = f("control_image") + b * image;
+          const float guess = *f("control_guess"), s = *f("control_scale");
+          const float res = (img[0] + img[image - 1]) * s * (1.0f - 0.5f * guess);
+          res_c = res, res_u = cfg ? res * (1.0f - guess) : res;
+        }
         const float tt = t[b] * 1e-3f;
         for (size_t j = 0; j < per; ++j) {
           const size_t i = b * per + j;
           const float xin = c[c_in] * x[i];
-          const float u = std::tanh(scale * xin + tt + cu), v = std::tanh(scale * xin + tt + cc);
-          const float eps = u + g * (v - u);
+          float eps;
+          if (cfg) {  // a swapped or misplaced uncond / cond half changes the result
+            const float u = std::tanh(scale * xin + tt + cond[b] + res_u), v = std::tanh(scale * xin + tt + cond[batch + b] + res_c);
+            eps = u + g * (v - u);
+          } else {  // "embedding": the guidance enters as (g - 1), as LCM's embedding does
+            eps = std::tanh(scale * xin + tt + cond[b] + res_c + (g - 1.0f) * 0.05f);
+          }
           const float h0 = hist[(b * 3 + 0) * per + j], h1 = hist[(b * 3 + 1) * per + j], h2 = hist[(b * 3 + 2) * per + j];
           const float src = c[k_x] * x[i] + c[k_s] * saved[i];
           const float e = c[a0] * eps + c[a1] * h0 + c[a2] * h1 + c[a3] * h2;
@@ -312,9 +366,8 @@ class FakeSdEngine : public StepEngine {
       : dev_(d), plan_(p), scratch_(scratch), opt_(opt), stats_(s) {}
   std::vector<EngineTensor> tensors() const override {
     std::vector<EngineTensor> t;
-    for (const char* n : {"x", "t", "context", "guidance", "coef", "prev_x0", "eps_hist", "saved", "noise"})
-      t.push_back({n, true, "float32", true});
-    for (const char* n : {"x_next", "x0", "eps_hist_next", "saved_next"}) t.push_back({n, false, "float32", true});
+    for (const std::string& n : sd_toy_tensors(plan_))
+      t.push_back({n, n != "x_next" && n != "x0" && n != "eps_hist_next" && n != "saved_next", "float32", true});
     return t;
   }
   size_t scratch_bytes() const override { return scratch_; }
@@ -338,7 +391,7 @@ class FakeTextContext : public StepContext {
  public:
   FakeTextContext(FakeDevice& d, int64_t width, FakeStats& s) : dev_(d), width_(width), stats_(s) {}
   bool set_input_shape(const std::string& name, const std::vector<int64_t>& shape) override {
-    if (name != "input_ids" || shape.size() != 2 || shape[0] < 2 || shape[0] > 8) return false;
+    if (name != "input_ids" || shape.size() != 2 || shape[0] < 1 || shape[0] > 8) return false;
     shape_ = shape;
     return true;
   }
@@ -484,7 +537,12 @@ class FakeBackend : public Backend {
     if (text.rfind("TOY", 0) != 0 || !(in >> p.c >> comma >> p.h >> comma >> p.w >> comma >> p.k >> comma >> p.scale))
       fail(TSTITCH_ERR_INCOMPATIBLE, opt_.module + " could not load " + what +
                                     ": IRuntime::deserializeCudaEngine: not a plan (fake); rebuild the bundle on this machine");
-    if (sd) return std::make_unique<FakeSdEngine>(dev_, p, data.size() * opt_.scratch_per_plan_byte, opt_, stats_);
+    if (sd) {
+      std::string flags;
+      std::getline(in, flags, '#');
+      p.added = flags.find('A') != std::string::npos, p.control = flags.find('C') != std::string::npos;
+      return std::make_unique<FakeSdEngine>(dev_, p, data.size() * opt_.scratch_per_plan_byte, opt_, stats_);
+    }
     return std::make_unique<FakeEngine>(dev_, p, data.size() * opt_.scratch_per_plan_byte, opt_, stats_);
   }
 

@@ -63,7 +63,7 @@ TEST(Manifest, EachRuleIsOneLineNamingTheField) {
        " has bundle format version 2, newer than this tstitch-trt reads (1); upgrade tstitch-trt or rebuild the bundle "
        "with this version"},
       {"pipeline", [](auto& j) { j["pipeline"] = "video"; },
-       ": pipeline is 'video'; this tstitch-trt knows only 'dit-class-conditional', 'sd'" + rebuild},
+       ": pipeline is 'video'; this tstitch-trt knows only 'dit-class-conditional', 'sd', 'sdxl'" + rebuild},
       {"missing", [](auto& j) { j["models"][1].erase("name"); }, ": models[1] lacks the required field 'name'" + rebuild},
       {"type", [](auto& j) { j["num_classes"] = "ten"; }, ": num_classes must be of type integer, got string 'ten'" + rebuild},
       {"unknown field", [](auto& j) { j["models"][0]["engines"]["trt"]["speed"] = 1; },

@@ -116,7 +116,7 @@ TEST(SdLoop, BadRequestsAreOneLineStatuses) {
   r = sd_request(c);
   r.sampler = "ddpm";
   EXPECT_EQ(error_of([&] { rt.sample(r); }),
-            "unknown sampler 'ddpm' for an SD bundle; choose one of pndm, ddim, euler, dpm-solver++");
+            "unknown sampler 'ddpm' for an SD bundle; choose one of pndm, ddim, euler, dpm-solver++, lcm");
   r = sd_request(c);
   r.text_context[3] = NAN;
   EXPECT_EQ(error_of([&] { rt.sample(r); }), "the text context holds NaN or Inf; check the text encoder's output");

@@ -58,7 +58,7 @@ TEST(SdSampling, RefusalsAreOneLine) {
   EXPECT_EQ(error_of([&] { sd_table("pndm", pndm, 1001); }), "steps 1001 is more than the scheduler's 1000 training timesteps");
   EXPECT_EQ(error_of([&] { sd_table("euler", pndm, 10, 0.5); }), "eta applies to ddim only, not euler");
   EXPECT_EQ(error_of([&] { sd_table("heun", pndm, 10); }),
-            "unknown sampler 'heun' for an SD bundle; choose one of pndm, ddim, euler, dpm-solver++");
+            "unknown sampler 'heun' for an SD bundle; choose one of pndm, ddim, euler, dpm-solver++, lcm");
   nlohmann::json cfg = pndm;
   cfg["prediction_type"] = "v_prediction";
   EXPECT_EQ(error_of([&] { sd_table("ddim", cfg, 10); }, &s), "prediction_type 'v_prediction' is not supported; SD 1.x predicts epsilon");
@@ -79,4 +79,105 @@ TEST(SdSampling, StitchByCallIndexEqualsPython) {
                                                      : stitch_by_call_fractions(n, c["fractions"].get<std::vector<double>>());
     EXPECT_EQ(got, c["models"].get<std::vector<int>>()) << c.dump();
   }
+}
+
+// lcm: diffusers' LCMScheduler itself (golden/lcm.json, no table of ours on the Python side): its
+// timesteps exactly, our rows against its alphas_cumprod and boundary scalings, and whole
+// trajectories of our rows through the step graph's update against its step() on the same
+// model outputs and noise.
+namespace {
+const nlohmann::json& lcm() {
+  static const nlohmann::json j = golden("lcm");
+  return j;
+}
+
+// export/unet_step.py's sd_sampler_update for one call, float32, on host arrays (history and saved kept).
+void sd_update(const float* c, std::vector<float>& x, const std::vector<float>& eps, std::vector<float>& prev,
+               std::vector<float>& hist, std::vector<float>& saved, const std::vector<float>& noise) {
+  enum { c_in, k_x, k_s, a0, a1, a2, a3, r, m, d0, d1, w_x, w_d, w_e, sigma, shift, save };
+  const size_t n = x.size();
+  std::vector<float> x_next(n), hist_next(3 * n), saved_next(n);
+  for (size_t i = 0; i < n; ++i) {
+    const float h0 = hist[i], h1 = hist[n + i], h2 = hist[2 * n + i];
+    const float src = c[k_x] * x[i] + c[k_s] * saved[i];
+    const float e = c[a0] * eps[i] + c[a1] * h0 + c[a2] * h1 + c[a3] * h2;
+    const float x0 = c[r] * src - c[m] * e;
+    const float d = c[d0] * x0 + c[d1] * prev[i];
+    x_next[i] = c[w_x] * src + c[w_d] * d + c[w_e] * e + c[sigma] * noise[i];
+    prev[i] = x0;
+    const float shifted[3] = {eps[i], h0, h1}, old[3] = {h0, h1, h2};
+    for (int k = 0; k < 3; ++k) hist_next[k * n + i] = c[shift] * shifted[k] + (1.0f - c[shift]) * old[k];
+    saved_next[i] = c[save] * x[i] + (1.0f - c[save]) * saved[i];
+  }
+  x = x_next, hist = hist_next, saved = saved_next;
+}
+}  // namespace
+
+TEST(SdSampling, LcmTimestepsAndRowsAreDiffusersLcmScheduler) {
+  size_t rows = 0;
+  for (const auto& c : lcm()["cases"]) {
+    const std::string what = c["config"].get<std::string>() + " " + std::to_string(c["steps"].get<int>()) + " steps";
+    const SdTable t = sd_table("lcm", lcm()["configs"][c["config"].get<std::string>()], c["steps"]);
+    std::vector<float> want_ts;
+    for (int v : c["timesteps"]) want_ts.push_back(static_cast<float>(v));
+    ASSERT_EQ(t.timesteps, want_ts) << what;
+    EXPECT_EQ(t.init_noise_sigma, 1.0f);
+    for (size_t i = 0; i < t.timesteps.size(); ++i) {
+      const nlohmann::json& g = c["rows"][i];
+      const double a = g["alpha"], a_prev = g["alpha_prev"], c_skip = g["c_skip"], c_out = g["c_out"];
+      const bool last = i + 1 == t.timesteps.size();
+      const double keep = last ? 1.0 : std::sqrt(a_prev);
+      // c_in k_x k_s a0 a1 a2 a3 r m d0 d1 w_x w_d w_e sigma shift save
+      const double want[kSdNumCoefs] = {1, 1, 0, 1, 0, 0, 0, 1 / std::sqrt(a), std::sqrt(1 - a) / std::sqrt(a), 1, 0,
+                                        keep * c_skip, keep * c_out, 0, last ? 0.0 : std::sqrt(1 - a_prev), 1, 0};
+      for (int k = 0; k < kSdNumCoefs; ++k) {
+        // diffusers keeps alphas_cumprod and the scalings in float32; ours are float64 rounded once
+        EXPECT_NEAR(t.coef[i * kSdNumCoefs + k], want[k], 2e-6 * std::max(1.0, std::fabs(want[k]))) << what << " call " << i << " coef " << k;
+      }
+      ++rows;
+    }
+  }
+  EXPECT_GE(rows, 100u);
+}
+
+TEST(SdSampling, LcmTrajectoriesEqualDiffusersStep) {
+  double worst = 0.0;
+  size_t compared = 0;
+  for (const auto& c : lcm()["cases"]) {
+    const SdTable t = sd_table("lcm", lcm()["configs"][c["config"].get<std::string>()], c["steps"]);
+    std::vector<float> x = c["x_init"].get<std::vector<float>>();
+    const size_t n = x.size();
+    std::vector<float> prev(n, 0.0f), hist(3 * n, 0.0f), saved(n, 0.0f);
+    for (int i = 0; i < t.calls(); ++i) {
+      sd_update(&t.coef[static_cast<size_t>(i) * kSdNumCoefs], x, c["eps"][i].get<std::vector<float>>(), prev, hist, saved,
+                c["noise"][i].get<std::vector<float>>());
+      const std::vector<float> want = c["x"][i].get<std::vector<float>>();
+      float scale = 1.0f, diff = 0.0f;
+      for (size_t j = 0; j < n; ++j) scale = std::max(scale, std::fabs(want[j])), diff = std::max(diff, std::fabs(x[j] - want[j]));
+      EXPECT_LE(diff, 1e-5f * scale) << c["config"] << " " << c["steps"] << " steps, call " << i;
+      worst = std::max(worst, static_cast<double>(diff / scale));
+      ++compared;
+    }
+  }
+  EXPECT_GE(compared, 100u);
+  std::printf("lcm vs diffusers LCMScheduler.step: worst max|diff| / max|x| over %zu calls = %.3g\n", compared, worst);
+}
+
+TEST(SdSampling, LcmRefusalsAreOneLine) {
+  const nlohmann::json& cfg = lcm()["configs"]["lcm-sdxl"];
+  tstitch_status s = TSTITCH_OK;
+  EXPECT_EQ(error_of([&] { sd_table("lcm", cfg, 51); }, &s),
+            "steps 51 is more than the LCM scheduler's original_inference_steps 50 (lcm's timesteps are a subset of those)");
+  EXPECT_EQ(s, TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(error_of([&] { sd_table("lcm", cfg, 4, 0.3); }), "eta applies to ddim only, not lcm");
+  nlohmann::json bad = cfg;
+  bad["clip_sample"] = true;
+  EXPECT_EQ(error_of([&] { sd_table("lcm", bad, 4); }, &s), "the LCM scheduler config sets clip_sample; lcm supports it off only");
+  EXPECT_EQ(s, TSTITCH_ERR_BUNDLE);
+  bad = cfg;
+  bad["original_inference_steps"] = 2000;
+  EXPECT_EQ(error_of([&] { sd_table("lcm", bad, 4); }),
+            "the LCM scheduler config's original_inference_steps 2000 is more than its 1000 training timesteps");
+  EXPECT_EQ(sd_default_sampler(cfg), "lcm");
+  EXPECT_TRUE(sd_needs_noise("lcm", 0.0));
 }

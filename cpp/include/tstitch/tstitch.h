@@ -17,7 +17,10 @@
 extern "C" {
 #endif
 
-#define TSTITCH_API_VERSION 3  /* 2: tstitch_request.text_context (SD); 3: tstitch_request.height/width (SD) */
+#define TSTITCH_API_VERSION 4  /* 2: tstitch_request.text_context (SD); 3: tstitch_request.height/width (SD);
+                                  4: named request inputs (SDXL text_embeds / time_ids, ControlNet control_image),
+                                     the ControlNet fields, "embedding" (LCM) guidance, the lcm sampler. A caller
+                                     built against version 3 (struct_size of the version-3 request) keeps working. */
 
 typedef enum tstitch_status {
   TSTITCH_OK = 0,
@@ -44,16 +47,28 @@ typedef struct tstitch_open_params {
   int verify_checksums;  /* 1 (default): sha256 of every engine file against the manifest */
 } tstitch_open_params;
 
+/* One named request input of the step graphs (API 4): float32, row-major, in the shape the bundle's
+ * io gives it for this request (tstitch_input_shape). */
+typedef struct tstitch_input {
+  const char* name;   /* "text_embeds" (SDXL: N x P pooled prompt embeddings), "time_ids" (SDXL: N x 6; optional:
+                         left out, every row is diffusers' default (height, width, 0, 0, height, width)),
+                         "control_image" (ControlNet: batch x channels x height x width in [0, 1], the image size) */
+  const float* data;
+  size_t count;       /* floats in data */
+} tstitch_input;
+
 typedef struct tstitch_request {
-  size_t struct_size;            /* sizeof(tstitch_request) */
+  size_t struct_size;            /* sizeof(tstitch_request) (a version-3 binary's smaller size is accepted) */
   int batch;                     /* images in the request; within the engines' batch range */
   /* DiT (class-conditional) */
   const int64_t* class_labels;   /* batch labels in [0, num_classes) */
   /* SD / SDXL (text-to-image): token ids come from the caller's tokenizer */
-  const int64_t* prompt_tokens;  /* batch x token_count */
-  const int64_t* negative_tokens;/* batch x token_count, or NULL for the empty prompt */
+  const int64_t* prompt_tokens;  /* batch x token_count (SD 1.x bundles: SDXL prompts need two encoders, pass
+                                    text_context + the text_embeds input) */
+  const int64_t* negative_tokens;/* batch x token_count (cfg guidance; the tokenized "" for no negative prompt);
+                                    NULL under "embedding" (LCM) guidance, which takes no negative prompt */
   int token_count;
-  const float* added_conditions; /* SDXL: batch x (text_embeds + time_ids), or NULL */
+  const float* added_conditions; /* unused, must be NULL: API 4 takes SDXL's text_embeds / time_ids in inputs */
   int added_condition_count;
   /* the trajectory */
   int steps;                     /* sampling steps, >= 1 */
@@ -61,13 +76,15 @@ typedef struct tstitch_request {
   const double* fractions;       /* K models: one fraction per model, summing to 1; or NULL */
   int num_fractions;
   const char* sampler;           /* DiT: "ddim" (NULL), "ddpm", "dpm-solver++"; SD: "pndm", "ddim", "euler",
-                                    "dpm-solver++" (NULL: the bundle's scheduler) */
+                                    "dpm-solver++", "lcm" (NULL: the bundle's scheduler) */
   double eta;                    /* DDIM eta */
-  float cfg_scale;               /* classifier-free guidance scale */
+  float cfg_scale;               /* guidance scale (<= 1: none, as diffusers): classifier-free guidance under cfg;
+                                    under "embedding" guidance the step graphs embed (scale - 1) (LCM) */
   uint64_t seed;                 /* numpy default_rng(seed): the same noise as the Python runtime */
   const float* init_noise;       /* optional batch x C x H x W initial latent (then seed feeds only step noise) */
-  /* SD: the text context from the caller's text encoder (instead of prompt_tokens): float32
-     (2 x batch) x text_tokens x text_width, the negative-prompt (unconditional) rows first */
+  /* SD: the text context from the caller's text encoder(s) (instead of prompt_tokens): float32 N x text_tokens
+     x text_width, N = 2 x batch under cfg guidance (the negative-prompt (unconditional) rows first), N = batch
+     under the bundle's "embedding" (LCM) guidance. SDXL: both encoders' penultimate states, concatenated. */
   const float* text_context;
   int text_tokens;
   int text_width;
@@ -76,6 +93,18 @@ typedef struct tstitch_request {
      width/f (init_noise and latents are sized by it). DiT: leave 0. */
   int height;
   int width;
+  /* ---- API 4 (beyond a version-3 struct_size these read as their _init defaults) ---- */
+  /* The step graphs' other request inputs by name (tstitch_input); N as for text_context. NULL / 0: none. */
+  const tstitch_input* inputs;
+  int num_inputs;
+  /* ControlNet bundles (diffusers' meaning): the ControlNet's residuals are scaled by controlnet_scale on U-Net
+     calls i of n with start <= i / n and (i + 1) / n <= end, else 0; guess mode: no residuals on the
+     unconditional half, residuals weighted by logspace(-1, 0). Defaults 1, 0, 1, 0; other values are refused
+     on bundles without a ControlNet. */
+  float controlnet_scale;
+  double control_guidance_start;
+  double control_guidance_end;
+  int control_guess_mode;
 } tstitch_request;
 
 typedef struct tstitch_sample_info {
@@ -103,6 +132,13 @@ tstitch_status tstitch_close(tstitch_runtime* runtime);
 tstitch_status tstitch_latent_shape(tstitch_runtime* runtime, int* channels, int* height, int* width);
 tstitch_status tstitch_model_count(tstitch_runtime* runtime, int* count);
 tstitch_status tstitch_batch_range(tstitch_runtime* runtime, int* min_batch, int* max_batch);
+
+/* The step graphs' request inputs (the text context first, then the named ones), and the shape one takes for
+ * a request of `batch` images at height x width pixels (0, 0: the default size): rank <= 8 dims into dims. */
+tstitch_status tstitch_input_count(tstitch_runtime* runtime, int* count);
+tstitch_status tstitch_input_name(tstitch_runtime* runtime, int index, const char** name);
+tstitch_status tstitch_input_shape(tstitch_runtime* runtime, const char* name, int batch, int height, int width,
+                                   int64_t dims[8], int* rank);
 
 /* The decoded image of one item at the bundle's default size, H x W x channels bytes (an SD request
  * with height/width set decodes to height x width): through the bundle's VAE engine (channels 3),
