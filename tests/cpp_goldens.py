@@ -367,6 +367,9 @@ MANIFEST_CASES = [
     ("SDXL text_embeds_dim zero", "sdxl", [_set("/conditioning/text_embeds_dim", 0)]),
     ("SDXL force_zeros as text", "sdxl", [_set("/conditioning/force_zeros_for_empty_prompt", "yes")]),
     ("SDXL DiT model", "sdxl", [_set("/models/1/family", "dit")]),
+    ("SDXL text widths do not sum", "sdxl", [_set("/text_encoder_2/io/outputs/text_embeddings/shape/2", 8)]),
+    ("SDXL pooled width differs", "sdxl", [_set("/conditioning/text_embeds_dim", 7)]),
+    ("SDXL pooled width symbolic", "sdxl", [_set("/text_encoder_2/io/outputs/text_embeds/shape/1", "P")]),
     ("text encoder 2 of another kind", "sdxl", [_set("/text_encoder_2/kind", "T5EncoderModel")]),
     ("text encoder 2 pooled as text", "sdxl", [_set("/text_encoder_2/pooled", "yes")]),
     ("text encoder 2 empty batch range", "sdxl", [_set("/text_encoder_2/engines/trt/batch_range", [4, 2])]),
@@ -604,12 +607,14 @@ def write_toy_cond_bundle(dst: Path) -> None:
     f32 = "float32"
 
     def encoder(sub: str, pooled: bool) -> dict:
-        outputs = {"text_embeddings": {"shape": ["N", n_tok, width], "dtype": f32}}
+        # SDXL: the two encoders' hidden states concatenate to the U-Nets' cross-attention width
+        own = width // 2 if pipeline == "sdxl" else width
+        outputs = {"text_embeddings": {"shape": ["N", n_tok, own], "dtype": f32}}
         if pooled:
             outputs["text_embeds"] = {"shape": ["N", TOY_TEXT_EMBEDS], "dtype": f32}
         enc = {"source": "toy", "kind": "CLIPTextModelWithProjection" if pooled else "CLIPTextModel",
-               "hidden_state": "penultimate" if pipeline == "sdxl" else "last",
-               "engines": {"trt": entry(f"{sub}/toy.plan", b"TOYTEXT" + f"{n_tok},{width},".encode())},
+               "hidden_state": "penultimate-raw" if pipeline == "sdxl" else "last",
+               "engines": {"trt": entry(f"{sub}/toy.plan", b"TOYTEXT" + f"{n_tok},{own},".encode())},
                "io": {"inputs": {"input_ids": {"shape": ["N", n_tok], "dtype": "int64"}}, "outputs": outputs,
                       "dim_ranges": {"N": [1, 2, 8]}}}
         if pooled:

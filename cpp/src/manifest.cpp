@@ -139,6 +139,32 @@ void validate_dit(const Manifest& m, const ojson& raw) {
       refuse("a class-conditional (DiT) bundle has a text encoder, tokenizer or scheduler entry; rebuild the bundle");
 }
 
+// Python's str() of a JSON scalar as an f-string shows it: a number, a string as is, null as None
+std::string py_int_or_none(const ojson& v) {
+  if (v.is_string()) return v.get<std::string>();
+  return v.is_null() ? "None" : v.dump();
+}
+
+// Manifest._validate_sdxl: the pooled width agrees between the conditioning, the step graphs and text_encoder_2
+void validate_sdxl(const ojson& raw, const ojson& io) {
+  const ojson none;
+  const ojson cond = raw.value("conditioning", ojson::object());
+  const ojson want = cond.is_object() && cond.contains("text_embeds_dim") ? cond["text_embeds_dim"] : none;
+  auto last_dim = [&](const ojson& specs, const char* name) -> ojson {
+    if (!specs.is_object() || !specs.contains(name) || !specs[name].contains("shape")) return none;
+    const ojson& shape = specs[name]["shape"];
+    return shape.empty() ? none : shape.back();
+  };
+  const ojson graph = last_dim(io.value("inputs", ojson::object()), "text_embeds");
+  const ojson te2 = raw.value("text_encoder_2", ojson());
+  const ojson pooled = te2.is_object() && te2.contains("io") ? last_dim(te2["io"].value("outputs", ojson::object()), "text_embeds")
+                                                             : none;
+  const bool truthy = want.is_number_integer() && want.get<int64_t>() != 0;
+  if (!truthy || graph != want || pooled != want)
+    refuse("the sdxl bundle's pooled text_embeds widths disagree (conditioning " + py_int_or_none(want) + ", step graphs " +
+           py_int_or_none(graph) + ", text_encoder_2 " + py_int_or_none(pooled) + "); rebuild the bundle");
+}
+
 // Manifest._validate_sd
 void validate_sd(const Manifest& m, const ojson& raw) {
   std::set<int64_t> widths, text_width;
@@ -147,16 +173,24 @@ void validate_sd(const Manifest& m, const ojson& raw) {
     widths.insert(model.arch.at("cross_attention_dim").get<int64_t>());
     listed += (listed.empty() ? "" : ", ") + model.name + ": " + model.arch.at("cross_attention_dim").dump();
   }
-  const ojson te = raw.value("text_encoder", ojson());
-  if (te.is_object() && te.contains("io") && te["io"].contains("outputs"))
-    for (const auto& spec : te["io"]["outputs"])
-      if (!spec["shape"].empty() && spec["shape"].back().is_number_integer()) text_width.insert(spec["shape"].back().get<int64_t>());
+  // Manifest._text_width: the context width the text encoder(s) produce (SDXL: both, concatenated)
+  int64_t total = 0;
+  for (const char* part : {"text_encoder", "text_encoder_2"}) {
+    const ojson te = raw.value(part, ojson());
+    if (!te.is_object() || !te.contains("io") || !te["io"].contains("outputs")) continue;
+    const ojson& outs = te["io"]["outputs"];
+    if (!outs.contains("text_embeddings") || !outs["text_embeddings"].contains("shape")) continue;
+    const ojson& shape = outs["text_embeddings"]["shape"];
+    if (!shape.empty() && shape.back().is_number_integer()) total += shape.back().get<int64_t>();
+  }
+  if (total) text_width.insert(total);
   if (widths.size() > 1 || (!text_width.empty() && text_width != widths))
     refuse("the U-Nets' cross-attention widths (" + listed + ") and the text encoder's (" + py_list(text_width) +
            ") must all be equal; rebuild the bundle");
   const ojson io = raw.value("io", ojson::object());
   if (!io.contains("roles") || io["roles"].empty())
     refuse("io.roles is missing: a text-to-image bundle must record its step graph's roles");
+  if (m.pipeline == "sdxl") validate_sdxl(raw, io);
   std::set<std::string> names, named, diff;
   for (const TensorSpec& t : m.io) names.insert(t.name);
   for (const auto& [in, out] : m.roles.state) named.insert(in), named.insert(out);
