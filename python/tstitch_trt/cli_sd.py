@@ -52,7 +52,7 @@ def cmd_run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # mani
         ratio, fractions = defaults.default_stitch(len(manifest.models), args.ratio, args.fractions)
         res = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, num_images=num_images, ratio=ratio,
                    fractions=fractions, steps=args.steps, sampler=args.sampler,
-                   cfg_scale=defaults.DEFAULT_SD_CFG_SCALE if args.cfg_scale is None else args.cfg_scale,
+                   cfg_scale=args.cfg_scale,
                    seed=args.seed,
                    height=args.height, width=args.width, eta=args.eta, init_noise=init, progress=args.progress)
     finally:
@@ -82,6 +82,7 @@ def cmd_run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # mani
 
 
 def cmd_build_sd(args: argparse.Namespace) -> int:
+    from tstitch_trt.export.lora import parse_lora_spec
     from tstitch_trt.export.sd_build import SdBuildConfig, build_sd_bundle
     from tstitch_trt.recipes import _batch, _capabilities
 
@@ -95,7 +96,9 @@ def cmd_build_sd(args: argparse.Namespace) -> int:
     cfg = SdBuildConfig(models=list(args.model), out=Path(args.out), backends=backends,
                         precision=args.precision or "fp16", batch_range=args.batch_sizes or _batch("1-4"),
                         opt_level=args.opt_level if args.opt_level is not None else 3, timing_cache=args.timing_cache,
-                        compute_capabilities=_capabilities(args.compute_capabilities or ""))
+                        compute_capabilities=_capabilities(args.compute_capabilities or ""),
+                        guidance=getattr(args, "guidance", None) or "auto",
+                        loras=[parse_lora_spec(s) for s in getattr(args, "lora", None) or []])
     manifest = build_sd_bundle(cfg, on_model=lambda name: print(f"exporting {name} ...", flush=True))
     for k, v in manifest.io.get("build_seconds", {}).items():
         print(f"  {k}: {v:.1f} s")

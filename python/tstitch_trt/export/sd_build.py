@@ -29,8 +29,9 @@ from tstitch_trt.bundle.manifest import (
     write_manifest,
 )
 from tstitch_trt.errors import UserError
+from tstitch_trt.export.lora import LoraSpec, fuse_loras, lora_targets
 from tstitch_trt.export.unet_export import export_text_encoder, export_unet_step, text_io_spec, unet_io_spec
-from tstitch_trt.export.unet_step import UNetStepModule
+from tstitch_trt.export.unet_step import GUIDANCE_MODES, UNetStepModule
 from tstitch_trt.models.sd import SdSource, check_pair, load_text_encoder, load_unet, resolve_source
 
 BUILD_BACKENDS = ("torch", "ort", "trt", "trt-rtx")
@@ -46,6 +47,8 @@ class SdBuildConfig:
     opt_level: int = 3
     timing_cache: str | None = None
     compute_capabilities: tuple[str, ...] = ()
+    guidance: str = "auto"  # "auto" | GUIDANCE_MODES: how the step graphs take the guidance scale
+    loras: list[LoraSpec] = field(default_factory=list)  # fused into their U-Net before export
 
 
 def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None = None) -> Manifest:
@@ -59,6 +62,8 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
     large = sources[-1].pipeline
     assert large is not None  # check_pair refuses otherwise
     scheduler = _read_scheduler(large)
+    guidance = resolve_guidance(cfg.guidance, sources)
+    loras = lora_targets(cfg.loras, [s.name for s in sources])
     builders = _engine_builders(cfg)
     timings: dict[str, float] = {}
     text_len = facts["text_max_length"]
@@ -72,7 +77,8 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
             if on_model:
                 on_model(src.name)
             t0 = time.perf_counter()
-            entry, io = _write_unet(tmp, i, src, cfg, builders, text_len)
+            fuse = _lora_fuser(i, sources, loras)
+            entry, io = _write_unet(tmp, i, src, cfg, builders, text_len, guidance, fuse)
             entries.append(entry)
             timings[f"unet {src.name}"] = time.perf_counter() - t0
         c, s = facts["latent_channels"], facts["sample_size"]
@@ -97,9 +103,35 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             scheduler=scheduler,
+            conditioning={"guidance": guidance},
         )
         write_manifest(tmp, manifest)
     return manifest
+
+
+def resolve_guidance(requested: str, sources: list[SdSource]) -> str:
+    """"embedding" (LCM's guidance embedding, no CFG batch) when any U-Net has time_cond_proj_dim, else
+    "cfg"; --guidance cfg|embedding overrides."""
+    if requested == "auto":
+        return "embedding" if any(s.unet_config().get("time_cond_proj_dim") for s in sources) else "cfg"
+    if requested not in GUIDANCE_MODES:
+        raise UserError(f"--guidance {requested!r}: choose auto, {', '.join(GUIDANCE_MODES)}")
+    return requested
+
+
+def _lora_fuser(i: int, sources: list[SdSource], loras: dict[int, list[LoraSpec]]
+                ) -> Callable[[torch.nn.Module], list[dict[str, Any]] | None]:
+    """Fuses model i's --lora entries into its U-Net; returns the manifest's lora entries (None: none)."""
+    def label(j: int) -> str:
+        return "small" if j == 0 else "large" if j == len(sources) - 1 else sources[j].name
+
+    def fuse(unet: torch.nn.Module) -> list[dict[str, Any]] | None:
+        if i not in loras:
+            return None
+        others = {label(j): (lambda d=s.unet_dir: load_unet(d)) for j, s in enumerate(sources) if j != i}
+        return fuse_loras(unet, sources[i].name, loras[i], others)
+
+    return fuse
 
 
 def _read_scheduler(large: Path) -> dict[str, Any]:
@@ -162,9 +194,11 @@ def _write_text_encoder(tmp: Path, large: Path, cfg: SdBuildConfig, builders: di
 
 
 def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: dict | None,
-                text_len: int) -> tuple[ModelEntry, dict]:
+                text_len: int, guidance: str, fuse: Callable[[torch.nn.Module], list[dict[str, Any]] | None]
+                ) -> tuple[ModelEntry, dict]:
     unet = load_unet(src.unet_dir)
-    step = UNetStepModule(unet).eval()
+    lora = fuse(unet)
+    step = UNetStepModule(unet, guidance=guidance).eval()
     tag = f"{i}-{src.name}"
     engines: dict[str, EngineEntry] = {}
     if "torch" in cfg.backends:
@@ -186,4 +220,4 @@ def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: 
                                         batch_range=cfg.batch_range, builder=info)
         graph.unlink()
     arch = {k: v for k, v in src.unet_config().items() if not k.startswith("_")}
-    return ModelEntry(name=src.name, family="unet", arch=arch, engines=engines), io
+    return ModelEntry(name=src.name, family="unet", arch=arch, engines=engines, lora=lora), io

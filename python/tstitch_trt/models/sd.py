@@ -20,7 +20,9 @@ from tstitch_trt.errors import UserError
 
 PIPELINE_KINDS = {"StableDiffusionPipeline": "sd"}  # model_index.json _class_name -> bundle pipeline kind
 UNSUPPORTED_KINDS = {"StableDiffusionXLPipeline": "SDXL", "StableDiffusion3Pipeline": "SD 3",
-                     "StableDiffusionControlNetPipeline": "ControlNet", "LatentConsistencyModelPipeline": "LCM"}
+                     "StableDiffusionControlNetPipeline": "ControlNet"}
+# SD 1.x LCM pipelines (LatentConsistencyModelPipeline) ship the same parts; their U-Net takes LCM's guidance embedding
+PIPELINE_KINDS["LatentConsistencyModelPipeline"] = "sd"
 
 
 @dataclass(frozen=True)

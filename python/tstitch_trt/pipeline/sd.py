@@ -20,12 +20,12 @@ import numpy as np
 
 from tstitch_trt.bundle.manifest import Manifest
 from tstitch_trt.errors import UserError
+from tstitch_trt.pipeline import guidance as lcm_guidance
 from tstitch_trt.pipeline.backends import open_bundle, open_first_backend
-from tstitch_trt.pipeline.defaults import DEFAULT_SD_CFG_SCALE
 from tstitch_trt.pipeline.dit import SampleResult, to_uint8
 from tstitch_trt.runtime.backend import Backend
 from tstitch_trt.runtime.loop import run_stitched
-from tstitch_trt.sampling.sd_samplers import SD_SAMPLERS, default_sampler, sd_needs_noise, sd_table
+from tstitch_trt.sampling.sd_samplers import SD_SAMPLERS, default_sampler, draw_step_noise, sd_needs_noise, sd_table
 from tstitch_trt.sampling.stitch import check_fractions, steps_per_model, stitch_schedule_by_call
 from tstitch_trt.sampling.trajectory import TrajectoryPlan
 
@@ -109,7 +109,12 @@ class StitchedSDPipeline:
     def encode_prompts(self, prompts: Sequence[str], negative: Sequence[str]
                        ) -> tuple[dict[str, np.ndarray], list[str]]:
         """The step graphs' text conditioning by input name ({"context": (2B, L, D)}, uncond (negative) half
-        first), and notes (truncated prompts)."""
+        first; under "embedding" guidance (B, L, D), the prompts only), and notes (truncated prompts)."""
+        if self.manifest.guidance_mode == "embedding":
+            if any(negative):
+                raise UserError("a negative prompt needs classifier-free guidance, but this bundle guides through "
+                                "LCM's guidance embedding: drop the negative prompt, or rebuild with --guidance cfg")
+            negative = []
         if self._tokenizer is None:
             from tstitch_trt.pipeline.text import PromptTokenizer
             from tstitch_trt.pipeline.text_encoder import open_text_encoder
@@ -136,8 +141,7 @@ class StitchedSDPipeline:
             raise UserError(str(e)) from None
         noise = None
         if sd_needs_noise(sampler, eta):
-            noise = step_noise if step_noise is not None else \
-                rng.standard_normal((n_calls, *batch_shape), dtype=np.float32)
+            noise = step_noise if step_noise is not None else draw_step_noise(sampler, n_calls, batch_shape, rng)
         return TrajectoryPlan(sampler, table.timesteps, table.coef, step_model, noise), table.init_noise_sigma
 
     def __call__(
@@ -146,9 +150,9 @@ class StitchedSDPipeline:
         negative_prompt: str | Sequence[str] | None = None,
         num_images: int = 1,
         ratio: float | None = 0.4,
-        steps: int = 50,
+        steps: int | None = None,
         sampler: str | None = None,
-        cfg_scale: float = DEFAULT_SD_CFG_SCALE,
+        cfg_scale: float | None = None,
         seed: int = 0,
         fractions: Sequence[float] | None = None,
         height: int | None = None,
@@ -159,7 +163,15 @@ class StitchedSDPipeline:
         decode: bool = True,
         step_noise: np.ndarray | None = None,
     ) -> SampleResult:
-        """step_noise (U-Net calls, B, C, h, w): the per-call noise of ddim eta>0, else drawn from `seed`."""
+        """step_noise (U-Net calls, B, C, h, w): the per-call noise of ddim eta>0 and lcm, else drawn from `seed`.
+        steps / cfg_scale left out: pipeline/guidance.py's defaults (50 / 7.5; lcm 4 / 8.5, or 1.0 where a U-Net
+        lacks the guidance embedding)."""
+        sampler = sampler or self.default_sampler
+        steps = lcm_guidance.default_steps(sampler) if steps is None else steps
+        if cfg_scale is None:
+            cfg_scale = lcm_guidance.default_cfg_scale(self.manifest, sampler)
+        if sampler in SD_SAMPLERS:  # an unknown one is refused by validate, with the list
+            lcm_guidance.check_guidance(self.manifest, sampler, cfg_scale, negative_prompt is not None)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if negative_prompt is None:
             negatives = [""] * len(prompts)
@@ -169,7 +181,6 @@ class StitchedSDPipeline:
             negatives = list(negative_prompt)
             if len(negatives) != len(prompts):
                 raise UserError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt")
-        sampler = sampler or self.default_sampler
         c = self.manifest.latent_shape[0]
         if init_noise is not None:
             if init_noise.ndim != 4 or init_noise.shape[1] != c:
@@ -199,9 +210,8 @@ class StitchedSDPipeline:
         plan, sigma = self.plan(sampler, steps, shape, rng,
                                 None if fractions is not None else ratio, fractions, eta, step_noise)
         x_init = x_unit * np.float32(sigma)
-        # diffusers turns CFG off at cfg <= 1 (the conditional half alone); u + 1 (c - u) is that half
-        guidance = cfg_scale if cfg_scale > 1 else 1.0
-        if cfg_scale < 1:
+        guidance = lcm_guidance.graph_guidance(self.manifest, cfg_scale)
+        if cfg_scale < 1 and self.manifest.guidance_mode == "cfg":
             notes.append(f"cfg {cfg_scale} <= 1 means no guidance (as diffusers): the conditional prediction alone")
         loop = run_stitched(self.backend, plan, x_init, cond, guidance, progress=progress,
                             model_names=self.model_names)
@@ -226,10 +236,11 @@ class StitchedSDPipeline:
             "steps_per_model": steps_per_model(plan.step_model, n),  # U-Net calls per model
             "batch": batch,
             "prompts": prompts,
-            "negative_prompts": negatives,
+            "negative_prompts": negatives if self.manifest.guidance_mode == "cfg" else [],
             "height": height,
             "width": width,
             "cfg_scale": cfg_scale,
+            "guidance": self.manifest.guidance_mode,
             "seed": seed,
             "loop_mode": loop.mode,
             "step_ms": [round(v, 4) for v in loop.step_ms],
@@ -253,7 +264,7 @@ class StitchedSDPipeline:
         if not sd_needs_noise(sampler, eta):
             return x_unit, None
         n_calls = len(sd_table(sampler, self.manifest.scheduler or {}, steps, eta).timesteps)
-        return x_unit, rng.standard_normal((n_calls, *shape), dtype=np.float32)
+        return x_unit, draw_step_noise(sampler, n_calls, shape, rng)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Final latents -> (B, H, W, 3) uint8 with the bundle's VAE (latents / scaling factor)."""
