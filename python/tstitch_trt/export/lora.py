@@ -13,7 +13,7 @@ half-applied (diffusers only warns about keys it cannot place).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,18 +114,39 @@ def lora_misfit(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> str | 
     return None
 
 
-def fuse_loras(unet: torch.nn.Module, name: str, specs: Sequence[LoraSpec],
-               others: dict[str, Callable[[], torch.nn.Module]]) -> list[dict[str, Any]]:
-    """Fuse each LoRA into `unet` (in place); the manifest's models[i].lora entries. others: the other
-    models' U-Net loaders by target name, consulted only to word the refusal of a LoRA that does not fit."""
+def _shape_only_unet(config: dict[str, Any]) -> torch.nn.Module:
+    """The U-Net of `config` on the meta device: module names and weight shapes, no memory, no loading."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+def check_loras(loras: dict[int, list[LoraSpec]], labels: Sequence[str], configs: Sequence[dict[str, Any]]) -> None:
+    """Refuse, before any export, a LoRA that does not fit its U-Net; the line says which model it fits, if any.
+    labels: how --lora names each model (small, large, or its name); configs: each U-Net's config.json."""
+    shapes: dict[int, torch.nn.Module] = {}
+
+    def unet(j: int) -> torch.nn.Module:
+        if j not in shapes:
+            shapes[j] = _shape_only_unet(configs[j])
+        return shapes[j]
+
+    for i, specs in loras.items():
+        for s in specs:
+            state = read_unet_lora(s.path, unet(i).config)[0]
+            why = lora_misfit(unet(i), state)
+            if why:
+                fits = [labels[j] for j in range(len(configs)) if j != i and lora_misfit(unet(j), state) is None]
+                hint = f"it fits {fits[0]}: give {fits[0]}={s.path}" if fits else "it fits neither model"
+                raise UserError(f"--lora {s.spec}: the LoRA does not fit {labels[i]} ({why}); {hint}")
+
+
+def fuse_loras(unet: torch.nn.Module, specs: Sequence[LoraSpec]) -> list[dict[str, Any]]:
+    """Fuse each LoRA into `unet` (in place, checked by check_loras); the manifest's models[i].lora entries."""
     entries = []
     for n, s in enumerate(specs):
         state, alphas, metadata = read_unet_lora(s.path, unet.config)
-        why = lora_misfit(unet, state)
-        if why:
-            fits = [o for o, load in others.items() if lora_misfit(load(), state) is None]
-            hint = f"it fits {fits[0]}: give {fits[0]}={s.path}" if fits else "it fits neither model"
-            raise UserError(f"--lora {s.spec}: the LoRA does not fit {name} ({why}); {hint}")
         adapter = f"tstitch_lora_{n}"
         unet.load_lora_adapter(state, prefix="unet", network_alphas=alphas, metadata=metadata, adapter_name=adapter)
         unet.fuse_lora(lora_scale=s.scale, adapter_names=[adapter])

@@ -29,7 +29,7 @@ from tstitch_trt.bundle.manifest import (
     write_manifest,
 )
 from tstitch_trt.errors import UserError
-from tstitch_trt.export.lora import LoraSpec, fuse_loras, lora_targets
+from tstitch_trt.export.lora import LoraSpec, check_loras, fuse_loras, lora_targets
 from tstitch_trt.export.unet_export import export_text_encoder, export_unet_step, text_io_spec, unet_io_spec
 from tstitch_trt.export.unet_step import GUIDANCE_MODES, UNetStepModule
 from tstitch_trt.models.sd import SdSource, check_pair, load_text_encoder, load_unet, resolve_source
@@ -64,6 +64,7 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
     scheduler = _read_scheduler(large)
     guidance = resolve_guidance(cfg.guidance, sources)
     loras = lora_targets(cfg.loras, [s.name for s in sources])
+    check_loras(loras, [_lora_label(j, sources) for j in range(len(sources))], [s.unet_config() for s in sources])
     builders = _engine_builders(cfg)
     timings: dict[str, float] = {}
     text_len = facts["text_max_length"]
@@ -77,8 +78,7 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
             if on_model:
                 on_model(src.name)
             t0 = time.perf_counter()
-            fuse = _lora_fuser(i, sources, loras)
-            entry, io = _write_unet(tmp, i, src, cfg, builders, text_len, guidance, fuse)
+            entry, io = _write_unet(tmp, i, src, cfg, builders, text_len, guidance, loras.get(i, []))
             entries.append(entry)
             timings[f"unet {src.name}"] = time.perf_counter() - t0
         c, s = facts["latent_channels"], facts["sample_size"]
@@ -119,19 +119,9 @@ def resolve_guidance(requested: str, sources: list[SdSource]) -> str:
     return requested
 
 
-def _lora_fuser(i: int, sources: list[SdSource], loras: dict[int, list[LoraSpec]]
-                ) -> Callable[[torch.nn.Module], list[dict[str, Any]] | None]:
-    """Fuses model i's --lora entries into its U-Net; returns the manifest's lora entries (None: none)."""
-    def label(j: int) -> str:
-        return "small" if j == 0 else "large" if j == len(sources) - 1 else sources[j].name
-
-    def fuse(unet: torch.nn.Module) -> list[dict[str, Any]] | None:
-        if i not in loras:
-            return None
-        others = {label(j): (lambda d=s.unet_dir: load_unet(d)) for j, s in enumerate(sources) if j != i}
-        return fuse_loras(unet, sources[i].name, loras[i], others)
-
-    return fuse
+def _lora_label(j: int, sources: list[SdSource]) -> str:
+    """How --lora names model j: small (the first), large (the last), or its name."""
+    return "small" if j == 0 else "large" if j == len(sources) - 1 else sources[j].name
 
 
 def _read_scheduler(large: Path) -> dict[str, Any]:
@@ -194,10 +184,9 @@ def _write_text_encoder(tmp: Path, large: Path, cfg: SdBuildConfig, builders: di
 
 
 def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: dict | None,
-                text_len: int, guidance: str, fuse: Callable[[torch.nn.Module], list[dict[str, Any]] | None]
-                ) -> tuple[ModelEntry, dict]:
+                text_len: int, guidance: str, loras: list[LoraSpec]) -> tuple[ModelEntry, dict]:
     unet = load_unet(src.unet_dir)
-    lora = fuse(unet)
+    lora = fuse_loras(unet, loras) if loras else None
     step = UNetStepModule(unet, guidance=guidance).eval()
     tag = f"{i}-{src.name}"
     engines: dict[str, EngineEntry] = {}
