@@ -115,17 +115,19 @@ def reference(lcm_parts):
     large = pipe.unet
     smalls = {}
 
-    def run(pair: str, steps: int, g: float, seed: int, batch: int = 2):
+    def run(pair: str, steps: int, g: float, seed: int, batch: int = 2, large_blind: bool = False):
+        """large_blind: the large U-Net gets no guidance embedding (what the reference's defect would do)."""
         if pair not in smalls:
             small = peer_small_unet(lcm_parts, pair)
             dim = large.config.time_cond_proj_dim
             smalls[pair] = small if small.config.time_cond_proj_dim else EmbeddingBlind(small, dim)
         k = int((stitch_schedule_by_call(steps, 2, ratio=RATIO) == 0).sum())
-        pipe.unet = smalls[pair] if k > 0 else large
+        second = EmbeddingBlind(large, large.config.time_cond_proj_dim) if large_blind else large
+        pipe.unet = smalls[pair] if k > 0 else second
 
         def switch(p, i, t, kwargs):
             if i + 1 == k:
-                p.unet = large
+                p.unet = second
             return {}
 
         with torch.no_grad():
@@ -174,18 +176,22 @@ def test_lcm_run_equals_diffusers(bundles, reference, backend, steps, pair, g) -
     got, report = run_ours(bundles[pair], backend, steps, g, seed=steps)
     assert report["sampler"] == "lcm" and report["guidance"] == "embedding"  # the bundle's LCMScheduler
     assert np.abs(ref).max() > 0.1
+    print(f"lcm {backend} {pair} {steps} steps g={g}: max abs diff / max |ref| = {rel_diff(got, ref):.2e}")
     assert rel_diff(got, ref) < 1e-4, f"{backend} {pair} {steps} steps g={g}: {rel_diff(got, ref):.2e}"
     assert report["steps_per_model"] == [steps // 2, steps - steps // 2]
 
 
 def test_the_comparison_can_fail(bundles, reference) -> None:
-    """Other noise, another guidance value, or the peer's own defect (no embedding for the large U-Net)
-    each move the result far beyond the tolerance."""
+    """Other noise, another guidance value, or the reference's defect (the guidance embedding for the first
+    U-Net only) each move the result far beyond the tolerance."""
     ref = reference("embed", 4, 8.5, seed=4)
+    ours, _ = run_ours(bundles["embed"], "ort", 4, 8.5, seed=4)
     other_noise, _ = run_ours(bundles["embed"], "ort", 4, 8.5, seed=5)
     assert rel_diff(other_noise, ref) > 1e-2
     other_g, _ = run_ours(bundles["embed"], "ort", 4, 6.0, seed=4)
     assert rel_diff(other_g, ref) > 1e-2
+    first_only = reference("embed", 4, 8.5, seed=4, large_blind=True)
+    assert rel_diff(ours, first_only) > 2e-4  # (5e-4 here: the tiny U-Net's embedding is a small term)
 
 
 def test_defaults_and_report(bundles) -> None:
@@ -236,6 +242,7 @@ def test_lora_step_graph_equals_diffusers_fused_unet(bundles, lcm_parts) -> None
     from diffusers import UNet2DConditionModel
 
     got, fused = step_outputs(bundles["lora"], 0, peer_small_unet(lcm_parts, "lora"))
+    print(f"LoRA step graph vs diffusers-fused U-Net: {rel_diff(got, fused):.2e}")
     assert rel_diff(got, fused) < 1e-5
     _, plain = step_outputs(bundles["lora"], 0, UNet2DConditionModel.from_pretrained(str(lcm_parts["small"])))
     assert rel_diff(got, plain) > 1e-2  # the LoRA changed the U-Net
@@ -298,3 +305,34 @@ def test_bad_lora_is_one_line(lcm_parts, sd_pair, tmp_path, capsys) -> None:
     junk.write_bytes(b"not a safetensors file")
     one_line_error(capsys, [*base, "--lora", f"small={junk}", "--out", str(tmp_path / "d")], "cannot read the LoRA")
     assert not any((tmp_path / d).exists() for d in "abcd")
+
+
+def _has_rtx() -> bool:
+    import importlib
+
+    try:
+        return hasattr(importlib.import_module("tensorrt_rtx"), "Builder")
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _has_rtx(), reason="tensorrt_rtx is not installed (pip install tensorrt-rtx)")
+@pytest.mark.parametrize("embedding", [True, False])
+def test_trt_rtx_builds_the_embedding_step_graph(tmp_path, embedding) -> None:
+    """The fp16 "embedding" step graph becomes a real TensorRT-RTX plan (built on the CPU), for a U-Net with
+    LCM's guidance embedding and for one without (whose graph still declares the unused `guidance`)."""
+    from tstitch_trt.export.trt_build import make_engine_builder
+    from tstitch_trt.export.unet_export import export_unet_step, unet_io_spec
+    from tstitch_trt.export.unet_step import UNetStepModule
+    from tstitch_trt.models.sd_random import LCM_EMBED_DIM, tiny_unet
+
+    unet = tiny_unet(2, small=False, time_cond_proj_dim=LCM_EMBED_DIM if embedding else None)
+    step = UNetStepModule(unet, guidance="embedding").eval()
+    graph = export_unet_step(step, tmp_path / "step-fp16.onnx", "fp16", 77, pixel_factor=2)
+    io = unet_io_spec(step, 77, pixel_factor=2)
+    info = make_engine_builder("trt-rtx").build(graph, tmp_path / "step.plan", (1, 2), io)
+    assert (tmp_path / "step.plan").stat().st_size > 10_000
+    profile = info["options"]["profile"]
+    assert profile["context"] == [[1, 77, 32], [2, 77, 32], [2, 77, 32]]  # B, not 2B: no CFG batch
+    assert profile["x"][2][0] == 2
+    assert "guidance" in io["inputs"] and io["inputs"]["guidance"]["shape"] == []
