@@ -119,12 +119,17 @@ def describe_sd_bundle(bundle: Path, m) -> str:  # m: Manifest
         f"  scheduler {sched.get('_class_name')} (default sampler {default}), "
         f"{sched.get('beta_schedule')} over {sched.get('num_train_timesteps')} timesteps",
         f"  text encoder {te.get('kind')} ({te.get('hidden_state')} hidden state): {', '.join(te.get('engines', {}))}",
+        f"  guidance {m.guidance_mode}" + (" (LCM's guidance embedding: prompts only, no negative prompt)"
+                                           if m.guidance_mode == "embedding" else " (classifier-free, batch doubled)"),
     ]
     for i, model in enumerate(m.models):
         a = model.arch
         lines.append(f"  [{i}] {model.name}: U-Net blocks {a.get('block_out_channels')}, layers/block "
                      f"{a.get('layers_per_block')}, mid block {a.get('mid_block_type', 'UNetMidBlock2DCrossAttn')}, "
-                     f"cross-attention {a.get('cross_attention_dim')}")
+                     f"cross-attention {a.get('cross_attention_dim')}"
+                     + (f", guidance embedding {a['time_cond_proj_dim']}" if a.get("time_cond_proj_dim") else ""))
+        for lora in model.lora or []:
+            lines.append(f"      LoRA fused: {lora['source']} (scale {lora['scale']:g})")
         for kind, e in model.engines.items():
             lo, hi = e.batch_range
             lines.append(f"      {kind:8s} {e.file} ({e.precision}, batch {lo}-{hi})")
