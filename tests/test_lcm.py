@@ -219,7 +219,6 @@ def test_manifest_records_guidance_and_lora(bundles, lcm_parts) -> None:
                                  "scale": LORA_SCALE}]
     assert m.models[1].lora is None
     assert m.scheduler["_class_name"] == "LCMScheduler"
-    assert main(["info", "--bundle", str(bundles["lora"])]) == 0
 
 
 def test_info_shows_guidance_and_lora(bundles, lcm_parts, capsys) -> None:
