@@ -346,3 +346,36 @@ def test_trt_rtx_builds_the_embedding_step_graph(tmp_path, embedding) -> None:
     assert profile["context"] == [[1, 77, 32], [2, 77, 32], [2, 77, 32]]  # B, not 2B: no CFG batch
     assert profile["x"][2][0] == 2
     assert "guidance" in io["inputs"] and io["inputs"]["guidance"]["shape"] == []
+
+
+def test_request_noise_is_what_a_run_draws(bundles) -> None:
+    """A served batch's per-request draws (request_noise) reproduce the run that drew them itself; lcm's
+    last noise row is zeros."""
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    pipe = StitchedSDPipeline.from_bundle(bundles["embed"], backend="ort")
+    try:
+        own = pipe(PROMPT, steps=4, seed=11, height=SIZE, width=SIZE, decode=False).latents
+        x, noise = pipe.request_noise(11, 1, SIZE, SIZE, 4, "lcm", 0.0)
+        assert noise is not None and noise.shape == (4, *x.shape) and not noise[-1].any() and noise[0].any()
+        given = pipe(PROMPT, steps=4, init_noise=x, step_noise=noise, decode=False).latents
+    finally:
+        pipe.close()
+    assert np.array_equal(own, given)
+
+
+def test_guidance_cfg_override(lcm_parts, tmp_path, capsys) -> None:
+    """build --guidance cfg on U-Nets that have the embedding: CFG step graphs (2B context); lcm with g > 1
+    is then refused with the way out."""
+    from tstitch_trt.bundle.manifest import read_manifest
+
+    out = tmp_path / "cfg"
+    assert main(["build", "--model", str(lcm_parts["small_embed"]), "--model", str(lcm_parts["large"]),
+                 "--backend", "ort", "--guidance", "cfg", "--out", str(out)]) == 0
+    m = read_manifest(out)
+    assert m.guidance_mode == "cfg" and m.io["inputs"]["context"]["shape"][0] == "2B"
+    capsys.readouterr()  # the build's own output
+    one_line_error(capsys, ["run", "--bundle", str(out), "--prompt", "a cat", "--cfg-scale", "3",
+                            "--out", str(tmp_path / "o.png")], "built with --guidance cfg", "--guidance embedding")
+    assert main(["run", "--bundle", str(out), "--prompt", "a cat", "--sampler", "euler", "--steps", "2",
+                 "--negative-prompt", "blurry", "--out", str(tmp_path / "o.png")]) == 0
