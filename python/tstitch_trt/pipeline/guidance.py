@@ -26,13 +26,15 @@ def guidance_through_embedding(manifest: Manifest, sampler: str) -> bool:
 
 
 def default_cfg_scale(manifest: Manifest, sampler: str) -> float:
-    """diffusers' defaults: LatentConsistencyModelPipeline 8.5 for lcm, StableDiffusionPipeline 7.5; 1.0 (no
-    guidance) where guidance would go through an embedding some U-Net lacks (an LCM-LoRA small model)."""
+    """diffusers' defaults: LatentConsistencyModelPipeline 8.5 for lcm, else the bundle kind's pipeline (SD 7.5,
+    SDXL 5.0); 1.0 (no guidance) where guidance would go through an embedding some U-Net lacks (an LCM-LoRA
+    small model)."""
+    kind_default = defaults.default_sd_cfg_scale(manifest.pipeline)
     if not guidance_through_embedding(manifest, sampler):
-        return defaults.DEFAULT_SD_CFG_SCALE
+        return kind_default
     if unets_without_embedding(manifest) or manifest.guidance_mode != "embedding":
         return 1.0
-    return defaults.DEFAULT_LCM_CFG_SCALE if sampler == "lcm" else defaults.DEFAULT_SD_CFG_SCALE
+    return defaults.DEFAULT_LCM_CFG_SCALE if sampler == "lcm" else kind_default
 
 
 def default_steps(sampler: str) -> int:
