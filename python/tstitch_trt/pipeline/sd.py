@@ -179,8 +179,9 @@ class StitchedSDPipeline:
         b = len(prompts)
         if time_ids is None:
             time_ids = self.sdxl_time_ids(self.manifest.image_size, self.manifest.image_size)
-        halves = np.asarray(time_ids, dtype=np.float32).reshape(2, 6)[0 if len(negative) else 1:]  # embedding: no uncond
-        rows = np.repeat(halves, b, axis=0)  # B negative, B positive
+        halves = np.asarray(time_ids, dtype=np.float32).reshape(2, 6)
+        # B negative rows, then B positive ones; "embedding" guidance (no negatives): the positive ones only
+        rows = np.repeat(halves if len(negative) else halves[1:], b, axis=0)
         cond = {"context": np.ascontiguousarray(context), "text_embeds": np.ascontiguousarray(pooled),
                 "time_ids": rows}
         return cond, list(dict.fromkeys(notes))
