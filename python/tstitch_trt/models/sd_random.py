@@ -139,14 +139,26 @@ def save_tiny_pair(root: Path, cross_attention_dim: int = 32, lcm: bool = False)
 LCM_EMBED_DIM = 32  # the tiny LCM U-Net's time_cond_proj_dim (LCM-SDXL / Dreamshaper: 256)
 
 
-def lcm_tiny_unet(seed: int, small: bool):
-    """tiny_unet with LCM's guidance embedding, its projection scaled up (x10): the tiny U-Net's GroupNorms
-    absorb most of a time-embedding change, and this makes the guidance value move a 2-8 step LCM result
-    by 2e-3 to 6e-3 of its magnitude instead of 5e-4 to 1e-3, well beyond the 1e-4 conformance tolerance."""
-    unet = tiny_unet(seed, small, time_cond_proj_dim=LCM_EMBED_DIM)
+def with_guidance_embedding(unet, seed: int):
+    """A copy of `unet` with LCM's guidance embedding (time_cond_proj_dim LCM_EMBED_DIM): the same weights plus
+    a random projection, scaled up (x10): the tiny U-Nets' GroupNorms absorb most of a time-embedding change,
+    and this makes the guidance value move a 2-8 step LCM result by 2e-3 to 6e-3 of its magnitude instead of
+    5e-4 to 1e-3, well beyond the 1e-4 conformance tolerance."""
+    from diffusers import UNet2DConditionModel
+
+    out = UNet2DConditionModel.from_config({**unet.config, "time_cond_proj_dim": LCM_EMBED_DIM})
+    missing = out.load_state_dict(unet.state_dict(), strict=False).missing_keys
+    assert missing == ["time_embedding.cond_proj.weight"], missing
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        unet.time_embedding.cond_proj.weight.mul_(10.0)
-    return unet
+        w = out.time_embedding.cond_proj.weight
+        w.copy_(10.0 * torch.randn(w.shape, generator=gen) / math.sqrt(w.shape[1]))
+    return out.eval()
+
+
+def lcm_tiny_unet(seed: int, small: bool):
+    """tiny_unet with LCM's guidance embedding (with_guidance_embedding)."""
+    return with_guidance_embedding(tiny_unet(seed, small), seed)
 
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
