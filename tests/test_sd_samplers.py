@@ -134,3 +134,68 @@ def test_sd_stitch_rule_counts_calls() -> None:
     assert three.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
     assert stitch_schedule_by_call(10, 2, fractions=[0.4, 0.6]).tolist() == \
         stitch_schedule_by_call(10, 2, ratio=0.4).tolist()
+
+
+# LCM: diffusers' LCMScheduler built from the large model's (non-LCM) config, as the bundle's betas come
+# from it, and from an LCM config (lcm-sdxl / LCM_Dreamshaper ship one with original_inference_steps 50).
+LCM_CONFIGS = {
+    "sd15": SD15_SCHEDULER,
+    "lcm": {"_class_name": "LCMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085, "num_train_timesteps": 1000, "original_inference_steps": 50,
+            "set_alpha_to_one": True, "steps_offset": 1, "timestep_scaling": 10.0, "prediction_type": "epsilon"},
+    "lcm-orig-100": {"_class_name": "LCMScheduler", "original_inference_steps": 100, "timestep_scaling": 5.0},
+}
+
+
+def run_lcm_diffusers(config: dict, steps: int, x_unit: torch.Tensor, seed: int) -> tuple[torch.Tensor, list[float],
+                                                                                            list[torch.Tensor]]:
+    """LCMScheduler along a whole trajectory; the noise it injects comes from a generator, and the same
+    draws (in order) are returned for our side."""
+    sched = diffusers.LCMScheduler.from_config(config)
+    sched.set_timesteps(steps)
+    gen = torch.Generator().manual_seed(seed)
+    noises = []
+    x = x_unit * sched.init_noise_sigma
+    for t in sched.timesteps:
+        eps = fake_eps(x, float(t))
+        state = gen.get_state()
+        x = sched.step(eps, t, x, generator=gen).prev_sample
+        if sched.step_index < steps:  # a noise draw happened: replay it from the saved state
+            replay = torch.Generator()
+            replay.set_state(state)
+            noises.append(torch.randn(x.shape, generator=replay))
+        else:
+            noises.append(torch.zeros_like(x))
+    return x, [float(t) for t in sched.timesteps], noises
+
+
+@pytest.mark.parametrize("config", sorted(LCM_CONFIGS))
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_lcm_matches_diffusers(config: str, steps: int) -> None:
+    x_unit = start()
+    ref, ref_ts, noises = run_lcm_diffusers(LCM_CONFIGS[config], steps, x_unit, seed=5)
+    table = sd_table("lcm", LCM_CONFIGS[config], steps)
+    np.testing.assert_allclose(table.timesteps, ref_ts, rtol=0, atol=0)
+    assert table.coef[-1, C["sigma"]] == 0 and (steps == 1 or table.coef[0, C["sigma"]] > 0.5)
+    assert rel_err(run_ours(table, x_unit, noises), ref) < 2e-5
+
+
+@pytest.mark.parametrize("row,name", [(0, "w_d"), (1, "w_d"), (2, "sigma"), (3, "m"), (3, "r")])
+def test_lcm_a_wrong_coefficient_fails(row: int, name: str) -> None:
+    """(c_skip, hence w_x, is ~1e-8 at LCM's timesteps with timestep_scaling 10: a 1% error there is invisible.)"""
+    x_unit = start()
+    ref, _, noises = run_lcm_diffusers(SD15_SCHEDULER, 4, x_unit, seed=5)
+    coef = sd_table("lcm", SD15_SCHEDULER, 4).coef.copy()
+    coef[row, C[name]] *= 1.01
+    assert rel_err(run_ours(sd_table("lcm", SD15_SCHEDULER, 4), x_unit, noises, coef=coef), ref) > 1e-4
+
+
+def test_lcm_noise_rows_and_defaults() -> None:
+    from tstitch_trt.sampling.sd_samplers import draw_step_noise, sd_needs_noise
+
+    assert sd_needs_noise("lcm", 0.0) and not sd_needs_noise("euler", 0.0)
+    noise = draw_step_noise("lcm", 4, (1, 4, 2, 2), np.random.default_rng(0))
+    assert (noise[-1] == 0).all() and (noise[:-1] != 0).all()
+    assert default_sampler(LCM_CONFIGS["lcm"]) == "lcm"
+    with pytest.raises(UserError, match="original_inference_steps 50"):
+        sd_table("lcm", SD15_SCHEDULER, 51)

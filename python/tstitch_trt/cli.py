@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--opt-level", type=int_in(0, 5), help="TensorRT builder optimization level 0-5 (default 3)")
     b.add_argument("--timing-cache", help="TensorRT timing cache file, reused and updated")
     b.add_argument("--compute-capabilities", help="TensorRT-RTX target GPUs, e.g. 8.9,12.0 (default: portable set)")
+    b.add_argument("--guidance", choices=["auto", "cfg", "embedding"],
+                   help="SD: how the step graphs take the guidance scale: cfg (batch doubling), embedding (LCM's "
+                        "time_cond_proj_dim, no negative prompt); default auto: embedding if a U-Net has it")
+    b.add_argument("--lora", action="append", metavar="SMALL_OR_LARGE=FILE[:SCALE]",
+                   help="SD: fuse a LoRA (diffusers/PEFT safetensors) into the first (small) or last (large) --model, "
+                        "or the one of that name, before export; SCALE default 1 (repeatable)")
     b.add_argument("--out", help="bundle directory (default engines/NAME); an existing one must be a bundle or empty")
 
     r = command("run", "sample images with a bundle (default: the built-in demo pair)")
@@ -93,17 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="CPU backends (openvino): bf16 needs a CPU with native bf16; auto uses it only where the "
                         "bundle records it as safe (tstitch-trt check --precision bf16 --record)")
-    r.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "dpm-solver++", "pndm", "euler"],
-                   help="DiT: ddim, ddpm, dpm-solver++ (default ddim); SD: pndm, ddim, euler, dpm-solver++ "
+    r.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "dpm-solver++", "pndm", "euler", "lcm"],
+                   help="DiT: ddim, ddpm, dpm-solver++ (default ddim); SD: pndm, ddim, euler, dpm-solver++, lcm "
                         "(default: the bundle's scheduler)")
-    r.add_argument("--steps", type=int_in(1, 100_000), default=defaults.DEFAULT_STEPS, help="sampling steps")
+    r.add_argument("--steps", type=int_in(1, 100_000), default=None,
+                   help=f"sampling steps (default {defaults.DEFAULT_STEPS}; lcm {defaults.DEFAULT_LCM_STEPS})")
     g = r.add_mutually_exclusive_group()
     g.add_argument("--ratio", type=unit, default=None,
                    help="share of early steps on the small model, 0..1 (default 0.4 with two models)")
     g.add_argument("--fractions", type=parse_fractions,
                    help="one share per model in stitch order, summing to 1 (default: equal shares with 3+ models)")
     r.add_argument("--cfg-scale", type=finite, default=None, help="classifier-free guidance scale (default: DiT 1.5, "
-                                                                   "SD 7.5, SDXL 5.0)")
+                                                                   "SD 7.5, SDXL 5.0, --sampler lcm 8.5, or 1 where "
+                                                                   "a U-Net lacks LCM's guidance embedding)")
     r.add_argument("--eta", type=non_negative, default=defaults.DEFAULT_ETA, help="DDIM eta (0 = deterministic)")
     r.add_argument("--class-labels", type=parse_labels, default=None,
                    help="DiT: comma list of class labels (default: 0-9 twice for the demo, the reference's 8 labels "
@@ -280,7 +288,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if manifest.text_to_image:
         return cmd_run_sd(args, bundle, manifest)
     refuse_sd_flags(args)
-    if args.sampler in ("pndm", "euler"):
+    if args.sampler in ("pndm", "euler", "lcm"):
         raise UserError(f"--sampler {args.sampler} is for text-to-image (sd) bundles; DiT bundles take ddim, ddpm "
                         "or dpm-solver++")
     args.sampler = args.sampler or defaults.DEFAULT_SAMPLER
@@ -309,7 +317,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if labels is None:
             labels = defaults.default_class_labels(nc, is_demo)
         ratio, fractions = defaults.default_stitch(len(pipe.manifest.models), args.ratio, args.fractions)
-        res = pipe(class_labels=labels, ratio=ratio, fractions=fractions, steps=args.steps, sampler=args.sampler,
+        steps = defaults.DEFAULT_STEPS if args.steps is None else args.steps
+        res = pipe(class_labels=labels, ratio=ratio, fractions=fractions, steps=steps, sampler=args.sampler,
                    cfg_scale=args.cfg_scale, seed=args.seed, eta=args.eta, init_noise=init, progress=args.progress)
     finally:
         pipe.close()
@@ -378,6 +387,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         from tstitch_trt.cli_sd import cmd_build_sd
 
         return cmd_build_sd(args)
+    for flag in ("guidance", "lora"):
+        if getattr(args, flag, None):
+            raise UserError(f"--{flag} applies to diffusers (SD) builds, not DiT")
     cfg = build_config_from_args(args)
     from tstitch_trt.export.build import build_bundle
     from tstitch_trt.progress import Stages

@@ -53,7 +53,7 @@ def cmd_run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # mani
         ratio, fractions = defaults.default_stitch(len(manifest.models), args.ratio, args.fractions)
         res = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, num_images=num_images, ratio=ratio,
                    fractions=fractions, steps=args.steps, sampler=args.sampler,
-                   cfg_scale=args.cfg_scale, seed=args.seed,  # None: the kind's default (SD 7.5, SDXL 5.0)
+                   cfg_scale=args.cfg_scale, seed=args.seed,  # None: the kind's / sampler's default
                    height=args.height, width=args.width, eta=args.eta, init_noise=init, progress=args.progress,
                    **sdxl_time_id_args(args))
     finally:
@@ -90,6 +90,7 @@ def sdxl_time_id_args(args: argparse.Namespace) -> dict:
 
 
 def cmd_build_sd(args: argparse.Namespace) -> int:
+    from tstitch_trt.export.lora import parse_lora_spec
     from tstitch_trt.export.sd_build import SdBuildConfig, build_sd_bundle
     from tstitch_trt.recipes import _batch, _capabilities
 
@@ -103,7 +104,9 @@ def cmd_build_sd(args: argparse.Namespace) -> int:
     cfg = SdBuildConfig(models=list(args.model), out=Path(args.out), backends=backends,
                         precision=args.precision or "fp16", batch_range=args.batch_sizes or _batch("1-4"),
                         opt_level=args.opt_level if args.opt_level is not None else 3, timing_cache=args.timing_cache,
-                        compute_capabilities=_capabilities(args.compute_capabilities or ""))
+                        compute_capabilities=_capabilities(args.compute_capabilities or ""),
+                        guidance=getattr(args, "guidance", None) or "auto",
+                        loras=[parse_lora_spec(s) for s in getattr(args, "lora", None) or []])
     manifest = build_sd_bundle(cfg, on_model=lambda name: print(f"exporting {name} ...", flush=True))
     for k, v in manifest.io.get("build_seconds", {}).items():
         print(f"  {k}: {v:.1f} s")
@@ -124,6 +127,8 @@ def describe_sd_bundle(bundle: Path, m) -> str:  # m: Manifest
         f"  scheduler {sched.get('_class_name')} (default sampler {default}), "
         f"{sched.get('beta_schedule')} over {sched.get('num_train_timesteps')} timesteps",
         f"  text encoder {te.get('kind')} ({te.get('hidden_state')} hidden state): {', '.join(te.get('engines', {}))}",
+        f"  guidance {m.guidance_mode}" + (" (LCM's guidance embedding: prompts only, no negative prompt)"
+                                           if m.guidance_mode == "embedding" else " (classifier-free, batch doubled)"),
     ]
     if m.text_encoder_2:
         te2, cond = m.text_encoder_2, m.conditioning or {}
@@ -135,7 +140,10 @@ def describe_sd_bundle(bundle: Path, m) -> str:  # m: Manifest
         a = model.arch
         lines.append(f"  [{i}] {model.name}: U-Net blocks {a.get('block_out_channels')}, layers/block "
                      f"{a.get('layers_per_block')}, mid block {a.get('mid_block_type', 'UNetMidBlock2DCrossAttn')}, "
-                     f"cross-attention {a.get('cross_attention_dim')}")
+                     f"cross-attention {a.get('cross_attention_dim')}"
+                     + (f", guidance embedding {a['time_cond_proj_dim']}" if a.get("time_cond_proj_dim") else ""))
+        for lora in model.lora or []:
+            lines.append(f"      LoRA fused: {lora['source']} (scale {lora['scale']:g})")
         for kind, e in model.engines.items():
             lo, hi = e.batch_range
             lines.append(f"      {kind:8s} {e.file} ({e.precision}, batch {lo}-{hi})")

@@ -33,8 +33,9 @@ from tstitch_trt.bundle.manifest import (
     write_manifest,
 )
 from tstitch_trt.errors import UserError
+from tstitch_trt.export.lora import LoraSpec, check_loras, fuse_loras, lora_targets
 from tstitch_trt.export.unet_export import export_text_encoder, export_unet_step, text_io_spec, unet_io_spec
-from tstitch_trt.export.unet_step import UNetStepModule
+from tstitch_trt.export.unet_step import GUIDANCE_MODES, UNetStepModule
 from tstitch_trt.models.sd import SdSource, check_pair, load_text_encoder, load_unet, resolve_source
 
 BUILD_BACKENDS = ("torch", "ort", "trt", "trt-rtx")
@@ -50,6 +51,8 @@ class SdBuildConfig:
     opt_level: int = 3
     timing_cache: str | None = None
     compute_capabilities: tuple[str, ...] = ()
+    guidance: str = "auto"  # "auto" | GUIDANCE_MODES: how the step graphs take the guidance scale
+    loras: list[LoraSpec] = field(default_factory=list)  # fused into their U-Net before export
 
 
 def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None = None) -> Manifest:
@@ -63,6 +66,9 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
     large = sources[-1].pipeline
     assert large is not None  # check_pair refuses otherwise
     scheduler = _read_scheduler(large)
+    guidance = resolve_guidance(cfg.guidance, sources)
+    loras = lora_targets(cfg.loras, [s.name for s in sources])
+    check_loras(loras, [_lora_label(j, sources) for j in range(len(sources))], [s.unet_config() for s in sources])
     builders = _engine_builders(cfg)
     timings: dict[str, float] = {}
     text_len = facts["text_max_length"]
@@ -84,7 +90,7 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
             if on_model:
                 on_model(src.name)
             t0 = time.perf_counter()
-            entry, io = _write_unet(tmp, i, src, cfg, builders, text_len)
+            entry, io = _write_unet(tmp, i, src, cfg, builders, text_len, guidance, loras.get(i, []))
             entries.append(entry)
             timings[f"unet {src.name}"] = time.perf_counter() - t0
         c, s = facts["latent_channels"], facts["sample_size"]
@@ -111,10 +117,26 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             scheduler=scheduler,
-            **sdxl_parts,
+            **{k: v for k, v in sdxl_parts.items() if k != "conditioning"},
+            conditioning={**sdxl_parts.get("conditioning", {}), "guidance": guidance},
         )
         write_manifest(tmp, manifest)
     return manifest
+
+
+def resolve_guidance(requested: str, sources: list[SdSource]) -> str:
+    """"embedding" (LCM's guidance embedding, no CFG batch) when any U-Net has time_cond_proj_dim, else
+    "cfg"; --guidance cfg|embedding overrides."""
+    if requested == "auto":
+        return "embedding" if any(s.unet_config().get("time_cond_proj_dim") for s in sources) else "cfg"
+    if requested not in GUIDANCE_MODES:
+        raise UserError(f"--guidance {requested!r}: choose auto, {', '.join(GUIDANCE_MODES)}")
+    return requested
+
+
+def _lora_label(j: int, sources: list[SdSource]) -> str:
+    """How --lora names model j: small (the first), large (the last), or its name."""
+    return "small" if j == 0 else "large" if j == len(sources) - 1 else sources[j].name
 
 
 def _read_scheduler(large: Path) -> dict[str, Any]:
@@ -200,9 +222,10 @@ def _write_sdxl_text_parts(tmp: Path, large: Path, cfg: SdBuildConfig, builders:
 
 
 def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: dict | None,
-                text_len: int) -> tuple[ModelEntry, dict]:
+                text_len: int, guidance: str, loras: list[LoraSpec]) -> tuple[ModelEntry, dict]:
     unet = load_unet(src.unet_dir)
-    step = UNetStepModule(unet).eval()
+    lora = fuse_loras(unet, loras) if loras else None
+    step = UNetStepModule(unet, guidance=guidance).eval()
     tag = f"{i}-{src.name}"
     engines: dict[str, EngineEntry] = {}
     if "torch" in cfg.backends:
@@ -224,4 +247,4 @@ def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: 
                                         batch_range=cfg.batch_range, builder=info)
         graph.unlink()
     arch = {k: v for k, v in src.unet_config().items() if not k.startswith("_")}
-    return ModelEntry(name=src.name, family="unet", arch=arch, engines=engines), io
+    return ModelEntry(name=src.name, family="unet", arch=arch, engines=engines, lora=lora), io

@@ -21,7 +21,9 @@ from tstitch_trt.errors import UserError
 # model_index.json _class_name -> bundle pipeline kind
 PIPELINE_KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 UNSUPPORTED_KINDS = {"StableDiffusion3Pipeline": "SD 3", "StableDiffusionXLImg2ImgPipeline": "SDXL img2img / refiner",
-                     "StableDiffusionControlNetPipeline": "ControlNet", "LatentConsistencyModelPipeline": "LCM"}
+                     "StableDiffusionControlNetPipeline": "ControlNet"}
+# SD 1.x LCM pipelines (LatentConsistencyModelPipeline) ship the same parts; their U-Net takes LCM's guidance embedding
+PIPELINE_KINDS["LatentConsistencyModelPipeline"] = "sd"
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,10 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import math
 from pathlib import Path
+
+import torch
 
 from tstitch_trt.models.sd import randomize_
 
@@ -65,12 +68,12 @@ def write_clip_tokenizer(out: Path) -> Path:
     return out
 
 
-def tiny_unet(seed: int, small: bool):
+def tiny_unet(seed: int, small: bool, time_cond_proj_dim: int | None = None):
     """diffusers' dummy SD U-Net; the small one drops the mid block (BK-SDM-Small's change), the large
-    one has two layers per block."""
+    one has two layers per block; time_cond_proj_dim: LCM's guidance embedding width."""
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel(
+    unet = UNet2DConditionModel(time_cond_proj_dim=time_cond_proj_dim,
         block_out_channels=(4, 8), layers_per_block=1 if small else 2, sample_size=32, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, norm_num_groups=2, mid_block_type=None if small else "UNetMidBlock2DCrossAttn")
@@ -103,9 +106,11 @@ def random_unet(name: str, seed: int = 0, device: str = "cpu"):
     return randomize_(unet, seed).eval()
 
 
-def save_tiny_pair(root: Path, cross_attention_dim: int = 32) -> tuple[Path, Path]:
-    """(small bare U-Net dir, large full pipeline dir) under `root`."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
+def save_tiny_pair(root: Path, cross_attention_dim: int = 32, lcm: bool = False) -> tuple[Path, Path]:
+    """(small bare U-Net dir, large full pipeline dir) under `root`. lcm: the large is an SD 1.x LCM
+    pipeline (LatentConsistencyModelPipeline, LCMScheduler) whose U-Net takes the guidance embedding
+    (time_cond_proj_dim); the small stays a plain U-Net, as the LCM-LoRA small model of T-Stitch's LCM pair."""
+    from diffusers import AutoencoderKL, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
     from diffusers.schedulers import PNDMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -119,12 +124,65 @@ def save_tiny_pair(root: Path, cross_attention_dim: int = 32) -> tuple[Path, Pat
                                         num_attention_heads=4, num_hidden_layers=5, vocab_size=49408,
                                         max_position_embeddings=77))
     tok = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(root / "clip-tokenizer")))
-    pipe = StableDiffusionPipeline(
-        vae=randomize_(vae, 3).eval(), text_encoder=randomize_(text, 4).eval(), tokenizer=tok,
-        unet=tiny_unet(2, small=False), scheduler=PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+    parts = {"vae": randomize_(vae, 3).eval(), "text_encoder": randomize_(text, 4).eval(), "tokenizer": tok,
+             "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    if lcm:
+        pipe = LatentConsistencyModelPipeline(unet=lcm_tiny_unet(2, small=False),
+                                              scheduler=LCMScheduler.from_config(SD15_SCHEDULER), **parts)
+    else:
+        pipe = StableDiffusionPipeline(unet=tiny_unet(2, small=False),
+                                       scheduler=PNDMScheduler.from_config(SD15_SCHEDULER), **parts)
     pipe.save_pretrained(str(large_dir))
     return small_dir, large_dir
+
+
+LCM_EMBED_DIM = 32  # the tiny LCM U-Net's time_cond_proj_dim (LCM-SDXL / Dreamshaper: 256)
+
+
+def with_guidance_embedding(unet, seed: int):
+    """A copy of `unet` with LCM's guidance embedding (time_cond_proj_dim LCM_EMBED_DIM): the same weights plus
+    a random projection, scaled up (x10): the tiny U-Nets' GroupNorms absorb most of a time-embedding change,
+    and this makes the guidance value move a 2-8 step LCM result by 2e-3 to 6e-3 of its magnitude instead of
+    5e-4 to 1e-3, well beyond the 1e-4 conformance tolerance."""
+    from diffusers import UNet2DConditionModel
+
+    out = UNet2DConditionModel.from_config({**unet.config, "time_cond_proj_dim": LCM_EMBED_DIM})
+    missing = out.load_state_dict(unet.state_dict(), strict=False).missing_keys
+    assert missing == ["time_embedding.cond_proj.weight"], missing
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = out.time_embedding.cond_proj.weight
+        w.copy_(10.0 * torch.randn(w.shape, generator=gen) / math.sqrt(w.shape[1]))
+    return out.eval()
+
+
+def lcm_tiny_unet(seed: int, small: bool):
+    """tiny_unet with LCM's guidance embedding (with_guidance_embedding)."""
+    return with_guidance_embedding(tiny_unet(seed, small), seed)
+
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "time_emb_proj")  # the modules lcm-lora-sdv1-5 / lcm-lora-ssd-1b adapt
+
+
+def save_random_lora(unet_dir: Path, out: Path, seed: int = 7, rank: int = 4, alpha: float = 8.0) -> Path:
+    """A random LoRA for the U-Net in `unet_dir`, written in diffusers' format (save_lora_weights: "unet."
+    PEFT keys + adapter metadata), every LoRA weight random (PEFT zero-inits lora_B: a no-op LoRA)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(str(unet_dir))
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS), init_lora_weights=False)
+    unet.add_adapter(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel()))
+    StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=get_peft_model_state_dict(unet),
+                                              unet_lora_adapter_metadata=config.to_dict())
+    return out / "pytorch_lora_weights.safetensors"
 
 
 # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json
@@ -208,9 +266,15 @@ def main(argv: list[str] | None = None) -> int:
                                 description="write a tiny random SD pair (bare small U-Net + full large pipeline)")
     p.add_argument("out", type=Path)
     p.add_argument("--sdxl", action="store_true", help="an SDXL pair (StableDiffusionXLPipeline) instead of SD 1.x")
+    p.add_argument("--lcm", action="store_true", help="SD 1.x: the large is an LCM pipeline (guidance embedding, "
+                   "LCMScheduler); also write a random LoRA for the small U-Net under OUT/lora")
     args = p.parse_args(argv)
-    small, large = (save_tiny_sdxl_pair if args.sdxl else save_tiny_pair)(args.out)
+    if args.sdxl and args.lcm:
+        p.error("--lcm writes an SD 1.x LCM pair; it does not combine with --sdxl")
+    small, large = save_tiny_sdxl_pair(args.out) if args.sdxl else save_tiny_pair(args.out, lcm=args.lcm)
     print(f"wrote {small} and {large}")
+    if args.lcm:
+        print(f"wrote {save_random_lora(small, args.out / 'lora')}")
     return 0
 
 

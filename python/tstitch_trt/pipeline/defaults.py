@@ -10,6 +10,9 @@ DEFAULT_SAMPLER = "ddim"
 DEFAULT_CFG_SCALE = 1.5
 DEFAULT_SD_CFG_SCALE = 7.5  # text-to-image (sd) bundles, as diffusers' StableDiffusionPipeline
 DEFAULT_SDXL_CFG_SCALE = 5.0  # sdxl bundles, as diffusers' StableDiffusionXLPipeline
+DEFAULT_LCM_CFG_SCALE = 8.5  # --sampler lcm, as diffusers' LatentConsistencyModelPipeline (1.0 where a U-Net lacks
+# the guidance embedding: pipeline/guidance.py)
+DEFAULT_LCM_STEPS = 4  # --sampler lcm (LCM is meant for 2-8 steps)
 DEFAULT_ETA = 0.0
 DEFAULT_SEED = 0
 DEFAULT_RATIO = 0.4  # two models: T-Stitch's usual share of early steps on the small model

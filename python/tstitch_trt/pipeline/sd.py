@@ -25,12 +25,12 @@ import numpy as np
 
 from tstitch_trt.bundle.manifest import Manifest
 from tstitch_trt.errors import UserError
+from tstitch_trt.pipeline import guidance as lcm_guidance
 from tstitch_trt.pipeline.backends import open_bundle, open_first_backend
-from tstitch_trt.pipeline.defaults import default_sd_cfg_scale
 from tstitch_trt.pipeline.dit import SampleResult, to_uint8
 from tstitch_trt.runtime.backend import Backend
 from tstitch_trt.runtime.loop import run_stitched
-from tstitch_trt.sampling.sd_samplers import SD_SAMPLERS, default_sampler, sd_needs_noise, sd_table
+from tstitch_trt.sampling.sd_samplers import SD_SAMPLERS, default_sampler, draw_step_noise, sd_needs_noise, sd_table
 from tstitch_trt.sampling.stitch import check_fractions, steps_per_model, stitch_schedule_by_call
 from tstitch_trt.sampling.trajectory import TrajectoryPlan
 
@@ -119,10 +119,16 @@ class StitchedSDPipeline:
     def encode_prompts(self, prompts: Sequence[str], negative: Sequence[str | None],
                        time_ids: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
         """The step graphs' text conditioning by input name ({"context": (2B, L, D)}, uncond (negative) half
-        first; sdxl: + "text_embeds" (2B, P), "time_ids" (2B, 6)), and notes (truncated prompts).
+        first; sdxl: + "text_embeds" (2B, P), "time_ids" (2B, 6); under "embedding" guidance (LCM) B rows each,
+        the prompts only), and notes (truncated prompts).
 
         A None negative: no negative prompt (SD: "" as diffusers; SDXL with force_zeros_for_empty_prompt:
         zero embeddings). time_ids (sdxl): (2, 6), the negative row first; default: the bundle's image size."""
+        if self.manifest.guidance_mode == "embedding":
+            if any(negative):
+                raise UserError("a negative prompt needs classifier-free guidance, but this bundle guides through "
+                                "LCM's guidance embedding: drop the negative prompt, or rebuild with --guidance cfg")
+            negative = []
         if self.sdxl:
             return self._encode_sdxl(prompts, negative, time_ids)
         negative = ["" if n is None else n for n in negative]
@@ -173,7 +179,9 @@ class StitchedSDPipeline:
         b = len(prompts)
         if time_ids is None:
             time_ids = self.sdxl_time_ids(self.manifest.image_size, self.manifest.image_size)
-        rows = np.repeat(np.asarray(time_ids, dtype=np.float32).reshape(2, 6), b, axis=0)  # B negative, B positive
+        halves = np.asarray(time_ids, dtype=np.float32).reshape(2, 6)
+        # B negative rows, then B positive ones; "embedding" guidance (no negatives): the positive ones only
+        rows = np.repeat(halves if len(negative) else halves[1:], b, axis=0)
         cond = {"context": np.ascontiguousarray(context), "text_embeds": np.ascontiguousarray(pooled),
                 "time_ids": rows}
         return cond, list(dict.fromkeys(notes))
@@ -211,8 +219,7 @@ class StitchedSDPipeline:
             raise UserError(str(e)) from None
         noise = None
         if sd_needs_noise(sampler, eta):
-            noise = step_noise if step_noise is not None else \
-                rng.standard_normal((n_calls, *batch_shape), dtype=np.float32)
+            noise = step_noise if step_noise is not None else draw_step_noise(sampler, n_calls, batch_shape, rng)
         return TrajectoryPlan(sampler, table.timesteps, table.coef, step_model, noise), table.init_noise_sigma
 
     def __call__(
@@ -221,7 +228,7 @@ class StitchedSDPipeline:
         negative_prompt: str | Sequence[str] | None = None,
         num_images: int = 1,
         ratio: float | None = 0.4,
-        steps: int = 50,
+        steps: int | None = None,
         sampler: str | None = None,
         cfg_scale: float | None = None,
         seed: int = 0,
@@ -240,17 +247,22 @@ class StitchedSDPipeline:
         negative_crop_coords: Sequence[int] | None = None,
         negative_target_size: Sequence[int] | None = None,
     ) -> SampleResult:
-        """step_noise (U-Net calls, B, C, h, w): the per-call noise of ddim eta>0, else drawn from `seed`.
-        cfg_scale None: the kind's default (SD 7.5, SDXL 5.0). original_size .. negative_target_size: SDXL's
-        time ids (diffusers' names; (height, width) and (top, left) pairs)."""
+        """step_noise (U-Net calls, B, C, h, w): the per-call noise of ddim eta>0 and lcm, else drawn from `seed`.
+        steps / cfg_scale left out: pipeline/guidance.py's defaults (50 / SD 7.5, SDXL 5.0; lcm 4 / 8.5, or 1.0
+        where a U-Net lacks the guidance embedding). original_size .. negative_target_size: SDXL's time ids
+        (diffusers' names; (height, width) and (top, left) pairs)."""
+        sampler = sampler or self.default_sampler
+        steps = lcm_guidance.default_steps(sampler) if steps is None else steps
+        if cfg_scale is None:
+            cfg_scale = lcm_guidance.default_cfg_scale(self.manifest, sampler)
+        if sampler in SD_SAMPLERS:  # an unknown one is refused by validate, with the list
+            lcm_guidance.check_guidance(self.manifest, sampler, cfg_scale, negative_prompt is not None)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         sizes = (original_size, crop_coords, target_size, negative_original_size, negative_crop_coords,
                  negative_target_size)
         if not self.sdxl and any(v is not None for v in sizes):
             raise UserError("--original-size, --crop-coords and --target-size apply to SDXL bundles; this is an "
                             f"{self.manifest.pipeline} bundle")
-        if cfg_scale is None:
-            cfg_scale = default_sd_cfg_scale(self.manifest.pipeline)
         negatives: list[str | None]
         if negative_prompt is None:
             # SDXL tells "no negative prompt" (zeros under force_zeros_for_empty_prompt) from ""; SD encodes ""
@@ -261,7 +273,6 @@ class StitchedSDPipeline:
             negatives = list(negative_prompt)
             if len(negatives) != len(prompts):
                 raise UserError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt")
-        sampler = sampler or self.default_sampler
         c = self.manifest.latent_shape[0]
         if init_noise is not None:
             if init_noise.ndim != 4 or init_noise.shape[1] != c:
@@ -292,9 +303,8 @@ class StitchedSDPipeline:
         plan, sigma = self.plan(sampler, steps, shape, rng,
                                 None if fractions is not None else ratio, fractions, eta, step_noise)
         x_init = x_unit * np.float32(sigma)
-        # diffusers turns CFG off at cfg <= 1 (the conditional half alone); u + 1 (c - u) is that half
-        guidance = cfg_scale if cfg_scale > 1 else 1.0
-        if cfg_scale < 1:
+        guidance = lcm_guidance.graph_guidance(self.manifest, cfg_scale)
+        if cfg_scale < 1 and self.manifest.guidance_mode == "cfg":
             notes.append(f"cfg {cfg_scale} <= 1 means no guidance (as diffusers): the conditional prediction alone")
         loop = run_stitched(self.backend, plan, x_init, cond, guidance, progress=progress,
                             model_names=self.model_names)
@@ -319,10 +329,11 @@ class StitchedSDPipeline:
             "steps_per_model": steps_per_model(plan.step_model, n),  # U-Net calls per model
             "batch": batch,
             "prompts": prompts,
-            "negative_prompts": negatives,
+            "negative_prompts": negatives if self.manifest.guidance_mode == "cfg" else [],
             "height": height,
             "width": width,
             "cfg_scale": cfg_scale,
+            "guidance": self.manifest.guidance_mode,
             **({"time_ids": time_ids.tolist()} if time_ids is not None else {}),
             "seed": seed,
             "loop_mode": loop.mode,
@@ -347,7 +358,7 @@ class StitchedSDPipeline:
         if not sd_needs_noise(sampler, eta):
             return x_unit, None
         n_calls = len(sd_table(sampler, self.manifest.scheduler or {}, steps, eta).timesteps)
-        return x_unit, rng.standard_normal((n_calls, *shape), dtype=np.float32)
+        return x_unit, draw_step_noise(sampler, n_calls, shape, rng)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Final latents -> (B, H, W, 3) uint8 with the bundle's VAE (latents / scaling factor)."""

@@ -34,16 +34,21 @@ SD_COEF_NAMES = (
 )
 SD_NUM_COEFS = len(SD_COEF_NAMES)
 C = {name: i for i, name in enumerate(SD_COEF_NAMES)}
-SD_SAMPLERS = ("pndm", "ddim", "euler", "dpm-solver++")
+SD_SAMPLERS = ("pndm", "ddim", "euler", "dpm-solver++", "lcm")
 HISTORY = 3  # eps history depth (PLMS: the last three eps)
 SCHEDULER_CLASSES = {  # diffusers class in the bundle's scheduler config -> our sampler name
     "PNDMScheduler": "pndm",
     "DDIMScheduler": "ddim",
     "EulerDiscreteScheduler": "euler",
     "DPMSolverMultistepScheduler": "dpm-solver++",
+    "LCMScheduler": "lcm",
 }
 # The same defaults diffusers' classes use where the (SD 1.x) config leaves a field out.
 _SPACING_DEFAULT = {"pndm": "leading", "ddim": "leading", "euler": "linspace", "dpm-solver++": "linspace"}
+# LCMScheduler's own defaults for the fields an SD 1.x / SDXL config (PNDM, Euler) does not carry
+LCM_DEFAULTS = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "set_alpha_to_one": True,
+                "original_inference_steps": 50, "timestep_scaling": 10.0}
+LCM_SIGMA_DATA = 0.5  # LCMScheduler.sigma_data (the consistency boundary condition)
 
 
 @dataclass(frozen=True)
@@ -276,12 +281,49 @@ def dpmpp_2m_sd_table(s: SdSchedule, steps: int) -> SdTable:
     return SdTable(ts.astype(np.float32), table.astype(np.float32), 1.0)
 
 
+def lcm_table(s: SdSchedule, steps: int) -> SdTable:
+    """LCMScheduler (epsilon prediction): the consistency boundary condition over the x0 estimate,
+    denoised = c_out * x0 + c_skip * x, then x_next = sqrt(a_prev) * denoised + sqrt(1 - a_prev) * noise
+    (x_next = denoised at the last step, as diffusers returns it). Timesteps as set_timesteps picks them
+    from the original_inference_steps schedule; LCM ignores steps_offset and timestep_spacing."""
+    cfg = s.config  # with LCM_DEFAULTS under it (sd_table)
+    if cfg.get("clip_sample") or cfg.get("thresholding"):
+        raise UserError("the LCM scheduler config clips or thresholds the x0 estimate; not supported")
+    original = int(cfg["original_inference_steps"])
+    t = s.num_train_timesteps
+    if not 1 <= original <= t:
+        raise UserError(f"the scheduler config's original_inference_steps {original} is outside [1, {t}]")
+    if steps > original:
+        raise UserError(f"--steps {steps} is more than LCM's original_inference_steps {original}; give at most "
+                        f"{original} (LCM is meant for 2-8)")
+    origin = (np.arange(1, original + 1) * (t // original) - 1)[::-1]
+    ts = origin[np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)]
+    scaling = float(cfg["timestep_scaling"])
+    table = _rows(len(ts))
+    for k, tk in enumerate(ts):
+        last = k == len(ts) - 1
+        a = s.alphas_cumprod[int(tk)]
+        a_prev = a if last else s.alphas_cumprod[int(ts[k + 1])]
+        scaled = float(tk) * scaling
+        c_skip = LCM_SIGMA_DATA**2 / (scaled**2 + LCM_SIGMA_DATA**2)
+        c_out = scaled / np.sqrt(scaled**2 + LCM_SIGMA_DATA**2)
+        _vp_x0(table, k, a)
+        keep = 1.0 if last else np.sqrt(a_prev)  # the last step returns `denoised` itself
+        table[k, C["w_d"]] = keep * c_out
+        table[k, C["w_x"]] = keep * c_skip
+        table[k, C["w_e"]] = 0.0
+        table[k, C["sigma"]] = 0.0 if last else np.sqrt(1.0 - a_prev)
+    return SdTable(ts.astype(np.float32), table.astype(np.float32), 1.0)
+
+
 def sd_table(sampler: str, config: Mapping[str, Any], steps: int, eta: float = 0.0) -> SdTable:
     """The table of `sampler` (SD_SAMPLERS) for `steps` steps under the bundle's scheduler config."""
     if steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
     if sampler != "ddim" and eta:
         raise UserError(f"--eta applies to ddim only, not {sampler}")
+    if sampler == "lcm":  # LCMScheduler.from_config: the config's fields over LCM's own defaults
+        config = {**LCM_DEFAULTS, **config}
     s = SdSchedule.from_config(config)
     if steps > s.num_train_timesteps:
         raise UserError(f"--steps {steps} is more than the scheduler's {s.num_train_timesteps} training timesteps")
@@ -293,11 +335,25 @@ def sd_table(sampler: str, config: Mapping[str, Any], steps: int, eta: float = 0
         return euler_table(s, steps)
     if sampler == "dpm-solver++":
         return dpmpp_2m_sd_table(s, steps)
+    if sampler == "lcm":
+        return lcm_table(s, steps)
     raise UserError(f"unknown sampler {sampler!r} for an SD bundle; choose one of {', '.join(SD_SAMPLERS)}")
 
 
 def sd_needs_noise(sampler: str, eta: float) -> bool:
-    return sampler == "ddim" and eta > 0
+    """Whether the table injects noise: ddim with eta > 0, and lcm between steps."""
+    return (sampler == "ddim" and eta > 0) or sampler == "lcm"
+
+
+def draw_step_noise(sampler: str, n_calls: int, batch_shape: tuple[int, ...], rng: np.random.Generator
+                    ) -> np.ndarray:
+    """The per-call noise rows (n_calls, *batch_shape) from `rng`: LCM injects none at its last step, so
+    that row is zeros and only n_calls - 1 rows are drawn (as diffusers' LCMScheduler draws them)."""
+    if sampler != "lcm":
+        return rng.standard_normal((n_calls, *batch_shape), dtype=np.float32)
+    noise = np.zeros((n_calls, *batch_shape), dtype=np.float32)
+    noise[:-1] = rng.standard_normal((n_calls - 1, *batch_shape), dtype=np.float32)
+    return noise
 
 
 def check_sd_sampler(sampler: str, allowed: Sequence[str] = SD_SAMPLERS) -> None:
