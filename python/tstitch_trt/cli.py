@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tstitch_trt import __version__
+from tstitch_trt import __version__, cli_control
 from tstitch_trt.argtypes import (
     MAX_SEED,
     finite,
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--timing-cache", help="TensorRT timing cache file, reused and updated")
     b.add_argument("--compute-capabilities", help="TensorRT-RTX target GPUs, e.g. 8.9,12.0 (default: portable set)")
     b.add_argument("--out", help="bundle directory (default engines/NAME); an existing one must be a bundle or empty")
+    cli_control.add_build_flags(b)
 
     r = command("run", "sample images with a bundle (default: the built-in demo pair)")
     r.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo'")
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None, help="torch backend device: cpu or cuda (default: cuda if available)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: on a terminal, for 20+ steps)")
+    cli_control.add_run_flags(r)
 
     i = command("info", "describe a bundle and which of its backends can run here")
     i.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo'")
@@ -371,6 +373,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         from tstitch_trt.cli_sd import cmd_build_sd
 
         return cmd_build_sd(args)
+    cli_control.refuse_controlnet_build(args)
     cfg = build_config_from_args(args)
     from tstitch_trt.export.build import build_bundle
     from tstitch_trt.progress import Stages

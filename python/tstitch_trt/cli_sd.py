@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from tstitch_trt.cli_control import RUN_FLAGS as CONTROL_RUN_FLAGS
 from tstitch_trt.errors import UserError
 from tstitch_trt.pipeline import defaults
 
 DIT_ONLY_RUN_FLAGS = ("class_labels",)
-SD_ONLY_RUN_FLAGS = ("prompt", "negative_prompt", "num_images", "height", "width")
+SD_ONLY_RUN_FLAGS = ("prompt", "negative_prompt", "num_images", "height", "width", *CONTROL_RUN_FLAGS)
 
 
 def refuse_sd_flags(args: argparse.Namespace) -> None:
@@ -46,6 +47,9 @@ def cmd_run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # mani
     if args.report:
         outputs.add("--report", args.report)
     init = load_init_noise(args.init_noise) if args.init_noise else None
+    from tstitch_trt.cli_control import control_request
+
+    control = control_request(args, manifest.controlnet is not None)
     num_images = args.num_images if args.num_images is not None else 1
     pipe = StitchedSDPipeline.from_bundle(bundle, backend=args.backend, device=args.device)
     try:
@@ -54,7 +58,8 @@ def cmd_run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # mani
                    fractions=fractions, steps=args.steps, sampler=args.sampler,
                    cfg_scale=defaults.DEFAULT_SD_CFG_SCALE if args.cfg_scale is None else args.cfg_scale,
                    seed=args.seed,
-                   height=args.height, width=args.width, eta=args.eta, init_noise=init, progress=args.progress)
+                   height=args.height, width=args.width, eta=args.eta, init_noise=init, progress=args.progress,
+                   control=control)
     finally:
         pipe.close()
     rep = res.report
@@ -95,7 +100,8 @@ def cmd_build_sd(args: argparse.Namespace) -> int:
     cfg = SdBuildConfig(models=list(args.model), out=Path(args.out), backends=backends,
                         precision=args.precision or "fp16", batch_range=args.batch_sizes or _batch("1-4"),
                         opt_level=args.opt_level if args.opt_level is not None else 3, timing_cache=args.timing_cache,
-                        compute_capabilities=_capabilities(args.compute_capabilities or ""))
+                        compute_capabilities=_capabilities(args.compute_capabilities or ""),
+                        controlnet=getattr(args, "controlnet", None))
     manifest = build_sd_bundle(cfg, on_model=lambda name: print(f"exporting {name} ...", flush=True))
     for k, v in manifest.io.get("build_seconds", {}).items():
         print(f"  {k}: {v:.1f} s")

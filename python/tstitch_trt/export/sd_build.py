@@ -46,6 +46,7 @@ class SdBuildConfig:
     opt_level: int = 3
     timing_cache: str | None = None
     compute_capabilities: tuple[str, ...] = ()
+    controlnet: str | None = None  # a diffusers ControlNetModel directory or hub id, inside every step graph
 
 
 def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None = None) -> Manifest:
@@ -59,6 +60,11 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
     large = sources[-1].pipeline
     assert large is not None  # check_pair refuses otherwise
     scheduler = _read_scheduler(large)
+    control = None
+    if cfg.controlnet:
+        from tstitch_trt.export.controlnet_build import prepare_controlnet
+
+        control = prepare_controlnet(cfg.controlnet, [(s.name, s.unet_config()) for s in sources], facts["vae_factor"])
     builders = _engine_builders(cfg)
     timings: dict[str, float] = {}
     text_len = facts["text_max_length"]
@@ -72,7 +78,7 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
             if on_model:
                 on_model(src.name)
             t0 = time.perf_counter()
-            entry, io = _write_unet(tmp, i, src, cfg, builders, text_len)
+            entry, io = _write_unet(tmp, i, src, cfg, builders, text_len, control and control[1], facts["vae_factor"])
             entries.append(entry)
             timings[f"unet {src.name}"] = time.perf_counter() - t0
         c, s = facts["latent_channels"], facts["sample_size"]
@@ -82,6 +88,12 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
         vae = add_vae(tmp, str(large / "vae"), cfg.backends, cfg.batch_range, (c, s, s), precision=cfg.precision,
                       engine_builders=builders, downsample=facts["vae_factor"], dynamic_hw=True)
         timings["vae"] = time.perf_counter() - t0
+        conditioning = None
+        if control:
+            from tstitch_trt.export.controlnet_build import controlnet_entry
+
+            conditioning = {"guidance": "cfg", "controlnet": controlnet_entry(tmp, *control, cfg.backends,
+                                                                               cfg.batch_range)}
         manifest = Manifest(
             pipeline="sd",
             models=entries,
@@ -97,6 +109,7 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             scheduler=scheduler,
+            conditioning=conditioning,
         )
         write_manifest(tmp, manifest)
     return manifest
@@ -162,9 +175,11 @@ def _write_text_encoder(tmp: Path, large: Path, cfg: SdBuildConfig, builders: di
 
 
 def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: dict | None,
-                text_len: int) -> tuple[ModelEntry, dict]:
+                text_len: int, controlnet: torch.nn.Module | None = None, pixel_factor: int = 8
+                ) -> tuple[ModelEntry, dict]:
+    """pixel_factor: the VAE's (a ControlNet's image is pixel_factor x the latent)."""
     unet = load_unet(src.unet_dir)
-    step = UNetStepModule(unet).eval()
+    step = UNetStepModule(unet, controlnet).eval()
     tag = f"{i}-{src.name}"
     engines: dict[str, EngineEntry] = {}
     if "torch" in cfg.backends:
@@ -173,12 +188,12 @@ def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: 
         engines["torch"] = directory_entry(tmp, rel_dir, batch_range=cfg.batch_range)
     if "ort" in cfg.backends:
         rel = f"onnx/{tag}-fp32.onnx"
-        export_unet_step(step, tmp / rel, "fp32", text_len)
+        export_unet_step(step, tmp / rel, "fp32", text_len, pixel_factor)
         engines["ort"] = EngineEntry(file=rel, sha256=sha256_file(tmp / rel), batch_range=cfg.batch_range)
-    io = unet_io_spec(step, text_len)
+    io = unet_io_spec(step, text_len, pixel_factor)
     if builders:
         graph = tmp / f"onnx/{tag}-{cfg.precision}-src.onnx"
-        export_unet_step(step, graph, cfg.precision, text_len)
+        export_unet_step(step, graph, cfg.precision, text_len, pixel_factor)
         for kind, builder in builders.items():
             rel = f"trt/{tag}-{kind}-{cfg.precision}.plan"
             info = builder.build(graph, tmp / rel, cfg.batch_range, io)

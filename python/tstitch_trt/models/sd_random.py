@@ -7,6 +7,7 @@
   installed wheel without importing open_clip, which would need torchvision).
 
     python -m tstitch_trt.models.sd_random OUT_DIR     # OUT_DIR/small-unet, OUT_DIR/large-pipeline
+    python -m tstitch_trt.models.sd_random OUT_DIR --controlnet   # + OUT_DIR/controlnet (tiny ControlNet)
 """
 
 from __future__ import annotations
@@ -64,13 +65,14 @@ def write_clip_tokenizer(out: Path) -> Path:
     return out
 
 
-def tiny_unet(seed: int, small: bool):
+def tiny_unet(seed: int, small: bool, layers_per_block: int | None = None):
     """diffusers' dummy SD U-Net; the small one drops the mid block (BK-SDM-Small's change), the large
-    one has two layers per block."""
+    one has two layers per block (layers_per_block: the small one's, default 1)."""
     from diffusers import UNet2DConditionModel
 
+    layers = (layers_per_block or 1) if small else 2
     unet = UNet2DConditionModel(
-        block_out_channels=(4, 8), layers_per_block=1 if small else 2, sample_size=32, in_channels=4, out_channels=4,
+        block_out_channels=(4, 8), layers_per_block=layers, sample_size=32, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, norm_num_groups=2, mid_block_type=None if small else "UNetMidBlock2DCrossAttn")
     return randomize_(unet, seed).eval()
@@ -98,14 +100,14 @@ def random_unet(name: str, seed: int = 0):
     return randomize_(UNet2DConditionModel(**UNET_CONFIGS[name]), seed).eval()
 
 
-def save_tiny_pair(root: Path, cross_attention_dim: int = 32) -> tuple[Path, Path]:
+def save_tiny_pair(root: Path, cross_attention_dim: int = 32, small_layers_per_block: int = 1) -> tuple[Path, Path]:
     """(small bare U-Net dir, large full pipeline dir) under `root`."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
     from diffusers.schedulers import PNDMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     small_dir, large_dir = root / "small-unet", root / "large-pipeline"
-    tiny_unet(1, small=True).save_pretrained(str(small_dir))
+    tiny_unet(1, small=True, layers_per_block=small_layers_per_block).save_pretrained(str(small_dir))
     vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                         latent_channels=4, norm_num_groups=2)
@@ -122,13 +124,40 @@ def save_tiny_pair(root: Path, cross_attention_dim: int = 32) -> tuple[Path, Pat
     return small_dir, large_dir
 
 
+def tiny_controlnet(seed: int, cross_attention_dim: int = 32):
+    """diffusers' dummy SD ControlNet (tests/pipelines/controlnet/test_controlnet.py get_dummy_components), every
+    parameter randomized (its zero convolutions too). It fits the tiny large U-Net's residual layout."""
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel(block_out_channels=(4, 8), layers_per_block=2, in_channels=4,
+                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                          cross_attention_dim=cross_attention_dim, conditioning_embedding_out_channels=(16, 32),
+                          norm_num_groups=1)
+    return randomize_(net, seed).eval()
+
+
+def save_tiny_control_set(root: Path) -> tuple[Path, Path, Path]:
+    """(small U-Net dir, large pipeline dir, ControlNet dir): the tiny pair with a small U-Net of two layers per
+    block and no mid block, so one ControlNet fits both (as SSD-1B and SDXL share a layout), and the ControlNet."""
+    small, large = save_tiny_pair(root, small_layers_per_block=2)
+    net_dir = root / "controlnet"
+    tiny_controlnet(5).save_pretrained(str(net_dir))
+    return small, large, net_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m tstitch_trt.models.sd_random",
                                 description="write a tiny random SD pair (bare small U-Net + full large pipeline)")
     p.add_argument("out", type=Path)
+    p.add_argument("--controlnet", action="store_true",
+                   help="also write a tiny ControlNet (OUT_DIR/controlnet); the small U-Net then fits it")
     args = p.parse_args(argv)
+    if args.controlnet:
+        small, large, net = save_tiny_control_set(args.out)
+        print(f"wrote {small}, {large} and {net}")
+        return 0
     small, large = save_tiny_pair(args.out)
     print(f"wrote {small} and {large}")
     return 0

@@ -12,6 +12,7 @@ the same; the result is the same SampleResult.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 from tstitch_trt.bundle.manifest import Manifest
 from tstitch_trt.errors import UserError
 from tstitch_trt.pipeline.backends import open_bundle, open_first_backend
+from tstitch_trt.pipeline.control import ControlRequest, check_control
 from tstitch_trt.pipeline.defaults import DEFAULT_SD_CFG_SCALE
 from tstitch_trt.pipeline.dit import SampleResult, to_uint8
 from tstitch_trt.runtime.backend import Backend
@@ -158,8 +160,11 @@ class StitchedSDPipeline:
         progress: bool | None = None,
         decode: bool = True,
         step_noise: np.ndarray | None = None,
+        control: ControlRequest | None = None,
     ) -> SampleResult:
-        """step_noise (U-Net calls, B, C, h, w): the per-call noise of ddim eta>0, else drawn from `seed`."""
+        """step_noise (U-Net calls, B, C, h, w): the per-call noise of ddim eta>0, else drawn from `seed`.
+        control: the ControlNet's image and settings (bundles built with --controlnet need one)."""
+        check_control(self.manifest.controlnet is not None, control)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if negative_prompt is None:
             negatives = [""] * len(prompts)
@@ -182,10 +187,14 @@ class StitchedSDPipeline:
                 raise UserError(f"--init-noise has batch {batch} but {len(prompts)} prompts x {num_images} images "
                                 "were asked for")
             height, width = init_noise.shape[2] * self.vae_factor, init_noise.shape[3] * self.vae_factor
+        if control is not None:  # the control image sets the size not given
+            height, width = height or control.height, width or control.width
         height = height or self.manifest.image_size
         width = width or self.manifest.image_size
         batch = len(prompts) * num_images
         self.validate(None if fractions is not None else ratio, fractions, steps, sampler, height, width, batch)
+        if control is not None:
+            control.check(height, width)
         # diffusers repeats each prompt's embedding num_images times in a row
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [n for n in negatives for _ in range(num_images)]
@@ -199,6 +208,9 @@ class StitchedSDPipeline:
         plan, sigma = self.plan(sampler, steps, shape, rng,
                                 None if fractions is not None else ratio, fractions, eta, step_noise)
         x_init = x_unit * np.float32(sigma)
+        if control is not None:  # the image and guess mode per request, the scale per U-Net call
+            cond = {**cond, **control.request_arrays(batch)}
+            plan = dataclasses.replace(plan, tables={**plan.tables, "control_scale": control.scale_row(plan.steps)})
         # diffusers turns CFG off at cfg <= 1 (the conditional half alone); u + 1 (c - u) is that half
         guidance = cfg_scale if cfg_scale > 1 else 1.0
         if cfg_scale < 1:
@@ -241,6 +253,10 @@ class StitchedSDPipeline:
             "total_seconds": total,
             "notes": notes + loop.notes,
         }
+        if control is not None:
+            report["controlnet"] = {"scale": control.scale, "guess_mode": control.guess_mode,
+                                    "guidance_start": control.start, "guidance_end": control.end,
+                                    "control_scale": [float(v) for v in plan.tables["control_scale"]]}
         return SampleResult(loop.x, images, report)
 
     def request_noise(self, seed: int, batch: int, height: int, width: int, steps: int, sampler: str,

@@ -1,0 +1,172 @@
+"""ControlNet conformance: `tstitch-trt run --control-image` equals diffusers' StableDiffusionControlNetPipeline.
+
+Tiny random parts (diffusers' dummy ControlNet / U-Net / VAE / CLIP configs, every parameter random,
+the ControlNet's zero convolutions included). The reference is diffusers' own ControlNet pipeline on
+the large directory's components, started on the small U-Net and switched to the large one by
+callback_on_step_end after k calls (the T-Stitch SD rule); the ControlNet's residuals feed whichever
+U-Net runs. Same unit-Gaussian latent, same PNG; final latents agree to 1e-4 of the largest magnitude.
+Then the bad inputs: one line each, exit 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+diffusers = pytest.importorskip("diffusers")
+torch = pytest.importorskip("torch")
+
+from tstitch_trt.cli import main  # noqa: E402
+from tstitch_trt.sampling.sd_samplers import sd_table  # noqa: E402
+from tstitch_trt.sampling.stitch import stitch_schedule_by_call  # noqa: E402
+
+CLASSES = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+           "dpm-solver++": "DPMSolverMultistepScheduler"}
+PROMPT = "a photo of a cat sitting on a red chair"
+STEPS, SIZE = 8, 32  # 32 px with the dummy VAE (factor 2): latent 4x16x16, control image 32x32
+DEFAULT = {"scale": 1.0, "guess": False, "start": 0.0, "end": 1.0}
+# (sampler, ratio, ControlNet settings): two samplers at the defaults, a non-default scale, guess mode, a window
+CASES = [
+    ("pndm", 0.4, DEFAULT),
+    ("euler", 0.4, {**DEFAULT, "scale": 0.6}),
+    ("ddim", 0.4, {**DEFAULT, "guess": True}),
+    ("dpm-solver++", 0.4, {**DEFAULT, "scale": 1.3, "start": 0.2, "end": 0.7}),
+    ("pndm", 1.0, {**DEFAULT, "guess": True, "scale": 0.8, "start": 0.1}),
+]
+
+
+@pytest.fixture(scope="module")
+def control_png(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    pixels = np.random.default_rng(7).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("control") / "control.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(control_set, control_png):
+    from diffusers import (
+        ControlNetModel,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from PIL import Image
+
+    small, large, net_dir = control_set
+    base = StableDiffusionPipeline.from_pretrained(str(large), safety_checker=None, requires_safety_checker=False)
+    parts = {k: v for k, v in base.components.items() if k not in ("safety_checker", "feature_extractor",
+                                                                    "image_encoder")}
+    pipe = StableDiffusionControlNetPipeline(**parts, controlnet=ControlNetModel.from_pretrained(str(net_dir)).eval(),
+                                             safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    small_unet = UNet2DConditionModel.from_pretrained(str(small)).eval()
+    large_unet = pipe.unet
+    default_scheduler = pipe.scheduler.config
+    image = Image.open(control_png)
+
+    def run(sampler: str, ratio: float, control: dict, latents: np.ndarray) -> np.ndarray:
+        pipe.scheduler = getattr(diffusers, CLASSES[sampler]).from_config(default_scheduler)
+        n_calls = len(sd_table(sampler, dict(default_scheduler), STEPS).timesteps)
+        k = int((stitch_schedule_by_call(n_calls, 2, ratio=ratio) == 0).sum())
+        pipe.unet = small_unet if k > 0 else large_unet
+
+        def switch(p, i, t, kwargs):
+            if i + 1 == k:
+                p.unet = large_unet
+            return {}
+
+        with torch.no_grad():
+            out = pipe([PROMPT] * latents.shape[0], image=image, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                       guidance_scale=7.5, latents=torch.from_numpy(latents), output_type="latent",
+                       controlnet_conditioning_scale=control["scale"], guess_mode=control["guess"],
+                       control_guidance_start=control["start"], control_guidance_end=control["end"],
+                       callback_on_step_end=switch)
+        pipe.unet = large_unet
+        return np.asarray(out.images)
+
+    return run
+
+
+def unit_latents(batch: int = 2, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 4, SIZE // 2, SIZE // 2), dtype=np.float32)
+
+
+def control_flags(control: dict) -> list[str]:
+    flags = ["--controlnet-scale", str(control["scale"]), "--control-guidance-start", str(control["start"]),
+             "--control-guidance-end", str(control["end"])]
+    return flags + (["--guess-mode"] if control["guess"] else [])
+
+
+def run_cli(bundle: Path, tmp: Path, backend: str, sampler: str, ratio: float, image: Path, control: dict,
+            init: np.ndarray) -> tuple[np.ndarray, dict]:
+    np.save(tmp / "init.npy", init)
+    args = ["run", "--bundle", str(bundle), "--backend", backend, "--prompt", PROMPT, "--sampler", sampler,
+            "--steps", str(STEPS), "--ratio", str(ratio), "--init-noise", str(tmp / "init.npy"),
+            "--control-image", str(image), *control_flags(control),
+            "--save-latents", str(tmp / "out.npy"), "--report", str(tmp / "report.json"), "--out", str(tmp / "o.png")]
+    assert main(args) == 0
+    return np.load(tmp / "out.npy"), json.loads((tmp / "report.json").read_text())
+
+
+def rel_diff(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("sampler,ratio,control", CASES, ids=[f"{s}-{r}-{i}" for i, (s, r, _) in enumerate(CASES)])
+@pytest.mark.parametrize("backend", ["ort", "torch"])
+def test_controlnet_run_equals_diffusers(control_bundle, reference, control_png, tmp_path, backend, sampler, ratio,
+                                         control) -> None:
+    init = unit_latents()
+    ref = reference(sampler, ratio, control, init)
+    got, report = run_cli(control_bundle, tmp_path, backend, sampler, ratio, control_png, control, init)
+    assert got.shape == ref.shape == init.shape
+    assert np.abs(ref).max() > 0.1  # a real signal, not zeros against zeros
+    assert rel_diff(got, ref) < 1e-4, f"{backend} {sampler} r={ratio} {control}: {rel_diff(got, ref):.2e}"
+    n = report["unet_calls"]
+    keep = [0.0 if i / n < control["start"] or (i + 1) / n > control["end"] else 1.0 for i in range(n)]
+    assert report["controlnet"]["control_scale"] == pytest.approx([np.float32(control["scale"]) * k for k in keep])
+    assert report["controlnet"]["guess_mode"] is control["guess"]
+
+
+def test_every_setting_changes_the_result(control_bundle, reference, control_png, tmp_path) -> None:
+    """The comparisons can fail: the ControlNet's scale, guess mode and window each move the result."""
+    init = unit_latents()
+    got, _ = run_cli(control_bundle, tmp_path, "ort", "pndm", 0.4, control_png, DEFAULT, init)
+    for variant in ({"scale": 0.6}, {"guess": True}, {"start": 0.2, "end": 0.7}):
+        other = reference("pndm", 0.4, {**DEFAULT, **variant}, init)
+        assert rel_diff(got, other) > 1e-3, variant
+    large_only = reference("pndm", 0.0, DEFAULT, init)
+    assert rel_diff(got, large_only) > 1e-3  # the small U-Net ran with the ControlNet
+
+
+def test_control_image_reads_as_diffusers_processor(tmp_path) -> None:
+    """RGB conversion and the [0, 1] scaling of diffusers' control image processor, on a grayscale and an RGBA PNG."""
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+
+    from tstitch_trt.pipeline.control import read_control_image
+
+    processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False)
+    rng = np.random.default_rng(1)
+    for mode, shape in (("L", (24, 40)), ("RGBA", (24, 40, 4))):
+        path = tmp_path / f"img-{mode}.png"
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+        want = processor.preprocess(Image.open(path), height=24, width=40).numpy()[0]
+        got = read_control_image(path)
+        assert got.shape == want.shape == (3, 24, 40) and got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
+
+
+def test_control_keep_matches_diffusers() -> None:
+    from tstitch_trt.pipeline.control import control_keep
+
+    for n, start, end in ((9, 0.0, 1.0), (9, 0.2, 0.7), (51, 0.1, 0.35), (4, 0.5, 0.6)):
+        want = [1.0 - float(i / n < start or (i + 1) / n > end) for i in range(n)]
+        assert control_keep(n, start, end).tolist() == want
