@@ -170,3 +170,130 @@ def test_control_keep_matches_diffusers() -> None:
     for n, start, end in ((9, 0.0, 1.0), (9, 0.2, 0.7), (51, 0.1, 0.35), (4, 0.5, 0.6)):
         want = [1.0 - float(i / n < start or (i + 1) / n > end) for i in range(n)]
         assert control_keep(n, start, end).tolist() == want
+
+
+def test_the_control_image_sets_the_size(control_bundle, reference, tmp_path) -> None:
+    """No --height/--width: a 40x48 image makes a 40x48 run (latent 20x24, control image 2H x 2W)."""
+    from PIL import Image
+
+    png = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(png)
+    args = ["run", "--bundle", str(control_bundle), "--backend", "ort", "--prompt", PROMPT, "--steps", "4",
+            "--control-image", str(png), "--save-latents", str(tmp_path / "out.npy"),
+            "--report", str(tmp_path / "r.json"), "--out", str(tmp_path / "o.png")]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert (report["height"], report["width"]) == (40, 48)
+    assert np.load(tmp_path / "out.npy").shape == (1, 4, 20, 24)
+
+
+# ---- bad input: one line, exit 2, nothing written ---------------------------------------------------------------
+
+def one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip() and not ln.startswith("[transformers]")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def controlnet_config_dir(control_set, tmp_path: Path, **changes) -> Path:
+    """A ControlNet directory whose config.json differs from the tiny one by `changes` (refused before loading)."""
+    config = json.loads((control_set[2] / "config.json").read_text())
+    config.update(changes)
+    out = tmp_path / "net"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("changes,needles", [
+    ({"addition_embed_type": "text_time", "cross_attention_dim": 2048, "projection_class_embeddings_input_dim": 2816,
+      "addition_time_embed_dim": 256}, ["SDXL ControlNet", "addition_embed_type text_time", "SD U-Net",
+                                        "addition_embed_type None"]),
+    ({"cross_attention_dim": 64}, ["cross-attention width", "64 vs 32"]),
+    ({"in_channels": 9}, ["latent channels", "9 vs 4"]),
+    ({"layers_per_block": 1}, ["does not fit small-unet: its residuals (channels/downsampling) 4/1 4/1 4/2 8/2 8/2 "
+                               "vs the U-Net's skips 4/1 4/1 4/1 4/2 8/2 8/2 8/2;"]),
+    ({"global_pool_conditions": True}, ["global_pool_conditions", "not supported"]),
+    ({"conditioning_embedding_out_channels": [16, 32, 96]}, ["downsamples its image 4x", "VAE's factor is 2"]),
+    ({"conditioning_channels": 1}, ["1-channel", "RGB"]),
+    ({"_class_name": "UNet2DConditionModel"}, ["not a diffusers ControlNetModel"]),
+])
+def test_unfit_controlnet_is_refused_at_build(control_set, tmp_path, capsys, changes, needles) -> None:
+    small, large, _ = control_set
+    net = controlnet_config_dir(control_set, tmp_path, **changes)
+    out = tmp_path / "b"
+    code = main(["build", "--model", str(small), "--model", str(large), "--controlnet", str(net), "--backend", "ort",
+                 "--out", str(out)])
+    one_line_error(code, capsys.readouterr().err, *needles)
+    assert not out.exists()
+
+
+def test_controlnet_must_fit_every_unet(sd_pair, control_set, tmp_path, capsys) -> None:
+    """The SD pair's small U-Net has one layer per block: the large U-Net's ControlNet cannot feed it."""
+    small, large = sd_pair
+    out = tmp_path / "b"
+    code = main(["build", "--model", str(small), "--model", str(large), "--controlnet", str(control_set[2]),
+                 "--backend", "ort", "--out", str(out)])
+    one_line_error(code, capsys.readouterr().err, "does not fit small-unet", "vs the U-Net's skips 4/1 4/1 4/2 8/2 8/2")
+    assert not out.exists()
+
+
+def test_dit_build_takes_no_controlnet(control_set, tmp_path, capsys) -> None:
+    code = main(["build", "--model", "DiT-S/2=random:1", "--model", "DiT-B/2=random:2", "--controlnet",
+                 str(control_set[2]), "--out", str(tmp_path / "b")])
+    one_line_error(code, capsys.readouterr().err, "--controlnet applies to SD builds")
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.fixture()
+def png_32(tmp_path) -> Path:
+    from PIL import Image
+
+    path = tmp_path / "c.png"
+    Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--height", "48", "--width", "48"], ["control image is 32x32", "request is 48x48"]),
+    (["--control-guidance-start", "0.7", "--control-guidance-end", "0.3"], ["0 <= start < end <= 1"]),
+    (["--control-guidance-start", "1.5"], ["--control-guidance-start"]),
+    (["--controlnet-scale", "nan"], ["--controlnet-scale"]),
+])
+def test_bad_control_settings_are_one_line(control_bundle, png_32, tmp_path, capsys, extra, needles) -> None:
+    out = tmp_path / "o.png"
+    code = main(["run", "--bundle", str(control_bundle), "--backend", "ort", "--prompt", PROMPT, "--steps", "2",
+                 "--control-image", str(png_32), "--out", str(out), *extra])
+    one_line_error(code, capsys.readouterr().err, *needles)
+    assert not out.exists()
+
+
+def test_control_image_must_be_an_image(control_bundle, tmp_path, capsys) -> None:
+    bad = tmp_path / "c.png"
+    bad.write_text("not a png")
+    for image, needle in ((bad, "is not an image PIL can read"), (tmp_path / "none.png", "does not exist")):
+        code = main(["run", "--bundle", str(control_bundle), "--backend", "ort", "--prompt", PROMPT,
+                     "--control-image", str(image), "--out", str(tmp_path / "o.png")])
+        one_line_error(code, capsys.readouterr().err, needle)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_controlnet_bundle_needs_an_image(control_bundle, tmp_path, capsys) -> None:
+    code = main(["run", "--bundle", str(control_bundle), "--backend", "ort", "--prompt", PROMPT,
+                 "--out", str(tmp_path / "o.png")])
+    one_line_error(code, capsys.readouterr().err, "built with a ControlNet", "--control-image FILE")
+    code = main(["run", "--bundle", str(control_bundle), "--backend", "ort", "--prompt", PROMPT, "--guess-mode",
+                 "--out", str(tmp_path / "o.png")])
+    one_line_error(code, capsys.readouterr().err, "--guess-mode sets up a ControlNet", "--control-image FILE")
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_control_image_needs_a_controlnet_bundle(sd_bundle, tiny_pair, png_32, tmp_path, capsys) -> None:
+    code = main(["run", "--bundle", str(sd_bundle), "--backend", "ort", "--prompt", PROMPT,
+                 "--control-image", str(png_32), "--out", str(tmp_path / "o.png")])
+    one_line_error(code, capsys.readouterr().err, "--control-image needs a bundle built with --controlnet")
+    code = main(["run", "--bundle", str(tiny_pair), "--control-image", str(png_32), "--out", str(tmp_path / "o.png")])
+    one_line_error(code, capsys.readouterr().err, "--control-image applies to text-to-image")
+    assert not (tmp_path / "o.png").exists()
