@@ -297,3 +297,19 @@ def test_control_image_needs_a_controlnet_bundle(sd_bundle, tiny_pair, png_32, t
     code = main(["run", "--bundle", str(tiny_pair), "--control-image", str(png_32), "--out", str(tmp_path / "o.png")])
     one_line_error(code, capsys.readouterr().err, "--control-image applies to text-to-image")
     assert not (tmp_path / "o.png").exists()
+
+
+def test_manifest_controlnet_and_step_graph_inputs_come_together(control_bundle, sd_bundle, tmp_path) -> None:
+    from tstitch_trt.bundle.manifest import read_manifest
+    from tstitch_trt.errors import BundleError
+
+    with_net = json.loads((control_bundle / "manifest.json").read_text())
+    without = json.loads((sd_bundle / "manifest.json").read_text())
+    for name, raw in (("dropped", {**with_net, "conditioning": {"guidance": "cfg"}}),
+                      ("added", {**without, "conditioning": with_net["conditioning"]})):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps(raw))
+        with pytest.raises(BundleError, match="control_image input come together"):
+            read_manifest(d)
+    assert read_manifest(control_bundle).controlnet["family"] == "sd"

@@ -209,3 +209,27 @@ def test_trt_rtx_builds_the_sd_pair_on_cpu(sd_pair, tmp_path):
     assert artifact_path(out, vae).stat().st_size > 10_000
     assert vae.builder["options"]["profile"]["latent"][0] == [1, 4, 16, 16]
     assert not any(out.glob("**/*.onnx"))  # the graphs were only the engines' source
+
+
+@needs_rtx
+def test_trt_rtx_builds_the_controlnet_step_graphs_on_cpu(control_set, tmp_path):
+    """The tiny SD pair with the tiny ControlNet: the fp16-typed step graphs (ControlNet inside) become real
+    TensorRT-RTX plans, with the control image's profile at the VAE's pixel size (2H x 2W here)."""
+    from tstitch_trt.export.sd_build import SdBuildConfig, build_sd_bundle
+
+    small, large, net = control_set
+    out = tmp_path / "sd-control-rtx"
+    build_sd_bundle(SdBuildConfig(models=[str(small), str(large)], out=out, backends=["trt-rtx"], precision="fp16",
+                                  batch_range=(1, 2), controlnet=str(net)))
+    m = read_manifest(out)
+    assert m.backends() == ["trt-rtx"]
+    assert m.controlnet == {"source": str(net), "family": "sd", "conditioning_channels": 3, "engines": {}}
+    assert m.io["roles"]["step"][-1] == "control_scale" and "control_image" in m.io["roles"]["request"]
+    for model in m.models:
+        e = model.engines["trt-rtx"]
+        assert e.precision == "fp16" and artifact_path(out, e).stat().st_size > 10_000
+        profile = e.builder["options"]["profile"]
+        assert profile["x"] == [[1, 4, 16, 16], [2, 4, 32, 32], [2, 4, 64, 64]]
+        assert profile["control_image"] == [[1, 3, 32, 32], [2, 3, 64, 64], [2, 3, 128, 128]]
+        assert "control_scale" not in profile and "control_guess" not in profile  # scalars: static
+    assert not any(out.glob("**/*.onnx")) and not (out / "controlnet").exists()  # inside the plans only
