@@ -128,11 +128,23 @@ def test_controlnet_run_equals_diffusers(control_bundle, reference, control_png,
     got, report = run_cli(control_bundle, tmp_path, backend, sampler, ratio, control_png, control, init)
     assert got.shape == ref.shape == init.shape
     assert np.abs(ref).max() > 0.1  # a real signal, not zeros against zeros
+    print(f"controlnet {backend} {sampler} r={ratio} {control}: max abs diff / max |ref| = {rel_diff(got, ref):.2e}")
     assert rel_diff(got, ref) < 1e-4, f"{backend} {sampler} r={ratio} {control}: {rel_diff(got, ref):.2e}"
     n = report["unet_calls"]
     keep = [0.0 if i / n < control["start"] or (i + 1) / n > control["end"] else 1.0 for i in range(n)]
     assert report["controlnet"]["control_scale"] == pytest.approx([np.float32(control["scale"]) * k for k in keep])
     assert report["controlnet"]["guess_mode"] is control["guess"]
+
+
+def test_openvino_runs_the_controlnet_step_graphs(control_bundle, reference, control_png, tmp_path) -> None:
+    """OpenVINO (fp32) on the same ONNX step graphs: the scalar control_scale row bound as a view."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install '.[openvino]')")
+    sampler, ratio, control = CASES[3]
+    init = unit_latents()
+    got, _ = run_cli(control_bundle, tmp_path, "openvino", sampler, ratio, control_png, control, init)
+    ref = reference(sampler, ratio, control, init)
+    print(f"controlnet openvino {sampler} r={ratio} {control}: max abs diff / max |ref| = {rel_diff(got, ref):.2e}")
+    assert rel_diff(got, ref) < 1e-4, f"openvino: {rel_diff(got, ref):.2e}"
 
 
 def test_every_setting_changes_the_result(control_bundle, reference, control_png, tmp_path) -> None:
