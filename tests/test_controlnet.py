@@ -325,3 +325,12 @@ def test_manifest_controlnet_and_step_graph_inputs_come_together(control_bundle,
         with pytest.raises(BundleError, match="control_image input come together"):
             read_manifest(d)
     assert read_manifest(control_bundle).controlnet["family"] == "sd"
+
+
+def test_check_compares_the_controlnet_step_graphs(control_bundle, capsys) -> None:
+    """`check`: each ONNX step graph (ControlNet inside, guess mode on) against the torch step module."""
+    assert main(["check", "--bundle", str(control_bundle), "--backend", "ort"]) == 0
+    out = capsys.readouterr().out
+    for model in ("small-unet", "large-pipeline"):
+        assert any(line.split()[:3] == [model, "ort", "x_next"] and "ok" in line for line in out.splitlines()), out
+    assert "0 outside" in out

@@ -132,5 +132,9 @@ def describe_sd_bundle(bundle: Path, m) -> str:  # m: Manifest
             lo, hi = e.batch_range
             lines.append(f"      {kind:8s} {e.file} ({e.precision}, batch {lo}-{hi})")
     lines.append(f"  VAE: {', '.join(m.vae['engines']) if m.vae else 'none'}")
+    if m.controlnet:
+        net = m.controlnet
+        lines.append(f"  ControlNet ({net['family']}, {net['conditioning_channels']}-channel image) inside every U-Net "
+                     f"step graph, from {net.get('source', '?')}: run with --control-image FILE")
     lines.append(f"  backends usable for the whole set: {', '.join(m.backends()) or 'none'}")
     return "\n".join(lines)
