@@ -334,3 +334,21 @@ def test_check_compares_the_controlnet_step_graphs(control_bundle, capsys) -> No
     for model in ("small-unet", "large-pipeline"):
         assert any(line.split()[:3] == [model, "ort", "x_next"] and "ok" in line for line in out.splitlines()), out
     assert "0 outside" in out
+
+
+def test_residual_layout_is_what_the_controlnet_makes() -> None:
+    """models.controlnet.residual_layout against the residuals a diffusers ControlNet really returns."""
+    from diffusers import ControlNetModel
+
+    from tstitch_trt.models.controlnet import residual_layout
+
+    for blocks, layers in (((4, 8), 2), ((4, 8, 8), 1)):
+        net = ControlNetModel(block_out_channels=blocks, layers_per_block=layers, in_channels=4,
+                              down_block_types=("DownBlock2D",) * (len(blocks) - 1) + ("CrossAttnDownBlock2D",),
+                              cross_attention_dim=32, conditioning_embedding_out_channels=(16, 32),
+                              norm_num_groups=1).eval()
+        with torch.no_grad():
+            down, mid = net(torch.zeros(1, 4, 16, 16), 10, encoder_hidden_states=torch.zeros(1, 7, 32),
+                            controlnet_cond=torch.zeros(1, 3, 32, 32), return_dict=False)
+        made = [f"{r.shape[1]}/{16 // r.shape[2]}" for r in [*down, mid]]
+        assert residual_layout(dict(net.config)) == made

@@ -5,6 +5,7 @@ a full pipeline and supplies the tokenizer, text encoder, VAE and scheduler (T-S
 Written (per requested backend): tokenizer.json; the CLIP text encoder (torch: the diffusers
 directory; ort: fp32 ONNX; trt/trt-rtx: engine from the fp16-typed graph); one U-Net step graph per
 model (the same kinds); the VAE decoder (export/vae_export.py). The manifest is kind "sd".
+--controlnet adds one ControlNet inside every U-Net step graph (export/controlnet_build.py).
 """
 
 from __future__ import annotations
