@@ -11,8 +11,10 @@
 #      PNDM 50, ratio 0.4, torch-CUDA eager vs graph vs diffusers' StableDiffusionPipeline with the
 #      callback switch. Needs diffusers (+ transformers, tokenizers, huggingface_hub, safetensors,
 #      regex) carried in .whl/; without them it records "skipped" and why.
+#   3b. SDXL timings (gpu_check_sd.py --pair sdxl): random SSD-1B -> SDXL base U-Nets (real configs), 1024 px,
+#      batch 1, Euler 8 steps, cfg 5.0, ratio 0.4, the same three ways (diffusers: StableDiffusionXLPipeline).
 #   4. the C++ runtime: nvcc build, its CUDA tests, host overhead per step (benchmarks/gpu_check_cpp.sh).
-# Writes $OUT/gpu_check.json, $OUT/gpu_check_sd.json (+ gpu_tests.log, gpu_check.log). Run from anywhere:
+# Writes $OUT/gpu_check.json, $OUT/gpu_check_sd.json, $OUT/gpu_check_sdxl.json (+ gpu_tests.log, gpu_check.log). Run from anywhere:
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine
 #   bash benchmarks/gpu_check.sh --cpu-dry-run   # here: tiny models on the CPU, same code paths
 #
@@ -69,6 +71,10 @@ bench_rc=${PIPESTATUS[0]}
 # 3. SD timings (own budget)
 timeout 150 "$PY" benchmarks/gpu_check_sd.py "${DRY[@]}" --out "$OUT/gpu_check_sd.json" 2>&1 | tee "$OUT/gpu_check_sd.log"
 sd_rc=${PIPESTATUS[0]}
+# 3b. SDXL timings (own budget): random SSD-1B -> SDXL base U-Nets, 1024 px, batch 1, 8 Euler steps, cfg 5.0
+timeout 150 "$PY" benchmarks/gpu_check_sd.py "${DRY[@]}" --pair sdxl --out "$OUT/gpu_check_sdxl.json" 2>&1 \
+    | tee "$OUT/gpu_check_sdxl.log"
+sdxl_rc=${PIPESTATUS[0]}
 # 4. the C++ runtime (benchmarks/gpu_check_cpp.sh: nvcc build, its CUDA tests, loop host overhead per step);
 #    carry .cpp-deps (bash benchmarks/gpu_check_cpp.sh --stage) where the Debian dev packages are missing
 cpp_rc=0
@@ -76,5 +82,6 @@ if [[ ${#DRY[@]} -eq 0 ]]; then
     OUT="$OUT" timeout 420 bash benchmarks/gpu_check_cpp.sh 2>&1 | tee "$OUT/gpu_check_cpp.log"
     cpp_rc=${PIPESTATUS[0]}
 fi
-echo "gpu tests: rc=$tests_rc ($summary); timings: rc=$bench_rc; SD timings: rc=$sd_rc; C++: rc=$cpp_rc; results in $OUT"
-[[ $tests_rc -eq 0 && $bench_rc -eq 0 && $sd_rc -eq 0 && $cpp_rc -eq 0 ]]
+echo "gpu tests: rc=$tests_rc ($summary); timings: rc=$bench_rc; SD timings: rc=$sd_rc; SDXL timings: rc=$sdxl_rc;" \
+     "C++: rc=$cpp_rc; results in $OUT"
+[[ $tests_rc -eq 0 && $bench_rc -eq 0 && $sd_rc -eq 0 && $sdxl_rc -eq 0 && $cpp_rc -eq 0 ]]

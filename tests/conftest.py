@@ -85,3 +85,28 @@ def control_bundle(control_set, tmp_path_factory) -> Path:
     assert main(["build", "--model", str(small), "--model", str(large), "--controlnet", str(net),
                  "--backend", "torch,ort", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def sdxl_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(small bare SDXL U-Net dir, large StableDiffusionXLPipeline dir): diffusers' dummy SDXL parts, every
+    parameter random (models/sd_random.save_tiny_sdxl_pair)."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from tstitch_trt.models.sd_random import open_clip_vocab_file, save_tiny_sdxl_pair
+
+    if not open_clip_vocab_file().is_file():
+        pytest.skip("open_clip_torch's vocabulary file is missing (pip install --no-deps open_clip_torch)")
+    return save_tiny_sdxl_pair(tmp_path_factory.mktemp("sdxl-parts"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_bundle(sdxl_pair, tmp_path_factory) -> Path:
+    """The tiny SDXL pair built once through the CLI: torch + ort."""
+    from tstitch_trt.cli import main
+
+    out = tmp_path_factory.mktemp("sdxl-bundles") / "sdxl"
+    small, large = sdxl_pair
+    assert main(["build", "--model", str(small), "--model", str(large), "--backend", "torch,ort",
+                 "--out", str(out)]) == 0
+    return out

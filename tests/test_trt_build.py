@@ -233,3 +233,35 @@ def test_trt_rtx_builds_the_controlnet_step_graphs_on_cpu(control_set, tmp_path)
         assert profile["control_image"] == [[1, 3, 32, 32], [2, 3, 64, 64], [2, 3, 128, 128]]
         assert "control_scale" not in profile and "control_guess" not in profile  # scalars: static
     assert not any(out.glob("**/*.onnx")) and not (out / "controlnet").exists()  # inside the plans only
+
+
+@pytest.mark.slow  # ~60 s on 2 cores: five real TensorRT-RTX builds (the large U-Net step graph is half of it)
+@needs_rtx
+def test_trt_rtx_builds_the_sdxl_pair_on_cpu(sdxl_pair, tmp_path):
+    """The tiny SDXL pair: both fp16-typed text encoders (text_encoder_2 with its pooled output), the U-Net step
+    graphs with text_embeds / time_ids, and the VAE (fp16 after the PSNR probe at 1 / scaling_factor) become
+    real TensorRT-RTX plans."""
+    from tstitch_trt.export.sd_build import SdBuildConfig, build_sd_bundle
+
+    out = tmp_path / "sdxl-rtx"
+    m = build_sd_bundle(SdBuildConfig(models=[str(p) for p in sdxl_pair], out=out, backends=["trt-rtx"],
+                                      precision="fp16", batch_range=(1, 2)))
+    print(f"\nSDXL tiny pair, TensorRT-RTX fp16 build seconds: {m.io['build_seconds']}")
+    m = read_manifest(out)
+    assert m.pipeline == "sdxl" and m.backends() == ["trt-rtx"]
+    for te in (m.text_encoder, m.text_encoder_2):
+        e = te["engines"]["trt-rtx"]
+        assert e.precision == "fp16" and artifact_path(out, e).stat().st_size > 10_000
+        assert e.builder["options"]["profile"]["input_ids"] == [[2, 77], [2, 77], [4, 77]]
+    assert list(m.text_encoder_2["io"]["outputs"]) == ["text_embeddings", "text_embeds"]
+    for model in m.models:
+        e = model.engines["trt-rtx"]
+        assert e.precision == "fp16" and artifact_path(out, e).stat().st_size > 10_000
+        profile = e.builder["options"]["profile"]
+        assert profile["context"] == [[2, 77, 64], [4, 77, 64], [4, 77, 64]]
+        assert profile["text_embeds"] == [[2, 32], [4, 32], [4, 32]]
+        assert profile["time_ids"] == [[2, 6], [4, 6], [4, 6]]
+    vae = m.vae["engines"]["trt-rtx"]
+    assert vae.precision == "fp16" and artifact_path(out, vae).stat().st_size > 10_000
+    assert "x 7.678" in m.vae["notes"][0] and "VAE engines are fp16" in m.vae["notes"][0]
+    assert not any(out.glob("**/*.onnx"))

@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fractions", type=parse_fractions,
                    help="one share per model in stitch order, summing to 1 (default: equal shares with 3+ models)")
     r.add_argument("--cfg-scale", type=finite, default=None, help="classifier-free guidance scale (default: DiT 1.5, "
-                                                                   "SD 7.5)")
+                                                                   "SD 7.5, SDXL 5.0)")
     r.add_argument("--eta", type=non_negative, default=defaults.DEFAULT_ETA, help="DDIM eta (0 = deterministic)")
     r.add_argument("--class-labels", type=parse_labels, default=None,
                    help="DiT: comma list of class labels (default: 0-9 twice for the demo, the reference's 8 labels "
@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--height", type=int_in(8, 16384),
                    help="SD: image height (default: U-Net sample size x VAE factor)")
     r.add_argument("--width", type=int_in(8, 16384), help="SD: image width (default as --height)")
+    # SDXL's added time ids, diffusers' names and order (pipeline/sd.py: StitchedSDPipeline.sdxl_time_ids)
+    r.add_argument("--original-size", nargs=2, type=int_in(1, 65536), metavar=("H", "W"),
+                   help="SDXL: the original-size time id (default: --height --width)")
+    r.add_argument("--crop-coords", nargs=2, type=int_in(0, 65536), metavar=("TOP", "LEFT"),
+                   help="SDXL: the crop top-left time id (default 0 0)")
+    r.add_argument("--target-size", nargs=2, type=int_in(1, 65536), metavar=("H", "W"),
+                   help="SDXL: the target-size time id (default: --height --width)")
     r.add_argument("--seed", type=int_in(0, MAX_SEED), default=defaults.DEFAULT_SEED,
                    help="seed of the initial and per-step noise")
     r.add_argument("--init-noise", help=".npy starting latent (B, C, H, W) float; sets the batch")

@@ -16,7 +16,8 @@ from tstitch_trt.errors import UserError
 from tstitch_trt.pipeline import defaults
 
 DIT_ONLY_RUN_FLAGS = ("class_labels",)
-SD_ONLY_RUN_FLAGS = ("prompt", "negative_prompt", "num_images", "height", "width", *CONTROL_RUN_FLAGS)
+SD_ONLY_RUN_FLAGS = ("prompt", "negative_prompt", "num_images", "height", "width", "original_size", "crop_coords",
+                     "target_size", *CONTROL_RUN_FLAGS)
 
 
 def refuse_sd_flags(args: argparse.Namespace) -> None:
@@ -56,10 +57,9 @@ def cmd_run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # mani
         ratio, fractions = defaults.default_stitch(len(manifest.models), args.ratio, args.fractions)
         res = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, num_images=num_images, ratio=ratio,
                    fractions=fractions, steps=args.steps, sampler=args.sampler,
-                   cfg_scale=defaults.DEFAULT_SD_CFG_SCALE if args.cfg_scale is None else args.cfg_scale,
-                   seed=args.seed,
+                   cfg_scale=args.cfg_scale, seed=args.seed,  # None: the kind's default (SD 7.5, SDXL 5.0)
                    height=args.height, width=args.width, eta=args.eta, init_noise=init, progress=args.progress,
-                   control=control)
+                   control=control, **sdxl_time_id_args(args))
     finally:
         pipe.close()
     rep = res.report
@@ -84,6 +84,13 @@ def cmd_run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # mani
     for note in rep["notes"]:
         print(f"note: {note}")
     return 0
+
+
+def sdxl_time_id_args(args: argparse.Namespace) -> dict:
+    """--original-size / --crop-coords / --target-size, given ones only (the pipeline refuses them off SDXL)."""
+    given = {"original_size": getattr(args, "original_size", None), "crop_coords": getattr(args, "crop_coords", None),
+             "target_size": getattr(args, "target_size", None)}
+    return {k: tuple(v) for k, v in given.items() if v is not None}
 
 
 def cmd_build_sd(args: argparse.Namespace) -> int:
@@ -117,12 +124,18 @@ def describe_sd_bundle(bundle: Path, m) -> str:  # m: Manifest
     default = SCHEDULER_CLASSES.get(str(sched.get("_class_name")), "none: pass --sampler")
     te = m.text_encoder or {}
     lines = [
-        f"bundle {bundle}: text-to-image (sd), {len(m.models)} U-Nets in stitch order (smallest first)",
+        f"bundle {bundle}: text-to-image ({m.pipeline}), {len(m.models)} U-Nets in stitch order (smallest first)",
         f"  latent {c}x{h}x{w} by default ({m.image_size}px), VAE scale factor {m.latent_scale_factor}",
         f"  scheduler {sched.get('_class_name')} (default sampler {default}), "
         f"{sched.get('beta_schedule')} over {sched.get('num_train_timesteps')} timesteps",
         f"  text encoder {te.get('kind')} ({te.get('hidden_state')} hidden state): {', '.join(te.get('engines', {}))}",
     ]
+    if m.text_encoder_2:
+        te2, cond = m.text_encoder_2, m.conditioning or {}
+        lines.append(f"  text encoder 2 {te2.get('kind')} ({te2.get('hidden_state')} hidden state, pooled text_embeds "
+                     f"{cond.get('text_embeds_dim')}): {', '.join(te2.get('engines', {}))}")
+        lines.append(f"  SDXL conditioning: time ids (original size, crop, target size), "
+                     f"force_zeros_for_empty_prompt {cond.get('force_zeros_for_empty_prompt')}")
     for i, model in enumerate(m.models):
         a = model.arch
         lines.append(f"  [{i}] {model.name}: U-Net blocks {a.get('block_out_channels')}, layers/block "
@@ -132,6 +145,7 @@ def describe_sd_bundle(bundle: Path, m) -> str:  # m: Manifest
             lo, hi = e.batch_range
             lines.append(f"      {kind:8s} {e.file} ({e.precision}, batch {lo}-{hi})")
     lines.append(f"  VAE: {', '.join(m.vae['engines']) if m.vae else 'none'}")
+    lines += [f"    {note}" for note in (m.vae or {}).get("notes", [])]
     if m.controlnet:
         net = m.controlnet
         lines.append(f"  ControlNet ({net['family']}, {net['conditioning_channels']}-channel image) inside every U-Net "

@@ -237,9 +237,7 @@ class Manifest:
 
     def _validate_sd(self) -> None:
         widths = {int(m.arch["cross_attention_dim"]) for m in self.models}
-        text = (self.text_encoder or {}).get("io", {}).get("outputs", {})
-        text_width = {spec["shape"][-1] for spec in text.values()
-                      if spec["shape"] and isinstance(spec["shape"][-1], int)}
+        text_width = {self._text_width()} if self._text_width() else set()
         if len(widths) > 1 or (text_width and text_width != widths):
             listed = ", ".join(f"{m.name}: {m.arch['cross_attention_dim']}" for m in self.models)
             raise BundleError(f"the U-Nets' cross-attention widths ({listed}) and the text encoder's "
@@ -247,6 +245,8 @@ class Manifest:
         roles = self.io.get("roles")
         if not roles:
             raise BundleError("io.roles is missing: a text-to-image bundle must record its step graph's roles")
+        if self.pipeline == "sdxl":
+            self._validate_sdxl()
         names = set(self.io.get("inputs", {})) | set(self.io.get("outputs", {}))
         named = {n for pair in roles["state"] for n in pair} | set(roles["step"]) | set(roles["request"])
         if named != names:
@@ -255,6 +255,24 @@ class Manifest:
         if (self.controlnet is not None) != ("control_image" in self.io.get("inputs", {})):
             raise BundleError("conditioning.controlnet and the step graphs' control_image input come together (a "
                               "ControlNet runs inside the step graphs); rebuild the bundle")
+
+    def _validate_sdxl(self) -> None:
+        """The pooled width agrees between the conditioning, the step graphs and text_encoder_2."""
+        want = (self.conditioning or {}).get("text_embeds_dim")
+        graph = (self.io.get("inputs", {}).get("text_embeds") or {}).get("shape", [None, None])[-1]
+        pooled = ((self.text_encoder_2 or {}).get("io", {}).get("outputs", {}).get("text_embeds") or {}).get(
+            "shape", [None, None])[-1]
+        if not want or graph != want or pooled != want:
+            raise BundleError(f"the sdxl bundle's pooled text_embeds widths disagree (conditioning {want}, step graphs "
+                              f"{graph}, text_encoder_2 {pooled}); rebuild the bundle")
+
+    def _text_width(self) -> int:
+        """The context width the text encoder(s) produce (SDXL: both encoders' hidden states, concatenated)."""
+        total = 0
+        for te in (self.text_encoder, self.text_encoder_2):
+            spec = (te or {}).get("io", {}).get("outputs", {}).get("text_embeddings", {}).get("shape") or [0]
+            total += spec[-1] if isinstance(spec[-1], int) else 0
+        return total
 
     def batch_limits(self, backend: str) -> tuple[int, int]:
         """The batch range every model's artifact for `backend` was built for (VAE included)."""

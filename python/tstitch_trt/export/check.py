@@ -169,8 +169,7 @@ def run_check(args: argparse.Namespace, outputs: OutputPlan | None = None) -> in
     print(f"check {bundle}: reference torch StepModule (fp32, CPU); batch {args.batch}, seed {args.seed}, "
           f"one step at t={int(feeds['t'][0])}")
     results = _check_models(bundle, manifest, wanted, feeds, bf16=precision == "bf16")
-    if manifest.text_encoder and "torch" in manifest.text_encoder["engines"]:
-        results += _check_text_encoder(bundle, manifest, wanted, args.batch, args.seed)
+    results += _check_text_encoder(bundle, manifest, wanted, args.batch, args.seed)
     if manifest.vae and "torch" in manifest.vae["engines"]:
         results += _check_vae(bundle, manifest, wanted, args.batch, args.seed)
     _print(results)
@@ -260,30 +259,40 @@ def _check_vae(bundle: Path, manifest: Manifest, wanted: list[str], batch: int, 
 
 def _check_text_encoder(bundle: Path, manifest: Manifest, wanted: list[str], batch: int,
                         seed: int) -> list[Comparison]:
-    """The CLIP text encoder on seeded token ids (BOS, random tokens, EOS padding) for 2 x batch prompts."""
+    """The CLIP text encoder(s) on seeded token ids (BOS, random tokens, EOS padding) for 2 x batch prompts,
+    against the torch encoder taking the hidden state the manifest names (SDXL: text_encoder_2's pooled
+    text_embeds too)."""
     import torch
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    assert manifest.text_encoder is not None
-    engines: dict[str, EngineEntry] = manifest.text_encoder["engines"]
-    artifact_path(bundle, engines["torch"])
-    clip = CLIPTextModel.from_pretrained(str(bundle / engines["torch"].extra["dir"])).eval()
-    spec = manifest.text_encoder["io"]
-    (in_name, in_spec), = spec["inputs"].items()
-    (out_name, _), = spec["outputs"].items()
-    length = int(in_spec["shape"][1])
-    rng = np.random.default_rng(seed + 2)
-    vocab = int(clip.config.vocab_size)
-    ids = np.full((2 * batch, length), vocab - 1, dtype=np.int64)
-    ids[:, 0] = vocab - 2
-    ids[:, 1:12] = rng.integers(0, vocab - 2, size=(2 * batch, 11))
-    with torch.inference_mode():
-        ref = {out_name: clip(torch.from_numpy(ids), return_dict=False)[0].float().numpy()}
+    from tstitch_trt.export.unet_export import TextEncoder
+
     results = []
-    for backend in wanted:
-        if backend in engines:
-            outs, why = _run(bundle, backend, engines[backend], {in_name: ids}, [out_name])
-            results += _judge("text encoder", backend, engines[backend], ref, outs, why)
+    for label, te in (("text encoder", manifest.text_encoder), ("text encoder 2", manifest.text_encoder_2)):
+        if not te or "torch" not in te["engines"]:
+            continue
+        engines: dict[str, EngineEntry] = te["engines"]
+        artifact_path(bundle, engines["torch"])
+        cls = CLIPTextModelWithProjection if te.get("kind") == "CLIPTextModelWithProjection" else CLIPTextModel
+        clip = cls.from_pretrained(str(bundle / engines["torch"].extra["dir"])).eval()
+        enc = TextEncoder(clip, str(te.get("hidden_state", "last")), bool(te.get("pooled"))).eval()
+        spec = te["io"]
+        (in_name, in_spec), = spec["inputs"].items()
+        out_names = list(spec["outputs"])
+        length = int(in_spec["shape"][1])
+        rng = np.random.default_rng(seed + 2)
+        vocab = int(clip.config.vocab_size)
+        ids = np.full((2 * batch, length), vocab - 1, dtype=np.int64)
+        ids[:, 0] = vocab - 2
+        ids[:, 1:12] = rng.integers(0, vocab - 2, size=(2 * batch, 11))
+        with torch.inference_mode():
+            out = enc(torch.from_numpy(ids))
+        outs = out if isinstance(out, tuple) else (out,)
+        ref = {n: o.float().numpy() for n, o in zip(out_names, outs, strict=True)}
+        for backend in wanted:
+            if backend in engines:
+                got, why = _run(bundle, backend, engines[backend], {in_name: ids}, out_names)
+                results += _judge(label, backend, engines[backend], ref, got, why)
     return results
 
 

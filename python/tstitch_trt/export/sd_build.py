@@ -1,10 +1,14 @@
-"""`tstitch-trt build` for Stable Diffusion 1.x: diffusers directories -> an SD bundle.
+"""`tstitch-trt build` for Stable Diffusion 1.x and SDXL: diffusers directories -> an sd / sdxl bundle.
 
 Each --model is a diffusers pipeline directory, a U-Net directory or a hub id; the LAST must be
 a full pipeline and supplies the tokenizer, text encoder, VAE and scheduler (T-Stitch's rule).
 Written (per requested backend): tokenizer.json; the CLIP text encoder (torch: the diffusers
 directory; ort: fp32 ONNX; trt/trt-rtx: engine from the fp16-typed graph); one U-Net step graph per
 model (the same kinds); the VAE decoder (export/vae_export.py). The manifest is kind "sd".
+SDXL (a StableDiffusionXLPipeline last): also tokenizer_2 and text_encoder_2 (its graph has two
+outputs: the penultimate hidden state and the pooled text_embeds), both encoders' penultimate hidden
+state taken raw (no final layer norm, as diffusers' encode_prompt); the step graphs take text_embeds
+and time_ids; the manifest is kind "sdxl" with its conditioning (force_zeros_for_empty_prompt).
 --controlnet adds one ControlNet inside every U-Net step graph (export/controlnet_build.py).
 """
 
@@ -69,11 +73,19 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
     builders = _engine_builders(cfg)
     timings: dict[str, float] = {}
     text_len = facts["text_max_length"]
+    sdxl = facts["pipeline"] == "sdxl"
     with staged_bundle(cfg.out) as tmp:
         tokenizer = _write_tokenizer(tmp, large, text_len)
         t0 = time.perf_counter()
-        text_encoder = _write_text_encoder(tmp, large, cfg, builders, text_len, facts["cross_attention_dim"])
+        # SDXL: both encoders' penultimate hidden state, raw (diffusers' SDXL encode_prompt)
+        text_encoder = _write_text_encoder(tmp, large, cfg, builders, text_len, facts["text_width"],
+                                           layer="penultimate-raw" if sdxl else "last")
         timings["text encoder"] = time.perf_counter() - t0
+        sdxl_parts: dict[str, Any] = {}
+        if sdxl:
+            t0 = time.perf_counter()
+            sdxl_parts = _write_sdxl_text_parts(tmp, large, cfg, builders, facts)
+            timings["text encoder 2"] = time.perf_counter() - t0
         entries, io = [], None
         for i, src in enumerate(sources):
             if on_model:
@@ -86,17 +98,19 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
         t0 = time.perf_counter()
         from tstitch_trt.export.vae_export import add_vae
 
+        # the fp16 probe decodes N(0,1) / scaling_factor: what the pipeline feeds (SDXL's VAE overflows there)
         vae = add_vae(tmp, str(large / "vae"), cfg.backends, cfg.batch_range, (c, s, s), precision=cfg.precision,
-                      engine_builders=builders, downsample=facts["vae_factor"], dynamic_hw=True)
+                      engine_builders=builders, downsample=facts["vae_factor"], dynamic_hw=True,
+                      probe_scale=1.0 / facts["latent_scale_factor"] if sdxl else None)
         timings["vae"] = time.perf_counter() - t0
-        conditioning = None
+        conditioning = sdxl_parts.pop("conditioning", None)
         if control:
             from tstitch_trt.export.controlnet_build import controlnet_entry
 
-            conditioning = {"guidance": "cfg", "controlnet": controlnet_entry(tmp, *control, cfg.backends,
-                                                                               cfg.batch_range)}
+            conditioning = {**(conditioning or {"guidance": "cfg"}),
+                            "controlnet": controlnet_entry(tmp, *control, cfg.backends, cfg.batch_range)}
         manifest = Manifest(
-            pipeline="sd",
+            pipeline=facts["pipeline"],
             models=entries,
             num_classes=0,
             image_size=s * facts["vae_factor"],
@@ -111,6 +125,7 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
             tokenizer=tokenizer,
             scheduler=scheduler,
             conditioning=conditioning,
+            **sdxl_parts,
         )
         write_manifest(tmp, manifest)
     return manifest
@@ -133,46 +148,69 @@ def _engine_builders(cfg: SdBuildConfig) -> dict[str, Any] | None:
     return {k: make_engine_builder(k, cfg.opt_level, cfg.timing_cache, cfg.compute_capabilities) for k in kinds}
 
 
-def _write_tokenizer(tmp: Path, large: Path, text_len: int) -> dict[str, Any]:
-    """tokenizer.json for the runtime's `tokenizers` (transformers' CLIPTokenizer writes it)."""
+def _write_tokenizer(tmp: Path, large: Path, text_len: int, part: str = "tokenizer") -> dict[str, Any]:
+    """tokenizer.json for the runtime's `tokenizers` (transformers' CLIPTokenizer writes it); pad_id is the
+    tokenizer's own (SDXL's tokenizer_2 pads with "!", id 0)."""
     from transformers import CLIPTokenizer
 
     try:
-        tok = CLIPTokenizer.from_pretrained(str(large / "tokenizer"))
+        tok = CLIPTokenizer.from_pretrained(str(large / part))
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot load the tokenizer in {large / 'tokenizer'}: {first}") from None
-    tok.save_pretrained(str(tmp / "tokenizer"))
-    rel = "tokenizer/tokenizer.json"
+        raise UserError(f"cannot load the tokenizer in {large / part}: {first}") from None
+    tok.save_pretrained(str(tmp / part))
+    rel = f"{part}/tokenizer.json"
     if not (tmp / rel).is_file():
-        raise UserError(f"the tokenizer in {large / 'tokenizer'} could not be written as tokenizer.json")
+        raise UserError(f"the tokenizer in {large / part} could not be written as tokenizer.json")
     max_length = min(int(tok.model_max_length), text_len)
     return {"file": {"file": rel, "sha256": sha256_file(tmp / rel)}, "max_length": max_length,
             "pad_id": int(tok.pad_token_id), "kind": "clip"}
 
 
 def _write_text_encoder(tmp: Path, large: Path, cfg: SdBuildConfig, builders: dict | None, text_len: int,
-                        width: int) -> dict[str, Any]:
-    clip = load_text_encoder(large)
+                        width: int, part: str = "text_encoder", layer: str = "last",
+                        pooled_dim: int = 0) -> dict[str, Any]:
+    """One CLIP text encoder's artifacts; pooled_dim > 0 (SDXL text_encoder_2): its graphs also output the
+    pooled text_embeds."""
+    clip = load_text_encoder(large, part)
     engines: dict[str, EngineEntry] = {}
+    pooled = pooled_dim > 0
+    io = text_io_spec(text_len, width, cfg.batch_range, pooled_dim)
     if "torch" in cfg.backends:
-        clip.save_pretrained(str(tmp / "text_encoder" / "diffusers"), safe_serialization=True)
-        engines["torch"] = directory_entry(tmp, "text_encoder/diffusers")
+        clip.save_pretrained(str(tmp / part / "diffusers"), safe_serialization=True)
+        engines["torch"] = directory_entry(tmp, f"{part}/diffusers")
     if "ort" in cfg.backends:
-        rel = "text_encoder/text_encoder-fp32.onnx"
-        export_text_encoder(clip, tmp / rel, "fp32", text_len)
+        rel = f"{part}/{part}-fp32.onnx"
+        export_text_encoder(clip, tmp / rel, "fp32", text_len, layer, pooled)
         engines["ort"] = EngineEntry(file=rel, sha256=sha256_file(tmp / rel), batch_range=cfg.batch_range)
     if builders:
-        graph = tmp / f"text_encoder/text_encoder-{cfg.precision}-src.onnx"
-        export_text_encoder(clip, graph, cfg.precision, text_len)
+        graph = tmp / f"{part}/{part}-{cfg.precision}-src.onnx"
+        export_text_encoder(clip, graph, cfg.precision, text_len, layer, pooled)
         for kind, builder in builders.items():
-            rel = f"text_encoder/text_encoder-{kind}-{cfg.precision}.plan"
-            info = builder.build(graph, tmp / rel, cfg.batch_range, text_io_spec(text_len, width, cfg.batch_range))
+            rel = f"{part}/{part}-{kind}-{cfg.precision}.plan"
+            info = builder.build(graph, tmp / rel, cfg.batch_range, io)
             engines[kind] = EngineEntry(file=rel, sha256=sha256_file(tmp / rel), precision=cfg.precision,
                                         batch_range=cfg.batch_range, builder=info)
         graph.unlink()
-    return {"source": str(large / "text_encoder"), "kind": "CLIPTextModel", "hidden_state": "last",
-            "engines": engines, "io": text_io_spec(text_len, width, cfg.batch_range)}
+    entry = {"source": str(large / part), "kind": type(clip).__name__, "hidden_state": layer, "engines": engines,
+             "io": io}
+    if pooled:
+        entry["pooled"] = True
+    return entry
+
+
+def _write_sdxl_text_parts(tmp: Path, large: Path, cfg: SdBuildConfig, builders: dict | None,
+                           facts: dict[str, Any]) -> dict[str, Any]:
+    """SDXL's tokenizer_2, text_encoder_2 (OpenCLIP bigG with projection) and the manifest's conditioning."""
+    text_len = facts["text_2_max_length"]
+    return {
+        "tokenizer_2": _write_tokenizer(tmp, large, text_len, "tokenizer_2"),
+        "text_encoder_2": _write_text_encoder(tmp, large, cfg, builders, text_len, facts["text_2_width"],
+                                              part="text_encoder_2", layer="penultimate-raw",
+                                              pooled_dim=facts["text_embeds_dim"]),
+        "conditioning": {"guidance": "cfg", "force_zeros_for_empty_prompt": facts["force_zeros_for_empty_prompt"],
+                         "text_embeds_dim": facts["text_embeds_dim"], "time_ids": 6},
+    }
 
 
 def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: dict | None,

@@ -162,49 +162,69 @@ class _LayerNormFp32(torch.nn.Module):
         return torch.nn.functional.layer_norm(x.float(), self.shape, self.weight, self.bias, self.eps).to(x.dtype)
 
 
+TEXT_POOLED = "text_embeds"  # SDXL text_encoder_2's pooled, projected output (the step graphs' text_embeds)
+HIDDEN_STATES = ("last", "penultimate", "penultimate-raw")
+
+
 class TextEncoder(torch.nn.Module):
-    """input_ids (N, L) int64 -> the CLIP hidden state the pipeline uses (N, L, D) fp32."""
+    """input_ids (N, L) int64 -> the CLIP hidden state the pipeline uses (N, L, D) fp32 [, pooled (N, P) fp32].
 
-    def __init__(self, clip: torch.nn.Module, layer: str = "last"):
+    layer: "last" (SD 1.x); "penultimate" through the final layer norm (diffusers' SD clip_skip 1);
+    "penultimate-raw": hidden_states[-2] as is (diffusers' SDXL encode_prompt applies no final layer norm).
+    pooled: also return the projected pooled embedding (CLIPTextModelWithProjection's text_embeds)."""
+
+    def __init__(self, clip: torch.nn.Module, layer: str = "last", pooled: bool = False):
         super().__init__()
-        self.clip, self.layer = clip, layer
+        if layer not in HIDDEN_STATES:
+            raise ValueError(f"hidden state {layer!r} is not one of {HIDDEN_STATES}")
+        self.clip, self.layer, self.pooled = clip, layer, pooled
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out = self.clip(input_ids, output_hidden_states=self.layer != "last", return_dict=True)
         if self.layer == "last":
-            return self.clip(input_ids, return_dict=False)[0].float()
-        # penultimate (clip_skip 1), through the final layer norm as diffusers does
-        hidden = self.clip(input_ids, output_hidden_states=True, return_dict=False)[2][-2]
-        return self.clip.text_model.final_layer_norm(hidden).float()
+            hidden = out.last_hidden_state
+        elif self.layer == "penultimate":
+            hidden = self.clip.text_model.final_layer_norm(out.hidden_states[-2])
+        else:
+            hidden = out.hidden_states[-2]
+        if self.pooled:
+            return hidden.float(), out.text_embeds.float()
+        return hidden.float()
 
 
 def export_text_encoder(clip: torch.nn.Module, path: str | Path, precision: str, text_len: int,
-                        layer: str = "last") -> Path:
+                        layer: str = "last", pooled: bool = False) -> Path:
     import onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    enc = TextEncoder(copy.deepcopy(clip).to(torch.float16) if precision == "fp16" else clip, layer).eval()
+    enc = TextEncoder(copy.deepcopy(clip).to(torch.float16) if precision == "fp16" else clip, layer, pooled).eval()
     if precision == "fp16":
         for parent in list(enc.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.LayerNorm):
                     setattr(parent, name, _LayerNormFp32(child))
     ids = torch.zeros((1, text_len), dtype=torch.int64)
+    outputs = [TEXT_OUTPUT, TEXT_POOLED] if pooled else [TEXT_OUTPUT]
     with tempfile.TemporaryDirectory(prefix="tstitch-export-", dir=path.parent) as raw_dir:
         raw = Path(raw_dir) / "raw.onnx"
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(enc, (ids,), str(raw), input_names=[TEXT_INPUT], output_names=[TEXT_OUTPUT],
-                              dynamic_axes={TEXT_INPUT: {0: "N"}, TEXT_OUTPUT: {0: "N"}}, opset_version=OPSET,
+            torch.onnx.export(enc, (ids,), str(raw), input_names=[TEXT_INPUT], output_names=outputs,
+                              dynamic_axes={n: {0: "N"} for n in [TEXT_INPUT, *outputs]}, opset_version=OPSET,
                               do_constant_folding=True, dynamo=False)
         model = onnx.load(str(raw))
     save_graph(clean_graph(model), path)
     return path
 
 
-def text_io_spec(text_len: int, width: int, batch_range: tuple[int, int] = (1, 4)) -> dict:
-    """N = prompts per request, both CFG halves: 2 x the step engines' batch range."""
+def text_io_spec(text_len: int, width: int, batch_range: tuple[int, int] = (1, 4), pooled_dim: int = 0) -> dict:
+    """N = prompts per request, both CFG halves: 2 x the step engines' batch range; pooled_dim > 0: the
+    pooled text_embeds output too (SDXL's text_encoder_2)."""
     lo, hi = batch_range
+    outputs = {TEXT_OUTPUT: {"shape": ["N", text_len, width], "dtype": "float32"}}
+    if pooled_dim:
+        outputs[TEXT_POOLED] = {"shape": ["N", pooled_dim], "dtype": "float32"}
     return {"inputs": {TEXT_INPUT: {"shape": ["N", text_len], "dtype": "int64"}},
-            "outputs": {TEXT_OUTPUT: {"shape": ["N", text_len, width], "dtype": "float32"}},
+            "outputs": outputs,
             "dim_ranges": {"N": [2 * lo, 2 * min(max(lo, 1), hi), 2 * hi]}}

@@ -6,8 +6,9 @@
 - a REAL CLIP BPE tokenizer built offline from open_clip_torch's vocabulary file (read from the
   installed wheel without importing open_clip, which would need torchvision).
 
-    python -m tstitch_trt.models.sd_random OUT_DIR     # OUT_DIR/small-unet, OUT_DIR/large-pipeline
-    python -m tstitch_trt.models.sd_random OUT_DIR --controlnet   # + OUT_DIR/controlnet (tiny ControlNet)
+    python -m tstitch_trt.models.sd_random OUT_DIR          # OUT_DIR/small-unet, OUT_DIR/large-pipeline
+    python -m tstitch_trt.models.sd_random --sdxl OUT_DIR   # OUT_DIR/small-sdxl-unet, OUT_DIR/large-sdxl-pipeline
+    python -m tstitch_trt.models.sd_random [--sdxl] --controlnet OUT_DIR   # + a tiny ControlNet that fits both
 """
 
 from __future__ import annotations
@@ -93,11 +94,15 @@ BK_SDM_TINY_UNET = {
 UNET_CONFIGS = {"sd15": SD15_UNET, "bk-sdm-tiny": BK_SDM_TINY_UNET}
 
 
-def random_unet(name: str, seed: int = 0):
-    """A UNet2DConditionModel with the architecture `name` (UNET_CONFIGS) and every parameter random."""
+def random_unet(name: str, seed: int = 0, device: str = "cpu"):
+    """A UNet2DConditionModel with the architecture `name` (UNET_CONFIGS) and every parameter random, built
+    and drawn on `device` (an SDXL U-Net is 2.6 G parameters: slow to initialise on a CPU)."""
+    import torch
     from diffusers import UNet2DConditionModel
 
-    return randomize_(UNet2DConditionModel(**UNET_CONFIGS[name]), seed).eval()
+    with torch.device(device):
+        unet = UNet2DConditionModel(**UNET_CONFIGS[name])
+    return randomize_(unet, seed).eval()
 
 
 def save_tiny_pair(root: Path, cross_attention_dim: int = 32, small_layers_per_block: int = 1) -> tuple[Path, Path]:
@@ -145,20 +150,113 @@ def save_tiny_control_set(root: Path) -> tuple[Path, Path, Path]:
     return small, large, net_dir
 
 
+# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+# The SDXL base U-Net (stable-diffusion-xl-base-1.0 unet/config.json; 2567.5M parameters) ...
+SDXL_UNET = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "cross_attention_dim": 2048,
+    "attention_head_dim": (5, 10, 20), "block_out_channels": (320, 640, 1280), "use_linear_projection": True,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10), "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+}
+# ... and SSD-1B's (segmind): transformer blocks 2/4 down, 4/4/10 and 2/1/1 up, a mid block without attention
+# (ComfyUI's SSD_1B detection: transformer_depth [0,0,2,2,4,4], output [0,0,0,1,1,2,10,4,4], middle -1).
+SSD_1B_UNET = {
+    **SDXL_UNET, "transformer_layers_per_block": (1, 2, 4),
+    "reverse_transformer_layers_per_block": ((4, 4, 10), (2, 1, 1), (1, 1, 1)), "mid_block_type": "UNetMidBlock2D",
+}
+UNET_CONFIGS.update({"sdxl": SDXL_UNET, "ssd-1b": SSD_1B_UNET})
+
+
+def tiny_sdxl_unet(seed: int, small: bool):
+    """diffusers' dummy SDXL U-Net (tests/pipelines/stable_diffusion_xl get_dummy_components); the small one is
+    reduced as SSD-1B reduces SDXL: fewer transformer layers, a mid block without attention."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = dict(block_out_channels=(2, 4), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D",
+                                                                                         "UpBlock2D"),
+               attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+               addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+               projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=1)
+    if small:
+        cfg.update(transformer_layers_per_block=(1, 1), reverse_transformer_layers_per_block=((1, 1, 2), (1, 1, 1)),
+                   mid_block_type="UNetMidBlock2D")
+    return randomize_(UNet2DConditionModel(**cfg), seed).eval()
+
+
+def save_tiny_sdxl_pair(root: Path, force_zeros_for_empty_prompt: bool = True) -> tuple[Path, Path]:
+    """(small bare SDXL U-Net dir, large full StableDiffusionXLPipeline dir) under `root`: diffusers' dummy SDXL
+    components (two CLIP text encoders of width 32, projection 32; VAE (32, 64), factor 2), every parameter
+    random, the real CLIP tokenizer twice (tokenizer_2 pads with "!", id 0, as SDXL's does)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    small_dir, large_dir = root / "small-sdxl-unet", root / "large-sdxl-pipeline"
+    tiny_sdxl_unet(11, small=True).save_pretrained(str(small_dir))
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, sample_size=128, scaling_factor=0.13025)
+
+    def clip_config() -> CLIPTextConfig:
+        return CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32,
+                              intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
+                              vocab_size=49408, max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
+
+    tok_dir = write_clip_tokenizer(root / "clip-tokenizer")
+    tok = CLIPTokenizer.from_pretrained(str(tok_dir))
+    tok_2 = CLIPTokenizer.from_pretrained(str(tok_dir), pad_token="!")
+    pipe = StableDiffusionXLPipeline(
+        vae=randomize_(vae, 13).eval(), text_encoder=randomize_(CLIPTextModel(clip_config()), 14).eval(),
+        text_encoder_2=randomize_(CLIPTextModelWithProjection(clip_config()), 15).eval(), tokenizer=tok,
+        tokenizer_2=tok_2, unet=tiny_sdxl_unet(12, small=False),
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+    pipe.save_pretrained(str(large_dir))
+    return small_dir, large_dir
+
+
+def tiny_sdxl_controlnet(unet, seed: int):
+    """diffusers' dummy SDXL ControlNet (tests/pipelines/controlnet/test_controlnet_sdxl.py: the dummy SDXL U-Net's
+    config + conditioning_embedding_out_channels (16, 32)), made from `unet`'s config, every parameter random."""
+    from diffusers import ControlNetModel
+
+    return randomize_(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)), seed).eval()
+
+
+def save_tiny_sdxl_control_set(root: Path) -> tuple[Path, Path, Path]:
+    """(small SDXL U-Net dir, large SDXL pipeline dir, SDXL ControlNet dir): the small U-Net already has the large
+    one's residual layout (SSD-1B's reduction), so one ControlNet fits both."""
+    small, large = save_tiny_sdxl_pair(root)
+    net_dir = root / "sdxl-controlnet"
+    tiny_sdxl_controlnet(tiny_sdxl_unet(12, small=False), 16).save_pretrained(str(net_dir))
+    return small, large, net_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m tstitch_trt.models.sd_random",
                                 description="write a tiny random SD pair (bare small U-Net + full large pipeline)")
     p.add_argument("out", type=Path)
+    p.add_argument("--sdxl", action="store_true", help="an SDXL pair (StableDiffusionXLPipeline) instead of SD 1.x")
     p.add_argument("--controlnet", action="store_true",
-                   help="also write a tiny ControlNet (OUT_DIR/controlnet); the small U-Net then fits it")
+                   help="also write a tiny ControlNet (OUT_DIR/controlnet or OUT_DIR/sdxl-controlnet) that fits both "
+                        "U-Nets (the SD 1.x small U-Net then gets the large one's layout)")
     args = p.parse_args(argv)
     if args.controlnet:
-        small, large, net = save_tiny_control_set(args.out)
+        small, large, net = (save_tiny_sdxl_control_set if args.sdxl else save_tiny_control_set)(args.out)
         print(f"wrote {small}, {large} and {net}")
         return 0
-    small, large = save_tiny_pair(args.out)
+    small, large = (save_tiny_sdxl_pair if args.sdxl else save_tiny_pair)(args.out)
     print(f"wrote {small} and {large}")
     return 0
 

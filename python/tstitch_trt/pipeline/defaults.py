@@ -9,6 +9,7 @@ DEFAULT_STEPS = 50
 DEFAULT_SAMPLER = "ddim"
 DEFAULT_CFG_SCALE = 1.5
 DEFAULT_SD_CFG_SCALE = 7.5  # text-to-image (sd) bundles, as diffusers' StableDiffusionPipeline
+DEFAULT_SDXL_CFG_SCALE = 5.0  # sdxl bundles, as diffusers' StableDiffusionXLPipeline
 DEFAULT_ETA = 0.0
 DEFAULT_SEED = 0
 DEFAULT_RATIO = 0.4  # two models: T-Stitch's usual share of early steps on the small model
@@ -28,3 +29,8 @@ def default_stitch(num_models: int, ratio: float | None,
     if num_models == 2:
         return DEFAULT_RATIO, None
     return None, [1.0 / num_models] * num_models
+
+
+def default_sd_cfg_scale(pipeline: str) -> float:
+    """The guidance scale diffusers' pipeline of this bundle kind uses: SDXL 5.0, SD 1.x 7.5."""
+    return DEFAULT_SDXL_CFG_SCALE if pipeline == "sdxl" else DEFAULT_SD_CFG_SCALE

@@ -1,4 +1,4 @@
-"""Text-to-image SD 1.x pipeline: prompt -> text encoder (once) -> stitched U-Net loop -> VAE -> images.
+"""Text-to-image SD 1.x / SDXL pipeline: prompt -> text encoder(s) (once) -> stitched U-Net loop -> VAE -> images.
 
     pipe = StitchedSDPipeline.from_bundle("engines/bk-tiny-sd15", backend="auto")
     res = pipe(prompt="a photo of a cat", ratio=0.4, steps=50, cfg_scale=7.5, seed=0)
@@ -8,6 +8,11 @@ Semantics are diffusers' StableDiffusionPipeline's: no negative prompt encodes "
 and is scaled by the sampler's init_noise_sigma; the stitch follows the T-Stitch SD rule by U-Net
 call index ((i + 1) / n_calls <= ratio). Same names as StitchedPipeline (DiT) where the meaning is
 the same; the result is the same SampleResult.
+
+SDXL bundles follow diffusers' StableDiffusionXLPipeline: context = both encoders' penultimate hidden
+states concatenated, text_embeds = text_encoder_2's pooled output, time_ids = original size + crop
+top-left + target size (defaults (height, width), (0, 0), (height, width); the negative half the same
+unless given); no negative prompt and force_zeros_for_empty_prompt: zero uncond embeddings.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from tstitch_trt.bundle.manifest import Manifest
 from tstitch_trt.errors import UserError
 from tstitch_trt.pipeline.backends import open_bundle, open_first_backend
 from tstitch_trt.pipeline.control import ControlRequest, check_control
-from tstitch_trt.pipeline.defaults import DEFAULT_SD_CFG_SCALE
+from tstitch_trt.pipeline.defaults import default_sd_cfg_scale
 from tstitch_trt.pipeline.dit import SampleResult, to_uint8
 from tstitch_trt.runtime.backend import Backend
 from tstitch_trt.runtime.loop import run_stitched
@@ -40,6 +45,7 @@ class StitchedSDPipeline:
         self.backend_reason = backend_reason
         self._tokenizer = None
         self._text_encoder = None
+        self._sdxl_text = None  # (tokenizer, text encoder, tokenizer_2, text_encoder_2) of an sdxl bundle
         self._decoder = None
 
     @classmethod
@@ -108,10 +114,20 @@ class StitchedSDPipeline:
                 raise UserError(f"{name} {v} is outside the sizes this bundle was built for "
                                 f"[{ranges[dim][0] * f}, {ranges[dim][2] * f}]")
 
-    def encode_prompts(self, prompts: Sequence[str], negative: Sequence[str]
-                       ) -> tuple[dict[str, np.ndarray], list[str]]:
+    @property
+    def sdxl(self) -> bool:
+        return self.manifest.pipeline == "sdxl"
+
+    def encode_prompts(self, prompts: Sequence[str], negative: Sequence[str | None],
+                       time_ids: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
         """The step graphs' text conditioning by input name ({"context": (2B, L, D)}, uncond (negative) half
-        first), and notes (truncated prompts)."""
+        first; sdxl: + "text_embeds" (2B, P), "time_ids" (2B, 6)), and notes (truncated prompts).
+
+        A None negative: no negative prompt (SD: "" as diffusers; SDXL with force_zeros_for_empty_prompt:
+        zero embeddings). time_ids (sdxl): (2, 6), the negative row first; default: the bundle's image size."""
+        if self.sdxl:
+            return self._encode_sdxl(prompts, negative, time_ids)
+        negative = ["" if n is None else n for n in negative]
         if self._tokenizer is None:
             from tstitch_trt.pipeline.text import PromptTokenizer
             from tstitch_trt.pipeline.text_encoder import open_text_encoder
@@ -126,6 +142,65 @@ class StitchedSDPipeline:
         assert self._text_encoder is not None
         context = np.ascontiguousarray(self._text_encoder(ids), dtype=np.float32)
         return {"context": context}, list(dict.fromkeys(notes))
+
+    def _encode_sdxl(self, prompts: Sequence[str], negative: Sequence[str | None], time_ids: np.ndarray | None
+                     ) -> tuple[dict[str, np.ndarray], list[str]]:
+        if self._sdxl_text is None:
+            from tstitch_trt.pipeline.text import PromptTokenizer
+            from tstitch_trt.pipeline.text_encoder import open_text_encoder_outputs
+
+            m = self.manifest
+            if not (m.tokenizer and m.tokenizer_2 and m.text_encoder and m.text_encoder_2):
+                raise UserError("the sdxl bundle lacks a tokenizer or text encoder; rebuild it from a full "
+                                "StableDiffusionXLPipeline directory")
+            self._sdxl_text = (PromptTokenizer(self.bundle_dir, m.tokenizer),
+                               open_text_encoder_outputs(self.bundle_dir, m.text_encoder, self.backend.name),
+                               PromptTokenizer(self.bundle_dir, m.tokenizer_2),
+                               open_text_encoder_outputs(self.bundle_dir, m.text_encoder_2, self.backend.name))
+        tok, enc, tok_2, enc_2 = self._sdxl_text
+        zeros = bool((self.manifest.conditioning or {}).get("force_zeros_for_empty_prompt", True))
+        texts = ["" if n is None else n for n in negative] + list(prompts)
+        (ids, cut), (ids_2, cut_2) = tok(texts), tok_2(texts)
+        notes = [f"prompt {text!r} is longer than {tok.max_length} tokens and was truncated (as diffusers does)"
+                 for text, c, c2 in zip(texts, cut, cut_2, strict=True) if c or c2]
+        out, out_2 = enc(ids), enc_2(ids_2)
+        # both encoders' penultimate hidden states (raw, as the bundle's graphs output them), concatenated
+        context = np.concatenate([out["text_embeddings"], out_2["text_embeddings"]], axis=-1).astype(np.float32)
+        pooled = np.asarray(out_2["text_embeds"], dtype=np.float32)
+        if zeros:  # diffusers: no negative prompt and force_zeros_for_empty_prompt -> zero uncond embeddings
+            for i, n in enumerate(negative):
+                if n is None:
+                    context[i] = 0
+                    pooled[i] = 0
+        b = len(prompts)
+        if time_ids is None:
+            time_ids = self.sdxl_time_ids(self.manifest.image_size, self.manifest.image_size)
+        rows = np.repeat(np.asarray(time_ids, dtype=np.float32).reshape(2, 6), b, axis=0)  # B negative, B positive
+        cond = {"context": np.ascontiguousarray(context), "text_embeds": np.ascontiguousarray(pooled),
+                "time_ids": rows}
+        return cond, list(dict.fromkeys(notes))
+
+    @staticmethod
+    def sdxl_time_ids(height: int, width: int, original_size: Sequence[int] | None = None,
+                      crop_coords: Sequence[int] | None = None, target_size: Sequence[int] | None = None,
+                      negative_original_size: Sequence[int] | None = None,
+                      negative_crop_coords: Sequence[int] | None = None,
+                      negative_target_size: Sequence[int] | None = None) -> np.ndarray:
+        """(2, 6) float32: the negative then the positive (original size, crop top-left, target size), with
+        diffusers' defaults: (height, width), (0, 0), (height, width); the negative row equals the positive
+        unless a negative original AND target size are given (diffusers' rule)."""
+        for name, v in (("--original-size", original_size), ("--crop-coords", crop_coords),
+                        ("--target-size", target_size), ("negative original size", negative_original_size),
+                        ("negative crop coords", negative_crop_coords), ("negative target size", negative_target_size)):
+            if v is not None and (len(v) != 2 or any(int(x) != x or not 0 <= x <= 65536 for x in v)):
+                raise UserError(f"{name} must be two whole numbers in [0, 65536], got {list(v)}")
+            if v is not None and "crop" not in name and min(v) < 1:
+                raise UserError(f"{name} must be two positive sizes (height width), got {list(v)}")
+        pos = [*(original_size or (height, width)), *(crop_coords or (0, 0)), *(target_size or (height, width))]
+        neg = pos
+        if negative_original_size is not None and negative_target_size is not None:
+            neg = [*negative_original_size, *(negative_crop_coords or (0, 0)), *negative_target_size]
+        return np.array([neg, pos], dtype=np.float32)
 
     def plan(self, sampler: str, steps: int, batch_shape: tuple[int, ...], rng: np.random.Generator,
              ratio: float | None, fractions: Sequence[float] | None, eta: float,
@@ -150,7 +225,7 @@ class StitchedSDPipeline:
         ratio: float | None = 0.4,
         steps: int = 50,
         sampler: str | None = None,
-        cfg_scale: float = DEFAULT_SD_CFG_SCALE,
+        cfg_scale: float | None = None,
         seed: int = 0,
         fractions: Sequence[float] | None = None,
         height: int | None = None,
@@ -160,14 +235,31 @@ class StitchedSDPipeline:
         progress: bool | None = None,
         decode: bool = True,
         step_noise: np.ndarray | None = None,
+        original_size: Sequence[int] | None = None,
+        crop_coords: Sequence[int] | None = None,
+        target_size: Sequence[int] | None = None,
+        negative_original_size: Sequence[int] | None = None,
+        negative_crop_coords: Sequence[int] | None = None,
+        negative_target_size: Sequence[int] | None = None,
         control: ControlRequest | None = None,
     ) -> SampleResult:
         """step_noise (U-Net calls, B, C, h, w): the per-call noise of ddim eta>0, else drawn from `seed`.
-        control: the ControlNet's image and settings (bundles built with --controlnet need one)."""
+        cfg_scale None: the kind's default (SD 7.5, SDXL 5.0). original_size .. negative_target_size: SDXL's
+        time ids (diffusers' names; (height, width) and (top, left) pairs). control: the ControlNet's image and
+        settings (bundles built with --controlnet need one)."""
         check_control(self.manifest.controlnet is not None, control)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        sizes = (original_size, crop_coords, target_size, negative_original_size, negative_crop_coords,
+                 negative_target_size)
+        if not self.sdxl and any(v is not None for v in sizes):
+            raise UserError("--original-size, --crop-coords and --target-size apply to SDXL bundles; this is an "
+                            f"{self.manifest.pipeline} bundle")
+        if cfg_scale is None:
+            cfg_scale = default_sd_cfg_scale(self.manifest.pipeline)
+        negatives: list[str | None]
         if negative_prompt is None:
-            negatives = [""] * len(prompts)
+            # SDXL tells "no negative prompt" (zeros under force_zeros_for_empty_prompt) from ""; SD encodes ""
+            negatives = [None if self.sdxl else ""] * len(prompts)
         elif isinstance(negative_prompt, str):
             negatives = [negative_prompt] * len(prompts)
         else:
@@ -198,8 +290,9 @@ class StitchedSDPipeline:
         # diffusers repeats each prompt's embedding num_images times in a row
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [n for n in negatives for _ in range(num_images)]
+        time_ids = self.sdxl_time_ids(height, width, *sizes) if self.sdxl else None
         t0 = time.perf_counter()
-        cond, notes = self.encode_prompts(prompts, negatives)
+        cond, notes = self.encode_prompts(prompts, negatives, time_ids)
         encode_s = time.perf_counter() - t0
         rng = np.random.default_rng(seed)
         shape = (batch, c, height // self.vae_factor, width // self.vae_factor)
@@ -225,7 +318,7 @@ class StitchedSDPipeline:
         total = time.perf_counter() - t0
         n = len(self.manifest.models)
         report = {
-            "pipeline": "sd",
+            "pipeline": self.manifest.pipeline,
             "backend": self.backend.name,
             "backend_reason": self.backend_reason,
             "device": self.backend.device,
@@ -242,6 +335,7 @@ class StitchedSDPipeline:
             "height": height,
             "width": width,
             "cfg_scale": cfg_scale,
+            **({"time_ids": time_ids.tolist()} if time_ids is not None else {}),
             "seed": seed,
             "loop_mode": loop.mode,
             "step_ms": [round(v, 4) for v in loop.step_ms],

@@ -1,20 +1,36 @@
-"""The bundle's text encoder: token ids (N, L) int64 -> embeddings (N, L, D) fp32, on the backend's side."""
+"""The bundle's text encoder(s): token ids (N, L) int64 -> embeddings (N, L, D) fp32, on the backend's side.
+
+SDXL's text_encoder_2 also outputs the pooled text_embeds (N, P): open_text_encoder_outputs returns
+every output of an encoder by name.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from tstitch_trt.bundle.manifest import Manifest, artifact_path
 from tstitch_trt.errors import UserError
 
+TEXT_OUTPUT = "text_embeddings"  # = export.unet_export.TEXT_OUTPUT (that module needs torch)
+
 
 def open_text_encoder(bundle_dir: Path, manifest: Manifest, backend: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The first text encoder's hidden state (SD 1.x: the context)."""
     if manifest.text_encoder is None:
         raise UserError("the bundle has no text encoder; rebuild it from a full SD pipeline directory")
-    engines = manifest.text_encoder["engines"]
+    encode = open_text_encoder_outputs(bundle_dir, manifest.text_encoder, backend)
+    return lambda ids: encode(ids)[TEXT_OUTPUT]
+
+
+def open_text_encoder_outputs(bundle_dir: Path, te: Mapping[str, Any], backend: str
+                              ) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """A manifest text-encoder entry -> a function ids -> {output name: fp32 array} (its io's outputs)."""
+    engines = te["engines"]
+    names = list(te["io"]["outputs"])
     kind = backend if backend in engines else ("ort" if "ort" in engines else "torch")
     if kind not in engines:
         raise UserError(f"the bundle's text encoder has no artifact usable with {backend} (has: {', '.join(engines)})")
@@ -23,22 +39,28 @@ def open_text_encoder(bundle_dir: Path, manifest: Manifest, backend: str) -> Cal
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(artifact_path(bundle_dir, entry)), providers=["CPUExecutionProvider"])
-        out = sess.get_outputs()[0].name
-        return lambda ids: sess.run([out], {sess.get_inputs()[0].name: ids.astype(np.int64)})[0]
+        inp = sess.get_inputs()[0].name
+        return lambda ids: dict(zip(names, sess.run(names, {inp: ids.astype(np.int64)}), strict=True))
     if kind == "torch":
         import torch
-        from transformers import CLIPTextModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        from tstitch_trt.export.unet_export import TextEncoder
 
         artifact_path(bundle_dir, entry)  # checksum of the weights
-        clip = CLIPTextModel.from_pretrained(str(bundle_dir / entry.extra["dir"])).eval()
+        cls = CLIPTextModelWithProjection if te.get("kind") == "CLIPTextModelWithProjection" else CLIPTextModel
+        clip = cls.from_pretrained(str(Path(bundle_dir) / entry.extra["dir"])).eval()
+        enc = TextEncoder(clip, str(te.get("hidden_state", "last")), bool(te.get("pooled"))).eval()
 
-        def encode(ids: np.ndarray) -> np.ndarray:
+        def encode(ids: np.ndarray) -> dict[str, np.ndarray]:
             with torch.no_grad():
-                return clip(torch.from_numpy(ids.astype(np.int64)), return_dict=False)[0].float().numpy()
+                out = enc(torch.from_numpy(ids.astype(np.int64)))
+            outs = out if isinstance(out, tuple) else (out,)
+            return {n: o.float().numpy() for n, o in zip(names, outs, strict=True)}
 
         return encode
     from tstitch_trt.runtime.trt_engine import TrtEngineRunner
 
     runner = TrtEngineRunner(bundle_dir, entry, kind, "text encoder")  # once per request, before the U-Net loop
-    out = runner.outputs[0]
-    return lambda ids: runner({runner.inputs[0]: ids})[out].astype(np.float32)
+    return lambda ids: {n: a.astype(np.float32) for n, a in runner({runner.inputs[0]: ids}).items() if n in names}
+
