@@ -110,3 +110,28 @@ def sdxl_bundle(sdxl_pair, tmp_path_factory) -> Path:
     assert main(["build", "--model", str(small), "--model", str(large), "--backend", "torch,ort",
                  "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def sdxl_control_set(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(small SDXL U-Net dir, large SDXL pipeline dir, SDXL ControlNet dir): diffusers' dummy SDXL parts and
+    ControlNet, every parameter random (models/sd_random.save_tiny_sdxl_control_set)."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from tstitch_trt.models.sd_random import open_clip_vocab_file, save_tiny_sdxl_control_set
+
+    if not open_clip_vocab_file().is_file():
+        pytest.skip("open_clip_torch's vocabulary file is missing (pip install --no-deps open_clip_torch)")
+    return save_tiny_sdxl_control_set(tmp_path_factory.mktemp("sdxl-control-parts"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_control_bundle(sdxl_control_set, tmp_path_factory) -> Path:
+    """The tiny SDXL pair with the tiny SDXL ControlNet, built once through the CLI: torch + ort."""
+    from tstitch_trt.cli import main
+
+    out = tmp_path_factory.mktemp("sdxl-control-bundles") / "sdxl-control"
+    small, large, net = sdxl_control_set
+    assert main(["build", "--model", str(small), "--model", str(large), "--controlnet", str(net),
+                 "--backend", "torch,ort", "--out", str(out)]) == 0
+    return out
