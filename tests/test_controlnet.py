@@ -282,6 +282,18 @@ def test_bad_control_settings_are_one_line(control_bundle, png_32, tmp_path, cap
     assert not out.exists()
 
 
+def test_control_image_setting_an_unusable_size(control_bundle, tmp_path, capsys) -> None:
+    from PIL import Image
+
+    png = tmp_path / "odd.png"
+    Image.fromarray(np.zeros((34, 32, 3), np.uint8)).save(png)
+    code = main(["run", "--bundle", str(control_bundle), "--backend", "ort", "--prompt", PROMPT,
+                 "--control-image", str(png), "--out", str(tmp_path / "o.png")])
+    one_line_error(code, capsys.readouterr().err, "control image is 34x32 (HxW) and sets the output size",
+                   "multiple of 4")
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_control_image_must_be_an_image(control_bundle, tmp_path, capsys) -> None:
     bad = tmp_path / "c.png"
     bad.write_text("not a png")

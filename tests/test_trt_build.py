@@ -211,6 +211,7 @@ def test_trt_rtx_builds_the_sd_pair_on_cpu(sd_pair, tmp_path):
     assert not any(out.glob("**/*.onnx"))  # the graphs were only the engines' source
 
 
+@pytest.mark.slow  # ~50 s on 2 cores: five real TensorRT-RTX builds (the two ControlNet step graphs are 3/4 of it)
 @needs_rtx
 def test_trt_rtx_builds_the_controlnet_step_graphs_on_cpu(control_set, tmp_path):
     """The tiny SD pair with the tiny ControlNet: the fp16-typed step graphs (ControlNet inside) become real

@@ -54,6 +54,13 @@ class ControlRequest:
                             f"{width}; give an image of the output size, or drop --height/--width to take the "
                             "image's size")
 
+    def check_sets_size(self, height: int | None, width: int | None, multiple: int) -> None:
+        """Where the image sets the output size (no --height / --width), that size must suit the U-Nets."""
+        sets = [v for v, given in ((self.height, height), (self.width, width)) if given is None]
+        if any(v % multiple for v in sets):
+            raise UserError(f"the control image is {self.height}x{self.width} (HxW) and sets the output size, which "
+                            f"must be a multiple of {multiple} (VAE factor x U-Net downsampling); resize the image")
+
     def request_arrays(self, batch: int) -> dict[str, np.ndarray]:
         """The step graphs' control_image (B, 3, H, W) and control_guess ()."""
         image = np.ascontiguousarray(np.repeat(self.image[None], batch, axis=0), dtype=np.float32)

@@ -280,6 +280,7 @@ class StitchedSDPipeline:
                                 "were asked for")
             height, width = init_noise.shape[2] * self.vae_factor, init_noise.shape[3] * self.vae_factor
         if control is not None:  # the control image sets the size not given
+            control.check_sets_size(height, width, self.vae_factor * self._unet_down_factor())
             height, width = height or control.height, width or control.width
         height = height or self.manifest.image_size
         width = width or self.manifest.image_size
