@@ -96,8 +96,12 @@ def rel_diff(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
-@pytest.mark.parametrize("sampler,ratio,negative,control", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("backend", ["ort", "torch"])
+# every case on ORT; the torch backend on the richest one (guess mode, a negative prompt): on a loaded 2-core
+# machine a tiny torch CPU run can take ~50 s (its OpenMP threads contend), against ~1 s on ORT
+RUNS = [("ort", *c) for c in CASES] + [("torch", *CASES[1])]
+
+
+@pytest.mark.parametrize("backend,sampler,ratio,negative,control", RUNS, ids=[f"{r[0]}-{r[1]}" for r in RUNS])
 def test_sdxl_controlnet_run_equals_diffusers(sdxl_control_bundle, reference, control_png, tmp_path, backend,
                                               sampler, ratio, negative, control) -> None:
     init = np.random.default_rng(0).standard_normal((2, 4, SIZE // 2, SIZE // 2), dtype=np.float32)
