@@ -63,6 +63,31 @@ def sd_bundle(sd_pair, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def control_set(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(small U-Net dir, large SD pipeline dir, ControlNet dir): diffusers' dummy parts, every parameter random;
+    the small U-Net shares the large one's residual layout so the ControlNet feeds both."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from tstitch_trt.models.sd_random import open_clip_vocab_file, save_tiny_control_set
+
+    if not open_clip_vocab_file().is_file():
+        pytest.skip("open_clip_torch's vocabulary file is missing (pip install --no-deps open_clip_torch)")
+    return save_tiny_control_set(tmp_path_factory.mktemp("control-parts"))
+
+
+@pytest.fixture(scope="session")
+def control_bundle(control_set, tmp_path_factory) -> Path:
+    """The tiny SD pair with the tiny ControlNet, built once through the CLI: torch + ort."""
+    from tstitch_trt.cli import main
+
+    out = tmp_path_factory.mktemp("control-bundles") / "sd-control"
+    small, large, net = control_set
+    assert main(["build", "--model", str(small), "--model", str(large), "--controlnet", str(net),
+                 "--backend", "torch,ort", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def sdxl_pair(tmp_path_factory) -> tuple[Path, Path]:
     """(small bare SDXL U-Net dir, large StableDiffusionXLPipeline dir): diffusers' dummy SDXL parts, every
     parameter random (models/sd_random.save_tiny_sdxl_pair)."""
@@ -84,4 +109,29 @@ def sdxl_bundle(sdxl_pair, tmp_path_factory) -> Path:
     small, large = sdxl_pair
     assert main(["build", "--model", str(small), "--model", str(large), "--backend", "torch,ort",
                  "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def sdxl_control_set(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(small SDXL U-Net dir, large SDXL pipeline dir, SDXL ControlNet dir): diffusers' dummy SDXL parts and
+    ControlNet, every parameter random (models/sd_random.save_tiny_sdxl_control_set)."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from tstitch_trt.models.sd_random import open_clip_vocab_file, save_tiny_sdxl_control_set
+
+    if not open_clip_vocab_file().is_file():
+        pytest.skip("open_clip_torch's vocabulary file is missing (pip install --no-deps open_clip_torch)")
+    return save_tiny_sdxl_control_set(tmp_path_factory.mktemp("sdxl-control-parts"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_control_bundle(sdxl_control_set, tmp_path_factory) -> Path:
+    """The tiny SDXL pair with the tiny SDXL ControlNet, built once through the CLI: torch + ort."""
+    from tstitch_trt.cli import main
+
+    out = tmp_path_factory.mktemp("sdxl-control-bundles") / "sdxl-control"
+    small, large, net = sdxl_control_set
+    assert main(["build", "--model", str(small), "--model", str(large), "--controlnet", str(net),
+                 "--backend", "torch,ort", "--out", str(out)]) == 0
     return out

@@ -369,6 +369,8 @@ MANIFEST_CASES = [
     ("SDXL DiT model", "sdxl", [_set("/models/1/family", "dit")]),
     ("SDXL text widths do not sum", "sdxl", [_set("/text_encoder_2/io/outputs/text_embeddings/shape/2", 8)]),
     ("SDXL pooled width differs", "sdxl", [_set("/conditioning/text_embeds_dim", 7)]),
+    ("ControlNet without control_image", "sdxl", [_set("/conditioning/controlnet", {
+        "family": "sdxl", "conditioning_channels": 3, "engines": {}})]),
     ("SDXL pooled width symbolic", "sdxl", [_set("/text_encoder_2/io/outputs/text_embeds/shape/1", "P")]),
     ("text encoder 2 of another kind", "sdxl", [_set("/text_encoder_2/kind", "T5EncoderModel")]),
     ("text encoder 2 pooled as text", "sdxl", [_set("/text_encoder_2/pooled", "yes")]),
@@ -385,6 +387,7 @@ MANIFEST_CASES = [
     ("ControlNet without family", "control", [_op("remove", "/conditioning/controlnet/family")]),
     ("ControlNet zero channels", "control", [_set("/conditioning/controlnet/conditioning_channels", 0)]),
     ("ControlNet unknown field", "control", [_set("/conditioning/controlnet/guess_mode", True)]),
+    ("control_image without a ControlNet", "control", [_set("/conditioning/controlnet", None)]),
     ("ControlNet path leaving", "control", [_set("/conditioning/controlnet/engines/torch/file", "../cn.safetensors")]),
     ("ControlNet empty batch range", "control", [_set("/conditioning/controlnet/engines/torch/batch_range", [3, 1])]),
     ("unknown control step role", "control", [_set("/io/roles/step/3", "control_weight")]),

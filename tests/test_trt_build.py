@@ -211,6 +211,31 @@ def test_trt_rtx_builds_the_sd_pair_on_cpu(sd_pair, tmp_path):
     assert not any(out.glob("**/*.onnx"))  # the graphs were only the engines' source
 
 
+@pytest.mark.slow  # ~50 s on 2 cores: five real TensorRT-RTX builds (the two ControlNet step graphs are 3/4 of it)
+@needs_rtx
+def test_trt_rtx_builds_the_controlnet_step_graphs_on_cpu(control_set, tmp_path):
+    """The tiny SD pair with the tiny ControlNet: the fp16-typed step graphs (ControlNet inside) become real
+    TensorRT-RTX plans, with the control image's profile at the VAE's pixel size (2H x 2W here)."""
+    from tstitch_trt.export.sd_build import SdBuildConfig, build_sd_bundle
+
+    small, large, net = control_set
+    out = tmp_path / "sd-control-rtx"
+    build_sd_bundle(SdBuildConfig(models=[str(small), str(large)], out=out, backends=["trt-rtx"], precision="fp16",
+                                  batch_range=(1, 2), controlnet=str(net)))
+    m = read_manifest(out)
+    assert m.backends() == ["trt-rtx"]
+    assert m.controlnet == {"source": str(net), "family": "sd", "conditioning_channels": 3, "engines": {}}
+    assert m.io["roles"]["step"][-1] == "control_scale" and "control_image" in m.io["roles"]["request"]
+    for model in m.models:
+        e = model.engines["trt-rtx"]
+        assert e.precision == "fp16" and artifact_path(out, e).stat().st_size > 10_000
+        profile = e.builder["options"]["profile"]
+        assert profile["x"] == [[1, 4, 16, 16], [2, 4, 32, 32], [2, 4, 64, 64]]
+        assert profile["control_image"] == [[1, 3, 32, 32], [2, 3, 64, 64], [2, 3, 128, 128]]
+        assert "control_scale" not in profile and "control_guess" not in profile  # scalars: static
+    assert not any(out.glob("**/*.onnx")) and not (out / "controlnet").exists()  # inside the plans only
+
+
 @pytest.mark.slow  # ~60 s on 2 cores: five real TensorRT-RTX builds (the large U-Net step graph is half of it)
 @needs_rtx
 def test_trt_rtx_builds_the_sdxl_pair_on_cpu(sdxl_pair, tmp_path):
@@ -241,3 +266,23 @@ def test_trt_rtx_builds_the_sdxl_pair_on_cpu(sdxl_pair, tmp_path):
     assert vae.precision == "fp16" and artifact_path(out, vae).stat().st_size > 10_000
     assert "x 7.678" in m.vae["notes"][0] and "VAE engines are fp16" in m.vae["notes"][0]
     assert not any(out.glob("**/*.onnx"))
+
+
+@needs_rtx
+def test_trt_rtx_builds_an_sdxl_controlnet_step_graph_on_cpu(sdxl_control_set, tmp_path):
+    """The tiny SDXL small U-Net with the tiny SDXL ControlNet (text_embeds / time_ids reach both): its fp16-typed
+    step graph becomes a real TensorRT-RTX plan (the SD pair's bundle build above covers the rest of the path)."""
+    from tstitch_trt.export.unet_export import export_unet_step, unet_io_spec
+    from tstitch_trt.export.unet_step import UNetStepModule
+    from tstitch_trt.models.controlnet import load_controlnet
+    from tstitch_trt.models.sd import load_unet
+
+    small, _, net = sdxl_control_set
+    step = UNetStepModule(load_unet(small), load_controlnet(net)).eval()
+    graph = export_unet_step(step, tmp_path / "step-fp16.onnx", "fp16", 77, pixel_factor=2)
+    io = unet_io_spec(step, 77, pixel_factor=2)
+    info = make_engine_builder("trt-rtx").build(graph, tmp_path / "step.plan", (1, 2), io)
+    assert (tmp_path / "step.plan").stat().st_size == info["plan_bytes"] > 10_000
+    profile = info["options"]["profile"]
+    assert profile["control_image"] == [[1, 3, 32, 32], [2, 3, 64, 64], [2, 3, 128, 128]]
+    assert profile["text_embeds"] == [[2, 32], [4, 32], [4, 32]] and profile["time_ids"] == [[2, 6], [4, 6], [4, 6]]

@@ -203,6 +203,12 @@ void validate_sd(const Manifest& m, const ojson& raw) {
       if (first3.size() < 3) first3.insert(n);
     refuse("io.roles names " + py_list(first3) + " that are not (or not all) the step graph's inputs and outputs; rebuild the bundle");
   }
+  const ojson cond = raw.value("conditioning", ojson());
+  const bool has_controlnet = cond.is_object() && cond.contains("controlnet") && !cond["controlnet"].is_null();
+  const bool has_control_image = io.contains("inputs") && io["inputs"].is_object() && io["inputs"].contains("control_image");
+  if (has_controlnet != has_control_image)
+    refuse("conditioning.controlnet and the step graphs' control_image input come together (a ControlNet runs inside the step "
+           "graphs); rebuild the bundle");
 }
 
 }  // namespace

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tstitch_trt import __version__
+from tstitch_trt import __version__, cli_control
 from tstitch_trt.argtypes import (
     MAX_SEED,
     finite,
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SD: fuse a LoRA (diffusers/PEFT safetensors) into the first (small) or last (large) --model, "
                         "or the one of that name, before export; SCALE default 1 (repeatable)")
     b.add_argument("--out", help="bundle directory (default engines/NAME); an existing one must be a bundle or empty")
+    cli_control.add_build_flags(b)
 
     r = command("run", "sample images with a bundle (default: the built-in demo pair)")
     r.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo'")
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None, help="torch backend device: cpu or cuda (default: cuda if available)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: on a terminal, for 20+ steps)")
+    cli_control.add_run_flags(r)
 
     i = command("info", "describe a bundle and which of its backends can run here")
     i.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo'")
@@ -390,6 +392,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     for flag in ("guidance", "lora"):
         if getattr(args, flag, None):
             raise UserError(f"--{flag} applies to diffusers (SD) builds, not DiT")
+    cli_control.refuse_controlnet_build(args)
     cfg = build_config_from_args(args)
     from tstitch_trt.export.build import build_bundle
     from tstitch_trt.progress import Stages

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+from tstitch_trt.cli_control import RUN_FLAGS as CONTROL_RUN_FLAGS
 from tstitch_trt.errors import UserError
 from tstitch_trt.pipeline import defaults
 
 DIT_ONLY_RUN_FLAGS = ("class_labels",)
 SD_ONLY_RUN_FLAGS = ("prompt", "negative_prompt", "num_images", "height", "width", "original_size", "crop_coords",
-                     "target_size")
+                     "target_size", *CONTROL_RUN_FLAGS)
 
 
 def refuse_sd_flags(args: argparse.Namespace) -> None:
@@ -47,6 +48,9 @@ def cmd_run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # mani
     if args.report:
         outputs.add("--report", args.report)
     init = load_init_noise(args.init_noise) if args.init_noise else None
+    from tstitch_trt.cli_control import control_request
+
+    control = control_request(args, manifest.controlnet is not None)
     num_images = args.num_images if args.num_images is not None else 1
     pipe = StitchedSDPipeline.from_bundle(bundle, backend=args.backend, device=args.device)
     try:
@@ -55,7 +59,7 @@ def cmd_run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # mani
                    fractions=fractions, steps=args.steps, sampler=args.sampler,
                    cfg_scale=args.cfg_scale, seed=args.seed,  # None: the kind's / sampler's default
                    height=args.height, width=args.width, eta=args.eta, init_noise=init, progress=args.progress,
-                   **sdxl_time_id_args(args))
+                   control=control, **sdxl_time_id_args(args))
     finally:
         pipe.close()
     rep = res.report
@@ -106,7 +110,8 @@ def cmd_build_sd(args: argparse.Namespace) -> int:
                         opt_level=args.opt_level if args.opt_level is not None else 3, timing_cache=args.timing_cache,
                         compute_capabilities=_capabilities(args.compute_capabilities or ""),
                         guidance=getattr(args, "guidance", None) or "auto",
-                        loras=[parse_lora_spec(s) for s in getattr(args, "lora", None) or []])
+                        loras=[parse_lora_spec(s) for s in getattr(args, "lora", None) or []],
+                        controlnet=getattr(args, "controlnet", None))
     manifest = build_sd_bundle(cfg, on_model=lambda name: print(f"exporting {name} ...", flush=True))
     for k, v in manifest.io.get("build_seconds", {}).items():
         print(f"  {k}: {v:.1f} s")
@@ -149,5 +154,9 @@ def describe_sd_bundle(bundle: Path, m) -> str:  # m: Manifest
             lines.append(f"      {kind:8s} {e.file} ({e.precision}, batch {lo}-{hi})")
     lines.append(f"  VAE: {', '.join(m.vae['engines']) if m.vae else 'none'}")
     lines += [f"    {note}" for note in (m.vae or {}).get("notes", [])]
+    if m.controlnet:
+        net = m.controlnet
+        lines.append(f"  ControlNet ({net['family']}, {net['conditioning_channels']}-channel image) inside every U-Net "
+                     f"step graph, from {net.get('source', '?')}: run with --control-image FILE")
     lines.append(f"  backends usable for the whole set: {', '.join(m.backends()) or 'none'}")
     return "\n".join(lines)

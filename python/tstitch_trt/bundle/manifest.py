@@ -252,6 +252,9 @@ class Manifest:
         if named != names:
             raise BundleError(f"io.roles names {sorted(named ^ names)[:3]} that are not (or not all) the step "
                               "graph's inputs and outputs; rebuild the bundle")
+        if (self.controlnet is not None) != ("control_image" in self.io.get("inputs", {})):
+            raise BundleError("conditioning.controlnet and the step graphs' control_image input come together (a "
+                              "ControlNet runs inside the step graphs); rebuild the bundle")
 
     def _validate_sdxl(self) -> None:
         """The pooled width agrees between the conditioning, the step graphs and text_encoder_2."""

@@ -124,6 +124,9 @@ def sd_step_inputs(manifest: Manifest, batch: int, seed: int) -> dict[str, np.nd
     feeds = {n: rng.standard_normal(io.shape(n, dims), dtype=np.float32) for n in io.inputs}
     feeds.update({"t": np.full((batch,), 481.0, dtype=np.float32), "guidance": np.array(4.0, dtype=np.float32),
                   "coef": row.astype(np.float32)})
+    if "control_image" in feeds:  # a ControlNet inside: an image in [0, 1], guess mode (its every term), a scale
+        feeds.update({"control_image": rng.random(feeds["control_image"].shape, dtype=np.float32),
+                      "control_guess": np.array(1.0, np.float32), "control_scale": np.array(0.8, np.float32)})
     return feeds
 
 

@@ -9,6 +9,7 @@ SDXL (a StableDiffusionXLPipeline last): also tokenizer_2 and text_encoder_2 (it
 outputs: the penultimate hidden state and the pooled text_embeds), both encoders' penultimate hidden
 state taken raw (no final layer norm, as diffusers' encode_prompt); the step graphs take text_embeds
 and time_ids; the manifest is kind "sdxl" with its conditioning (force_zeros_for_empty_prompt).
+--controlnet adds one ControlNet inside every U-Net step graph (export/controlnet_build.py).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class SdBuildConfig:
     compute_capabilities: tuple[str, ...] = ()
     guidance: str = "auto"  # "auto" | GUIDANCE_MODES: how the step graphs take the guidance scale
     loras: list[LoraSpec] = field(default_factory=list)  # fused into their U-Net before export
+    controlnet: str | None = None  # a diffusers ControlNetModel directory or hub id, inside every step graph
 
 
 def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None = None) -> Manifest:
@@ -69,6 +71,11 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
     guidance = resolve_guidance(cfg.guidance, sources)
     loras = lora_targets(cfg.loras, [s.name for s in sources])
     check_loras(loras, [_lora_label(j, sources) for j in range(len(sources))], [s.unet_config() for s in sources])
+    control = None
+    if cfg.controlnet:
+        from tstitch_trt.export.controlnet_build import prepare_controlnet
+
+        control = prepare_controlnet(cfg.controlnet, [(s.name, s.unet_config()) for s in sources], facts["vae_factor"])
     builders = _engine_builders(cfg)
     timings: dict[str, float] = {}
     text_len = facts["text_max_length"]
@@ -90,7 +97,8 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
             if on_model:
                 on_model(src.name)
             t0 = time.perf_counter()
-            entry, io = _write_unet(tmp, i, src, cfg, builders, text_len, guidance, loras.get(i, []))
+            entry, io = _write_unet(tmp, i, src, cfg, builders, text_len, guidance, loras.get(i, []),
+                                    control and control[1], facts["vae_factor"])
             entries.append(entry)
             timings[f"unet {src.name}"] = time.perf_counter() - t0
         c, s = facts["latent_channels"], facts["sample_size"]
@@ -102,6 +110,11 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
                       engine_builders=builders, downsample=facts["vae_factor"], dynamic_hw=True,
                       probe_scale=1.0 / facts["latent_scale_factor"] if sdxl else None)
         timings["vae"] = time.perf_counter() - t0
+        conditioning = {**sdxl_parts.pop("conditioning", {}), "guidance": guidance}
+        if control:
+            from tstitch_trt.export.controlnet_build import controlnet_entry
+
+            conditioning["controlnet"] = controlnet_entry(tmp, *control, cfg.backends, cfg.batch_range)
         manifest = Manifest(
             pipeline=facts["pipeline"],
             models=entries,
@@ -117,8 +130,8 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             scheduler=scheduler,
-            **{k: v for k, v in sdxl_parts.items() if k != "conditioning"},
-            conditioning={**sdxl_parts.get("conditioning", {}), "guidance": guidance},
+            conditioning=conditioning,
+            **sdxl_parts,
         )
         write_manifest(tmp, manifest)
     return manifest
@@ -222,10 +235,12 @@ def _write_sdxl_text_parts(tmp: Path, large: Path, cfg: SdBuildConfig, builders:
 
 
 def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: dict | None,
-                text_len: int, guidance: str, loras: list[LoraSpec]) -> tuple[ModelEntry, dict]:
+                text_len: int, guidance: str, loras: list[LoraSpec], controlnet: torch.nn.Module | None = None,
+                pixel_factor: int = 8) -> tuple[ModelEntry, dict]:
+    """pixel_factor: the VAE's (a ControlNet's image is pixel_factor x the latent)."""
     unet = load_unet(src.unet_dir)
     lora = fuse_loras(unet, loras) if loras else None
-    step = UNetStepModule(unet, guidance=guidance).eval()
+    step = UNetStepModule(unet, controlnet, guidance=guidance).eval()
     tag = f"{i}-{src.name}"
     engines: dict[str, EngineEntry] = {}
     if "torch" in cfg.backends:
@@ -234,12 +249,12 @@ def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: 
         engines["torch"] = directory_entry(tmp, rel_dir, batch_range=cfg.batch_range)
     if "ort" in cfg.backends:
         rel = f"onnx/{tag}-fp32.onnx"
-        export_unet_step(step, tmp / rel, "fp32", text_len)
+        export_unet_step(step, tmp / rel, "fp32", text_len, pixel_factor)
         engines["ort"] = EngineEntry(file=rel, sha256=sha256_file(tmp / rel), batch_range=cfg.batch_range)
-    io = unet_io_spec(step, text_len)
+    io = unet_io_spec(step, text_len, pixel_factor)
     if builders:
         graph = tmp / f"onnx/{tag}-{cfg.precision}-src.onnx"
-        export_unet_step(step, graph, cfg.precision, text_len)
+        export_unet_step(step, graph, cfg.precision, text_len, pixel_factor)
         for kind, builder in builders.items():
             rel = f"trt/{tag}-{kind}-{cfg.precision}.plan"
             info = builder.build(graph, tmp / rel, cfg.batch_range, io)

@@ -30,6 +30,7 @@ def load_step_modules(bundle_dir: str | Path, manifest: Manifest, guidance_chann
     """The step module of every model: StepModule (family dit) or UNetStepModule (family unet)."""
     g = manifest.guidance_channels if guidance_channels is None else guidance_channels
     mods: list[nn.Module] = []
+    controlnet = _load_controlnet(bundle_dir, manifest, dtype)
     for m in manifest.models:
         if "torch" not in m.engines:
             raise UserError(f"the bundle has no torch weights for {m.name}; rebuild with --backend torch")
@@ -39,11 +40,25 @@ def load_step_modules(bundle_dir: str | Path, manifest: Manifest, guidance_chann
             from tstitch_trt.models.sd import load_unet
 
             unet = load_unet(Path(bundle_dir) / m.engines["torch"].extra["dir"]).to(dtype)
-            mods.append(UNetStepModule(unet, guidance=manifest.guidance_mode).eval())
+            mods.append(UNetStepModule(unet, controlnet, guidance=manifest.guidance_mode).eval())
             continue
         net = load_dit(DiTConfig.from_dict(m.arch), path).to(dtype)
         mods.append(StepModule(net, guidance_channels=g).eval())
     return mods
+
+
+def _load_controlnet(bundle_dir: str | Path, manifest: Manifest, dtype: torch.dtype) -> nn.Module | None:
+    """The bundle's ControlNet (one module, shared by every U-Net step module, as in the step graphs)."""
+    net = manifest.controlnet
+    if net is None:
+        return None
+    if "torch" not in net["engines"]:
+        raise UserError("the bundle has no torch weights for its ControlNet; rebuild with --backend torch")
+    from tstitch_trt.models.controlnet import load_controlnet
+
+    entry = net["engines"]["torch"]
+    artifact_path(bundle_dir, entry)  # inside the bundle, checksum verified
+    return load_controlnet(Path(bundle_dir) / entry.extra["dir"], dtype)
 
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}

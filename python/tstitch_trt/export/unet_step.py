@@ -84,7 +84,7 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     (diffusers' get_guidance_scale_embedding), fp32."""
     w = w.float() * 1000.0
     half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
     emb = w[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
     return nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
@@ -152,15 +152,18 @@ class UNetStepModule(nn.Module):
                                     conditioning_scale=1.0, added_cond_kwargs=added, return_dict=False)
         levels = list(down) + [mid]
         guess = cond["control_guess"].float()
-        # guess mode: level k weighted by logspace(-1, 0, n)[k] instead of 1
-        ramp = torch.logspace(-1, 0, len(levels), dtype=torch.float32)
+        # guess mode: level k weighted by logspace(-1, 0, n)[k] instead of 1 (made on the module's device: the
+        # torch backend runs on CUDA too)
+        ramp = torch.logspace(-1, 0, len(levels), dtype=torch.float32, device=x2.device)
         weights = control_scale.float() * (1 + guess * (ramp - 1))
-        if cfg:  # guess mode under CFG: the uncond half gets no residuals
-            b = x2.shape[0] // 2
-            half = torch.cat([(1 - guess).reshape(1).expand(b), torch.ones(b)]).reshape(-1, 1, 1, 1)
-        else:
-            half = torch.ones(1, 1, 1, 1)
-        scaled = [(r.float() * weights[k] * half).to(r.dtype) for k, r in enumerate(levels)]
+        scaled = []
+        for k, r in enumerate(levels):
+            w = r.float() * weights[k]
+            if cfg:  # guess mode under CFG: the uncond half gets no residuals (halves, not a batch-sized mask:
+                # a factory sized by the traced batch would freeze it in the exported graph)
+                uncond, c = w.chunk(2, dim=0)
+                w = torch.cat([uncond * (1 - guess), c], 0)
+            scaled.append(w.to(r.dtype))
         return {"down_block_additional_residuals": tuple(scaled[:-1]), "mid_block_additional_residual": scaled[-1]}
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor

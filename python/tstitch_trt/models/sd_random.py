@@ -8,6 +8,7 @@
 
     python -m tstitch_trt.models.sd_random OUT_DIR          # OUT_DIR/small-unet, OUT_DIR/large-pipeline
     python -m tstitch_trt.models.sd_random --sdxl OUT_DIR   # OUT_DIR/small-sdxl-unet, OUT_DIR/large-sdxl-pipeline
+    python -m tstitch_trt.models.sd_random [--sdxl] --controlnet OUT_DIR   # + a tiny ControlNet that fits both
 """
 
 from __future__ import annotations
@@ -68,13 +69,15 @@ def write_clip_tokenizer(out: Path) -> Path:
     return out
 
 
-def tiny_unet(seed: int, small: bool, time_cond_proj_dim: int | None = None):
+def tiny_unet(seed: int, small: bool, time_cond_proj_dim: int | None = None, layers_per_block: int | None = None):
     """diffusers' dummy SD U-Net; the small one drops the mid block (BK-SDM-Small's change), the large
-    one has two layers per block; time_cond_proj_dim: LCM's guidance embedding width."""
+    one has two layers per block (layers_per_block: the small one's, default 1); time_cond_proj_dim: LCM's
+    guidance embedding width."""
     from diffusers import UNet2DConditionModel
 
+    layers = (layers_per_block or 1) if small else 2
     unet = UNet2DConditionModel(time_cond_proj_dim=time_cond_proj_dim,
-        block_out_channels=(4, 8), layers_per_block=1 if small else 2, sample_size=32, in_channels=4, out_channels=4,
+        block_out_channels=(4, 8), layers_per_block=layers, sample_size=32, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, norm_num_groups=2, mid_block_type=None if small else "UNetMidBlock2DCrossAttn")
     return randomize_(unet, seed).eval()
@@ -106,16 +109,18 @@ def random_unet(name: str, seed: int = 0, device: str = "cpu"):
     return randomize_(unet, seed).eval()
 
 
-def save_tiny_pair(root: Path, cross_attention_dim: int = 32, lcm: bool = False) -> tuple[Path, Path]:
+def save_tiny_pair(root: Path, cross_attention_dim: int = 32, lcm: bool = False, small_layers_per_block: int = 1
+                   ) -> tuple[Path, Path]:
     """(small bare U-Net dir, large full pipeline dir) under `root`. lcm: the large is an SD 1.x LCM
     pipeline (LatentConsistencyModelPipeline, LCMScheduler) whose U-Net takes the guidance embedding
-    (time_cond_proj_dim); the small stays a plain U-Net, as the LCM-LoRA small model of T-Stitch's LCM pair."""
+    (time_cond_proj_dim); the small stays a plain U-Net, as the LCM-LoRA small model of T-Stitch's LCM pair.
+    small_layers_per_block 2: the small U-Net gets the large one's residual layout (one ControlNet fits both)."""
     from diffusers import AutoencoderKL, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
     from diffusers.schedulers import PNDMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     small_dir, large_dir = root / "small-unet", root / "large-pipeline"
-    tiny_unet(1, small=True).save_pretrained(str(small_dir))
+    tiny_unet(1, small=True, layers_per_block=small_layers_per_block).save_pretrained(str(small_dir))
     vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                         latent_channels=4, norm_num_groups=2)
@@ -183,6 +188,27 @@ def save_random_lora(unet_dir: Path, out: Path, seed: int = 7, rank: int = 4, al
     StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=get_peft_model_state_dict(unet),
                                               unet_lora_adapter_metadata=config.to_dict())
     return out / "pytorch_lora_weights.safetensors"
+
+
+def tiny_controlnet(seed: int, cross_attention_dim: int = 32):
+    """diffusers' dummy SD ControlNet (tests/pipelines/controlnet/test_controlnet.py get_dummy_components), every
+    parameter randomized (its zero convolutions too). It fits the tiny large U-Net's residual layout."""
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel(block_out_channels=(4, 8), layers_per_block=2, in_channels=4,
+                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                          cross_attention_dim=cross_attention_dim, conditioning_embedding_out_channels=(16, 32),
+                          norm_num_groups=1)
+    return randomize_(net, seed).eval()
+
+
+def save_tiny_control_set(root: Path) -> tuple[Path, Path, Path]:
+    """(small U-Net dir, large pipeline dir, ControlNet dir): the tiny pair with a small U-Net of two layers per
+    block and no mid block, so one ControlNet fits both (as SSD-1B and SDXL share a layout), and the ControlNet."""
+    small, large = save_tiny_pair(root, small_layers_per_block=2)
+    net_dir = root / "controlnet"
+    tiny_controlnet(5).save_pretrained(str(net_dir))
+    return small, large, net_dir
 
 
 # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json
@@ -259,6 +285,23 @@ def save_tiny_sdxl_pair(root: Path, force_zeros_for_empty_prompt: bool = True) -
     return small_dir, large_dir
 
 
+def tiny_sdxl_controlnet(unet, seed: int):
+    """diffusers' dummy SDXL ControlNet (tests/pipelines/controlnet/test_controlnet_sdxl.py: the dummy SDXL U-Net's
+    config + conditioning_embedding_out_channels (16, 32)), made from `unet`'s config, every parameter random."""
+    from diffusers import ControlNetModel
+
+    return randomize_(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)), seed).eval()
+
+
+def save_tiny_sdxl_control_set(root: Path) -> tuple[Path, Path, Path]:
+    """(small SDXL U-Net dir, large SDXL pipeline dir, SDXL ControlNet dir): the small U-Net already has the large
+    one's residual layout (SSD-1B's reduction), so one ControlNet fits both."""
+    small, large = save_tiny_sdxl_pair(root)
+    net_dir = root / "sdxl-controlnet"
+    tiny_sdxl_controlnet(tiny_sdxl_unet(12, small=False), 16).save_pretrained(str(net_dir))
+    return small, large, net_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -268,9 +311,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sdxl", action="store_true", help="an SDXL pair (StableDiffusionXLPipeline) instead of SD 1.x")
     p.add_argument("--lcm", action="store_true", help="SD 1.x: the large is an LCM pipeline (guidance embedding, "
                    "LCMScheduler); also write a random LoRA for the small U-Net under OUT/lora")
+    p.add_argument("--controlnet", action="store_true",
+                   help="also write a tiny ControlNet (OUT_DIR/controlnet or OUT_DIR/sdxl-controlnet) that fits both "
+                        "U-Nets (the SD 1.x small U-Net then gets the large one's layout)")
     args = p.parse_args(argv)
     if args.sdxl and args.lcm:
         p.error("--lcm writes an SD 1.x LCM pair; it does not combine with --sdxl")
+    if args.controlnet and args.lcm:
+        p.error("--lcm and --controlnet write different tiny sets; give one")
+    if args.controlnet:
+        small, large, net = (save_tiny_sdxl_control_set if args.sdxl else save_tiny_control_set)(args.out)
+        print(f"wrote {small}, {large} and {net}")
+        return 0
     small, large = save_tiny_sdxl_pair(args.out) if args.sdxl else save_tiny_pair(args.out, lcm=args.lcm)
     print(f"wrote {small} and {large}")
     if args.lcm:

@@ -17,6 +17,7 @@ unless given); no negative prompt and force_zeros_for_empty_prompt: zero uncond 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from tstitch_trt.bundle.manifest import Manifest
 from tstitch_trt.errors import UserError
 from tstitch_trt.pipeline import guidance as lcm_guidance
 from tstitch_trt.pipeline.backends import open_bundle, open_first_backend
+from tstitch_trt.pipeline.control import ControlRequest, check_control
 from tstitch_trt.pipeline.dit import SampleResult, to_uint8
 from tstitch_trt.runtime.backend import Backend
 from tstitch_trt.runtime.loop import run_stitched
@@ -246,11 +248,14 @@ class StitchedSDPipeline:
         negative_original_size: Sequence[int] | None = None,
         negative_crop_coords: Sequence[int] | None = None,
         negative_target_size: Sequence[int] | None = None,
+        control: ControlRequest | None = None,
     ) -> SampleResult:
         """step_noise (U-Net calls, B, C, h, w): the per-call noise of ddim eta>0 and lcm, else drawn from `seed`.
         steps / cfg_scale left out: pipeline/guidance.py's defaults (50 / SD 7.5, SDXL 5.0; lcm 4 / 8.5, or 1.0
         where a U-Net lacks the guidance embedding). original_size .. negative_target_size: SDXL's time ids
-        (diffusers' names; (height, width) and (top, left) pairs)."""
+        (diffusers' names; (height, width) and (top, left) pairs). control: the ControlNet's image and
+        settings (bundles built with --controlnet need one)."""
+        check_control(self.manifest.controlnet is not None, control)
         sampler = sampler or self.default_sampler
         steps = lcm_guidance.default_steps(sampler) if steps is None else steps
         if cfg_scale is None:
@@ -285,10 +290,15 @@ class StitchedSDPipeline:
                 raise UserError(f"--init-noise has batch {batch} but {len(prompts)} prompts x {num_images} images "
                                 "were asked for")
             height, width = init_noise.shape[2] * self.vae_factor, init_noise.shape[3] * self.vae_factor
+        if control is not None:  # the control image sets the size not given
+            control.check_sets_size(height, width, self.vae_factor * self._unet_down_factor())
+            height, width = height or control.height, width or control.width
         height = height or self.manifest.image_size
         width = width or self.manifest.image_size
         batch = len(prompts) * num_images
         self.validate(None if fractions is not None else ratio, fractions, steps, sampler, height, width, batch)
+        if control is not None:
+            control.check(height, width)
         # diffusers repeats each prompt's embedding num_images times in a row
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [n for n in negatives for _ in range(num_images)]
@@ -303,6 +313,9 @@ class StitchedSDPipeline:
         plan, sigma = self.plan(sampler, steps, shape, rng,
                                 None if fractions is not None else ratio, fractions, eta, step_noise)
         x_init = x_unit * np.float32(sigma)
+        if control is not None:  # the image and guess mode per request, the scale per U-Net call
+            cond = {**cond, **control.request_arrays(batch)}
+            plan = dataclasses.replace(plan, tables={**plan.tables, "control_scale": control.scale_row(plan.steps)})
         guidance = lcm_guidance.graph_guidance(self.manifest, cfg_scale)
         if cfg_scale < 1 and self.manifest.guidance_mode == "cfg":
             notes.append(f"cfg {cfg_scale} <= 1 means no guidance (as diffusers): the conditional prediction alone")
@@ -346,6 +359,10 @@ class StitchedSDPipeline:
             "total_seconds": total,
             "notes": notes + loop.notes,
         }
+        if control is not None:
+            report["controlnet"] = {"scale": control.scale, "guess_mode": control.guess_mode,
+                                    "guidance_start": control.start, "guidance_end": control.end,
+                                    "control_scale": [float(v) for v in plan.tables["control_scale"]]}
         return SampleResult(loop.x, images, report)
 
     def request_noise(self, seed: int, batch: int, height: int, width: int, steps: int, sampler: str,

@@ -161,7 +161,7 @@ class OpenVinoBackend(HostStepBuffers):
         io = self.io
         state = {n: [self._tensor(a) for a in pair] for n, pair in self.state.items()}
         request = {n: self._tensor(a) for n, a in self.request.items()}
-        self._rows = [{n: self._tensor(self.tables[n][i] if n in self.tables else self.zero_rows[n])
+        self._rows = [{n: self._tensor(self.tables[n][i, ...] if n in self.tables else self.zero_rows[n])
                        for n in io.step} for i in range(steps)]
         self._requests = []
         for compiled in self.compiled:

@@ -111,7 +111,8 @@ class OrtBackend(HostStepBuffers):
         io = self.io
         state = {n: [val(a) for a in pair] for n, pair in self.state.items()}
         request = {n: val(a) for n, a in self.request.items()}
-        rows = {n: [val(t[i]) for i in range(steps)] for n, t in self.tables.items()}
+        # t[i, ...]: a 0-d view for scalar rows (control_scale); t[i] would be a detached numpy scalar
+        rows = {n: [val(t[i, ...]) for i in range(steps)] for n, t in self.tables.items()}
         rows.update({n: [val(z)] * steps for n, z in self.zero_rows.items()})
         self._keep = [state, request, rows]
         self._bindings = []

@@ -1,0 +1,38 @@
+"""`build --controlnet`: the ControlNet's part of an SD / SDXL bundle.
+
+The ControlNet has no engine of its own: it is exported inside every U-Net step graph
+(export/unet_step.py), so one launch is still one whole step and the trajectory stays one capturable
+graph. What the bundle keeps apart is its diffusers directory for the torch backend, and the facts
+the runtime needs: manifest conditioning.controlnet = {source, family, conditioning_channels, engines}.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tstitch_trt.bundle.manifest import directory_entry
+from tstitch_trt.models.controlnet import ControlNetSource, check_controlnet, load_controlnet, resolve_controlnet
+
+CONTROLNET_DIR = "controlnet/diffusers"
+
+
+def prepare_controlnet(spec: str, unets: list[tuple[str, dict[str, Any]]], vae_factor: int
+                       ) -> tuple[ControlNetSource, nn.Module]:
+    """Resolve, check against every U-Net (name, config) and load, before anything is written."""
+    source = resolve_controlnet(spec)
+    check_controlnet(source, unets, vae_factor)
+    return source, load_controlnet(source.root)
+
+
+def controlnet_entry(tmp: Path, source: ControlNetSource, net: nn.Module, backends: list[str],
+                     batch_range: tuple[int, int]) -> dict[str, Any]:
+    """The manifest's conditioning.controlnet; the torch backend gets the diffusers directory."""
+    engines = {}
+    if "torch" in backends:
+        net.save_pretrained(str(tmp / CONTROLNET_DIR), safe_serialization=True)  # type: ignore[operator]
+        engines["torch"] = directory_entry(tmp, CONTROLNET_DIR, batch_range=batch_range)
+    return {"source": str(source.spec), "family": source.family,
+            "conditioning_channels": source.conditioning_channels, "engines": engines}
