@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -78,18 +79,19 @@ def control_keep(n_calls: int, start: float, end: float) -> np.ndarray:
     return np.where(off, 0.0, 1.0).astype(np.float32)
 
 
-def read_control_image(path: str | Path) -> np.ndarray:
-    """(3, H, W) float32 in [0, 1]: RGB, value / 255, as diffusers' control image processor."""
+def read_control_image(path: str | Path | BinaryIO, what: str = "--control-image") -> np.ndarray:
+    """(3, H, W) float32 in [0, 1]: RGB, value / 255, as diffusers' control image processor. `path` may be an
+    open binary file (serve's decoded upload); `what` names it in errors."""
     from PIL import Image, UnidentifiedImageError
 
+    name = f"{what} {path}" if isinstance(path, str | Path) else what
     try:
         with Image.open(path) as img:
             rgb = img.convert("RGB")
     except FileNotFoundError:
-        raise UserError(f"--control-image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"--control-image {path} is not an image PIL can read ({str(e).splitlines()[0][:120]})"
-                        ) from None
+        raise UserError(f"{name} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{name} is not an image PIL can read ({str(e).splitlines()[0][:120]})") from None
     return np.ascontiguousarray((np.asarray(rgb).astype(np.float32) / 255.0).transpose(2, 0, 1))
 
 

@@ -31,7 +31,7 @@ from tstitch_trt.serve.batcher import Batcher
 from tstitch_trt.serve.config import ServeConfig
 from tstitch_trt.serve.metrics import ServiceMetrics
 from tstitch_trt.serve.policy import AdaptiveRatio
-from tstitch_trt.serve.requests import KINDS, GenerateRequest, RequestResult, parse_generate, pipeline_kind
+from tstitch_trt.serve.requests import CONTROL_FIELDS, KINDS, GenerateRequest, RequestResult, parse_generate, pipeline_kind
 
 APP_NAME = "tstitch"
 REPLICA_DIED = (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)
@@ -146,7 +146,7 @@ class Ingress:
         return {"pipeline": m.pipeline, "models": [x.name for x in m.models], "num_classes": m.num_classes,
                 "image_size": m.image_size, "max_batch_size": self.cfg.max_batch_size,
                 "adaptive": self.cfg.adaptive, "max_ratio": self.cfg.max_ratio,
-                "fields": list(KINDS[m.pipeline].fields)}
+                "fields": list(KINDS[m.pipeline].fields) + (list(CONTROL_FIELDS) if m.controlnet else [])}
 
     @app.get("/health")
     async def health(self) -> JSONResponse:

@@ -6,9 +6,15 @@ pipeline kind adds its conditioning fields and ONE function that runs a batch of
 
     DiT ("dit-class-conditional"): class_labels                         -> StitchedPipeline (pipeline/dit.py)
     SD ("sd"):                     prompt, negative_prompt, num_images  -> StitchedSDPipeline (pipeline/sd.py)
+    SDXL ("sdxl"):                 SD's + original_size, crop_coords, target_size (SDXL's time ids)
+    + a ControlNet bundle (sd or sdxl): control_image (base64 PNG/JPEG/WebP, or a data: URL),
+      controlnet_scale, guess_mode, control_guidance_start, control_guidance_end
 
 Defaults are run's for that kind (DiT: ddim, cfg 1.5, the bundle's image size only; SD: the bundle's
-scheduler's sampler, cfg 7.5, any height/width the U-Nets accept, the bundle's size by default).
+scheduler's sampler, cfg 7.5 (SDXL 5.0; lcm: 4 steps and pipeline/guidance.py's cfg), any height/width
+the U-Nets accept, the bundle's size by default). Requests batch together only where everything shared
+by the batch agrees: the trajectory (steps, sampler, ratio, cfg ...) and, for SDXL and ControlNet, the
+time ids and the control image and settings (`GenerateRequest.shared`).
 Semantic checks (label range, ratio range, steps, sampler, sizes, engine batch range) are the pipeline's
 own (`StitchedPipeline.validate`, `StitchedSDPipeline.validate`), so the service answers with the CLI's
 messages. Every request's initial latent (and per-step noise) is drawn from its own seed, so a batch of
@@ -32,6 +38,10 @@ from tstitch_trt.pipeline import defaults
 COMMON_FIELDS = ("steps", "ratio", "fractions", "sampler", "cfg_scale", "eta", "seed", "height", "width",
                  "return_latents")
 TEXT_FIELDS = ("prompt", "negative_prompt", "num_images")  # what text-to-image kinds take
+SDXL_FIELDS = ("original_size", "crop_coords", "target_size")  # SDXL's time ids, diffusers' names
+CONTROL_FIELDS = ("control_image", "controlnet_scale", "guess_mode", "control_guidance_start",
+                  "control_guidance_end")  # bundles built with --controlnet
+MAX_CONTROL_IMAGE_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -53,12 +63,15 @@ class GenerateRequest:
     return_latents: bool = False
     adaptive: bool = False  # ratio left to the service's load-adaptive policy
     arrival: float = field(default=0.0, compare=False)  # time.monotonic() when the replica received it
+    # what a whole engine batch shares beyond the trajectory: SDXL time ids, the ControlNet's image and settings
+    shared: tuple = ()
+    extras: dict[str, Any] = field(default_factory=dict, compare=False)  # their parsed values (pipeline kwargs)
 
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one engine batch (same trajectory tables, same guidance)."""
         return (self.kind, self.steps, self.sampler, self.cfg_scale, self.eta, self.ratio, self.fractions,
-                self.height, self.width)
+                self.height, self.width, self.shared)
 
 
 @dataclass(frozen=True)
@@ -73,7 +86,8 @@ class PipelineKind:
     """How one manifest pipeline kind takes requests: its conditioning fields, and its batch runner."""
 
     fields: tuple[str, ...]
-    defaults: Callable[[Manifest], tuple[str, float]]  # manifest -> run's default (sampler, cfg_scale)
+    # (manifest, the request's sampler or None) -> run's defaults (sampler, cfg_scale, steps)
+    defaults: Callable[[Manifest, str | None], tuple[str, float, int]]
     open: Callable[[Path, str], Any]  # (bundle dir, backend) -> pipeline
     max_batch: Callable[[Any], int]  # pipeline -> the largest engine batch it can run
     parse: Callable[[dict[str, Any], Manifest, bool, int], tuple[dict[str, Any], int]]  # -> conditioning, images
@@ -93,19 +107,20 @@ def parse_generate(body: bytes, manifest: Manifest, is_demo: bool, max_images: i
         raise UserError(f"the request body must be a JSON object, got {type(data).__name__}")
     kind = pipeline_kind(manifest)
     spec = KINDS[kind]
-    allowed = (*spec.fields, *COMMON_FIELDS)
+    allowed = (*spec.fields, *(CONTROL_FIELDS if manifest.controlnet else ()), *COMMON_FIELDS)
     for name in data:
         if name in allowed:
             continue
-        if name in TEXT_FIELDS or name == "class_labels":
+        if name in TEXT_FIELDS or name == "class_labels" or name in SDXL_FIELDS:
             takes = ", ".join(spec.fields)
             raise UserError(f"{name!r} does not apply to this {kind} bundle; it takes {takes}")
+        if name in CONTROL_FIELDS:
+            raise UserError(f"{name!r} needs a bundle built with --controlnet; this bundle has no ControlNet")
         raise UserError(f"unknown field {name!r}; this {kind} bundle takes: {', '.join(allowed)}")
 
     conditioning, num_images = spec.parse(data, manifest, is_demo, max_images)
-    default_sampler, default_cfg = spec.defaults(manifest)
-    steps = _int(data, "steps", defaults.DEFAULT_STEPS)
-    sampler = _str(data, "sampler", default_sampler)
+    sampler, default_cfg, default_steps = spec.defaults(manifest, _str(data, "sampler", None))
+    steps = _int(data, "steps", default_steps)
     cfg_scale = _float(data, "cfg_scale", default_cfg)
     eta = _float(data, "eta", defaults.DEFAULT_ETA)
     seed = _int(data, "seed", defaults.DEFAULT_SEED)
@@ -120,8 +135,11 @@ def parse_generate(body: bytes, manifest: Manifest, is_demo: bool, max_images: i
     if not follow_policy:
         ratio, fractions_list = defaults.default_stitch(len(manifest.models), ratio, fractions)
         fractions = None if fractions_list is None else tuple(fractions_list)
+    extras = {**_sdxl_extras(data, manifest), **_control_extras(data, manifest)}
+    shared = tuple(sorted((k, v.key if hasattr(v, "key") else v) for k, v in extras.items()))
     return GenerateRequest(kind, conditioning, num_images, steps, sampler, cfg_scale, eta, seed, ratio,
-                           fractions, height, width, return_latents, adaptive=follow_policy)
+                           fractions, height, width, return_latents, adaptive=follow_policy, shared=shared,
+                           extras=extras)
 
 
 def pipeline_kind(manifest: Manifest) -> str:
@@ -187,8 +205,8 @@ def _dit_parse(data: dict, manifest: Manifest, is_demo: bool, max_images: int) -
     return {"class_labels": list(labels)}, len(labels)
 
 
-def _dit_defaults(manifest: Manifest) -> tuple[str, float]:
-    return defaults.DEFAULT_SAMPLER, defaults.DEFAULT_CFG_SCALE
+def _dit_defaults(manifest: Manifest, sampler: str | None) -> tuple[str, float, int]:
+    return sampler or defaults.DEFAULT_SAMPLER, defaults.DEFAULT_CFG_SCALE, defaults.DEFAULT_STEPS
 
 
 def _dit_open(bundle: Path, backend: str) -> Any:
@@ -255,8 +273,8 @@ def _sd_parse(data: dict, manifest: Manifest, is_demo: bool, max_images: int) ->
     if not prompts:
         raise UserError("this is a text-to-image (sd) bundle: give \"prompt\" (a string or a list of strings)")
     negatives = _texts(data, "negative_prompt")
-    if negatives is None:
-        negatives = [""] * len(prompts)  # diffusers encodes "" when there is no negative prompt
+    if negatives is None:  # the pipeline's rule: SD encodes "", SDXL zeros, LCM guidance takes none
+        negatives = [None] * len(prompts)
     elif len(negatives) == 1:
         negatives = negatives * len(prompts)
     elif len(negatives) != len(prompts):
@@ -271,10 +289,85 @@ def _sd_parse(data: dict, manifest: Manifest, is_demo: bool, max_images: int) ->
     return {"prompt": prompts, "negative_prompt": negatives, "num_images": num_images}, images
 
 
-def _sd_defaults(manifest: Manifest) -> tuple[str, float]:
+def _sd_defaults(manifest: Manifest, sampler: str | None) -> tuple[str, float, int]:
+    from tstitch_trt.pipeline import guidance
     from tstitch_trt.sampling.sd_samplers import default_sampler
 
-    return default_sampler(manifest.scheduler or {}), defaults.DEFAULT_SD_CFG_SCALE
+    sampler = sampler or default_sampler(manifest.scheduler or {})
+    return sampler, guidance.default_cfg_scale(manifest, sampler), guidance.default_steps(sampler)
+
+
+def _pair(data: dict, name: str) -> tuple[int, int] | None:
+    v = _get(data, name, (list,), "a list of two integers", None)
+    if v is None:
+        return None
+    if len(v) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        raise UserError(f"{name} must be a list of two integers, got {json.dumps(v)[:40]}")
+    return int(v[0]), int(v[1])
+
+
+def _sdxl_extras(data: dict, manifest: Manifest) -> dict[str, Any]:
+    """SDXL's time ids (pipeline kwargs of the same names); absent: the pipeline's defaults."""
+    if manifest.pipeline != "sdxl":
+        return {}
+    return {k: v for k in SDXL_FIELDS if (v := _pair(data, k)) is not None}
+
+
+@dataclass(frozen=True)
+class _ControlImage:
+    """A decoded control image and a digest of its bytes: requests batch only with the same image."""
+
+    image: np.ndarray
+    key: str
+
+
+def _control_extras(data: dict, manifest: Manifest) -> dict[str, Any]:
+    """The ControlNet's image (decoded once here) and settings; a ControlNet bundle needs the image."""
+    if not manifest.controlnet:
+        return {}
+    encoded = _str(data, "control_image", None)
+    if encoded is None:
+        raise UserError("this bundle was built with a ControlNet: give \"control_image\" (a base64 PNG/JPEG/WebP)")
+    out: dict[str, Any] = {"control_image": _decode_control_image(encoded)}
+    for name in ("controlnet_scale", "control_guidance_start", "control_guidance_end"):
+        if (v := _float(data, name, None)) is not None:
+            out[name] = v
+    if _bool(data, "guess_mode", False):
+        out["guess_mode"] = True
+    return out
+
+
+def _decode_control_image(encoded: str) -> _ControlImage:
+    import base64
+    import binascii
+    import hashlib
+    import io
+
+    from tstitch_trt.pipeline.control import read_control_image
+
+    payload = encoded.split(",", 1)[1] if encoded.startswith("data:") else encoded
+    if len(payload) > MAX_CONTROL_IMAGE_BYTES * 4 // 3 + 4:
+        raise UserError(f"control_image is larger than {MAX_CONTROL_IMAGE_BYTES >> 20} MB; send a smaller image")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise UserError("control_image is not base64 (send the image file's bytes base64-encoded, or a data: URL)"
+                        ) from None
+    image = read_control_image(io.BytesIO(raw), what="control_image")
+    return _ControlImage(image, hashlib.sha256(raw).hexdigest())
+
+
+def _control_request(extras: dict[str, Any]) -> Any:
+    """The pipeline's ControlRequest from a request's parsed ControlNet fields (None without them)."""
+    if "control_image" not in extras:
+        return None
+    from tstitch_trt.pipeline import control
+
+    return control.ControlRequest(
+        extras["control_image"].image, scale=extras.get("controlnet_scale", control.DEFAULT_CONTROLNET_SCALE),
+        guess_mode=extras.get("guess_mode", False), start=extras.get("control_guidance_start",
+                                                                   control.DEFAULT_GUIDANCE_START),
+        end=extras.get("control_guidance_end", control.DEFAULT_GUIDANCE_END))
 
 
 def _sd_open(bundle: Path, backend: str) -> Any:
@@ -284,7 +377,18 @@ def _sd_open(bundle: Path, backend: str) -> Any:
 
 
 def _sd_validate(pipe: Any, req: GenerateRequest) -> None:
+    from tstitch_trt.pipeline import guidance
+    from tstitch_trt.pipeline.control import check_control
+    from tstitch_trt.sampling.sd_samplers import SD_SAMPLERS
+
+    has_negative = any(n is not None for n in req.conditioning["negative_prompt"])
+    if req.sampler in SD_SAMPLERS:
+        guidance.check_guidance(pipe.manifest, req.sampler, req.cfg_scale, has_negative)
     pipe.validate(req.ratio, req.fractions, req.steps, req.sampler, req.height, req.width, req.num_images)
+    control = _control_request(req.extras)
+    check_control(pipe.manifest.controlnet is not None, control)
+    if control is not None:
+        control.check(req.height, req.width)
     lo, hi = pipe.manifest.batch_limits(pipe.backend.name)
     if not lo <= req.num_images <= hi:  # the DiT pipeline's check, word for word
         raise UserError(f"batch {req.num_images} is outside the range this bundle was built for on "
@@ -294,6 +398,15 @@ def _sd_validate(pipe: Any, req: GenerateRequest) -> None:
 
 def _expand(texts: Sequence[str], n: int) -> list[str]:
     return [t for t in texts for _ in range(n)]  # diffusers: each prompt num_images times in a row
+
+
+def _batch_negatives(pipe: Any, negatives: list[str | None]) -> list[str | None] | None:
+    """The batch's negative prompts as one call takes them: None where no request gave one (the pipeline's own
+    rule then); else per row, a request without one batched with one that has: SD encodes "" (diffusers), SDXL
+    keeps None (zeros under force_zeros_for_empty_prompt). LCM-guided bundles refuse negatives in validate."""
+    if all(n is None for n in negatives):
+        return None
+    return ["" if n is None and pipe.manifest.pipeline == "sd" else n for n in negatives]
 
 
 def _sd_run_batch(pipe: Any, reqs: Sequence[GenerateRequest]) -> list[RequestResult]:
@@ -311,10 +424,11 @@ def _sd_run_batch(pipe: Any, reqs: Sequence[GenerateRequest]) -> list[RequestRes
         inits.append(x)
         step_noises.append(noise)
     step_noise = None if step_noises[0] is None else np.concatenate(step_noises, axis=1)
-    res = pipe(prompt=prompts, negative_prompt=negatives, num_images=1, ratio=first.ratio,
-               fractions=first.fractions, steps=first.steps, sampler=first.sampler, cfg_scale=first.cfg_scale,
-               seed=first.seed, eta=first.eta, init_noise=np.concatenate(inits, axis=0), step_noise=step_noise,
-               progress=False)
+    extras = {k: v for k, v in first.extras.items() if k in SDXL_FIELDS}
+    res = pipe(prompt=prompts, negative_prompt=_batch_negatives(pipe, negatives),
+               num_images=1, ratio=first.ratio, fractions=first.fractions, steps=first.steps, sampler=first.sampler,
+               cfg_scale=first.cfg_scale, seed=first.seed, eta=first.eta, init_noise=np.concatenate(inits, axis=0),
+               step_noise=step_noise, progress=False, control=_control_request(first.extras), **extras)
     out, start = [], 0
     for r in reqs:
         stop = start + r.num_images
@@ -324,7 +438,7 @@ def _sd_run_batch(pipe: Any, reqs: Sequence[GenerateRequest]) -> list[RequestRes
                       batch=r.num_images, batch_size=len(prompts), ratio=first.ratio,
                       fractions=None if first.fractions is None else list(first.fractions))
         report["notes"] = [n for n in res.report["notes"] if not n.startswith("prompt ") or
-                           any(repr(t) in n for t in (*c["prompt"], *c["negative_prompt"]))]
+                           any(repr(t) in n for t in (*c["prompt"], *c["negative_prompt"]) if t is not None)]
         images = [] if res.images is None else list(res.images[start:stop])
         latents = res.latents[start:stop].copy() if r.return_latents else None
         out.append(RequestResult(images, latents, report))
@@ -337,4 +451,6 @@ KINDS: dict[str, PipelineKind] = {
                                           _dit_validate, _dit_run_batch),
     "sd": PipelineKind(TEXT_FIELDS, _sd_defaults, _sd_open, _max_batch, _sd_parse, _sd_validate,
                        _sd_run_batch),
+    "sdxl": PipelineKind((*TEXT_FIELDS, *SDXL_FIELDS), _sd_defaults, _sd_open, _max_batch, _sd_parse, _sd_validate,
+                         _sd_run_batch),
 }
