@@ -31,7 +31,14 @@ from tstitch_trt.serve.batcher import Batcher
 from tstitch_trt.serve.config import ServeConfig
 from tstitch_trt.serve.metrics import ServiceMetrics
 from tstitch_trt.serve.policy import AdaptiveRatio
-from tstitch_trt.serve.requests import CONTROL_FIELDS, KINDS, GenerateRequest, RequestResult, parse_generate, pipeline_kind
+from tstitch_trt.serve.requests import (
+    CONTROL_FIELDS,
+    KINDS,
+    GenerateRequest,
+    RequestResult,
+    parse_generate,
+    pipeline_kind,
+)
 
 APP_NAME = "tstitch"
 REPLICA_DIED = (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)
