@@ -434,7 +434,7 @@ def _sd_run_batch(pipe: Any, reqs: Sequence[GenerateRequest]) -> list[RequestRes
         stop = start + r.num_images
         c = r.conditioning
         report = dict(res.report, prompts=_expand(c["prompt"], c["num_images"]),
-                      negative_prompts=_expand(c["negative_prompt"], c["num_images"]), seed=r.seed,
+                      negative_prompts=res.report["negative_prompts"][start:stop], seed=r.seed,
                       batch=r.num_images, batch_size=len(prompts), ratio=first.ratio,
                       fractions=None if first.fractions is None else list(first.fractions))
         report["notes"] = [n for n in res.report["notes"] if not n.startswith("prompt ") or
