@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from tstitch_trt.export.torch_backend import TorchBackend
     from tstitch_trt.export.unet_export import unet_io_spec
     from tstitch_trt.export.unet_step import UNetStepModule
+    from tstitch_trt.models.diffusers_peer import stitch_by_callback
     from tstitch_trt.runtime.io_roles import StepIO
     from tstitch_trt.runtime.loop import run_stitched
     from tstitch_trt.sampling.sd_samplers import sd_table
@@ -184,13 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     cond_kwargs = diffusers_cond_kwargs(args.pair, cond, lambda a: torch.from_numpy(a).to(device, dtype))
 
     def diffusers_run():
-        pipe.unet = small if k > 0 else large
-
-        def switch(p, i, t, kwargs):
-            if i + 1 == k:
-                p.unet = large
-            return {}
-
+        switch = stitch_by_callback(pipe, small, large, len(table.timesteps), args.ratio)
         with torch.no_grad():
             lat = pipe(**cond_kwargs, height=size, width=size, num_inference_steps=steps, guidance_scale=cfg_scale,
                        output_type="latent", latents=torch.from_numpy(z).to(device, dtype),

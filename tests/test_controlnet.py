@@ -20,8 +20,8 @@ diffusers = pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
 
 from tstitch_trt.cli import main  # noqa: E402
+from tstitch_trt.models.diffusers_peer import stitch_by_callback  # noqa: E402
 from tstitch_trt.sampling.sd_samplers import sd_table  # noqa: E402
-from tstitch_trt.sampling.stitch import stitch_schedule_by_call  # noqa: E402
 
 CLASSES = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
            "dpm-solver++": "DPMSolverMultistepScheduler"}
@@ -74,13 +74,7 @@ def reference(control_set, control_png):
     def run(sampler: str, ratio: float, control: dict, latents: np.ndarray) -> np.ndarray:
         pipe.scheduler = getattr(diffusers, CLASSES[sampler]).from_config(default_scheduler)
         n_calls = len(sd_table(sampler, dict(default_scheduler), STEPS).timesteps)
-        k = int((stitch_schedule_by_call(n_calls, 2, ratio=ratio) == 0).sum())
-        pipe.unet = small_unet if k > 0 else large_unet
-
-        def switch(p, i, t, kwargs):
-            if i + 1 == k:
-                p.unet = large_unet
-            return {}
+        switch = stitch_by_callback(pipe, small_unet, large_unet, n_calls, ratio)
 
         with torch.no_grad():
             out = pipe([PROMPT] * latents.shape[0], image=image, height=SIZE, width=SIZE, num_inference_steps=STEPS,

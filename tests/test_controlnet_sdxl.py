@@ -21,8 +21,8 @@ diffusers = pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
 
 from tstitch_trt.cli import main  # noqa: E402
+from tstitch_trt.models.diffusers_peer import stitch_by_callback  # noqa: E402
 from tstitch_trt.sampling.sd_samplers import sd_table  # noqa: E402
-from tstitch_trt.sampling.stitch import stitch_schedule_by_call  # noqa: E402
 
 CLASSES = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "dpm-solver++": "DPMSolverMultistepScheduler"}
 PROMPT = "a photo of a cat sitting on a red chair"
@@ -71,13 +71,7 @@ def reference(sdxl_control_set, control_png):
     def run(sampler: str, ratio: float, negative: str | None, control: dict, latents: np.ndarray) -> np.ndarray:
         pipe.scheduler = getattr(diffusers, CLASSES[sampler]).from_config(default_scheduler)
         n_calls = len(sd_table(sampler, dict(default_scheduler), STEPS).timesteps)
-        k = int((stitch_schedule_by_call(n_calls, 2, ratio=ratio) == 0).sum())
-        pipe.unet = small_unet if k > 0 else large_unet
-
-        def switch(p, i, t, kwargs):
-            if i + 1 == k:
-                p.unet = large_unet
-            return {}
+        switch = stitch_by_callback(pipe, small_unet, large_unet, n_calls, ratio)
 
         b = latents.shape[0]
         with torch.no_grad():

@@ -31,7 +31,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from tstitch_trt.cli import main  # noqa: E402
-from tstitch_trt.sampling.stitch import stitch_schedule_by_call  # noqa: E402
+from tstitch_trt.models.diffusers_peer import stitch_by_callback  # noqa: E402
 
 PROMPT = "a photo of a cat sitting on a red chair"
 SIZE = 32  # dummy VAE factor 2: latent 4x16x16
@@ -121,14 +121,8 @@ def reference(lcm_parts):
             small = peer_small_unet(lcm_parts, pair)
             dim = large.config.time_cond_proj_dim
             smalls[pair] = small if small.config.time_cond_proj_dim else EmbeddingBlind(small, dim)
-        k = int((stitch_schedule_by_call(steps, 2, ratio=RATIO) == 0).sum())
         second = EmbeddingBlind(large, large.config.time_cond_proj_dim) if large_blind else large
-        pipe.unet = smalls[pair] if k > 0 else second
-
-        def switch(p, i, t, kwargs):
-            if i + 1 == k:
-                p.unet = second
-            return {}
+        switch = stitch_by_callback(pipe, smalls[pair], second, steps, RATIO)
 
         with torch.no_grad():
             out = pipe([PROMPT] * batch, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=g,

@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from tstitch_trt.cli import main  # noqa: E402
-from tstitch_trt.sampling.stitch import stitch_schedule_by_call  # noqa: E402
+from tstitch_trt.models.diffusers_peer import stitch_by_callback  # noqa: E402
 
 PROMPT = "a photo of a cat sitting on a red chair"
 SIZE = 32  # dummy SDXL VAE factor 2: latent 4x16x16
@@ -96,13 +96,7 @@ def reference(sdxl_lcm):
     small = EmbeddingBlind(small, large.config.time_cond_proj_dim)
 
     def run(steps: int, g: float, seed: int, batch: int = 2) -> np.ndarray:
-        k = int((stitch_schedule_by_call(steps, 2, ratio=RATIO) == 0).sum())
-        pipe.unet = small if k > 0 else large
-
-        def switch(p, i, t, kwargs):
-            if i + 1 == k:
-                p.unet = large
-            return {}
+        switch = stitch_by_callback(pipe, small, large, steps, RATIO)
 
         with torch.no_grad():
             out = pipe([PROMPT] * batch, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=g,

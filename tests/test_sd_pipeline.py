@@ -19,8 +19,8 @@ diffusers = pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
 
 from tstitch_trt.cli import main  # noqa: E402
+from tstitch_trt.models.diffusers_peer import stitch_by_callback  # noqa: E402
 from tstitch_trt.sampling.sd_samplers import sd_table  # noqa: E402
-from tstitch_trt.sampling.stitch import stitch_schedule_by_call  # noqa: E402
 
 CLASSES = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
            "dpm-solver++": "DPMSolverMultistepScheduler"}
@@ -44,13 +44,7 @@ def reference(sd_pair):
     def run(sampler: str, ratio: float, negative: str | None, latents: np.ndarray, output_type: str = "latent"):
         pipe.scheduler = getattr(diffusers, CLASSES[sampler]).from_config(default_scheduler)
         n_calls = len(sd_table(sampler, dict(default_scheduler), STEPS).timesteps)
-        k = int((stitch_schedule_by_call(n_calls, 2, ratio=ratio) == 0).sum())
-        pipe.unet = small_unet if k > 0 else large_unet
-
-        def switch(p, i, t, kwargs):
-            if i + 1 == k:
-                p.unet = large_unet
-            return {}
+        switch = stitch_by_callback(pipe, small_unet, large_unet, n_calls, ratio)
 
         with torch.no_grad():
             b = latents.shape[0]  # --init-noise sets the batch, the prompt repeated

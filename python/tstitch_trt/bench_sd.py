@@ -71,10 +71,10 @@ def run_sd_bench(args: argparse.Namespace) -> int:
     from tstitch_trt.export.sd_build import SdBuildConfig, build_sd_bundle
     from tstitch_trt.export.torch_backend import TorchBackend
     from tstitch_trt.export.unet_step import UNetStepModule
+    from tstitch_trt.models.diffusers_peer import stitch_by_callback
     from tstitch_trt.pipeline.sd import StitchedSDPipeline
     from tstitch_trt.runtime.io_roles import StepIO
     from tstitch_trt.runtime.loop import run_stitched
-    from tstitch_trt.sampling.stitch import stitch_schedule_by_call
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -154,16 +154,8 @@ def run_sd_bench(args: argparse.Namespace) -> int:
     result["ideal_seconds"] = ideal
     result["over_ideal"] = traj[str(args.ratio)]["min"] / ideal - 1
     # end to end: ours (tokenize, encode, stitched loop, decode) vs diffusers with the callback switch
-    k = int((stitch_schedule_by_call(n_calls, 2, ratio=args.ratio) == 0).sum())
-
     def diffusers_run() -> Any:
-        pipe.unet = small_unet if k > 0 else large_unet
-
-        def switch(p, i, t, kwargs):
-            if i + 1 == k:
-                p.unet = large_unet
-            return {}
-
+        switch = stitch_by_callback(pipe, small_unet, large_unet, n_calls, args.ratio)
         with torch.no_grad():
             out = pipe(PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
                        latents=torch.from_numpy(z).to(device), output_type="np", callback_on_step_end=switch)
