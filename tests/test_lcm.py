@@ -301,6 +301,8 @@ def test_bad_lora_is_one_line(lcm_parts, sd_pair, tmp_path, capsys) -> None:
     one_line_error(capsys, [*base, "--lora", f"large={wide_lora}", "--out", str(tmp_path / "b")],
                    "does not fit large", "fits neither model")
     for spec, needle in ((f"small={parts['lora']}:abc", "scale 'abc' is not a number"),
+                         (f"small={parts['lora']}:1e6", "scale '1e6' must be a number in [-100, 100]"),
+                         (f"small={parts['lora']}:nan", "scale 'nan' must be a number in"),
                          (f"medium={parts['lora']}", "'medium' is neither small, large"),
                          (f"small={tmp_path / 'missing.safetensors'}", "is not a file"),
                          ("small", "expected SMALL_OR_LARGE=FILE[:SCALE]")):

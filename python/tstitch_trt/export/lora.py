@@ -24,6 +24,7 @@ from tstitch_trt.bundle.manifest import sha256_file
 from tstitch_trt.errors import UserError
 
 LORA_TARGETS = ("small", "large")
+MAX_LORA_SCALE = 100.0  # the manifest schema's bound on models[].lora[].scale
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,9 @@ def parse_lora_spec(spec: str) -> LoraSpec:
             scale = float(text)
         except ValueError:
             raise UserError(f"--lora {spec!r}: scale {text!r} is not a number") from None
-        if not math.isfinite(scale):
-            raise UserError(f"--lora {spec!r}: scale {text!r} is not a finite number")
+        if not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:
+            raise UserError(f"--lora {spec!r}: scale {text!r} must be a number in [-{MAX_LORA_SCALE:g}, "
+                            f"{MAX_LORA_SCALE:g}]")
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--lora {spec!r}: {path} is not a file")
