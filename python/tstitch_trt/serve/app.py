@@ -153,7 +153,9 @@ class Ingress:
         return {"pipeline": m.pipeline, "models": [x.name for x in m.models], "num_classes": m.num_classes,
                 "image_size": m.image_size, "max_batch_size": self.cfg.max_batch_size,
                 "adaptive": self.cfg.adaptive, "max_ratio": self.cfg.max_ratio,
-                "fields": list(KINDS[m.pipeline].fields) + (list(CONTROL_FIELDS) if m.controlnet else [])}
+                "fields": list(KINDS[m.pipeline].fields) + (list(CONTROL_FIELDS) if m.controlnet else []),
+                "defaults": dict(zip(("sampler", "cfg_scale", "steps"), KINDS[m.pipeline].defaults(m, None),
+                                     strict=True))}
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
