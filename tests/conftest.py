@@ -38,100 +38,75 @@ def tiny_trio(tmp_path_factory) -> Path:
                       ["torch", "ort"])
 
 
-@pytest.fixture(scope="session")
-def sd_pair(tmp_path_factory) -> tuple[Path, Path]:
-    """(small bare U-Net dir, large SD pipeline dir): diffusers' dummy SD parts, every parameter random."""
+def tiny_sd_parts(writer: str, root: Path, **kw):
+    """What models/sd_random's `writer` (save_tiny_pair, save_tiny_control_set, ...) writes under `root`: diffusers'
+    dummy parts, every parameter random. Skips, with the reason, where the SD stack or the CLIP vocabulary is
+    missing (scripts/test.sh installs both)."""
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    from tstitch_trt.models.sd_random import open_clip_vocab_file, save_tiny_pair
+    from tstitch_trt.models import sd_random
 
-    if not open_clip_vocab_file().is_file():
+    if not sd_random.open_clip_vocab_file().is_file():
         pytest.skip("open_clip_torch's vocabulary file is missing (pip install --no-deps open_clip_torch)")
-    return save_tiny_pair(tmp_path_factory.mktemp("sd-parts"))
+    return getattr(sd_random, writer)(root, **kw)
+
+
+def build_sd(out: Path, models: list[Path], *flags: str, backends: str = "torch,ort") -> Path:
+    """`tstitch-trt build` of diffusers parts (smallest first) into `out`, through the CLI."""
+    from tstitch_trt.cli import main
+
+    model_args = [a for m in models for a in ("--model", str(m))]
+    assert main(["build", *model_args, *flags, "--backend", backends, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def sd_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(small bare U-Net dir, large SD pipeline dir)."""
+    return tiny_sd_parts("save_tiny_pair", tmp_path_factory.mktemp("sd-parts"))
 
 
 @pytest.fixture(scope="session")
 def sd_bundle(sd_pair, tmp_path_factory) -> Path:
-    """The tiny SD pair built once through the CLI: torch + ort."""
-    from tstitch_trt.cli import main
-
-    out = tmp_path_factory.mktemp("sd-bundles") / "sd"
-    small, large = sd_pair
-    assert main(["build", "--model", str(small), "--model", str(large), "--backend", "torch,ort",
-                 "--out", str(out)]) == 0
-    return out
+    """The tiny SD pair built once: torch + ort."""
+    return build_sd(tmp_path_factory.mktemp("sd-bundles") / "sd", list(sd_pair))
 
 
 @pytest.fixture(scope="session")
 def control_set(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(small U-Net dir, large SD pipeline dir, ControlNet dir): diffusers' dummy parts, every parameter random;
-    the small U-Net shares the large one's residual layout so the ControlNet feeds both."""
-    pytest.importorskip("diffusers")
-    pytest.importorskip("transformers")
-    from tstitch_trt.models.sd_random import open_clip_vocab_file, save_tiny_control_set
-
-    if not open_clip_vocab_file().is_file():
-        pytest.skip("open_clip_torch's vocabulary file is missing (pip install --no-deps open_clip_torch)")
-    return save_tiny_control_set(tmp_path_factory.mktemp("control-parts"))
+    """(small U-Net dir, large SD pipeline dir, ControlNet dir); the small U-Net shares the large one's residual
+    layout so the ControlNet feeds both."""
+    return tiny_sd_parts("save_tiny_control_set", tmp_path_factory.mktemp("control-parts"))
 
 
 @pytest.fixture(scope="session")
 def control_bundle(control_set, tmp_path_factory) -> Path:
-    """The tiny SD pair with the tiny ControlNet, built once through the CLI: torch + ort."""
-    from tstitch_trt.cli import main
-
-    out = tmp_path_factory.mktemp("control-bundles") / "sd-control"
+    """The tiny SD pair with the tiny ControlNet, built once: torch + ort."""
     small, large, net = control_set
-    assert main(["build", "--model", str(small), "--model", str(large), "--controlnet", str(net),
-                 "--backend", "torch,ort", "--out", str(out)]) == 0
-    return out
+    return build_sd(tmp_path_factory.mktemp("control-bundles") / "sd-control", [small, large], "--controlnet", str(net))
 
 
 @pytest.fixture(scope="session")
 def sdxl_pair(tmp_path_factory) -> tuple[Path, Path]:
-    """(small bare SDXL U-Net dir, large StableDiffusionXLPipeline dir): diffusers' dummy SDXL parts, every
-    parameter random (models/sd_random.save_tiny_sdxl_pair)."""
-    pytest.importorskip("diffusers")
-    pytest.importorskip("transformers")
-    from tstitch_trt.models.sd_random import open_clip_vocab_file, save_tiny_sdxl_pair
-
-    if not open_clip_vocab_file().is_file():
-        pytest.skip("open_clip_torch's vocabulary file is missing (pip install --no-deps open_clip_torch)")
-    return save_tiny_sdxl_pair(tmp_path_factory.mktemp("sdxl-parts"))
+    """(small bare SDXL U-Net dir, large StableDiffusionXLPipeline dir) (models/sd_random.save_tiny_sdxl_pair)."""
+    return tiny_sd_parts("save_tiny_sdxl_pair", tmp_path_factory.mktemp("sdxl-parts"))
 
 
 @pytest.fixture(scope="session")
 def sdxl_bundle(sdxl_pair, tmp_path_factory) -> Path:
-    """The tiny SDXL pair built once through the CLI: torch + ort."""
-    from tstitch_trt.cli import main
-
-    out = tmp_path_factory.mktemp("sdxl-bundles") / "sdxl"
-    small, large = sdxl_pair
-    assert main(["build", "--model", str(small), "--model", str(large), "--backend", "torch,ort",
-                 "--out", str(out)]) == 0
-    return out
+    """The tiny SDXL pair built once: torch + ort."""
+    return build_sd(tmp_path_factory.mktemp("sdxl-bundles") / "sdxl", list(sdxl_pair))
 
 
 @pytest.fixture(scope="session")
 def sdxl_control_set(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(small SDXL U-Net dir, large SDXL pipeline dir, SDXL ControlNet dir): diffusers' dummy SDXL parts and
-    ControlNet, every parameter random (models/sd_random.save_tiny_sdxl_control_set)."""
-    pytest.importorskip("diffusers")
-    pytest.importorskip("transformers")
-    from tstitch_trt.models.sd_random import open_clip_vocab_file, save_tiny_sdxl_control_set
-
-    if not open_clip_vocab_file().is_file():
-        pytest.skip("open_clip_torch's vocabulary file is missing (pip install --no-deps open_clip_torch)")
-    return save_tiny_sdxl_control_set(tmp_path_factory.mktemp("sdxl-control-parts"))
+    """(small SDXL U-Net dir, large SDXL pipeline dir, SDXL ControlNet dir) (save_tiny_sdxl_control_set)."""
+    return tiny_sd_parts("save_tiny_sdxl_control_set", tmp_path_factory.mktemp("sdxl-control-parts"))
 
 
 @pytest.fixture(scope="session")
 def sdxl_control_bundle(sdxl_control_set, tmp_path_factory) -> Path:
-    """The tiny SDXL pair with the tiny SDXL ControlNet, built once through the CLI: torch + ort."""
-    from tstitch_trt.cli import main
-
-    out = tmp_path_factory.mktemp("sdxl-control-bundles") / "sdxl-control"
+    """The tiny SDXL pair with the tiny SDXL ControlNet, built once: torch + ort."""
     small, large, net = sdxl_control_set
-    assert main(["build", "--model", str(small), "--model", str(large), "--controlnet", str(net),
-                 "--backend", "torch,ort", "--out", str(out)]) == 0
-    return out
+    return build_sd(tmp_path_factory.mktemp("sdxl-control-bundles") / "sdxl-control", [small, large],
+                    "--controlnet", str(net))

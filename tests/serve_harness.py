@@ -7,6 +7,7 @@ requires every process of that session (all of Ray's, none of anyone else's) gon
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -19,7 +20,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -235,3 +238,24 @@ def png_of(b64: str) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@contextlib.contextmanager
+def browser_page(profile: Path) -> Iterator[Any]:
+    """A page of Debian's chromium, headless, driven by Playwright (never playwright's own browser); skips, with
+    the reason, where chromium or playwright is missing (scripts/test.sh installs both)."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it: apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the browser-test extra (playwright)")
+    with sync_api.sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(str(profile), executable_path=chromium, headless=True,
+                                                   args=CHROMIUM_FLAGS)
+        try:
+            yield ctx.new_page()
+        finally:
+            ctx.close()

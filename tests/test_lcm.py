@@ -30,8 +30,9 @@ diffusers = pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from conftest import tiny_sd_parts  # noqa: E402
 from tstitch_trt.cli import main  # noqa: E402
-from tstitch_trt.models.diffusers_peer import stitch_by_callback  # noqa: E402
+from tstitch_trt.models.diffusers_peer import EmbeddingBlind, stitch_by_callback  # noqa: E402
 
 PROMPT = "a photo of a cat sitting on a red chair"
 SIZE = 32  # dummy VAE factor 2: latent 4x16x16
@@ -39,35 +40,12 @@ LORA_SCALE = 0.8
 RATIO = 0.5
 
 
-class EmbeddingBlind(torch.nn.Module):
-    """A U-Net without LCM's guidance embedding, presented to diffusers as one with it (see the docstring)."""
-
-    def __init__(self, unet, time_cond_proj_dim: int):
-        super().__init__()
-        self.unet = unet
-        self.config = diffusers.configuration_utils.FrozenDict({**unet.config,
-                                                                "time_cond_proj_dim": time_cond_proj_dim})
-
-    @property
-    def dtype(self):
-        return self.unet.dtype
-
-    @property
-    def device(self):
-        return self.unet.device
-
-    def forward(self, *args, timestep_cond=None, **kwargs):
-        return self.unet(*args, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def lcm_parts(tmp_path_factory):
-    from tstitch_trt.models.sd_random import lcm_tiny_unet, open_clip_vocab_file, save_random_lora, save_tiny_pair
+    from tstitch_trt.models.sd_random import lcm_tiny_unet, save_random_lora
 
-    if not open_clip_vocab_file().is_file():
-        pytest.skip("open_clip_torch's vocabulary file is missing")
     root = tmp_path_factory.mktemp("lcm-parts")
-    small, large = save_tiny_pair(root, lcm=True)
+    small, large = tiny_sd_parts("save_tiny_pair", root, lcm=True)
     lora = save_random_lora(small, root / "lora")
     small_embed = root / "small-embed-unet"
     lcm_tiny_unet(5, small=True).save_pretrained(str(small_embed))

@@ -25,38 +25,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from tstitch_trt.cli import main  # noqa: E402
-from tstitch_trt.models.diffusers_peer import stitch_by_callback  # noqa: E402
+from tstitch_trt.models.diffusers_peer import EmbeddingBlind, stitch_by_callback  # noqa: E402
 
 PROMPT = "a photo of a cat sitting on a red chair"
 SIZE = 32  # dummy SDXL VAE factor 2: latent 4x16x16
 RATIO = 0.5
 LORA_SCALE = 0.7
-
-
-class EmbeddingBlind(torch.nn.Module):
-    """An SDXL U-Net without LCM's guidance embedding presented to diffusers as one with it; it drops
-    timestep_cond (see the module docstring)."""
-
-    def __init__(self, unet, time_cond_proj_dim: int):
-        super().__init__()
-        self.unet = unet
-        self.config = diffusers.configuration_utils.FrozenDict({**unet.config,
-                                                                "time_cond_proj_dim": time_cond_proj_dim})
-
-    @property
-    def dtype(self):
-        return self.unet.dtype
-
-    @property
-    def device(self):
-        return self.unet.device
-
-    @property
-    def add_embedding(self):  # StableDiffusionXLPipeline checks the added-condition width on it
-        return self.unet.add_embedding
-
-    def forward(self, *args, timestep_cond=None, **kwargs):
-        return self.unet(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,10 @@ diffusers = pytest.importorskip("diffusers")
 
 from tstitch_trt.errors import UserError  # noqa: E402
 from tstitch_trt.export.unet_step import sd_sampler_update  # noqa: E402
+from tstitch_trt.models.sd_random import SD15_SCHEDULER  # noqa: E402
 from tstitch_trt.sampling.sd_samplers import HISTORY, C, default_sampler, sd_table  # noqa: E402
 from tstitch_trt.sampling.stitch import stitch_schedule_by_call  # noqa: E402
 
-# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
-SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
-    "clip_sample": False,
-}
 CLASSES = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
            "dpm-solver++": "DPMSolverMultistepScheduler"}
 SHAPE = (2, 4, 8, 8)

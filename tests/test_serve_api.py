@@ -6,7 +6,6 @@ One service for the whole module (Ray's start costs ~20 s here); stopping it mus
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from serve_harness import latents_of, png_of, start_service
+from serve_harness import browser_page, latents_of, png_of, start_service
 
 pytestmark = pytest.mark.serve
 STEPS = 6
@@ -149,33 +148,20 @@ def test_metrics_count_requests_batches_and_ratio(svc):
     assert samples['tstitch_stitch_ratio_bucket{le="0.4"}'] >= 1
 
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
 
 def test_web_page_in_a_real_browser(svc, tmp_path):
     """Debian's chromium, headless, driven by Playwright: load the page, submit, see decoded images."""
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it: apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the browser-test extra (playwright)")
-    with sync_api.sync_playwright() as p:
-        ctx = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=chromium,
-                                                   headless=True, args=CHROMIUM_FLAGS)
-        try:
-            page = ctx.new_page()
-            page.goto(svc.url + "/", timeout=60_000)
-            page.wait_for_function("document.getElementById('bundle').textContent.includes('DiT-Demo')")
-            page.fill("#class_labels", "1,2,3")
-            page.fill("#steps", str(STEPS))
-            page.fill("#seed", "4")
-            page.click("#submit")
-            page.wait_for_selector("#images img", timeout=120_000)
-            shown = page.eval_on_selector_all("#images img", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
-            summary = page.text_content("#summary")
-            error = page.text_content("#error")
-        finally:
-            ctx.close()
+    with browser_page(tmp_path / "profile") as page:
+        page.goto(svc.url + "/", timeout=60_000)
+        page.wait_for_function("document.getElementById('bundle').textContent.includes('DiT-Demo')")
+        page.fill("#class_labels", "1,2,3")
+        page.fill("#steps", str(STEPS))
+        page.fill("#seed", "4")
+        page.click("#submit")
+        page.wait_for_selector("#images img", timeout=120_000)
+        shown = page.eval_on_selector_all("#images img", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
+        summary = page.text_content("#summary")
+        error = page.text_content("#error")
     assert shown == [[32, 32]] * 3, (shown, error)
     assert f"{STEPS} ddim steps" in summary and "on DiT-Demo-S/4" in summary and "ms" in summary, summary
     assert not error

@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import build_sd, tiny_sd_parts
 from tstitch_trt.bundle.manifest import read_manifest
 from tstitch_trt.errors import UserError
 from tstitch_trt.serve.requests import KINDS, parse_generate
@@ -145,16 +146,8 @@ def test_a_control_image_of_another_size_is_refused(control_bundle, control_pipe
 @pytest.fixture(scope="module")
 def lcm_bundle(tmp_path_factory):
     """A tiny LCM pair (large U-Net with the guidance embedding, small without), ort only."""
-    from tstitch_trt.cli import main
-    from tstitch_trt.models.sd_random import open_clip_vocab_file, save_tiny_pair
-
-    if not open_clip_vocab_file().is_file():
-        pytest.skip("open_clip_torch's vocabulary file is missing")
     root = tmp_path_factory.mktemp("serve-lcm")
-    small, large = save_tiny_pair(root, lcm=True)
-    out = root / "bundle"
-    assert main(["build", "--model", str(small), "--model", str(large), "--backend", "ort", "--out", str(out)]) == 0
-    return out
+    return build_sd(root / "bundle", list(tiny_sd_parts("save_tiny_pair", root, lcm=True)), backends="ort")
 
 
 def test_lcm_bundles_get_runs_lcm_defaults_and_refusals(lcm_bundle):

@@ -8,14 +8,13 @@ test_serve_conditioning.py.
 from __future__ import annotations
 
 import base64
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from serve_harness import latents_of, start_service
+from serve_harness import browser_page, latents_of, start_service
 
 pytestmark = pytest.mark.serve
 STEPS = 3
@@ -68,33 +67,21 @@ def test_an_uploaded_control_image_equals_the_cli_run(svc, control_bundle, edges
 
 def test_web_page_uploads_a_control_image(svc, control_bundle, edges, tmp_path):
     """Debian's chromium, headless: the page offers a file input for the control image and sends it."""
-    from test_serve_sd import CHROMIUM_FLAGS
-
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it: apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the browser-test extra (playwright)")
-    with sync_api.sync_playwright() as p:
-        ctx = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=chromium,
-                                                   headless=True, args=CHROMIUM_FLAGS)
-        try:
-            page = ctx.new_page()
-            page.goto(svc.url + "/", timeout=60_000)
-            page.wait_for_function("document.getElementById('bundle').textContent.startsWith('sd:')")
-            control_hidden = page.eval_on_selector("#control-row", "e => e.hidden")
-            steps_default = page.input_value("#steps")
-            page.fill("#prompt", "a lighthouse")
-            page.fill("#steps", "2")
-            page.click("#submit")  # no image yet: the service's one line
-            page.wait_for_function("document.getElementById('error').textContent !== ''", timeout=60_000)
-            refused = page.text_content("#error")
-            page.set_input_files("#control_image", str(edges))
-            page.click("#submit")
-            page.wait_for_selector("#images img", timeout=120_000)
-            shown = page.eval_on_selector_all("#images img", "els => els.length")
-            error = page.text_content("#error")
-        finally:
-            ctx.close()
+    with browser_page(tmp_path / "profile") as page:
+        page.goto(svc.url + "/", timeout=60_000)
+        page.wait_for_function("document.getElementById('bundle').textContent.startsWith('sd:')")
+        control_hidden = page.eval_on_selector("#control-row", "e => e.hidden")
+        steps_default = page.input_value("#steps")
+        page.fill("#prompt", "a lighthouse")
+        page.fill("#steps", "2")
+        page.click("#submit")  # no image yet: the service's one line
+        page.wait_for_function("document.getElementById('error').textContent !== ''", timeout=60_000)
+        refused = page.text_content("#error")
+        page.set_input_files("#control_image", str(edges))
+        page.click("#submit")
+        page.wait_for_selector("#images img", timeout=120_000)
+        shown = page.eval_on_selector_all("#images img", "els => els.length")
+        error = page.text_content("#error")
     assert control_hidden is False and steps_default == "50"
     assert refused.startswith("400: this bundle was built with a ControlNet"), refused
     assert shown == 1 and not error, error

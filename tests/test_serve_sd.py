@@ -8,7 +8,6 @@ One service for the module; stopping it must leave no process.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from serve_harness import latents_of, png_of, start_service
+from serve_harness import browser_page, latents_of, png_of, start_service
 
 pytestmark = pytest.mark.serve
 STEPS = 3
@@ -146,33 +145,20 @@ def test_batched_requests_equal_lone_runs(svc, sd_bundle, manifest, tmp_path):
     np.testing.assert_allclose(latents_of(answers[2][2]), run, rtol=1e-5, atol=1e-5 * np.abs(run).max())
 
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
 
 def test_web_page_shows_a_prompt_box(svc, manifest, tmp_path):
     """Debian's chromium, headless: the page of an SD bundle asks for a prompt, submits it, shows the image."""
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it: apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the browser-test extra (playwright)")
-    with sync_api.sync_playwright() as p:
-        ctx = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=chromium,
-                                                   headless=True, args=CHROMIUM_FLAGS)
-        try:
-            page = ctx.new_page()
-            page.goto(svc.url + "/", timeout=60_000)
-            page.wait_for_function("document.getElementById('bundle').textContent.startsWith('sd:')")
-            hidden = page.eval_on_selector_all("#labels-row, #prompt-row", "els => els.map(e => e.hidden)")
-            page.fill("#prompt", "a lighthouse")
-            page.fill("#steps", "2")
-            page.click("#submit")
-            page.wait_for_selector("#images img", timeout=120_000)
-            shown = page.eval_on_selector_all("#images img", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
-            report = page.text_content("#report")
-            error = page.text_content("#error")
-        finally:
-            ctx.close()
+    with browser_page(tmp_path / "profile") as page:
+        page.goto(svc.url + "/", timeout=60_000)
+        page.wait_for_function("document.getElementById('bundle').textContent.startsWith('sd:')")
+        hidden = page.eval_on_selector_all("#labels-row, #prompt-row", "els => els.map(e => e.hidden)")
+        page.fill("#prompt", "a lighthouse")
+        page.fill("#steps", "2")
+        page.click("#submit")
+        page.wait_for_selector("#images img", timeout=120_000)
+        shown = page.eval_on_selector_all("#images img", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
+        report = page.text_content("#report")
+        error = page.text_content("#error")
     assert hidden == [True, False]
     assert shown == [[manifest.image_size] * 2], (shown, error)
     assert "a lighthouse" in report and not error

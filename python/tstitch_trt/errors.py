@@ -18,3 +18,10 @@ class BundleError(UserError):
 
 class BackendUnavailable(UserError):
     """This machine cannot run this backend's engines (the bundle is fine)."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (its type name where it has none): for one-line errors
+    that quote what a library raised."""
+    text = str(e)
+    return text.splitlines()[0] if text else type(e).__name__

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from tstitch_trt.bundle.manifest import sha256_file
-from tstitch_trt.errors import UserError
+from tstitch_trt.errors import UserError, first_line
 
 LORA_TARGETS = ("small", "large")
 MAX_LORA_SCALE = 100.0  # the manifest schema's bound on models[].lora[].scale
@@ -83,7 +83,7 @@ def read_unet_lora(path: Path, unet_config: Any) -> tuple[dict[str, torch.Tensor
         state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path), unet_config=unet_config,
                                                                            return_lora_metadata=True)
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e)
         raise UserError(f"cannot read the LoRA {path}: {first}") from None
     others = sorted({k.split(".")[0] for k in state if not k.startswith("unet.")})
     if others:

@@ -33,7 +33,7 @@ from tstitch_trt.bundle.manifest import (
     staged_bundle,
     write_manifest,
 )
-from tstitch_trt.errors import UserError
+from tstitch_trt.errors import UserError, first_line
 from tstitch_trt.export.lora import LoraSpec, check_loras, fuse_loras, lora_targets
 from tstitch_trt.export.unet_export import export_text_encoder, export_unet_step, text_io_spec, unet_io_spec
 from tstitch_trt.export.unet_step import GUIDANCE_MODES, UNetStepModule
@@ -177,7 +177,7 @@ def _write_tokenizer(tmp: Path, large: Path, text_len: int, part: str = "tokeniz
     try:
         tok = CLIPTokenizer.from_pretrained(str(large / part))
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e)
         raise UserError(f"cannot load the tokenizer in {large / part}: {first}") from None
     tok.save_pretrained(str(tmp / part))
     rel = f"{part}/tokenizer.json"
@@ -207,12 +207,7 @@ def _write_text_encoder(tmp: Path, large: Path, cfg: SdBuildConfig, builders: di
     if builders:
         graph = tmp / f"{part}/{part}-{cfg.precision}-src.onnx"
         export_text_encoder(clip, graph, cfg.precision, text_len, layer, pooled)
-        for kind, builder in builders.items():
-            rel = f"{part}/{part}-{kind}-{cfg.precision}.plan"
-            info = builder.build(graph, tmp / rel, cfg.batch_range, io)
-            engines[kind] = EngineEntry(file=rel, sha256=sha256_file(tmp / rel), precision=cfg.precision,
-                                        batch_range=cfg.batch_range, builder=info)
-        graph.unlink()
+        engines.update(_engine_entries(tmp, builders, graph, f"{part}/{part}", cfg, io))
     entry = {"source": str(large / part), "kind": type(clip).__name__, "hidden_state": layer, "engines": engines,
              "io": io}
     if pooled:
@@ -255,11 +250,20 @@ def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: 
     if builders:
         graph = tmp / f"onnx/{tag}-{cfg.precision}-src.onnx"
         export_unet_step(step, graph, cfg.precision, text_len, pixel_factor)
-        for kind, builder in builders.items():
-            rel = f"trt/{tag}-{kind}-{cfg.precision}.plan"
-            info = builder.build(graph, tmp / rel, cfg.batch_range, io)
-            engines[kind] = EngineEntry(file=rel, sha256=sha256_file(tmp / rel), precision=cfg.precision,
-                                        batch_range=cfg.batch_range, builder=info)
-        graph.unlink()
+        engines.update(_engine_entries(tmp, builders, graph, f"trt/{tag}", cfg, io))
     arch = {k: v for k, v in src.unet_config().items() if not k.startswith("_")}
     return ModelEntry(name=src.name, family="unet", arch=arch, engines=engines, lora=lora), io
+
+
+def _engine_entries(tmp: Path, builders: dict[str, Any], graph: Path, stem: str, cfg: SdBuildConfig,
+                    io: dict) -> dict[str, EngineEntry]:
+    """One engine per builder kind from the fp16 (or fp32) source graph, written as STEM-KIND-PRECISION.plan;
+    the source graph is removed afterwards (engines are what the bundle keeps)."""
+    engines = {}
+    for kind, builder in builders.items():
+        rel = f"{stem}-{kind}-{cfg.precision}.plan"
+        info = builder.build(graph, tmp / rel, cfg.batch_range, io)
+        engines[kind] = EngineEntry(file=rel, sha256=sha256_file(tmp / rel), precision=cfg.precision,
+                                    batch_range=cfg.batch_range, builder=info)
+    graph.unlink()
+    return engines

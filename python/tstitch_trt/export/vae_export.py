@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from tstitch_trt.bundle.manifest import EngineEntry, directory_entry, sha256_file
-from tstitch_trt.errors import UserError
+from tstitch_trt.errors import UserError, first_line
 from tstitch_trt.export.onnx_export import OPSET, clean_graph, save_graph
 
 FP16_MIN_PSNR_DB = 40.0  # below this on the build-time probe, the VAE engine stays fp32
@@ -63,7 +63,7 @@ def load_vae(source: str):
     try:
         return AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False).eval()
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e)
         raise UserError(f"cannot load the VAE {source!r} as a diffusers AutoencoderKL: {first}") from None
 
 

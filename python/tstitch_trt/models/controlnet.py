@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tstitch_trt.errors import UserError
+from tstitch_trt.errors import UserError, first_line
 
 FAMILIES = ("sd", "sdxl")
 
@@ -70,7 +70,7 @@ def _from_hub(spec: str) -> Path:
 
         return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e)
         raise UserError(f"--controlnet {spec}: not a local directory, and the hub download failed ({first})") from None
 
 
@@ -132,6 +132,6 @@ def load_controlnet(root: str | Path, dtype: torch.dtype = torch.float32) -> tor
     try:
         net = ControlNetModel.from_pretrained(str(root), torch_dtype=dtype, low_cpu_mem_usage=False)
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e)
         raise UserError(f"cannot load the ControlNet in {root}: {first}") from None
     return net.eval()

@@ -1,11 +1,18 @@
 """The peer oracle of the SD tests and benchmarks: a plain diffusers pipeline runs the T-Stitch SD rule by
 starting on the small U-Net and switching to the large one with callback_on_step_end after the small
-model's calls (REFERENCE.md). One place, so every conformance test and benchmark switches the same way."""
+model's calls (REFERENCE.md). One place, so every conformance test and benchmark switches the same way.
+
+EmbeddingBlind corrects the peer's own LCM defect: diffusers computes timestep_cond (LCM's guidance
+embedding) once, from the pipeline's FIRST U-Net, so a small U-Net without time_cond_proj_dim would leave
+the large one without its embedding. Wrapped, the small U-Net's config reports the large's
+time_cond_proj_dim (the pipeline computes the embedding) and it drops timestep_cond, which it cannot take."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from tstitch_trt.sampling.stitch import stitch_schedule_by_call
 
@@ -22,3 +29,29 @@ def stitch_by_callback(pipe: Any, small: Any, large: Any, n_calls: int, ratio: f
         return {}
 
     return switch
+
+
+class EmbeddingBlind(torch.nn.Module):
+    """A U-Net without LCM's guidance embedding, presented to diffusers as one with it (the module docstring)."""
+
+    def __init__(self, unet: Any, time_cond_proj_dim: int):
+        from diffusers.configuration_utils import FrozenDict
+
+        super().__init__()
+        self.unet = unet
+        self.config = FrozenDict({**unet.config, "time_cond_proj_dim": time_cond_proj_dim})
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def add_embedding(self) -> Any:  # StableDiffusionXLPipeline checks the added-condition width on it
+        return self.unet.add_embedding
+
+    def forward(self, *args: Any, timestep_cond: Any = None, **kwargs: Any) -> Any:
+        return self.unet(*args, **kwargs)

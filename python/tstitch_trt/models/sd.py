@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tstitch_trt.errors import UserError
+from tstitch_trt.errors import UserError, first_line
 
 # model_index.json _class_name -> bundle pipeline kind
 PIPELINE_KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
@@ -86,7 +86,7 @@ def _from_hub(spec: str) -> Path:
 
         return Path(snapshot_download(spec, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e)
         raise UserError(f"--model {spec}: not a local directory, and the hub download failed ({first})") from None
 
 
@@ -210,7 +210,7 @@ def load_unet(unet_dir: str | Path, dtype: torch.dtype = torch.float32) -> torch
     try:
         unet = UNet2DConditionModel.from_pretrained(str(unet_dir), torch_dtype=dtype, low_cpu_mem_usage=False)
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e)
         raise UserError(f"cannot load the U-Net in {unet_dir}: {first}") from None
     return unet.eval()
 
@@ -223,7 +223,7 @@ def load_text_encoder(pipeline: Path, part: str = "text_encoder") -> torch.nn.Mo
     try:
         return cls.from_pretrained(str(pipeline / part)).eval()
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e)
         raise UserError(f"cannot load the CLIP text encoder in {pipeline / part}: {first}") from None
 
 

@@ -44,9 +44,7 @@ def default_steps(sampler: str) -> int:
 def check_guidance(manifest: Manifest, sampler: str, cfg_scale: float, negative_given: bool) -> None:
     """Refuse what the bundle's step graphs cannot do (one line each)."""
     embedding = manifest.guidance_mode == "embedding"
-    if embedding and negative_given:
-        raise UserError("a negative prompt needs classifier-free guidance, but this bundle guides through LCM's "
-                        "guidance embedding (no uncond batch): drop --negative-prompt, or rebuild with --guidance cfg")
+    check_negative_prompt(manifest, negative_given)
     if not guidance_through_embedding(manifest, sampler) or cfg_scale <= 1:
         return
     lacking = unets_without_embedding(manifest)
@@ -58,6 +56,13 @@ def check_guidance(manifest: Manifest, sampler: str, cfg_scale: float, negative_
         raise UserError(f"--sampler lcm with --cfg-scale {cfg_scale:g} > 1 guides through the U-Nets' guidance "
                         "embedding, but this bundle was built with --guidance cfg; rebuild with --guidance embedding, "
                         "or give --cfg-scale 1 or less")
+
+
+def check_negative_prompt(manifest: Manifest, negative_given: bool) -> None:
+    """An "embedding"-guided bundle has no uncond batch to put a negative prompt in: refused, never dropped."""
+    if manifest.guidance_mode == "embedding" and negative_given:
+        raise UserError("a negative prompt needs classifier-free guidance, but this bundle guides through LCM's "
+                        "guidance embedding (no uncond batch): drop --negative-prompt, or rebuild with --guidance cfg")
 
 
 def graph_guidance(manifest: Manifest, cfg_scale: float) -> float:

@@ -127,9 +127,7 @@ class StitchedSDPipeline:
         A None negative: no negative prompt (SD: "" as diffusers; SDXL with force_zeros_for_empty_prompt:
         zero embeddings). time_ids (sdxl): (2, 6), the negative row first; default: the bundle's image size."""
         if self.manifest.guidance_mode == "embedding":
-            if any(negative):
-                raise UserError("a negative prompt needs classifier-free guidance, but this bundle guides through "
-                                "LCM's guidance embedding: drop the negative prompt, or rebuild with --guidance cfg")
+            lcm_guidance.check_negative_prompt(self.manifest, any(negative))
             negative = []
         if self.sdxl:
             return self._encode_sdxl(prompts, negative, time_ids)

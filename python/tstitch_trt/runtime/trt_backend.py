@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tstitch_trt.bundle.manifest import Manifest, ModelEntry, artifact_path
-from tstitch_trt.errors import BackendUnavailable, BundleError, UserError
+from tstitch_trt.errors import BackendUnavailable, BundleError, UserError, first_line
 from tstitch_trt.runtime import cuda as cuda_rt
 from tstitch_trt.runtime.backend import x_slots
 from tstitch_trt.runtime.engine_compat import check_engine_compat
@@ -514,7 +514,7 @@ class TrtBackend:
             except Exception as e:
                 for ev in events:
                     ev.close()
-                error = str(e).splitlines()[0] if str(e) else type(e).__name__
+                error = first_line(e)
                 continue
             if not with_events and self.graph_step_events:
                 self._notes.append(f"CUDA graph captured without per-step events ({error}); "

@@ -26,7 +26,7 @@ from ray.serve.handle import DeploymentHandle
 
 from tstitch_trt.bundle.manifest import read_manifest
 from tstitch_trt.demo import DEMO_NAME, resolve_bundle
-from tstitch_trt.errors import UserError
+from tstitch_trt.errors import UserError, first_line
 from tstitch_trt.serve.batcher import Batcher
 from tstitch_trt.serve.config import ServeConfig
 from tstitch_trt.serve.metrics import ServiceMetrics
@@ -72,7 +72,7 @@ class Generator:
         try:
             out = await self.batcher.submit(req)
         except Exception as e:  # noqa: BLE001 - answered as 500 with one line, never dropped
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            msg = first_line(e)
             return {"status": 500, "error": f"generation failed: {msg}"}
         if self.policy is not None and req.adaptive:
             rep = out["report"]
