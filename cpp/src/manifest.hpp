@@ -113,6 +113,9 @@ std::string sealed_path(const std::string& bundle_dir, const std::string& rel, c
 
 // The artifact's path, checked to exist and (verify) to match its sha256 (and its external data).
 std::string artifact_path(const std::string& bundle_dir, const EngineEntry& entry, bool verify = true);
+// An ONNX artifact's own external-data references: each inside the bundle and listed in entry.external_data
+// (so checksummed); throws a bundle error otherwise. artifact_path calls it.
+void check_onnx_external_data(const std::string& bundle_dir, const EngineEntry& entry);
 
 std::string sha256_file(const std::string& path);
 std::string sha256_bytes(const void* data, size_t n);

@@ -120,6 +120,42 @@ TEST(Manifest, PathsAreSealedInsideTheBundle) {
   EXPECT_EQ(error_of([&] { artifact_path(b.dir(), e); }), "");
 }
 
+namespace {
+// A minimal ONNX ModelProto whose one initializer keeps its weights in `location` (external data):
+// graph (7) > initializer (5) > external_data (13) > {key (1): "location", value (2): location}.
+std::string onnx_with_external(const std::string& location) {
+  auto len = [](const std::string& s) { return std::string(1, char(s.size())); };  // < 128 bytes here
+  const std::string entry = "\x0a" + len("location") + "location" + "\x12" + len(location) + location;
+  const std::string tensor = "\x6a" + len(entry) + entry;
+  const std::string graph = "\x2a" + len(tensor) + tensor;
+  return "\x3a" + len(graph) + graph;
+}
+}  // namespace
+
+TEST(Manifest, OnnxExternalDataIsListedAndInsideTheBundle) {
+  TempBundle b;
+  fs::create_directories(b.dir() + "/onnx");
+  std::ofstream(b.dir() + "/onnx/g.onnx.data") << "weights";
+  EngineEntry e;
+  e.artifact = {"onnx/g.onnx", "", "models[0].engines.ort.file"};
+  auto write = [&](const std::string& loc) { std::ofstream(b.dir() + "/onnx/g.onnx", std::ios::binary) << onnx_with_external(loc); };
+  write("g.onnx.data");
+  EXPECT_EQ(error_of([&] { artifact_path(b.dir(), e, /*verify=*/false); }),
+            "the graph onnx/g.onnx reads weights from onnx/g.onnx.data, which the manifest does not list (nor "
+            "checksum); rebuild the bundle");
+  e.external_data.push_back({"onnx/g.onnx.data", sha256_file(b.dir() + "/onnx/g.onnx.data"), "x"});
+  EXPECT_EQ(error_of([&] { artifact_path(b.dir(), e, false); }), "");
+  for (const std::string loc : {"../../outside.data", "/etc/hostname", "sub/../../x.data"}) {
+    write(loc);
+    EXPECT_EQ(error_of([&] { artifact_path(b.dir(), e, false); }),
+              "the graph onnx/g.onnx reads weights from '" + loc +
+                  "', outside the bundle; a bundle may only use its own files: rebuild it") << loc;
+  }
+  std::ofstream(b.dir() + "/onnx/g.onnx", std::ios::binary) << onnx_with_external("g.onnx.data").substr(0, 9);
+  EXPECT_EQ(error_of([&] { artifact_path(b.dir(), e, false); }),
+            b.dir() + "/onnx/g.onnx is not a well-formed ONNX graph; rebuild the bundle");
+}
+
 TEST(Manifest, ChecksumMismatchAndMissingFile) {
   TempBundle b;
   const Manifest m = read_manifest(b.dir());

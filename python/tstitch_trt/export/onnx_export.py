@@ -144,6 +144,32 @@ def _copy_range(src, dst, offset: int, count: int, name: str) -> None:
     dst.seek(0, os.SEEK_END)
 
 
+def _location(init) -> str:
+    return next(e.value for e in init.external_data if e.key == "location")
+
+
+def _point(init, location: str, offset: int, length: int) -> None:
+    del init.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        init.external_data.add(key=key, value=value)
+
+
+def _whole_file_weight(inits: list, src_root: Path):
+    """The largest external weight stored alone in a file inside src_root (offset 0, the whole file)."""
+    best, best_size = None, 0
+    for init in inits:
+        info = {e.key: e.value for e in init.external_data}
+        src = (src_root / info.get("location", "")).resolve()
+        if not src.is_relative_to(src_root) or not src.is_file() or int(info.get("offset", 0)) != 0:
+            continue
+        size = src.stat().st_size
+        if info.get("length") not in (None, str(size)):
+            continue
+        if size > best_size and sum(_location(i) == info["location"] for i in inits) == 1:
+            best, best_size = init, size
+    return best
+
+
 def _external_initializers(model) -> list:
     import onnx
 
@@ -160,8 +186,14 @@ def stream_external_data(model, src_dir: Path, path: Path) -> None:
 
     data_name = external_data_name(path)
     src_root = Path(src_dir).resolve()
-    with open(path.parent / data_name, "wb") as out:
-        for init in _external_initializers(model):
+    inits = _external_initializers(model)
+    first = _whole_file_weight(inits, src_root)
+    if first is not None:  # the largest weight that fills its own raw file: moved, not copied (2 GB of I/O less)
+        os.replace(src_root / _location(first), path.parent / data_name)
+        inits.remove(first)
+        _point(first, data_name, 0, (path.parent / data_name).stat().st_size)
+    with open(path.parent / data_name, "ab" if first is not None else "wb") as out:
+        for init in inits:
             info = {e.key: e.value for e in init.external_data}
             src = (src_root / info["location"]).resolve()
             if not src.is_relative_to(src_root):  # our own export; a bug if it points elsewhere
@@ -173,9 +205,7 @@ def stream_external_data(model, src_dir: Path, path: Path) -> None:
             with open(src, "rb") as f:
                 left = int(length) if length is not None else src.stat().st_size - offset
                 _copy_range(f, out, offset, left, init.name)
-            del init.external_data[:]
-            for key, value in (("location", data_name), ("offset", str(start)), ("length", str(out.tell() - start))):
-                init.external_data.add(key=key, value=value)
+            _point(init, data_name, start, out.tell() - start)
     os.chmod(path.parent / data_name, 0o644)
     onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))  # by path: the checker resolves (and confines) the external file

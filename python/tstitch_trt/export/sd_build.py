@@ -207,6 +207,7 @@ def _write_text_encoder(tmp: Path, large: Path, cfg: SdBuildConfig, builders: di
     pooled text_embeds."""
     with stage(f"load {part}"):
         clip = load_text_encoder(large, part)
+    kind = type(clip).__name__
     engines: dict[str, EngineEntry] = {}
     pooled = pooled_dim > 0
     io = text_io_spec(text_len, width, cfg.batch_range, pooled_dim)
@@ -222,10 +223,10 @@ def _write_text_encoder(tmp: Path, large: Path, cfg: SdBuildConfig, builders: di
     if builders:
         graph = tmp / f"{part}/{part}-{cfg.precision}-src.onnx"
         with stage(f"export {part} {cfg.precision} graph (engines)"):
-            export_text_encoder(clip, graph, cfg.precision, text_len, layer, pooled)
+            export_text_encoder(clip, graph, cfg.precision, text_len, layer, pooled, consume=True)
         del clip  # the engine builds need only the graph
         engines.update(_engine_entries(tmp, builders, graph, f"{part}/{part}", cfg, io, stage))
-    entry = {"source": str(large / part), "kind": type(clip).__name__, "hidden_state": layer, "engines": engines,
+    entry = {"source": str(large / part), "kind": kind, "hidden_state": layer, "engines": engines,
              "io": io}
     if pooled:
         entry["pooled"] = True
@@ -273,7 +274,7 @@ def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: 
     if builders:
         graph = tmp / f"onnx/{tag}-{cfg.precision}-src.onnx"
         with stage(f"export U-Net {src.name} {cfg.precision} step graph (engines)"):
-            export_unet_step(step, graph, cfg.precision, text_len, pixel_factor)
+            export_unet_step(step, graph, cfg.precision, text_len, pixel_factor, consume=controlnet is None)
     del step, unet
     if builders:
         engines.update(_engine_entries(tmp, builders, graph, f"trt/{tag}", cfg, io, stage))

@@ -85,13 +85,17 @@ def example_unet_inputs(step: UNetStepModule, text_len: int, batch: int = 1, pix
 
 
 def export_unet_step(step: UNetStepModule, path: str | Path, precision: str, text_len: int,
-                     pixel_factor: int = 8) -> Path:
-    """Write the U-Net step graph (fp32, or fp16-typed for engines) and check its typing."""
+                     pixel_factor: int = 8, consume: bool = False) -> Path:
+    """Write the U-Net step graph (fp32, or fp16-typed for engines) and check its typing.
+
+    consume: fp16 converts `step` itself instead of a copy (the caller's last use of it): an SDXL U-Net
+    is 10.3 GB in fp32, and a copy would hold both."""
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = step if precision == "fp32" else _fp16_ready(step)
     spec = unet_io_spec(step, text_len, pixel_factor)
+    example = example_unet_inputs(step, text_len, pixel_factor=pixel_factor)
+    module = step if precision == "fp32" else _fp16_ready(step, consume)
     dynamic_axes = {name: {i: d for i, d in enumerate(t["shape"]) if isinstance(d, str)}
                     for part in ("inputs", "outputs") for name, t in spec[part].items()}
     dynamic_axes = {k: v for k, v in dynamic_axes.items() if v}
@@ -100,7 +104,7 @@ def export_unet_step(step: UNetStepModule, path: str | Path, precision: str, tex
         raw = Path(raw_dir) / "raw.onnx"
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module.eval(), example_unet_inputs(step, text_len, pixel_factor=pixel_factor),
+            torch.onnx.export(module.eval(), example,
                               str(raw), input_names=list(names), output_names=list(UNET_STEP_OUTPUTS),
                               dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True, dynamo=False)
         finish_export(raw, path, prepare=lambda m: _restore_unused_inputs(m, spec, names),
@@ -127,13 +131,14 @@ def _restore_unused_inputs(model, spec: dict, names: tuple[str, ...]) -> None:
     model.graph.input.extend(ordered)
 
 
-def _fp16_ready(step: UNetStepModule) -> UNetStepModule:
-    """An fp16 copy with fp32 norms and an upcast attention softmax (the typing rules above)."""
+def _fp16_ready(step: UNetStepModule, consume: bool = False) -> UNetStepModule:
+    """An fp16 copy (consume: `step` itself, converted) with fp32 norms and an upcast attention softmax (the
+    typing rules above)."""
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
     from tstitch_trt.export.vae_export import _GroupNormFp32
 
-    module = copy.deepcopy(step).to(torch.float16)
+    module = (step if consume else copy.deepcopy(step)).to(torch.float16)
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.GroupNorm):
@@ -190,11 +195,14 @@ class TextEncoder(torch.nn.Module):
 
 
 def export_text_encoder(clip: torch.nn.Module, path: str | Path, precision: str, text_len: int,
-                        layer: str = "last", pooled: bool = False) -> Path:
+                        layer: str = "last", pooled: bool = False, consume: bool = False) -> Path:
+    """consume: fp16 converts `clip` itself (the caller's last use of it), no copy."""
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    enc = TextEncoder(copy.deepcopy(clip).to(torch.float16) if precision == "fp16" else clip, layer, pooled).eval()
+    if precision == "fp16":
+        clip = (clip if consume else copy.deepcopy(clip)).to(torch.float16)
+    enc = TextEncoder(clip, layer, pooled).eval()
     if precision == "fp16":
         for parent in list(enc.modules()):
             for name, child in list(parent.named_children()):
