@@ -54,6 +54,12 @@ class StitchedSDPipeline:
         bundle_dir, manifest = open_bundle(bundle_dir)  # schema, sealed paths, every checksum
         if not manifest.text_to_image:
             raise UserError(f"{bundle_dir} is a {manifest.pipeline} bundle, not a text-to-image (sd, sdxl) bundle")
+        from tstitch_trt.pipeline.backends import backend_candidates
+        from tstitch_trt.pipeline.resources import check_sd_fits
+
+        # before any weights load: the default size at batch 1 (a larger request is checked again in validate)
+        kinds = [k for k, _ in backend_candidates(manifest, backend, "auto")]
+        check_sd_fits(bundle_dir, manifest, kinds, 1, manifest.image_size, manifest.image_size)
         opened, why = open_first_backend(bundle_dir, manifest, backend, device)
         return cls(bundle_dir, manifest, opened, why)
 
@@ -108,6 +114,15 @@ class StitchedSDPipeline:
             raise UserError(f"batch {batch} (prompts x --num-images) is outside the range this bundle was built "
                             f"for on {self.backend.name} [{lo}, {hi}]; split the request, or rebuild with "
                             f"--batch-sizes {lo}-{max(batch, hi)}")
+        if self.backend.device == "cpu":  # the weights are loaded: what the request's activations need on top
+            from tstitch_trt.pipeline.resources import available_memory_bytes, unet_activation_bytes
+
+            need = max(unet_activation_bytes(m.arch, batch, height, width, f) for m in self.manifest.models)
+            have = available_memory_bytes()
+            if have is not None and need > have:
+                raise UserError(f"a {height}x{width} batch-{batch} request needs about {need / 2**30:.1f} GiB of "
+                                f"working memory but only {have / 2**30:.1f} GiB is available; use a smaller size "
+                                "or batch")
         ranges = self.manifest.io.get("dim_ranges", {})
         for name, dim, v in (("--height", "H", height), ("--width", "W", width)):
             if dim in ranges and not ranges[dim][0] * f <= v <= ranges[dim][2] * f:
