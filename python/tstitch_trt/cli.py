@@ -415,8 +415,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         bundle = resolve_bundle(args.bundle)
         for line in check_integrity(bundle):
             print(line)
-        print(f"numeric check not run: the reference (the torch StepModule) needs PyTorch: {INSTALL_BUILD}")
-        return 1
+        # the file checks passed; the rest needs an install, like every other "install this" case: exit 2
+        raise UserError(f"numeric check not run: the reference (the torch StepModule) needs PyTorch "
+                        f"({INSTALL_BUILD})")
     from tstitch_trt.export.check import run_check
 
     return run_check(args, outputs)
