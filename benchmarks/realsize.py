@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             record(timed(f"run-{backend}", [*tst, "run", "--bundle", str(bundle), "--backend", backend, "--prompt",
                                             PROMPT, "--sampler", sampler, "--steps", str(args.steps), "--ratio",
                                             str(args.ratio), "--init-noise", str(init), "--save-latents",
-                                            str(work / f"lat-{backend}.npy"), "--report", str(work / f"run-{backend}.json"),
+                                            str(work / f"lat-{backend}.npy"), "--report",
+                                            str(work / f"run-{backend}.json"),
                                             "--out", str(work / f"{backend}.png")], logs / f"run-{backend}.log"))
     if "diffusers" in stages:
         script = work / "reference.py"
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 record({"stage": f"{backend} vs diffusers", "max_rel": rel(np.load(got), ref)})
     print("\n| stage | wall s | peak RSS GB | CPU | result |\n|---|---|---|---|---|")
     for r in rows:
-        result = r.get("max_rel", r.get("gb", "rc %s" % r.get("rc", "")))
+        result = r.get("max_rel", r.get("gb", f"rc {r.get('rc', '')}"))
         print(f"| {r['stage']} | {r.get('wall_s', '')} | {r.get('peak_rss_gb', '')} | {r.get('cpu', '')} | {result} |")
     return 0 if all(r.get("rc", 0) == 0 for r in rows) else 1
 
