@@ -24,6 +24,10 @@ from tstitch_trt.sampling.coefficients import NUM_COEFS
 
 OPSET = 18
 TWO_GB = 2**31 - 1
+# Graphs with more weight bytes than this are cleaned weightless and written with external data even below
+# 2 GB (BK-SDM-Tiny's fp32 step graph: 1.3 GB; SD 1.5's fp16: 1.7 GB): in-memory cleanup holds ~7 copies.
+STREAM_ABOVE = 256 << 20
+RAW_WEIGHTS = "raw-weights.bin"
 
 
 def example_inputs(step: StepModule, batch: int = 2) -> tuple[torch.Tensor, ...]:
@@ -112,6 +116,14 @@ def finish_export(raw: Path, path: Path, check: Callable[[Any], object] | None =
     header = onnx.load(str(raw), load_external_data=False)
     if prepare:  # edits of the raw graph's structure, before cleanup
         prepare(header)
+    if not _external_initializers(header) and _inline_weight_bytes(header) > STREAM_ABOVE:
+        # under 2 GB torch embeds the weights; above STREAM_ABOVE they leave the protos for one raw file (freeing
+        # them), so a 1.7 GB graph is not copied by cleanup, inference and serialization (~7 copies in memory)
+        from onnx.external_data_helper import convert_model_to_external_data, write_external_data_tensors
+
+        convert_model_to_external_data(header, all_tensors_to_one_file=True, location=RAW_WEIGHTS,
+                                       size_threshold=1024)
+        write_external_data_tensors(header, str(raw.parent))
     if not _external_initializers(header):
         model = clean_graph(header)
         if check:
@@ -170,6 +182,10 @@ def _whole_file_weight(inits: list, src_root: Path):
     return best
 
 
+def _inline_weight_bytes(model) -> int:
+    return sum(len(i.raw_data) for i in model.graph.initializer)
+
+
 def _external_initializers(model) -> list:
     import onnx
 
@@ -187,6 +203,17 @@ def stream_external_data(model, src_dir: Path, path: Path) -> None:
     data_name = external_data_name(path)
     src_root = Path(src_dir).resolve()
     inits = _external_initializers(model)
+    files = {_location(i) for i in inits}
+    single = (src_root / next(iter(files))).resolve() if len(files) == 1 else None
+    if single is not None and single.is_relative_to(src_root) and single.is_file():
+        os.replace(single, path.parent / data_name)  # every weight in one raw file: moved, offsets kept
+        for init in inits:
+            info = {e.key: e.value for e in init.external_data}
+            _point(init, data_name, int(info.get("offset", 0)), int(info["length"]))
+        os.chmod(path.parent / data_name, 0o644)
+        onnx.save_model(model, str(path))
+        onnx.checker.check_model(str(path))
+        return
     first = _whole_file_weight(inits, src_root)
     if first is not None:  # the largest weight that fills its own raw file: moved, not copied (2 GB of I/O less)
         os.replace(src_root / _location(first), path.parent / data_name)
