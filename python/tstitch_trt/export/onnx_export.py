@@ -206,10 +206,12 @@ def stream_external_data(model, src_dir: Path, path: Path) -> None:
     files = {_location(i) for i in inits}
     single = (src_root / next(iter(files))).resolve() if len(files) == 1 else None
     if single is not None and single.is_relative_to(src_root) and single.is_file():
+        size = single.stat().st_size
         os.replace(single, path.parent / data_name)  # every weight in one raw file: moved, offsets kept
         for init in inits:
             info = {e.key: e.value for e in init.external_data}
-            _point(init, data_name, int(info.get("offset", 0)), int(info["length"]))
+            offset = int(info.get("offset", 0))
+            _point(init, data_name, offset, int(info.get("length") or size - offset))
         os.chmod(path.parent / data_name, 0o644)
         onnx.save_model(model, str(path))
         onnx.checker.check_model(str(path))
