@@ -56,6 +56,12 @@ def available_memory_bytes() -> int | None:
         return None
 
 
+# The interpreter, the runtimes' libraries and their arenas beyond the largest activation: measured on the real
+# SD 1.5 pair at 512 px (benchmarks/RESULTS.md): ort peak 10.85 GB = 5.4 GB of files + 4.3 GB estimated
+# activations + ~1.2 GB; rounded up.
+RUNTIME_OVERHEAD = 3 << 29  # 1.5 GiB
+
+
 # --- text-to-image bundles (U-Nets): estimated from the files a backend loads, before it loads them ---------
 def backend_file_bytes(bundle_dir: str | Path, manifest: Manifest, backend: str) -> int:
     """Bytes of every artifact `backend` loads (step graphs with their external weights, text encoders, VAE,
@@ -105,7 +111,7 @@ def check_sd_fits(bundle_dir: str | Path, manifest: Manifest, backends: list[str
     if have is None or not backends:
         return
     acts = max(unet_activation_bytes(m.arch, batch, height, width) for m in manifest.models)
-    need = min(backend_file_bytes(bundle_dir, manifest, b) for b in backends) + acts
+    need = min(backend_file_bytes(bundle_dir, manifest, b) for b in backends) + acts + RUNTIME_OVERHEAD
     if need > have:
         raise UserError(f"this bundle needs about {need / 2**30:.1f} GiB of memory on {'/'.join(backends)} "
                         f"({height}x{width}, batch {batch}) but only {have / 2**30:.1f} GiB is available; free "
