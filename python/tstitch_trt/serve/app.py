@@ -38,6 +38,7 @@ from tstitch_trt.serve.requests import (
     RequestResult,
     parse_generate,
     pipeline_kind,
+    run_isolated,
 )
 
 APP_NAME = "tstitch"
@@ -74,7 +75,7 @@ class Generator:
         except Exception as e:  # noqa: BLE001 - answered as 500 with one line, never dropped
             msg = first_line(e)
             return {"status": 500, "error": f"generation failed: {msg}"}
-        if self.policy is not None and req.adaptive:
+        if self.policy is not None and req.adaptive and out["status"] == 200:
             rep = out["report"]
             self.policy.observe(rep["queue_ms"] + rep["compute_ms"])
         return out
@@ -88,16 +89,23 @@ class Generator:
     async def _run_batch(self, reqs: list[GenerateRequest]) -> list[dict]:
         """One engine batch, in a thread, so the replica keeps answering health checks and queuing."""
         start = time.monotonic()
-        results = await asyncio.to_thread(self.kind.run_batch, self.pipe, reqs)
+        results = await asyncio.to_thread(run_isolated, self.kind, self.pipe, reqs)
         encoded = await asyncio.to_thread(lambda: [_encode(r) for r in results])
         compute_ms = (time.monotonic() - start) * 1e3
         for r, body in zip(reqs, encoded, strict=True):
+            if "error" in body:
+                continue
             body["report"].update(queue_ms=round((start - r.arrival) * 1e3, 3), compute_ms=round(compute_ms, 3))
             body["status"] = 200
         return encoded
 
 
-def _encode(result: RequestResult) -> dict:
+def _encode(result: RequestResult | Exception) -> dict:
+    """A request's answer body: its images and report, or (its own failure) a status and one line."""
+    if isinstance(result, UserError):
+        return {"status": 400, "error": first_line(result)}
+    if isinstance(result, Exception):
+        return {"status": 500, "error": f"generation failed: {first_line(result)[:300]}"}
     from PIL import Image
 
     images = []
