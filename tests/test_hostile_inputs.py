@@ -616,3 +616,107 @@ def test_hostile_sd_requests(sd_bundle, tmp_path, capsys, extra, message):
                             "--out", tmp_path / "x.png", *extra], capsys)
     assert_one_line(code, err, message)
     assert not (tmp_path / "x.png").exists()
+
+
+# --- 5. serve requests (issue 22): every class refused with the pipeline's own checks, before any batch ---------
+_DEEP = "[" * 100_000 + "]" * 100_000
+SERVE_POISON = [  # (case, JSON fields after the bundle's base fields, the line's words)
+    ("seed -1", '"seed": -1', "--seed must be an integer in [0, 2^64), got -1"),
+    ("seed 5000 digits", '"seed": ' + "7" * 5000, "more than 4300 digits"),
+    ("seed 2^64", f'"seed": {2**64}', "--seed must be an integer in [0, 2^64)"),
+    ("lone surrogate prompt", '"prompt": "a \\udcff"', "prompt is not valid UTF-8 text"),
+    ("cfg NaN", '"cfg_scale": NaN', "--cfg-scale must be a finite number"),
+    ("cfg Infinity", '"cfg_scale": Infinity', "--cfg-scale must be a finite number"),
+    ("cfg 1e308", '"cfg_scale": 1e308', "--cfg-scale must be a finite number"),
+    ("fractions NaN", '"fractions": [NaN, 1.0]', "--fractions must be finite numbers"),
+    ("eta NaN", '"sampler": "ddim", "eta": NaN', "--eta must be between 0 and 100"),
+    ("eta negative", '"sampler": "ddim", "eta": -1.0', "--eta must be between 0 and 100"),
+    ("eta with pndm", '"sampler": "pndm", "eta": 0.5', "--eta applies to ddim only, not pndm"),
+    ("steps 1000 pndm", '"sampler": "pndm", "steps": 1000', "give at most 999"),
+    ("steps 1000 ddim", '"sampler": "ddim", "steps": 1000', "give at most 999"),
+    ("dpm-solver++ 999", '"sampler": "dpm-solver++", "steps": 999', "give at most 998"),
+    ("nested field", '"negative_prompt": ' + _DEEP, "nests JSON arrays or objects too deeply"),
+    ("10 MB prompt", '"prompt": "' + "x" * (10 << 20) + '"', "this service takes at most 16384"),
+    ("1 MB field name", '"' + "y" * (1 << 20) + '": 1', "unknown field 'yyyy"),
+]
+SERVE_KINDS = ["sd_bundle", "sdxl_bundle", "control_bundle", "lcm_bundle"]
+
+
+@pytest.fixture(scope="module", params=SERVE_KINDS)
+def served(request):
+    """(bundle, manifest, pipeline on ort, the base fields of a good request) for each text-to-image kind."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from tstitch_trt.bundle.manifest import read_manifest
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    bundle = request.getfixturevalue(request.param)
+    manifest = read_manifest(bundle)
+    base = {"prompt": "a cat", "steps": 2}
+    if manifest.controlnet:
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((manifest.image_size,) * 2 + (3,), np.uint8)).save(buf, format="PNG")
+        base["control_image"] = base64.b64encode(buf.getvalue()).decode()
+    pipe = StitchedSDPipeline.from_bundle(bundle, backend="ort")
+    yield bundle, manifest, pipe, base
+    pipe.close()
+
+
+def _serve_check(manifest, pipe, body: bytes):
+    """What the service does with a body before the request may join a batch: parse (ingress) and validate
+    (replica); returns the request or raises UserError (the service's 400)."""
+    from tstitch_trt.serve.requests import KINDS, parse_generate
+
+    req = parse_generate(body, manifest, False, 4)
+    KINDS[manifest.pipeline].validate(pipe, req)
+    return req
+
+
+@pytest.mark.parametrize("case, fields, message", SERVE_POISON, ids=[c[0] for c in SERVE_POISON])
+def test_serve_refuses_each_hostile_class_before_a_batch(served, case, fields, message):
+    from tstitch_trt.errors import UserError
+
+    _, manifest, pipe, base = served
+    head = json.dumps(base)[:-1]
+    body = f"{head}, {fields}}}".encode("utf-8", "surrogatepass")
+    with pytest.raises(UserError) as e:
+        _serve_check(manifest, pipe, body)
+    line = str(e.value)
+    assert message in line and "\n" not in line and len(line) < 400, line
+    # and the same values with good ones are accepted: the base request is served
+    _serve_check(manifest, pipe, json.dumps(base).encode())
+
+
+def test_a_failing_batch_is_retried_per_request_so_only_the_cause_fails(sd_bundle):
+    """Whatever slips past validation and fails inside an engine batch fails only the request that causes it."""
+    from dataclasses import replace
+
+    from tstitch_trt.bundle.manifest import read_manifest
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+    from tstitch_trt.serve.requests import KINDS, parse_generate, run_isolated
+
+    manifest = read_manifest(sd_bundle)
+    real = KINDS["sd"]
+    poison_seed = 666
+
+    def run_batch(pipe, reqs):
+        if any(r.seed == poison_seed for r in reqs):
+            raise RuntimeError("TextEncodeInput must be Union[TextInputSequence, ...]")  # what a bad row raised
+        return real.run_batch(pipe, reqs)
+
+    kind = replace(real, run_batch=run_batch)
+    reqs = [parse_generate(json.dumps({"prompt": p, "seed": s, "steps": 2, "return_latents": True}).encode(),
+                           manifest, False, 4) for p, s in (("a cat", 1), ("bad", poison_seed), ("a dog", 2))]
+    pipe = StitchedSDPipeline.from_bundle(sd_bundle, backend="ort")
+    try:
+        results = run_isolated(kind, pipe, reqs)
+        assert isinstance(results[1], RuntimeError)
+        for r, res in zip((reqs[0], reqs[2]), (results[0], results[2]), strict=True):
+            lone = pipe(prompt=r.conditioning["prompt"][0], seed=r.seed, steps=2, decode=False).latents
+            np.testing.assert_allclose(res.latents, lone, rtol=1e-5, atol=1e-6)
+            assert len(res.images) == 1
+    finally:
+        pipe.close()

@@ -34,6 +34,7 @@ from tstitch_trt.serve.policy import AdaptiveRatio
 from tstitch_trt.serve.requests import (
     CONTROL_FIELDS,
     KINDS,
+    MAX_CONTROL_IMAGE_BYTES,
     GenerateRequest,
     RequestResult,
     parse_generate,
@@ -42,6 +43,7 @@ from tstitch_trt.serve.requests import (
 )
 
 APP_NAME = "tstitch"
+MIN_INGRESS_LIMIT = 1024
 REPLICA_DIED = (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)
 
 
@@ -139,6 +141,46 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+# a request is JSON fields plus at most one base64 control image: anything larger is refused unread
+MAX_BODY_BYTES = MAX_CONTROL_IMAGE_BYTES * 4 // 3 + (1 << 20)
+
+
+class BodyRefused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused by its declared Content-Length before any of it is read, cut off as soon as it
+    passes `limit`, and given `timeout_s` to arrive whole: a client that stalls (headers, then nothing) holds
+    this ingress's request slot for that long only."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit() or len(declared) > 18:
+            raise BodyRefused(400, f"Content-Length {declared[:20]!r} is not a byte count")
+        if int(declared) > limit:
+            raise BodyRefused(413, f"the request body is {int(declared)} bytes; this service takes at most {limit} "
+                                   "(one control image of 32 MB, base64)")
+    chunks: list[bytes] = []
+    size = 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyRefused(413, f"the request body is over {limit} bytes; this service takes at most {limit}")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout=timeout_s)
+    except TimeoutError:
+        raise BodyRefused(408, f"the request body did not arrive within {timeout_s:g} s (--body-timeout-s); "
+                               "send it whole") from None
+    return b"".join(chunks)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=5.0)
 @serve.ingress(app)
 class Ingress:
@@ -184,7 +226,13 @@ class Ingress:
     @app.post("/v1/generate")
     async def generate(self, request: Request) -> JSONResponse:
         t0 = time.monotonic()
-        response, report = await self._generate(await request.body())
+        try:
+            body = await _read_body(request, MAX_BODY_BYTES, self.cfg.body_timeout_s)
+            response, report = await self._generate(body)
+        except BodyRefused as e:  # the connection is closed: the rest of the body is never read
+            response, report = _error(e.status, str(e), {"Connection": "close"}), None
+        except Exception as e:  # noqa: BLE001 - a bug, but still one JSON line, never a plain-text 500
+            response, report = _error(500, f"internal error ({type(e).__name__}: {first_line(e)[:200]})"), None
         self.metrics.answered(response.status_code, time.monotonic() - t0, report)
         return response
 
@@ -224,6 +272,7 @@ def build_app(cfg: ServeConfig):  # -> ray.serve.Application
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica,
                            "runtime_env": {"env_vars": env}},
     ).bind(cfg)
-    # the ingress only awaits: its own limit stays above everything the generators can hold
-    ingress_limit = 4 * (cfg.replicas * 2 * cfg.max_batch_size + cfg.max_queued) + 16
+    # the ingress only awaits: its own limit stays above everything the generators can hold, and far above what
+    # stalled clients can hold at once (each for --body-timeout-s at most), so they never block the others
+    ingress_limit = max(4 * (cfg.replicas * 2 * cfg.max_batch_size + cfg.max_queued) + 16, MIN_INGRESS_LIMIT)
     return Ingress.options(max_ongoing_requests=ingress_limit).bind(gen, cfg)
