@@ -720,3 +720,127 @@ def test_a_failing_batch_is_retried_per_request_so_only_the_cause_fails(sd_bundl
             assert len(res.images) == 1
     finally:
         pipe.close()
+
+
+def _png_declaring(path: Path, height: int, width: int) -> Path:
+    """A small PNG whose header declares height x width RGB pixels (its data: one compressed block of zero rows,
+    about 20 KB for 10000x10000, which decoding would turn into gigabytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    comp = zlib.compressobj(9)
+    row = b"\0" * (1 + 3 * width)
+    data = b"".join(comp.compress(row) for _ in range(min(height, 64))) + comp.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("bundle_kind", ["control_bundle", "sdxl_control_bundle"])
+def test_control_image_is_checked_by_its_declared_size_before_decoding(request, bundle_kind, tmp_path, capsys,
+                                                                        monkeypatch):
+    from PIL import Image
+
+    bundle = request.getfixturevalue(bundle_kind)
+    capsys.readouterr()  # the fixture's build output
+    decoded = []
+    real_convert = Image.Image.convert
+    monkeypatch.setattr(Image.Image, "convert", lambda self, *a, **k: decoded.append(self.size)
+                        or real_convert(self, *a, **k))
+    bomb = _png_declaring(tmp_path / "bomb.png", 10000, 10000)
+    assert bomb.stat().st_size < 64 << 10
+    code, _, err = run_cli(["run", "--bundle", bundle, "--prompt", "a cat", "--steps", "2", "--backend", "ort",
+                            "--control-image", bomb, "--out", tmp_path / "x.png"], capsys)
+    assert_one_line(code, err, "declares 10000x10000 (HxW) pixels", "at most")
+    assert "DecompressionBomb" not in err and not decoded and not (tmp_path / "x.png").exists()
+    wide = tmp_path / "wide.jpg"
+    Image.new("RGB", (20000, 8)).save(wide)
+    code, _, err = run_cli(["run", "--bundle", bundle, "--prompt", "a cat", "--steps", "2", "--backend", "ort",
+                            "--control-image", wide, "--out", tmp_path / "x.png"], capsys)
+    assert_one_line(code, err, "declares 8x20000 (HxW) pixels")
+    # the service's upload: the same check, the same words, before decoding
+    import base64
+
+    from tstitch_trt.bundle.manifest import read_manifest
+    from tstitch_trt.errors import UserError
+    from tstitch_trt.serve.requests import parse_generate
+
+    body = json.dumps({"prompt": "a", "control_image": base64.b64encode(bomb.read_bytes()).decode()}).encode()
+    with pytest.raises(UserError, match=r"control_image declares 10000x10000 \(HxW\) pixels"):
+        parse_generate(body, read_manifest(bundle), False, 4)
+    assert not decoded
+
+
+# --- 6. the seal covers what a graph names (issue 22): external data outside the bundle, or not checksummed ------
+def _externalize(graph: Path, location: str, data_path: Path) -> None:
+    """Move the graph's initializers to `data_path` and make the graph name it as `location` (what an attacker
+    who re-seals the graph would write)."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import set_external_data
+
+    model = onnx.load(str(graph))
+    offset = 0
+    with open(data_path, "wb") as f:
+        for init in model.graph.initializer:
+            raw = numpy_helper.to_array(init).tobytes()
+            f.write(raw)
+            for name in ("float_data", "int32_data", "int64_data", "double_data"):
+                init.ClearField(name)
+            init.raw_data = raw
+            set_external_data(init, location=location, offset=offset, length=len(raw))
+            init.ClearField("raw_data")
+            init.data_location = onnx.TensorProto.EXTERNAL
+            offset += len(raw)
+    graph.write_bytes(model.SerializeToString())
+
+
+@pytest.mark.parametrize("part", ["text_encoder", "unet", "vae"])
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink", "unsealed"])
+@pytest.mark.parametrize("backend", ["ort", "openvino"])
+def test_graph_external_data_must_stay_in_the_bundle_and_be_sealed(sd_bundle, tmp_path, capsys, part, how, backend):
+    bundle = tmp_path / "sd"
+    shutil.copytree(sd_bundle, bundle)
+    m = json.loads((bundle / "manifest.json").read_text())
+    entry = {"text_encoder": m.get("text_encoder"), "unet": m["models"][0], "vae": m.get("vae")}[part]["engines"]["ort"]
+    graph = bundle / entry["file"]
+    outside = tmp_path / "secret.data"
+    location = {"dotdot": os.path.relpath(outside, graph.parent), "absolute": str(outside), "symlink": "w.data",
+                "unsealed": "w.data"}[how]
+    _externalize(graph, location, outside if how != "unsealed" else graph.parent / "w.data")
+    if how == "symlink":
+        (graph.parent / "w.data").symlink_to(outside)
+    entry["sha256"] = sha256_file(graph)  # re-sealed: only the graph's own path gives it away
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run_cli(["run", "--bundle", bundle, "--prompt", "a cat", "--steps", "2", "--backend", backend,
+                            "--out", tmp_path / "x.png"], capsys)
+    why = "which the manifest does not checksum" if how == "unsealed" else "which leads outside the bundle"
+    assert_one_line(code, err, f"bundle file {entry['file']} names external data", why)
+    assert not (tmp_path / "x.png").exists()
+    code, _, err = run_cli(["info", "--bundle", bundle], capsys)
+    assert_one_line(code, err, f"bundle file {entry['file']} names external data")
+
+
+def test_a_sealed_graph_with_external_data_in_the_bundle_runs(sd_bundle, tmp_path, capsys):
+    """The >2 GB layout (weights in a .data file beside the graph, checksummed in the manifest) is accepted."""
+    bundle = tmp_path / "sd"
+    shutil.copytree(sd_bundle, bundle)
+    m = json.loads((bundle / "manifest.json").read_text())
+    entry = m["text_encoder"]["engines"]["ort"]
+    graph = bundle / entry["file"]
+    data = graph.parent / (graph.name + ".data")
+    import onnx
+
+    onnx.save_model(onnx.load(str(graph)), str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name)  # as export/onnx_export.py writes a graph over 2 GB
+    assert data.stat().st_size > graph.stat().st_size  # the weights really moved out
+    entry["sha256"] = sha256_file(graph)
+    entry.setdefault("extra", {})["external_data"] = [{"file": data.relative_to(bundle).as_posix(),
+                                                       "sha256": sha256_file(data)}]
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run_cli(["run", "--bundle", bundle, "--prompt", "a cat", "--steps", "2", "--backend", "ort",
+                            "--out", tmp_path / "x.png"], capsys)
+    assert code == 0, err

@@ -370,7 +370,7 @@ def _control_extras(data: dict, manifest: Manifest) -> dict[str, Any]:
     encoded = _str(data, "control_image", None)
     if encoded is None:
         raise UserError("this bundle was built with a ControlNet: give \"control_image\" (a base64 PNG/JPEG/WebP)")
-    out: dict[str, Any] = {"control_image": _decode_control_image(encoded)}
+    out: dict[str, Any] = {"control_image": _decode_control_image(encoded, manifest)}
     for name in ("controlnet_scale", "control_guidance_start", "control_guidance_end"):
         if (v := _float(data, name, None)) is not None:
             out[name] = v
@@ -379,13 +379,13 @@ def _control_extras(data: dict, manifest: Manifest) -> dict[str, Any]:
     return out
 
 
-def _decode_control_image(encoded: str) -> _ControlImage:
+def _decode_control_image(encoded: str, manifest: Manifest) -> _ControlImage:
     import base64
     import binascii
     import hashlib
     import io
 
-    from tstitch_trt.pipeline.control import read_control_image
+    from tstitch_trt.pipeline.control import control_size_limit, read_control_image
 
     payload = encoded.split(",", 1)[1] if encoded.startswith("data:") else encoded
     if len(payload) > MAX_CONTROL_IMAGE_BYTES * 4 // 3 + 4:
@@ -395,7 +395,7 @@ def _decode_control_image(encoded: str) -> _ControlImage:
     except (binascii.Error, ValueError):
         raise UserError("control_image is not base64 (send the image file's bytes base64-encoded, or a data: URL)"
                         ) from None
-    image = read_control_image(io.BytesIO(raw), what="control_image")
+    image = read_control_image(io.BytesIO(raw), what="control_image", max_size=control_size_limit(manifest))
     return _ControlImage(image, hashlib.sha256(raw).hexdigest())
 
 
