@@ -844,3 +844,52 @@ def test_a_sealed_graph_with_external_data_in_the_bundle_runs(sd_bundle, tmp_pat
     code, _, err = run_cli(["run", "--bundle", bundle, "--prompt", "a cat", "--steps", "2", "--backend", "ort",
                             "--out", tmp_path / "x.png"], capsys)
     assert code == 0, err
+
+
+# --- 7. `run` on text-to-image bundles (issue 22) -----------------------------------------------------------------
+RUN_SD_CASES = [
+    # a prompt that is not UTF-8 reaches Python as lone surrogates (os.fsdecode's surrogateescape)
+    (["--prompt", "a \udcff cat"], "--prompt is not valid UTF-8 text"),
+    (["--prompt", "a cat", "--negative-prompt", "\udcfe"], "--negative-prompt is not valid UTF-8 text"),
+    (["--prompt", "a cat", "--steps", "1000", "--sampler", "pndm"], "give at most 999"),
+    (["--prompt", "a cat", "--steps", "1000", "--sampler", "ddim"], "give at most 999"),
+    (["--prompt", "a cat", "--steps", "999", "--sampler", "dpm-solver++"], "give at most 998"),
+    (["--prompt", "a cat", "--eta", "0.5", "--sampler", "pndm"], "--eta applies to ddim only, not pndm"),
+    (["--prompt", "a cat", "--cfg-scale", "1e308"], "--cfg-scale must be a finite number of reasonable size"),
+    (["--prompt", "a cat", "--backend", "torch", "--device", "tpu:7"], "--device 'tpu:7' is not a device the torch"),
+]
+
+
+@pytest.mark.parametrize("kind", ["sd_bundle", "sdxl_bundle"])
+@pytest.mark.parametrize("extra, message", RUN_SD_CASES, ids=[" ".join(c[0])[-30:] for c in RUN_SD_CASES])
+def test_hostile_sd_run_values(request, kind, tmp_path, capsys, extra, message):
+    bundle = request.getfixturevalue(kind)
+    capsys.readouterr()
+    code, _, err = run_cli(["run", "--bundle", bundle, "--steps", "2", "--out", tmp_path / "x.png", *extra], capsys)
+    assert_one_line(code, err, message)
+    assert "RuntimeWarning" not in err and not (tmp_path / "x.png").exists()
+
+
+def test_torch_device_cuda_without_a_gpu_is_one_line(sd_bundle, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: --device cuda is valid here")
+    code, _, err = run_cli(["run", "--bundle", sd_bundle, "--prompt", "a cat", "--steps", "2", "--backend", "torch",
+                            "--device", "cuda", "--out", tmp_path / "x.png"], capsys)
+    assert_one_line(code, err, "--device cuda: PyTorch sees no CUDA GPU here", "use --device cpu")
+
+
+@pytest.mark.parametrize("dtype", ["<f2", ">f4", ">f8"])
+def test_init_noise_of_any_float_layout_is_converted(sd_bundle, tmp_path, capsys, dtype):
+    """float16, big-endian float32 / float64: valid latents, converted; the run equals the float32 one."""
+    x = np.random.default_rng(5).standard_normal((1, 4, 32, 32)).astype(np.float16)  # exact in every dtype
+    runs = {}
+    for name, arr in (("ref", x.astype("<f4")), ("other", x.astype(dtype))):
+        np.save(tmp_path / f"{name}.npy", arr)
+        code, _, err = run_cli(["run", "--bundle", sd_bundle, "--prompt", "a cat", "--steps", "2", "--backend", "ort",
+                                "--init-noise", tmp_path / f"{name}.npy", "--save-latents", tmp_path / f"{name}-z.npy",
+                                "--out", tmp_path / f"{name}.png"], capsys)
+        assert code == 0, err
+        runs[name] = np.load(tmp_path / f"{name}-z.npy")
+    np.testing.assert_array_equal(runs["other"], runs["ref"])
