@@ -893,3 +893,113 @@ def test_init_noise_of_any_float_layout_is_converted(sd_bundle, tmp_path, capsys
         assert code == 0, err
         runs[name] = np.load(tmp_path / f"{name}-z.npy")
     np.testing.assert_array_equal(runs["other"], runs["ref"])
+
+
+# --- 8. `build` from hostile diffusers directories (issue 22): one line, before anything is exported ---------------
+def _damage_config(d: Path, text: str, name: str = "config.json") -> None:
+    (d / name).write_text(text)
+
+
+def _tiny_config(d: Path, **changes) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _evil_bin(d: Path, marker: Path) -> None:
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (d / "diffusion_pytorch_model.safetensors").unlink()
+    (d / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({"w": Evil()}))
+
+
+def _corrupt_header(d: Path) -> None:
+    p = d / "diffusion_pytorch_model.safetensors"
+    raw = bytearray(p.read_bytes())
+    raw[:8] = (10**12).to_bytes(8, "little")
+    p.write_bytes(bytes(raw))
+
+
+BUILD_CASES = [  # (case, which part: small / large / controlnet, damage, the line's words)
+    ("model_index.json is a list", "large", lambda d, m: _damage_config(d, "[1, 2]", "model_index.json"),
+     "model_index.json holds a JSON list, not an object"),
+    ("config.json is a list", "small", lambda d, m: _damage_config(d, "[]"), "config.json holds a JSON list"),
+    ("config.json is not JSON", "small", lambda d, m: _damage_config(d, '{"_class_name": "UNet2D'),
+     "cannot read"),
+    ("evil pickle .bin", "small", _evil_bin, "are a pickle (diffusion_pytorch_model.bin)"),
+    ("corrupt safetensors header", "small", lambda d, m: _corrupt_header(d), "is not a valid .safetensors file"),
+    ("huge block_out_channels", "small", lambda d, m: _tiny_config(d, block_out_channels=[100000, 100000]),
+     "GiB of fp32 weights"),
+    ("layers_per_block 1e6", "small", lambda d, m: _tiny_config(d, layers_per_block=1000000),
+     "layers_per_block 1000000 is beyond any U-Net"),
+    ("ControlNet config is a list", "controlnet", lambda d, m: _damage_config(d, "[]"),
+     "config.json holds a JSON list"),
+    ("ControlNet evil pickle", "controlnet", _evil_bin, "are a pickle"),
+]
+
+
+@pytest.mark.parametrize("case, part, damage, message", BUILD_CASES, ids=[c[0] for c in BUILD_CASES])
+def test_hostile_sd_build_inputs(control_set, tmp_path, capsys, case, part, damage, message):
+    small, large, net = (Path(shutil.copytree(p, tmp_path / p.name)) for p in control_set)
+    target = {"small": small, "large": large, "controlnet": net}[part]
+    marker = tmp_path / "PWNED"
+    damage(target, marker)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code, stdout, err = run_cli(["build", "--model", small, "--model", large, "--controlnet", net, "--backend", "ort",
+                                 "--out", out], capsys)
+    assert_one_line(code, err, message)
+    assert "exporting" not in stdout  # refused before any export
+    assert not marker.exists() and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no staging left
+
+
+def test_random_seed_must_be_an_integer(tmp_path, capsys):
+    code, _, err = run_cli(["build", "--model", "DiT-S/2=random:abc", "--model", "DiT-B/2=random:1", "--image-size",
+                            "64", "--num-classes", "10", "--backend", "torch", "--out", tmp_path / "b"], capsys)
+    assert_one_line(code, err, "random:SEED takes a non-negative integer seed, got 'abc'")
+
+
+def test_library_chatter_never_precedes_the_error_line(sd_pair, tmp_path, capsys, monkeypatch):
+    """A failure after diffusers loaded weights (its progress bars) and ONNX Runtime warned: still one line."""
+    import tstitch_trt.export.sd_build as sd_build
+
+    def fail(*a, **k):
+        raise sd_build.UserError("the U-Net export failed (a stand-in for any late failure)")
+
+    monkeypatch.setattr(sd_build, "_write_unet", fail)
+    capsys.readouterr()
+    code, _, err = run_cli(["build", "--model", sd_pair[0], "--model", sd_pair[1], "--backend", "ort",
+                            "--out", tmp_path / "out"], capsys)
+    assert_one_line(code, err, "the U-Net export failed")  # the text encoder was exported (and loaded) first
+
+
+def test_a_staging_cleanup_that_fails_says_so(sd_pair, tmp_path, capsys, monkeypatch):
+    import tstitch_trt.bundle.files as files
+    import tstitch_trt.export.sd_build as sd_build
+
+    def fail(*a, **k):
+        raise sd_build.UserError("out of memory exporting the U-Net")
+
+    real_rmtree = shutil.rmtree
+
+    def stuck(path, *a, onerror=None, **kw):  # as under memory exhaustion: the staging removal fails
+        if not Path(path).name.startswith(".out.tmp-"):
+            return real_rmtree(path, *a, onerror=onerror, **kw)
+        if onerror is not None:
+            onerror(os.rmdir, str(path), (OSError, OSError(12, "Cannot allocate memory"), None))
+
+    monkeypatch.setattr(sd_build, "_write_unet", fail)
+    monkeypatch.setattr(files.shutil, "rmtree", stuck)
+    capsys.readouterr()
+    code, _, err = run_cli(["build", "--model", sd_pair[0], "--model", sd_pair[1], "--backend", "ort",
+                            "--out", tmp_path / "out"], capsys)
+    monkeypatch.undo()
+    assert_one_line(code, err, "out of memory exporting the U-Net", "could not be removed", "Cannot allocate memory")
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert len(left) == 1 and str(left[0]) in err
+    real_rmtree(left[0])

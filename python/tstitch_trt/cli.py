@@ -396,8 +396,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     cfg = build_config_from_args(args)
     from tstitch_trt.export.build import build_bundle
     from tstitch_trt.progress import Stages
+    from tstitch_trt.quiet import quiet_stderr
 
-    with Stages() as stages:
+    with Stages() as stages, quiet_stderr():  # torch's and ONNX Runtime's warnings: the user sees our lines only
         manifest = build_bundle(cfg, stage=stages.stage)
     print(f"wrote bundle {cfg.out} ({', '.join(manifest.backends())}) in {stages.total_seconds:.1f} s")
     return 0

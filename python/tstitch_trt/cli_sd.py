@@ -113,7 +113,10 @@ def cmd_build_sd(args: argparse.Namespace) -> int:
                         guidance=getattr(args, "guidance", None) or "auto",
                         loras=[parse_lora_spec(s) for s in getattr(args, "lora", None) or []],
                         controlnet=getattr(args, "controlnet", None))
-    manifest = build_sd_bundle(cfg, on_model=lambda name: print(f"exporting {name} ...", flush=True))
+    from tstitch_trt.quiet import quiet_stderr
+
+    with quiet_stderr():  # diffusers' progress bars, ONNX Runtime's warnings: the user sees our lines only
+        manifest = build_sd_bundle(cfg, on_model=lambda name: print(f"exporting {name} ...", flush=True))
     for k, v in manifest.io.get("build_seconds", {}).items():
         print(f"  {k}: {v:.1f} s")
     print(f"wrote bundle {cfg.out} ({', '.join(manifest.backends())})")
