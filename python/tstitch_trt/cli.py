@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tstitch_trt import __version__, cli_control
+from tstitch_trt import __version__, cli_cache, cli_control
 from tstitch_trt.argtypes import (
     MAX_SEED,
     finite,
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or the one of that name, before export; SCALE default 1 (repeatable)")
     b.add_argument("--out", help="bundle directory (default engines/NAME); an existing one must be a bundle or empty")
     cli_control.add_build_flags(b)
+    cli_cache.add_build_flags(b)
 
     r = command("run", "sample images with a bundle (default: the built-in demo pair)")
     r.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo'")
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: on a terminal, for 20+ steps)")
     cli_control.add_run_flags(r)
+    cli_cache.add_run_flags(r)
 
     i = command("info", "describe a bundle and which of its backends can run here")
     i.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo'")
@@ -290,6 +292,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if manifest.text_to_image:
         return cmd_run_sd(args, bundle, manifest)
     refuse_sd_flags(args)
+    cli_cache.refuse_dit(args)
     if args.sampler in ("pndm", "euler", "lcm"):
         raise UserError(f"--sampler {args.sampler} is for text-to-image (sd) bundles; DiT bundles take ddim, ddpm "
                         "or dpm-solver++")
@@ -393,6 +396,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         if getattr(args, flag, None):
             raise UserError(f"--{flag} applies to diffusers (SD) builds, not DiT")
     cli_control.refuse_controlnet_build(args)
+    cli_cache.refuse_dit(args)
     cfg = build_config_from_args(args)
     from tstitch_trt.export.build import build_bundle
     from tstitch_trt.progress import Stages

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tstitch_trt import cli_cache
 from tstitch_trt.cli_control import RUN_FLAGS as CONTROL_RUN_FLAGS
 from tstitch_trt.errors import UserError
 from tstitch_trt.pipeline import defaults
@@ -59,7 +60,7 @@ def cmd_run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # mani
                    fractions=fractions, steps=args.steps, sampler=args.sampler,
                    cfg_scale=args.cfg_scale, seed=args.seed,  # None: the kind's / sampler's default
                    height=args.height, width=args.width, eta=args.eta, init_noise=init, progress=args.progress,
-                   control=control, **sdxl_time_id_args(args))
+                   control=control, **sdxl_time_id_args(args), **cli_cache.run_kwargs(args))
     finally:
         pipe.close()
     rep = res.report
@@ -78,6 +79,9 @@ def cmd_run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # mani
     per_model = ", ".join(f"{n} {name}" for n, name in zip(rep["steps_per_model"], rep["models"], strict=True))
     print(f"{rep['steps']} {rep['sampler']} steps = {rep['unet_calls']} U-Net calls ({per_model}) on {rep['backend']} "
           f"[{rep['device']}], batch {rep['batch']}, {rep['height']}x{rep['width']}: {rep['total_seconds']:.2f} s")
+    if rep.get("cache"):
+        c = rep["cache"]
+        print(f"DeepCache interval {c['interval']} branch {c['branch']}: full calls {c['full_calls']}")
     for flag in ("--out", "--save-latents", "--report"):
         if flag in writers:
             print(f"wrote {outputs.paths[flag].resolve()}")
@@ -111,7 +115,8 @@ def cmd_build_sd(args: argparse.Namespace) -> int:
                         compute_capabilities=_capabilities(args.compute_capabilities or ""),
                         guidance=getattr(args, "guidance", None) or "auto",
                         loras=[parse_lora_spec(s) for s in getattr(args, "lora", None) or []],
-                        controlnet=getattr(args, "controlnet", None))
+                        controlnet=getattr(args, "controlnet", None),
+                        cache_branch=getattr(args, "cache_branch", None))
     manifest = build_sd_bundle(cfg, on_model=lambda name: print(f"exporting {name} ...", flush=True))
     for k, v in manifest.io.get("build_seconds", {}).items():
         print(f"  {k}: {v:.1f} s")
@@ -152,11 +157,17 @@ def describe_sd_bundle(bundle: Path, m) -> str:  # m: Manifest
         for kind, e in model.engines.items():
             lo, hi = e.batch_range
             lines.append(f"      {kind:8s} {e.file} ({e.precision}, batch {lo}-{hi})")
+        for kind, e in (model.cached or {}).get("engines", {}).items():
+            lines.append(f"      {kind:8s} {e.file} (DeepCache cached path, kept feature "
+                         f"{model.cached['feature']['shape']})")
     lines.append(f"  VAE: {', '.join(m.vae['engines']) if m.vae else 'none'}")
     lines += [f"    {note}" for note in (m.vae or {}).get("notes", [])]
     if m.controlnet:
         net = m.controlnet
         lines.append(f"  ControlNet ({net['family']}, {net['conditioning_channels']}-channel image) inside every U-Net "
                      f"step graph, from {net.get('source', '?')}: run with --control-image FILE")
+    if m.cache:
+        lines.append(f"  DeepCache branch {m.cache['branch']}: full and cached step graphs per U-Net; run with "
+                     "--cache-interval N")
     lines.append(f"  backends usable for the whole set: {', '.join(m.backends()) or 'none'}")
     return "\n".join(lines)

@@ -1,0 +1,177 @@
+"""DeepCache composed with T-Stitch (issue 25): `tstitch-trt run --cache-interval N --cache-branch K` equals diffusers'
+StableDiffusionPipeline wrapped by the `deepcache` package's DeepCacheSDHelper (its own code: models/diffusers_peer
+start_deepcache), with the same cache_interval / cache_branch_id; stitched, equal to that peer switched by callback
+with its helper started afresh on the large U-Net at the switch. Final latents to 1e-4 of the largest magnitude.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+diffusers = pytest.importorskip("diffusers")
+torch = pytest.importorskip("torch")
+pytest.importorskip("DeepCache", reason="pip install --no-deps deepcache (scripts/test.sh installs it)")
+
+from conftest import build_sd  # noqa: E402
+
+from tstitch_trt.cli import main  # noqa: E402
+from tstitch_trt.models.diffusers_peer import end_deepcache, stitch_by_callback  # noqa: E402
+from tstitch_trt.sampling.cache_plan import cached_calls  # noqa: E402
+from tstitch_trt.sampling.sd_samplers import sd_table  # noqa: E402
+
+CLASSES = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler"}
+PROMPT = "a photo of a cat sitting on a red chair"
+STEPS, SIZE = 8, 32  # latent 4x16x16 with the dummy VAE (factor 2)
+BRANCHES = (0, 3)  # the shallowest layer of up block 0; up block 1 (both tiny U-Nets have them)
+
+
+@pytest.fixture(scope="module")
+def cache_bundles(sd_pair, tmp_path_factory) -> dict[int, Path]:
+    root = tmp_path_factory.mktemp("sd-cache-bundles")
+    return {k: build_sd(root / f"k{k}", list(sd_pair), "--cache-branch", str(k)) for k in BRANCHES}
+
+
+@pytest.fixture(scope="module")
+def peer(sd_pair):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    small, large = sd_pair
+    pipe = StableDiffusionPipeline.from_pretrained(str(large), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    small_unet = UNet2DConditionModel.from_pretrained(str(small)).eval()
+    large_unet = pipe.unet
+    default_scheduler = pipe.scheduler.config
+
+    def run(sampler: str, ratio: float, latents: np.ndarray, cache: tuple[int, int] | None) -> np.ndarray:
+        pipe.scheduler = getattr(diffusers, CLASSES[sampler]).from_config(default_scheduler)
+        n_calls = len(sd_table(sampler, dict(default_scheduler), STEPS).timesteps)
+        switch = stitch_by_callback(pipe, small_unet, large_unet, n_calls, ratio, cache=cache)
+        try:
+            with torch.no_grad():
+                out = pipe([PROMPT] * latents.shape[0], height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                           guidance_scale=7.5, latents=torch.from_numpy(latents), output_type="latent",
+                           callback_on_step_end=switch)
+        finally:
+            end_deepcache(small_unet)
+            end_deepcache(large_unet)
+            pipe.unet = large_unet
+        return np.asarray(out.images)
+
+    return run
+
+
+def unit_latents(batch: int = 2) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((batch, 4, SIZE // 2, SIZE // 2), dtype=np.float32)
+
+
+def run_cli(bundle: Path, tmp: Path, backend: str, sampler: str, ratio: float, init: np.ndarray,
+            *flags: str) -> tuple[np.ndarray, dict]:
+    np.save(tmp / "init.npy", init)
+    args = ["run", "--bundle", str(bundle), "--backend", backend, "--prompt", PROMPT, "--sampler", sampler,
+            "--steps", str(STEPS), "--ratio", str(ratio), "--init-noise", str(tmp / "init.npy"),
+            "--save-latents", str(tmp / "out.npy"), "--report", str(tmp / "report.json"), "--out", str(tmp / "o.png"),
+            *flags]
+    assert main(args) == 0
+    return np.load(tmp / "out.npy"), json.loads((tmp / "report.json").read_text())
+
+
+def rel_diff(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("interval", [2, 3])
+@pytest.mark.parametrize("branch", BRANCHES)
+@pytest.mark.parametrize("backend", ["ort", "torch"])
+def test_one_model_equals_deepcache(cache_bundles, peer, tmp_path, backend, branch, interval) -> None:
+    init = unit_latents()
+    ref = peer("pndm", 0.0, init, (interval, branch))
+    got, report = run_cli(cache_bundles[branch], tmp_path, backend, "pndm", 0.0, init,
+                          "--cache-interval", str(interval), "--cache-branch", str(branch))
+    assert np.abs(ref).max() > 0.1
+    assert rel_diff(got, ref) < 1e-4, f"{backend} K={branch} N={interval}: {rel_diff(got, ref):.2e}"
+    cache = report["cache"]
+    assert cache["interval"] == interval and cache["branch"] == branch
+    assert cache["cached_calls"] and 0 in cache["full_calls"]
+    # the comparison can fail: caching changes the result against the peer without it
+    assert rel_diff(got, peer("pndm", 0.0, init, None)) > 1e-3
+
+
+@pytest.mark.parametrize("sampler,ratio,interval,branch", [
+    ("pndm", 0.4, 2, 0), ("pndm", 0.4, 3, 3), ("pndm", 0.6, 3, 0), ("ddim", 0.4, 2, 3), ("euler", 0.5, 3, 0)])
+@pytest.mark.parametrize("backend", ["ort", "torch"])
+def test_stitched_equals_deepcache_switched(cache_bundles, peer, tmp_path, backend, sampler, ratio, interval,
+                                            branch) -> None:
+    init = unit_latents()
+    ref = peer(sampler, ratio, init, (interval, branch))
+    got, report = run_cli(cache_bundles[branch], tmp_path, backend, sampler, ratio, init,
+                          "--cache-interval", str(interval))
+    assert rel_diff(got, ref) < 1e-4, f"{backend} {sampler} r={ratio} K={branch} N={interval}: {rel_diff(got, ref):.2e}"
+    models = report["step_model"]
+    switch = models.index(1)
+    assert switch > 0 and switch in report["cache"]["full_calls"]  # the large model's first call is full
+
+
+def test_openvino_equals_ort(cache_bundles, tmp_path) -> None:
+    pytest.importorskip("openvino")
+    init = unit_latents()
+    flags = ("--cache-interval", "3")
+    ov, _ = run_cli(cache_bundles[0], tmp_path, "openvino", "pndm", 0.4, init, "--precision", "fp32", *flags)
+    ort, _ = run_cli(cache_bundles[0], tmp_path, "ort", "pndm", 0.4, init, *flags)
+    assert rel_diff(ov, ort) < 1e-4
+
+
+def test_interval_one_is_the_plain_run(cache_bundles, sd_bundle, tmp_path) -> None:
+    """A bundle with cached graphs, run without caching, equals the bundle without them."""
+    init = unit_latents()
+    got, report = run_cli(cache_bundles[3], tmp_path, "ort", "pndm", 0.4, init)
+    plain, _ = run_cli(sd_bundle, tmp_path, "ort", "pndm", 0.4, init)
+    assert report["cache"] is None
+    assert rel_diff(got, plain) < 1e-5
+
+
+def test_plan_follows_deepcache_counting() -> None:
+    """PNDM repeats its second timestep: DeepCache indexes both calls by the first occurrence; a switch restarts."""
+    ts = np.array([901, 881, 881, 861, 841, 821, 801, 781])
+    models = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    assert cached_calls(ts, np.zeros(8, int), 2).tolist() == [False, True, True, True, False, True, False, True]
+    assert cached_calls(ts, models, 2).tolist() == [False, True, True, False, True, False, True, False]
+    assert not cached_calls(ts, models, 1).any()
+
+
+def one_line_exit_2(capsys, args: list[str], *words: str) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--cache-interval", "0"], ["--cache-interval"]),
+    (["--cache-interval", "1001"], ["--cache-interval"]),
+    (["--cache-interval", "2", "--cache-branch", "3"], ["branch 0", "--cache-branch 0"]),
+])
+def test_bad_run_input(cache_bundles, tmp_path, capsys, flags, words) -> None:
+    args = ["run", "--bundle", str(cache_bundles[0]), "--backend", "ort", "--prompt", "x", "--steps", "2",
+            "--out", str(tmp_path / "o.png"), *flags]
+    one_line_exit_2(capsys, args, *words)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_caching_needs_cached_graphs(sd_bundle, tmp_path, capsys) -> None:
+    args = ["run", "--bundle", str(sd_bundle), "--backend", "ort", "--prompt", "x", "--steps", "2",
+            "--out", str(tmp_path / "o.png"), "--cache-interval", "2"]
+    one_line_exit_2(capsys, args, "--cache-branch")
+
+
+def test_build_refuses_a_branch_a_unet_lacks(sd_pair, tmp_path, capsys) -> None:
+    """The small tiny U-Net has no mid block: branch 5 (keep the mid block's output) does not exist there."""
+    out = tmp_path / "b"
+    args = ["build", *[a for m in sd_pair for a in ("--model", str(m))], "--backend", "ort", "--out", str(out),
+            "--cache-branch", "5"]
+    one_line_exit_2(capsys, args, "--cache-branch 5", "small-unet")
+    assert not out.exists()
