@@ -6,6 +6,7 @@ with its helper started afresh on the large U-Net at the switch. Final latents t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,7 +18,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("DeepCache", reason="pip install --no-deps deepcache (scripts/test.sh installs it)")
 
 from conftest import build_sd  # noqa: E402
-
 from tstitch_trt.cli import main  # noqa: E402
 from tstitch_trt.models.diffusers_peer import end_deepcache, stitch_by_callback  # noqa: E402
 from tstitch_trt.sampling.cache_plan import cached_calls  # noqa: E402
@@ -175,3 +175,91 @@ def test_build_refuses_a_branch_a_unet_lacks(sd_pair, tmp_path, capsys) -> None:
             "--cache-branch", "5"]
     one_line_exit_2(capsys, args, "--cache-branch 5", "small-unet")
     assert not out.exists()
+
+
+def _cached_plan(manifest, interval: int, ratio: float = 0.4, batch: int = 2):
+    from tstitch_trt.sampling.stitch import stitch_schedule_by_call
+    from tstitch_trt.sampling.trajectory import TrajectoryPlan
+
+    table = sd_table("pndm", manifest.scheduler, STEPS)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((batch, 4, 16, 16), dtype=np.float32) * np.float32(table.init_noise_sigma)
+    context = rng.standard_normal((2 * batch, 77, 32), dtype=np.float32)
+    model = stitch_schedule_by_call(len(table.timesteps), 2, ratio=ratio)
+    plan = TrajectoryPlan("pndm", table.timesteps, table.coef, model, None,
+                          cached=cached_calls(table.timesteps, model, interval))
+    return plan, x, context
+
+
+def test_trt_backend_runs_cached_engines_like_ort(cache_bundles, tmp_path):
+    """TrtBackend on fake TensorRT (tests/fake_gpu.py: engines that run the ONNX graphs, fake CUDA): the kept
+    feature bound per model, the cached engines opened on demand, plain launches and one CUDA graph equal ORT."""
+    import shutil
+    from types import SimpleNamespace
+
+    from fake_gpu import FakeCuda, make_fake_trt, ort_step
+    from tstitch_trt.bundle.manifest import EngineEntry, read_manifest
+    from tstitch_trt.runtime.engine_compat import builder_info
+    from tstitch_trt.runtime.loop import run_stitched
+    from tstitch_trt.runtime.ort_backend import OrtBackend
+    from tstitch_trt.runtime.trt_backend import TrtBackend
+
+    bundle = tmp_path / "fake-trt"
+    shutil.copytree(cache_bundles[3], bundle)
+    manifest = read_manifest(bundle)
+    info = builder_info(SimpleNamespace(__name__="tensorrt_rtx", __version__="1.7.1.116"), ["8.9"])
+    for m in manifest.models:
+        for part in (m.engines, m.cached["engines"]):
+            e = part["ort"]
+            part["trt-rtx"] = EngineEntry(file=e.file, sha256=e.sha256, precision="fp32", batch_range=(1, 16),
+                                          builder=info)
+    (bundle / "manifest.json").write_text(manifest.to_json())
+    manifest = read_manifest(bundle)
+    plan, x, context = _cached_plan(manifest, 3)
+    assert plan.cached.any()
+    ref = run_stitched(OrtBackend(bundle, manifest), plan, x, context, 7.5, progress=False)
+
+    def fake(**kw):
+        cu = FakeCuda()
+        trt = make_fake_trt(cu, ort_step, scratch_for=lambda data: len(data) // 8)
+        return TrtBackend(bundle, manifest, kind="trt-rtx", trt_module=trt, cuda=cu, **kw), cu, trt
+
+    plain, _, trt = fake(cuda_graph=False)
+    got = run_stitched(plain, plan, x, context, 7.5, progress=False)
+    assert got.mode == "steps" and rel_diff(got.x, ref.x) < 1e-5 and np.abs(ref.x).max() > 0.1
+    # the cached engines ran exactly the cached calls
+    assert sum(c.enqueues for c in trt.contexts if "deep" in c.engine.inputs) == int(plan.cached.sum())
+    graph, cu, _ = fake()
+    first = run_stitched(graph, plan, x, context, 7.5, progress=False)
+    assert first.mode == "graph" and cu.captures == 1 and np.array_equal(first.x, got.x)
+    no_cache = dataclasses.replace(plan, cached=None)  # another plan: a new capture, the full engines only
+    again = run_stitched(graph, no_cache, x, context, 7.5, progress=False)
+    assert cu.captures == 2 and rel_diff(again.x, got.x) > 1e-3
+
+
+def _has_rtx() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt_rtx") is not None
+
+
+@pytest.mark.skipif(not _has_rtx(), reason="tensorrt_rtx is not installed (pip install tensorrt-rtx)")
+def test_trt_rtx_builds_the_cached_step_graphs_on_cpu(sd_pair, tmp_path):
+    """Real TensorRT-RTX plans of both step graphs per U-Net; the cached engine's profile covers the kept feature
+    at its level (branch 3: up block 1, H/2 x W/2)."""
+    from tstitch_trt.bundle.manifest import artifact_path, read_manifest
+    from tstitch_trt.export.sd_build import SdBuildConfig, build_sd_bundle
+
+    out = tmp_path / "sd-rtx-cache"
+    build_sd_bundle(SdBuildConfig(models=[str(p) for p in sd_pair], out=out, backends=["trt-rtx"],
+                                  precision="fp16", batch_range=(1, 2), cache_branch=3))
+    m = read_manifest(out)
+    assert m.cache == {"scheme": "deepcache", "branch": 3} and m.io["roles"]["cache"] == [["deep", "deep_next"]]
+    for model in m.models:
+        assert model.cached["feature"] == {"shape": ["2B", 8, "H/2", "W/2"], "dtype": "float32"}
+        full, cached = model.engines["trt-rtx"], model.cached["engines"]["trt-rtx"]
+        for e in (full, cached):
+            assert e.precision == "fp16" and artifact_path(out, e).stat().st_size > 10_000
+        assert "deep" not in full.builder["options"]["profile"]
+        assert cached.builder["options"]["profile"]["deep"] == [[2, 8, 8, 8], [4, 8, 16, 16], [4, 8, 32, 32]]
+    assert not any(out.glob("**/*.onnx"))

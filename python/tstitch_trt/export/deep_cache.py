@@ -42,34 +42,49 @@ class CacheBranch:
     kept: str  # "layer" (an up layer of block B), "up_block" (up block B + 1), "mid" (the mid block)
 
 
-def branch_count(unet: nn.Module) -> int:
-    """Branch ids this U-Net has: 3 per up block (DeepCache's numbering), less any that would keep a missing
-    mid block (BK-SDM has none)."""
+Structure = tuple[tuple[int, ...], bool]  # (layers of each up block from the shallow end, has a mid block)
+
+
+def structure(unet: nn.Module) -> Structure:
     n = len(unet.up_blocks)
-    return sum(1 for k in range(LAYERS_PER_BRANCH_BLOCK * n) if _kept_kind(unet, k) != "none")
+    return tuple(len(unet.up_blocks[n - 1 - b].resnets) for b in range(n)), unet.mid_block is not None
 
 
-def _kept_kind(unet: nn.Module, k: int) -> str:
-    n_up = len(unet.up_blocks)
+def config_structure(config: dict[str, Any]) -> Structure:
+    """The same from a diffusers UNet2DConditionModel config (checked before any weights load)."""
+    n = len(config["up_block_types"])
+    lpb = config.get("layers_per_block", 2)
+    per_block = list(lpb) if isinstance(lpb, (list, tuple)) else [int(lpb)] * n
+    return tuple(int(per_block[b]) + 1 for b in range(n)), config.get("mid_block_type",
+                                                                      "UNetMidBlock2DCrossAttn") is not None
+
+
+def _kept_kind(s: Structure, k: int) -> str:
+    layers, has_mid = s
     block, layer = divmod(k, LAYERS_PER_BRANCH_BLOCK)
-    if block >= n_up:
+    if not 0 <= k <= MAX_CACHE_BRANCH or block >= len(layers):
         return "none"
-    if layer <= len(unet.up_blocks[n_up - 1 - block].resnets) - 2:
+    if layer <= layers[block] - 2:
         return "layer"
-    if block + 1 < n_up:
+    if block + 1 < len(layers):
         return "up_block"
-    return "mid" if unet.mid_block is not None else "none"
+    return "mid" if has_mid else "none"
 
 
-def resolve_branch(unet: nn.Module, k: int, name: str = "the U-Net") -> CacheBranch:
-    """K's cut of `unet`, or one line saying which branches it has."""
-    kind = _kept_kind(unet, k) if 0 <= k <= MAX_CACHE_BRANCH else "none"
+def check_branch(s: Structure, k: int, name: str = "the U-Net") -> CacheBranch:
+    """K's cut of a U-Net of this structure, or one line saying which branches it has (3 per up block from the
+    shallow end, less one that would keep a missing mid block: BK-SDM has none)."""
+    kind = _kept_kind(s, k)
     if kind == "none":
-        valid = [j for j in range(LAYERS_PER_BRANCH_BLOCK * len(unet.up_blocks)) if _kept_kind(unet, j) != "none"]
+        valid = [j for j in range(LAYERS_PER_BRANCH_BLOCK * len(s[0])) if _kept_kind(s, j) != "none"]
         raise UserError(f"--cache-branch {k}: {name} has no such DeepCache branch (it has {valid[0]} to "
                         f"{valid[-1]}: 3 per up block, from the shallow end)")
     block, layer = divmod(k, LAYERS_PER_BRANCH_BLOCK)
     return CacheBranch(k, block, layer, kind)
+
+
+def resolve_branch(unet: nn.Module, k: int, name: str = "the U-Net") -> CacheBranch:
+    return check_branch(structure(unet), k, name)
 
 
 class _Box:

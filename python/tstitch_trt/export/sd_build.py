@@ -34,7 +34,7 @@ from tstitch_trt.bundle.manifest import (
     write_manifest,
 )
 from tstitch_trt.errors import UserError, first_line
-from tstitch_trt.export.deep_cache import CACHE_INPUT, CACHE_OUTPUT
+from tstitch_trt.export.deep_cache import CACHE_INPUT, CACHE_OUTPUT, check_branch, config_structure
 from tstitch_trt.export.lora import LoraSpec, check_loras, fuse_loras, lora_targets
 from tstitch_trt.export.unet_export import (
     cache_feature_spec,
@@ -85,9 +85,12 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
         from tstitch_trt.export.controlnet_build import prepare_controlnet
 
         control = prepare_controlnet(cfg.controlnet, [(s.name, s.unet_config()) for s in sources], facts["vae_factor"])
-    if cfg.cache_branch is not None and control is not None:
-        raise UserError("--cache-branch with --controlnet is not supported: DeepCache's cached path has no place "
-                        "for the ControlNet's residuals yet; build without one of them")
+    if cfg.cache_branch is not None:
+        if control is not None:
+            raise UserError("--cache-branch with --controlnet is not supported: DeepCache's cached path has no place "
+                            "for the ControlNet's residuals yet; build without one of them")
+        for s in sources:  # every U-Net must have the branch: refused before any weights load
+            check_branch(config_structure(s.unet_config()), cfg.cache_branch, f"U-Net {s.name}")
     builders = _engine_builders(cfg)
     timings: dict[str, float] = {}
     text_len = facts["text_max_length"]

@@ -81,14 +81,13 @@ class StepIO:
 
     @classmethod
     def from_io(cls, io: Mapping[str, Any], features: list[Mapping[str, Any]] | None = None) -> StepIO:
-        """features: each model's kept feature spec (manifest models[i].cached.feature) where io.roles.cache is set."""
+        """features: each model's kept feature spec (manifest models[i].cached.feature), bound by io.roles.cache."""
         roles = io.get("roles") or DIT_ROLES
         specs = {name: TensorSpec(tuple(s["shape"]), np.dtype(s["dtype"]))
                  for part in ("inputs", "outputs") for name, s in io.get(part, {}).items()}
-        cache = tuple(roles["cache"][0]) if roles.get("cache") else None
-        if cache is not None and not features:
-            raise UserError("the bundle manifest's io has a cache role but no model records its kept feature; "
-                            "rebuild the bundle")
+        # the cache role binds only where the models' features are given (step_io): a reader that runs the full
+        # graphs alone (check, bench) sees the step I/O without it
+        cache = tuple(roles["cache"][0]) if roles.get("cache") and features else None
         feats = tuple(TensorSpec(tuple(f["shape"]), np.dtype(f["dtype"])) for f in features or []) if cache else ()
         out = cls(tuple((a, b) for a, b in roles["state"]), tuple(roles["step"]), tuple(roles["request"]), specs,
                   cache, feats)  # type: ignore[arg-type]
