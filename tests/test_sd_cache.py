@@ -263,3 +263,35 @@ def test_trt_rtx_builds_the_cached_step_graphs_on_cpu(sd_pair, tmp_path):
         assert "deep" not in full.builder["options"]["profile"]
         assert cached.builder["options"]["profile"]["deep"] == [[2, 8, 8, 8], [4, 8, 16, 16], [4, 8, 32, 32]]
     assert not any(out.glob("**/*.onnx"))
+
+
+def test_serve_takes_the_same_fields(cache_bundles, sd_bundle):
+    """serve's cache_interval / cache_branch: checked by the pipeline's rule, batch-shared, and a served request
+    equals the Python API's call."""
+    from tstitch_trt.bundle.manifest import read_manifest
+    from tstitch_trt.errors import UserError
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+    from tstitch_trt.serve.requests import KINDS, parse_generate
+
+    manifest = read_manifest(cache_bundles[0])
+
+    def parse(m, **fields):
+        return parse_generate(json.dumps({"prompt": PROMPT, "steps": 6, **fields}).encode(), m, False, 4)
+
+    req = parse(manifest, cache_interval=3, return_latents=True)
+    assert req.extras == {"cache_interval": 3, "cache_branch": 0}
+    assert req.batch_key != parse(manifest, cache_interval=2).batch_key != parse(manifest).batch_key
+    for fields, match in (({"cache_interval": 0}, "--cache-interval"), ({"cache_interval": 2.5}, "cache_interval"),
+                          ({"cache_interval": 2, "cache_branch": 3}, "branch 0")):
+        with pytest.raises(UserError, match=match):
+            parse(manifest, **fields)
+    with pytest.raises(UserError, match="--cache-branch"):
+        parse(read_manifest(sd_bundle), cache_interval=2)
+    pipe = StitchedSDPipeline.from_bundle(cache_bundles[0], backend="ort")
+    try:
+        served = KINDS["sd"].run_batch(pipe, [req])[0]
+        direct = pipe(prompt=PROMPT, steps=6, seed=req.seed, ratio=req.ratio, cache_interval=3, progress=False)
+    finally:
+        pipe.close()
+    assert served.report["cache"]["cached_calls"] and served.report["cache"] == direct.report["cache"]
+    assert np.array_equal(served.latents, direct.latents)
