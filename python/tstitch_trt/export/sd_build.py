@@ -30,9 +30,9 @@ from tstitch_trt.bundle.manifest import (
     ModelEntry,
     directory_entry,
     sha256_file,
-    staged_bundle,
     write_manifest,
 )
+from tstitch_trt.bundle.staging import staged_bundle
 from tstitch_trt.errors import UserError, first_line
 from tstitch_trt.export.deep_cache import CACHE_INPUT, CACHE_OUTPUT, check_branch, config_structure
 from tstitch_trt.export.lora import LoraSpec, check_loras, fuse_loras, lora_targets

@@ -1,4 +1,5 @@
-"""The feature-caching flags of `tstitch-trt build` and `run` (DeepCache's names: cache_interval, cache_branch_id).
+"""The feature-caching flags of `tstitch-trt build` and `run` (DeepCache's names: cache_interval,
+cache_branch_id).
 
 Checked against the bundle in pipeline/caching.py (shared with the Python API and serve)."""
 
