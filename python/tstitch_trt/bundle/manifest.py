@@ -155,7 +155,14 @@ class Manifest:
         return [b for b in BACKENDS if all(b in m.engines for m in self.models)]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False)
+        d = asdict(self)
+        # feature caching is written only where a bundle has it: a bundle without stays byte-identical to before
+        if d["cache"] is None:
+            del d["cache"]
+        for m in d["models"]:
+            if m["cached"] is None:
+                del m["cached"]
+        return json.dumps(d, indent=2, sort_keys=False)
 
     @classmethod
     def from_dict(cls, d: dict) -> Manifest:
