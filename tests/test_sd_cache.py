@@ -297,3 +297,34 @@ def test_serve_takes_the_same_fields(cache_bundles, sd_bundle):
         pipe.close()
     assert served.report["cache"]["cached_calls"] and served.report["cache"] == direct.report["cache"]
     assert np.array_equal(served.latents, direct.latents)
+
+
+def test_sdxl_stitched_equals_deepcache_switched(sdxl_pair, tmp_path):
+    """SDXL (text_embeds and time_ids into the same cut U-Nets): equal to StableDiffusionXLPipeline with the peer's
+    helper, switched by callback."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    small, large = sdxl_pair
+    bundle = build_sd(tmp_path / "sdxl-cache", [small, large], "--cache-branch", "0", backends="ort")
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(large))
+    pipe.set_progress_bar_config(disable=True)
+    small_unet, large_unet = UNet2DConditionModel.from_pretrained(str(small)).eval(), pipe.unet
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    steps, init = 6, unit_latents()
+    n_calls = len(sd_table("euler", dict(pipe.scheduler.config), steps).timesteps)
+    switch = stitch_by_callback(pipe, small_unet, large_unet, n_calls, 0.4, cache=(2, 0))
+    try:
+        with torch.no_grad():
+            ref = np.asarray(pipe([PROMPT] * 2, height=SIZE, width=SIZE, num_inference_steps=steps,
+                                  latents=torch.from_numpy(init), output_type="latent",
+                                  callback_on_step_end=switch).images)
+    finally:
+        end_deepcache(small_unet)
+        end_deepcache(large_unet)
+    np.save(tmp_path / "init.npy", init)
+    assert main(["run", "--bundle", str(bundle), "--backend", "ort", "--prompt", PROMPT, "--sampler", "euler",
+                 "--steps", str(steps), "--ratio", "0.4", "--init-noise", str(tmp_path / "init.npy"),
+                 "--save-latents", str(tmp_path / "out.npy"), "--out", str(tmp_path / "o.png"),
+                 "--cache-interval", "2"]) == 0
+    got = np.load(tmp_path / "out.npy")
+    assert np.abs(ref).max() > 0.1 and rel_diff(got, ref) < 1e-4, f"{rel_diff(got, ref):.2e}"
