@@ -1,5 +1,6 @@
 """`tstitch-trt check`: every backend of a bundle against the torch StepModule (export/check.py, for DiT and
-SD bundles alike); without torch, what can be checked without it (files, graph I/O) and exit 1."""
+SD bundles alike); without torch, what can be checked without it (files, graph I/O), then one line saying
+what to install and exit 2, like every other "install this" case."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 from tstitch_trt.argtypes import MAX_SEED, int_in
 from tstitch_trt.cli.common import INSTALL_BUILD, has_torch
 from tstitch_trt.demo import DEMO_NAME, resolve_bundle
+from tstitch_trt.errors import UserError
 
 NAME = "check"
 HELP = "compare every backend in a bundle against the torch StepModule"
@@ -39,8 +41,8 @@ def command(args: argparse.Namespace) -> int:
         bundle = resolve_bundle(args.bundle)
         for line in check_integrity(bundle):
             print(line)
-        print(f"numeric check not run: the reference (the torch StepModule) needs PyTorch: {INSTALL_BUILD}")
-        return 1
+        raise UserError(f"numeric check not run: the reference (the torch StepModule) needs PyTorch "
+                        f"({INSTALL_BUILD})")
     from tstitch_trt.export.check import run_check
 
     return run_check(args, outputs)
