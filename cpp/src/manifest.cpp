@@ -7,13 +7,8 @@
 #include <iterator>
 #include <sstream>
 
-#if defined(__unix__) || defined(__APPLE__)
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <unistd.h>
-#endif
-
 #include "errors.hpp"
+#include "graph_refs.hpp"
 #include "pyrepr.hpp"
 #include "schema.hpp"
 
@@ -233,6 +228,7 @@ Manifest parse_manifest(const ojson& raw, const std::string& where) {
   m.guidance_channels = raw["guidance_channels"].get<int>();
   for (size_t i = 0; i < raw["models"].size(); ++i) m.models.push_back(model(raw["models"][i], "models[" + std::to_string(i) + "]"));
   m.has_vae = raw.contains("vae") && !raw["vae"].is_null();
+  if (raw.contains("cache") && raw["cache"].is_object()) m.cache_branch = raw["cache"]["branch"].get<int>();
   m.has_text_encoder = raw.contains("text_encoder") && !raw["text_encoder"].is_null();
   if (raw.contains("scheduler") && !raw["scheduler"].is_null()) m.scheduler = json::parse(raw["scheduler"].dump());
   if (m.has_vae) m.vae_engines = engines(raw["vae"]["engines"], "vae.engines");
@@ -331,128 +327,6 @@ std::string sealed_path(const std::string& bundle_dir, const std::string& rel, c
   return (fs::path(bundle_dir) / p).string();
 }
 
-namespace {
-
-// The external-data locations an ONNX graph's tensors name, from its protobuf header (bundle/onnx_refs.py's
-// walk, field for field): weights are skipped by length, so a 10 GB graph costs its header only.
-struct OnnxScan {
-  const unsigned char* p;
-  size_t size;
-  std::set<std::string> locations;
-
-  bool varint(size_t& i, size_t end, uint64_t& v) const {
-    v = 0;
-    for (int shift = 0; shift <= 63; shift += 7) {
-      if (i >= end) return false;
-      const unsigned char b = p[i++];
-      v |= uint64_t(b & 0x7F) << shift;
-      if (b < 0x80) return true;
-    }
-    return false;
-  }
-  // calls f(field, wire, start, end) for each field of the message in [start, end)
-  template <class F> bool fields(size_t start, size_t end, F&& f) {
-    size_t i = start;
-    while (i < end) {
-      uint64_t key, n = 0;
-      if (!varint(i, end, key)) return false;
-      const unsigned wire = key & 7;
-      const uint64_t field = key >> 3;
-      size_t j;
-      if (wire == 0) { size_t k = i; if (!varint(k, end, n)) return false; j = k; }
-      else if (wire == 1) j = i + 8;
-      else if (wire == 2) { if (!varint(i, end, n) || n > end - i) return false; j = i + n; }
-      else if (wire == 5) j = i + 4;
-      else return false;
-      if (j > end) return false;
-      if (!f(field, wire, i, j)) return false;
-      i = j;
-    }
-    return true;
-  }
-  // kinds: 0 model, 1 training, 2 graph, 3 function, 4 node, 5 attribute, 6 sparse, 7 tensor
-  int child(int kind, uint64_t field) const {
-    switch (kind) {
-      case 0: return field == 7 ? 2 : field == 25 ? 3 : field == 20 ? 1 : -1;
-      case 1: return field == 1 || field == 2 ? 2 : -1;
-      case 2: return field == 1 ? 4 : field == 5 ? 7 : field == 15 ? 6 : -1;
-      case 3: return field == 7 ? 4 : -1;
-      case 4: return field == 5 ? 5 : -1;
-      case 5: return field == 5 || field == 10 ? 7 : field == 6 || field == 11 ? 2 : field == 22 || field == 23 ? 6 : -1;
-      case 6: return field == 1 || field == 2 ? 7 : -1;
-      default: return -1;
-    }
-  }
-  bool walk(size_t start, size_t end, int kind, int depth) {
-    if (depth > 64) return false;
-    if (kind == 7)
-      return fields(start, end, [&](uint64_t field, unsigned wire, size_t a, size_t b) {
-        if (field != 13 || wire != 2) return true;  // external_data: {key 1, value 2}
-        std::string key, value;
-        const bool ok = fields(a, b, [&](uint64_t f, unsigned w, size_t x, size_t y) {
-          if (w == 2 && f == 1) key.assign(reinterpret_cast<const char*>(p + x), y - x);
-          if (w == 2 && f == 2) value.assign(reinterpret_cast<const char*>(p + x), y - x);
-          return true;
-        });
-        if (ok && key == "location") locations.insert(value);
-        return ok;
-      });
-    return fields(start, end, [&](uint64_t field, unsigned wire, size_t a, size_t b) {
-      const int c = wire == 2 ? child(kind, field) : -1;
-      return c < 0 || walk(a, b, c, depth + 1);
-    });
-  }
-};
-
-// Mapped, not read: the scan touches the header's pages only (weights are skipped by length), so an inline
-// 1.9 GB graph costs its header, not a copy.
-std::set<std::string> onnx_external_locations(const std::string& path) {
-  std::error_code ec;
-  const auto size = fs::file_size(path, ec);
-  if (ec) fail(TSTITCH_ERR_BUNDLE, "cannot read " + path + "; check its permissions");
-  if (size == 0) return {};
-#if defined(__unix__) || defined(__APPLE__)
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0) fail(TSTITCH_ERR_BUNDLE, "cannot read " + path + "; check its permissions");
-  void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  ::close(fd);
-  if (map == MAP_FAILED) fail(TSTITCH_ERR_BUNDLE, "cannot map " + path + "; check its permissions");
-  OnnxScan scan{static_cast<const unsigned char*>(map), size_t(size), {}};
-  const bool ok = scan.walk(0, size_t(size), 0, 0);
-  ::munmap(map, size);
-#else
-  std::ifstream in(path, std::ios::binary);
-  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  OnnxScan scan{reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size(), {}};
-  const bool ok = scan.walk(0, bytes.size(), 0, 0);
-#endif
-  if (!ok) fail(TSTITCH_ERR_BUNDLE, path + " is not a well-formed ONNX graph; rebuild the bundle");
-  return scan.locations;
-}
-
-}  // namespace
-
-void check_onnx_external_data(const std::string& bundle_dir, const EngineEntry& entry) {
-  const std::string& rel = entry.artifact.file;
-  if (rel.size() < 5 || rel.compare(rel.size() - 5, 5, ".onnx") != 0) return;
-  std::set<std::string> listed;
-  for (const FileRef& f : entry.external_data) listed.insert(fs::path(f.file).lexically_normal().generic_string());
-  const std::string graph = sealed_path(bundle_dir, rel, entry.artifact.field);
-  for (const std::string& loc : onnx_external_locations(graph)) {
-    const fs::path l(loc);
-    bool up = false;
-    for (const fs::path& part : l) up = up || part == "..";
-    if (loc.empty() || l.is_absolute() || l.has_root_name() || up)
-      fail(TSTITCH_ERR_BUNDLE, "the graph " + rel + " reads weights from '" + loc +
-                                   "', outside the bundle; a bundle may only use its own files: rebuild it");
-    const std::string target = (fs::path(rel).parent_path() / l).lexically_normal().generic_string();
-    sealed_path(bundle_dir, target, entry.artifact.field + " (external data)");
-    if (!listed.count(target))
-      fail(TSTITCH_ERR_BUNDLE, "the graph " + rel + " reads weights from " + target +
-                                   ", which the manifest does not list (nor checksum); rebuild the bundle");
-  }
-}
-
 std::string artifact_path(const std::string& bundle_dir, const EngineEntry& entry, bool verify) {
   std::vector<FileRef> files = {entry.artifact};
   files.insert(files.end(), entry.external_data.begin(), entry.external_data.end());
@@ -463,7 +337,12 @@ std::string artifact_path(const std::string& bundle_dir, const EngineEntry& entr
     if (verify && sha256_file(path) != f.sha256)
       fail(TSTITCH_ERR_BUNDLE, "checksum mismatch for " + path + ": the file changed since the build; rebuild the bundle");
   }
-  check_onnx_external_data(bundle_dir, entry);
+  const std::string& rel = entry.artifact.file;
+  if (rel.size() > 5 && rel.compare(rel.size() - 5, 5, ".onnx") == 0) {  // what the graph itself names
+    std::vector<std::string> sealed;
+    for (const FileRef& f : files) sealed.push_back(f.file);
+    check_graph_references(bundle_dir, rel, sealed);
+  }
   return sealed_path(bundle_dir, entry.artifact.file, entry.artifact.field);
 }
 

@@ -88,6 +88,7 @@ struct Manifest {
   std::vector<TensorSpec> io;  // inputs then outputs; empty for bundles written before `io` existed
   IoRoles roles;               // io.roles, or the DiT roles where the manifest has none
   bool roles_recorded = false; // io.roles was in the manifest
+  int cache_branch = -1;       // manifest `cache` (DeepCache's full + cached step graphs): its branch; -1: none
   nlohmann::json scheduler;    // SD: the diffusers scheduler config (null otherwise)
   bool has_text_encoder = false;
   std::map<std::string, EngineEntry> text_encoder_engines;  // SD: kind -> the text encoder's plan
@@ -113,9 +114,6 @@ std::string sealed_path(const std::string& bundle_dir, const std::string& rel, c
 
 // The artifact's path, checked to exist and (verify) to match its sha256 (and its external data).
 std::string artifact_path(const std::string& bundle_dir, const EngineEntry& entry, bool verify = true);
-// An ONNX artifact's own external-data references: each inside the bundle and listed in entry.external_data
-// (so checksummed); throws a bundle error otherwise. artifact_path calls it.
-void check_onnx_external_data(const std::string& bundle_dir, const EngineEntry& entry);
 
 std::string sha256_file(const std::string& path);
 std::string sha256_bytes(const void* data, size_t n);
