@@ -52,7 +52,7 @@ def cmd_run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # mani
 
     control = control_request(args, manifest.controlnet is not None)
     num_images = args.num_images if args.num_images is not None else 1
-    pipe = StitchedSDPipeline.from_bundle(bundle, backend=args.backend, device=args.device)
+    pipe = StitchedSDPipeline.from_bundle(bundle, backend=args.backend, device=args.device, precision=args.precision)
     try:
         ratio, fractions = defaults.default_stitch(len(manifest.models), args.ratio, args.fractions)
         res = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, num_images=num_images, ratio=ratio,
@@ -78,6 +78,7 @@ def cmd_run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # mani
     per_model = ", ".join(f"{n} {name}" for n, name in zip(rep["steps_per_model"], rep["models"], strict=True))
     print(f"{rep['steps']} {rep['sampler']} steps = {rep['unet_calls']} U-Net calls ({per_model}) on {rep['backend']} "
           f"[{rep['device']}], batch {rep['batch']}, {rep['height']}x{rep['width']}: {rep['total_seconds']:.2f} s")
+    print("precision: " + ", ".join(f"{part} {p}" for part, p in rep["precisions"].items()))
     for flag in ("--out", "--save-latents", "--report"):
         if flag in writers:
             print(f"wrote {outputs.paths[flag].resolve()}")
