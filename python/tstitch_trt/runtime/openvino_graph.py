@@ -33,4 +33,5 @@ class OpenVinoGraph:
                                            self.precision, self.threads)
             self._key = key
         res = self.compiled(feeds)
-        return {out.get_any_name(): np.array(res[out]) for out in self.compiled.outputs}
+        # every tensor name of each output (OpenVINO may list the ONNX output name among others)
+        return {name: np.array(res[out]) for out in self.compiled.outputs for name in out.get_names()}

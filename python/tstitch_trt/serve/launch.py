@@ -88,7 +88,8 @@ def service_config(args: argparse.Namespace) -> ServeConfig:
     if args.latency_target_ms is not None and args.latency_target_ms <= 0:
         raise UserError(f"--latency-target-ms must be > 0, got {args.latency_target_ms}")
     replicas, cpus, gpus = replica_resources(args.replicas, args.cores_per_replica)
-    return ServeConfig(bundle=str(args.bundle), backend=args.backend, precision=args.precision, replicas=replicas, cpus_per_replica=cpus,
+    return ServeConfig(bundle=str(args.bundle), backend=args.backend, precision=args.precision, replicas=replicas,
+                       cpus_per_replica=cpus,
                        gpus_per_replica=gpus, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                        max_queued=args.max_queued, request_timeout_s=args.request_timeout_s,
                        latency_target_ms=args.latency_target_ms, max_ratio=args.max_ratio)
