@@ -136,5 +136,9 @@ def test_demo_pair_records_its_bf16_verdict():
     for m in manifest.models:
         assert m.bf16 is not None and m.bf16["safe"] is True, m.name
         assert "ratio 0.4: FID" in m.bf16["reason"] and "(500 images)" in m.bf16["reason"]
+        assert "avx512_bf16" in m.bf16["isa"]  # measured on an AMD EPYC (AVX512-BF16, no AMX): docs/cpu.md
     assert resolve_precisions(manifest, "auto", True, "avx512_bf16")[0] == ["bf16", "bf16"]
+    if "amx_bf16" not in manifest.models[0].bf16["isa"]:  # nobody has measured it on AMX yet: fp32 there
+        precisions, why = resolve_precisions(manifest, "auto", True, "amx_bf16")
+        assert precisions == ["fp32", "fp32"] and "measured on avx512_bf16, this CPU is amx_bf16" in why
     assert resolve_precisions(manifest, "auto", False, "avx512_bf16")[0] == ["fp32", "fp32"]
