@@ -54,6 +54,8 @@ def test_random_pair_verdict_is_recorded_with_its_isa(tiny_pair, tmp_path, capsy
     _artifacts_intact(bundle)
     manifest = read_manifest(bundle)
     assert resolve_precisions(manifest, "auto", True, bf16_isa())[0] == ["bf16", "bf16"]
+    assert main(["info", "--bundle", str(bundle)]) == 0
+    assert f"bf16     safe on CPU backends, measured on {bf16_isa()} (openvino " in capsys.readouterr().out
     other = "avx512_bf16" if bf16_isa() == "amx_bf16" else "amx_bf16"
     assert resolve_precisions(manifest, "auto", True, other)[0] == ["fp32", "fp32"]
 
