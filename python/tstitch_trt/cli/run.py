@@ -215,13 +215,10 @@ def run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # manifest
     per_model = ", ".join(f"{n} {name}" for n, name in zip(rep["steps_per_model"], rep["models"], strict=True))
     print(f"{rep['steps']} {rep['sampler']} steps = {rep['unet_calls']} U-Net calls ({per_model}) on {rep['backend']} "
           f"[{rep['device']}], batch {rep['batch']}, {rep['height']}x{rep['width']}: {rep['total_seconds']:.2f} s")
-<<<<<<< HEAD
     print("precision: " + ", ".join(f"{part} {p}" for part, p in rep["precisions"].items()))
-=======
     if rep.get("cache"):
         c = rep["cache"]
         print(f"DeepCache interval {c['interval']} branch {c['branch']}: full calls {c['full_calls']}")
->>>>>>> main
     for flag in ("--out", "--save-latents", "--report"):
         if flag in writers:
             print(f"wrote {outputs.paths[flag].resolve()}")
