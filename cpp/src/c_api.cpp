@@ -79,6 +79,25 @@ tstitch_request normalized(const tstitch_request* r) {
   return q;
 }
 
+// Open params: a version-4 caller's smaller struct (up to verify_checksums) reads precision as NULL (auto).
+constexpr size_t kOpenParamsV4Size = offsetof(tstitch_open_params, precision);
+static_assert(kOpenParamsV4Size == (offsetof(tstitch_open_params, verify_checksums) + sizeof(int) + alignof(tstitch_open_params) - 1) /
+                                       alignof(tstitch_open_params) * alignof(tstitch_open_params),
+              "the API 5 fields start where sizeof(a version-4 open params) ended");
+
+tstitch_open_params normalized(const tstitch_open_params* p) {
+  if (p->struct_size != sizeof(tstitch_open_params) && p->struct_size != kOpenParamsV4Size)
+    fail(TSTITCH_ERR_INVALID_ARGUMENT, "params.struct_size is " + std::to_string(p->struct_size) + ", this library expects " +
+                                           std::to_string(sizeof(tstitch_open_params)) + " (API version " +
+                                           std::to_string(TSTITCH_API_VERSION) + ") or " + std::to_string(kOpenParamsV4Size) +
+                                           " (version 4); initialise it with tstitch_open_params_init and rebuild against this header");
+  tstitch_open_params q;
+  tstitch_open_params_init(&q);
+  std::memcpy(static_cast<void*>(&q), p, p->struct_size);
+  q.struct_size = sizeof(tstitch_open_params);
+  return q;
+}
+
 Runtime& checked(tstitch_runtime* h) {
   Runtime* rt = runtime_of(h);
   if (rt == nullptr) fail(TSTITCH_ERR_BAD_HANDLE, "the runtime handle is NULL, unknown or already closed; open a bundle first");
@@ -187,18 +206,22 @@ Runtime* runtime_of(tstitch_runtime* h) {
 }
 
 tstitch_status open_with_factory(const char* bundle_dir, const tstitch_open_params* params,
-                                 const BackendFactory& factory, tstitch_runtime** out) {
+                                 const BackendFactory& factory, tstitch_runtime** out, const char* default_engine) {
   return guarded([&] {
     if (out == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "out (where the handle goes) is NULL");
     *out = nullptr;
     if (bundle_dir == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "bundle_dir is NULL");
     OpenOptions opt;
+    opt.engine = default_engine;
     if (params != nullptr) {
-      check_struct(params, "params");
-      if (params->engine != nullptr) opt.engine = params->engine;
-      opt.device_index = params->device_index;
-      opt.cuda_graph = params->cuda_graph != 0;
-      opt.verify_checksums = params->verify_checksums != 0;
+      const tstitch_open_params p = normalized(params);
+      if (p.engine != nullptr) opt.engine = p.engine;
+      if (p.engine != nullptr && opt.engine.empty())
+        fail(TSTITCH_ERR_INVALID_ARGUMENT, "params.engine is empty; name openvino or trt, or leave it NULL (auto)");
+      opt.device_index = p.device_index;
+      opt.cuda_graph = p.cuda_graph != 0;
+      opt.verify_checksums = p.verify_checksums != 0;
+      if (p.precision != nullptr) opt.precision = p.precision;
     }
     auto h = std::make_unique<tstitch_runtime>();
     h->runtime = std::make_unique<Runtime>(bundle_dir, opt, factory);
@@ -264,7 +287,16 @@ void tstitch_sample_info_init(tstitch_sample_info* i) {
 }
 
 tstitch_status tstitch_open(const char* bundle_dir, const tstitch_open_params* params, tstitch_runtime** out) {
-  return open_with_factory(bundle_dir, params, default_backend_factory(), out);
+  return open_with_factory(bundle_dir, params, default_backend_factory(), out, "");  // "": auto
+}
+
+tstitch_status tstitch_engine(tstitch_runtime* h, const char** engine, const char** precision) {
+  return guarded([&] {
+    Runtime& rt = checked(h);
+    if (engine == nullptr || precision == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "engine or precision is NULL");
+    *engine = rt.engine().c_str(), *precision = rt.precision_reason().c_str();
+    return TSTITCH_OK;
+  });
 }
 
 tstitch_status tstitch_close(tstitch_runtime* h) {

@@ -59,6 +59,7 @@ ModelEntry model(const ojson& j, const std::string& field) {
   m.channels = m.arch["in_channels"].get<int>();
   m.height = m.width = m.arch[size].get<int>();
   m.engines = engines(j.at("engines"), field + ".engines");
+  if (j.contains("bf16")) m.bf16 = json::parse(j.at("bf16").dump());
   return m;
 }
 

@@ -35,6 +35,7 @@ struct ModelEntry {
   nlohmann::json arch;
   std::map<std::string, EngineEntry> engines;  // kind -> artifact
   int channels = 0, height = 0, width = 0;     // latent (C, H, W)
+  nlohmann::json bf16;  // `tstitch-trt check --precision bf16 --record`'s verdict (null: none); see precision.hpp
 };
 
 // One dimension of a step-graph tensor: a size, or a symbol ("B", "2B", "H", "W", ...) whose value

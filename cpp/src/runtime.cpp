@@ -16,84 +16,118 @@ namespace tstitch {
 #ifdef TSTITCH_WITH_TENSORRT
 std::unique_ptr<Backend> make_trt_backend(const std::string& kind, int device_index);  // trt_engine.cpp
 #endif
+#ifdef TSTITCH_WITH_OPENVINO
+std::unique_ptr<Backend> make_openvino_backend();  // openvino_engine.cpp
+#endif
+#ifdef TSTITCH_WITH_CUDA
+int cuda_device_count();  // cuda_device.cpp
+#endif
+
+const std::vector<std::string>& engine_names() {
+  static const std::vector<std::string> names = {"openvino", "trt"};
+  return names;
+}
+
+std::string artifact_kind(const std::string& engine) { return engine == "openvino" ? "ort" : engine; }
+
+std::string auto_engine(const Manifest& m) {
+  auto has = [&](const std::string& kind) {
+    return std::all_of(m.models.begin(), m.models.end(), [&](const ModelEntry& e) { return e.engines.count(kind) > 0; });
+  };
+#if defined(TSTITCH_WITH_TENSORRT) && defined(TSTITCH_WITH_CUDA)
+  if (has("trt") && cuda_device_count() > 0) return "trt";
+#endif
+#ifdef TSTITCH_WITH_OPENVINO
+  if (has("ort")) return "openvino";
+#endif
+  if (has("trt")) return "trt";
+  return has("ort") ? "openvino" : "trt";
+}
 
 BackendFactory default_backend_factory() {
   return [](const std::string& kind, int device_index) -> std::unique_ptr<Backend> {
-#ifdef TSTITCH_WITH_TENSORRT
-    if (kind == "trt") return make_trt_backend(kind, device_index);
-#else
     (void)device_index;
-    if (kind == "trt")
+    if (kind == "trt") {
+#ifdef TSTITCH_WITH_TENSORRT
+      return make_trt_backend(kind, device_index);
+#else
       fail(TSTITCH_ERR_UNAVAILABLE, "this tstitch library was built without TensorRT (no NvInfer.h at configure "
-                                    "time); rebuild it with -DTensorRT_ROOT=<TensorRT dir>");
+                                    "time); rebuild it with -DTensorRT_ROOT=<TensorRT dir>, or use the openvino engine");
 #endif
-    fail(TSTITCH_ERR_INVALID_ARGUMENT, "engine kind '" + kind + "' is not one this C++ runtime runs; use trt");
+    }
+    if (kind == "openvino") {
+#ifdef TSTITCH_WITH_OPENVINO
+      return make_openvino_backend();
+#else
+      fail(TSTITCH_ERR_UNAVAILABLE, "this tstitch library was built without OpenVINO (not found at configure time); rebuild "
+                                    "it with -DOpenVINO_DIR=$(python -c \"import openvino.utils as u; print(u.get_cmake_path())\")");
+#endif
+    }
+    fail(TSTITCH_ERR_INVALID_ARGUMENT, "engine kind '" + kind + "' is not one this C++ runtime runs; use openvino or trt");
   };
 }
 
-Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& opt, const BackendFactory& factory)
+Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& given, const BackendFactory& factory)
     : dir_(bundle_dir), manifest_(read_manifest(bundle_dir)) {
+  OpenOptions opt = given;
+  if (opt.engine.empty()) opt.engine = auto_engine(manifest_);
+  const auto& known = engine_names();
+  if (std::find(known.begin(), known.end(), opt.engine) == known.end())
+    fail(TSTITCH_ERR_INVALID_ARGUMENT, "unknown engine '" + opt.engine + "'; choose openvino or trt (NULL: auto)");
+  const std::string art = artifact_kind(opt.engine);  // the manifest entry whose files this engine runs
   // Every file is checked (sealed path, presence, sha256) before any device work: a tampered
   // bundle is refused the same way with or without a GPU.
   std::vector<std::string> paths;
   for (const ModelEntry& m : manifest_.models) {
-    auto it = m.engines.find(opt.engine);
+    auto it = m.engines.find(art);
     if (it == m.engines.end())
-      fail(TSTITCH_ERR_BUNDLE, "the bundle has no " + opt.engine + " engine for " + m.name + "; rebuild it with --backend " +
-                                   opt.engine);
+      fail(TSTITCH_ERR_BUNDLE, "the bundle has no " + art + " engine for " + m.name + "; rebuild it with --backend " + art);
     paths.push_back(artifact_path(dir_, it->second, opt.verify_checksums));
   }
   std::string text_path;  // the SD text encoder's plan, checked with the rest
-  auto te = manifest_.text_encoder_engines.find(opt.engine);
+  auto te = manifest_.text_encoder_engines.find(art);
   if (te != manifest_.text_encoder_engines.end()) text_path = artifact_path(dir_, te->second, opt.verify_checksums);
   std::string vae_path;  // the VAE decoder's plan, likewise
-  auto ve = manifest_.vae_engines.find(opt.engine);
+  auto ve = manifest_.vae_engines.find(art);
   if (ve != manifest_.vae_engines.end()) vae_path = artifact_path(dir_, ve->second, opt.verify_checksums);
   // SDXL's second text encoder and a ControlNet's own artifacts of this kind: checked like the rest
   // (the caller encodes SDXL prompts; the ControlNet runs inside the step graphs)
   for (const auto* part : {&manifest_.text_encoder_2_engines, &manifest_.conditioning.controlnet_engines}) {
-    auto it = part->find(opt.engine);
+    auto it = part->find(art);
     if (it != part->end()) artifact_path(dir_, it->second, opt.verify_checksums);
   }
   engine_kind_ = opt.engine;
   batch_range_ = {1, INT64_MAX};
   for (const ModelEntry& m : manifest_.models) {
-    const EngineEntry& e = m.engines.at(opt.engine);
+    const EngineEntry& e = m.engines.at(art);
     batch_range_.first = std::max(batch_range_.first, e.batch_min);
     batch_range_.second = std::min(batch_range_.second, e.batch_max);
   }
   backend_ = factory(opt.engine, opt.device_index);  // no GPU -> TSTITCH_ERR_NO_DEVICE
+  const std::vector<std::string> precisions = backend_->configure(manifest_, opt.precision, &precision_reason_);
+  auto load = [&](const EngineEntry& entry, const std::string& path, const std::string& what, const std::string& precision) {
+    backend_->check_compat(entry.builder, what);
+    return backend_->load_file(path, what, precision);
+  };
   std::vector<std::unique_ptr<StepEngine>> engines;
   for (size_t i = 0; i < manifest_.models.size(); ++i) {
     const ModelEntry& m = manifest_.models[i];
     const std::string what = "the " + opt.engine + " engine of " + m.name + " (" +
                              std::filesystem::path(paths[i]).filename().string() + ")";
-    check_engine_compat(m.engines.at(opt.engine).builder, backend_->identity(), backend_->device().compute_capability(),
-                        what);
-    std::ifstream in(paths[i], std::ios::binary);
-    std::vector<char> plan((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (!in.good() && !in.eof()) fail(TSTITCH_ERR_BUNDLE, "cannot read " + paths[i]);
-    engines.push_back(backend_->load(plan, what));
+    engines.push_back(load(m.engines.at(art), paths[i], what, precisions.at(i)));
   }
   loop_ = std::make_unique<StitchedLoop>(manifest_, backend_->device(), std::move(engines), opt.cuda_graph);
   for (const Binding& b : loop_->bindings())
     if (b.role == Role::kRequest && b.source != "guidance") request_inputs_.push_back(b.spec.name);
+  // the text encoder and the VAE run in the engine's default precision (fp32 on OpenVINO), as Python runs them
   if (!text_path.empty() && manifest_.pipeline != "sdxl") {  // SDXL: the caller encodes prompts (two encoders)
     const std::string what = "the " + opt.engine + " text encoder engine (" + std::filesystem::path(text_path).filename().string() + ")";
-    check_engine_compat(te->second.builder, backend_->identity(), backend_->device().compute_capability(), what);
-    std::ifstream in(text_path, std::ios::binary);
-    std::vector<char> plan((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (!in.good() && !in.eof()) fail(TSTITCH_ERR_BUNDLE, "cannot read " + text_path);
-    text_encoder_ = std::make_unique<TextEncoder>(manifest_, backend_->device(), backend_->load(plan, what));
+    text_encoder_ = std::make_unique<TextEncoder>(manifest_, backend_->device(), load(te->second, text_path, what, ""));
   }
   if (!vae_path.empty()) {
     const std::string what = "the " + opt.engine + " VAE decoder engine (" + std::filesystem::path(vae_path).filename().string() + ")";
-    check_engine_compat(ve->second.builder, backend_->identity(), backend_->device().compute_capability(), what);
-    std::ifstream in(vae_path, std::ios::binary);
-    std::vector<char> plan((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (!in.good() && !in.eof()) fail(TSTITCH_ERR_BUNDLE, "cannot read " + vae_path);
     const int factor = manifest_.height() > 0 ? manifest_.image_size / manifest_.height() : 0;
-    vae_ = std::make_unique<VaeDecoder>(backend_->device(), backend_->load(plan, what), factor);
+    vae_ = std::make_unique<VaeDecoder>(backend_->device(), load(ve->second, vae_path, what, ""), factor);
   }
 }
 
