@@ -40,8 +40,24 @@ std::string dtype_name(const ov::element::Type& t) {
   return "another dtype (" + t.get_type_name() + ")";
 }
 
-// The name a port carries that the caller knows (ONNX tensors usually have exactly one).
-std::string port_name(const ov::Output<const ov::Node>& port) { return port.get_any_name(); }
+// The graph's own name of a port: a port can carry several (the ONNX frontend may merge an input with an
+// internal tensor such as /clip/Reshape_output_0): the graph's I/O names are the ones without a '/'.
+template <typename Port>
+std::string port_name(const Port& port) {
+  for (const std::string& n : port.get_names())
+    if (n.find('/') == std::string::npos) return n;
+  return port.get_any_name();
+}
+
+// What the caller bound under any of the port's names, or end().
+template <typename Port, typename Map>
+auto find_bound(const Port& port, Map& bound) {
+  for (const std::string& n : port.get_names()) {
+    auto it = bound.find(n);
+    if (it != bound.end()) return it;
+  }
+  return bound.end();
+}
 
 template <typename F>
 auto ov_call(const std::string& what, F&& fn) -> decltype(fn()) {
@@ -107,7 +123,7 @@ class OvEngine : public StepEngine {
   size_t scratch_bytes() const override { return 0; }
   std::pair<int64_t, int64_t> batch_range(const std::string& latent) const override {
     for (const auto& p : std::as_const(*model_).inputs()) {
-      if (port_name(p) != latent) continue;
+      if (!p.get_names().count(latent)) continue;
       const ov::PartialShape& s = p.get_partial_shape();
       if (s.rank().is_dynamic() || s.size() < 1) break;
       const ov::Dimension& d = s[0];
@@ -137,11 +153,11 @@ class OvEngine : public StepEngine {
     if (compiled_.size() >= 4) compiled_.clear();  // a few shapes at a time (both parities, text encoder rows)
     return compiled_[key] = ov_call("to compile " + what_, [&] {
              std::shared_ptr<ov::Model> s = model_->clone();
-             std::map<std::string, ov::PartialShape> static_shapes;
-             for (const auto& p : model_->inputs()) {
-               auto given = shapes.find(port_name(p));
+             std::map<ov::Output<ov::Node>, ov::PartialShape> static_shapes;
+             for (const auto& p : s->inputs()) {
+               auto given = find_bound(p, shapes);
                if (given == shapes.end()) fail(TSTITCH_ERR_INTERNAL, what_ + ": no shape set for input " + port_name(p));
-               static_shapes[port_name(p)] = ov::PartialShape(std::vector<ov::Dimension>(given->second.begin(), given->second.end()));
+               static_shapes[p] = ov::PartialShape(std::vector<ov::Dimension>(given->second.begin(), given->second.end()));
              }
              s->reshape(static_shapes);
              ov::AnyMap config = {ov::hint::performance_mode(ov::hint::PerformanceMode::LATENCY),
@@ -177,12 +193,12 @@ void OvContext::bind() {
   ov_call("to bind the buffers of " + engine_.what(), [&] {
     request_ = compiled.create_infer_request();
     for (const auto& p : compiled.inputs()) {
-      auto a = addrs_.find(port_name(p));
+      auto a = find_bound(p, addrs_);
       if (a == addrs_.end()) fail(TSTITCH_ERR_INTERNAL, engine_.what() + ": no buffer bound for input " + port_name(p));
       request_.set_tensor(p, ov::Tensor(p.get_element_type(), p.get_shape(), a->second));
     }
     for (const auto& p : compiled.outputs()) {
-      auto a = addrs_.find(port_name(p));
+      auto a = find_bound(p, addrs_);
       if (a == addrs_.end()) fail(TSTITCH_ERR_INTERNAL, engine_.what() + ": no buffer bound for output " + port_name(p));
       request_.set_tensor(p, ov::Tensor(p.get_element_type(), p.get_shape(), a->second));
     }
