@@ -8,7 +8,7 @@
 # on real graphs against Python's OpenVINO backend). Build dirs: build/ and build-asan/ (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PKGS=(cmake ninja-build g++ nlohmann-json3-dev libssl-dev libgtest-dev)
+PKGS=(cmake ninja-build g++ nlohmann-json3-dev libssl-dev libgtest-dev libicu-dev)
 missing=()
 for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [[ ${#missing[@]} -gt 0 ]]; then

@@ -58,19 +58,26 @@ void check_struct(const T* s, const char* what) {
                                            "); initialise it with its _init function and rebuild against this header");
 }
 
-// The request as this library's struct: a version-3 caller's smaller struct (struct_size up to height/width)
-// is copied and the API 4 fields take their _init defaults, so old binaries keep working.
+// The request as this library's struct: an older caller's smaller struct (version 3: up to height/width; version 4: up
+// to control_guess_mode) is copied and the newer fields take their _init defaults, so old binaries keep working.
 constexpr size_t kRequestV3Size = offsetof(tstitch_request, inputs);
+constexpr size_t kRequestV4Size = offsetof(tstitch_request, prompts);
 static_assert(kRequestV3Size == (offsetof(tstitch_request, width) + sizeof(int) + alignof(tstitch_request) - 1) /
                                     alignof(tstitch_request) * alignof(tstitch_request),
               "the API 4 fields start where sizeof(a version-3 request) ended");
+static_assert(kRequestV4Size == (offsetof(tstitch_request, control_guess_mode) + sizeof(int) + alignof(tstitch_request) - 1) /
+                                    alignof(tstitch_request) * alignof(tstitch_request),
+              "the API 5 fields start where sizeof(a version-4 request) ended");
+
+bool request_size_known(size_t n) { return n == sizeof(tstitch_request) || n == kRequestV4Size || n == kRequestV3Size; }
 
 tstitch_request normalized(const tstitch_request* r) {
   if (r == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "request is NULL");
-  if (r->struct_size != sizeof(tstitch_request) && r->struct_size != kRequestV3Size)
+  if (!request_size_known(r->struct_size))
     fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.struct_size is " + std::to_string(r->struct_size) + ", this library expects " +
                                            std::to_string(sizeof(tstitch_request)) + " (API version " +
-                                           std::to_string(TSTITCH_API_VERSION) + ") or " + std::to_string(kRequestV3Size) +
+                                           std::to_string(TSTITCH_API_VERSION) + "), " + std::to_string(kRequestV4Size) +
+                                           " (version 4) or " + std::to_string(kRequestV3Size) +
                                            " (version 3); initialise it with tstitch_request_init and rebuild against this header");
   tstitch_request q;
   tstitch_request_init(&q);
@@ -114,9 +121,10 @@ SampleRequest to_request(const Runtime& rt, const tstitch_request* given) {
     if (r->class_labels == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.class_labels is NULL; a DiT bundle needs one label per image");
     q.class_labels.assign(r->class_labels, r->class_labels + r->batch);
   }
-  if (!rt.manifest().text_to_image() && (r->prompt_tokens != nullptr || r->added_conditions != nullptr || r->text_context != nullptr))
+  if (!rt.manifest().text_to_image() && (r->prompt_tokens != nullptr || r->added_conditions != nullptr || r->text_context != nullptr ||
+                                          r->prompts != nullptr || r->negative_prompts != nullptr))
     fail(TSTITCH_ERR_INVALID_ARGUMENT,
-         "this bundle is class-conditional (DiT): leave prompt_tokens, text_context and added_conditions NULL");
+         "this bundle is class-conditional (DiT): leave prompts, prompt_tokens, text_context and added_conditions NULL");
   if (!rt.manifest().text_to_image() && (r->inputs != nullptr || r->num_inputs != 0))
     fail(TSTITCH_ERR_INVALID_ARGUMENT, "this bundle is class-conditional (DiT): it takes no named inputs; leave inputs NULL");
   if (r->added_conditions != nullptr || r->added_condition_count != 0)
@@ -125,7 +133,26 @@ SampleRequest to_request(const Runtime& rt, const tstitch_request* given) {
   const bool cfg = rt.manifest().conditioning.guidance == "cfg";
   if (rt.manifest().text_to_image()) {
     if (r->class_labels != nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "this bundle is text-to-image (SD): leave class_labels NULL");
-    if (r->prompt_tokens != nullptr) {  // the bundle's text encoder engine makes the context
+    if (r->prompts != nullptr || r->num_prompts != 0 || r->negative_prompts != nullptr || r->num_negative_prompts != 0) {
+      if (r->prompt_tokens != nullptr || r->text_context != nullptr)
+        fail(TSTITCH_ERR_INVALID_ARGUMENT, "give prompts, prompt_tokens or text_context, one of them");
+      if (r->prompts == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.prompts is NULL; give one UTF-8 prompt per image");
+      auto strings = [](const char* const* v, int n, const char* what) {
+        if (n < 0 || n > (1 << 20)) fail(TSTITCH_ERR_INVALID_ARGUMENT, std::string("request.num_") + what + " is " + std::to_string(n));
+        std::vector<std::string> out;
+        for (int i = 0; i < n; ++i) {
+          if (v[i] == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, std::string("request.") + what + "[" + std::to_string(i) + "] is NULL");
+          out.emplace_back(v[i]);
+        }
+        return out;
+      };
+      q.prompts = strings(r->prompts, r->num_prompts, "prompts");
+      q.has_negative = r->negative_prompts != nullptr;
+      if (q.has_negative) q.negative_prompts = strings(r->negative_prompts, r->num_negative_prompts, "negative_prompts");
+      else if (r->num_negative_prompts != 0)
+        fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.negative_prompts is NULL but num_negative_prompts is " +
+                                               std::to_string(r->num_negative_prompts));
+    } else if (r->prompt_tokens != nullptr) {  // the bundle's text encoder engine makes the context
       if (r->text_context != nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "give prompt_tokens or text_context, not both");
       if (cfg && r->negative_tokens == nullptr)
         fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.negative_tokens is NULL; pass the tokenized negative (or empty) prompts, "
@@ -424,7 +451,7 @@ tstitch_status tstitch_sample_alloc(tstitch_runtime* h, const tstitch_request* r
     const int batch = request != nullptr ? request->batch : 0;
     const Manifest& m = rt.manifest();
     SampleRequest sized;  // the request's latent size; a malformed request is refused by tstitch_sample
-    if (request != nullptr && (request->struct_size == sizeof(tstitch_request) || request->struct_size == kRequestV3Size))
+    if (request != nullptr && request_size_known(request->struct_size))
       sized.height = request->height, sized.width = request->width;
     const auto [lh, lw] = rt.latent_hw(sized);
     const size_t need = static_cast<size_t>(std::max(batch, 0)) * m.channels() * lh * lw;

@@ -74,6 +74,14 @@ struct Conditioning {
   std::map<std::string, EngineEntry> controlnet_engines;  // kind -> artifact (kept apart from the step graphs)
 };
 
+// SD: the tokenizer file (tokenizer.json) and how prompts are padded (pipeline/text.py).
+struct TokenizerEntry {
+  bool present = false;
+  EngineEntry file;  // artifact: the tokenizer.json (sha256 checked like every file)
+  int64_t max_length = 77, pad_id = 0;
+  std::string kind;
+};
+
 struct Manifest {
   std::string pipeline;            // "dit-class-conditional" | "sd" | "sdxl"
   std::vector<ModelEntry> models;  // stitch order, smallest first
@@ -96,6 +104,7 @@ struct Manifest {
   bool has_text_encoder_2 = false;                          // SDXL: the second (OpenCLIP bigG) text encoder
   std::map<std::string, EngineEntry> text_encoder_2_engines;
   Conditioning conditioning;                                // defaults (cfg, no extras) where the manifest has none
+  TokenizerEntry tokenizer, tokenizer_2;                    // SD: the large pipeline's tokenizer(s)
   bool text_to_image() const { return pipeline == "sd" || pipeline == "sdxl"; }
   int channels() const { return models.front().channels; }
   int height() const { return models.front().height; }

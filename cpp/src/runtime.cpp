@@ -90,6 +90,8 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& given, const 
   std::string vae_path;  // the VAE decoder's plan, likewise
   auto ve = manifest_.vae_engines.find(art);
   if (ve != manifest_.vae_engines.end()) vae_path = artifact_path(dir_, ve->second, opt.verify_checksums);
+  for (const TokenizerEntry* t : {&manifest_.tokenizer, &manifest_.tokenizer_2})
+    if (t->present) artifact_path(dir_, t->file, opt.verify_checksums);  // a changed tokenizer is refused at open
   // SDXL's second text encoder and a ControlNet's own artifacts of this kind: checked like the rest
   // (the caller encodes SDXL prompts; the ControlNet runs inside the step graphs)
   for (const auto* part : {&manifest_.text_encoder_2_engines, &manifest_.conditioning.controlnet_engines}) {
@@ -187,6 +189,40 @@ void Runtime::decode_rgb(const std::vector<float>& latents, int batch, int64_t l
   if (!vae_) return to_uint8_hwc(latents.data(), batch, c, h, w, rgb);
   vae_->decode(latents.data(), batch, manifest_.channels(), latent_h, latent_w,
                static_cast<float>(manifest_.latent_scale_factor), rgb);
+}
+
+// Prompts -> token ids (pipeline/sd.py's encode_prompts: "" for a missing negative prompt under cfg).
+SampleRequest Runtime::tokenize(const SampleRequest& req) {
+  auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
+  if (!req.prompt_tokens.empty() || !req.text_context.empty()) bad("give prompts, token ids or a text context, one of them");
+  if (manifest_.pipeline == "sdxl")
+    fail(TSTITCH_ERR_UNAVAILABLE, "SDXL prompts as text are not implemented in this C++ runtime yet (two encoders and the "
+                                  "pooled text_embeds): pass text_context and the text_embeds input");
+  const bool cfg = manifest_.conditioning.guidance == "cfg";
+  if (static_cast<int>(req.prompts.size()) != req.batch)
+    bad("give one prompt per image: batch " + std::to_string(req.batch) + ", " + std::to_string(req.prompts.size()) + " prompts");
+  if (!cfg && req.has_negative)  // guidance.check_negative_prompt
+    bad("a negative prompt needs classifier-free guidance, but this bundle guides through LCM's guidance embedding (no "
+        "uncond batch): leave negative_prompts NULL, or rebuild with --guidance cfg");
+  if (req.has_negative && static_cast<int>(req.negative_prompts.size()) != req.batch)
+    bad(std::to_string(req.negative_prompts.size()) + " negative prompts for " + std::to_string(req.batch) +
+        " prompts; give one per prompt (or NULL: none)");
+  if (!manifest_.tokenizer.present) bad("the bundle has no tokenizer; pass token ids or the text context, or rebuild it from a full SD pipeline directory");
+  if (!tokenizer_)
+    tokenizer_ = std::make_unique<ClipTokenizer>(artifact_path(dir_, manifest_.tokenizer.file, false),
+                                                 manifest_.tokenizer.max_length, manifest_.tokenizer.pad_id);
+  SampleRequest q = req;
+  q.token_count = static_cast<int>(tokenizer_->max_length());
+  for (int i = 0; i < req.batch; ++i) {
+    const std::vector<int64_t> p = tokenizer_->encode(req.prompts[i], "prompt " + std::to_string(i));
+    q.prompt_tokens.insert(q.prompt_tokens.end(), p.begin(), p.end());
+    if (cfg) {
+      const std::vector<int64_t> n = tokenizer_->encode(req.has_negative ? req.negative_prompts[i] : "", "negative prompt " + std::to_string(i));
+      q.negative_tokens.insert(q.negative_tokens.end(), n.begin(), n.end());
+    }
+  }
+  q.prompts.clear(), q.negative_prompts.clear(), q.has_negative = false;
+  return q;
 }
 
 // Token ids -> the text context (pipeline/sd.py's encode_prompts: negative prompts first).
@@ -402,7 +438,10 @@ TrajectoryPlan Runtime::sd_plan(const SampleRequest& req, size_t latent, Pcg64& 
 }
 
 LoopResult Runtime::sample(const SampleRequest& request) {
-  const SampleRequest req = manifest_.text_to_image() && !request.prompt_tokens.empty() ? encode_tokens(request) : request;
+  const SampleRequest texts = manifest_.text_to_image() && !request.prompts.empty() ? tokenize(request) : request;
+  if (!manifest_.text_to_image() && (!request.prompts.empty() || request.has_negative))
+    fail(TSTITCH_ERR_INVALID_ARGUMENT, "this bundle is class-conditional (DiT): it takes class labels, not prompts");
+  const SampleRequest req = manifest_.text_to_image() && !texts.prompt_tokens.empty() ? encode_tokens(texts) : texts;
   check(req);
   if (manifest_.text_to_image()) {
     const auto [lh, lw] = latent_hw(req);  // the symbolic H, W of the step graph for this request

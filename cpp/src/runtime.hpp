@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "clip_tokenizer.hpp"
 #include "engine.hpp"
 #include "loop.hpp"
 #include "manifest.hpp"
@@ -41,6 +42,8 @@ struct SampleRequest {
   int text_tokens = 0, text_width = 0;
   std::vector<int64_t> prompt_tokens, negative_tokens;  // SD, instead of text_context: B x token_count each
   int token_count = 0;
+  std::vector<std::string> prompts, negative_prompts;  // SD, instead of token ids: UTF-8, one per image
+  bool has_negative = false;                           // negative_prompts given (else "" each under cfg)
   int height = 0, width = 0;  // SD: the image size in pixels; 0: the U-Net's sample size x the VAE factor
   // Other request inputs of the step graphs by name (SDXL text_embeds (N, P), time_ids (N, 6); a ControlNet's
   // control_image (B, C, 8H, 8W) in [0, 1]), float32 row-major; N is 2B under cfg (negative rows first), B under
@@ -112,6 +115,8 @@ class Runtime {
   std::string engine_kind_;  // the engine running (opt.engine, auto resolved)
   std::string precision_reason_;  // one line: the precision in use and why (Backend::configure)
   SampleRequest encode_tokens(const SampleRequest& req);
+  SampleRequest tokenize(const SampleRequest& req);  // prompts -> token ids (clip_tokenizer.hpp)
+  std::unique_ptr<ClipTokenizer> tokenizer_;         // read on the first text prompt
   std::pair<int64_t, int64_t> batch_range_{1, 1};
   std::vector<std::string> request_inputs_;  // the step graphs' request inputs but guidance, context first
 };

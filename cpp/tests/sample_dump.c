@@ -4,6 +4,7 @@
  * keys: bundle engine precision steps ratio sampler cfg seed eta batch labels=1,2,.. (DiT)
  *       height width (SD) prompt=<file> negative=<file> (SD: int64 token ids, batch x tokens, raw little endian)
  *       tokens=<count per prompt> inputs=<name>:<file>[,...] (float32 raw) out=<latents.f32> rgb=<images.u8>
+ *       prompts=<file> negative_prompts=<file> (SD: prompts as text, NUL-separated)
  * Prints "engine <name>; <precision line>" and the sample info; on failure one line on stderr, exit 2. */
 #include <stdint.h>
 #include <stdio.h>
@@ -99,6 +100,26 @@ int main(int argc, char** argv) {
     req.class_labels = labels;
   }
   if ((v = arg(argc, argv, "tokens"))) req.token_count = atoi(v);
+  /* prompts as text: a file of prompts separated by NUL bytes (any UTF-8, or not), one per image */
+  if ((v = arg(argc, argv, "prompts")) || (v = arg(argc, argv, "negative_prompts"))) {
+    static const char* lists[2][64];
+    int which;
+    for (which = 0; which < 2; ++which) {
+      char* text;
+      size_t at = 0;
+      int count = 0;
+      if (!(v = arg(argc, argv, which == 0 ? "prompts" : "negative_prompts"))) continue;
+      text = owned[n_owned++] = read_file(v, &size);
+      if (!text) return fail("cannot read a prompts file");
+      text[size] = 0;
+      while (at < size && count < 64) {
+        lists[which][count++] = text + at;
+        at += strlen(text + at) + 1;
+      }
+      if (which == 0) req.prompts = lists[0], req.num_prompts = count;
+      else req.negative_prompts = lists[1], req.num_negative_prompts = count;
+    }
+  }
   if ((v = arg(argc, argv, "prompt"))) req.prompt_tokens = owned[n_owned++] = read_file(v, &size);
   if ((v = arg(argc, argv, "negative"))) req.negative_tokens = owned[n_owned++] = read_file(v, &size);
   if ((v = arg(argc, argv, "inputs"))) {

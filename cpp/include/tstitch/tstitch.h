@@ -22,8 +22,8 @@ extern "C" {
                                      the ControlNet fields, "embedding" (LCM) guidance, the lcm sampler. A caller
                                      built against version 3 (struct_size of the version-3 request) keeps working.
                                   5: the openvino engine (CPU), engine NULL = auto, tstitch_open_params.precision,
-                                     tstitch_engine. A caller built against version 4 (struct_size of the
-                                     version-4 open params) keeps working. */
+                                     tstitch_engine, prompts as UTF-8 text (tstitch_request.prompts). A caller
+                                     built against version 4 (its smaller structs) keeps working. */
 
 typedef enum tstitch_status {
   TSTITCH_OK = 0,
@@ -67,7 +67,7 @@ typedef struct tstitch_input {
 } tstitch_input;
 
 typedef struct tstitch_request {
-  size_t struct_size;            /* sizeof(tstitch_request) (a version-3 binary's smaller size is accepted) */
+  size_t struct_size;            /* sizeof(tstitch_request) (a version-3 or -4 binary's smaller size is accepted) */
   int batch;                     /* images in the request; within the engines' batch range */
   /* DiT (class-conditional) */
   const int64_t* class_labels;   /* batch labels in [0, num_classes) */
@@ -114,6 +114,14 @@ typedef struct tstitch_request {
   double control_guidance_start;
   double control_guidance_end;
   int control_guess_mode;
+  /* ---- API 5 (beyond a version-4 struct_size these read as NULL / 0) ---- */
+  /* SD: prompts as UTF-8 text, one per image (num_prompts == batch), tokenized here exactly as the Python pipeline
+     tokenizes them with the bundle's tokenizer.json (instead of prompt_tokens / text_context). negative_prompts:
+     one per image under cfg guidance (NULL: "" for each, as diffusers); none under "embedding" (LCM) guidance. */
+  const char* const* prompts;
+  int num_prompts;
+  const char* const* negative_prompts;
+  int num_negative_prompts;
 } tstitch_request;
 
 typedef struct tstitch_sample_info {
