@@ -147,3 +147,66 @@ def test_sd_equals_python_openvino(tmp_path, sd_bundle, sd_ov, sampler, steps, s
     images = np.fromfile(rgb, dtype=np.uint8).reshape(ref.images.shape)
     assert np.abs(images.astype(int) - ref.images.astype(int)).max() <= 1
     assert ref.images.std() > 5  # random weights still draw something, not a flat image
+
+
+def _prompt_file(path: Path, texts: list[str | bytes]) -> Path:
+    path.write_bytes(b"".join((t.encode() if isinstance(t, str) else t) + b"\0" for t in texts))
+    return path
+
+
+def test_sd_prompts_as_text_equal_python(tmp_path, sd_bundle, sd_ov):
+    """Prompts as UTF-8 text: tokenized in C++ as the Python pipeline tokenizes them, then the same trajectory."""
+    prompts = ["Ein Fuchs im Schnee, café-Stil 🦊", "a very long prompt " + "with many words " * 30]
+    ref = sd_ov(prompts, steps=4, cfg_scale=6.0, seed=21, ratio=0.5)  # no negative prompt: "" under cfg
+    proc, out, rgb = run_c(tmp_path, bundle=sd_bundle, engine="openvino", steps=4, cfg=6.0, seed=21, ratio=0.5, batch=2,
+                           prompts=_prompt_file(tmp_path / "p.txt", prompts))
+    assert proc.returncode == 0, proc.stderr
+    got = np.fromfile(out, dtype=np.float32).reshape(ref.latents.shape)
+    assert _rel(got, ref.latents) <= FP32_REL
+    assert np.abs(np.fromfile(rgb, dtype=np.uint8).reshape(ref.images.shape).astype(int) - ref.images.astype(int)).max() <= 1
+    ref_neg = sd_ov(prompts, negative_prompt=["ugly, blurry", "ÜBER-saturated\t\tcolours"], steps=4, cfg_scale=6.0, seed=21,
+                    ratio=0.5)
+    proc, out, _ = run_c(tmp_path, bundle=sd_bundle, engine="openvino", steps=4, cfg=6.0, seed=21, ratio=0.5, batch=2,
+                         prompts=_prompt_file(tmp_path / "p.txt", prompts),
+                         negative_prompts=_prompt_file(tmp_path / "n.txt", ["ugly, blurry", "ÜBER-saturated\t\tcolours"]))
+    assert proc.returncode == 0, proc.stderr
+    got_neg = np.fromfile(out, dtype=np.float32).reshape(ref.latents.shape)
+    assert _rel(got_neg, ref_neg.latents) <= FP32_REL
+    assert _rel(got_neg, ref.latents) > 1e-3  # the negative prompts reached the trajectory
+
+
+@pytest.mark.parametrize(("prompts", "negatives", "message"), [
+    ([b"\xff\xfe a cat", "a dog"], None, "error: prompt 0 is not valid UTF-8 (bad byte 0xff at byte 0); pass prompts as "
+                                         "UTF-8 text"),
+    (["a cat", b"caf\xc3"], None, "error: prompt 1 is not valid UTF-8 (bad byte 0xc3 at byte 3); pass prompts as UTF-8 text"),
+    (["a cat", b"\xed\xa0\x80"], None, "error: prompt 1 is not valid UTF-8 (bad byte 0xed at byte 0); pass prompts as "
+                                       "UTF-8 text"),
+    (["a cat"], None, "error: give one prompt per image: batch 2, 1 prompts"),
+    (["a cat", "a dog", "a cow"], None, "error: give one prompt per image: batch 2, 3 prompts"),
+    (["a cat", "a dog"], ["x"], "error: 1 negative prompts for 2 prompts; give one per prompt (or NULL: none)"),
+    (["a cat", "a dog"], [b"ok", b"\xc0\xaf"], "error: negative prompt 1 is not valid UTF-8 (bad byte 0xc0 at byte 0); pass "
+                                               "prompts as UTF-8 text"),
+])
+def test_bad_prompts_are_one_line(tmp_path, sd_bundle, prompts, negatives, message):
+    kw = {"prompts": _prompt_file(tmp_path / "p.txt", prompts)}
+    if negatives is not None:
+        kw["negative_prompts"] = _prompt_file(tmp_path / "n.txt", negatives)
+    proc, out, _ = run_c(tmp_path, bundle=sd_bundle, engine="openvino", steps=2, batch=2, **kw)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == message
+    assert not out.exists()
+
+
+def test_tampered_tokenizer_is_refused_at_open(tmp_path, sd_bundle):
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(sd_bundle, copy)
+    with open(copy / "tokenizer" / "tokenizer.json", "a") as f:
+        f.write(" ")
+    proc, out, _ = run_c(tmp_path, bundle=copy, engine="openvino", steps=2, batch=1,
+                         prompts=_prompt_file(tmp_path / "p.txt", ["a cat"]))
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "checksum mismatch for" in proc.stderr
+    assert "tokenizer/tokenizer.json" in proc.stderr
+    assert not out.exists()
