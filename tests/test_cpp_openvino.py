@@ -72,10 +72,10 @@ def test_demo_equals_python_openvino_fp32(tmp_path, python_demo, sampler, steps,
 
 def test_auto_engine_and_precision_follow_python(tmp_path):
     # NULL engine on a CPU-only build/host is openvino; NULL precision is Python's auto rule on this CPU
+    import openvino as ov
+
     from tstitch_trt.bundle.manifest import read_manifest
     from tstitch_trt.runtime.openvino_backend import cpu_has_bf16, resolve_precisions
-
-    import openvino as ov
 
     proc, out, _ = run_c(tmp_path, bundle=DEMO, steps=4, batch=1, labels="3")
     assert proc.returncode == 0, proc.stderr
@@ -85,8 +85,10 @@ def test_auto_engine_and_precision_follow_python(tmp_path):
 
 @pytest.mark.parametrize(("kw", "message"), [
     ({"engine": "onnx"}, "error: unknown engine 'onnx'; choose openvino or trt (NULL: auto)"),
-    ({"engine": "openvino", "precision": "fp16"}, "error: unknown precision 'fp16'; choose from auto, fp32, bf16 (NULL: auto)"),
-    ({"engine": "openvino", "labels": "10"}, "error: class label 10 is outside [0, 10); this bundle's models know 10 classes"),
+    ({"engine": "openvino", "precision": "fp16"},
+     "error: unknown precision 'fp16'; choose from auto, fp32, bf16 (NULL: auto)"),
+    ({"engine": "openvino", "labels": "10"},
+     "error: class label 10 is outside [0, 10); this bundle's models know 10 classes"),
 ])
 def test_bad_input_is_one_line_and_status(tmp_path, kw, message):
     proc, out, _ = run_c(tmp_path, **{"bundle": DEMO, "steps": 2, "batch": 1, "labels": "1", **kw})
@@ -163,12 +165,13 @@ def test_sd_prompts_as_text_equal_python(tmp_path, sd_bundle, sd_ov):
     assert proc.returncode == 0, proc.stderr
     got = np.fromfile(out, dtype=np.float32).reshape(ref.latents.shape)
     assert _rel(got, ref.latents) <= FP32_REL
-    assert np.abs(np.fromfile(rgb, dtype=np.uint8).reshape(ref.images.shape).astype(int) - ref.images.astype(int)).max() <= 1
-    ref_neg = sd_ov(prompts, negative_prompt=["ugly, blurry", "ÜBER-saturated\t\tcolours"], steps=4, cfg_scale=6.0, seed=21,
-                    ratio=0.5)
+    images = np.fromfile(rgb, dtype=np.uint8).reshape(ref.images.shape)
+    assert np.abs(images.astype(int) - ref.images.astype(int)).max() <= 1
+    negatives = ["ugly, blurry", "ÜBER-saturated\t\tcolours"]
+    ref_neg = sd_ov(prompts, negative_prompt=negatives, steps=4, cfg_scale=6.0, seed=21, ratio=0.5)
     proc, out, _ = run_c(tmp_path, bundle=sd_bundle, engine="openvino", steps=4, cfg=6.0, seed=21, ratio=0.5, batch=2,
                          prompts=_prompt_file(tmp_path / "p.txt", prompts),
-                         negative_prompts=_prompt_file(tmp_path / "n.txt", ["ugly, blurry", "ÜBER-saturated\t\tcolours"]))
+                         negative_prompts=_prompt_file(tmp_path / "n.txt", negatives))
     assert proc.returncode == 0, proc.stderr
     got_neg = np.fromfile(out, dtype=np.float32).reshape(ref.latents.shape)
     assert _rel(got_neg, ref_neg.latents) <= FP32_REL
@@ -176,16 +179,17 @@ def test_sd_prompts_as_text_equal_python(tmp_path, sd_bundle, sd_ov):
 
 
 @pytest.mark.parametrize(("prompts", "negatives", "message"), [
-    ([b"\xff\xfe a cat", "a dog"], None, "error: prompt 0 is not valid UTF-8 (bad byte 0xff at byte 0); pass prompts as "
-                                         "UTF-8 text"),
-    (["a cat", b"caf\xc3"], None, "error: prompt 1 is not valid UTF-8 (bad byte 0xc3 at byte 3); pass prompts as UTF-8 text"),
+    ([b"\xff\xfe a cat", "a dog"], None,
+     "error: prompt 0 is not valid UTF-8 (bad byte 0xff at byte 0); pass prompts as UTF-8 text"),
+    (["a cat", b"caf\xc3"], None,
+     "error: prompt 1 is not valid UTF-8 (bad byte 0xc3 at byte 3); pass prompts as UTF-8 text"),
     (["a cat", b"\xed\xa0\x80"], None, "error: prompt 1 is not valid UTF-8 (bad byte 0xed at byte 0); pass prompts as "
                                        "UTF-8 text"),
     (["a cat"], None, "error: give one prompt per image: batch 2, 1 prompts"),
     (["a cat", "a dog", "a cow"], None, "error: give one prompt per image: batch 2, 3 prompts"),
     (["a cat", "a dog"], ["x"], "error: 1 negative prompts for 2 prompts; give one per prompt (or NULL: none)"),
-    (["a cat", "a dog"], [b"ok", b"\xc0\xaf"], "error: negative prompt 1 is not valid UTF-8 (bad byte 0xc0 at byte 0); pass "
-                                               "prompts as UTF-8 text"),
+    (["a cat", "a dog"], [b"ok", b"\xc0\xaf"],
+     "error: negative prompt 1 is not valid UTF-8 (bad byte 0xc0 at byte 0); pass prompts as UTF-8 text"),
 ])
 def test_bad_prompts_are_one_line(tmp_path, sd_bundle, prompts, negatives, message):
     kw = {"prompts": _prompt_file(tmp_path / "p.txt", prompts)}
