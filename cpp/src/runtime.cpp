@@ -69,6 +69,12 @@ BackendFactory default_backend_factory() {
 
 Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& given, const BackendFactory& factory)
     : dir_(bundle_dir), manifest_(read_manifest(bundle_dir)) {
+  // DeepCache bundles: each model's engine is its FULL step graph, with the kept feature as one more output, and
+  // a cached engine beside it; this runtime binds neither yet (cached_calls() below is the plan it would follow)
+  if (manifest_.cache_branch >= 0)
+    fail(TSTITCH_ERR_UNAVAILABLE, "this bundle was built with --cache-branch " + std::to_string(manifest_.cache_branch) +
+                                      " (DeepCache's full and cached step graphs), which the C++ runtime does not run "
+                                      "yet; run it with tstitch-trt (Python), or rebuild it without --cache-branch");
   OpenOptions opt = given;
   if (opt.engine.empty()) opt.engine = auto_engine(manifest_);
   const auto& known = engine_names();

@@ -71,6 +71,10 @@ class ModelEntry:
     bf16: dict[str, Any] | None = None
     # LoRA weights fused before export: [{"source", "sha256", "scale"}] (informational)
     lora: list[dict[str, Any]] | None = None
+    # DeepCache (manifest `cache`): {"feature": the kept feature's tensor spec (this model's shape), "engines":
+    # {backend: the CACHED step graph}}; `engines` then holds the FULL graph (it also outputs the feature).
+    # torch has no cached artifact: the same weights run either path.
+    cached: dict[str, Any] | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -83,6 +87,10 @@ class ModelEntry:
     def from_dict(cls, d: dict) -> ModelEntry:
         d = dict(d)
         d["engines"] = {k: EngineEntry.from_dict(v) for k, v in d.get("engines", {}).items()}
+        if d.get("cached"):
+            c = dict(d["cached"])
+            c["engines"] = {k: EngineEntry.from_dict(v) for k, v in c.get("engines", {}).items()}
+            d["cached"] = c
         return cls(**d)
 
 
@@ -121,6 +129,9 @@ class Manifest:
     text_encoder_2: dict[str, Any] | None = None
     tokenizer_2: dict[str, Any] | None = None
     conditioning: dict[str, Any] | None = None
+    # Feature caching (export/deep_cache.py): {"scheme": "deepcache", "branch": K}; each model then has `cached`
+    # and io.roles.cache names the kept feature's (input, output) pair.
+    cache: dict[str, Any] | None = None
 
     @property
     def text_to_image(self) -> bool:
@@ -144,7 +155,14 @@ class Manifest:
         return [b for b in BACKENDS if all(b in m.engines for m in self.models)]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False)
+        d = asdict(self)
+        # feature caching is written only where a bundle has it: a bundle without stays byte-identical to before
+        if d["cache"] is None:
+            del d["cache"]
+        for m in d["models"]:
+            if m["cached"] is None:
+                del m["cached"]
+        return json.dumps(d, indent=2, sort_keys=False)
 
     @classmethod
     def from_dict(cls, d: dict) -> Manifest:
@@ -165,6 +183,8 @@ class Manifest:
     def artifacts(self) -> list[tuple[str, EngineEntry]]:
         """(what, entry) for every artifact: each model's, the VAE's, the text encoder's, the tokenizer."""
         out = [(f"{m.name} {kind}", e) for m in self.models for kind, e in m.engines.items()]
+        out += [(f"{m.name} cached {kind}", e) for m in self.models if m.cached
+                for kind, e in m.cached["engines"].items()]
         for part, label in ((self.vae, "VAE"), (self.text_encoder, "text encoder"),
                             (self.text_encoder_2, "text encoder 2"), (self.controlnet, "ControlNet")):
             if part:
@@ -249,12 +269,25 @@ class Manifest:
             self._validate_sdxl()
         names = set(self.io.get("inputs", {})) | set(self.io.get("outputs", {}))
         named = {n for pair in roles["state"] for n in pair} | set(roles["step"]) | set(roles["request"])
+        self._validate_cache(roles)
         if named != names:
             raise BundleError(f"io.roles names {sorted(named ^ names)[:3]} that are not (or not all) the step "
                               "graph's inputs and outputs; rebuild the bundle")
         if (self.controlnet is not None) != ("control_image" in self.io.get("inputs", {})):
             raise BundleError("conditioning.controlnet and the step graphs' control_image input come together (a "
                               "ControlNet runs inside the step graphs); rebuild the bundle")
+
+    def _validate_cache(self, roles: dict[str, Any]) -> None:
+        """`cache`, io.roles.cache and every model's `cached` come together; each model has a cached graph for
+        every backend it has a (full) graph for, torch aside."""
+        have = [self.cache is not None, "cache" in roles] + [m.cached is not None for m in self.models]
+        if any(have) and not all(have):
+            raise BundleError("cache, io.roles.cache and every model's cached entry come together (DeepCache's "
+                              "full and cached step graphs); rebuild the bundle")
+        for m in self.models:
+            missing = [k for k in m.engines if k != "torch" and k not in (m.cached or {}).get("engines", {})]
+            if m.cached and missing:
+                raise BundleError(f"{m.name}: no cached step graph for {', '.join(missing)}; rebuild the bundle")
 
     def _validate_sdxl(self) -> None:
         """The pooled width agrees between the conditioning, the step graphs and text_encoder_2."""

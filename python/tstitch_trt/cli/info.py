@@ -89,11 +89,17 @@ def describe_sd(bundle: Path, m) -> str:  # m: Manifest
         for kind, e in model.engines.items():
             lo, hi = e.batch_range
             lines.append(f"      {kind:8s} {e.file} ({e.precision}, batch {lo}-{hi})")
+        for kind, e in (model.cached or {}).get("engines", {}).items():
+            lines.append(f"      {kind:8s} {e.file} (DeepCache cached path, kept feature "
+                         f"{model.cached['feature']['shape']})")
     lines.append(f"  VAE: {', '.join(m.vae['engines']) if m.vae else 'none'}")
     lines += [f"    {note}" for note in (m.vae or {}).get("notes", [])]
     if m.controlnet:
         net = m.controlnet
         lines.append(f"  ControlNet ({net['family']}, {net['conditioning_channels']}-channel image) inside every U-Net "
                      f"step graph, from {net.get('source', '?')}: run with --control-image FILE")
+    if m.cache:
+        lines.append(f"  DeepCache branch {m.cache['branch']}: full and cached step graphs per U-Net; run with "
+                     "--cache-interval N")
     lines.append(f"  backends usable for the whole set: {', '.join(m.backends()) or 'none'}")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from tstitch_trt.argtypes import MAX_SEED, finite, int_in, non_negative, parse_fractions, parse_labels, unit
-from tstitch_trt.cli import control
+from tstitch_trt.cli import cache, control
 from tstitch_trt.cli.common import one_line
 from tstitch_trt.demo import DEMO_NAME as DEMO
 from tstitch_trt.demo import resolve_bundle
@@ -71,6 +71,7 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: on a terminal, for 20+ steps)")
     control.add_run_flags(r)
+    cache.add_run_flags(r)
 
 
 def command(args: argparse.Namespace) -> int:
@@ -89,6 +90,7 @@ def run_dit(args: argparse.Namespace, bundle: Path, manifest) -> int:  # manifes
     from tstitch_trt.pipeline.dit import StitchedPipeline, decodes_to_images
 
     refuse_sd_flags(args)
+    cache.refuse_dit(args)
     if args.sampler in ("pndm", "euler", "lcm"):
         raise UserError(f"--sampler {args.sampler} is for text-to-image (sd) bundles; DiT bundles take ddim, ddpm "
                         "or dpm-solver++")
@@ -193,7 +195,7 @@ def run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # manifest
                    fractions=fractions, steps=args.steps, sampler=args.sampler,
                    cfg_scale=args.cfg_scale, seed=args.seed,  # None: the kind's / sampler's default
                    height=args.height, width=args.width, eta=args.eta, init_noise=init, progress=args.progress,
-                   control=control_req, **sdxl_time_id_args(args))
+                   control=control_req, **sdxl_time_id_args(args), **cache.run_kwargs(args))
     finally:
         pipe.close()
     rep = res.report
@@ -212,6 +214,9 @@ def run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # manifest
     per_model = ", ".join(f"{n} {name}" for n, name in zip(rep["steps_per_model"], rep["models"], strict=True))
     print(f"{rep['steps']} {rep['sampler']} steps = {rep['unet_calls']} U-Net calls ({per_model}) on {rep['backend']} "
           f"[{rep['device']}], batch {rep['batch']}, {rep['height']}x{rep['width']}: {rep['total_seconds']:.2f} s")
+    if rep.get("cache"):
+        c = rep["cache"]
+        print(f"DeepCache interval {c['interval']} branch {c['branch']}: full calls {c['full_calls']}")
     for flag in ("--out", "--save-latents", "--report"):
         if flag in writers:
             print(f"wrote {outputs.paths[flag].resolve()}")

@@ -218,17 +218,35 @@ def _check_models(bundle: Path, manifest: Manifest, wanted: list[str],
     io = StepIO.from_io(manifest.io)  # the step graph's I/O by role: DiT (x, t, y, ...) or U-Net (x, t, context, ...)
     results = []
     for model, step in zip(manifest.models, load_step_modules(bundle, manifest), strict=True):
+        names = list(io.outputs)
+        cached_ref, cached_feeds = None, feeds
         with torch.inference_mode():
-            ref_t = step(**{n: torch.from_numpy(feeds[n]) for n in io.inputs})
-        ref = {n: t.numpy() for n, t in zip(io.outputs, ref_t, strict=True)}
+            tensors = {n: torch.from_numpy(feeds[n]) for n in io.inputs}
+            if model.cached and manifest.cache:  # DeepCache: the full graph (+ the kept feature) and the cached one
+                from tstitch_trt.export.deep_cache import CACHE_INPUT, CACHE_OUTPUT, CacheStep
+
+                branch = int(manifest.cache["branch"])
+                *ref_t, kept = CacheStep(step, branch, "full", model.name)(**tensors)
+                ref_t.append(kept)
+                names.append(CACHE_OUTPUT)
+                out_c = CacheStep(step, branch, "cached", model.name)(**tensors, **{CACHE_INPUT: kept})
+                cached_ref = {n: t.numpy() for n, t in zip(io.outputs, out_c, strict=True)}
+                cached_feeds = {**feeds, CACHE_INPUT: kept.numpy()}
+            else:
+                ref_t = step(**tensors)
+        ref = {n: t.numpy() for n, t in zip(names, ref_t, strict=True)}
         del step
         for backend in wanted:
             entry = model.engines.get(ARTIFACT.get(backend, backend))
             if entry is None:
                 results.append(Comparison(model.name, backend, "-", "-", "not run", note="no artifact"))
                 continue
-            outs, why = _run(bundle, backend, entry, feeds, list(io.outputs))
+            outs, why = _run(bundle, backend, entry, feeds, names)
             results += _judge(model.name, backend, entry, ref, outs, why)
+            cached_entry = (model.cached or {}).get("engines", {}).get(ARTIFACT.get(backend, backend))
+            if cached_ref is not None and cached_entry is not None:
+                outs, why = _run(bundle, backend, cached_entry, cached_feeds, list(io.outputs))
+                results += _judge(f"{model.name} (cached)", backend, cached_entry, cached_ref, outs, why)
         if bf16:
             from tstitch_trt.export.bf16_gate import run_bf16_step
 

@@ -28,10 +28,12 @@ from tstitch_trt.bundle.manifest import Manifest
 from tstitch_trt.errors import UserError
 from tstitch_trt.pipeline import guidance as lcm_guidance
 from tstitch_trt.pipeline.backends import open_bundle, open_first_backend
+from tstitch_trt.pipeline.caching import check_cache
 from tstitch_trt.pipeline.control import ControlRequest, check_control
 from tstitch_trt.pipeline.dit import SampleResult, to_uint8
 from tstitch_trt.runtime.backend import Backend
 from tstitch_trt.runtime.loop import run_stitched
+from tstitch_trt.sampling.cache_plan import cached_calls
 from tstitch_trt.sampling.sd_samplers import SD_SAMPLERS, default_sampler, draw_step_noise, sd_needs_noise, sd_table
 from tstitch_trt.sampling.stitch import check_fractions, steps_per_model, stitch_schedule_by_call
 from tstitch_trt.sampling.trajectory import TrajectoryPlan
@@ -247,13 +249,17 @@ class StitchedSDPipeline:
         negative_crop_coords: Sequence[int] | None = None,
         negative_target_size: Sequence[int] | None = None,
         control: ControlRequest | None = None,
+        cache_interval: int = 1,
+        cache_branch: int | None = None,
     ) -> SampleResult:
         """step_noise (U-Net calls, B, C, h, w): the per-call noise of ddim eta>0 and lcm, else drawn from `seed`.
         steps / cfg_scale left out: pipeline/guidance.py's defaults (50 / SD 7.5, SDXL 5.0; lcm 4 / 8.5, or 1.0
         where a U-Net lacks the guidance embedding). original_size .. negative_target_size: SDXL's time ids
         (diffusers' names; (height, width) and (top, left) pairs). control: the ControlNet's image and
-        settings (bundles built with --controlnet need one)."""
+        settings (bundles built with --controlnet need one). cache_interval / cache_branch: DeepCache's
+        (pipeline/caching.py; 1 = no caching); the report's "cache" lists the full calls."""
         check_control(self.manifest.controlnet is not None, control)
+        cache_interval, cache_branch = check_cache(self.manifest, cache_interval, cache_branch)
         sampler = sampler or self.default_sampler
         steps = lcm_guidance.default_steps(sampler) if steps is None else steps
         if cfg_scale is None:
@@ -311,6 +317,8 @@ class StitchedSDPipeline:
         plan, sigma = self.plan(sampler, steps, shape, rng,
                                 None if fractions is not None else ratio, fractions, eta, step_noise)
         x_init = x_unit * np.float32(sigma)
+        if cache_interval > 1:  # DeepCache's full / cached calls, per model from its first call after a switch
+            plan = dataclasses.replace(plan, cached=cached_calls(plan.timesteps, plan.step_model, cache_interval))
         if control is not None:  # the image and guess mode per request, the scale per U-Net call
             cond = {**cond, **control.request_arrays(batch)}
             plan = dataclasses.replace(plan, tables={**plan.tables, "control_scale": control.scale_row(plan.steps)})
@@ -357,6 +365,13 @@ class StitchedSDPipeline:
             "total_seconds": total,
             "notes": notes + loop.notes,
         }
+        if cache_branch is not None:
+            cached = plan.cached if plan.cached is not None else np.zeros(plan.steps, dtype=bool)
+            report["cache"] = {"scheme": "deepcache", "interval": cache_interval, "branch": cache_branch,
+                               "full_calls": [i for i in range(plan.steps) if not cached[i]],
+                               "cached_calls": [i for i in range(plan.steps) if cached[i]]}
+        else:
+            report["cache"] = None  # no caching: every call full
         if control is not None:
             report["controlnet"] = {"scale": control.scale, "guess_mode": control.guess_mode,
                                     "guidance_start": control.start, "guidance_end": control.end,

@@ -26,8 +26,9 @@ import numpy as np
 
 from tstitch_trt.bundle.manifest import Manifest, artifact_path
 from tstitch_trt.errors import BackendUnavailable, UserError
-from tstitch_trt.runtime.host_buffers import HostStepBuffers
-from tstitch_trt.runtime.io_roles import StepIO, state_slots
+from tstitch_trt.runtime.host_buffers import HostStepBuffers, check_cached
+from tstitch_trt.runtime.io_roles import state_slots, step_io
+from tstitch_trt.sampling.trajectory import TrajectoryPlan
 
 PRECISIONS = ("auto", "fp32", "bf16")
 _HINT = {"fp32": "f32", "bf16": "bf16"}
@@ -119,22 +120,41 @@ class OpenVinoBackend(HostStepBuffers):
             self._notes = [f"OpenVINO model cache off: {self.cache_dir} is not writable"]
         else:
             self._notes = []
+        self.bundle_dir = Path(bundle_dir)
         self.models = []  # read once; reshaped and compiled per batch in _compile
         for m in manifest.models:
             if ONNX_ENTRY not in m.engines:
                 raise UserError(f"the bundle has no ONNX graph for {m.name}; rebuild with --backend ort")
-            path = artifact_path(bundle_dir, m.engines[ONNX_ENTRY])
-            try:
-                self.models.append(self.core.read_model(str(path)))
-            except Exception as e:
-                raise BackendUnavailable(f"OpenVINO cannot read {path.name}: {str(e).strip().splitlines()[0][:200]}; "
-                                         "upgrade openvino or use --backend ort") from None
-        self.io = StepIO.from_io(manifest.io)
+            self.models.append(self._read(m.engines[ONNX_ENTRY]))
+        self.cached_models: list[Any] = []  # DeepCache's cached graphs: read at the first trajectory that uses them
+        self.cached_compiled: list[Any] = []
+        self._cached_requests: list[list[Any]] = []
+        self._cached: list[bool] = []
+        self.io = step_io(manifest)
         self.allocations = 0
         self.compiles = 0
         self._shape_key: tuple | None = None
         self._compiled_for: tuple | None = None
         self._requests: list[list[Any]] = []  # [model][parity]
+
+    def _read(self, entry: Any) -> Any:
+        path = artifact_path(self.bundle_dir, entry)
+        try:
+            return self.core.read_model(str(path))
+        except Exception as e:
+            raise BackendUnavailable(f"OpenVINO cannot read {path.name}: {str(e).strip().splitlines()[0][:200]}; "
+                                     "upgrade openvino or use --backend ort") from None
+
+    def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, cond: Any, guidance: float) -> None:
+        if any(check_cached(plan, self.io)) and not self.cached_models:
+            for m in self.manifest.models:
+                entry = (m.cached or {}).get("engines", {}).get(ONNX_ENTRY)
+                if entry is None:
+                    raise UserError(f"the bundle has no cached ONNX graph for {m.name}; rebuild it with --backend "
+                                    "ort --cache-branch K")
+                self.cached_models.append(self._read(entry))
+            self._shape_key = self._compiled_for = None  # compile and bind them too
+        super().prepare(plan, x_init, cond, guidance)
 
     # compiled models ------------------------------------------------------------------------------
     def _compile(self, dims: dict[str, int]) -> None:
@@ -147,6 +167,13 @@ class OpenVinoBackend(HostStepBuffers):
         self.compiled = [compile_static(self.core, model, shapes, precision, self.threads)
                          for model, precision in zip(self.models, self.precisions, strict=True)]
         self.compiles += len(self.compiled)
+        self.cached_compiled = []
+        if self.cached_models and self.io.cache is not None:  # + the kept feature, in each model's own shape
+            self.cached_compiled = [
+                compile_static(self.core, model, {**shapes, self.io.cache[0]: self.io.features[i].resolve(dims)},
+                               precision, self.threads)
+                for i, (model, precision) in enumerate(zip(self.cached_models, self.precisions, strict=True))]
+            self.compiles += len(self.cached_compiled)
         self._compiled_for = key
 
     # buffers: runtime/host_buffers.py (compiled for each new shape); bound here ------------------------
@@ -163,8 +190,9 @@ class OpenVinoBackend(HostStepBuffers):
         request = {n: self._tensor(a) for n, a in self.request.items()}
         self._rows = [{n: self._tensor(self.tables[n][i, ...] if n in self.tables else self.zero_rows[n])
                        for n in io.step} for i in range(steps)]
-        self._requests = []
-        for compiled in self.compiled:
+        kept = [self._tensor(a) for a in self.kept]
+
+        def requests(compiled: Any, model: int, cached: bool) -> list[Any]:
             per_parity = []
             for parity in (0, 1):
                 src, dst = state_slots(parity)
@@ -174,13 +202,18 @@ class OpenVinoBackend(HostStepBuffers):
                     r.set_tensor(out, state[inp][dst])
                 for n in io.request:
                     r.set_tensor(n, request[n])
+                if io.cache is not None:  # the model's kept feature: the full graph writes it, the cached reads it
+                    r.set_tensor(io.cache[0] if cached else io.cache[1], kept[model])
                 per_parity.append(r)
-            self._requests.append(per_parity)
+            return per_parity
+
+        self._requests = [requests(c, m, False) for m, c in enumerate(self.compiled)]
+        self._cached_requests = [requests(c, m, True) for m, c in enumerate(self.cached_compiled)]
 
     # Backend protocol (prepare, read_x, read_x0: HostStepBuffers) ---------------------------------
     def launch(self, step: int, model: int) -> float | None:
         t0 = time.perf_counter()
-        r = self._requests[model][step % 2]
+        r = (self._cached_requests if self._cached[step] else self._requests)[model][step % 2]
         for n, tensor in self._rows[step].items():
             r.set_tensor(n, tensor)
         r.infer()
@@ -195,6 +228,8 @@ class OpenVinoBackend(HostStepBuffers):
 
     def close(self) -> None:
         self._requests = []
+        self._cached_requests = []
+        self.cached_compiled = []
         self._rows = []
         self.compiled = []
         self._shape_key = None

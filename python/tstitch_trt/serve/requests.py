@@ -41,6 +41,7 @@ TEXT_FIELDS = ("prompt", "negative_prompt", "num_images")  # what text-to-image 
 SDXL_FIELDS = ("original_size", "crop_coords", "target_size")  # SDXL's time ids, diffusers' names
 CONTROL_FIELDS = ("control_image", "controlnet_scale", "guess_mode", "control_guidance_start",
                   "control_guidance_end")  # bundles built with --controlnet
+CACHE_FIELDS = ("cache_interval", "cache_branch")  # text-to-image: DeepCache (pipeline/caching.py checks them)
 MAX_CONTROL_IMAGE_BYTES = 32 << 20
 
 
@@ -107,7 +108,8 @@ def parse_generate(body: bytes, manifest: Manifest, is_demo: bool, max_images: i
         raise UserError(f"the request body must be a JSON object, got {type(data).__name__}")
     kind = pipeline_kind(manifest)
     spec = KINDS[kind]
-    allowed = (*spec.fields, *(CONTROL_FIELDS if manifest.controlnet else ()), *COMMON_FIELDS)
+    allowed = (*spec.fields, *(CONTROL_FIELDS if manifest.controlnet else ()),
+               *(CACHE_FIELDS if manifest.text_to_image else ()), *COMMON_FIELDS)
     for name in data:
         if name in allowed:
             continue
@@ -135,7 +137,7 @@ def parse_generate(body: bytes, manifest: Manifest, is_demo: bool, max_images: i
     if not follow_policy:
         ratio, fractions_list = defaults.default_stitch(len(manifest.models), ratio, fractions)
         fractions = None if fractions_list is None else tuple(fractions_list)
-    extras = {**_sdxl_extras(data, manifest), **_control_extras(data, manifest)}
+    extras = {**_sdxl_extras(data, manifest), **_control_extras(data, manifest), **_cache_extras(data, manifest)}
     shared = tuple(sorted((k, v.key if hasattr(v, "key") else v) for k, v in extras.items()))
     return GenerateRequest(kind, conditioning, num_images, steps, sampler, cfg_scale, eta, seed, ratio,
                            fractions, height, width, return_latents, adaptive=follow_policy, shared=shared,
@@ -321,6 +323,18 @@ class _ControlImage:
     key: str
 
 
+def _cache_extras(data: dict, manifest: Manifest) -> dict[str, Any]:
+    """cache_interval / cache_branch as given, checked against the bundle by the pipeline's own rule (they are
+    batch-shared: one trajectory plan per batch)."""
+    if not any(n in data for n in CACHE_FIELDS):
+        return {}
+    from tstitch_trt.pipeline.caching import check_cache
+
+    interval, branch = _int(data, "cache_interval", 1), _int(data, "cache_branch", None)
+    interval, branch = check_cache(manifest, interval, branch)
+    return {"cache_interval": interval, "cache_branch": branch}
+
+
 def _control_extras(data: dict, manifest: Manifest) -> dict[str, Any]:
     """The ControlNet's image (decoded once here) and settings; a ControlNet bundle needs the image."""
     if not manifest.controlnet:
@@ -424,7 +438,7 @@ def _sd_run_batch(pipe: Any, reqs: Sequence[GenerateRequest]) -> list[RequestRes
         inits.append(x)
         step_noises.append(noise)
     step_noise = None if step_noises[0] is None else np.concatenate(step_noises, axis=1)
-    extras = {k: v for k, v in first.extras.items() if k in SDXL_FIELDS}
+    extras = {k: v for k, v in first.extras.items() if k in SDXL_FIELDS or k in CACHE_FIELDS}
     res = pipe(prompt=prompts, negative_prompt=_batch_negatives(pipe, negatives),
                num_images=1, ratio=first.ratio, fractions=first.fractions, steps=first.steps, sampler=first.sampler,
                cfg_scale=first.cfg_scale, seed=first.seed, eta=first.eta, init_noise=np.concatenate(inits, axis=0),
