@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "errors.hpp"
+#include "graph_refs.hpp"
 #include "pyrepr.hpp"
 #include "schema.hpp"
 
@@ -345,6 +346,12 @@ std::string artifact_path(const std::string& bundle_dir, const EngineEntry& entr
     if (!fs::is_regular_file(path, ec)) fail(TSTITCH_ERR_BUNDLE, "bundle file " + path + " is missing; rebuild the bundle");
     if (verify && sha256_file(path) != f.sha256)
       fail(TSTITCH_ERR_BUNDLE, "checksum mismatch for " + path + ": the file changed since the build; rebuild the bundle");
+  }
+  const std::string& rel = entry.artifact.file;
+  if (rel.size() > 5 && rel.compare(rel.size() - 5, 5, ".onnx") == 0) {  // what the graph itself names
+    std::vector<std::string> sealed;
+    for (const FileRef& f : files) sealed.push_back(f.file);
+    check_graph_references(bundle_dir, rel, sealed);
   }
   return sealed_path(bundle_dir, entry.artifact.file, entry.artifact.field);
 }

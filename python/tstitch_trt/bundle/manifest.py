@@ -349,10 +349,15 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
 
 
 def verify_bundle(bundle_dir: str | Path, manifest: Manifest) -> None:
-    """Every file the manifest names: inside the bundle, present, and matching its sha256."""
+    """Every file the manifest names: inside the bundle, present, and matching its sha256; and every file an
+    ONNX graph names (external data): inside the bundle and checksummed by the manifest (bundle/graphs.py)."""
+    from tstitch_trt.bundle.graphs import check_graph_references
+
     for _, entry in manifest.artifacts():
         for rel, digest in entry.files():
             checked_file(bundle_dir, rel, digest)
+        if entry.file.endswith(".onnx"):
+            check_graph_references(bundle_dir, entry.file, [rel for rel, _ in entry.files()])
         if entry.extra.get("dir"):
             inside(bundle_dir, entry.extra["dir"])
 
@@ -360,6 +365,10 @@ def verify_bundle(bundle_dir: str | Path, manifest: Manifest) -> None:
 def artifact_path(bundle_dir: str | Path, entry: EngineEntry, verify: bool = True) -> Path:
     """Path of an artifact, checked to be inside the bundle, to exist and (verify) to match its sha256."""
     paths = [checked_file(bundle_dir, rel, digest, verify) for rel, digest in entry.files()]
+    if entry.file.endswith(".onnx"):  # every backend that opens a graph comes through here
+        from tstitch_trt.bundle.graphs import check_graph_references
+
+        check_graph_references(bundle_dir, entry.file, [rel for rel, _ in entry.files()])
     return paths[0]
 
 

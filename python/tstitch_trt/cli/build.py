@@ -67,8 +67,9 @@ def build_dit(args: argparse.Namespace) -> int:
     cfg = build_config_from_args(args)
     from tstitch_trt.export.build import build_bundle
     from tstitch_trt.progress import Stages
+    from tstitch_trt.quiet import quiet_stderr
 
-    with Stages() as stages:
+    with Stages() as stages, quiet_stderr():  # torch's and ONNX Runtime's warnings: the user sees our lines only
         manifest = build_bundle(cfg, stage=stages.stage)
     print(f"wrote bundle {cfg.out} ({', '.join(manifest.backends())}) in {stages.total_seconds:.1f} s")
     return 0
@@ -95,7 +96,10 @@ def build_sd(args: argparse.Namespace) -> int:
                         loras=[parse_lora_spec(s) for s in getattr(args, "lora", None) or []],
                         controlnet=getattr(args, "controlnet", None),
                         cache_branch=getattr(args, "cache_branch", None))
-    manifest = build_sd_bundle(cfg, on_model=lambda name: print(f"exporting {name} ...", flush=True))
+    from tstitch_trt.quiet import quiet_stderr
+
+    with quiet_stderr():  # diffusers' progress bars, ONNX Runtime's warnings: the user sees our lines only
+        manifest = build_sd_bundle(cfg, on_model=lambda name: print(f"exporting {name} ...", flush=True))
     for k, v in manifest.io.get("build_seconds", {}).items():
         print(f"  {k}: {v:.1f} s")
     print(f"wrote bundle {cfg.out} ({', '.join(manifest.backends())})")

@@ -186,7 +186,9 @@ def run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # manifest
     if args.report:
         outputs.add("--report", args.report)
     init = load_init_noise(args.init_noise) if args.init_noise else None
-    control_req = control.control_request(args, manifest.controlnet is not None)
+    from tstitch_trt.pipeline.control import control_size_limit
+
+    control_req = control.control_request(args, manifest.controlnet is not None, control_size_limit(manifest))
     num_images = args.num_images if args.num_images is not None else 1
     pipe = StitchedSDPipeline.from_bundle(bundle, backend=args.backend, device=args.device)
     try:

@@ -76,6 +76,7 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
     facts = check_pair(sources)
     large = sources[-1].pipeline
     assert large is not None  # check_pair refuses otherwise
+    _preflight(sources, large, facts["pipeline"])
     scheduler = _read_scheduler(large)
     guidance = resolve_guidance(cfg.guidance, sources)
     loras = lora_targets(cfg.loras, [s.name for s in sources])
@@ -154,6 +155,20 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
         )
         write_manifest(tmp, manifest)
     return manifest
+
+
+def _preflight(sources: list[SdSource], large: Path, kind: str) -> None:
+    """Before anything is exported: every weights file a safetensors with a sound header (never a pickle), and
+    every U-Net's size from its config within this machine's memory (models/preflight.py)."""
+    from tstitch_trt.models.preflight import available_memory_bytes, check_fits_memory, check_weights_dir
+
+    for src in sources:
+        check_weights_dir(src.unet_dir, f"the U-Net weights of --model {src.spec}")
+    parts = ("text_encoder", "vae") + (("text_encoder_2",) if kind == "sdxl" else ())
+    for part in parts:
+        check_weights_dir(large / part, f"the {part} weights of {sources[-1].spec}")
+    check_fits_memory([(f"--model {s.spec}: unet/config.json" if s.pipeline else f"--model {s.spec}: config.json",
+                        s.unet_config()) for s in sources], available_memory_bytes())
 
 
 def resolve_guidance(requested: str, sources: list[SdSource]) -> str:

@@ -27,6 +27,7 @@ import numpy as np
 from tstitch_trt.bundle.manifest import Manifest
 from tstitch_trt.errors import UserError
 from tstitch_trt.pipeline import guidance as lcm_guidance
+from tstitch_trt.pipeline import values
 from tstitch_trt.pipeline.backends import open_bundle, open_first_backend
 from tstitch_trt.pipeline.caching import check_cache
 from tstitch_trt.pipeline.control import ControlRequest, check_control
@@ -75,20 +76,33 @@ class StitchedSDPipeline:
         return max(2 ** (len(m.arch.get("block_out_channels", [0])) - 1) for m in self.manifest.models)
 
     def validate(self, ratio: float | None, fractions: Sequence[float] | None, steps: int, sampler: str,
-                 height: int, width: int, batch: int) -> None:
+                 height: int, width: int, batch: int, cfg_scale: float | None = None, eta: float = 0.0,
+                 seed: int = 0, texts: Sequence[tuple[str, str | None]] = ()) -> None:
+        """Every request check before any work (run and serve both call this; one line each). texts: (flag,
+        text) pairs of the prompts and negative prompts."""
         n_models = len(self.manifest.models)
         if sampler not in SD_SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r} for an SD bundle; choose one of {', '.join(SD_SAMPLERS)}")
-        if not 1 <= steps <= 1000:
-            raise UserError(f"--steps must be between 1 and 1000, got {steps}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+            raise UserError(f"--steps must be between 1 and 1000, got {values.shown(steps)}")
+        values.check_seed(seed)
+        values.check_eta(eta)
+        if cfg_scale is not None:
+            values.check_cfg_scale(cfg_scale)
+        for flag, text in texts:
+            if text is not None:
+                values.check_text(flag, text)
+        # the sampler's own limits (eta off ddim, steps past an offset schedule, LCM's original steps)
+        sd_table(sampler, self.manifest.scheduler or {}, steps, eta)
         if fractions is not None:
+            values.check_fractions_finite(fractions)
             try:
                 check_fractions(fractions, n_models)
             except ValueError as e:
                 raise UserError(str(e)) from None
         elif ratio is None:
             raise UserError("give --ratio (two models) or --fractions (one per model)")
-        elif not 0.0 <= ratio <= 1.0:
+        elif not 0.0 <= ratio <= 1.0:  # NaN fails this too
             raise UserError(f"--ratio must be in [0, 1] (the share of early U-Net calls on the small model), "
                             f"got {ratio}")
         elif n_models != 2:
@@ -143,8 +157,8 @@ class StitchedSDPipeline:
             self._tokenizer = PromptTokenizer(self.bundle_dir, self.manifest.tokenizer)
             self._text_encoder = open_text_encoder(self.bundle_dir, self.manifest, self.backend.name)
         ids, cut = self._tokenizer(list(negative) + list(prompts))
-        notes = [f"prompt {text!r} is longer than {self._tokenizer.max_length} tokens and was truncated (as diffusers "
-                 "does)" for text, c in zip(list(negative) + list(prompts), cut, strict=True) if c]
+        notes = [f"prompt {values.shown(text)} is longer than {self._tokenizer.max_length} tokens and was truncated "
+                 "(as diffusers does)" for text, c in zip(list(negative) + list(prompts), cut, strict=True) if c]
         assert self._text_encoder is not None
         context = np.ascontiguousarray(self._text_encoder(ids), dtype=np.float32)
         return {"context": context}, list(dict.fromkeys(notes))
@@ -167,7 +181,8 @@ class StitchedSDPipeline:
         zeros = bool((self.manifest.conditioning or {}).get("force_zeros_for_empty_prompt", True))
         texts = ["" if n is None else n for n in negative] + list(prompts)
         (ids, cut), (ids_2, cut_2) = tok(texts), tok_2(texts)
-        notes = [f"prompt {text!r} is longer than {tok.max_length} tokens and was truncated (as diffusers does)"
+        notes = [f"prompt {values.shown(text)} is longer than {tok.max_length} tokens and was truncated (as diffusers "
+                 "does)"
                  for text, c, c2 in zip(texts, cut, cut_2, strict=True) if c or c2]
         out, out_2 = enc(ids), enc_2(ids_2)
         # both encoders' penultimate hidden states (raw, as the bundle's graphs output them), concatenated
@@ -300,7 +315,9 @@ class StitchedSDPipeline:
         height = height or self.manifest.image_size
         width = width or self.manifest.image_size
         batch = len(prompts) * num_images
-        self.validate(None if fractions is not None else ratio, fractions, steps, sampler, height, width, batch)
+        texts = [("--prompt", p) for p in prompts] + [("--negative-prompt", n) for n in negatives]
+        self.validate(None if fractions is not None else ratio, fractions, steps, sampler, height, width, batch,
+                      cfg_scale=cfg_scale, eta=eta, seed=seed, texts=texts)
         if control is not None:
             control.check(height, width)
         # diffusers repeats each prompt's embedding num_images times in a row

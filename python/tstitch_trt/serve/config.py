@@ -16,6 +16,7 @@ class ServeConfig:
     batch_wait_ms: float = 10.0
     max_queued: int = 64
     request_timeout_s: float = 60.0
+    body_timeout_s: float = 10.0  # a request's body must arrive whole within this
     latency_target_ms: float | None = None
     max_ratio: float = 0.4
 

@@ -12,6 +12,8 @@ from tstitch_trt.demo import DEMO_NAME
 from tstitch_trt.errors import UserError
 from tstitch_trt.serve.config import ServeConfig
 
+KEEP_ALIVE_S = 5  # uvicorn's own default
+
 
 def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     from tstitch_trt.argtypes import int_in, non_negative, positive, unit
@@ -30,6 +32,8 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-queued", type=int_in(1, 1_000_000), default=64,
                    help="queued requests beyond that answer 503")
     s.add_argument("--request-timeout-s", type=positive, default=60.0, help="slower requests answer 504")
+    s.add_argument("--body-timeout-s", type=positive, default=10.0,
+                   help="a request body that has not arrived whole by then answers 408 and its connection is closed")
     s.add_argument("--latency-target-ms", type=positive, default=None,
                    help="load-adaptive stitching: raise the ratio while latency exceeds this (default: off)")
     s.add_argument("--max-ratio", type=unit, default=0.4, help="the highest ratio the adaptive policy uses")
@@ -78,8 +82,8 @@ def service_config(args: argparse.Namespace) -> ServeConfig:
             raise UserError(f"{flag} must be >= {low}, got {value}")
     if args.port > 65535:
         raise UserError(f"--port must be <= 65535, got {args.port}")
-    if args.request_timeout_s <= 0 or args.batch_wait_ms < 0:
-        raise UserError("--request-timeout-s must be > 0 and --batch-wait-ms >= 0")
+    if args.request_timeout_s <= 0 or args.batch_wait_ms < 0 or args.body_timeout_s <= 0:
+        raise UserError("--request-timeout-s and --body-timeout-s must be > 0 and --batch-wait-ms >= 0")
     if not 0.0 <= args.max_ratio <= 1.0:
         raise UserError(f"--max-ratio must be in [0, 1], got {args.max_ratio}")
     if args.latency_target_ms is not None and args.latency_target_ms <= 0:
@@ -88,6 +92,7 @@ def service_config(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(bundle=str(args.bundle), backend=args.backend, replicas=replicas, cpus_per_replica=cpus,
                        gpus_per_replica=gpus, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                        max_queued=args.max_queued, request_timeout_s=args.request_timeout_s,
+                       body_timeout_s=args.body_timeout_s,
                        latency_target_ms=args.latency_target_ms, max_ratio=args.max_ratio)
 
 
@@ -119,7 +124,8 @@ def serve_forever(cfg: ServeConfig, host: str, port: int) -> int:
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
             signal.signal(sig, lambda *_: stop.set())
-        serve.start(http_options={"host": host, "port": port})
+        # idle keep-alive connections are closed after KEEP_ALIVE_S (Ray's default keeps them 90 s)
+        serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": KEEP_ALIVE_S})
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
         print(f"serving {cfg.bundle} on http://{host}:{port} ({cfg.replicas} replica(s), max batch "
               f"{cfg.max_batch_size}, max queued {cfg.max_queued}); Ctrl-C stops", flush=True)
