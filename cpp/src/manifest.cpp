@@ -60,6 +60,7 @@ ModelEntry model(const ojson& j, const std::string& field) {
   m.channels = m.arch["in_channels"].get<int>();
   m.height = m.width = m.arch[size].get<int>();
   m.engines = engines(j.at("engines"), field + ".engines");
+  if (j.contains("bf16")) m.bf16 = json::parse(j.at("bf16").dump());
   return m;
 }
 
@@ -238,6 +239,15 @@ Manifest parse_manifest(const ojson& raw, const std::string& where) {
   }
   m.has_text_encoder_2 = raw.contains("text_encoder_2") && !raw["text_encoder_2"].is_null();
   if (m.has_text_encoder_2) m.text_encoder_2_engines = engines(raw["text_encoder_2"]["engines"], "text_encoder_2.engines");
+  for (auto [key, out] : {std::pair{"tokenizer", &m.tokenizer}, std::pair{"tokenizer_2", &m.tokenizer_2}}) {
+    if (!raw.contains(key) || !raw[key].is_object()) continue;  // the schema holds the fields' types
+    const ojson& t = raw[key];
+    out->present = true;
+    out->file.artifact = {t["file"]["file"].get<std::string>(), t["file"]["sha256"].get<std::string>(), std::string(key) + ".file.file"};
+    out->max_length = t["max_length"].get<int64_t>();
+    out->pad_id = t["pad_id"].get<int64_t>();
+    out->kind = t["kind"].get<std::string>();
+  }
   if (raw.contains("conditioning") && raw["conditioning"].is_object()) {  // the schema holds its fields' types
     const ojson& c = raw["conditioning"];
     m.conditioning.guidance = c["guidance"].get<std::string>();

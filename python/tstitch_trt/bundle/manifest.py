@@ -69,7 +69,8 @@ class ModelEntry:
     engines: dict[str, EngineEntry] = field(default_factory=dict)  # backend -> artifact
     macs_per_forward: int = 0
     # Whether bf16 inference keeps quality (CPU backends; `tstitch-trt check --precision bf16 --record`):
-    # {"safe": bool, "reason": str, "step_max_rel": float, "step_min_cosine": float, "checked_with": str}
+    # {"safe": bool, "reason": str, "step_max_rel": float, "step_min_cosine": float, "checked_with": str,
+    #  "isa": ["amx_bf16" | "avx512_bf16", ...] (the CPU bf16 ISAs it was measured on; absent in older bundles)}
     bf16: dict[str, Any] | None = None
     # LoRA weights fused before export: [{"source", "sha256", "scale"}] (informational)
     lora: list[dict[str, Any]] | None = None

@@ -49,8 +49,9 @@ def describe_dit(bundle: Path, m) -> str:  # m: Manifest
             lo, hi = e.batch_range
             lines.append(f"      {kind:8s} {e.file} ({e.precision}, batch {lo}-{hi}{extra})")
         if model.bf16:  # `check --precision bf16 --record`
-            lines.append(f"      bf16     {'safe' if model.bf16.get('safe') else 'not safe'} on CPU backends "
-                         f"({model.bf16.get('checked_with', '?')})")
+            isa = ", ".join(model.bf16.get("isa") or ["an unrecorded CPU ISA: covers no CPU"])
+            lines.append(f"      bf16     {'safe' if model.bf16.get('safe') else 'not safe'} on CPU backends, "
+                         f"measured on {isa} ({model.bf16.get('checked_with', '?')})")
     lines.append(f"  VAE: {', '.join(m.vae['engines']) + ' from ' + str(m.vae.get('source')) if m.vae else 'none'}")
     lines.append(f"  artifacts for the whole pair: {', '.join(m.backends()) or 'none'}")
     return "\n".join(lines)

@@ -29,8 +29,9 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo'")
     r.add_argument("--backend", default="auto", help="auto, trt, trt-rtx, ort, openvino, torch")
     r.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="CPU backends (openvino): bf16 needs a CPU with native bf16; auto uses it only where the "
-                        "bundle records it as safe (tstitch-trt check --precision bf16 --record)")
+                   help="CPU backends (openvino), every part (models; SD: U-Nets, text encoders, VAE): bf16 needs a "
+                        "CPU with native bf16; auto uses it only where the bundle records it as safe on this CPU's "
+                        "bf16 ISA (tstitch-trt check --precision bf16 --record)")
     r.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "dpm-solver++", "pndm", "euler", "lcm"],
                    help="DiT: ddim, ddpm, dpm-solver++ (default ddim); SD: pndm, ddim, euler, dpm-solver++, lcm "
                         "(default: the bundle's scheduler)")
@@ -190,7 +191,7 @@ def run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # manifest
 
     control_req = control.control_request(args, manifest.controlnet is not None, control_size_limit(manifest))
     num_images = args.num_images if args.num_images is not None else 1
-    pipe = StitchedSDPipeline.from_bundle(bundle, backend=args.backend, device=args.device)
+    pipe = StitchedSDPipeline.from_bundle(bundle, backend=args.backend, device=args.device, precision=args.precision)
     try:
         ratio, fractions = defaults.default_stitch(len(manifest.models), args.ratio, args.fractions)
         res = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, num_images=num_images, ratio=ratio,
@@ -216,6 +217,7 @@ def run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # manifest
     per_model = ", ".join(f"{n} {name}" for n, name in zip(rep["steps_per_model"], rep["models"], strict=True))
     print(f"{rep['steps']} {rep['sampler']} steps = {rep['unet_calls']} U-Net calls ({per_model}) on {rep['backend']} "
           f"[{rep['device']}], batch {rep['batch']}, {rep['height']}x{rep['width']}: {rep['total_seconds']:.2f} s")
+    print("precision: " + ", ".join(f"{part} {p}" for part, p in rep["precisions"].items()))
     if rep.get("cache"):
         c = rep["cache"]
         print(f"DeepCache interval {c['interval']} branch {c['branch']}: full calls {c['full_calls']}")

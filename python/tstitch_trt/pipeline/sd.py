@@ -41,19 +41,28 @@ from tstitch_trt.sampling.trajectory import TrajectoryPlan
 
 
 class StitchedSDPipeline:
-    def __init__(self, bundle_dir: str | Path, manifest: Manifest, backend: Backend, backend_reason: str):
+    def __init__(self, bundle_dir: str | Path, manifest: Manifest, backend: Backend, backend_reason: str,
+                 precision: str = "auto"):
+        from tstitch_trt.pipeline.precision import aux_precisions, unet_precisions
+
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
         self.backend = backend
         self.backend_reason = backend_reason
+        # the precision of every part: U-Nets (the backend's choice), text encoder(s) and VAE (each by its verdict)
+        aux, self.aux_precision_reason = aux_precisions(manifest, backend, precision)
+        self.precisions: dict[str, str] = {**unet_precisions(manifest, backend), **aux}
         self._tokenizer = None
         self._text_encoder = None
         self._sdxl_text = None  # (tokenizer, text encoder, tokenizer_2, text_encoder_2) of an sdxl bundle
         self._decoder = None
 
     @classmethod
-    def from_bundle(cls, bundle_dir: str | Path, backend: str = "auto", device: str | None = None
-                    ) -> StitchedSDPipeline:
+    def from_bundle(cls, bundle_dir: str | Path, backend: str = "auto", device: str | None = None,
+                    precision: str = "auto") -> StitchedSDPipeline:
+        """precision: auto, fp32 or bf16, for every part (U-Nets, text encoders, VAE) on the CPU backend with bf16
+        (openvino); auto uses bf16 for a part only where the bundle records it as safe on this CPU's bf16 ISA.
+        Other backends take auto or fp32 and run their artifacts' precision (bf16 is one line, exit 2)."""
         bundle_dir, manifest = open_bundle(bundle_dir)  # schema, sealed paths, every checksum
         if not manifest.text_to_image:
             raise UserError(f"{bundle_dir} is a {manifest.pipeline} bundle, not a text-to-image (sd, sdxl) bundle")
@@ -61,10 +70,10 @@ class StitchedSDPipeline:
         from tstitch_trt.pipeline.resources import check_sd_fits
 
         # before any weights load: the default size at batch 1 (a larger request is checked again in validate)
-        kinds = [k for k, _ in backend_candidates(manifest, backend, "auto")]
+        kinds = [k for k, _ in backend_candidates(manifest, backend, precision)]
         check_sd_fits(bundle_dir, manifest, kinds, 1, manifest.image_size, manifest.image_size)
-        opened, why = open_first_backend(bundle_dir, manifest, backend, device)
-        return cls(bundle_dir, manifest, opened, why)
+        opened, why = open_first_backend(bundle_dir, manifest, backend, device, precision)
+        return cls(bundle_dir, manifest, opened, why, precision)
 
     @property
     def model_names(self) -> list[str]:
@@ -170,7 +179,8 @@ class StitchedSDPipeline:
             if self.manifest.tokenizer is None:
                 raise UserError("the bundle has no tokenizer; rebuild it from a full SD pipeline directory")
             self._tokenizer = PromptTokenizer(self.bundle_dir, self.manifest.tokenizer)
-            self._text_encoder = open_text_encoder(self.bundle_dir, self.manifest, self.backend.name)
+            self._text_encoder = open_text_encoder(self.bundle_dir, self.manifest, self.backend.name,
+                                                   self.precisions["text encoder"])
         ids, cut = self._tokenizer(list(negative) + list(prompts))
         notes = [f"prompt {values.shown(text)} is longer than {self._tokenizer.max_length} tokens and was truncated "
                  "(as diffusers does)" for text, c in zip(list(negative) + list(prompts), cut, strict=True) if c]
@@ -189,9 +199,11 @@ class StitchedSDPipeline:
                 raise UserError("the sdxl bundle lacks a tokenizer or text encoder; rebuild it from a full "
                                 "StableDiffusionXLPipeline directory")
             self._sdxl_text = (PromptTokenizer(self.bundle_dir, m.tokenizer),
-                               open_text_encoder_outputs(self.bundle_dir, m.text_encoder, self.backend.name),
+                               open_text_encoder_outputs(self.bundle_dir, m.text_encoder, self.backend.name,
+                                                         self.precisions["text encoder"]),
                                PromptTokenizer(self.bundle_dir, m.tokenizer_2),
-                               open_text_encoder_outputs(self.bundle_dir, m.text_encoder_2, self.backend.name))
+                               open_text_encoder_outputs(self.bundle_dir, m.text_encoder_2, self.backend.name,
+                                                         self.precisions["text encoder 2"]))
         tok, enc, tok_2, enc_2 = self._sdxl_text
         zeros = bool((self.manifest.conditioning or {}).get("force_zeros_for_empty_prompt", True))
         texts = ["" if n is None else n for n in negative] + list(prompts)
@@ -395,7 +407,9 @@ class StitchedSDPipeline:
             "loop_seconds": loop.total_seconds,
             "decode_seconds": decode_s,
             "total_seconds": total,
-            "notes": notes + loop.notes,
+            "precisions": self.precisions,  # every part: U-Nets, text encoder(s), VAE decoder
+            "notes": notes + loop.notes + ([f"openvino precision (text encoders, VAE): {self.aux_precision_reason}"]
+                                           if self.aux_precision_reason else []),
         }
         if cache_branch is not None:
             cached = plan.cached if plan.cached is not None else np.zeros(plan.steps, dtype=bool)
@@ -429,7 +443,8 @@ class StitchedSDPipeline:
         if self._decoder is None:
             from tstitch_trt.pipeline.vae import open_decoder
 
-            self._decoder = open_decoder(self.bundle_dir, self.manifest, self.backend.name)
+            self._decoder = open_decoder(self.bundle_dir, self.manifest, self.backend.name,
+                                         self.precisions["VAE decoder"])
         return to_uint8(self._decoder(latents / np.float32(self.manifest.latent_scale_factor)))
 
     def close(self) -> None:

@@ -7,9 +7,12 @@ two requests, one per ping-pong parity (OpenVINO's CPU plugin keeps activations 
 model, not per request, so the second request costs no memory); a step points its request at its
 row of the t / coef / noise tables (ov.Tensor views made once per shape, no data moved).
 
-bf16 is OpenVINO's INFERENCE_PRECISION_HINT: the network runs in bf16 with fp32 I/O. It is used
+bf16 is OpenVINO's INFERENCE_PRECISION_HINT: the network runs in bf16 with fp32 I/O, and the numerically
+sensitive ops (timestep embedding, softmax, normalization, exp, CFG + sampler tail) are marked to stay
+fp32 (runtime/openvino_precision.py), so bf16 is only in the matmul/conv body. It is used
 only on CPUs with native bf16 (AVX512_BF16 / AMX) and, under `--precision auto`, only for models
-whose bundle records bf16 as safe (`tstitch-trt check --precision bf16 --record`).
+whose bundle records bf16 as safe on this CPU's bf16 ISA (`tstitch-trt check --precision bf16 --record`
+names the ISA it measured on: amx_bf16 or avx512_bf16, runtime/cpu_isa.py).
 Each model is compiled for the batch in use (static shapes run ~10-15% faster than the dynamic
 graph); compiled blobs go to OpenVINO's model cache outside the bundle (which may be read-only).
 """
@@ -26,8 +29,10 @@ import numpy as np
 
 from tstitch_trt.bundle.manifest import Manifest, artifact_path
 from tstitch_trt.errors import BackendUnavailable, UserError
+from tstitch_trt.runtime.cpu_isa import bf16_isa
 from tstitch_trt.runtime.host_buffers import HostStepBuffers, check_cached
 from tstitch_trt.runtime.io_roles import state_slots, step_io
+from tstitch_trt.runtime.openvino_precision import marked_for_bf16
 from tstitch_trt.sampling.trajectory import TrajectoryPlan
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -60,16 +65,30 @@ def model_cache_dir(manifest: Manifest) -> Path:
     return Path(root) / digest[:16]
 
 
-def bf16_recorded_safe(model: Any) -> bool:
-    """What `tstitch-trt check --record` wrote into the bundle for this model (ModelEntry.bf16)."""
-    return bool((getattr(model, "bf16", None) or {}).get("safe", False))
+def verdict_covers(verdict: dict | None, isa: str | None) -> str | None:
+    """None where a recorded bf16 verdict lets auto use bf16 on this CPU's bf16 ISA, else why not (a phrase)."""
+    if not verdict or not verdict.get("safe", False):
+        return "the bundle does not record bf16 as safe (tstitch-trt check --precision bf16 --record)"
+    measured = verdict.get("isa") or []
+    if not measured:
+        return ("the bundle's bf16 verdict does not name the CPU ISA it was measured on (recorded by an older "
+                "check); run tstitch-trt check --precision bf16 --record on this CPU")
+    if isa is None:
+        return "this CPU's bf16 ISA cannot be told (no /proc/cpuinfo flags)"
+    if isa not in measured:
+        return f"bf16 verdict measured on {', '.join(measured)}, this CPU is {isa}"
+    return None
 
 
-def resolve_precisions(manifest: Manifest, requested: str, native_bf16: bool) -> tuple[list[str], str]:
-    """(precision per model, one line saying why). bf16 needs a native-bf16 CPU; auto also needs the bundle's ok."""
+def choose_precisions(parts: list[tuple[str, dict | None]], requested: str, native_bf16: bool,
+                      isa: str | None) -> tuple[list[str], str]:
+    """(precision per part, one line saying why) for parts = [(name, its recorded bf16 verdict)].
+
+    bf16 needs a native-bf16 CPU; auto also needs a safe verdict measured on this CPU's bf16 ISA.
+    """
     if requested not in PRECISIONS:
         raise UserError(f"unknown precision {requested!r}; choose from {', '.join(PRECISIONS)}")
-    names = [m.name for m in manifest.models]
+    names = [n for n, _ in parts]
     if requested == "fp32":
         return ["fp32"] * len(names), "fp32 (requested)"
     if requested == "bf16":
@@ -79,14 +98,22 @@ def resolve_precisions(manifest: Manifest, requested: str, native_bf16: bool) ->
         return ["bf16"] * len(names), "bf16 (requested)"
     if not native_bf16:
         return ["fp32"] * len(names), "fp32: this CPU has no native bf16"
-    safe = [bf16_recorded_safe(m) for m in manifest.models]
-    precisions = ["bf16" if s else "fp32" for s in safe]
-    if all(safe):
-        return precisions, "bf16: the bundle records bf16 as safe for every model"
-    if not any(safe):
-        return precisions, "fp32: the bundle does not record bf16 as safe (tstitch-trt check --precision bf16 --record)"
-    return precisions, "bf16 on " + ", ".join(n for n, s in zip(names, safe, strict=True) if s) + \
-        ", fp32 elsewhere: the bundle records bf16 as safe only there"
+    why_not = [verdict_covers(v, isa) for _, v in parts]
+    precisions = ["fp32" if w else "bf16" for w in why_not]
+    reasons = "; ".join(dict.fromkeys(w for w in why_not if w))
+    if not reasons:
+        return precisions, f"bf16: the bundle records bf16 as safe on {isa} for every part"
+    if "bf16" not in precisions:
+        return precisions, f"fp32: {reasons}"
+    return precisions, "bf16 on " + ", ".join(n for n, p in zip(names, precisions, strict=True) if p == "bf16") + \
+        f", fp32 elsewhere: {reasons}"
+
+
+def resolve_precisions(manifest: Manifest, requested: str, native_bf16: bool,
+                       isa: str | None) -> tuple[list[str], str]:
+    """choose_precisions for the bundle's step models (their models[i].bf16 verdicts)."""
+    return choose_precisions([(m.name, getattr(m, "bf16", None)) for m in manifest.models], requested, native_bf16,
+                             isa)
 
 
 def compile_static(core: Any, model: Any, shapes: dict[str, tuple[int, ...]], precision: str,
@@ -94,6 +121,8 @@ def compile_static(core: Any, model: Any, shapes: dict[str, tuple[int, ...]], pr
     """`model` compiled for the CPU with every input at its static shape in `shapes`, in `precision`."""
     static = model.clone()
     static.reshape({inp.get_any_name(): list(shapes[inp.get_any_name()]) for inp in model.inputs})
+    if precision == "bf16":  # bf16 only inside the matmul/conv body, whatever the CPU's ISA
+        static = marked_for_bf16(core, static)
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": _HINT[precision]}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
@@ -110,7 +139,8 @@ class OpenVinoBackend(HostStepBuffers):
         self._ov = ov
         self.manifest = manifest
         self.core = ov.Core()
-        self.precisions, self.precision_reason = resolve_precisions(manifest, precision, cpu_has_bf16(self.core))
+        self.precisions, self.precision_reason = resolve_precisions(manifest, precision, cpu_has_bf16(self.core),
+                                                                    bf16_isa())
         self.threads = threads or int(os.environ.get("TSTITCH_OPENVINO_THREADS", "0"))
         self.cache_dir = Path(cache_dir) if cache_dir is not None else model_cache_dir(manifest)
         try:

@@ -352,7 +352,8 @@ def _usable_table(s: SdSchedule, sampler: str, steps: int, eta: float) -> SdTabl
     t_max = s.num_train_timesteps
     if not (np.isfinite(table.coef).all() and (ts >= 0).all() and (ts < t_max).all()):
         return None
-    distinct = ts if sampler != "pndm" else np.delete(ts, 1)  # PLMS repeats its first timestep by design
+    # PLMS repeats its first timestep by design (a one-call table has nothing to repeat)
+    distinct = np.delete(ts, 1) if sampler == "pndm" and len(ts) > 1 else ts
     if len(np.unique(distinct)) != len(distinct):
         return None
     return table

@@ -54,7 +54,7 @@ class Generator:
     def __init__(self, cfg: ServeConfig):
         bundle = resolve_bundle(cfg.bundle)
         self.kind = KINDS[pipeline_kind(read_manifest(bundle))]
-        self.pipe = self.kind.open(bundle, cfg.backend)
+        self.pipe = self.kind.open(bundle, cfg.backend, cfg.precision)
         self.policy = AdaptiveRatio(cfg.latency_target_ms, cfg.max_ratio) if cfg.adaptive else None
         self.batcher = Batcher(self._run_batch, key=lambda r: r.batch_key, size=lambda r: r.num_images,
                                max_images=min(cfg.max_batch_size, self.kind.max_batch(self.pipe)),
@@ -62,6 +62,7 @@ class Generator:
 
     def describe(self) -> dict:
         return {"pid": os.getpid(), "backend": self.pipe.backend.name, "backend_reason": self.pipe.backend_reason,
+                "precisions": getattr(self.pipe, "precisions", None),
                 "torch_imported": "torch" in sys.modules, "queued": self.batcher.queued,
                 "ratio": None if self.policy is None else self.policy.ratio}
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 class ServeConfig:
     bundle: str  # as given: "demo" or a directory
     backend: str = "auto"
+    precision: str = "auto"  # auto, fp32, bf16: the CPU backend's precision per part (openvino; see run --precision)
     replicas: int = 1
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0

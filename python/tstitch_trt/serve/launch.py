@@ -20,6 +20,9 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
 
     s.add_argument("--bundle", default=DEMO_NAME, help="bundle directory, or 'demo'")
     s.add_argument("--backend", default="auto", help="auto, trt, trt-rtx, ort, openvino, torch")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="openvino (CPU): bf16 or fp32 per part; auto: bf16 where the bundle records it as safe on "
+                        "this CPU's bf16 ISA (as run --precision)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback unless you mean otherwise)")
     s.add_argument("--port", type=int_in(1, 65535), default=8000, help="HTTP port")
     s.add_argument("--replicas", type=int_in(1, 1024), default=None,
@@ -89,7 +92,8 @@ def service_config(args: argparse.Namespace) -> ServeConfig:
     if args.latency_target_ms is not None and args.latency_target_ms <= 0:
         raise UserError(f"--latency-target-ms must be > 0, got {args.latency_target_ms}")
     replicas, cpus, gpus = replica_resources(args.replicas, args.cores_per_replica)
-    return ServeConfig(bundle=str(args.bundle), backend=args.backend, replicas=replicas, cpus_per_replica=cpus,
+    return ServeConfig(bundle=str(args.bundle), backend=args.backend, precision=args.precision, replicas=replicas,
+                       cpus_per_replica=cpus,
                        gpus_per_replica=gpus, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                        max_queued=args.max_queued, request_timeout_s=args.request_timeout_s,
                        body_timeout_s=args.body_timeout_s,
@@ -105,7 +109,9 @@ def serve_forever(cfg: ServeConfig, host: str, port: int) -> int:
 
     manifest = read_manifest(resolve_bundle(cfg.bundle))  # a bad bundle or backend fails here, before Ray starts
     pipeline_kind(manifest)
-    backend_candidates(manifest, cfg.backend)
+    for kind, _ in backend_candidates(manifest, cfg.backend, cfg.precision):
+        if cfg.precision == "bf16" and kind != "openvino":  # refused here, in one line, before Ray starts
+            raise UserError(f"--precision bf16 is for --backend openvino (CPU); {kind} runs its engines' own precision")
     address = os.environ.get("RAY_ADDRESS") or None
     if address is None:
         check_port_free(host, port)

@@ -94,7 +94,7 @@ class PipelineKind:
     fields: tuple[str, ...]
     # (manifest, the request's sampler or None) -> run's defaults (sampler, cfg_scale, steps)
     defaults: Callable[[Manifest, str | None], tuple[str, float, int]]
-    open: Callable[[Path, str], Any]  # (bundle dir, backend) -> pipeline
+    open: Callable[[Path, str, str], Any]  # (bundle dir, backend, precision) -> pipeline
     max_batch: Callable[[Any], int]  # pipeline -> the largest engine batch it can run
     parse: Callable[[dict[str, Any], Manifest, bool, int], tuple[dict[str, Any], int]]  # -> conditioning, images
     validate: Callable[[Any, GenerateRequest], None]  # (pipeline, request); raises UserError
@@ -247,10 +247,10 @@ def _dit_defaults(manifest: Manifest, sampler: str | None) -> tuple[str, float, 
     return sampler or defaults.DEFAULT_SAMPLER, defaults.DEFAULT_CFG_SCALE, defaults.DEFAULT_STEPS
 
 
-def _dit_open(bundle: Path, backend: str) -> Any:
+def _dit_open(bundle: Path, backend: str, precision: str = "auto") -> Any:
     from tstitch_trt.pipeline.dit import StitchedPipeline
 
-    return StitchedPipeline.from_bundle(bundle, backend=backend)
+    return StitchedPipeline.from_bundle(bundle, backend=backend, precision=precision)
 
 
 def _max_batch(pipe: Any) -> int:
@@ -426,10 +426,10 @@ def _control_request(extras: dict[str, Any]) -> Any:
         end=extras.get("control_guidance_end", control.DEFAULT_GUIDANCE_END))
 
 
-def _sd_open(bundle: Path, backend: str) -> Any:
+def _sd_open(bundle: Path, backend: str, precision: str = "auto") -> Any:
     from tstitch_trt.pipeline.sd import StitchedSDPipeline
 
-    return StitchedSDPipeline.from_bundle(bundle, backend=backend)
+    return StitchedSDPipeline.from_bundle(bundle, backend=backend, precision=precision)
 
 
 def _sd_validate(pipe: Any, req: GenerateRequest) -> None:
