@@ -99,17 +99,18 @@ def test_bad_input_is_one_line_and_status(tmp_path, kw, message):
 
 
 def test_example_writes_the_demo_digits_as_a_png(tmp_path):
-    """cpp/examples' C service on this CPU: 4 images of one digit, as Python's pipeline makes them."""
+    """cpp/examples' C service on this CPU: 4 images of one digit, as Python's pipeline makes them (fp32: Python's
+    bf16 keeps the sensitive ops in fp32 by an IR marking the C++ engine does not apply yet, so bf16 differs)."""
     from PIL import Image
 
     png = tmp_path / "digits.png"
-    proc = subprocess.run([str(EXAMPLE), str(DEMO), str(png), "7", "20", "0.4"], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([str(EXAMPLE), str(DEMO), str(png), "7", "20", "0.4", "fp32"], capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "engine openvino" in proc.stdout, proc.stdout
+    assert "engine openvino; fp32 (requested)" in proc.stdout, proc.stdout
     got = np.asarray(Image.open(png))
-    ref = StitchedPipeline.from_bundle(DEMO, backend="openvino")([7] * 4, ratio=0.4, steps=20, sampler="ddpm",
-                                                                 cfg_scale=1.5, seed=0)
+    ref = StitchedPipeline.from_bundle(DEMO, backend="openvino", precision="fp32")(
+        [7] * 4, ratio=0.4, steps=20, sampler="ddpm", cfg_scale=1.5, seed=0)
     want = np.concatenate(list(ref.images[..., 0]), axis=1)  # side by side, gray
     assert got.shape == want.shape == (32, 128)
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1

@@ -109,10 +109,11 @@ int main(int argc, char** argv) {
   unsigned char* rgb = NULL;
   const char *engine = NULL, *precision = NULL;
   if (!bundle) {
-    fprintf(stderr, "usage: %s <bundle_dir> [out.png] [label] [steps] [ratio]\n", argv[0]);
+    fprintf(stderr, "usage: %s <bundle_dir> [out.png] [label] [steps] [ratio] [precision]\n", argv[0]);
     return 2;
   }
   tstitch_open_params_init(&params);
+  params.precision = argc > 6 ? argv[6] : NULL; /* NULL: auto, as `tstitch-trt run` */
   s = tstitch_open(bundle, &params, &rt);
   if (s != TSTITCH_OK) {
     fprintf(stderr, "error: cannot sample here (%s): %s\n", tstitch_status_name(s), tstitch_last_error());
