@@ -11,7 +11,9 @@ bf16 is OpenVINO's INFERENCE_PRECISION_HINT: the network runs in bf16 with fp32 
 only on CPUs with native bf16 (AVX512_BF16 / AMX) and, under `--precision auto`, only for models
 whose bundle records bf16 as safe (`tstitch-trt check --precision bf16 --record`).
 Each model is compiled for the batch in use (static shapes run ~10-15% faster than the dynamic
-graph); compiled blobs go to OpenVINO's model cache outside the bundle (which may be read-only).
+graph); compiled models are cached as blobs outside the bundle (which may be read-only), keyed without
+reading the graph (runtime/openvino_compile.py): a cached run imports the blobs and never reads the ONNX,
+and no ov.Model is kept once its compiled model exists (no second copy of the weights).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tstitch_trt.bundle.manifest import Manifest, artifact_path
 from tstitch_trt.errors import BackendUnavailable, UserError
 from tstitch_trt.runtime.host_buffers import HostStepBuffers
 from tstitch_trt.runtime.io_roles import StepIO, state_slots
+from tstitch_trt.runtime.openvino_compile import Compiled, compile_cached, has_blob
 
 PRECISIONS = ("auto", "fp32", "bf16")
 _HINT = {"fp32": "f32", "bf16": "bf16"}
@@ -93,10 +96,32 @@ def compile_static(core: Any, model: Any, shapes: dict[str, tuple[int, ...]], pr
     """`model` compiled for the CPU with every input at its static shape in `shapes`, in `precision`."""
     static = model.clone()
     static.reshape({inp.get_any_name(): list(shapes[inp.get_any_name()]) for inp in model.inputs})
+    return core.compile_model(static, "CPU", compile_config(precision, threads))
+
+
+def compile_config(precision: str, threads: int = 0) -> dict[str, Any]:
+    """The CPU plugin's properties for `precision` (an imported blob needs them again: they are not all in it)."""
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": _HINT[precision]}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    return core.compile_model(static, "CPU", config)
+    return config
+
+
+def read_onnx(core: Any, path: Path) -> Any:
+    """The ov.Model of an ONNX graph, or one line saying OpenVINO cannot read it."""
+    try:
+        return core.read_model(str(path))
+    except Exception as e:
+        raise BackendUnavailable(f"OpenVINO cannot read {path.name}: {str(e).strip().splitlines()[0][:200]}; "
+                                 "upgrade openvino or use --backend ort") from None
+
+
+def _writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
 
 
 class OpenVinoBackend(HostStepBuffers):
@@ -111,43 +136,57 @@ class OpenVinoBackend(HostStepBuffers):
         self.core = ov.Core()
         self.precisions, self.precision_reason = resolve_precisions(manifest, precision, cpu_has_bf16(self.core))
         self.threads = threads or int(os.environ.get("TSTITCH_OPENVINO_THREADS", "0"))
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else model_cache_dir(manifest)
-        try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            self.core.set_property({"CACHE_DIR": str(self.cache_dir)})
-        except OSError:
+        self.cache_dir: Path | None = Path(cache_dir) if cache_dir is not None else model_cache_dir(manifest)
+        self._notes = []
+        if not _writable_dir(self.cache_dir):
             self._notes = [f"OpenVINO model cache off: {self.cache_dir} is not writable"]
-        else:
-            self._notes = []
-        self.models = []  # read once; reshaped and compiled per batch in _compile
+            self.cache_dir = None
+        self._paths = []
+        self._shas = []  # each graph's files' sha256 (verified when the bundle was opened): the cache keys
         for m in manifest.models:
             if ONNX_ENTRY not in m.engines:
                 raise UserError(f"the bundle has no ONNX graph for {m.name}; rebuild with --backend ort")
-            path = artifact_path(bundle_dir, m.engines[ONNX_ENTRY])
-            try:
-                self.models.append(self.core.read_model(str(path)))
-            except Exception as e:
-                raise BackendUnavailable(f"OpenVINO cannot read {path.name}: {str(e).strip().splitlines()[0][:200]}; "
-                                         "upgrade openvino or use --backend ort") from None
+            self._paths.append(artifact_path(bundle_dir, m.engines[ONNX_ENTRY]))
+            self._shas.append([sha for _, sha in m.engines[ONNX_ENTRY].files()])
+        # a graph this cache never compiled is read now (an OpenVINO too old for it refuses here, so `auto`
+        # moves on) and kept only until its first compile; a cached one is never read (openvino_compile.py)
+        self._read: list[Any] = [None if has_blob(self.cache_dir, sha) else read_onnx(self.core, path)
+                                 for path, sha in zip(self._paths, self._shas, strict=True)]
         self.io = StepIO.from_io(manifest.io)
         self.allocations = 0
         self.compiles = 0
+        self.compile_sources: list[str] = []  # per model: "cache" (blob imported) or "compiled", last compile
         self._shape_key: tuple | None = None
         self._compiled_for: tuple | None = None
         self._requests: list[list[Any]] = []  # [model][parity]
+        self.compiled: list[Any] = []
+        self._compiled: list[Compiled] = []
 
     # compiled models ------------------------------------------------------------------------------
     def _compile(self, dims: dict[str, int]) -> None:
-        """Compile every model for these dims (static shapes); the model cache makes a repeat cheap."""
+        """Compile every model for these dims (static shapes); a cached blob is imported without the ONNX."""
         key = tuple(sorted(dims.items()))
         if key == self._compiled_for:
             return
-        self._requests = []
+        # the old shape's models go before new ones come
+        self._requests, self._rows, self.compiled, self._compiled = [], [], [], []
         shapes = {n: self.io.shape(n, dims) for n in self.io.inputs}
-        self.compiled = [compile_static(self.core, model, shapes, precision, self.threads)
-                         for model, precision in zip(self.models, self.precisions, strict=True)]
+        self._compiled = []
+        for i, precision in enumerate(self.precisions):
+            self._compiled.append(compile_cached(
+                self.core, lambda i=i: self._take_model(i),
+                lambda model, precision=precision: compile_static(self.core, model, shapes, precision, self.threads),
+                self._shas[i], shapes, precision, self.threads, self.cache_dir,
+                compile_config(precision, self.threads)))
+        self.compiled = [c.model for c in self._compiled]
+        self.compile_sources = [c.source for c in self._compiled]
         self.compiles += len(self.compiled)
         self._compiled_for = key
+
+    def _take_model(self, i: int) -> Any:
+        """The ov.Model of graph i, handed over (not kept): read at open, or read again for a new shape."""
+        model, self._read[i] = self._read[i], None
+        return model if model is not None else read_onnx(self.core, self._paths[i])
 
     # buffers: runtime/host_buffers.py (compiled for each new shape); bound here ------------------------
     def _prepare_shape(self, dims: dict[str, int]) -> None:
@@ -191,11 +230,15 @@ class OpenVinoBackend(HostStepBuffers):
 
     def take_notes(self) -> list[str]:
         notes, self._notes = self._notes, []
-        return [f"openvino precision: {self.precision_reason}", *notes]
+        sources = [f"{m.name} {'from the model cache' if s == 'cache' else 'compiled (now cached)'}"
+                   for m, s in zip(self.manifest.models, self.compile_sources, strict=False)]
+        return [f"openvino precision: {self.precision_reason}", *notes,
+                *([f"openvino models: {', '.join(sources)}"] if sources else [])]
 
     def close(self) -> None:
         self._requests = []
         self._rows = []
         self.compiled = []
+        self._compiled = []
         self._shape_key = None
         self._compiled_for = None
