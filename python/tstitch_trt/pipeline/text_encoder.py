@@ -35,6 +35,12 @@ def open_text_encoder_outputs(bundle_dir: Path, te: Mapping[str, Any], backend: 
     if kind not in engines:
         raise UserError(f"the bundle's text encoder has no artifact usable with {backend} (has: {', '.join(engines)})")
     entry = engines[kind]
+    if kind == "ort" and backend == "openvino":  # the same ONNX graph on OpenVINO
+        from tstitch_trt.runtime.openvino_parts import OpenVinoGraph
+
+        graph = OpenVinoGraph(bundle_dir, entry, precision="fp32")
+        inp = next(iter(te["io"]["inputs"]))
+        return lambda ids: {n: graph({inp: ids.astype(np.int64)})[n] for n in names}
     if kind == "ort":
         import onnxruntime as ort
 

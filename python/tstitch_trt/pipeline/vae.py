@@ -19,6 +19,11 @@ def open_decoder(bundle_dir: Path, manifest: Manifest, backend: str) -> Callable
     if kind not in engines:
         raise UserError(f"the bundle's VAE has no artifact usable with {backend} (has: {', '.join(engines)})")
     entry = engines[kind]
+    if kind == "ort" and backend == "openvino":  # the same ONNX graph on OpenVINO
+        from tstitch_trt.runtime.openvino_parts import OpenVinoGraph
+
+        graph = OpenVinoGraph(bundle_dir, entry, precision="fp32")
+        return lambda z: graph({"latent": z.astype(np.float32)})["image"]
     if kind == "ort":
         import onnxruntime as ort
 

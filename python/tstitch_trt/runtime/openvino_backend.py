@@ -55,11 +55,16 @@ def cpu_has_bf16(core: Any) -> bool:
 def model_cache_dir(manifest: Manifest) -> Path:
     """OpenVINO's compiled-model cache for this bundle: outside it, keyed by its graphs' checksums."""
     digest = hashlib.sha256("".join(m.engines[ONNX_ENTRY].sha256 for m in manifest.models).encode()).hexdigest()
+    return cache_root() / digest[:16]
+
+
+def cache_root() -> Path:
+    """$TSTITCH_OPENVINO_CACHE, else $XDG_CACHE_HOME (~/.cache)/tstitch-trt/openvino."""
     root = os.environ.get("TSTITCH_OPENVINO_CACHE")
     if not root:
         base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         root = str(Path(base) / "tstitch-trt" / "openvino")
-    return Path(root) / digest[:16]
+    return Path(root)
 
 
 def bf16_recorded_safe(model: Any) -> bool:
