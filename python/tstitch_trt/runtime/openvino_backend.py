@@ -7,7 +7,9 @@ two requests, one per ping-pong parity (OpenVINO's CPU plugin keeps activations 
 model, not per request, so the second request costs no memory); a step points its request at its
 row of the t / coef / noise tables (ov.Tensor views made once per shape, no data moved).
 
-bf16 is OpenVINO's INFERENCE_PRECISION_HINT: the network runs in bf16 with fp32 I/O. It is used
+bf16 is OpenVINO's INFERENCE_PRECISION_HINT: the network runs in bf16 with fp32 I/O, and the numerically
+sensitive ops (timestep embedding, softmax, normalization, exp, CFG + sampler tail) are marked to stay
+fp32 (runtime/openvino_precision.py), so bf16 is only in the matmul/conv body. It is used
 only on CPUs with native bf16 (AVX512_BF16 / AMX) and, under `--precision auto`, only for models
 whose bundle records bf16 as safe (`tstitch-trt check --precision bf16 --record`).
 Each model is compiled for the batch in use (static shapes run ~10-15% faster than the dynamic
@@ -31,6 +33,7 @@ from tstitch_trt.errors import BackendUnavailable, UserError
 from tstitch_trt.runtime.host_buffers import HostStepBuffers
 from tstitch_trt.runtime.io_roles import StepIO, state_slots
 from tstitch_trt.runtime.openvino_compile import Compiled, compile_cached, has_blob
+from tstitch_trt.runtime.openvino_precision import marked_for_bf16
 
 PRECISIONS = ("auto", "fp32", "bf16")
 _HINT = {"fp32": "f32", "bf16": "bf16"}
@@ -101,6 +104,8 @@ def compile_static(core: Any, model: Any, shapes: dict[str, tuple[int, ...]], pr
     """`model` compiled for the CPU with every input at its static shape in `shapes`, in `precision`."""
     static = model.clone()
     static.reshape({inp.get_any_name(): list(shapes[inp.get_any_name()]) for inp in model.inputs})
+    if precision == "bf16":  # bf16 only inside the matmul/conv body, whatever the CPU's ISA
+        static = marked_for_bf16(core, static)
     return core.compile_model(static, "CPU", compile_config(precision, threads))
 
 
