@@ -395,11 +395,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     cli_control.refuse_controlnet_build(args)
     cfg = build_config_from_args(args)
     from tstitch_trt.export.build import build_bundle
-    from tstitch_trt.progress import Stages
+    from tstitch_trt.progress import Stages, peak_rss_bytes
 
     with Stages() as stages:
         manifest = build_bundle(cfg, stage=stages.stage)
-    print(f"wrote bundle {cfg.out} ({', '.join(manifest.backends())}) in {stages.total_seconds:.1f} s")
+    print(f"wrote bundle {cfg.out} ({', '.join(manifest.backends())}) in {stages.total_seconds:.1f} s, "
+          f"peak RSS {peak_rss_bytes() / 2**30:.2f} GB")
     return 0
 
 

@@ -112,10 +112,12 @@ def cmd_build_sd(args: argparse.Namespace) -> int:
                         guidance=getattr(args, "guidance", None) or "auto",
                         loras=[parse_lora_spec(s) for s in getattr(args, "lora", None) or []],
                         controlnet=getattr(args, "controlnet", None))
-    manifest = build_sd_bundle(cfg, on_model=lambda name: print(f"exporting {name} ...", flush=True))
-    for k, v in manifest.io.get("build_seconds", {}).items():
-        print(f"  {k}: {v:.1f} s")
-    print(f"wrote bundle {cfg.out} ({', '.join(manifest.backends())})")
+    from tstitch_trt.progress import Stages, peak_rss_bytes
+
+    with Stages() as stages:
+        manifest = build_sd_bundle(cfg, stage=stages.stage)
+    print(f"wrote bundle {cfg.out} ({', '.join(manifest.backends())}) in {stages.total_seconds:.1f} s, "
+          f"peak RSS {peak_rss_bytes() / 2**30:.2f} GB")
     return 0
 
 

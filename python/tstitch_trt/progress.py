@@ -1,4 +1,6 @@
-"""Progress of long stages (exports, engine builds): one line per stage with its elapsed time.
+"""Progress of long stages (exports, engine builds): one line per stage with its elapsed time and the
+process's peak resident memory so far (real-size builds are memory-bound: the figure says which stage
+set the peak).
 
 On a terminal the current stage's line ticks its elapsed seconds while it runs (exports take
 20 s and more, engine builds minutes); elsewhere (logs, CI) each stage prints one finished line.
@@ -12,6 +14,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (0 where the OS does not report it)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports kB, macOS bytes
 
 
 class Stages:
@@ -62,5 +74,7 @@ class Stages:
             elapsed = time.perf_counter() - t0
             self.seconds[name] = elapsed
             end = "\r" if self.live else ""
-            self.stream.write(f"{end}{label} {'done' if ok else 'failed'} in {elapsed:.1f} s\n")
+            rss = peak_rss_bytes()
+            memory = f", peak RSS {rss / 2**30:.2f} GB" if rss else ""
+            self.stream.write(f"{end}{label} {'done' if ok else 'failed'} in {elapsed:.1f} s{memory}\n")
             self.stream.flush()

@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import json
 import math
+import posixpath
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tstitch_trt.bundle.files import checked_file, sha256_file, staged_bundle
+from tstitch_trt.bundle.onnx_refs import check_external_data, external_locations
 from tstitch_trt.bundle.schema import FORMAT, FORMAT_VERSION, validate_schema
 from tstitch_trt.errors import BundleError, UserError
 
 __all__ = ["BACKENDS", "FORMAT", "FORMAT_VERSION", "EngineEntry", "Manifest", "ModelEntry", "add_file",
-           "artifact_path", "read_manifest", "sha256_file", "staged_bundle", "verify_bundle", "write_manifest"]
+           "artifact_path", "onnx_entry", "read_manifest",
+           "sha256_file", "staged_bundle", "verify_bundle", "write_manifest"]
 
 BACKENDS = ("trt", "trt-rtx", "ort", "torch")
 ARTIFACTS_OF = {"openvino": "ort"}  # backends that run another backend's artifacts (OpenVINO: the ONNX graphs)
@@ -316,10 +319,12 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
 
 
 def verify_bundle(bundle_dir: str | Path, manifest: Manifest) -> None:
-    """Every file the manifest names: inside the bundle, present, and matching its sha256."""
+    """Every file the manifest names: inside the bundle, present, and matching its sha256; every ONNX
+    graph's external weights listed (and so checksummed) and inside the bundle."""
     for _, entry in manifest.artifacts():
         for rel, digest in entry.files():
             checked_file(bundle_dir, rel, digest)
+        _check_graph_refs(bundle_dir, entry)
         if entry.extra.get("dir"):
             from tstitch_trt.bundle.files import inside
 
@@ -329,7 +334,25 @@ def verify_bundle(bundle_dir: str | Path, manifest: Manifest) -> None:
 def artifact_path(bundle_dir: str | Path, entry: EngineEntry, verify: bool = True) -> Path:
     """Path of an artifact, checked to be inside the bundle, to exist and (verify) to match its sha256."""
     paths = [checked_file(bundle_dir, rel, digest, verify) for rel, digest in entry.files()]
+    _check_graph_refs(bundle_dir, entry)
     return paths[0]
+
+
+def _check_graph_refs(bundle_dir: str | Path, entry: EngineEntry) -> None:
+    """An ONNX graph names its external weight files itself: each must be one the entry lists (checksummed)
+    and inside the bundle (bundle/onnx_refs.py), whatever the manifest says."""
+    if entry.file.endswith(".onnx"):
+        check_external_data(bundle_dir, entry.file, [d["file"] for d in entry.extra.get("external_data", [])])
+
+
+def onnx_entry(bundle_dir: str | Path, rel: str, **entry: Any) -> EngineEntry:
+    """The entry of an ONNX graph in the bundle: its checksum and, over 2 GB, its external weight files'."""
+    graph = Path(bundle_dir) / rel
+    data = [posixpath.normpath(posixpath.join(posixpath.dirname(rel), loc)) for loc in external_locations(graph)]
+    extra = dict(entry.pop("extra", {}))
+    if data:
+        extra["external_data"] = [{"file": f, "sha256": sha256_file(Path(bundle_dir) / f)} for f in data]
+    return EngineEntry(file=rel, sha256=sha256_file(graph), extra=extra, **entry)
 
 
 def directory_entry(bundle_dir: Path, rel_dir: str, **entry: Any) -> EngineEntry:

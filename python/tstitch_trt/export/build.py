@@ -14,7 +14,7 @@ import torch
 from tstitch_trt import __version__
 from tstitch_trt.bundle.manifest import EngineEntry, Manifest, ModelEntry, add_file, staged_bundle, write_manifest
 from tstitch_trt.errors import UserError
-from tstitch_trt.export.onnx_export import export_step_graph, external_data_files, io_spec
+from tstitch_trt.export.onnx_export import export_step_graph, io_spec
 from tstitch_trt.export.step_module import StepModule
 from tstitch_trt.models.checkpoints import load_dit, save_dit
 from tstitch_trt.models.dit import DiT, DiTConfig, dit_config, randomized_dit
@@ -190,12 +190,9 @@ def _onnx_precisions(cfg: BuildConfig) -> Sequence[str]:
 
 def _entry(bundle: Path, rel: str, precision: str, cfg: BuildConfig, builder: dict | None = None) -> EngineEntry:
     """The manifest entry of an artifact; an ONNX graph's external weights get their own checksums."""
-    from tstitch_trt.bundle.manifest import sha256_file
+    from tstitch_trt.bundle.manifest import onnx_entry, sha256_file
 
-    extra = {}
     if rel.endswith(".onnx"):
-        data = external_data_files(bundle / rel)
-        if data:
-            extra["external_data"] = [{"file": str(f.relative_to(bundle)), "sha256": sha256_file(f)} for f in data]
+        return onnx_entry(bundle, rel, precision=precision, batch_range=cfg.batch_range, builder=builder or {})
     return EngineEntry(file=rel, sha256=sha256_file(bundle / rel), precision=precision,
-                       batch_range=cfg.batch_range, builder=builder or {}, extra=extra)
+                       batch_range=cfg.batch_range, builder=builder or {})

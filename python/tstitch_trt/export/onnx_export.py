@@ -12,7 +12,9 @@ import copy
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,7 +65,6 @@ def export_step_graph(step: StepModule, path: str | Path, precision: str = "fp32
     The fp16 graph is checked against the typing rules of this module's docstring before it is
     written (a violation is a bug here, not a user error).
     """
-    import onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,11 +92,93 @@ def export_step_graph(step: StepModule, path: str | Path, precision: str = "fp32
                 dynamo=False,
             )
         del module
-        model = onnx.load(str(raw))  # external data, if any, is read in here
-    model = clean_graph(model)
-    check_step_graph_typing(model, precision)
-    save_graph(model, path)
+        finish_export(raw, path, lambda m: check_step_graph_typing(m, precision))
     return path
+
+
+def finish_export(raw: Path, path: Path, check: Callable[[Any], object] | None = None,
+                  prepare: Callable[[Any], object] | None = None) -> Path:
+    """The raw torch export `raw` (in a private directory) -> the cleaned, checked graph at `path`.
+
+    Below 2 GB the graph is one protobuf, cleaned (constant folding included) in memory as before. Over
+    2 GB torch wrote every weight to its own file beside `raw`: the graph is then loaded WITHOUT its
+    weights, cleaned and checked (`check(model)`: typing, on the weightless graph) as structure only, and
+    the weights are streamed once, file by file, into `path.name + '.data'`: never two copies of a
+    multi-GB graph in memory, never one whole copy (torch already folded constants at export).
+    Call it inside the raw export's directory context: the raw weights are read from there.
+    """
+    import onnx
+
+    header = onnx.load(str(raw), load_external_data=False)
+    if prepare:  # edits of the raw graph's structure, before cleanup
+        prepare(header)
+    if not _external_initializers(header):
+        model = clean_graph(header)
+        if check:
+            check(model)
+        save_graph(model, path)
+        return path
+    model = clean_graph(header, fold=False)
+    if check:
+        check(model)
+    stream_external_data(model, raw.parent, path)
+    return path
+
+
+def _copy_range(src, dst, offset: int, count: int, name: str) -> None:
+    """count bytes of src from offset appended to dst: in the kernel where it can (no user-space copy)."""
+    dst.flush()
+    while count > 0:
+        try:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), min(count, 1 << 30), offset)
+        except (AttributeError, OSError):  # not Linux, or across file systems that refuse it
+            src.seek(offset)
+            chunk = src.read(min(count, 16 << 20))
+            n = len(chunk)
+            dst.write(chunk)
+            dst.flush()
+        if n == 0:
+            raise RuntimeError(f"internal error: the raw export's weight {name} is truncated")
+        offset += n
+        count -= n
+    dst.seek(0, os.SEEK_END)
+
+
+def _external_initializers(model) -> list:
+    import onnx
+
+    return [i for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+
+
+_ALIGN = 4096  # page-aligned offsets: runtimes can map the weights instead of copying them
+
+
+def stream_external_data(model, src_dir: Path, path: Path) -> None:
+    """Write `model` (a weightless header whose external initializers live in files under `src_dir`) to
+    `path`, copying each weight's bytes once, in 16 MB chunks, into one `path.name + '.data'` file."""
+    import onnx
+
+    data_name = external_data_name(path)
+    src_root = Path(src_dir).resolve()
+    with open(path.parent / data_name, "wb") as out:
+        for init in _external_initializers(model):
+            info = {e.key: e.value for e in init.external_data}
+            src = (src_root / info["location"]).resolve()
+            if not src.is_relative_to(src_root):  # our own export; a bug if it points elsewhere
+                raise RuntimeError(f"internal error: the raw export's weight {init.name} lives outside {src_root}")
+            offset, length = int(info.get("offset", 0)), info.get("length")
+            pad = -out.tell() % _ALIGN
+            out.write(b"\0" * pad)
+            start = out.tell()
+            with open(src, "rb") as f:
+                left = int(length) if length is not None else src.stat().st_size - offset
+                _copy_range(f, out, offset, left, init.name)
+            del init.external_data[:]
+            for key, value in (("location", data_name), ("offset", str(start)), ("length", str(out.tell() - start))):
+                init.external_data.add(key=key, value=value)
+    os.chmod(path.parent / data_name, 0o644)
+    onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path))  # by path: the checker resolves (and confines) the external file
 
 
 def save_graph(model, path: Path) -> None:  # model: onnx.ModelProto
@@ -206,13 +289,18 @@ def _without_weights(model):  # the graph with empty initializer payloads (types
     return light
 
 
-def clean_graph(model):  # onnx.ModelProto -> onnx.ModelProto
-    """Constant folding, dead-node removal, topological sort (onnx-graphsurgeon), shape inference."""
+def clean_graph(model, fold: bool = True):  # onnx.ModelProto -> onnx.ModelProto
+    """Constant folding, dead-node removal, topological sort (onnx-graphsurgeon), shape inference.
+
+    fold=False: structure only, for a header whose weights are external and not loaded (folding would
+    read them); the weights' protos pass through untouched (graphsurgeon keeps lazy values as they are)."""
     import onnx
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(model)
-    graph.fold_constants().cleanup().toposort()
+    if fold:
+        graph.fold_constants()
+    graph.cleanup().toposort()
     cleaned = gs.export_onnx(graph)
     cleaned.opset_import[0].version = model.opset_import[0].version
     if _fits_proto(cleaned):

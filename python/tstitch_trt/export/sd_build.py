@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from tstitch_trt.bundle.manifest import (
     Manifest,
     ModelEntry,
     directory_entry,
+    onnx_entry,
     sha256_file,
     staged_bundle,
     write_manifest,
@@ -40,6 +42,11 @@ from tstitch_trt.export.unet_step import GUIDANCE_MODES, UNetStepModule
 from tstitch_trt.models.sd import SdSource, check_pair, load_text_encoder, load_unet, resolve_source
 
 BUILD_BACKENDS = ("torch", "ort", "trt", "trt-rtx")
+
+
+@contextmanager
+def _no_progress(name: str) -> Iterator[None]:
+    yield
 
 
 @dataclass
@@ -57,7 +64,10 @@ class SdBuildConfig:
     controlnet: str | None = None  # a diffusers ControlNetModel directory or hub id, inside every step graph
 
 
-def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None = None) -> Manifest:
+def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None = None,
+                    stage: Callable[[str], AbstractContextManager] = _no_progress) -> Manifest:
+    """Write the bundle atomically. `stage(name)` wraps every long step (each load, export and engine
+    build, one model at a time): the CLI prints each with its time and peak memory."""
     unknown = [b for b in cfg.backends if b not in BUILD_BACKENDS]
     if unknown:
         raise UserError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BUILD_BACKENDS)}")
@@ -85,12 +95,12 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
         t0 = time.perf_counter()
         # SDXL: both encoders' penultimate hidden state, raw (diffusers' SDXL encode_prompt)
         text_encoder = _write_text_encoder(tmp, large, cfg, builders, text_len, facts["text_width"],
-                                           layer="penultimate-raw" if sdxl else "last")
+                                           layer="penultimate-raw" if sdxl else "last", stage=stage)
         timings["text encoder"] = time.perf_counter() - t0
         sdxl_parts: dict[str, Any] = {}
         if sdxl:
             t0 = time.perf_counter()
-            sdxl_parts = _write_sdxl_text_parts(tmp, large, cfg, builders, facts)
+            sdxl_parts = _write_sdxl_text_parts(tmp, large, cfg, builders, facts, stage)
             timings["text encoder 2"] = time.perf_counter() - t0
         entries, io = [], None
         for i, src in enumerate(sources):
@@ -98,7 +108,7 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
                 on_model(src.name)
             t0 = time.perf_counter()
             entry, io = _write_unet(tmp, i, src, cfg, builders, text_len, guidance, loras.get(i, []),
-                                    control and control[1], facts["vae_factor"])
+                                    control and control[1], facts["vae_factor"], stage)
             entries.append(entry)
             timings[f"unet {src.name}"] = time.perf_counter() - t0
         c, s = facts["latent_channels"], facts["sample_size"]
@@ -106,9 +116,10 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
         from tstitch_trt.export.vae_export import add_vae
 
         # the fp16 probe decodes N(0,1) / scaling_factor: what the pipeline feeds (SDXL's VAE overflows there)
-        vae = add_vae(tmp, str(large / "vae"), cfg.backends, cfg.batch_range, (c, s, s), precision=cfg.precision,
-                      engine_builders=builders, downsample=facts["vae_factor"], dynamic_hw=True,
-                      probe_scale=1.0 / facts["latent_scale_factor"] if sdxl else None)
+        with stage(f"VAE decoder ({', '.join(b for b in cfg.backends)})"):
+            vae = add_vae(tmp, str(large / "vae"), cfg.backends, cfg.batch_range, (c, s, s),
+                          precision=cfg.precision, engine_builders=builders, downsample=facts["vae_factor"],
+                          dynamic_hw=True, probe_scale=1.0 / facts["latent_scale_factor"] if sdxl else None)
         timings["vae"] = time.perf_counter() - t0
         conditioning = {**sdxl_parts.pop("conditioning", {}), "guidance": guidance}
         if control:
@@ -190,24 +201,30 @@ def _write_tokenizer(tmp: Path, large: Path, text_len: int, part: str = "tokeniz
 
 def _write_text_encoder(tmp: Path, large: Path, cfg: SdBuildConfig, builders: dict | None, text_len: int,
                         width: int, part: str = "text_encoder", layer: str = "last",
-                        pooled_dim: int = 0) -> dict[str, Any]:
+                        pooled_dim: int = 0, stage: Callable[[str], AbstractContextManager] = _no_progress
+                        ) -> dict[str, Any]:
     """One CLIP text encoder's artifacts; pooled_dim > 0 (SDXL text_encoder_2): its graphs also output the
     pooled text_embeds."""
-    clip = load_text_encoder(large, part)
+    with stage(f"load {part}"):
+        clip = load_text_encoder(large, part)
     engines: dict[str, EngineEntry] = {}
     pooled = pooled_dim > 0
     io = text_io_spec(text_len, width, cfg.batch_range, pooled_dim)
     if "torch" in cfg.backends:
-        clip.save_pretrained(str(tmp / part / "diffusers"), safe_serialization=True)
-        engines["torch"] = directory_entry(tmp, f"{part}/diffusers")
+        with stage(f"save {part} (torch)"):
+            clip.save_pretrained(str(tmp / part / "diffusers"), safe_serialization=True)
+            engines["torch"] = directory_entry(tmp, f"{part}/diffusers")
     if "ort" in cfg.backends:
         rel = f"{part}/{part}-fp32.onnx"
-        export_text_encoder(clip, tmp / rel, "fp32", text_len, layer, pooled)
-        engines["ort"] = EngineEntry(file=rel, sha256=sha256_file(tmp / rel), batch_range=cfg.batch_range)
+        with stage(f"export {part} fp32 graph (ort)"):
+            export_text_encoder(clip, tmp / rel, "fp32", text_len, layer, pooled)
+            engines["ort"] = onnx_entry(tmp, rel, batch_range=cfg.batch_range)
     if builders:
         graph = tmp / f"{part}/{part}-{cfg.precision}-src.onnx"
-        export_text_encoder(clip, graph, cfg.precision, text_len, layer, pooled)
-        engines.update(_engine_entries(tmp, builders, graph, f"{part}/{part}", cfg, io))
+        with stage(f"export {part} {cfg.precision} graph (engines)"):
+            export_text_encoder(clip, graph, cfg.precision, text_len, layer, pooled)
+        del clip  # the engine builds need only the graph
+        engines.update(_engine_entries(tmp, builders, graph, f"{part}/{part}", cfg, io, stage))
     entry = {"source": str(large / part), "kind": type(clip).__name__, "hidden_state": layer, "engines": engines,
              "io": io}
     if pooled:
@@ -216,14 +233,15 @@ def _write_text_encoder(tmp: Path, large: Path, cfg: SdBuildConfig, builders: di
 
 
 def _write_sdxl_text_parts(tmp: Path, large: Path, cfg: SdBuildConfig, builders: dict | None,
-                           facts: dict[str, Any]) -> dict[str, Any]:
+                           facts: dict[str, Any], stage: Callable[[str], AbstractContextManager] = _no_progress
+                           ) -> dict[str, Any]:
     """SDXL's tokenizer_2, text_encoder_2 (OpenCLIP bigG with projection) and the manifest's conditioning."""
     text_len = facts["text_2_max_length"]
     return {
         "tokenizer_2": _write_tokenizer(tmp, large, text_len, "tokenizer_2"),
         "text_encoder_2": _write_text_encoder(tmp, large, cfg, builders, text_len, facts["text_2_width"],
                                               part="text_encoder_2", layer="penultimate-raw",
-                                              pooled_dim=facts["text_embeds_dim"]),
+                                              pooled_dim=facts["text_embeds_dim"], stage=stage),
         "conditioning": {"guidance": "cfg", "force_zeros_for_empty_prompt": facts["force_zeros_for_empty_prompt"],
                          "text_embeds_dim": facts["text_embeds_dim"], "time_ids": 6},
     }
@@ -231,39 +249,50 @@ def _write_sdxl_text_parts(tmp: Path, large: Path, cfg: SdBuildConfig, builders:
 
 def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: dict | None,
                 text_len: int, guidance: str, loras: list[LoraSpec], controlnet: torch.nn.Module | None = None,
-                pixel_factor: int = 8) -> tuple[ModelEntry, dict]:
-    """pixel_factor: the VAE's (a ControlNet's image is pixel_factor x the latent)."""
-    unet = load_unet(src.unet_dir)
-    lora = fuse_loras(unet, loras) if loras else None
-    step = UNetStepModule(unet, controlnet, guidance=guidance).eval()
+                pixel_factor: int = 8, stage: Callable[[str], AbstractContextManager] = _no_progress
+                ) -> tuple[ModelEntry, dict]:
+    """pixel_factor: the VAE's (a ControlNet's image is pixel_factor x the latent). One U-Net in memory at a
+    time: it is freed before the engine builds (they need only the graph) and before the next model loads."""
+    with stage(f"load U-Net {src.name}"):
+        unet = load_unet(src.unet_dir)
+        lora = fuse_loras(unet, loras) if loras else None
+        step = UNetStepModule(unet, controlnet, guidance=guidance).eval()
     tag = f"{i}-{src.name}"
     engines: dict[str, EngineEntry] = {}
     if "torch" in cfg.backends:
         rel_dir = f"unet/{tag}"
-        unet.save_pretrained(str(tmp / rel_dir), safe_serialization=True)
-        engines["torch"] = directory_entry(tmp, rel_dir, batch_range=cfg.batch_range)
+        with stage(f"save U-Net {src.name} (torch)"):
+            unet.save_pretrained(str(tmp / rel_dir), safe_serialization=True)
+            engines["torch"] = directory_entry(tmp, rel_dir, batch_range=cfg.batch_range)
     if "ort" in cfg.backends:
         rel = f"onnx/{tag}-fp32.onnx"
-        export_unet_step(step, tmp / rel, "fp32", text_len, pixel_factor)
-        engines["ort"] = EngineEntry(file=rel, sha256=sha256_file(tmp / rel), batch_range=cfg.batch_range)
+        with stage(f"export U-Net {src.name} fp32 step graph (ort)"):
+            export_unet_step(step, tmp / rel, "fp32", text_len, pixel_factor)
+            engines["ort"] = onnx_entry(tmp, rel, batch_range=cfg.batch_range)
     io = unet_io_spec(step, text_len, pixel_factor)
     if builders:
         graph = tmp / f"onnx/{tag}-{cfg.precision}-src.onnx"
-        export_unet_step(step, graph, cfg.precision, text_len, pixel_factor)
-        engines.update(_engine_entries(tmp, builders, graph, f"trt/{tag}", cfg, io))
+        with stage(f"export U-Net {src.name} {cfg.precision} step graph (engines)"):
+            export_unet_step(step, graph, cfg.precision, text_len, pixel_factor)
+    del step, unet
+    if builders:
+        engines.update(_engine_entries(tmp, builders, graph, f"trt/{tag}", cfg, io, stage))
     arch = {k: v for k, v in src.unet_config().items() if not k.startswith("_")}
     return ModelEntry(name=src.name, family="unet", arch=arch, engines=engines, lora=lora), io
 
 
 def _engine_entries(tmp: Path, builders: dict[str, Any], graph: Path, stem: str, cfg: SdBuildConfig,
-                    io: dict) -> dict[str, EngineEntry]:
+                    io: dict, stage: Callable[[str], AbstractContextManager] = _no_progress
+                    ) -> dict[str, EngineEntry]:
     """One engine per builder kind from the fp16 (or fp32) source graph, written as STEM-KIND-PRECISION.plan;
     the source graph is removed afterwards (engines are what the bundle keeps)."""
     engines = {}
     for kind, builder in builders.items():
         rel = f"{stem}-{kind}-{cfg.precision}.plan"
-        info = builder.build(graph, tmp / rel, cfg.batch_range, io)
+        with stage(f"build {kind} {cfg.precision} engine {Path(rel).name}"):
+            info = builder.build(graph, tmp / rel, cfg.batch_range, io)
         engines[kind] = EngineEntry(file=rel, sha256=sha256_file(tmp / rel), precision=cfg.precision,
                                     batch_range=cfg.batch_range, builder=info)
-    graph.unlink()
+    for f in graph.parent.glob(graph.name + "*"):  # the source graph and its external weights
+        f.unlink()
     return engines

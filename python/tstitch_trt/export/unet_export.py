@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tstitch_trt.export.onnx_export import OPSET, check_step_graph_typing, clean_graph, save_graph
+from tstitch_trt.export.onnx_export import OPSET, check_step_graph_typing, finish_export
 from tstitch_trt.export.unet_step import UNET_STEP_OUTPUTS, UNetStepModule
 from tstitch_trt.sampling.sd_samplers import HISTORY, SD_NUM_COEFS
 
@@ -87,7 +87,6 @@ def example_unet_inputs(step: UNetStepModule, text_len: int, batch: int = 1, pix
 def export_unet_step(step: UNetStepModule, path: str | Path, precision: str, text_len: int,
                      pixel_factor: int = 8) -> Path:
     """Write the U-Net step graph (fp32, or fp16-typed for engines) and check its typing."""
-    import onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,11 +103,9 @@ def export_unet_step(step: UNetStepModule, path: str | Path, precision: str, tex
             torch.onnx.export(module.eval(), example_unet_inputs(step, text_len, pixel_factor=pixel_factor),
                               str(raw), input_names=list(names), output_names=list(UNET_STEP_OUTPUTS),
                               dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True, dynamo=False)
-        model = onnx.load(str(raw))
-    _restore_unused_inputs(model, spec, names)
-    model = clean_graph(model)
-    check_step_graph_typing(model, precision, float_io=names + UNET_STEP_OUTPUTS, int_io=())
-    save_graph(model, path)
+        finish_export(raw, path, prepare=lambda m: _restore_unused_inputs(m, spec, names),
+                      check=lambda m: check_step_graph_typing(m, precision, float_io=names + UNET_STEP_OUTPUTS,
+                                                              int_io=()))
     return path
 
 
@@ -194,7 +191,6 @@ class TextEncoder(torch.nn.Module):
 
 def export_text_encoder(clip: torch.nn.Module, path: str | Path, precision: str, text_len: int,
                         layer: str = "last", pooled: bool = False) -> Path:
-    import onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,8 +209,7 @@ def export_text_encoder(clip: torch.nn.Module, path: str | Path, precision: str,
             torch.onnx.export(enc, (ids,), str(raw), input_names=[TEXT_INPUT], output_names=outputs,
                               dynamic_axes={n: {0: "N"} for n in [TEXT_INPUT, *outputs]}, opset_version=OPSET,
                               do_constant_folding=True, dynamo=False)
-        model = onnx.load(str(raw))
-    save_graph(clean_graph(model), path)
+        finish_export(raw, path)
     return path
 
 

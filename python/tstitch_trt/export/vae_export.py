@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tstitch_trt.bundle.manifest import EngineEntry, directory_entry, sha256_file
+from tstitch_trt.bundle.manifest import EngineEntry, directory_entry, onnx_entry, sha256_file
 from tstitch_trt.errors import UserError, first_line
-from tstitch_trt.export.onnx_export import OPSET, clean_graph, save_graph
+from tstitch_trt.export.onnx_export import OPSET, finish_export
 
 FP16_MIN_PSNR_DB = 40.0  # below this on the build-time probe, the VAE engine stays fp32
 
@@ -102,7 +102,6 @@ def export_vae_decoder(vae, path: Path, latent_shape: tuple[int, int, int], prec
     """latent (B, C, h, w) fp32 -> image (B, 3, H, W) fp32 graph; fp16 inside when precision is fp16.
 
     dynamic_hw: h and w are symbolic too (SD: --height / --width at run time)."""
-    import onnx
 
     dec = VaeDecoder(_export_ready(vae, precision)).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,8 +112,7 @@ def export_vae_decoder(vae, path: Path, latent_shape: tuple[int, int, int], prec
             torch.onnx.export(dec, (torch.randn(1, *latent_shape),), str(raw), input_names=["latent"],
                               output_names=["image"], dynamic_axes=_vae_axes(dynamic_hw),
                               opset_version=OPSET, dynamo=False)
-        model = onnx.load(str(raw))
-    save_graph(clean_graph(model), path)
+        finish_export(raw, path)
     return path
 
 
@@ -180,7 +178,7 @@ def add_vae(bundle: Path, source: str, backends: list[str], batch_range: tuple[i
                                              dynamic_hw)
     if "ort" in backends:
         rel = "vae/decoder-fp32.onnx"
-        engines["ort"] = EngineEntry(file=rel, sha256=sha256_file(bundle / rel), batch_range=batch_range)
+        engines["ort"] = onnx_entry(bundle, rel, batch_range=batch_range)
     if engine_builders:
         engine_precision = "fp32"
         if precision == "fp16":

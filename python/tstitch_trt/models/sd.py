@@ -227,13 +227,21 @@ def load_text_encoder(pipeline: Path, part: str = "text_encoder") -> torch.nn.Mo
         raise UserError(f"cannot load the CLIP text encoder in {pipeline / part}: {first}") from None
 
 
+_CHUNK = 1 << 24  # elements drawn at once for weights larger than this (64 MB of fp32)
+
+
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Every parameter random (norm scales around 1): tests and timing must not compare zero inits."""
     dev = next(module.parameters()).device  # drawn where the module lives (SDXL-size U-Nets on a GPU)
     gen = torch.Generator(device=dev).manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if p.dim() >= 2:
+            if p.dim() >= 2 and p.numel() > _CHUNK:  # row blocks: no second full-size copy of a huge weight
+                rows = max(1, _CHUNK // p[0].numel())
+                for r in range(0, p.shape[0], rows):
+                    block = p[r:r + rows]
+                    block.copy_(torch.randn(block.shape, generator=gen, device=dev) / math.sqrt(p[0].numel()))
+            elif p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=gen, device=dev) / math.sqrt(p[0].numel()))
             elif "norm" in name and name.endswith("weight"):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen, device=dev))

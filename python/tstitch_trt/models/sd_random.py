@@ -141,6 +141,26 @@ def save_tiny_pair(root: Path, cross_attention_dim: int = 32, lcm: bool = False,
     return small_dir, large_dir
 
 
+# The wide pair's time-embedding width: its U-Net's time_embedding.linear_2 is WIDE x WIDE fp32, 2.15 GB, so
+# the large step graph crosses protobuf's 2 GB limit while a step costs one 1 x WIDE x WIDE matmul (CI: ms).
+WIDE_TIME_EMBED_DIM = 23200
+
+
+def save_wide_pair(root: Path, time_embedding_dim: int = WIDE_TIME_EMBED_DIM) -> tuple[Path, Path]:
+    """save_tiny_pair, with the large U-Net's time embedding `time_embedding_dim` wide: a step graph over
+    2 GB of weights at the compute of a tiny one (the >2 GB path, end to end, in seconds)."""
+    from diffusers import UNet2DConditionModel
+
+    small, large = save_tiny_pair(root)
+    config = dict(UNet2DConditionModel.load_config(str(large / "unet")))
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    config["time_embedding_dim"] = time_embedding_dim
+    unet = UNet2DConditionModel(**config)
+    randomize_(unet, 5).eval().save_pretrained(str(large / "unet"), safe_serialization=True)
+    del unet
+    return small, large
+
+
 LCM_EMBED_DIM = 32  # the tiny LCM U-Net's time_cond_proj_dim (LCM-SDXL / Dreamshaper: 256)
 
 

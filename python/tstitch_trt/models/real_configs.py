@@ -1,0 +1,274 @@
+"""The published architectures of every family, with random weights, written as diffusers directories /
+official checkpoints: what only real sizes show (the 2 GB limit, memory, build time, attention over
+4,096 tokens, fp16 overflow, bundle size), without downloading a checkpoint (no hub here).
+
+Configs are the published config.json files' architecture fields (cited per constant); fields at
+diffusers' defaults are left out. PUBLISHED_PARAMS are the counts the model cards / papers give;
+tests/test_real_configs.py counts each config on the meta device (no memory) against them.
+
+    python -m tstitch_trt.models.real_configs sd15-pair OUT      # OUT/bk-sdm-tiny (U-Net), OUT/sd15 (pipeline)
+    python -m tstitch_trt.models.real_configs sdxl-pair OUT      # OUT/ssd-1b (U-Net), OUT/sdxl (pipeline)
+    python -m tstitch_trt.models.real_configs PART OUT           # one part (see PARTS)
+
+Writing is one part at a time: built on the meta device, materialized, randomized in row blocks
+(models/sd.randomize_), saved, freed; the SDXL U-Net (10.3 GB fp32) is the largest resident thing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+_SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+
+# runwayml/stable-diffusion-v1-5 unet/config.json
+SD15_UNET: dict[str, Any] = {
+    "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False, "cross_attention_dim": 768, "down_block_types": list(_SD_DOWN),
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "up_block_types": list(_SD_UP),
+}
+# nota-ai/bk-sdm-small unet/config.json: SD 1.5 with one residual+attention pair removed per down stage (up
+# stages keep two of three: diffusers' up blocks hold layers_per_block + 1) and no mid block
+BK_SDM_SMALL_UNET: dict[str, Any] = {**SD15_UNET, "layers_per_block": 1, "mid_block_type": None}
+# nota-ai/bk-sdm-tiny unet/config.json: BK-SDM-Small without the innermost (1280, no attention) stage
+BK_SDM_TINY_UNET: dict[str, Any] = {
+    **BK_SDM_SMALL_UNET, "block_out_channels": [320, 640, 1280], "down_block_types": list(_SD_DOWN[:3]),
+    "up_block_types": list(_SD_UP[1:]),
+}
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+SDXL_UNET: dict[str, Any] = {
+    "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False, "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
+    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True,
+}
+# segmind/SSD-1B unet/config.json: SDXL with the transformer depth per stage cut from [1, 2, 10] to [1, 2, 4]
+# (segmind's SSD-1B card: "transformer layers removed" from each stage). NOT copied from the file (no hub
+# here): its count, 1,316.3 M, is 1.1 % below the published 1,331 M; the published file differs somewhere
+# in the up path (see PUBLISHED_PARAMS and tests/test_real_configs.py, which pin both numbers).
+SSD_1B_UNET: dict[str, Any] = {**SDXL_UNET, "transformer_layers_per_block": [1, 2, 4]}
+
+UNETS = {"sd15": SD15_UNET, "bk-sdm-tiny": BK_SDM_TINY_UNET, "bk-sdm-small": BK_SDM_SMALL_UNET, "sdxl": SDXL_UNET,
+         "ssd-1b": SSD_1B_UNET}
+
+# runwayml/stable-diffusion-v1-5 text_encoder/config.json (CLIP ViT-L/14's text tower; SDXL's text_encoder too)
+CLIP_L_TEXT: dict[str, Any] = {
+    "hidden_act": "quick_gelu", "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+    "num_hidden_layers": 12, "max_position_embeddings": 77, "vocab_size": 49408, "projection_dim": 768,
+    "layer_norm_eps": 1e-05, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+}
+# stabilityai/stable-diffusion-xl-base-1.0 text_encoder_2/config.json (OpenCLIP ViT-bigG/14, with projection)
+OPENCLIP_BIGG_TEXT: dict[str, Any] = {
+    "hidden_act": "gelu", "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
+    "num_hidden_layers": 32, "max_position_embeddings": 77, "vocab_size": 49408, "projection_dim": 1280,
+    "layer_norm_eps": 1e-05, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+}
+# runwayml/stable-diffusion-v1-5 vae/config.json
+SD_VAE: dict[str, Any] = {
+    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
+    "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+# stabilityai/stable-diffusion-xl-base-1.0 vae/config.json: the SD VAE's architecture, its own scale, and
+# force_upcast (it overflows in fp16; the build's fp16 probe decides on this real architecture)
+SDXL_VAE: dict[str, Any] = {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+# lllyasviel/sd-controlnet-canny config.json
+SD15_CONTROLNET: dict[str, Any] = {
+    "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+    "conditioning_embedding_out_channels": [16, 32, 96, 256], "controlnet_conditioning_channel_order": "rgb",
+    "cross_attention_dim": 768, "down_block_types": list(_SD_DOWN), "downsample_padding": 1,
+    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05, "norm_num_groups": 32,
+}
+# latent-consistency/lcm-lora-ssd-1b adapter_config.json: rank 64, alpha 64, on the attention projections
+LCM_LORA_SSD_1B = {"rank": 64, "alpha": 64}
+# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json is models/sd_random.SD15_SCHEDULER;
+# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json:
+SDXL_SCHEDULER: dict[str, Any] = {
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "interpolation_type": "linear", "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}
+
+# Published parameter counts, in millions (model cards, papers; DiT: Peebles & Xie 2023, Table 1 of
+# facebookresearch/DiT counts with 1000 classes, learned sigma)
+PUBLISHED_PARAMS = {
+    "sd15": 859.5, "bk-sdm-tiny": 323.4, "bk-sdm-small": 482.3, "sdxl": 2567.5, "ssd-1b": 1331.0,
+    "clip-l": 123.1, "openclip-bigg": 694.7, "sd-vae": 83.7, "sd-controlnet": 361.3, "DiT-S/2": 33.0,
+    "DiT-XL/2": 675.1,
+}
+
+
+def unet_meta(name: str) -> torch.nn.Module:
+    """The U-Net `name` (UNETS) on the meta device: its structure and parameter count, no memory."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(**UNETS[name])
+
+
+def meta_part(part: str) -> torch.nn.Module:
+    """Any part of PUBLISHED_PARAMS on the meta device."""
+    if part in UNETS:
+        return unet_meta(part)
+    from diffusers import AutoencoderKL, ControlNetModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from tstitch_trt.models.dit import DiT, dit_config
+
+    with torch.device("meta"):
+        if part == "clip-l":
+            return CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
+        if part == "openclip-bigg":
+            return CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG_TEXT))
+        if part == "sd-vae":
+            return AutoencoderKL(**SD_VAE)
+        if part == "sd-controlnet":
+            return ControlNetModel(**SD15_CONTROLNET)
+        if part.startswith("DiT-"):
+            return DiT(dit_config(part, input_size=32, num_classes=1000))
+    raise ValueError(f"unknown part {part!r}; one of {', '.join(PUBLISHED_PARAMS)}")
+
+
+def count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _materialize(factory: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
+    """Built on the meta device (no init cost), given memory, then every parameter drawn (randomize_):
+    one copy of the weights, never two."""
+    from tstitch_trt.models.sd import randomize_
+
+    with torch.device("meta"):
+        module = factory()
+    module = module.to_empty(device="cpu")
+    for name, buf in module.named_buffers():  # buffers (position ids) are not parameters: rebuild them
+        if name.endswith("position_ids"):
+            buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
+    return randomize_(module, seed).eval()
+
+
+def write_unet(name: str, out: Path, seed: int = 0) -> Path:
+    from diffusers import UNet2DConditionModel
+
+    unet = _materialize(lambda: UNet2DConditionModel(**UNETS[name]), seed)
+    unet.save_pretrained(str(out), safe_serialization=True)
+    del unet
+    return out
+
+
+def write_controlnet(out: Path, seed: int = 11) -> Path:
+    from diffusers import ControlNetModel
+
+    net = _materialize(lambda: ControlNetModel(**SD15_CONTROLNET), seed)
+    net.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def write_pipeline(kind: str, out: Path, unet: str | None = None, seed: int = 0) -> Path:
+    """A full diffusers pipeline directory at the published architecture: kind "sd15" (StableDiffusionPipeline:
+    U-Net `unet` or SD 1.5, CLIP-L, SD VAE, PNDM, the real CLIP tokenizer) or "sdxl"
+    (StableDiffusionXLPipeline: SDXL U-Net, CLIP-L + OpenCLIP-bigG, SDXL VAE, Euler, both tokenizers).
+    Written part by part: model_index.json names them, as save_pretrained would."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from tstitch_trt.models.sd_random import SD15_SCHEDULER, write_clip_tokenizer
+
+    sdxl = kind == "sdxl"
+    if kind not in ("sd15", "sdxl"):
+        raise ValueError(f"pipeline kind {kind!r}: sd15 or sdxl")
+    out.mkdir(parents=True, exist_ok=True)
+    write_unet(unet or kind, out / "unet", seed)
+    vae_cfg = SDXL_VAE if sdxl else SD_VAE
+    vae = _materialize(lambda: AutoencoderKL(**vae_cfg), seed + 1)
+    vae.save_pretrained(str(out / "vae"), safe_serialization=True)
+    del vae
+    text = _materialize(lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)), seed + 2)
+    text.save_pretrained(str(out / "text_encoder"), safe_serialization=True)
+    del text
+    tok_src = write_clip_tokenizer(out / ".clip-vocab")
+    tok = CLIPTokenizer.from_pretrained(str(tok_src))
+    tok.save_pretrained(str(out / "tokenizer"))
+    index: dict[str, Any] = {
+        "_diffusers_version": _diffusers_version(), "feature_extractor": [None, None],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }
+    scheduler = SDXL_SCHEDULER if sdxl else SD15_SCHEDULER
+    if sdxl:
+        text2 = _materialize(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG_TEXT)), seed + 3)
+        text2.save_pretrained(str(out / "text_encoder_2"), safe_serialization=True)
+        del text2
+        tok2 = CLIPTokenizer.from_pretrained(str(tok_src), pad_token="!")  # SDXL's tokenizer_2 pads with "!"
+        tok2.save_pretrained(str(out / "tokenizer_2"))
+        index.update({"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+                      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                      "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                      "scheduler": ["diffusers", "EulerDiscreteScheduler"]})
+        del index["feature_extractor"]
+    else:
+        index.update({"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
+                      "safety_checker": [None, None], "scheduler": ["diffusers", "PNDMScheduler"]})
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    import shutil
+
+    shutil.rmtree(tok_src)
+    return out
+
+
+def write_dit(arch: str, out: Path, seed: int = 0) -> Path:
+    """An official-layout DiT checkpoint (facebookresearch/DiT keys, .pt state dict) at 256 px, 1000 classes."""
+    from tstitch_trt.models.checkpoints import save_dit
+    from tstitch_trt.models.dit import DiT, dit_config
+
+    net = _materialize(lambda: DiT(dit_config(arch, input_size=32, num_classes=1000)), seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_dit(net, out)
+    return out
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return str(diffusers.__version__)
+
+
+PARTS = {
+    "sd15-pair": lambda out: (write_unet("bk-sdm-tiny", out / "bk-sdm-tiny", 1), write_pipeline("sd15", out / "sd15")),
+    "bk-sdm-small": lambda out: write_unet("bk-sdm-small", out, 2),
+    "sdxl-pair": lambda out: (write_unet("ssd-1b", out / "ssd-1b", 1), write_pipeline("sdxl", out / "sdxl")),
+    "sd15-controlnet": lambda out: write_controlnet(out),
+    "dit-pair": lambda out: (write_dit("DiT-S/2", out / "DiT-S-2.pt", 1), write_dit("DiT-XL/2", out / "DiT-XL-2.pt")),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tstitch_trt.models.real_configs",
+                                description="write real-architecture parts with random weights")
+    p.add_argument("part", choices=sorted(PARTS))
+    p.add_argument("out", type=Path)
+    args = p.parse_args(argv)
+    PARTS[args.part](args.out)
+    print(f"wrote {args.part} under {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
