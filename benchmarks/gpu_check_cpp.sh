@@ -4,7 +4,9 @@
 #   2. every C++ test: the CUDA device's buffers/graph test and the stitched loop on real streams and
 #      whole-trajectory CUDA graphs against the Python loop's goldens (they skip without a GPU);
 #   3. tstitch_loop_bench: host overhead per step of the C++ loop, plain launches vs one CUDA graph.
-# Writes $OUT/cpp_tests.log and $OUT/cpp_loop_bench.json. TensorRT is not there, so its engine is not built.
+# Writes $OUT/cpp_build.log, $OUT/cpp_tests.log and $OUT/cpp_loop_bench.json as each phase ends. TensorRT is not
+# there, so its engine is not built. CPP_BUDGET_S (gpu_check.sh passes its step's time) bounds the phases together:
+# each runs for at most min(its cap, what is left), the loop bench keeping 30 s of it.
 # That machine has nvcc, cmake and ninja but maybe not the Debian dev packages; stage them here first
 # (root, on this machine) and carry the folder:
 #   bash benchmarks/gpu_check_cpp.sh --stage      # -> .cpp-deps/ (git-ignored, ~9 MB)
@@ -33,15 +35,22 @@ if [[ -d "$DEPS" ]]; then  # staged dependencies (see --stage)
     export LD_LIBRARY_PATH="$DEPS/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 start=$(date +%s)
-{ timeout 240 cmake -S . -B "$B" -G Ninja "${args[@]}" && timeout 300 cmake --build "$B" -j "$(nproc)"; } \
-    > "$OUT/cpp_build.log" 2>&1
+BUDGET="${CPP_BUDGET_S:-840}"
+cap() {  # cap SECONDS [RESERVE]: min(SECONDS, what is left of the budget less RESERVE), at least 1
+    local left=$(( BUDGET - ($(date +%s) - start) - ${2:-0} ))
+    (( left < $1 )) && set -- "$left"
+    (( $1 < 1 )) && set -- 1
+    echo "$1"
+}
+{ timeout "$(cap 240 30)" cmake -S . -B "$B" -G Ninja "${args[@]}" \
+    && timeout "$(cap 300 30)" cmake --build "$B" -j "$(nproc)"; } > "$OUT/cpp_build.log" 2>&1
 build_rc=$?
 echo "C++ build: rc=$build_rc in $(( $(date +%s) - start )) s ($(grep -E 'tstitch:' "$OUT/cpp_build.log" | tr '\n' ' '))"
 [[ $build_rc -eq 0 ]] || { tail -n 30 "$OUT/cpp_build.log"; exit 1; }
-timeout 180 ctest --test-dir "$B" --output-on-failure -j 4 > "$OUT/cpp_tests.log" 2>&1
+timeout "$(cap 180 30)" ctest --test-dir "$B" --output-on-failure -j 4 > "$OUT/cpp_tests.log" 2>&1
 tests_rc=$?
 grep -E "tests passed|Skipped|Failed" "$OUT/cpp_tests.log" | tail -n 8
-timeout 120 "$B/cpp/tests/tstitch_loop_bench" 100 8 7 32 > "$OUT/cpp_loop_bench.json"
+timeout "$(cap 120)" "$B/cpp/tests/tstitch_loop_bench" 100 8 7 32 > "$OUT/cpp_loop_bench.json"
 bench_rc=$?
 cat "$OUT/cpp_loop_bench.json"
 echo "C++ on GPU: tests rc=$tests_rc, loop bench rc=$bench_rc; results in $OUT"

@@ -153,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
                    "setup_s": round(time.perf_counter() - t_setup, 2)})
     if not dry:
         result["gpu"] = torch.cuda.get_device_name(0)
+    result["complete"] = False
+
+    def save() -> None:  # after every block: a run killed by gpu_check.sh's budget still leaves its numbers
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+
+    save()
     mods = [UNetStepModule(small).eval(), UNetStepModule(large).eval()]
     io = StepIO.from_io(unet_io_spec(mods[0], 77))
     init = z * np.float32(table.init_noise_sigma)  # diffusers scales latents= by init_noise_sigma (Euler: > 1)
@@ -181,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         result[mode]["loop_mode"] = res.mode
         latents[mode] = res.x
         backend.close()
+        save()
     pipe = diffusers_pipeline(args.pair, setup)
     cond_kwargs = diffusers_cond_kwargs(args.pair, cond, lambda a: torch.from_numpy(a).to(device, dtype))
 
@@ -201,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     for m in ("eager", "graph"):
         if m in result:
             result[f"speedup_{m}_vs_diffusers"] = round(result["diffusers"]["min_s"] / result[m]["min_s"], 3)
-    out.write_text(json.dumps(result, indent=2))
+    result["complete"] = True
+    save()
     print(json.dumps({k: v for k, v in result.items() if k not in ("what",)}, indent=1))
     return 0
 

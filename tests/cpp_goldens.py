@@ -475,7 +475,7 @@ def loop_golden(bundle: Path) -> dict:
     for sampler, eta, batch, steps, ratio, fractions in cases:
         for seed in (0, 11):
             cu = FakeCuda()
-            trt = make_fake_trt(cu, toy_step_for(), name="tensorrt", version="10.13.0.35")
+            trt = make_fake_trt(cu, toy_step_for(), flavour="trt-10.13")
             backend = TrtBackend(bundle, manifest, kind="trt", trt_module=trt, cuda=cu, cuda_graph=False)
             rng = np.random.default_rng(seed)
             shape = (batch, *manifest.latent_shape)

@@ -27,11 +27,15 @@ STEP_OUTPUTS = ("x_next", "x0")
 # -- a fake runtime/cuda.py -------------------------------------------------------------------------------
 class FakeCuda:
     def __init__(self, cc: tuple[int, int] = (8, 9), memory_limit: int | None = None, fail_capture: bool = False,
-                 devices: int = 1):
+                 devices: int = 1, unreadable_graph_events: bool = False):
+        """`unreadable_graph_events`: elapsed_ms between events recorded inside a graph fails (as
+        cudaEventElapsedTime may on event nodes), so the backend's fallback for that runs."""
         self.cc = cc
         self.memory_limit = memory_limit
         self.fail_capture = fail_capture
         self.devices = devices
+        self.unreadable_graph_events = unreadable_graph_events
+        self.events: list[FakeEvent] = []
         self.memory: dict[int, np.ndarray] = {}  # base address -> bytes
         self.next_ptr = 1 << 32
         self.streams: dict[int, FakeStream] = {}
@@ -43,7 +47,8 @@ class FakeCuda:
                 super().__init__(cu)
 
         class Event(FakeEvent):
-            pass
+            def __init__(self) -> None:
+                super().__init__(cu)
 
         class DeviceAllocator(FakeAllocator):
             def __init__(self) -> None:
@@ -107,21 +112,36 @@ class FakeStream:
 
 
 class FakeEvent:
-    def __init__(self) -> None:
+    def __init__(self, cu: FakeCuda | None = None) -> None:
+        self.cu = cu
         self.t: float | None = None
+        self.external = False
+        self.closed = False
+        if cu is not None:
+            cu.events.append(self)
 
     def record(self, stream: FakeStream, external: bool = False) -> None:
-        stream.enqueue(lambda: setattr(self, "t", time.perf_counter()))
+        assert not self.closed, "record of a destroyed event"
+        stream.enqueue(lambda: self._stamp(external))
+
+    def _stamp(self, external: bool) -> None:
+        # runs when the stream (or a graph launch) reaches the record: a graph's event node holds the event
+        assert not self.closed, "a launch recorded a destroyed event (a graph kept after its events were closed)"
+        self.t = time.perf_counter()
+        self.external = external
 
     def synchronize(self) -> None:
-        pass
+        assert not self.closed, "synchronize on a destroyed event"
 
     def elapsed_ms(self, end: FakeEvent) -> float:
+        assert not self.closed and not end.closed, "elapsed time of a destroyed event"
         assert self.t is not None and end.t is not None, "elapsed time of an unrecorded event"
+        if self.cu is not None and self.cu.unreadable_graph_events and (self.external or end.external):
+            raise RuntimeError("cudaEventElapsedTime failed: cudaErrorInvalidResourceHandle (fake)")
         return (end.t - self.t) * 1e3
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
 
 class FakeGraph:
@@ -246,10 +266,34 @@ class TensorLocation(enum.Enum):
     HOST = 1
 
 
-class DataType(enum.Enum):
+class DataType(enum.Enum):  # the members the runtime meets, with TensorRT's names
     FLOAT = 0
-    INT64 = 1
-    INT32 = 2
+    HALF = 1
+    BF16 = 2
+    INT32 = 3
+    INT64 = 4
+
+
+# TensorRT's nptype(): bf16 has no numpy type (TensorRT raises TypeError for it, as here)
+_NPTYPE = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT32: np.int32, DataType.INT64: np.int64}
+_DATATYPE = {np.dtype(v): k for k, v in _NPTYPE.items()}
+
+
+def _nptype(dt: DataType) -> Any:
+    if dt not in _NPTYPE:
+        raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
+    return _NPTYPE[dt]
+
+
+class ComputeCapability(enum.Enum):  # tensorrt_rtx 1.7's targets (plain TensorRT has no such enum)
+    NONE = 0
+    CURRENT = 1
+    SM75 = 75
+    SM80 = 80
+    SM86 = 86
+    SM89 = 89
+    SM120 = 120
+    SM121 = 121
 
 
 class ExecutionContextAllocationStrategy(enum.Enum):
@@ -264,27 +308,55 @@ class DynamicShapesKernelSpecializationStrategy(enum.Enum):
     NONE = 2
 
 
-def make_fake_trt(cu: FakeCuda, step_for: Callable[[bytes], Callable], name: str = "tensorrt_rtx",
-                  version: str = "1.7.1.116", scratch_for: Callable[[bytes], int] | None = None,
+# What differs between the TensorRT modules the runtime supports (checked against NVIDIA/TensorRT's Python
+# bindings, python/src/infer/pyCore.cpp, at v10.8.0 .. v10.10.0, v10.11 .. v11.1, and tensorrt_rtx 1.7):
+#   trt-10.8   tensorrt 10.8-10.10: create_execution_context(strategy) only (no IRuntimeConfig), no
+#              is_stream_capturable, no ComputeCapability, no kernel specialization strategy
+#   trt-10.13  tensorrt 10.11+ / 11: + ICudaEngine.create_runtime_config (IRuntimeConfig with the allocation
+#              strategy only) and create_execution_context(runtime_config)
+#   rtx        tensorrt_rtx: + IRuntimeConfig.dynamic_shapes_kernel_specialization_strategy,
+#              IExecutionContext.is_stream_capturable(stream), ComputeCapability
+FLAVOURS = {
+    "rtx": {"name": "tensorrt_rtx", "version": "1.7.1.116", "runtime_config": True, "specialization": True,
+            "capturable_query": True, "compute_capability": True},
+    "trt-10.13": {"name": "tensorrt", "version": "10.13.0.35", "runtime_config": True, "specialization": False,
+                  "capturable_query": False, "compute_capability": False},
+    "trt-10.8": {"name": "tensorrt", "version": "10.9.0.34", "runtime_config": False, "specialization": False,
+                 "capturable_query": False, "compute_capability": False},
+}
+KIND_OF = {"rtx": "trt-rtx", "trt-10.13": "trt", "trt-10.8": "trt"}
+
+
+def make_fake_trt(cu: FakeCuda, step_for: Callable[[bytes], Callable], name: str | None = None,
+                  version: str | None = None, scratch_for: Callable[[bytes], int] | None = None,
                   memory: Callable[[int, tuple, Any], Any] | None = None,
-                  executor: Callable[[Any, dict, int], None] | None = None, runtime_config: bool = True,
-                  capturable: bool = True) -> SimpleNamespace:
+                  executor: Callable[[Any, dict, int], None] | None = None, flavour: str = "rtx",
+                  capturable: bool = True, dtypes: dict[str, Any] | None = None) -> SimpleNamespace:
     """A module-like namespace. `step_for(plan_bytes)` -> step function; plans that are not ONNX fail to load.
 
+    `flavour` picks the module's API (FLAVOURS); `name` / `version` default to the flavour's. `dtypes` gives
+    engine tensors another type than the step graph's (a plan with int32 ids, fp16 outputs): the engine casts
+    its inputs to the graph's types and its results to the declared ones, as a plan's reformat layers do.
     By default the engines run on FakeCuda memory; `executor(ctx, shapes, stream_handle)` replaces
     that (the cupy executor runs on real device pointers).
     """
-    trt = SimpleNamespace(__name__=name, __version__=version, ILogger=_ILogger, TensorIOMode=TensorIOMode,
-                          TensorLocation=TensorLocation, DataType=DataType,
-                          ExecutionContextAllocationStrategy=ExecutionContextAllocationStrategy,
-                          DynamicShapesKernelSpecializationStrategy=DynamicShapesKernelSpecializationStrategy)
-    trt.nptype = lambda dt: {DataType.FLOAT: np.float32, DataType.INT64: np.int64, DataType.INT32: np.int32}[dt]
+    api = FLAVOURS[flavour]
+    trt = SimpleNamespace(__name__=name or api["name"], __version__=version or api["version"], ILogger=_ILogger,
+                          TensorIOMode=TensorIOMode, TensorLocation=TensorLocation, DataType=DataType,
+                          ExecutionContextAllocationStrategy=ExecutionContextAllocationStrategy)
+    if api["specialization"]:
+        trt.DynamicShapesKernelSpecializationStrategy = DynamicShapesKernelSpecializationStrategy
+    if api["compute_capability"]:
+        trt.ComputeCapability = ComputeCapability
+    trt.flavour = flavour
+    trt.nptype = _nptype
     trt.contexts = []
 
     class RuntimeConfig:
         def __init__(self) -> None:
             self.strategy = ExecutionContextAllocationStrategy.STATIC
-            self.dynamic_shapes_kernel_specialization_strategy = DynamicShapesKernelSpecializationStrategy.LAZY
+            if api["specialization"]:
+                self.dynamic_shapes_kernel_specialization_strategy = DynamicShapesKernelSpecializationStrategy.LAZY
 
         def set_execution_context_allocation_strategy(self, s: Any) -> None:
             self.strategy = s
@@ -317,7 +389,7 @@ def make_fake_trt(cu: FakeCuda, step_for: Callable[[bytes], Callable], name: str
             """Inputs: as set; outputs: inferred by running the engine's step on zeros of the input shapes."""
             if n in self.shapes:
                 return self.shapes[n]
-            feeds = {i: np.zeros(self.shapes[i], self.engine.dtypes[i]) for i in self.engine.inputs}
+            feeds = {i: np.zeros(self.shapes[i], self.engine.graph_dtypes[i]) for i in self.engine.inputs}
             outs = dict(zip(self.engine.outputs, self.engine.step(feeds), strict=True))
             return tuple(outs[n].shape)
 
@@ -328,8 +400,9 @@ def make_fake_trt(cu: FakeCuda, step_for: Callable[[bytes], Callable], name: str
         def update_device_memory_size_for_shapes(self) -> int:
             return self.engine.device_memory_size_v2
 
-        def is_stream_capturable(self, stream: int) -> bool:
-            return capturable
+        if api["capturable_query"]:
+            def is_stream_capturable(self, stream: int) -> bool:
+                return capturable
 
         def execute_async_v3(self, stream_handle: int) -> bool:
             assert self.device_memory is not None, "enqueue without device memory (USER_MANAGED)"
@@ -346,9 +419,10 @@ def make_fake_trt(cu: FakeCuda, step_for: Callable[[bytes], Callable], name: str
             fn = self.engine.step
 
             def run() -> None:
-                feeds = {n: cu.array(self.addresses[n], shapes[n], eng.dtypes[n]).copy() for n in eng.inputs}
+                feeds = {n: cu.array(self.addresses[n], shapes[n], eng.dtypes[n]).astype(eng.graph_dtypes[n])
+                         for n in eng.inputs}
                 for name, value in zip(eng.outputs, fn(feeds), strict=True):
-                    cu.array(self.addresses[name], shapes[name], np.float32)[...] = value
+                    cu.array(self.addresses[name], shapes[name], eng.dtypes[name])[...] = value
 
             cu.streams[stream_handle].enqueue(run)
             return True
@@ -357,7 +431,9 @@ def make_fake_trt(cu: FakeCuda, step_for: Callable[[bytes], Callable], name: str
         def __init__(self, data: bytes, step: Callable, io: dict):
             self.step = step
             self.inputs, self.outputs = io["inputs"], io["outputs"]
-            self.static, self.dtypes = io["static"], io["dtypes"]  # dims (-1 = dynamic) and numpy dtypes by name
+            self.static = io["static"]  # dims (-1 = dynamic) by name
+            self.graph_dtypes = io["dtypes"]  # what the step function takes and gives
+            self.dtypes = {n: np.dtype((dtypes or {}).get(n, dt)) for n, dt in io["dtypes"].items()}  # the plan's I/O
             self.state_pairs = io["state_pairs"]
             # step engines: latent and coefficient count (other engines, e.g. a text encoder or VAE, have neither)
             self.latent = tuple(self.static["x"][1:]) if "x" in self.static else ()
@@ -377,7 +453,7 @@ def make_fake_trt(cu: FakeCuda, step_for: Callable[[bytes], Callable], name: str
             return TensorLocation.DEVICE
 
         def get_tensor_dtype(self, n: str) -> DataType:
-            return DataType.INT64 if self.dtypes[n] == np.int64 else DataType.FLOAT
+            return _DATATYPE[np.dtype(self.dtypes[n])]
 
         def get_tensor_shape(self, n: str) -> tuple:
             return tuple(self.static[n])
@@ -390,9 +466,12 @@ def make_fake_trt(cu: FakeCuda, step_for: Callable[[bytes], Callable], name: str
             return [(lo, *rest_lo), (hi, *rest_hi), (hi, *rest_hi)]
 
         def create_execution_context(self, arg: Any = ExecutionContextAllocationStrategy.STATIC) -> Context:
-            return Context(self, arg.strategy if isinstance(arg, RuntimeConfig) else arg)
+            if isinstance(arg, RuntimeConfig):
+                assert api["runtime_config"], f"{flavour}: create_execution_context takes no IRuntimeConfig"
+                return Context(self, arg.strategy)
+            return Context(self, arg)
 
-        if runtime_config:
+        if api["runtime_config"]:
             def create_runtime_config(self) -> RuntimeConfig:
                 return RuntimeConfig()
 

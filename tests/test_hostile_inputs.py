@@ -567,7 +567,8 @@ def test_commands_without_torch(tmp_path):
     expect = {
         ("build", "--model", "DiT-S/2=random:0", "--model", "DiT-B/2=random:1"):
             (2, "pip install \"tstitch-trt[build]\""),
-        ("check",): (1, "numeric check not run: the reference (the torch StepModule) needs PyTorch"),
+        ("check",): (2, "error: numeric check not run: the reference (the torch StepModule) needs PyTorch "
+                        "(pip install \"tstitch-trt[build]\")"),
         ("info",): (0, "torch    cannot run: torch and safetensors not installed"),
         ("bench", "--workload", "dit-s-xl"): (2, "pip install \"tstitch-trt[build]\""),
         ("run", "--steps", "2", "--backend", "torch"): (2, "the torch backend needs PyTorch"),
@@ -579,6 +580,10 @@ def test_commands_without_torch(tmp_path):
         assert "Traceback" not in proc.stderr, (args, proc.stderr)
     proc = _no_torch("from tstitch_trt.cli import main; sys.exit(main(['check']))", tmp_path)
     assert "files match their sha256" in proc.stdout and "I/O as the manifest says" in proc.stdout
+    # the file checks first (stdout), then exactly one line saying what to install (stderr), exit 2
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "error: numeric check not run: the reference (the torch StepModule) needs PyTorch "
+        "(pip install \"tstitch-trt[build]\")"]
 
 
 def test_python_api_opens_the_demo_by_name_without_torch(tmp_path):

@@ -334,6 +334,7 @@ def test_gpu_check_sdxl_dry_run_matches_diffusers(tmp_path) -> None:
                                  "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["pair"] == "sdxl" and res["sampler"] == "euler" and res["cfg"] == 5.0 and res["unet_calls"] == 2
+    assert res["complete"] is True  # written after every block; complete only at the end
     assert res["all_finite"] == {"eager": True, "diffusers": True}
     assert res["max_rel_diff_vs_diffusers"]["eager"] < 1e-4
 

@@ -43,7 +43,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", choices=WORKLOADS, default=None,
                    help="demo: the built-in demo pair (default); dit-s-xl: DiT-S/2 -> DiT-XL/2 at 256 px, random "
                         "weights, built once into --cache; sd-bk-tiny-sd15: random BK-SDM-Tiny -> SD 1.5 U-Nets "
-                        "against diffusers' pipeline (tstitch_trt/bench_sd.py)")
+                        "against diffusers' pipeline (tstitch_trt/bench/sd.py)")
     p.add_argument("--backends", type=_name_list, default=None,
                    help="comma list of trt, trt-rtx, ort, openvino, openvino-bf16, torch (default: every backend "
                         "in the bundle, and OpenVINO fp32 / bf16 where it is installed)")

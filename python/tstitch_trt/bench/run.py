@@ -29,7 +29,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.quality:
         return run_quality(args)
     if args.workload == "sd-bk-tiny-sd15":
-        from tstitch_trt.bench_sd import run_sd_bench
+        from tstitch_trt.bench.sd import run_sd_bench
 
         return run_sd_bench(args)
     log = logger()
@@ -200,7 +200,7 @@ def openvino_unavailable(kind: str) -> str | None:
 def _command_line() -> str:
     """The command as typed, for the report (run_bench may also be called in-process, e.g. by tests)."""
     argv = sys.argv
-    if "bench" in argv[1:] and Path(argv[0]).name in ("tstitch-trt", "cli.py", "__main__.py"):
+    if "bench" in argv[1:] and Path(argv[0]).name in ("tstitch-trt", "__main__.py"):
         return "tstitch-trt " + " ".join(argv[argv.index("bench"):])
     return "tstitch-trt bench (called in-process)"
 

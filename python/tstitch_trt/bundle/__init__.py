@@ -8,10 +8,10 @@ from tstitch_trt.bundle.manifest import (
     artifact_path,
     read_manifest,
     sha256_file,
-    staged_bundle,
     verify_bundle,
     write_manifest,
 )
+from tstitch_trt.bundle.staging import staged_bundle
 
 __all__ = [
     "BACKENDS",

@@ -1,4 +1,5 @@
-"""A bundle's files: sealed paths, checksums, and atomic staging of a new bundle.
+"""A bundle's files: sealed paths, checksums, and the names of staging directories (bundle/staging.py
+stages a new bundle; it needs the manifest, this module does not).
 
 Sealed: every path a manifest names resolves inside the bundle directory (symlinks included), so a
 bundle never makes the engine read outside its own directory. Checksums are memoized per process by
@@ -13,11 +14,9 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from tstitch_trt.errors import BundleError, UserError
+from tstitch_trt.errors import BundleError
 
 _verified: dict[tuple, str] = {}
 
@@ -67,7 +66,7 @@ def checked_file(bundle_dir: str | Path, rel: str, sha256: str | None, verify: b
 
 
 # --- staging a new bundle -------------------------------------------------------------------------------
-def _staging_name(out: Path, kind: str) -> str:
+def staging_name(out: Path, kind: str) -> str:
     return f".{out.name}.{kind}-{os.getpid()}-"
 
 
@@ -99,73 +98,3 @@ def clean_stale_staging(out: Path) -> list[Path]:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
-
-
-def check_replaceable(out: Path, owned: Iterable[str] = ()) -> None:
-    """Refuse an --out that holds anything a build did not create: a file, or a folder of other files.
-
-    A folder may be replaced when it is empty, or when it is a bundle whose every file is named by
-    its own manifest (or is one of `owned`, e.g. the demo pair's eval files).
-    """
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise UserError(f"--out {out} is a file, not a bundle directory; choose another path (nothing was written)")
-    if not out.exists() or not any(out.iterdir()):
-        return
-    from tstitch_trt.bundle.manifest import read_manifest
-
-    try:
-        manifest = read_manifest(out)
-    except UserError:
-        raise UserError(f"--out {out} is a folder that is not a tstitch bundle and not empty; building would "
-                        "replace its files: choose a new or empty folder (nothing was written)") from None
-    named = {"manifest.json", *manifest.files()}
-    prefixes = tuple(p.rstrip("/") + "/" for p in owned if p.endswith("/"))
-    for path in sorted(out.rglob("*")):
-        rel = path.relative_to(out).as_posix()
-        if path.is_dir() and not path.is_symlink():
-            continue
-        if rel in named or rel in owned or rel.startswith(prefixes) or manifest.in_owned_dir(rel):
-            continue
-        raise UserError(f"--out {out} is a bundle that also holds {rel}, which no build wrote; building would "
-                        "delete it: move it away or choose another --out (nothing was written)")
-
-
-@contextmanager
-def staged_bundle(out_dir: str | Path, owned: Iterable[str] = ()) -> Iterator[Path]:
-    """Yield a fresh staging directory beside `out_dir`; on success it replaces `out_dir` atomically.
-
-    On any exception (SIGTERM included: the CLI turns it into one) the staging directory is removed
-    and `out_dir` is untouched. A kill -9 leaves the staging directory; the next build beside it
-    removes it (its name carries the dead process id).
-    """
-    out = Path(out_dir).absolute()
-    owned = tuple(owned)
-    check_replaceable(out, owned)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the folder {out.parent} for --out ({e.strerror}); "
-                        "choose another path") from None
-    clean_stale_staging(out)
-    import tempfile
-
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=_staging_name(out, "tmp"), dir=out.parent))
-    except OSError as e:
-        raise UserError(f"cannot write in {out.parent} ({e.strerror}); choose a writable --out") from None
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is shared like any build output
-    try:
-        yield tmp
-        if not (tmp / "manifest.json").is_file():
-            raise RuntimeError("internal error: staged bundle has no manifest.json")
-        check_replaceable(out, owned)  # again: something may have appeared during a long build
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=_staging_name(out, "old"), dir=out.parent))
-            os.replace(out, old / "bundle")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

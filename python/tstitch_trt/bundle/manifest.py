@@ -11,8 +11,8 @@ Language-neutral on purpose (the C++ runtime reads the same JSON). Layout:
 The format is described once, by manifest.schema.json (bundle/schema.py validates every manifest
 against it before anything reads a field); the consistency rules between fields are in
 Manifest.validate. Paths are sealed inside the bundle and files are checked against their sha256
-(bundle/files.py). Bundles are written to a temporary sibling directory and renamed into place, so
-a failed or killed build never leaves a half bundle and never damages the previous one.
+(bundle/files.py). Bundles are written to a temporary sibling directory and renamed into place
+(bundle/staging.py), so a failed or killed build never leaves a half bundle and never damages the previous one.
 """
 
 from __future__ import annotations
@@ -25,14 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tstitch_trt.bundle.files import checked_file, sha256_file, staged_bundle
+from tstitch_trt.bundle.files import checked_file, inside, sha256_file
 from tstitch_trt.bundle.onnx_refs import check_external_data, external_locations
 from tstitch_trt.bundle.schema import FORMAT, FORMAT_VERSION, validate_schema
 from tstitch_trt.errors import BundleError, UserError
 
 __all__ = ["BACKENDS", "FORMAT", "FORMAT_VERSION", "EngineEntry", "Manifest", "ModelEntry", "add_file",
-           "artifact_path", "onnx_entry", "read_manifest",
-           "sha256_file", "staged_bundle", "verify_bundle", "write_manifest"]
+           "artifact_path", "onnx_entry", "read_manifest", "sha256_file", "verify_bundle", "write_manifest"]
 
 BACKENDS = ("trt", "trt-rtx", "ort", "torch")
 ARTIFACTS_OF = {"openvino": "ort"}  # backends that run another backend's artifacts (OpenVINO: the ONNX graphs)
@@ -326,8 +325,6 @@ def verify_bundle(bundle_dir: str | Path, manifest: Manifest) -> None:
             checked_file(bundle_dir, rel, digest)
         _check_graph_refs(bundle_dir, entry)
         if entry.extra.get("dir"):
-            from tstitch_trt.bundle.files import inside
-
             inside(bundle_dir, entry.extra["dir"])
 
 

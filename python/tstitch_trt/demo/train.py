@@ -215,8 +215,9 @@ def fid_floor(classifier_onnx: Path, split, seed: int = 0) -> float:
 
 
 def write_pair(out: Path, work: Path, checkpoints: dict[str, Path], summary: dict) -> None:
-    """The bundle plus the eval files, swapped into `out` at once (bundle.manifest.staged_bundle)."""
-    from tstitch_trt.bundle.manifest import sha256_file, staged_bundle
+    """The bundle plus the eval files, swapped into `out` at once (bundle.staging.staged_bundle)."""
+    from tstitch_trt.bundle.manifest import sha256_file
+    from tstitch_trt.bundle.staging import staged_bundle
     from tstitch_trt.export.build import BuildConfig, ModelSpec, build_bundle
 
     owned = (f"{EVAL_DIR}/", "train.json", "train_log.jsonl")  # written below, so replaceable

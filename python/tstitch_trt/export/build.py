@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from tstitch_trt import __version__
-from tstitch_trt.bundle.manifest import EngineEntry, Manifest, ModelEntry, add_file, staged_bundle, write_manifest
+from tstitch_trt.bundle.manifest import EngineEntry, Manifest, ModelEntry, add_file, write_manifest
+from tstitch_trt.bundle.staging import staged_bundle
 from tstitch_trt.errors import UserError
 from tstitch_trt.export.onnx_export import export_step_graph, io_spec
 from tstitch_trt.export.step_module import StepModule

@@ -22,7 +22,9 @@ random, so nothing compares zeros with zeros) and kept with a margin of about 10
 
 Engines (trt, trt-rtx) need an NVIDIA GPU to run: without one they are reported as "not run"
 (their plan checksums are still verified), never as passed. Exit status: 0 when every backend
-that ran is within tolerance and at least one ran; 1 otherwise; 2 (UserError) for bad input.
+that ran is within tolerance and at least one ran; 1 otherwise; 2 (UserError) for bad input, and where
+torch is missing (cli.cmd_check runs the file checks, pipeline/integrity.py, then says in one line what to
+install).
 """
 
 from __future__ import annotations

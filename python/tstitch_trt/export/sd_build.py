@@ -32,9 +32,9 @@ from tstitch_trt.bundle.manifest import (
     directory_entry,
     onnx_entry,
     sha256_file,
-    staged_bundle,
     write_manifest,
 )
+from tstitch_trt.bundle.staging import staged_bundle
 from tstitch_trt.errors import UserError, first_line
 from tstitch_trt.export.lora import LoraSpec, check_loras, fuse_loras, lora_targets
 from tstitch_trt.export.unet_export import export_text_encoder, export_unet_step, text_io_spec, unet_io_spec

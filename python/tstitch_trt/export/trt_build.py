@@ -254,8 +254,10 @@ def make_engine_builder(kind: str, opt_level: int = 3, timing_cache: str | None 
     if kind == "trt":
         gpu = cuda_gpu()
         if gpu is None:
-            raise UserError("--backend trt builds engines on the NVIDIA GPU they will run on, and no NVIDIA GPU is "
-                            "visible here; use --backend trt-rtx (builds without a GPU) or ort")
+            from tstitch_trt.runtime import cuda as cuda_rt
+
+            raise UserError("--backend trt builds engines on the NVIDIA GPU they will run on, and none is usable "
+                            f"here ({cuda_rt.probe_devices().message}); --backend trt-rtx builds without a GPU")
     return EngineBuilder(kind, mod, opt_level=opt_level, timing_cache=timing_cache,
                          compute_capabilities=compute_capabilities, gpu=gpu)
 

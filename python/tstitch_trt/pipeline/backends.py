@@ -45,8 +45,8 @@ def backend_availability(manifest: Manifest) -> list[tuple[str, bool, str]]:
         if kind not in present:
             continue
         module = "tensorrt" if kind == "trt" else "tensorrt_rtx"
-        if gpus == 0:
-            out.append((kind, False, f"{kind} engines need an NVIDIA GPU and none is visible"))
+        if gpus == 0:  # the probe names a CUDA error (a driver older than the bindings' CUDA) rather than "no GPU"
+            out.append((kind, False, f"{kind} engines need an NVIDIA GPU: {cuda_rt.probe_devices().message}"))
         elif tensorrt_module(kind) is None:
             out.append((kind, False, f"{module} is not installed (pip install {module.replace('_', '-')})"))
         else:

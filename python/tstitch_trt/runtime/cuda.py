@@ -5,11 +5,21 @@ with the CUDA error's name. Out of memory at allocation is a UserError, and the 
 everything it handed out, so a failed setup leaves the GPU as it found it.
 
 cuda-python >= 12.8 / 13 spells the module `cuda.bindings.runtime`; older releases `cuda.cudart`.
+
+The bindings carry their own CUDA runtime, which needs a driver of at least its CUDA major: cuda-python
+13 needs an R580+ driver, cuda-python 12 runs on R525+ (a newer driver runs an older runtime). Where they
+do not match, cudaGetDeviceCount fails (cudaErrorInsufficientDriver) although TensorRT would work:
+probe_devices() names the error and the extra to install (gpu-cu12 / gpu-cu13, pyproject.toml) instead
+of reporting "no GPU".
 """
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,9 +43,13 @@ class CudaError(RuntimeError):
         super().__init__(f"{what} failed: {name}" + (f" ({detail})" if detail else ""))
 
 
+NO_BINDINGS = ("the GPU runtime needs cuda-python, which is not installed: pip install 'tstitch-trt[gpu]' (the "
+               "CUDA 12 bindings, any driver >= R525; 'tstitch-trt[gpu-cu13]' for CUDA 13 on R580+)")
+
+
 def _require() -> Any:
     if cudart is None:
-        raise BackendUnavailable("the GPU runtime needs cuda-python: pip install 'tstitch-trt[gpu]' (or cuda-python)")
+        raise BackendUnavailable(NO_BINDINGS)
     return cudart
 
 
@@ -63,24 +77,126 @@ def check(result: Any, what: str) -> Any:
 
 
 # device -------------------------------------------------------------------------------------------
-def device_count() -> int:
-    """Visible CUDA devices; 0 without cuda-python, a driver or a GPU."""
+NO_GPU = ("no NVIDIA GPU is visible (no driver, no device, or CUDA_VISIBLE_DEVICES hides it); "
+          "use --backend ort for the CPU")
+# the pyproject extra that installs the bindings of each CUDA major (their runtime needs a driver of that major)
+EXTRA_FOR_MAJOR = {12: "gpu-cu12", 13: "gpu-cu13"}
+
+
+@dataclass(frozen=True)
+class DeviceProbe:
+    """What cudaGetDeviceCount said: the count, and where it is 0, why (one line: what is wrong, what to do)."""
+
+    count: int
+    error: str | None = None  # the CUDA error's name (cudaErrorInsufficientDriver ...); None where the call answered
+    message: str = ""
+
+
+def _raw_count() -> tuple[int, Any]:
+    """(devices, error or None); (0, None) without cuda-python."""
     if cudart is None:
-        return 0
+        return 0, None
     try:
         err, n = cudart.cudaGetDeviceCount()
+    except Exception as e:  # bindings that cannot even load their runtime
+        return 0, e
+    return (int(n), None) if err == cudart.cudaError_t.cudaSuccess else (0, err)
+
+
+def device_count() -> int:
+    """Visible CUDA devices; 0 without cuda-python, a driver or a GPU (probe_devices() says which)."""
+    return _raw_count()[0]
+
+
+def probe_devices() -> DeviceProbe:
+    """The device count, or why there is none: the CUDA error's name and what to do about it."""
+    if cudart is None:
+        return DeviceProbe(0, None, NO_BINDINGS)
+    n, err = _raw_count()
+    if n > 0:
+        return DeviceProbe(n)
+    if err is None:
+        return DeviceProbe(0, None, NO_GPU)
+    if isinstance(err, Exception):
+        name, text = type(err).__name__, str(err).splitlines()[0] if str(err) else ""
+    else:
+        name, text = _error_name(err)
+    if name == "cudaErrorNoDevice":
+        return DeviceProbe(0, name, f"{NO_GPU} (cudaGetDeviceCount: {name})")
+    return DeviceProbe(0, name, _driver_advice(name, text))
+
+
+def _cuda_version(code: int) -> tuple[int, int]:
+    """CUDA's integer version (12040) as (12, 4)."""
+    return code // 1000, (code % 1000) // 10
+
+
+def bindings_runtime_version() -> tuple[int, int] | None:
+    """The CUDA runtime the installed cuda-python carries (cudaRuntimeGetVersion), or None."""
+    try:
+        err, v = cudart.cudaRuntimeGetVersion()
+        return _cuda_version(int(v)) if err == cudart.cudaError_t.cudaSuccess and int(v) > 0 else None
     except Exception:
-        return 0
-    return int(n) if err == cudart.cudaError_t.cudaSuccess else 0
+        return None
+
+
+def driver_cuda_version() -> tuple[int, int] | None:
+    """The newest CUDA the installed driver supports: cudaDriverGetVersion, else nvidia-smi's "CUDA Version";
+    None where no driver answers (cudaDriverGetVersion gives 0 when none is installed)."""
+    try:
+        err, v = cudart.cudaDriverGetVersion()
+        if err == cudart.cudaError_t.cudaSuccess and int(v) > 0:
+            return _cuda_version(int(v))
+    except Exception:
+        pass
+    return _nvidia_smi_cuda_version()
+
+
+def _nvidia_smi_cuda_version() -> tuple[int, int] | None:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"CUDA Version:\s*(\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def install_hint(major: int) -> str:
+    extra = EXTRA_FOR_MAJOR.get(major)
+    if extra:
+        return f"pip install 'tstitch-trt[{extra}]'"
+    return f"pip install 'cuda-python>={major}.0,<{major + 1}'"
+
+
+def _driver_advice(name: str, text: str) -> str:
+    """One line for a failed cudaGetDeviceCount: the error's name, the versions that clash, what to install."""
+    failed = f"cudaGetDeviceCount failed: {name}" + (f" ({text})" if text else "")
+    runtime = bindings_runtime_version()
+    driver = driver_cuda_version()
+    carries = (f"the installed cuda-python carries the CUDA {runtime[0]}.{runtime[1]} runtime"
+               if runtime else "the installed cuda-python's CUDA runtime")
+    if driver is None:
+        if name == "cudaErrorInsufficientDriver":  # what the runtime says when libcuda is missing altogether
+            return (f"{failed}: no NVIDIA driver answers (cudaDriverGetVersion gives none, no nvidia-smi); "
+                    f"install the NVIDIA driver, or use --backend ort for the CPU")
+        return f"{failed}; the GPU is not usable from this process (check nvidia-smi); use --backend ort for the CPU"
+    where = f"this machine's driver supports CUDA {driver[0]}.{driver[1]} (cudaDriverGetVersion / nvidia-smi)"
+    if name == "cudaErrorInsufficientDriver" or (runtime is not None and runtime[0] > driver[0]):
+        return (f"{failed}: {carries}, {where}; install the bindings matching the driver's CUDA major: "
+                f"{install_hint(driver[0])} (or upgrade the NVIDIA driver)")
+    return f"{failed}; {carries}, {where}; the GPU is not usable from this process (check nvidia-smi)"
 
 
 def require_device(index: int = 0) -> None:
     """Select device `index` (creating its primary context, which TensorRT shares) or raise UserError."""
     _require()
-    n = device_count()
-    if n == 0:
-        raise BackendUnavailable("no NVIDIA GPU is visible (no driver, no device, or CUDA_VISIBLE_DEVICES hides it); "
-                        "use --backend ort for the CPU")
+    probe = probe_devices()
+    if probe.count == 0:
+        raise BackendUnavailable(probe.message)
+    n = probe.count
     if not 0 <= index < n:
         raise UserError(f"GPU {index} does not exist ({n} visible)")
     check(cudart.cudaSetDevice(index), "cudaSetDevice")

@@ -16,6 +16,13 @@ The builder records (export/trt_build.py should produce it with `builder_info`):
                             runtime of the same major version may load it
 
 Missing keys are not checked (older bundles); TensorRT's own check still applies at load.
+
+TensorRT-RTX targets only some GPU architectures (consumer / workstation ones: no Hopper sm_90, no
+data-centre Blackwell sm_100). A trt-rtx plan built portable (compute_capabilities []) would pass the
+list check anywhere and then fail in deserialization with advice to rebuild with trt-rtx, which cannot
+work there; so a GPU the module does not target is refused up front, advising --backend trt. The
+targets come from the module's own ComputeCapability enum (rtx_targets), RTX_FALLBACK_TARGETS where
+it has none.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ from typing import Any
 from tstitch_trt.errors import BackendUnavailable
 
 KEYS = ("module", "version", "compute_capabilities", "hardware_compatibility", "version_compatible")
+# TensorRT-RTX's documented targets where its module has no ComputeCapability enum: Turing, Ampere (GA10x),
+# Ada, Blackwell (RTX); "12.x" stands for every 12.* compute capability
+RTX_FALLBACK_TARGETS = ("7.5", "8.6", "8.9", "12.x")
 
 
 def cc_string(cc: Sequence[int] | str) -> str:
@@ -37,6 +47,23 @@ def cc_string(cc: Sequence[int] | str) -> str:
             return f"{int(major)}.{int(minor)}"
         return f"{int(s[:-1])}.{int(s[-1])}"
     return f"{int(cc[0])}.{int(cc[1])}"
+
+
+def rtx_targets(trt_module: Any) -> list[str]:
+    """The compute capabilities a TensorRT-RTX module builds for: its ComputeCapability enum's SM members
+    (SM75 -> "7.5"; NONE / CURRENT are not architectures), else RTX_FALLBACK_TARGETS."""
+    enum = getattr(trt_module, "ComputeCapability", None)
+    members = getattr(enum, "__members__", None) or {}
+    found = sorted({cc_string(name) for name in members if name.upper().startswith("SM") and name[2:].isdigit()},
+                   key=lambda c: tuple(int(p) for p in c.split(".")))
+    return found or list(RTX_FALLBACK_TARGETS)
+
+
+def targets_gpu(targets: Sequence[str], device_cc: Sequence[int]) -> bool:
+    """Is the GPU `device_cc` among `targets` ("8.9"; "12.x" matches any 12.*)?"""
+    here = cc_string(device_cc)
+    major = here.split(".")[0]
+    return any(t == here or (t.endswith(".x") and t[:-2] == major) for t in targets)
 
 
 def builder_info(trt_module: Any, compute_capabilities: Iterable[Sequence[int] | str],
@@ -70,6 +97,13 @@ def check_engine_compat(builder: dict, trt_module: Any, device_cc: Sequence[int]
                             f"installed; engines only load in the TensorRT version that built them: install "
                             f"{module or here_module}=={version} or {rebuild}")
     here_cc = cc_string(device_cc)
+    if kind == "trt-rtx":
+        rtx = rtx_targets(trt_module)
+        if not targets_gpu(rtx, device_cc):  # no trt-rtx plan, portable or not, can run here: say so before loading
+            raise BackendUnavailable(f"{what} is a TensorRT-RTX plan and {here_module} does not target this GPU "
+                                     f"(compute capability {here_cc}; it targets {', '.join(rtx)}); use "
+                                     f"--backend trt (build the bundle with `tstitch-trt build --backend trt` "
+                                     f"on this machine)")
     level = str(builder.get("hardware_compatibility") or "none").lower()
     if level == "ampere_plus":
         if tuple(device_cc) < (8, 0):

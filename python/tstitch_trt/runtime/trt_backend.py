@@ -111,12 +111,15 @@ def _make_logger(trt: Any) -> Any:
 class _Graph:
     graph: Any  # cuda_rt.CudaGraph
     events: list[Any] = field(default_factory=list)  # steps + 1 events inside the graph, or empty
+    closed: bool = False
 
     def close(self) -> None:
+        """The graph and its events together: every launch of the graph records those events."""
         self.graph.close()
         for e in self.events:
             e.close()
         self.events = []
+        self.closed = True
 
 
 class TrtBackend:
@@ -463,6 +466,8 @@ class TrtBackend:
             return warm
         self._restore_start()
         res = self._replay(g, plan)
+        if g.closed:  # its events were unreadable: dropped with them; the next call captures without events
+            return res
         ref = warm.x
         if np.isfinite(ref).all():
             diff = float(np.max(np.abs(res.x - ref))) if np.isfinite(res.x).all() else float("inf")
@@ -542,16 +547,25 @@ class TrtBackend:
             try:
                 engine_ms = [g.events[i].elapsed_ms(g.events[i + 1]) for i in range(n)]
             except Exception as e:
-                self._notes.append(f"per-step CUDA events in the graph are unreadable ({e}); "
-                                   "graph-mode step times are the trajectory's GPU time / steps")
-                for ev in g.events:
-                    ev.close()
-                g.events = []
+                # This replay finished (the end event synchronized), so its result stands. But the graph's
+                # event nodes record these events on every launch: closing the events and keeping the graph
+                # would have later launches record destroyed events. Drop the graph WITH its events, and
+                # capture later graphs without per-step events.
+                self._notes.append(f"per-step CUDA events in the graph are unreadable ({first_line(e)}); "
+                                   "the graph is recaptured without them and graph-mode step times are the "
+                                   "trajectory's GPU time / steps")
+                self._forget_graph(g)
+                self.graph_step_events = False
         if engine_ms is None:
             engine_ms = [gpu_ms / n] * n
         x = self.read_x(x_slots(n - 1)[1])
         # One launch: per-step wall time is not observable, so step_ms is the honest average.
         return LoopResult(x, [wall_ms / n] * n, engine_ms, 0.0, mode="graph")
+
+    def _forget_graph(self, g: _Graph) -> None:
+        """Close `g` (graph and events) and remove it from the cache."""
+        self._graphs = {k: v for k, v in self._graphs.items() if v is not g}
+        g.close()
 
     def _drop_graphs(self) -> None:
         for g in self._graphs.values():
