@@ -2,8 +2,9 @@
 
     python benchmarks/sd_cpu_vs_genai.py --bundle BUNDLE --optimum OPTIMUM_DIR --large SD_PIPELINE_DIR \
         [--small SMALL_UNET_DIR] --genai-python /path/to/genai-venv/bin/python \
-        [--size 512] [--steps 4] [--ratios 0,0.4] [--precisions fp32,bf16] [--repeats 2] \
-        [--runners ours,genai,diffusers] --out results.json
+        [--size 512] [--steps 4] [--ratios 0,0.4] [--precisions fp32] [--genai-precisions fp32,bf16] \
+        [--diffusers-precisions fp32,bf16] [--repeats 2] [--runners ours,genai,diffusers] [--lock FILE] \
+        --out results.json
 
 BUNDLE: `tstitch-trt build --model SMALL --model LARGE --backend ort`; OPTIMUM_DIR: `optimum-cli export
 openvino --model LARGE --task text-to-image --weight-format fp32 OUT` (the same weights). Every
@@ -21,6 +22,8 @@ benchmarks/genai_t2i.py) and at ratio 0 only (it has no stitching): it is the SD
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -37,8 +40,20 @@ HERE = Path(__file__).resolve().parent
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
+LOCK: list[str] = []  # --lock: a file flock()ed around each measured process (a shared machine's big-memory lock)
+
+
 def run_process(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS GB of that process, output tail); raises on failure."""
+    """(wall seconds, peak RSS GB of that process, output tail); raises on failure. With --lock, the lock is
+    taken before the clock starts and released when the process ends (waiting for it is not timed)."""
+    with contextlib.ExitStack() as stack:
+        if LOCK:
+            f = stack.enter_context(open(LOCK[0], "a"))
+            fcntl.flock(f, fcntl.LOCK_EX)
+        return _run_timed(cmd, env)
+
+
+def _run_timed(cmd: list[str], env: dict[str, str] | None) -> tuple[float, float, str]:
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -123,7 +138,11 @@ def main() -> None:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=4, help="PNDM steps (4 steps = 5 U-Net calls)")
     p.add_argument("--ratios", default="0,0.4")
-    p.add_argument("--precisions", default="fp32")
+    p.add_argument("--precisions", default="fp32", help="ours (tstitch-trt run --precision)")
+    p.add_argument("--genai-precisions", default="fp32,bf16", help="GenAI's INFERENCE_PRECISION_HINT (bf16 is its "
+                   "default on a bf16 CPU)")
+    p.add_argument("--diffusers-precisions", default="fp32,bf16", help="torch fp32 / bf16 autocast")
+    p.add_argument("--lock", help="flock this file around each measured process (not timed)")
     p.add_argument("--runners", default="ours,genai,diffusers")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--work", help="scratch directory (compiled-model caches); default: a temporary one")
@@ -134,14 +153,18 @@ def main() -> None:
     runners = args.runners.split(",")
     work = Path(args.work or tempfile.mkdtemp(prefix="sd-cpu-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.lock:
+        LOCK.append(args.lock)
     plan: list[tuple[str, Any]] = []
-    for prec in precisions:
-        if "ours" in runners:
-            plan += [(f"ours-{prec}-r{r}", lambda r=r, prec=prec: ours(args, r, prec, work)) for r in ratios]
-        if "genai" in runners:
-            plan.append((f"genai-{prec}", lambda prec=prec: genai(args, prec, work)))
-        if "diffusers" in runners:
-            plan.append((f"diffusers-{prec}", lambda prec=prec: diffusers_run(args, prec, work)))
+    if "ours" in runners:
+        plan += [(f"ours-{prec}-r{r}", lambda r=r, prec=prec: ours(args, r, prec, work))
+                 for prec in precisions for r in ratios]
+    if "genai" in runners:
+        plan += [(f"genai-{prec}", lambda prec=prec: genai(args, prec, work))
+                 for prec in args.genai_precisions.split(",")]
+    if "diffusers" in runners:
+        plan += [(f"diffusers-{prec}", lambda prec=prec: diffusers_run(args, prec, work))
+                 for prec in args.diffusers_precisions.split(",")]
     result: dict[str, Any] = {"size": args.size, "steps": args.steps, "prompt": PROMPT, "guidance": 7.5,
                               "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                        "load_at_start": os.getloadavg()},
