@@ -169,10 +169,17 @@ def main() -> None:
                               "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                        "load_at_start": os.getloadavg()},
                               "command": " ".join(sys.argv), "first_run": {}, "runs": {}}
+    failed: dict[str, str] = {}
     for name, fn in plan:  # warm-up: compiled-model caches filled (ours, GenAI); figures of a cold start kept
         if name.startswith(("ours", "genai")):
             print(f"first run (cache cold): {name} ...", flush=True)
-            result["first_run"][name] = fn()
+            try:
+                result["first_run"][name] = fn()
+            except RuntimeError as e:  # one runner failing must not lose the others' figures: recorded, skipped
+                failed[name] = str(e)[-2000:]
+                print(f"  FAILED: {str(e)[-500:]}", flush=True)
+    result["failed"] = failed
+    plan = [(name, fn) for name, fn in plan if name not in failed]
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in plan}
     for rep in range(args.repeats):
         for name, fn in plan:
