@@ -20,6 +20,11 @@ import time
 T0 = time.perf_counter()
 
 
+def _total_ms(value) -> float:
+    """A GenAI duration in ms: a number, or one per model (text encoders) summed."""
+    return float(sum(value.values())) if isinstance(value, dict) else float(value)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("models")
@@ -51,8 +56,8 @@ def main() -> None:
     unet_ms = [float(d) / 1e3 for d in m.raw_metrics.unet_inference_durations]  # microseconds -> ms
     pixels = np.asarray(image.data)
     out = {"load_seconds": load_s, "generate_seconds": generate_s, "unet_call_ms": unet_ms,
-           "vae_decode_ms": float(m.get_vae_decoder_infer_duration()),
-           "text_encoder_ms": float(m.get_text_encoder_infer_duration()),
+           "vae_decode_ms": _total_ms(m.get_vae_decoder_infer_duration()),
+           "text_encoder_ms": _total_ms(m.get_text_encoder_infer_duration()),
            "image_shape": list(pixels.shape), "image_std": float(pixels.std()),
            "process_seconds_to_here": time.perf_counter() - T0}
     with open(args.out, "w") as f:
