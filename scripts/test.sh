@@ -18,6 +18,9 @@ pip install --no-deps tensorrt-stubs==10.13.0.35.1
 # open_clip_torch ships the real CLIP BPE vocabulary the SD tests build their tokenizer from; --no-deps because
 # its torchvision dependency cannot install here (the tests read the file, they never import open_clip).
 pip install --no-deps open_clip_torch
+# deepcache: the peer of the feature-caching conformance tests (tests/test_sd_cache.py runs its DeepCacheSDHelper);
+# --no-deps because it pins its own diffusers / torch (its helper runs on the installed ones).
+pip install --no-deps deepcache==0.1.1
 python -m ruff check python tests benchmarks
 # The README's install without torch, in its own fresh venv: every command works or says what to install.
 bash scripts/smoke_no_torch.sh

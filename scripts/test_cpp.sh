@@ -3,10 +3,12 @@
 #   cmake -S . -B build && cmake --build build && ctest --test-dir build
 # plus one AddressSanitizer + UndefinedBehaviorSanitizer build running the same tests.
 # No GPU and no TensorRT needed (the TensorRT engine is not built without its headers; configure
-# says so). Build dirs: build/ and build-asan/ (git-ignored). Run from anywhere.
+# says so). The OpenVINO engine is built from the openvino wheel of the Python it is given ($PYTHON, else
+# `python`: scripts/test.sh activates .venv first), and both builds run tests/test_cpp_openvino.py (the C API
+# on real graphs against Python's OpenVINO backend). Build dirs: build/ and build-asan/ (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PKGS=(cmake ninja-build g++ nlohmann-json3-dev libssl-dev libgtest-dev)
+PKGS=(cmake ninja-build g++ nlohmann-json3-dev libssl-dev libgtest-dev libicu-dev)
 missing=()
 for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [[ ${#missing[@]} -gt 0 ]]; then
@@ -19,12 +21,26 @@ if [[ ${#missing[@]} -gt 0 ]]; then
 fi
 jobs=$(nproc)
 start=$(date +%s)
-cmake -S . -B build -G Ninja
+PY=${PYTHON:-python}
+ov=()
+if ov_dir=$("$PY" -c "import openvino.utils as u; print(u.get_cmake_path())" 2>/dev/null); then
+    ov=(-DOpenVINO_DIR="$ov_dir" -DTSTITCH_OPENVINO=ON)
+else
+    echo "note: $PY has no openvino (pip install '.[openvino]'): the OpenVINO engine is not built" >&2
+fi
+cmake -S . -B build -G Ninja "${ov[@]}"
 cmake --build build -j "$jobs"
 ctest --test-dir build --output-on-failure -j "$jobs"
-# Sanitizers: the core, the fake-engine loop and the C API's bad-input paths; examples are not needed.
-cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DTSTITCH_SANITIZE=ON -DTSTITCH_BUILD_EXAMPLES=OFF
+# Sanitizers: the core, the fake-engine loop, the C API's bad-input paths and the OpenVINO engine on real graphs
+# (OpenVINO's own libraries are not instrumented; no leak suppression is needed; its TBB's RTLD_DEEPBIND dlopen is
+# handled by cpp/tests/asan_dlopen_shim.c, linked into the sanitizer build's executables only).
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DTSTITCH_SANITIZE=ON -DTSTITCH_BUILD_EXAMPLES=OFF "${ov[@]}"
 cmake --build build-asan -j "$jobs"
-ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-    ctest --test-dir build-asan --output-on-failure -j "$jobs"
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+ctest --test-dir build-asan --output-on-failure -j "$jobs"
+if [[ ${#ov[@]} -gt 0 ]]; then
+    TSTITCH_CPP_BUILD=build-asan "$PY" -m pytest -q -p no:cacheprovider tests/test_cpp_openvino.py tests/test_cpp_tokenizer.py \
+        -k "not example and not ddim and not euler"  # no examples here; fewer samplers (the plain build runs all)
+fi
+unset ASAN_OPTIONS UBSAN_OPTIONS
 echo "C++ runtime: build + tests + sanitizer build + tests in $(( $(date +%s) - start )) s"

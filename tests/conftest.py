@@ -110,3 +110,10 @@ def sdxl_control_bundle(sdxl_control_set, tmp_path_factory) -> Path:
     small, large, net = sdxl_control_set
     return build_sd(tmp_path_factory.mktemp("sdxl-control-bundles") / "sdxl-control", [small, large],
                     "--controlnet", str(net))
+
+
+@pytest.fixture(scope="session")
+def lcm_bundle(tmp_path_factory) -> Path:
+    """A tiny LCM pair (large U-Net with the guidance embedding, small without), ort only."""
+    root = tmp_path_factory.mktemp("lcm-bundles")
+    return build_sd(root / "bundle", list(tiny_sd_parts("save_tiny_pair", root, lcm=True)), backends="ort")

@@ -133,6 +133,7 @@ SD_STEPS = (1, 2, 7, 20, 25, 50)
 
 def sd_sampling_golden() -> dict:
     """SD sampler tables (bit patterns) for every sampler on several configs and step counts, and the call rule."""
+    from tstitch_trt.sampling.cache_plan import cached_calls
     from tstitch_trt.sampling.sd_samplers import SD_SAMPLERS, sd_table
     from tstitch_trt.sampling.stitch import stitch_schedule_by_call
 
@@ -154,7 +155,16 @@ def sd_sampling_golden() -> dict:
         for fr in ((0.3, 0.3, 0.4), (1 / 3, 1 / 3, 1 / 3), (0.0, 0.5, 0.5)):
             by_call.append({"calls": n_calls, "fractions": list(fr),
                             "models": stitch_schedule_by_call(n_calls, 3, fractions=fr).tolist()})
-    return {"configs": configs, "tables": tables, "by_call": by_call}
+    # DeepCache's full / cached call plan (sampling/cache_plan.py) on the calls and stitch of these tables
+    cache_plans = []
+    for sampler in ("pndm", "ddim", "euler", "dpm-solver++"):
+        for steps, ratio in ((8, 0.0), (8, 0.4), (20, 0.5), (3, 0.4)):
+            t = sd_table(sampler, configs["sd15-pndm"], steps).timesteps
+            models = stitch_schedule_by_call(len(t), 2, ratio=ratio)
+            for interval in (1, 2, 3, 5):
+                cache_plans.append({"sampler": sampler, "steps": steps, "ratio": ratio, "interval": interval,
+                                    "cached": [int(c) for c in cached_calls(t, models, interval)]})
+    return {"configs": configs, "tables": tables, "by_call": by_call, "cache_plans": cache_plans}
 
 
 def write_toy_bundle(dst: Path) -> None:

@@ -329,3 +329,20 @@ def test_shipped_recipes(name, models):
     assert cfg.precision == "fp16" and "trt" in cfg.backends and cfg.image_size == 256
     assert cfg.batch_range == (1, 16) and cfg.num_classes == 1000
     assert all(m.checkpoint.startswith("pretrained_models/") for m in cfg.models)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_streamed_export_equals_the_in_memory_one(step, tmp_path, monkeypatch, precision):
+    """The path real sizes take (weights moved out of the protos, the graph cleaned and type-checked weightless,
+    written with one external .data file) gives the same graph as the in-memory path, fp16 typing included."""
+    whole = export_step_graph(step, tmp_path / "a" / "g.onnx", precision)
+    monkeypatch.setattr(onnx_export, "STREAM_ABOVE", 0)
+    streamed = export_step_graph(step, tmp_path / "b" / "g.onnx", precision)
+    assert external_data_files(whole) == []
+    assert [p.name for p in external_data_files(streamed)] == ["g.onnx.data"]
+    assert sorted(p.name for p in streamed.parent.iterdir()) == ["g.onnx", "g.onnx.data"]  # no raw files left
+    check_step_graph_typing(onnx.load(str(streamed), load_external_data=False), precision)
+    feeds = feeds_for(step)
+    a, b = ort_step(whole, feeds), ort_step(streamed, feeds)
+    for name in a:
+        assert np.abs(a[name] - b[name]).max() <= 1e-6 * max(1.0, float(np.abs(a[name]).max())), name

@@ -621,3 +621,390 @@ def test_hostile_sd_requests(sd_bundle, tmp_path, capsys, extra, message):
                             "--out", tmp_path / "x.png", *extra], capsys)
     assert_one_line(code, err, message)
     assert not (tmp_path / "x.png").exists()
+
+
+# --- 5. serve requests (issue 22): every class refused with the pipeline's own checks, before any batch ---------
+_DEEP = "[" * 100_000 + "]" * 100_000
+SERVE_POISON = [  # (case, JSON fields after the bundle's base fields, the line's words)
+    ("seed -1", '"seed": -1', "--seed must be an integer in [0, 2^64), got -1"),
+    ("seed 5000 digits", '"seed": ' + "7" * 5000, "more than 4300 digits"),
+    ("seed 2^64", f'"seed": {2**64}', "--seed must be an integer in [0, 2^64)"),
+    ("lone surrogate prompt", '"prompt": "a \\udcff"', "prompt is not valid UTF-8 text"),
+    ("cfg NaN", '"cfg_scale": NaN', "--cfg-scale must be a finite number"),
+    ("cfg Infinity", '"cfg_scale": Infinity', "--cfg-scale must be a finite number"),
+    ("cfg 1e308", '"cfg_scale": 1e308', "--cfg-scale must be a finite number"),
+    ("fractions NaN", '"fractions": [NaN, 1.0]', "--fractions must be finite numbers"),
+    ("eta NaN", '"sampler": "ddim", "eta": NaN', "--eta must be between 0 and 100"),
+    ("eta negative", '"sampler": "ddim", "eta": -1.0', "--eta must be between 0 and 100"),
+    ("eta with pndm", '"sampler": "pndm", "eta": 0.5', "--eta applies to ddim only, not pndm"),
+    ("steps 1000 pndm", '"sampler": "pndm", "steps": 1000', "give at most 999"),
+    ("steps 1000 ddim", '"sampler": "ddim", "steps": 1000', "give at most 999"),
+    ("dpm-solver++ 999", '"sampler": "dpm-solver++", "steps": 999', "give at most 998"),
+    ("nested field", '"negative_prompt": ' + _DEEP, "nests JSON arrays or objects too deeply"),
+    ("10 MB prompt", '"prompt": "' + "x" * (10 << 20) + '"', "this service takes at most 16384"),
+    ("1 MB field name", '"' + "y" * (1 << 20) + '": 1', "unknown field 'yyyy"),
+]
+SERVE_KINDS = ["sd_bundle", "sdxl_bundle", "control_bundle", "lcm_bundle"]
+
+
+@pytest.fixture(scope="module", params=SERVE_KINDS)
+def served(request):
+    """(bundle, manifest, pipeline on ort, the base fields of a good request) for each text-to-image kind."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from tstitch_trt.bundle.manifest import read_manifest
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    bundle = request.getfixturevalue(request.param)
+    manifest = read_manifest(bundle)
+    base = {"prompt": "a cat", "steps": 2}
+    if manifest.controlnet:
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((manifest.image_size,) * 2 + (3,), np.uint8)).save(buf, format="PNG")
+        base["control_image"] = base64.b64encode(buf.getvalue()).decode()
+    pipe = StitchedSDPipeline.from_bundle(bundle, backend="ort")
+    yield bundle, manifest, pipe, base
+    pipe.close()
+
+
+def _serve_check(manifest, pipe, body: bytes):
+    """What the service does with a body before the request may join a batch: parse (ingress) and validate
+    (replica); returns the request or raises UserError (the service's 400)."""
+    from tstitch_trt.serve.requests import KINDS, parse_generate
+
+    req = parse_generate(body, manifest, False, 4)
+    KINDS[manifest.pipeline].validate(pipe, req)
+    return req
+
+
+@pytest.mark.parametrize("case, fields, message", SERVE_POISON, ids=[c[0] for c in SERVE_POISON])
+def test_serve_refuses_each_hostile_class_before_a_batch(served, case, fields, message):
+    from tstitch_trt.errors import UserError
+
+    _, manifest, pipe, base = served
+    head = json.dumps(base)[:-1]
+    body = f"{head}, {fields}}}".encode("utf-8", "surrogatepass")
+    with pytest.raises(UserError) as e:
+        _serve_check(manifest, pipe, body)
+    line = str(e.value)
+    assert message in line and "\n" not in line and len(line) < 400, line
+    # and the same values with good ones are accepted: the base request is served
+    _serve_check(manifest, pipe, json.dumps(base).encode())
+
+
+def test_a_failing_batch_is_retried_per_request_so_only_the_cause_fails(sd_bundle):
+    """Whatever slips past validation and fails inside an engine batch fails only the request that causes it."""
+    from dataclasses import replace
+
+    from tstitch_trt.bundle.manifest import read_manifest
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+    from tstitch_trt.serve.requests import KINDS, parse_generate, run_isolated
+
+    manifest = read_manifest(sd_bundle)
+    real = KINDS["sd"]
+    poison_seed = 666
+
+    def run_batch(pipe, reqs):
+        if any(r.seed == poison_seed for r in reqs):
+            raise RuntimeError("TextEncodeInput must be Union[TextInputSequence, ...]")  # what a bad row raised
+        return real.run_batch(pipe, reqs)
+
+    kind = replace(real, run_batch=run_batch)
+    reqs = [parse_generate(json.dumps({"prompt": p, "seed": s, "steps": 2, "return_latents": True}).encode(),
+                           manifest, False, 4) for p, s in (("a cat", 1), ("bad", poison_seed), ("a dog", 2))]
+    pipe = StitchedSDPipeline.from_bundle(sd_bundle, backend="ort")
+    try:
+        results = run_isolated(kind, pipe, reqs)
+        assert isinstance(results[1], RuntimeError)
+        for r, res in zip((reqs[0], reqs[2]), (results[0], results[2]), strict=True):
+            lone = pipe(prompt=r.conditioning["prompt"][0], seed=r.seed, steps=2, decode=False).latents
+            np.testing.assert_allclose(res.latents, lone, rtol=1e-5, atol=1e-6)
+            assert len(res.images) == 1
+    finally:
+        pipe.close()
+
+
+def _png_declaring(path: Path, height: int, width: int) -> Path:
+    """A small PNG whose header declares height x width RGB pixels (its data: one compressed block of zero rows,
+    about 20 KB for 10000x10000, which decoding would turn into gigabytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    comp = zlib.compressobj(9)
+    row = b"\0" * (1 + 3 * width)
+    data = b"".join(comp.compress(row) for _ in range(min(height, 64))) + comp.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("bundle_kind", ["control_bundle", "sdxl_control_bundle"])
+def test_control_image_is_checked_by_its_declared_size_before_decoding(request, bundle_kind, tmp_path, capsys,
+                                                                        monkeypatch):
+    from PIL import Image
+
+    bundle = request.getfixturevalue(bundle_kind)
+    capsys.readouterr()  # the fixture's build output
+    decoded = []
+    real_convert = Image.Image.convert
+    monkeypatch.setattr(Image.Image, "convert", lambda self, *a, **k: decoded.append(self.size)
+                        or real_convert(self, *a, **k))
+    bomb = _png_declaring(tmp_path / "bomb.png", 10000, 10000)
+    assert bomb.stat().st_size < 64 << 10
+    code, _, err = run_cli(["run", "--bundle", bundle, "--prompt", "a cat", "--steps", "2", "--backend", "ort",
+                            "--control-image", bomb, "--out", tmp_path / "x.png"], capsys)
+    assert_one_line(code, err, "declares 10000x10000 (HxW) pixels", "at most")
+    assert "DecompressionBomb" not in err and not decoded and not (tmp_path / "x.png").exists()
+    wide = tmp_path / "wide.jpg"
+    Image.new("RGB", (20000, 8)).save(wide)
+    code, _, err = run_cli(["run", "--bundle", bundle, "--prompt", "a cat", "--steps", "2", "--backend", "ort",
+                            "--control-image", wide, "--out", tmp_path / "x.png"], capsys)
+    assert_one_line(code, err, "declares 8x20000 (HxW) pixels")
+    # the service's upload: the same check, the same words, before decoding
+    import base64
+
+    from tstitch_trt.bundle.manifest import read_manifest
+    from tstitch_trt.errors import UserError
+    from tstitch_trt.serve.requests import parse_generate
+
+    body = json.dumps({"prompt": "a", "control_image": base64.b64encode(bomb.read_bytes()).decode()}).encode()
+    with pytest.raises(UserError, match=r"control_image declares 10000x10000 \(HxW\) pixels"):
+        parse_generate(body, read_manifest(bundle), False, 4)
+    assert not decoded
+
+
+# --- 6. the seal covers what a graph names (issue 22): external data outside the bundle, or not checksummed ------
+def _externalize(graph: Path, location: str, data_path: Path) -> None:
+    """Move the graph's initializers to `data_path` and make the graph name it as `location` (what an attacker
+    who re-seals the graph would write)."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import set_external_data
+
+    model = onnx.load(str(graph))
+    offset = 0
+    with open(data_path, "wb") as f:
+        for init in model.graph.initializer:
+            raw = numpy_helper.to_array(init).tobytes()
+            f.write(raw)
+            for name in ("float_data", "int32_data", "int64_data", "double_data"):
+                init.ClearField(name)
+            init.raw_data = raw
+            set_external_data(init, location=location, offset=offset, length=len(raw))
+            init.ClearField("raw_data")
+            init.data_location = onnx.TensorProto.EXTERNAL
+            offset += len(raw)
+    graph.write_bytes(model.SerializeToString())
+
+
+@pytest.mark.parametrize("part", ["text_encoder", "unet", "vae"])
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink", "unsealed"])
+@pytest.mark.parametrize("backend", ["ort", "openvino"])
+def test_graph_external_data_must_stay_in_the_bundle_and_be_sealed(sd_bundle, tmp_path, capsys, part, how, backend):
+    bundle = tmp_path / "sd"
+    shutil.copytree(sd_bundle, bundle)
+    m = json.loads((bundle / "manifest.json").read_text())
+    entry = {"text_encoder": m.get("text_encoder"), "unet": m["models"][0], "vae": m.get("vae")}[part]["engines"]["ort"]
+    graph = bundle / entry["file"]
+    outside = tmp_path / "secret.data"
+    location = {"dotdot": os.path.relpath(outside, graph.parent), "absolute": str(outside), "symlink": "w.data",
+                "unsealed": "w.data"}[how]
+    _externalize(graph, location, outside if how != "unsealed" else graph.parent / "w.data")
+    if how == "symlink":
+        (graph.parent / "w.data").symlink_to(outside)
+    entry["sha256"] = sha256_file(graph)  # re-sealed: only the graph's own path gives it away
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run_cli(["run", "--bundle", bundle, "--prompt", "a cat", "--steps", "2", "--backend", backend,
+                            "--out", tmp_path / "x.png"], capsys)
+    why = "which the manifest does not checksum" if how == "unsealed" else "which leads outside the bundle"
+    assert_one_line(code, err, f"bundle file {entry['file']} names external data", why)
+    assert not (tmp_path / "x.png").exists()
+    code, _, err = run_cli(["info", "--bundle", bundle], capsys)
+    assert_one_line(code, err, f"bundle file {entry['file']} names external data")
+
+
+def test_a_sealed_graph_with_external_data_in_the_bundle_runs(sd_bundle, tmp_path, capsys):
+    """The >2 GB layout (weights in a .data file beside the graph, checksummed in the manifest) is accepted."""
+    bundle = tmp_path / "sd"
+    shutil.copytree(sd_bundle, bundle)
+    m = json.loads((bundle / "manifest.json").read_text())
+    entry = m["text_encoder"]["engines"]["ort"]
+    graph = bundle / entry["file"]
+    data = graph.parent / (graph.name + ".data")
+    import onnx
+
+    onnx.save_model(onnx.load(str(graph)), str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name)  # as export/onnx_export.py writes a graph over 2 GB
+    assert data.stat().st_size > graph.stat().st_size  # the weights really moved out
+    entry["sha256"] = sha256_file(graph)
+    entry.setdefault("extra", {})["external_data"] = [{"file": data.relative_to(bundle).as_posix(),
+                                                       "sha256": sha256_file(data)}]
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run_cli(["run", "--bundle", bundle, "--prompt", "a cat", "--steps", "2", "--backend", "ort",
+                            "--out", tmp_path / "x.png"], capsys)
+    assert code == 0, err
+
+
+# --- 7. `run` on text-to-image bundles (issue 22) -----------------------------------------------------------------
+RUN_SD_CASES = [
+    # a prompt that is not UTF-8 reaches Python as lone surrogates (os.fsdecode's surrogateescape)
+    (["--prompt", "a \udcff cat"], "--prompt is not valid UTF-8 text"),
+    (["--prompt", "a cat", "--negative-prompt", "\udcfe"], "--negative-prompt is not valid UTF-8 text"),
+    (["--prompt", "a cat", "--steps", "1000", "--sampler", "pndm"], "give at most 999"),
+    (["--prompt", "a cat", "--steps", "1000", "--sampler", "ddim"], "give at most 999"),
+    (["--prompt", "a cat", "--steps", "999", "--sampler", "dpm-solver++"], "give at most 998"),
+    (["--prompt", "a cat", "--eta", "0.5", "--sampler", "pndm"], "--eta applies to ddim only, not pndm"),
+    (["--prompt", "a cat", "--cfg-scale", "1e308"], "--cfg-scale must be a finite number of reasonable size"),
+    (["--prompt", "a cat", "--backend", "torch", "--device", "tpu:7"], "--device 'tpu:7' is not a device the torch"),
+]
+
+
+@pytest.mark.parametrize("kind", ["sd_bundle", "sdxl_bundle"])
+@pytest.mark.parametrize("extra, message", RUN_SD_CASES, ids=[" ".join(c[0])[-30:] for c in RUN_SD_CASES])
+def test_hostile_sd_run_values(request, kind, tmp_path, capsys, extra, message):
+    bundle = request.getfixturevalue(kind)
+    capsys.readouterr()
+    code, _, err = run_cli(["run", "--bundle", bundle, "--steps", "2", "--out", tmp_path / "x.png", *extra], capsys)
+    assert_one_line(code, err, message)
+    assert "RuntimeWarning" not in err and not (tmp_path / "x.png").exists()
+
+
+def test_torch_device_cuda_without_a_gpu_is_one_line(sd_bundle, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: --device cuda is valid here")
+    code, _, err = run_cli(["run", "--bundle", sd_bundle, "--prompt", "a cat", "--steps", "2", "--backend", "torch",
+                            "--device", "cuda", "--out", tmp_path / "x.png"], capsys)
+    assert_one_line(code, err, "--device cuda: PyTorch sees no CUDA GPU here", "use --device cpu")
+
+
+@pytest.mark.parametrize("dtype", ["<f2", ">f4", ">f8"])
+def test_init_noise_of_any_float_layout_is_converted(sd_bundle, tmp_path, capsys, dtype):
+    """float16, big-endian float32 / float64: valid latents, converted; the run equals the float32 one."""
+    x = np.random.default_rng(5).standard_normal((1, 4, 32, 32)).astype(np.float16)  # exact in every dtype
+    runs = {}
+    for name, arr in (("ref", x.astype("<f4")), ("other", x.astype(dtype))):
+        np.save(tmp_path / f"{name}.npy", arr)
+        code, _, err = run_cli(["run", "--bundle", sd_bundle, "--prompt", "a cat", "--steps", "2", "--backend", "ort",
+                                "--init-noise", tmp_path / f"{name}.npy", "--save-latents", tmp_path / f"{name}-z.npy",
+                                "--out", tmp_path / f"{name}.png"], capsys)
+        assert code == 0, err
+        runs[name] = np.load(tmp_path / f"{name}-z.npy")
+    np.testing.assert_array_equal(runs["other"], runs["ref"])
+
+
+# --- 8. `build` from hostile diffusers directories (issue 22): one line, before anything is exported ---------------
+def _damage_config(d: Path, text: str, name: str = "config.json") -> None:
+    (d / name).write_text(text)
+
+
+def _tiny_config(d: Path, **changes) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _evil_bin(d: Path, marker: Path) -> None:
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (d / "diffusion_pytorch_model.safetensors").unlink()
+    (d / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({"w": Evil()}))
+
+
+def _corrupt_header(d: Path) -> None:
+    p = d / "diffusion_pytorch_model.safetensors"
+    raw = bytearray(p.read_bytes())
+    raw[:8] = (10**12).to_bytes(8, "little")
+    p.write_bytes(bytes(raw))
+
+
+BUILD_CASES = [  # (case, which part: small / large / controlnet, damage, the line's words)
+    ("model_index.json is a list", "large", lambda d, m: _damage_config(d, "[1, 2]", "model_index.json"),
+     "model_index.json holds a JSON list, not an object"),
+    ("config.json is a list", "small", lambda d, m: _damage_config(d, "[]"), "config.json holds a JSON list"),
+    ("config.json is not JSON", "small", lambda d, m: _damage_config(d, '{"_class_name": "UNet2D'),
+     "cannot read"),
+    ("evil pickle .bin", "small", _evil_bin, "are a pickle (diffusion_pytorch_model.bin)"),
+    ("corrupt safetensors header", "small", lambda d, m: _corrupt_header(d), "is not a valid .safetensors file"),
+    ("huge block_out_channels", "small", lambda d, m: _tiny_config(d, block_out_channels=[100000, 100000]),
+     "GiB of fp32 weights"),
+    ("layers_per_block 1e6", "small", lambda d, m: _tiny_config(d, layers_per_block=1000000),
+     "layers_per_block 1000000 is beyond any U-Net"),
+    ("ControlNet config is a list", "controlnet", lambda d, m: _damage_config(d, "[]"),
+     "config.json holds a JSON list"),
+    ("ControlNet evil pickle", "controlnet", _evil_bin, "are a pickle"),
+]
+
+
+@pytest.mark.parametrize("case, part, damage, message", BUILD_CASES, ids=[c[0] for c in BUILD_CASES])
+def test_hostile_sd_build_inputs(control_set, tmp_path, capsys, case, part, damage, message):
+    small, large, net = (Path(shutil.copytree(p, tmp_path / p.name)) for p in control_set)
+    target = {"small": small, "large": large, "controlnet": net}[part]
+    marker = tmp_path / "PWNED"
+    damage(target, marker)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code, stdout, err = run_cli(["build", "--model", small, "--model", large, "--controlnet", net, "--backend", "ort",
+                                 "--out", out], capsys)
+    assert_one_line(code, err, message)
+    assert "exporting" not in stdout  # refused before any export
+    assert not marker.exists() and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no staging left
+
+
+def test_random_seed_must_be_an_integer(tmp_path, capsys):
+    code, _, err = run_cli(["build", "--model", "DiT-S/2=random:abc", "--model", "DiT-B/2=random:1", "--image-size",
+                            "64", "--num-classes", "10", "--backend", "torch", "--out", tmp_path / "b"], capsys)
+    assert_one_line(code, err, "random:SEED takes a non-negative integer seed, got 'abc'")
+
+
+def test_library_chatter_never_precedes_the_error_line(sd_pair, tmp_path, capsys, monkeypatch):
+    """A failure after diffusers loaded weights (its progress bars) and ONNX Runtime warned: still one line."""
+    import tstitch_trt.export.sd_build as sd_build
+
+    def fail(*a, **k):
+        raise sd_build.UserError("the U-Net export failed (a stand-in for any late failure)")
+
+    monkeypatch.setattr(sd_build, "_write_unet", fail)
+    capsys.readouterr()
+    code, _, err = run_cli(["build", "--model", sd_pair[0], "--model", sd_pair[1], "--backend", "ort",
+                            "--out", tmp_path / "out"], capsys)
+    assert_one_line(code, err, "the U-Net export failed")  # the text encoder was exported (and loaded) first
+
+
+def test_a_staging_cleanup_that_fails_says_so(sd_pair, tmp_path, capsys, monkeypatch):
+    import tstitch_trt.bundle.staging as staging
+    import tstitch_trt.export.sd_build as sd_build
+
+    def fail(*a, **k):
+        raise sd_build.UserError("out of memory exporting the U-Net")
+
+    real_rmtree = shutil.rmtree
+
+    def stuck(path, *a, onerror=None, **kw):  # as under memory exhaustion: the staging removal fails
+        if not Path(path).name.startswith(".out.tmp-"):
+            return real_rmtree(path, *a, onerror=onerror, **kw)
+        if onerror is not None:
+            onerror(os.rmdir, str(path), (OSError, OSError(12, "Cannot allocate memory"), None))
+
+    monkeypatch.setattr(sd_build, "_write_unet", fail)
+    monkeypatch.setattr(staging.shutil, "rmtree", stuck)
+    capsys.readouterr()
+    code, _, err = run_cli(["build", "--model", sd_pair[0], "--model", sd_pair[1], "--backend", "ort",
+                            "--out", tmp_path / "out"], capsys)
+    monkeypatch.undo()
+    assert_one_line(code, err, "out of memory exporting the U-Net", "could not be removed", "Cannot allocate memory")
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert len(left) == 1 and str(left[0]) in err
+    real_rmtree(left[0])

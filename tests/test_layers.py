@@ -39,7 +39,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     # tstitch_trt.demo itself only says where the shipped demo bundle is (no torch)
     ("sampling, bundle", ["tstitch_trt.sampling", "tstitch_trt.sampling.*", "tstitch_trt.bundle",
                           "tstitch_trt.bundle.*", "tstitch_trt.demo"]),
-    ("helpers", ["tstitch_trt.argtypes", "tstitch_trt.outputs", "tstitch_trt.progress"]),
+    ("helpers", ["tstitch_trt.argtypes", "tstitch_trt.outputs", "tstitch_trt.progress", "tstitch_trt.quiet"]),
     ("base", ["tstitch_trt.errors", "tstitch_trt"]),
 ]
 NO_TORCH = ("serve", "runtime", "sampling, bundle", "helpers", "base")

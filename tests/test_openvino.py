@@ -171,18 +171,29 @@ def test_read_only_bundle_caches_outside_it(tiny_pair, tmp_path, monkeypatch):
 
 def test_precision_choice(tiny_pair):
     manifest = read_manifest(tiny_pair)
-    assert resolve_precisions(manifest, "fp32", True)[0] == ["fp32", "fp32"]
-    precisions, why = resolve_precisions(manifest, "auto", True)
+    assert resolve_precisions(manifest, "fp32", True, "avx512_bf16")[0] == ["fp32", "fp32"]
+    precisions, why = resolve_precisions(manifest, "auto", True, "avx512_bf16")
     assert precisions == ["fp32", "fp32"] and "does not record bf16 as safe" in why
-    manifest.models[0].bf16 = {"safe": True}
-    precisions, why = resolve_precisions(manifest, "auto", True)
+    manifest.models[0].bf16 = {"safe": True, "isa": ["avx512_bf16"]}
+    precisions, why = resolve_precisions(manifest, "auto", True, "avx512_bf16")
     assert precisions == ["bf16", "fp32"] and "bf16 on DiT-S/2, fp32 elsewhere" in why
-    manifest.models[1].bf16 = {"safe": True}
-    assert resolve_precisions(manifest, "auto", True)[0] == ["bf16", "bf16"]
-    precisions, why = resolve_precisions(manifest, "auto", False)
+    manifest.models[1].bf16 = {"safe": True, "isa": ["avx512_bf16"]}
+    assert resolve_precisions(manifest, "auto", True, "avx512_bf16") == (
+        ["bf16", "bf16"], "bf16: the bundle records bf16 as safe on avx512_bf16 for every part")
+    # a verdict covers only the ISAs it was measured on: AMX runs other kernels than AVX512-BF16
+    precisions, why = resolve_precisions(manifest, "auto", True, "amx_bf16")
+    assert precisions == ["fp32", "fp32"] and why == "fp32: bf16 verdict measured on avx512_bf16, this CPU is amx_bf16"
+    manifest.models[1].bf16 = {"safe": True, "isa": ["amx_bf16", "avx512_bf16"]}
+    precisions, why = resolve_precisions(manifest, "auto", True, "amx_bf16")
+    assert precisions == ["fp32", "bf16"] and why.startswith("bf16 on DiT-B/2, fp32 elsewhere: bf16 verdict measured")
+    manifest.models[0].bf16 = {"safe": True}  # recorded before verdicts named the ISA: covers no CPU
+    precisions, why = resolve_precisions(manifest, "auto", True, "avx512_bf16")
+    assert precisions == ["fp32", "bf16"] and "does not name the CPU ISA it was measured on" in why
+    assert resolve_precisions(manifest, "auto", True, None)[0] == ["fp32", "fp32"]  # ISA unknown
+    precisions, why = resolve_precisions(manifest, "auto", False, "avx512_bf16")
     assert precisions == ["fp32", "fp32"] and why == "fp32: this CPU has no native bf16"
     with pytest.raises(UserError, match="needs a CPU with native bf16"):
-        resolve_precisions(manifest, "bf16", False)
+        resolve_precisions(manifest, "bf16", False, "avx512_bf16")
 
 
 def test_bf16_is_only_for_openvino(tiny_pair, capsys):

@@ -91,3 +91,57 @@ def test_damaged_blob_is_compiled_again(tiny_pair, tmp_path, reads):
     assert backend.compile_sources == ["compiled", "compiled"] and len(reads) == 2
     assert all(b.stat().st_size > 1000 for b in blobs)  # replaced by whole blobs
     assert not [p for p in tmp_path.iterdir() if not p.name.endswith(".blob")]  # no temporary left behind
+
+
+def test_bf16_key_holds_the_marking(monkeypatch):
+    """A change to the bf16 marking (runtime/openvino_precision.ATTRIBUTE) is a new bf16 blob, not a new fp32 one."""
+    sha, shapes = ["a" * 64], {"x": (1,)}
+    fp32, bf16 = (openvino_compile.blob_key(sha, shapes, p, 1, "v1") for p in ("fp32", "bf16"))
+    monkeypatch.setattr(openvino_compile, "ATTRIBUTE", ("DisablePrecisionConversion", "1", "dynamic:f16,bf16"))
+    assert openvino_compile.blob_key(sha, shapes, "fp32", 1, "v1") == fp32
+    assert openvino_compile.blob_key(sha, shapes, "bf16", 1, "v1") != bf16
+
+
+def _small_graph(path):
+    """x (1, 16) -> softmax(x @ W) as an ONNX file; returns its sha256 (what a manifest records)."""
+    import hashlib
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(1).standard_normal((16, 16)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Softmax", ["h"], ["y"], axis=-1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_openvino_graph_uses_the_cache_per_precision(tmp_path, monkeypatch):
+    """OpenVinoGraph (text encoders, VAE) compiles through the blob cache: fp32 and bf16 are separate blobs, and a
+    second graph object imports them without reading the ONNX, with the same outputs."""
+    from tstitch_trt.runtime import openvino_graph
+    from tstitch_trt.runtime.openvino_backend import cpu_has_bf16
+
+    path = tmp_path / "g.onnx"
+    sha = _small_graph(path)
+    reads: list[str] = []
+    real = openvino_graph.read_onnx
+    monkeypatch.setattr(openvino_graph, "read_onnx", lambda core, p: reads.append(p.name) or real(core, p))
+    precisions = ["fp32", "bf16"] if cpu_has_bf16(ov.Core()) else ["fp32"]
+    x = {"x": np.random.default_rng(2).standard_normal((2, 16)).astype(np.float32)}
+    first = {}
+    for p in precisions:
+        g = openvino_graph.OpenVinoGraph(path, p, 1, graph_sha256=[sha], cache_dir=tmp_path / "c")
+        first[p] = g(x)["y"]
+        assert g.source == "compiled"
+    assert len(reads) == len(precisions) and len(list((tmp_path / "c").glob("*.blob"))) == len(precisions)
+    reads.clear()
+    for p in precisions:
+        g = openvino_graph.OpenVinoGraph(path, p, 1, graph_sha256=[sha], cache_dir=tmp_path / "c")
+        assert np.array_equal(g(x)["y"], first[p]) and g.source == "cache"
+    assert reads == []
+    # without the graph's checksums there is no key that avoids reading it: no cache, compiled each time
+    g = openvino_graph.OpenVinoGraph(path, "fp32", 1, cache_dir=tmp_path / "c")
+    assert np.array_equal(g(x)["y"], first["fp32"]) and g.source == "compiled" and reads == ["g.onnx"]

@@ -121,11 +121,11 @@ def test_openvino_text_encoder_unets_and_vae_equal_diffusers(sd_bundle, referenc
     from PIL import Image
 
     from tstitch_trt.bundle.manifest import read_manifest
-    from tstitch_trt.runtime import openvino_parts
+    from tstitch_trt.runtime import openvino_graph
 
     made: list = []
 
-    class Recorded(openvino_parts.OpenVinoGraph):
+    class Recorded(openvino_graph.OpenVinoGraph):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             made.append(self)
@@ -134,7 +134,7 @@ def test_openvino_text_encoder_unets_and_vae_equal_diffusers(sd_bundle, referenc
     ref_latent = reference("pndm", 0.4, negative, init)
     ref_image = reference("pndm", 0.4, negative, init, output_type="np")[0]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(openvino_parts, "OpenVinoGraph", Recorded)
+        mp.setattr(openvino_graph, "OpenVinoGraph", Recorded)
         mp.setenv("TSTITCH_OPENVINO_CACHE", str(tmp_path / "ov-cache"))
         got, report = run_cli(sd_bundle, tmp_path, "openvino", "pndm", 0.4, negative, init)
     manifest = read_manifest(sd_bundle)

@@ -13,7 +13,6 @@ import json
 import numpy as np
 import pytest
 
-from conftest import build_sd, tiny_sd_parts
 from tstitch_trt.bundle.manifest import read_manifest
 from tstitch_trt.errors import UserError
 from tstitch_trt.serve.requests import KINDS, parse_generate
@@ -141,13 +140,6 @@ def test_a_control_image_of_another_size_is_refused(control_bundle, control_pipe
                                   "control_image": _png_b64(np.zeros((size, size * 2, 3), np.uint8))})
     with pytest.raises(UserError, match="the control image is"):
         _serve(control_pipe, [req])
-
-
-@pytest.fixture(scope="module")
-def lcm_bundle(tmp_path_factory):
-    """A tiny LCM pair (large U-Net with the guidance embedding, small without), ort only."""
-    root = tmp_path_factory.mktemp("serve-lcm")
-    return build_sd(root / "bundle", list(tiny_sd_parts("save_tiny_pair", root, lcm=True)), backends="ort")
 
 
 def test_lcm_bundles_get_runs_lcm_defaults_and_refusals(lcm_bundle):

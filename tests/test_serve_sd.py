@@ -8,8 +8,11 @@ One service for the module; stopping it must leave no process.
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -19,13 +22,14 @@ from serve_harness import browser_page, latents_of, png_of, start_service
 
 pytestmark = pytest.mark.serve
 STEPS = 3
+BODY_TIMEOUT_S = 4
 
 
 @pytest.fixture(scope="module")
 def svc(sd_bundle):
     # the bundle's engines take batches of 1-4 images; a long batch wait so concurrent requests share one
     s = start_service(["--bundle", str(sd_bundle), "--backend", "ort", "--max-batch-size", "4",
-                       "--batch-wait-ms", "400"], replicas=1)
+                       "--batch-wait-ms", "400", "--body-timeout-s", str(BODY_TIMEOUT_S)], replicas=1)
     yield s
     left = s.stop()
     assert not left, f"processes survived the service's SIGTERM: {left}"
@@ -162,3 +166,89 @@ def test_web_page_shows_a_prompt_box(svc, manifest, tmp_path):
     assert hidden == [True, False]
     assert shown == [[manifest.image_size] * 2], (shown, error)
     assert "a lighthouse" in report and not error
+
+
+# --- hostile clients (issue 22): a bad request never hurts another ----------------------------------------------
+DEEP = "[" * 100_000 + "]" * 100_000
+POISON = {  # each class the CLI refuses, as a raw body; every one must be its own 400, never reach a batch
+    "seed -1": json.dumps({"prompt": "a", "seed": -1}),
+    "seed of 5,000 digits": '{"prompt": "a", "seed": ' + "7" * 5000 + "}",
+    "lone surrogate": json.dumps({"prompt": "a \udcff b"}),
+    "cfg NaN": '{"prompt": "a", "cfg_scale": NaN}',
+    "cfg Infinity": '{"prompt": "a", "cfg_scale": Infinity}',
+    "cfg 1e308": '{"prompt": "a", "cfg_scale": 1e308}',
+    "fractions NaN": '{"prompt": "a", "fractions": [NaN, 1.0]}',
+    "eta NaN": '{"prompt": "a", "sampler": "ddim", "eta": NaN}',
+    "eta negative": '{"prompt": "a", "sampler": "ddim", "eta": -1.0}',
+    "eta with pndm": '{"prompt": "a", "sampler": "pndm", "eta": 0.5}',
+    "steps 1000 pndm": '{"prompt": "a", "sampler": "pndm", "steps": 1000}',
+    "dpm-solver++ 999": '{"prompt": "a", "sampler": "dpm-solver++", "steps": 999}',
+    "nested body": DEEP,
+    "nested field": '{"prompt": ' + DEEP + "}",
+    "10 MB prompt": json.dumps({"prompt": "x" * (10 << 20)}),
+    "1 MB field name": json.dumps({"y" * (1 << 20): 1, "prompt": "a"}),
+}
+
+
+def test_poison_requests_batched_with_good_ones_leave_the_good_ones_their_images(svc):
+    good = [{"prompt": f"a good {i}", "steps": STEPS, "seed": i} for i in range(3)]
+    bodies = [json.dumps(g).encode() for g in good] + [b.encode("utf-8", "surrogatepass") for b in POISON.values()]
+    with ThreadPoolExecutor(8) as ex:  # all at once, inside one --batch-wait-ms window
+        answers = list(ex.map(lambda b: svc.request("POST", "/v1/generate", b), bodies))
+    for g, (status, _, raw) in zip(good, answers[:3], strict=True):
+        body = json.loads(raw)
+        assert status == 200, body
+        assert png_of(body["images"][0]).shape[-1] == 3 and body["report"]["seed"] == g["seed"]
+    assert max(json.loads(a[2])["report"]["batch_size"] for a in answers[:3]) > 1  # good ones did share a batch
+    for name, (status, headers, raw) in zip(POISON, answers[3:], strict=True):
+        assert status == 400 and headers["content-type"] == "application/json", (name, status, raw[:200])
+        error = json.loads(raw)["error"]
+        assert "\n" not in error and len(raw) < 600, (name, raw[:300])
+    errors = {name: json.loads(a[2])["error"] for name, a in zip(POISON, answers[3:], strict=True)}
+    assert "--seed must be an integer in [0, 2^64), got -1" in errors["seed -1"]
+    assert "not valid UTF-8" in errors["lone surrogate"]
+    assert "--eta applies to ddim only, not pndm" in errors["eta with pndm"]
+    assert "give at most 999" in errors["steps 1000 pndm"]
+    _assert_healthy(svc)
+
+
+def _stalled(port: int, length: int = 100) -> socket.socket:
+    """POST headers announcing `length` bytes of body, then nothing."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    s.sendall(f"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {length}\r\n\r\n".encode())
+    return s
+
+
+def _answer(s: socket.socket) -> bytes:
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data
+
+
+def test_stalled_clients_are_cut_and_never_block_a_normal_request(svc):
+    stalled = [_stalled(svc.port) for _ in range(100)]
+    idle = [socket.create_connection(("127.0.0.1", svc.port), timeout=60) for _ in range(20)]
+    try:
+        t0 = time.monotonic()
+        status, _, body = svc.post({"prompt": "a normal request", "steps": STEPS})
+        answered_s = time.monotonic() - t0
+        assert status == 200, body
+        assert answered_s < BODY_TIMEOUT_S, answered_s  # answered while all 100 are still stalled
+        # each stalled client gets a JSON 408 after the body timeout, and its connection is closed
+        for s in stalled[:5]:
+            head, _, payload = _answer(s).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408"), head[:100]
+            assert "did not arrive within" in json.loads(payload)["error"]
+    finally:
+        for s in stalled + idle:
+            s.close()
+    # a body declared over the limit is refused before it is sent
+    s = _stalled(svc.port, 100 << 20)
+    t0 = time.monotonic()
+    head, _, payload = _answer(s).partition(b"\r\n\r\n")
+    s.close()
+    assert head.startswith(b"HTTP/1.1 413") and time.monotonic() - t0 < BODY_TIMEOUT_S, head[:100]
+    assert "this service takes at most" in json.loads(payload)["error"]
+    _assert_healthy(svc)

@@ -186,10 +186,16 @@ def test_cli_recipe_with_target_flag_records_compute_capability(tmp_path, capsys
 
 
 @needs_rtx
-def test_trt_rtx_builds_the_sd_pair_on_cpu(sd_pair, tmp_path):
-    """The tiny SD pair: fp16-typed text encoder, U-Net step graphs and VAE become real TensorRT-RTX plans."""
+@pytest.mark.parametrize("streamed", [False, True], ids=["inline", "external-data"])
+def test_trt_rtx_builds_the_sd_pair_on_cpu(sd_pair, tmp_path, monkeypatch, streamed):
+    """The tiny SD pair: fp16-typed text encoder, U-Net step graphs and VAE become real TensorRT-RTX plans.
+    external-data: every source graph written as real sizes write theirs (weights in .onnx.data, the parser
+    reading them from the graph's path) builds the same plans."""
+    from tstitch_trt.export import onnx_export
     from tstitch_trt.export.sd_build import SdBuildConfig, build_sd_bundle
 
+    if streamed:
+        monkeypatch.setattr(onnx_export, "STREAM_ABOVE", 0)
     out = tmp_path / "sd-rtx"
     build_sd_bundle(SdBuildConfig(models=[str(p) for p in sd_pair], out=out, backends=["trt-rtx"],
                                   precision="fp16", batch_range=(1, 2)))
@@ -208,7 +214,7 @@ def test_trt_rtx_builds_the_sd_pair_on_cpu(sd_pair, tmp_path):
     vae = m.vae["engines"]["trt-rtx"]
     assert artifact_path(out, vae).stat().st_size > 10_000
     assert vae.builder["options"]["profile"]["latent"][0] == [1, 4, 16, 16]
-    assert not any(out.glob("**/*.onnx"))  # the graphs were only the engines' source
+    assert not any(out.glob("**/*.onnx")) and not any(out.glob("**/*.data"))  # the graphs were only the source
 
 
 @pytest.mark.slow  # ~50 s on 2 cores: five real TensorRT-RTX builds (the two ControlNet step graphs are 3/4 of it)

@@ -1,6 +1,7 @@
 /* An example service in C: open a bundle, sample class-conditional images, write them as a PNG.
  *   tstitch_sample <bundle_dir> [out.png] [label] [steps] [ratio]
- * Without a GPU (or a TensorRT build) it says in one line why it cannot sample and exits 2.
+ * The engine is auto (tstitch_open_params.engine NULL): TensorRT on a GPU where this library has it, else OpenVINO
+ * on the CPU; where neither can run the bundle it says in one line why it cannot sample and exits 2.
  * The runtime decodes the images (tstitch_image_shape: through the bundle's VAE engine, or a
  * pixel-space bundle's latent itself); an RGB image is written in colour, other channel counts as
  * channel 0 in gray; a bundle that makes latents only is written as its latents' channel 0. */
@@ -106,6 +107,7 @@ int main(int argc, char** argv) {
   int c, h, w, k, ih = 0, iw = 0, ic = 0, png_channels = 1;
   unsigned char* gray;
   unsigned char* rgb = NULL;
+  const char *engine = NULL, *precision = NULL;
   if (!bundle) {
     fprintf(stderr, "usage: %s <bundle_dir> [out.png] [label] [steps] [ratio]\n", argv[0]);
     return 2;
@@ -116,6 +118,7 @@ int main(int argc, char** argv) {
     fprintf(stderr, "error: cannot sample here (%s): %s\n", tstitch_status_name(s), tstitch_last_error());
     return 2;
   }
+  if (tstitch_engine(rt, &engine, &precision) == TSTITCH_OK) printf("engine %s; %s\n", engine, precision);
   tstitch_latent_shape(rt, &c, &h, &w);
   tstitch_request_init(&req);
   for (k = 0; k < 4; ++k) labels[k] = label;

@@ -58,24 +58,50 @@ void check_struct(const T* s, const char* what) {
                                            "); initialise it with its _init function and rebuild against this header");
 }
 
-// The request as this library's struct: a version-3 caller's smaller struct (struct_size up to height/width)
-// is copied and the API 4 fields take their _init defaults, so old binaries keep working.
+// The request as this library's struct: an older caller's smaller struct (version 3: up to height/width; version 4: up
+// to control_guess_mode) is copied and the newer fields take their _init defaults, so old binaries keep working.
 constexpr size_t kRequestV3Size = offsetof(tstitch_request, inputs);
+constexpr size_t kRequestV4Size = offsetof(tstitch_request, prompts);
 static_assert(kRequestV3Size == (offsetof(tstitch_request, width) + sizeof(int) + alignof(tstitch_request) - 1) /
                                     alignof(tstitch_request) * alignof(tstitch_request),
               "the API 4 fields start where sizeof(a version-3 request) ended");
+static_assert(kRequestV4Size == (offsetof(tstitch_request, control_guess_mode) + sizeof(int) + alignof(tstitch_request) - 1) /
+                                    alignof(tstitch_request) * alignof(tstitch_request),
+              "the API 5 fields start where sizeof(a version-4 request) ended");
+
+bool request_size_known(size_t n) { return n == sizeof(tstitch_request) || n == kRequestV4Size || n == kRequestV3Size; }
 
 tstitch_request normalized(const tstitch_request* r) {
   if (r == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "request is NULL");
-  if (r->struct_size != sizeof(tstitch_request) && r->struct_size != kRequestV3Size)
+  if (!request_size_known(r->struct_size))
     fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.struct_size is " + std::to_string(r->struct_size) + ", this library expects " +
                                            std::to_string(sizeof(tstitch_request)) + " (API version " +
-                                           std::to_string(TSTITCH_API_VERSION) + ") or " + std::to_string(kRequestV3Size) +
+                                           std::to_string(TSTITCH_API_VERSION) + "), " + std::to_string(kRequestV4Size) +
+                                           " (version 4) or " + std::to_string(kRequestV3Size) +
                                            " (version 3); initialise it with tstitch_request_init and rebuild against this header");
   tstitch_request q;
   tstitch_request_init(&q);
   std::memcpy(static_cast<void*>(&q), r, r->struct_size);
   q.struct_size = sizeof(tstitch_request);
+  return q;
+}
+
+// Open params: a version-4 caller's smaller struct (up to verify_checksums) reads precision as NULL (auto).
+constexpr size_t kOpenParamsV4Size = offsetof(tstitch_open_params, precision);
+static_assert(kOpenParamsV4Size == (offsetof(tstitch_open_params, verify_checksums) + sizeof(int) + alignof(tstitch_open_params) - 1) /
+                                       alignof(tstitch_open_params) * alignof(tstitch_open_params),
+              "the API 5 fields start where sizeof(a version-4 open params) ended");
+
+tstitch_open_params normalized(const tstitch_open_params* p) {
+  if (p->struct_size != sizeof(tstitch_open_params) && p->struct_size != kOpenParamsV4Size)
+    fail(TSTITCH_ERR_INVALID_ARGUMENT, "params.struct_size is " + std::to_string(p->struct_size) + ", this library expects " +
+                                           std::to_string(sizeof(tstitch_open_params)) + " (API version " +
+                                           std::to_string(TSTITCH_API_VERSION) + ") or " + std::to_string(kOpenParamsV4Size) +
+                                           " (version 4); initialise it with tstitch_open_params_init and rebuild against this header");
+  tstitch_open_params q;
+  tstitch_open_params_init(&q);
+  std::memcpy(static_cast<void*>(&q), p, p->struct_size);
+  q.struct_size = sizeof(tstitch_open_params);
   return q;
 }
 
@@ -95,9 +121,10 @@ SampleRequest to_request(const Runtime& rt, const tstitch_request* given) {
     if (r->class_labels == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.class_labels is NULL; a DiT bundle needs one label per image");
     q.class_labels.assign(r->class_labels, r->class_labels + r->batch);
   }
-  if (!rt.manifest().text_to_image() && (r->prompt_tokens != nullptr || r->added_conditions != nullptr || r->text_context != nullptr))
+  if (!rt.manifest().text_to_image() && (r->prompt_tokens != nullptr || r->added_conditions != nullptr || r->text_context != nullptr ||
+                                          r->prompts != nullptr || r->negative_prompts != nullptr))
     fail(TSTITCH_ERR_INVALID_ARGUMENT,
-         "this bundle is class-conditional (DiT): leave prompt_tokens, text_context and added_conditions NULL");
+         "this bundle is class-conditional (DiT): leave prompts, prompt_tokens, text_context and added_conditions NULL");
   if (!rt.manifest().text_to_image() && (r->inputs != nullptr || r->num_inputs != 0))
     fail(TSTITCH_ERR_INVALID_ARGUMENT, "this bundle is class-conditional (DiT): it takes no named inputs; leave inputs NULL");
   if (r->added_conditions != nullptr || r->added_condition_count != 0)
@@ -106,7 +133,26 @@ SampleRequest to_request(const Runtime& rt, const tstitch_request* given) {
   const bool cfg = rt.manifest().conditioning.guidance == "cfg";
   if (rt.manifest().text_to_image()) {
     if (r->class_labels != nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "this bundle is text-to-image (SD): leave class_labels NULL");
-    if (r->prompt_tokens != nullptr) {  // the bundle's text encoder engine makes the context
+    if (r->prompts != nullptr || r->num_prompts != 0 || r->negative_prompts != nullptr || r->num_negative_prompts != 0) {
+      if (r->prompt_tokens != nullptr || r->text_context != nullptr)
+        fail(TSTITCH_ERR_INVALID_ARGUMENT, "give prompts, prompt_tokens or text_context, one of them");
+      if (r->prompts == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.prompts is NULL; give one UTF-8 prompt per image");
+      auto strings = [](const char* const* v, int n, const char* what) {
+        if (n < 0 || n > (1 << 20)) fail(TSTITCH_ERR_INVALID_ARGUMENT, std::string("request.num_") + what + " is " + std::to_string(n));
+        std::vector<std::string> out;
+        for (int i = 0; i < n; ++i) {
+          if (v[i] == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, std::string("request.") + what + "[" + std::to_string(i) + "] is NULL");
+          out.emplace_back(v[i]);
+        }
+        return out;
+      };
+      q.prompts = strings(r->prompts, r->num_prompts, "prompts");
+      q.has_negative = r->negative_prompts != nullptr;
+      if (q.has_negative) q.negative_prompts = strings(r->negative_prompts, r->num_negative_prompts, "negative_prompts");
+      else if (r->num_negative_prompts != 0)
+        fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.negative_prompts is NULL but num_negative_prompts is " +
+                                               std::to_string(r->num_negative_prompts));
+    } else if (r->prompt_tokens != nullptr) {  // the bundle's text encoder engine makes the context
       if (r->text_context != nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "give prompt_tokens or text_context, not both");
       if (cfg && r->negative_tokens == nullptr)
         fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.negative_tokens is NULL; pass the tokenized negative (or empty) prompts, "
@@ -187,18 +233,22 @@ Runtime* runtime_of(tstitch_runtime* h) {
 }
 
 tstitch_status open_with_factory(const char* bundle_dir, const tstitch_open_params* params,
-                                 const BackendFactory& factory, tstitch_runtime** out) {
+                                 const BackendFactory& factory, tstitch_runtime** out, const char* default_engine) {
   return guarded([&] {
     if (out == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "out (where the handle goes) is NULL");
     *out = nullptr;
     if (bundle_dir == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "bundle_dir is NULL");
     OpenOptions opt;
+    opt.engine = default_engine;
     if (params != nullptr) {
-      check_struct(params, "params");
-      if (params->engine != nullptr) opt.engine = params->engine;
-      opt.device_index = params->device_index;
-      opt.cuda_graph = params->cuda_graph != 0;
-      opt.verify_checksums = params->verify_checksums != 0;
+      const tstitch_open_params p = normalized(params);
+      if (p.engine != nullptr) opt.engine = p.engine;
+      if (p.engine != nullptr && opt.engine.empty())
+        fail(TSTITCH_ERR_INVALID_ARGUMENT, "params.engine is empty; name openvino or trt, or leave it NULL (auto)");
+      opt.device_index = p.device_index;
+      opt.cuda_graph = p.cuda_graph != 0;
+      opt.verify_checksums = p.verify_checksums != 0;
+      if (p.precision != nullptr) opt.precision = p.precision;
     }
     auto h = std::make_unique<tstitch_runtime>();
     h->runtime = std::make_unique<Runtime>(bundle_dir, opt, factory);
@@ -264,7 +314,16 @@ void tstitch_sample_info_init(tstitch_sample_info* i) {
 }
 
 tstitch_status tstitch_open(const char* bundle_dir, const tstitch_open_params* params, tstitch_runtime** out) {
-  return open_with_factory(bundle_dir, params, default_backend_factory(), out);
+  return open_with_factory(bundle_dir, params, default_backend_factory(), out, "");  // "": auto
+}
+
+tstitch_status tstitch_engine(tstitch_runtime* h, const char** engine, const char** precision) {
+  return guarded([&] {
+    Runtime& rt = checked(h);
+    if (engine == nullptr || precision == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "engine or precision is NULL");
+    *engine = rt.engine().c_str(), *precision = rt.precision_reason().c_str();
+    return TSTITCH_OK;
+  });
 }
 
 tstitch_status tstitch_close(tstitch_runtime* h) {
@@ -392,7 +451,7 @@ tstitch_status tstitch_sample_alloc(tstitch_runtime* h, const tstitch_request* r
     const int batch = request != nullptr ? request->batch : 0;
     const Manifest& m = rt.manifest();
     SampleRequest sized;  // the request's latent size; a malformed request is refused by tstitch_sample
-    if (request != nullptr && (request->struct_size == sizeof(tstitch_request) || request->struct_size == kRequestV3Size))
+    if (request != nullptr && request_size_known(request->struct_size))
       sized.height = request->height, sized.width = request->width;
     const auto [lh, lw] = rt.latent_hw(sized);
     const size_t need = static_cast<size_t>(std::max(batch, 0)) * m.channels() * lh * lw;

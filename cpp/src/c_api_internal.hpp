@@ -6,6 +6,7 @@
 
 namespace tstitch {
 tstitch_status open_with_factory(const char* bundle_dir, const tstitch_open_params* params,
-                                 const BackendFactory& factory, tstitch_runtime** out);
+                                 const BackendFactory& factory, tstitch_runtime** out,
+                                 const char* default_engine = "trt");  // params.engine NULL; "" = auto
 Runtime* runtime_of(tstitch_runtime* handle);  // nullptr unless open
 }  // namespace tstitch

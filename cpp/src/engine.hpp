@@ -10,6 +10,7 @@
 
 #include "compat.hpp"
 #include "device.hpp"
+#include "manifest.hpp"
 
 namespace tstitch {
 
@@ -42,15 +43,25 @@ class StepEngine {
   virtual std::unique_ptr<StepContext> create_context() = 0;  // with user-managed scratch
 };
 
-// One engine kind (the manifest's engines key): its device and how to load a plan.
+// One engine kind: its device and how to load an artifact (a TensorRT plan; an ONNX graph for OpenVINO).
 class Backend {
  public:
   virtual ~Backend() = default;
-  virtual std::string kind() const = 0;  // "trt"
+  virtual std::string kind() const = 0;  // "trt", "openvino"
   virtual RuntimeIdentity identity() const = 0;
   virtual Device& device() = 0;
   // Error(TSTITCH_ERR_INCOMPATIBLE / RUNTIME) naming `what` when the plan does not load.
   virtual std::unique_ptr<StepEngine> load(const std::vector<char>& plan, const std::string& what) = 0;
+  // The artifact at `path` (checked against the manifest already) in `precision` ("": the engine's own;
+  // else one of configure()'s values). Default: the file's bytes through load().
+  virtual std::unique_ptr<StepEngine> load_file(const std::string& path, const std::string& what, const std::string& precision);
+  // Called once per bundle before any load: the backend prepares for it (OpenVINO: its model cache) and
+  // returns each stitched model's precision for the caller's request ("" = auto). Default (engines with
+  // their own precision): auto only, "" per model; Error(TSTITCH_ERR_INVALID_ARGUMENT) otherwise.
+  virtual std::vector<std::string> configure(const Manifest& m, const std::string& requested, std::string* why);
+  // Error(TSTITCH_ERR_INCOMPATIBLE) when what the builder recorded cannot run here. Default: compat.hpp's
+  // TensorRT rules against identity() and the device's compute capability.
+  virtual void check_compat(const nlohmann::json& builder, const std::string& what);
 };
 
 }  // namespace tstitch

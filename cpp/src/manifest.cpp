@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "errors.hpp"
+#include "graph_refs.hpp"
 #include "pyrepr.hpp"
 #include "schema.hpp"
 
@@ -59,6 +60,7 @@ ModelEntry model(const ojson& j, const std::string& field) {
   m.channels = m.arch["in_channels"].get<int>();
   m.height = m.width = m.arch[size].get<int>();
   m.engines = engines(j.at("engines"), field + ".engines");
+  if (j.contains("bf16")) m.bf16 = json::parse(j.at("bf16").dump());
   return m;
 }
 
@@ -227,6 +229,7 @@ Manifest parse_manifest(const ojson& raw, const std::string& where) {
   m.guidance_channels = raw["guidance_channels"].get<int>();
   for (size_t i = 0; i < raw["models"].size(); ++i) m.models.push_back(model(raw["models"][i], "models[" + std::to_string(i) + "]"));
   m.has_vae = raw.contains("vae") && !raw["vae"].is_null();
+  if (raw.contains("cache") && raw["cache"].is_object()) m.cache_branch = raw["cache"]["branch"].get<int>();
   m.has_text_encoder = raw.contains("text_encoder") && !raw["text_encoder"].is_null();
   if (raw.contains("scheduler") && !raw["scheduler"].is_null()) m.scheduler = json::parse(raw["scheduler"].dump());
   if (m.has_vae) m.vae_engines = engines(raw["vae"]["engines"], "vae.engines");
@@ -236,6 +239,15 @@ Manifest parse_manifest(const ojson& raw, const std::string& where) {
   }
   m.has_text_encoder_2 = raw.contains("text_encoder_2") && !raw["text_encoder_2"].is_null();
   if (m.has_text_encoder_2) m.text_encoder_2_engines = engines(raw["text_encoder_2"]["engines"], "text_encoder_2.engines");
+  for (auto [key, out] : {std::pair{"tokenizer", &m.tokenizer}, std::pair{"tokenizer_2", &m.tokenizer_2}}) {
+    if (!raw.contains(key) || !raw[key].is_object()) continue;  // the schema holds the fields' types
+    const ojson& t = raw[key];
+    out->present = true;
+    out->file.artifact = {t["file"]["file"].get<std::string>(), t["file"]["sha256"].get<std::string>(), std::string(key) + ".file.file"};
+    out->max_length = t["max_length"].get<int64_t>();
+    out->pad_id = t["pad_id"].get<int64_t>();
+    out->kind = t["kind"].get<std::string>();
+  }
   if (raw.contains("conditioning") && raw["conditioning"].is_object()) {  // the schema holds its fields' types
     const ojson& c = raw["conditioning"];
     m.conditioning.guidance = c["guidance"].get<std::string>();
@@ -334,6 +346,12 @@ std::string artifact_path(const std::string& bundle_dir, const EngineEntry& entr
     if (!fs::is_regular_file(path, ec)) fail(TSTITCH_ERR_BUNDLE, "bundle file " + path + " is missing; rebuild the bundle");
     if (verify && sha256_file(path) != f.sha256)
       fail(TSTITCH_ERR_BUNDLE, "checksum mismatch for " + path + ": the file changed since the build; rebuild the bundle");
+  }
+  const std::string& rel = entry.artifact.file;
+  if (rel.size() > 5 && rel.compare(rel.size() - 5, 5, ".onnx") == 0) {  // what the graph itself names
+    std::vector<std::string> sealed;
+    for (const FileRef& f : files) sealed.push_back(f.file);
+    check_graph_references(bundle_dir, rel, sealed);
   }
   return sealed_path(bundle_dir, entry.artifact.file, entry.artifact.field);
 }

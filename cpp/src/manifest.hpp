@@ -35,6 +35,7 @@ struct ModelEntry {
   nlohmann::json arch;
   std::map<std::string, EngineEntry> engines;  // kind -> artifact
   int channels = 0, height = 0, width = 0;     // latent (C, H, W)
+  nlohmann::json bf16;  // `tstitch-trt check --precision bf16 --record`'s verdict (null: none); see precision.hpp
 };
 
 // One dimension of a step-graph tensor: a size, or a symbol ("B", "2B", "H", "W", ...) whose value
@@ -73,6 +74,14 @@ struct Conditioning {
   std::map<std::string, EngineEntry> controlnet_engines;  // kind -> artifact (kept apart from the step graphs)
 };
 
+// SD: the tokenizer file (tokenizer.json) and how prompts are padded (pipeline/text.py).
+struct TokenizerEntry {
+  bool present = false;
+  EngineEntry file;  // artifact: the tokenizer.json (sha256 checked like every file)
+  int64_t max_length = 77, pad_id = 0;
+  std::string kind;
+};
+
 struct Manifest {
   std::string pipeline;            // "dit-class-conditional" | "sd" | "sdxl"
   std::vector<ModelEntry> models;  // stitch order, smallest first
@@ -88,6 +97,7 @@ struct Manifest {
   std::vector<TensorSpec> io;  // inputs then outputs; empty for bundles written before `io` existed
   IoRoles roles;               // io.roles, or the DiT roles where the manifest has none
   bool roles_recorded = false; // io.roles was in the manifest
+  int cache_branch = -1;       // manifest `cache` (DeepCache's full + cached step graphs): its branch; -1: none
   nlohmann::json scheduler;    // SD: the diffusers scheduler config (null otherwise)
   bool has_text_encoder = false;
   std::map<std::string, EngineEntry> text_encoder_engines;  // SD: kind -> the text encoder's plan
@@ -95,6 +105,7 @@ struct Manifest {
   bool has_text_encoder_2 = false;                          // SDXL: the second (OpenCLIP bigG) text encoder
   std::map<std::string, EngineEntry> text_encoder_2_engines;
   Conditioning conditioning;                                // defaults (cfg, no extras) where the manifest has none
+  TokenizerEntry tokenizer, tokenizer_2;                    // SD: the large pipeline's tokenizer(s)
   bool text_to_image() const { return pipeline == "sd" || pipeline == "sdxl"; }
   int channels() const { return models.front().channels; }
   int height() const { return models.front().height; }

@@ -16,84 +16,126 @@ namespace tstitch {
 #ifdef TSTITCH_WITH_TENSORRT
 std::unique_ptr<Backend> make_trt_backend(const std::string& kind, int device_index);  // trt_engine.cpp
 #endif
+#ifdef TSTITCH_WITH_OPENVINO
+std::unique_ptr<Backend> make_openvino_backend();  // openvino_engine.cpp
+#endif
+#ifdef TSTITCH_WITH_CUDA
+int cuda_device_count();  // cuda_device.cpp
+#endif
+
+const std::vector<std::string>& engine_names() {
+  static const std::vector<std::string> names = {"openvino", "trt"};
+  return names;
+}
+
+std::string artifact_kind(const std::string& engine) { return engine == "openvino" ? "ort" : engine; }
+
+std::string auto_engine(const Manifest& m) {
+  auto has = [&](const std::string& kind) {
+    return std::all_of(m.models.begin(), m.models.end(), [&](const ModelEntry& e) { return e.engines.count(kind) > 0; });
+  };
+#if defined(TSTITCH_WITH_TENSORRT) && defined(TSTITCH_WITH_CUDA)
+  if (has("trt") && cuda_device_count() > 0) return "trt";
+#endif
+#ifdef TSTITCH_WITH_OPENVINO
+  if (has("ort")) return "openvino";
+#endif
+  if (has("trt")) return "trt";
+  return has("ort") ? "openvino" : "trt";
+}
 
 BackendFactory default_backend_factory() {
   return [](const std::string& kind, int device_index) -> std::unique_ptr<Backend> {
-#ifdef TSTITCH_WITH_TENSORRT
-    if (kind == "trt") return make_trt_backend(kind, device_index);
-#else
     (void)device_index;
-    if (kind == "trt")
+    if (kind == "trt") {
+#ifdef TSTITCH_WITH_TENSORRT
+      return make_trt_backend(kind, device_index);
+#else
       fail(TSTITCH_ERR_UNAVAILABLE, "this tstitch library was built without TensorRT (no NvInfer.h at configure "
-                                    "time); rebuild it with -DTensorRT_ROOT=<TensorRT dir>");
+                                    "time); rebuild it with -DTensorRT_ROOT=<TensorRT dir>, or use the openvino engine");
 #endif
-    fail(TSTITCH_ERR_INVALID_ARGUMENT, "engine kind '" + kind + "' is not one this C++ runtime runs; use trt");
+    }
+    if (kind == "openvino") {
+#ifdef TSTITCH_WITH_OPENVINO
+      return make_openvino_backend();
+#else
+      fail(TSTITCH_ERR_UNAVAILABLE, "this tstitch library was built without OpenVINO (not found at configure time); rebuild "
+                                    "it with -DOpenVINO_DIR=$(python -c \"import openvino.utils as u; print(u.get_cmake_path())\")");
+#endif
+    }
+    fail(TSTITCH_ERR_INVALID_ARGUMENT, "engine kind '" + kind + "' is not one this C++ runtime runs; use openvino or trt");
   };
 }
 
-Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& opt, const BackendFactory& factory)
+Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& given, const BackendFactory& factory)
     : dir_(bundle_dir), manifest_(read_manifest(bundle_dir)) {
+  // DeepCache bundles: each model's engine is its FULL step graph, with the kept feature as one more output, and
+  // a cached engine beside it; this runtime binds neither yet (cached_calls() below is the plan it would follow)
+  if (manifest_.cache_branch >= 0)
+    fail(TSTITCH_ERR_UNAVAILABLE, "this bundle was built with --cache-branch " + std::to_string(manifest_.cache_branch) +
+                                      " (DeepCache's full and cached step graphs), which the C++ runtime does not run "
+                                      "yet; run it with tstitch-trt (Python), or rebuild it without --cache-branch");
+  OpenOptions opt = given;
+  if (opt.engine.empty()) opt.engine = auto_engine(manifest_);
+  const auto& known = engine_names();
+  if (std::find(known.begin(), known.end(), opt.engine) == known.end())
+    fail(TSTITCH_ERR_INVALID_ARGUMENT, "unknown engine '" + opt.engine + "'; choose openvino or trt (NULL: auto)");
+  const std::string art = artifact_kind(opt.engine);  // the manifest entry whose files this engine runs
   // Every file is checked (sealed path, presence, sha256) before any device work: a tampered
   // bundle is refused the same way with or without a GPU.
   std::vector<std::string> paths;
   for (const ModelEntry& m : manifest_.models) {
-    auto it = m.engines.find(opt.engine);
+    auto it = m.engines.find(art);
     if (it == m.engines.end())
-      fail(TSTITCH_ERR_BUNDLE, "the bundle has no " + opt.engine + " engine for " + m.name + "; rebuild it with --backend " +
-                                   opt.engine);
+      fail(TSTITCH_ERR_BUNDLE, "the bundle has no " + art + " engine for " + m.name + "; rebuild it with --backend " + art);
     paths.push_back(artifact_path(dir_, it->second, opt.verify_checksums));
   }
   std::string text_path;  // the SD text encoder's plan, checked with the rest
-  auto te = manifest_.text_encoder_engines.find(opt.engine);
+  auto te = manifest_.text_encoder_engines.find(art);
   if (te != manifest_.text_encoder_engines.end()) text_path = artifact_path(dir_, te->second, opt.verify_checksums);
   std::string vae_path;  // the VAE decoder's plan, likewise
-  auto ve = manifest_.vae_engines.find(opt.engine);
+  auto ve = manifest_.vae_engines.find(art);
   if (ve != manifest_.vae_engines.end()) vae_path = artifact_path(dir_, ve->second, opt.verify_checksums);
+  for (const TokenizerEntry* t : {&manifest_.tokenizer, &manifest_.tokenizer_2})
+    if (t->present) artifact_path(dir_, t->file, opt.verify_checksums);  // a changed tokenizer is refused at open
   // SDXL's second text encoder and a ControlNet's own artifacts of this kind: checked like the rest
   // (the caller encodes SDXL prompts; the ControlNet runs inside the step graphs)
   for (const auto* part : {&manifest_.text_encoder_2_engines, &manifest_.conditioning.controlnet_engines}) {
-    auto it = part->find(opt.engine);
+    auto it = part->find(art);
     if (it != part->end()) artifact_path(dir_, it->second, opt.verify_checksums);
   }
   engine_kind_ = opt.engine;
   batch_range_ = {1, INT64_MAX};
   for (const ModelEntry& m : manifest_.models) {
-    const EngineEntry& e = m.engines.at(opt.engine);
+    const EngineEntry& e = m.engines.at(art);
     batch_range_.first = std::max(batch_range_.first, e.batch_min);
     batch_range_.second = std::min(batch_range_.second, e.batch_max);
   }
   backend_ = factory(opt.engine, opt.device_index);  // no GPU -> TSTITCH_ERR_NO_DEVICE
+  const std::vector<std::string> precisions = backend_->configure(manifest_, opt.precision, &precision_reason_);
+  auto load = [&](const EngineEntry& entry, const std::string& path, const std::string& what, const std::string& precision) {
+    backend_->check_compat(entry.builder, what);
+    return backend_->load_file(path, what, precision);
+  };
   std::vector<std::unique_ptr<StepEngine>> engines;
   for (size_t i = 0; i < manifest_.models.size(); ++i) {
     const ModelEntry& m = manifest_.models[i];
     const std::string what = "the " + opt.engine + " engine of " + m.name + " (" +
                              std::filesystem::path(paths[i]).filename().string() + ")";
-    check_engine_compat(m.engines.at(opt.engine).builder, backend_->identity(), backend_->device().compute_capability(),
-                        what);
-    std::ifstream in(paths[i], std::ios::binary);
-    std::vector<char> plan((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (!in.good() && !in.eof()) fail(TSTITCH_ERR_BUNDLE, "cannot read " + paths[i]);
-    engines.push_back(backend_->load(plan, what));
+    engines.push_back(load(m.engines.at(art), paths[i], what, precisions.at(i)));
   }
   loop_ = std::make_unique<StitchedLoop>(manifest_, backend_->device(), std::move(engines), opt.cuda_graph);
   for (const Binding& b : loop_->bindings())
     if (b.role == Role::kRequest && b.source != "guidance") request_inputs_.push_back(b.spec.name);
+  // the text encoder and the VAE run in the engine's default precision (fp32 on OpenVINO), as Python runs them
   if (!text_path.empty() && manifest_.pipeline != "sdxl") {  // SDXL: the caller encodes prompts (two encoders)
     const std::string what = "the " + opt.engine + " text encoder engine (" + std::filesystem::path(text_path).filename().string() + ")";
-    check_engine_compat(te->second.builder, backend_->identity(), backend_->device().compute_capability(), what);
-    std::ifstream in(text_path, std::ios::binary);
-    std::vector<char> plan((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (!in.good() && !in.eof()) fail(TSTITCH_ERR_BUNDLE, "cannot read " + text_path);
-    text_encoder_ = std::make_unique<TextEncoder>(manifest_, backend_->device(), backend_->load(plan, what));
+    text_encoder_ = std::make_unique<TextEncoder>(manifest_, backend_->device(), load(te->second, text_path, what, ""));
   }
   if (!vae_path.empty()) {
     const std::string what = "the " + opt.engine + " VAE decoder engine (" + std::filesystem::path(vae_path).filename().string() + ")";
-    check_engine_compat(ve->second.builder, backend_->identity(), backend_->device().compute_capability(), what);
-    std::ifstream in(vae_path, std::ios::binary);
-    std::vector<char> plan((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (!in.good() && !in.eof()) fail(TSTITCH_ERR_BUNDLE, "cannot read " + vae_path);
     const int factor = manifest_.height() > 0 ? manifest_.image_size / manifest_.height() : 0;
-    vae_ = std::make_unique<VaeDecoder>(backend_->device(), backend_->load(plan, what), factor);
+    vae_ = std::make_unique<VaeDecoder>(backend_->device(), load(ve->second, vae_path, what, ""), factor);
   }
 }
 
@@ -153,6 +195,40 @@ void Runtime::decode_rgb(const std::vector<float>& latents, int batch, int64_t l
   if (!vae_) return to_uint8_hwc(latents.data(), batch, c, h, w, rgb);
   vae_->decode(latents.data(), batch, manifest_.channels(), latent_h, latent_w,
                static_cast<float>(manifest_.latent_scale_factor), rgb);
+}
+
+// Prompts -> token ids (pipeline/sd.py's encode_prompts: "" for a missing negative prompt under cfg).
+SampleRequest Runtime::tokenize(const SampleRequest& req) {
+  auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
+  if (!req.prompt_tokens.empty() || !req.text_context.empty()) bad("give prompts, token ids or a text context, one of them");
+  if (manifest_.pipeline == "sdxl")
+    fail(TSTITCH_ERR_UNAVAILABLE, "SDXL prompts as text are not implemented in this C++ runtime yet (two encoders and the "
+                                  "pooled text_embeds): pass text_context and the text_embeds input");
+  const bool cfg = manifest_.conditioning.guidance == "cfg";
+  if (static_cast<int>(req.prompts.size()) != req.batch)
+    bad("give one prompt per image: batch " + std::to_string(req.batch) + ", " + std::to_string(req.prompts.size()) + " prompts");
+  if (!cfg && req.has_negative)  // guidance.check_negative_prompt
+    bad("a negative prompt needs classifier-free guidance, but this bundle guides through LCM's guidance embedding (no "
+        "uncond batch): leave negative_prompts NULL, or rebuild with --guidance cfg");
+  if (req.has_negative && static_cast<int>(req.negative_prompts.size()) != req.batch)
+    bad(std::to_string(req.negative_prompts.size()) + " negative prompts for " + std::to_string(req.batch) +
+        " prompts; give one per prompt (or NULL: none)");
+  if (!manifest_.tokenizer.present) bad("the bundle has no tokenizer; pass token ids or the text context, or rebuild it from a full SD pipeline directory");
+  if (!tokenizer_)
+    tokenizer_ = std::make_unique<ClipTokenizer>(artifact_path(dir_, manifest_.tokenizer.file, false),
+                                                 manifest_.tokenizer.max_length, manifest_.tokenizer.pad_id);
+  SampleRequest q = req;
+  q.token_count = static_cast<int>(tokenizer_->max_length());
+  for (int i = 0; i < req.batch; ++i) {
+    const std::vector<int64_t> p = tokenizer_->encode(req.prompts[i], "prompt " + std::to_string(i));
+    q.prompt_tokens.insert(q.prompt_tokens.end(), p.begin(), p.end());
+    if (cfg) {
+      const std::vector<int64_t> n = tokenizer_->encode(req.has_negative ? req.negative_prompts[i] : "", "negative prompt " + std::to_string(i));
+      q.negative_tokens.insert(q.negative_tokens.end(), n.begin(), n.end());
+    }
+  }
+  q.prompts.clear(), q.negative_prompts.clear(), q.has_negative = false;
+  return q;
 }
 
 // Token ids -> the text context (pipeline/sd.py's encode_prompts: negative prompts first).
@@ -368,7 +444,10 @@ TrajectoryPlan Runtime::sd_plan(const SampleRequest& req, size_t latent, Pcg64& 
 }
 
 LoopResult Runtime::sample(const SampleRequest& request) {
-  const SampleRequest req = manifest_.text_to_image() && !request.prompt_tokens.empty() ? encode_tokens(request) : request;
+  const SampleRequest texts = manifest_.text_to_image() && !request.prompts.empty() ? tokenize(request) : request;
+  if (!manifest_.text_to_image() && (!request.prompts.empty() || request.has_negative))
+    fail(TSTITCH_ERR_INVALID_ARGUMENT, "this bundle is class-conditional (DiT): it takes class labels, not prompts");
+  const SampleRequest req = manifest_.text_to_image() && !texts.prompt_tokens.empty() ? encode_tokens(texts) : texts;
   check(req);
   if (manifest_.text_to_image()) {
     const auto [lh, lw] = latent_hw(req);  // the symbolic H, W of the step graph for this request

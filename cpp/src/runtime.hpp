@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "clip_tokenizer.hpp"
 #include "engine.hpp"
 #include "loop.hpp"
 #include "manifest.hpp"
@@ -19,7 +20,8 @@
 namespace tstitch {
 
 struct OpenOptions {
-  std::string engine = "trt";
+  std::string engine = "trt";  // "trt", "openvino"; "" = auto (auto_engine)
+  std::string precision;       // "" / "auto", "fp32", "bf16": CPU engines (openvino); others take auto only
   int device_index = 0;
   bool cuda_graph = true;
   bool verify_checksums = true;
@@ -40,6 +42,8 @@ struct SampleRequest {
   int text_tokens = 0, text_width = 0;
   std::vector<int64_t> prompt_tokens, negative_tokens;  // SD, instead of text_context: B x token_count each
   int token_count = 0;
+  std::vector<std::string> prompts, negative_prompts;  // SD, instead of token ids: UTF-8, one per image
+  bool has_negative = false;                           // negative_prompts given (else "" each under cfg)
   int height = 0, width = 0;  // SD: the image size in pixels; 0: the U-Net's sample size x the VAE factor
   // Other request inputs of the step graphs by name (SDXL text_embeds (N, P), time_ids (N, 6); a ControlNet's
   // control_image (B, C, 8H, 8W) in [0, 1]), float32 row-major; N is 2B under cfg (negative rows first), B under
@@ -57,14 +61,26 @@ std::vector<float> control_scale_table(int calls, float scale, double start, dou
 
 using BackendFactory = std::function<std::unique_ptr<Backend>(const std::string& kind, int device_index)>;
 
-// The factory of this build: TensorRT where it was compiled in, else Error(TSTITCH_ERR_UNAVAILABLE).
+// The factory of this build: TensorRT and OpenVINO where they were compiled in, else
+// Error(TSTITCH_ERR_UNAVAILABLE) saying how to build them in.
 BackendFactory default_backend_factory();
+
+// The engines this C++ runtime knows, and the manifest entry whose artifacts each runs (OpenVINO: the
+// fp32 ONNX graphs of the `ort` entry, as Python's ARTIFACTS_OF says).
+const std::vector<std::string>& engine_names();
+std::string artifact_kind(const std::string& engine);
+// What Python's `--backend auto` picks here for this bundle: TensorRT where it is built, a GPU is present
+// and the bundle has its engines; else OpenVINO on the bundle's ONNX graphs; else the kind the bundle has
+// (opening it then says why it cannot run).
+std::string auto_engine(const Manifest& m);
 
 class Runtime {
  public:
   Runtime(const std::string& bundle_dir, const OpenOptions& opt, const BackendFactory& factory);
   LoopResult sample(const SampleRequest& req);
   const Manifest& manifest() const { return manifest_; }
+  const std::string& engine() const { return engine_kind_; }
+  const std::string& precision_reason() const { return precision_reason_; }
   std::pair<int64_t, int64_t> batch_range() const { return batch_range_; }
   StitchedLoop& loop() { return *loop_; }
   // The decoded image of one item (H, W, C): C = 3 through the VAE; pixel-space bundles (no VAE, scale 1)
@@ -96,8 +112,11 @@ class Runtime {
   std::unique_ptr<StitchedLoop> loop_;
   std::unique_ptr<TextEncoder> text_encoder_;
   std::unique_ptr<VaeDecoder> vae_;  // bundles with a VAE plan of this engine kind
-  std::string engine_kind_;  // SD bundles with a text encoder plan of this engine kind
+  std::string engine_kind_;  // the engine running (opt.engine, auto resolved)
+  std::string precision_reason_;  // one line: the precision in use and why (Backend::configure)
   SampleRequest encode_tokens(const SampleRequest& req);
+  SampleRequest tokenize(const SampleRequest& req);  // prompts -> token ids (clip_tokenizer.hpp)
+  std::unique_ptr<ClipTokenizer> tokenizer_;         // read on the first text prompt
   std::pair<int64_t, int64_t> batch_range_{1, 1};
   std::vector<std::string> request_inputs_;  // the step graphs' request inputs but guidance, context first
 };

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "errors.hpp"
 #include "sampling.hpp"
 
 namespace tstitch {
@@ -22,6 +23,22 @@ TrajectoryPlan plan_trajectory(const PlanSpec& spec, Pcg64& rng) {
     standard_normal_f32(rng, p.noise.data(), p.noise.size());
   }
   return p;
+}
+
+std::vector<uint8_t> cached_calls(const std::vector<float>& timesteps, const std::vector<int>& step_model, int interval) {
+  const size_t n = timesteps.size();
+  if (step_model.size() != n) fail(TSTITCH_ERR_INTERNAL, "cached_calls: one model per call expected");
+  std::vector<uint8_t> out(n, 0);
+  if (interval <= 1) return out;
+  std::vector<size_t> index(n);
+  for (size_t i = 0; i < n; ++i)
+    index[i] = static_cast<size_t>(std::find(timesteps.begin(), timesteps.end(), timesteps[i]) - timesteps.begin());
+  size_t start = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (i == 0 || step_model[i] != step_model[i - 1]) start = index[i];  // a switch restarts the count
+    out[i] = (index[i] - start) % static_cast<size_t>(interval) != 0;
+  }
+  return out;
 }
 
 }  // namespace tstitch

@@ -36,4 +36,9 @@ struct PlanSpec {
 // Per-step noise comes from `rng` after the caller's own draws (x_init), as in Python.
 TrajectoryPlan plan_trajectory(const PlanSpec& spec, Pcg64& rng);
 
+// DeepCache's full / cached call plan (sampling/cache_plan.py): call i runs its model's cached step graph unless
+// (i_t - i_start) % interval == 0, i_t the index of its timestep's FIRST occurrence in `timesteps` (PNDM repeats
+// one), i_start that of its model's first call after a stitch switch. interval 1: every call full.
+std::vector<uint8_t> cached_calls(const std::vector<float>& timesteps, const std::vector<int>& step_model, int interval);
+
 }  // namespace tstitch

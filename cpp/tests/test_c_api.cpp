@@ -78,7 +78,7 @@ TEST(CApi, BadHandlesAreRefusedNotDereferenced) {
 TEST(CApi, StructSizesAndNullPointers) {
   tstitch_open_params p;
   tstitch_open_params_init(&p);
-  p.struct_size = sizeof(p) - 8;  // a caller built against another header
+  p.struct_size = sizeof(p) + 8;  // a caller built against another header
   tstitch_runtime* h = reinterpret_cast<tstitch_runtime*>(0x1);
   EXPECT_EQ(tstitch_open(toy().c_str(), &p, &h), TSTITCH_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(h, nullptr);  // out is cleared on failure
@@ -245,8 +245,45 @@ TEST(CApi, OpenWithThisBuildsEngine) {
   tstitch_open_params p;
   tstitch_open_params_init(&p);
   p.engine = "onnx";
+  EXPECT_EQ(tstitch_open(toy().c_str(), &p, &h), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(), "unknown engine 'onnx'; choose openvino or trt (NULL: auto)");
+  p.engine = "";
+  EXPECT_EQ(tstitch_open(toy().c_str(), &p, &h), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(one_line(tstitch_last_error()));
+  // openvino runs the ONNX graphs of the `ort` entry: the toy bundle has TensorRT plans only
+  p.engine = "openvino";
   EXPECT_EQ(tstitch_open(toy().c_str(), &p, &h), TSTITCH_ERR_BUNDLE);
-  EXPECT_STREQ(tstitch_last_error(), "the bundle has no onnx engine for Toy-S; rebuild it with --backend onnx");
+  EXPECT_STREQ(tstitch_last_error(), "the bundle has no ort engine for Toy-S; rebuild it with --backend ort");
+  EXPECT_EQ(h, nullptr);
+}
+
+// An API-4 caller's open params (no precision field) keep working; precision reads as NULL (auto).
+TEST(CApi, Version4OpenParamsKeepWorking) {
+  struct OpenParamsV4 {
+    size_t struct_size;
+    const char* engine;
+    int device_index, cuda_graph, verify_checksums;
+  };
+  OpenParamsV4 v4{sizeof(OpenParamsV4), nullptr, 0, 1, 1};
+  FakeStats stats;
+  tstitch_runtime* h = nullptr;
+  ASSERT_EQ(tstitch::open_with_factory(toy().c_str(), reinterpret_cast<const tstitch_open_params*>(&v4), fake_factory({}, stats), &h),
+            TSTITCH_OK) << tstitch_last_error();
+  const char* engine = nullptr;
+  const char* precision = nullptr;
+  ASSERT_EQ(tstitch_engine(h, &engine, &precision), TSTITCH_OK);
+  EXPECT_STREQ(engine, "trt");
+  EXPECT_STREQ(precision, "the engines' own precision");
+  tstitch_close(h);
+  // precision is for the CPU engine: the TensorRT kind refuses it in one line
+  tstitch_open_params p;
+  tstitch_open_params_init(&p);
+  p.precision = "bf16";
+  EXPECT_EQ(tstitch::open_with_factory(toy().c_str(), &p, fake_factory({}, stats), &h), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(), "precision bf16 is for the openvino engine (CPU); trt runs its engines' own precision: leave "
+                                     "precision NULL");
+  EXPECT_EQ(h, nullptr);
+  EXPECT_EQ(stats.live_bytes, 0u);
 }
 
 TEST(CApi, CppWrapperThrowsWithStatusAndMessage) {

@@ -213,7 +213,9 @@ TEST(Loop, RefusesUnloadablePlansMissingKindsAndNoGpu) {
   EXPECT_NE(e.find("could not load the trt engine of Toy-S (0-toy.plan)"), std::string::npos) << e;
   EXPECT_NE(e.find("rebuild"), std::string::npos);
   EXPECT_EQ(error_of([&] { open_fake(toy(), {}, stats, true, "trt-rtx"); }),
-            "the bundle has no trt-rtx engine for Toy-S; rebuild it with --backend trt-rtx");
+            "unknown engine 'trt-rtx'; choose openvino or trt (NULL: auto)");
+  EXPECT_EQ(error_of([&] { open_fake(toy(), {}, stats, true, "openvino"); }),
+            "the bundle has no ort engine for Toy-S; rebuild it with --backend ort");
   FakeOptions none;
   none.devices = 0;
   tstitch_status s = TSTITCH_OK;

@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "graph_refs.hpp"
 #include "manifest.hpp"
 #include "test_util.hpp"
 
@@ -178,4 +179,57 @@ TEST(Manifest, HostileSizesAreRefusedNeverACrash) {
   EXPECT_EQ(error_of([&] { parse_manifest(j, "m"); }),
             "m: models[0].name must be of type string, got array [['" + std::string(54, 'x') +  // repr cut at 60, as _short
                 "...; rebuild the bundle with `tstitch-trt build`");
+}
+
+namespace {
+// protobuf bytes of a length-delimited field
+std::string field(int number, const std::string& payload) {
+  std::string out(1, char(number << 3 | 2));
+  size_t n = payload.size();
+  do {
+    unsigned char b = n & 0x7F;
+    n >>= 7;
+    out.push_back(char(n ? b | 0x80 : b));
+  } while (n);
+  return out + payload;
+}
+
+// A ModelProto whose graph's one initializer is external data at `location` (what a re-sealed graph can say).
+std::string graph_naming(const std::string& location) {
+  const std::string entry = field(1, "location") + field(2, location);
+  const std::string tensor = field(8, "w") + field(13, entry);
+  return field(7, field(5, tensor));
+}
+}  // namespace
+
+TEST(Manifest, GraphExternalDataIsSealedToo) {
+  TempBundle b;
+  Manifest m = read_manifest(b.dir());
+  EngineEntry e = m.models[0].engines.at("trt");
+  auto seal_graph = [&](const std::string& location) {
+    std::ofstream(b.dir() + "/trt/g.onnx", std::ios::binary) << graph_naming(location);
+    e.artifact.file = "trt/g.onnx";
+    e.artifact.sha256 = sha256_file(b.dir() + "/trt/g.onnx");
+  };
+  std::ofstream(b.root() + "/secret.data") << "weights";
+  EXPECT_EQ(external_data_locations((seal_graph("../../secret.data"), b.dir() + "/trt/g.onnx")),
+            std::vector<std::string>{"../../secret.data"});
+  const std::string outside = "which leads outside the bundle";
+  tstitch_status s = TSTITCH_OK;
+  EXPECT_NE(error_of([&] { artifact_path(b.dir(), e); }, &s).find("bundle file trt/g.onnx names external data '../../secret.data', " + outside), std::string::npos);
+  EXPECT_EQ(s, TSTITCH_ERR_BUNDLE);
+  seal_graph(b.root() + "/secret.data");
+  EXPECT_NE(error_of([&] { artifact_path(b.dir(), e); }).find("names external data '" + b.root() + "/secret.data', " + outside), std::string::npos);
+  fs::create_symlink(b.root() + "/secret.data", b.dir() + "/trt/w.data");
+  seal_graph("w.data");
+  EXPECT_NE(error_of([&] { artifact_path(b.dir(), e); }).find("names external data 'w.data', " + outside), std::string::npos);
+  fs::remove(b.dir() + "/trt/w.data");
+  std::ofstream(b.dir() + "/trt/w.data") << "weights";
+  EXPECT_EQ(error_of([&] { artifact_path(b.dir(), e); }),
+            "bundle file trt/g.onnx names external data 'w.data', which the manifest does not checksum; rebuild the bundle");
+  e.external_data.push_back({"trt/w.data", sha256_file(b.dir() + "/trt/w.data"), "models[0].engines.trt.extra.external_data[0]"});
+  EXPECT_EQ(error_of([&] { artifact_path(b.dir(), e); }), "");  // inside and checksummed: the >2 GB layout
+  std::ofstream(b.dir() + "/trt/g.onnx", std::ios::binary) << std::string("\x0a\xff\xff\xff\x0f", 5);  // truncated
+  e.artifact.sha256 = sha256_file(b.dir() + "/trt/g.onnx");
+  EXPECT_NE(error_of([&] { artifact_path(b.dir(), e); }).find("bundle file trt/g.onnx is not an ONNX graph that can be read"), std::string::npos);
 }

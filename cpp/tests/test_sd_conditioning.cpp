@@ -461,9 +461,10 @@ TEST(SdConditioning, Version3CallersKeepWorking) {
   EXPECT_EQ(tstitch_sample(o.h, &v4, new_out.data(), new_out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(std::string(tstitch_last_error()),
             "request.struct_size is " + std::to_string(sizeof(RequestV3) + 8) + ", this library expects " +
-                std::to_string(sizeof(tstitch_request)) + " (API version 4) or " + std::to_string(sizeof(RequestV3)) +
+                std::to_string(sizeof(tstitch_request)) + " (API version " + std::to_string(TSTITCH_API_VERSION) + "), " +
+                std::to_string(offsetof(tstitch_request, prompts)) + " (version 4) or " + std::to_string(sizeof(RequestV3)) +
                 " (version 3); initialise it with tstitch_request_init and rebuild against this header");
-  EXPECT_EQ(tstitch_api_version(), 4);
+  EXPECT_EQ(tstitch_api_version(), TSTITCH_API_VERSION);
 }
 
 TEST(SdConditioning, SymbolicMultiplesResolveAsIoRolesDoes) {
@@ -529,4 +530,56 @@ TEST(SdConditioning, ManifestReadsTheConditioning) {
   EXPECT_EQ(control.conditioning.controlnet_engines.count("torch"), 1u);
   EXPECT_EQ(read_manifest(bundle("toy_lcm")).conditioning.guidance, "embedding");
   EXPECT_EQ(read_manifest(bundle("toy_sd")).conditioning.guidance, "cfg");  // no conditioning: cfg
+}
+
+// Prompts as text through the C API: checked before any tokenizer or engine work (the toy bundles have no
+// tokenizer; the real tokenizer is tested against `tokenizers` in tests/test_cpp_tokenizer.py).
+TEST(SdConditioning, TextPromptsAreCheckedFirst) {
+  FakeStats stats;
+  auto open = [&](const std::string& bundle) {
+    tstitch_runtime* h = nullptr;
+    EXPECT_EQ(tstitch::open_with_factory(bundle.c_str(), nullptr, fake_factory({}, stats), &h), TSTITCH_OK) << tstitch_last_error();
+    return h;
+  };
+  const char* prompts[] = {"a cat", "a dog"};
+  const char* negatives[] = {"", "blurry"};
+  tstitch_request r;
+  tstitch_request_init(&r);
+  r.batch = 2, r.steps = 2;
+  r.prompts = prompts, r.num_prompts = 2;
+  std::vector<float> out(1 << 16);
+  // LCM's guidance embedding has no uncond batch: a negative prompt is refused, never dropped
+  tstitch_runtime* lcm = open(test_dir() + "/data/toy_lcm");
+  r.negative_prompts = negatives, r.num_negative_prompts = 2;
+  EXPECT_EQ(tstitch_sample(lcm, &r, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(), "a negative prompt needs classifier-free guidance, but this bundle guides through LCM's "
+                                     "guidance embedding (no uncond batch): leave negative_prompts NULL, or rebuild with --guidance cfg");
+  r.negative_prompts = nullptr, r.num_negative_prompts = 0;  // the toy's tokenizer.json is "{}": refused, one line
+  EXPECT_EQ(tstitch_sample(lcm, &r, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_BUNDLE);
+  EXPECT_EQ(std::string(tstitch_last_error()).rfind("the bundle's tokenizer ", 0), 0u) << tstitch_last_error();
+  EXPECT_NE(std::string(tstitch_last_error()).find("is not the CLIP BPE tokenizer this runtime implements"), std::string::npos);
+  EXPECT_EQ(std::string(tstitch_last_error()).find('\n'), std::string::npos);
+  tstitch_close(lcm);
+  tstitch_runtime* sd = open(test_dir() + "/data/toy_sd");
+  r.num_prompts = 1;
+  EXPECT_EQ(tstitch_sample(sd, &r, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(), "give one prompt per image: batch 2, 1 prompts");
+  r.num_prompts = 2;
+  const char* with_null[] = {"a cat", nullptr};
+  r.prompts = with_null;
+  EXPECT_EQ(tstitch_sample(sd, &r, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(), "request.prompts[1] is NULL");
+  const int64_t ids[4] = {1, 2, 3, 4};
+  r.prompts = prompts, r.prompt_tokens = ids, r.token_count = 2;
+  EXPECT_EQ(tstitch_sample(sd, &r, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(), "give prompts, prompt_tokens or text_context, one of them");
+  tstitch_close(sd);
+  tstitch_runtime* dit = open(test_dir() + "/data/toy_pair");
+  const int64_t labels[2] = {1, 2};
+  r.prompt_tokens = nullptr, r.token_count = 0, r.class_labels = labels;
+  EXPECT_EQ(tstitch_sample(dit, &r, out.data(), out.size(), nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(), "this bundle is class-conditional (DiT): leave prompts, prompt_tokens, text_context and "
+                                     "added_conditions NULL");
+  tstitch_close(dit);
+  EXPECT_EQ(stats.live_bytes, 0u);
 }

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <random>
 
 #include "c_api_internal.hpp"
 #include "errors.hpp"
@@ -359,4 +360,31 @@ TEST(SdSize, UNetDownsamplingIsPythonsRule) {
   }
   r.height = 64;
   EXPECT_EQ(rt.latent_hw(r), (std::pair<int64_t, int64_t>{8, 4}));
+}
+
+TEST(SdLoop, DeepCacheBundlesAreRefusedWithOneLine) {
+  // a bundle built with --cache-branch: its engines have the kept feature as one more I/O, which this runtime does
+  // not bind yet; refused when opened, before any device work
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("tstitch-cache-bundle-" + std::to_string(std::random_device{}()));
+  fs::remove_all(dir);
+  fs::copy(toy_sd(), dir, fs::copy_options::recursive);
+  nlohmann::ordered_json m;
+  {
+    std::ifstream in(dir / "manifest.json");
+    in >> m;
+  }
+  m["cache"] = {{"scheme", "deepcache"}, {"branch", 3}};
+  {
+    std::ofstream out(dir / "manifest.json");
+    out << m.dump();
+  }
+  FakeStats stats;
+  tstitch_status s = TSTITCH_OK;
+  EXPECT_EQ(error_of([&] { Runtime rt(dir.string(), {}, fake_factory({}, stats)); }, &s),
+            "this bundle was built with --cache-branch 3 (DeepCache's full and cached step graphs), which the C++ "
+            "runtime does not run yet; run it with tstitch-trt (Python), or rebuild it without --cache-branch");
+  EXPECT_EQ(s, TSTITCH_ERR_UNAVAILABLE);
+  EXPECT_EQ(stats.contexts, 0u);
+  fs::remove_all(dir);
 }

@@ -8,6 +8,7 @@
 #include "errors.hpp"
 #include "sampling.hpp"
 #include "sd_samplers.hpp"
+#include "trajectory.hpp"
 #include "test_util.hpp"
 
 using namespace tstitch;
@@ -180,4 +181,23 @@ TEST(SdSampling, LcmRefusalsAreOneLine) {
             "the LCM scheduler config's original_inference_steps 2000 is more than its 1000 training timesteps");
   EXPECT_EQ(sd_default_sampler(cfg), "lcm");
   EXPECT_TRUE(sd_needs_noise("lcm", 0.0));
+}
+
+TEST(SdSampling, DeepCachePlanEqualsPython) {
+  // sampling/cache_plan.py's full / cached calls on these samplers' calls and the stitch by call index
+  size_t checked = 0;
+  for (const auto& c : g()["cache_plans"]) {
+    const SdTable t = sd_table(c["sampler"], g()["configs"]["sd15-pndm"], c["steps"]);
+    const std::vector<int> models = stitch_by_call_index(t.calls(), 2, c["ratio"].get<double>());
+    const std::vector<uint8_t> got = cached_calls(t.timesteps, models, c["interval"].get<int>());
+    std::vector<int> have(got.begin(), got.end());
+    EXPECT_EQ(have, c["cached"].get<std::vector<int>>())
+        << c["sampler"] << " " << c["steps"] << " steps, ratio " << c["ratio"] << ", interval " << c["interval"];
+    ++checked;
+  }
+  EXPECT_GE(checked, 64u);
+  // PNDM's repeated timestep counts as its first call's index: 10 steps = 11 calls, interval 2, one model
+  const SdTable p = sd_table("pndm", g()["configs"]["sd15-pndm"], 10);
+  const std::vector<uint8_t> one = cached_calls(p.timesteps, std::vector<int>(p.calls(), 1), 2);
+  EXPECT_EQ(std::vector<int>(one.begin(), one.end()), (std::vector<int>{0, 1, 1, 1, 0, 1, 0, 1, 0, 1, 0}));
 }

@@ -59,7 +59,11 @@ def build_config_from_args(args: argparse.Namespace) -> BuildConfig:
         arch, sep, ckpt = text.partition("=")
         if not sep or not arch or not ckpt:
             raise UserError(f"--model takes ARCH=CHECKPOINT (e.g. DiT-S/2=DiT-S-2.pt), got {text!r}")
-        models.append(ModelSpec(arch.strip(), ckpt.strip()))
+        ckpt = ckpt.strip()
+        kind, colon, seed = ckpt.partition(":")
+        if kind == "random" and colon and not seed.strip().isdigit():
+            raise UserError(f"--model {text[:80]}: random:SEED takes a non-negative integer seed, got {seed[:40]!r}")
+        models.append(ModelSpec(arch.strip(), ckpt))
     backend_text = args.backend or recipe.get("backend", "torch,ort")
     backends = [b.strip() for b in (backend_text.split(",") if isinstance(backend_text, str) else backend_text)]
     batch = args.batch_sizes or _batch(recipe.get("batch_sizes", "1-16"))

@@ -17,10 +17,13 @@
 extern "C" {
 #endif
 
-#define TSTITCH_API_VERSION 4  /* 2: tstitch_request.text_context (SD); 3: tstitch_request.height/width (SD);
+#define TSTITCH_API_VERSION 5  /* 2: tstitch_request.text_context (SD); 3: tstitch_request.height/width (SD);
                                   4: named request inputs (SDXL text_embeds / time_ids, ControlNet control_image),
                                      the ControlNet fields, "embedding" (LCM) guidance, the lcm sampler. A caller
-                                     built against version 3 (struct_size of the version-3 request) keeps working. */
+                                     built against version 3 (struct_size of the version-3 request) keeps working.
+                                  5: the openvino engine (CPU), engine NULL = auto, tstitch_open_params.precision,
+                                     tstitch_engine, prompts as UTF-8 text (tstitch_request.prompts). A caller
+                                     built against version 4 (its smaller structs) keeps working. */
 
 typedef enum tstitch_status {
   TSTITCH_OK = 0,
@@ -28,10 +31,10 @@ typedef enum tstitch_status {
   TSTITCH_ERR_BAD_HANDLE = 2,       /* NULL, unknown or already closed runtime handle */
   TSTITCH_ERR_BUNDLE = 3,           /* missing / corrupt manifest, sealed-path violation, checksum mismatch */
   TSTITCH_ERR_INCOMPATIBLE = 4,     /* engine built for another GPU or TensorRT version */
-  TSTITCH_ERR_UNAVAILABLE = 5,      /* not built into this library (e.g. no TensorRT at build time) */
+  TSTITCH_ERR_UNAVAILABLE = 5,      /* not built into this library (e.g. no TensorRT / OpenVINO at build time) */
   TSTITCH_ERR_NO_DEVICE = 6,        /* no usable CUDA device */
   TSTITCH_ERR_OUT_OF_MEMORY = 7,    /* device allocation failed; everything allocated was freed */
-  TSTITCH_ERR_RUNTIME = 8,          /* a CUDA or TensorRT call failed */
+  TSTITCH_ERR_RUNTIME = 8,          /* a CUDA, TensorRT or OpenVINO call failed */
   TSTITCH_ERR_NON_FINITE = 9,       /* a step produced NaN/Inf (the message names the step and model) */
   TSTITCH_ERR_BUFFER_TOO_SMALL = 10,/* the caller's output buffer is smaller than the result */
   TSTITCH_ERR_INTERNAL = 11
@@ -40,11 +43,17 @@ typedef enum tstitch_status {
 typedef struct tstitch_runtime tstitch_runtime; /* opaque */
 
 typedef struct tstitch_open_params {
-  size_t struct_size;    /* sizeof(tstitch_open_params) */
-  const char* engine;    /* manifest engine kind to run; NULL = "trt" */
+  size_t struct_size;    /* sizeof(tstitch_open_params) (a version-4 binary's smaller size is accepted) */
+  const char* engine;    /* "openvino": the bundle's fp32 ONNX graphs on the CPU (OpenVINO); "trt": TensorRT engines on
+                            a CUDA GPU; NULL = auto, as `tstitch-trt run --backend auto`: trt where this library has
+                            TensorRT, a GPU is present and the bundle has trt engines, else openvino (API < 5: "trt") */
   int device_index;      /* CUDA device, default 0 */
-  int cuda_graph;        /* 1 (default): the whole trajectory as one CUDA graph; 0: plain launches */
+  int cuda_graph;        /* 1 (default): the whole trajectory as one CUDA graph (trt); 0: plain launches */
   int verify_checksums;  /* 1 (default): sha256 of every engine file against the manifest */
+  /* ---- API 5 ---- */
+  const char* precision; /* openvino: "fp32", "bf16" (needs a CPU with native bf16), or NULL / "auto": bf16 only for
+                            models whose bundle records bf16 as safe (tstitch-trt check --record) on a bf16 CPU, as
+                            `tstitch-trt run --precision auto`; trt: NULL only (its engines have their own) */
 } tstitch_open_params;
 
 /* One named request input of the step graphs (API 4): float32, row-major, in the shape the bundle's
@@ -58,7 +67,7 @@ typedef struct tstitch_input {
 } tstitch_input;
 
 typedef struct tstitch_request {
-  size_t struct_size;            /* sizeof(tstitch_request) (a version-3 binary's smaller size is accepted) */
+  size_t struct_size;            /* sizeof(tstitch_request) (a version-3 or -4 binary's smaller size is accepted) */
   int batch;                     /* images in the request; within the engines' batch range */
   /* DiT (class-conditional) */
   const int64_t* class_labels;   /* batch labels in [0, num_classes) */
@@ -105,6 +114,14 @@ typedef struct tstitch_request {
   double control_guidance_start;
   double control_guidance_end;
   int control_guess_mode;
+  /* ---- API 5 (beyond a version-4 struct_size these read as NULL / 0) ---- */
+  /* SD: prompts as UTF-8 text, one per image (num_prompts == batch), tokenized here exactly as the Python pipeline
+     tokenizes them with the bundle's tokenizer.json (instead of prompt_tokens / text_context). negative_prompts:
+     one per image under cfg guidance (NULL: "" for each, as diffusers); none under "embedding" (LCM) guidance. */
+  const char* const* prompts;
+  int num_prompts;
+  const char* const* negative_prompts;
+  int num_negative_prompts;
 } tstitch_request;
 
 typedef struct tstitch_sample_info {
@@ -127,6 +144,10 @@ void tstitch_sample_info_init(tstitch_sample_info* info);
 tstitch_status tstitch_open(const char* bundle_dir, const tstitch_open_params* params, tstitch_runtime** out);
 /* Close and invalidate the handle; closing NULL is OK, closing twice is TSTITCH_ERR_BAD_HANDLE. */
 tstitch_status tstitch_close(tstitch_runtime* runtime);
+
+/* The engine running (API 5: "openvino" or "trt", what NULL resolved to) and one line on its precision and why;
+ * both valid while the handle is open. */
+tstitch_status tstitch_engine(tstitch_runtime* runtime, const char** engine, const char** precision);
 
 /* The latent shape (C, H, W), the number of stitched models, the batch range of the engines. */
 tstitch_status tstitch_latent_shape(tstitch_runtime* runtime, int* channels, int* height, int* width);

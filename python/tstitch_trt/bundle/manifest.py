@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tstitch_trt.bundle.files import checked_file, inside, sha256_file
-from tstitch_trt.bundle.onnx_refs import check_external_data, external_locations
+from tstitch_trt.bundle.graphs import external_data_locations
 from tstitch_trt.bundle.schema import FORMAT, FORMAT_VERSION, validate_schema
 from tstitch_trt.errors import BundleError, UserError
 
@@ -69,10 +69,15 @@ class ModelEntry:
     engines: dict[str, EngineEntry] = field(default_factory=dict)  # backend -> artifact
     macs_per_forward: int = 0
     # Whether bf16 inference keeps quality (CPU backends; `tstitch-trt check --precision bf16 --record`):
-    # {"safe": bool, "reason": str, "step_max_rel": float, "step_min_cosine": float, "checked_with": str}
+    # {"safe": bool, "reason": str, "step_max_rel": float, "step_min_cosine": float, "checked_with": str,
+    #  "isa": ["amx_bf16" | "avx512_bf16", ...] (the CPU bf16 ISAs it was measured on; absent in older bundles)}
     bf16: dict[str, Any] | None = None
     # LoRA weights fused before export: [{"source", "sha256", "scale"}] (informational)
     lora: list[dict[str, Any]] | None = None
+    # DeepCache (manifest `cache`): {"feature": the kept feature's tensor spec (this model's shape), "engines":
+    # {backend: the CACHED step graph}}; `engines` then holds the FULL graph (it also outputs the feature).
+    # torch has no cached artifact: the same weights run either path.
+    cached: dict[str, Any] | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -85,6 +90,10 @@ class ModelEntry:
     def from_dict(cls, d: dict) -> ModelEntry:
         d = dict(d)
         d["engines"] = {k: EngineEntry.from_dict(v) for k, v in d.get("engines", {}).items()}
+        if d.get("cached"):
+            c = dict(d["cached"])
+            c["engines"] = {k: EngineEntry.from_dict(v) for k, v in c.get("engines", {}).items()}
+            d["cached"] = c
         return cls(**d)
 
 
@@ -123,6 +132,9 @@ class Manifest:
     text_encoder_2: dict[str, Any] | None = None
     tokenizer_2: dict[str, Any] | None = None
     conditioning: dict[str, Any] | None = None
+    # Feature caching (export/deep_cache.py): {"scheme": "deepcache", "branch": K}; each model then has `cached`
+    # and io.roles.cache names the kept feature's (input, output) pair.
+    cache: dict[str, Any] | None = None
 
     @property
     def text_to_image(self) -> bool:
@@ -146,7 +158,14 @@ class Manifest:
         return [b for b in BACKENDS if all(b in m.engines for m in self.models)]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False)
+        d = asdict(self)
+        # feature caching is written only where a bundle has it: a bundle without stays byte-identical to before
+        if d["cache"] is None:
+            del d["cache"]
+        for m in d["models"]:
+            if m["cached"] is None:
+                del m["cached"]
+        return json.dumps(d, indent=2, sort_keys=False)
 
     @classmethod
     def from_dict(cls, d: dict) -> Manifest:
@@ -167,6 +186,8 @@ class Manifest:
     def artifacts(self) -> list[tuple[str, EngineEntry]]:
         """(what, entry) for every artifact: each model's, the VAE's, the text encoder's, the tokenizer."""
         out = [(f"{m.name} {kind}", e) for m in self.models for kind, e in m.engines.items()]
+        out += [(f"{m.name} cached {kind}", e) for m in self.models if m.cached
+                for kind, e in m.cached["engines"].items()]
         for part, label in ((self.vae, "VAE"), (self.text_encoder, "text encoder"),
                             (self.text_encoder_2, "text encoder 2"), (self.controlnet, "ControlNet")):
             if part:
@@ -251,12 +272,25 @@ class Manifest:
             self._validate_sdxl()
         names = set(self.io.get("inputs", {})) | set(self.io.get("outputs", {}))
         named = {n for pair in roles["state"] for n in pair} | set(roles["step"]) | set(roles["request"])
+        self._validate_cache(roles)
         if named != names:
             raise BundleError(f"io.roles names {sorted(named ^ names)[:3]} that are not (or not all) the step "
                               "graph's inputs and outputs; rebuild the bundle")
         if (self.controlnet is not None) != ("control_image" in self.io.get("inputs", {})):
             raise BundleError("conditioning.controlnet and the step graphs' control_image input come together (a "
                               "ControlNet runs inside the step graphs); rebuild the bundle")
+
+    def _validate_cache(self, roles: dict[str, Any]) -> None:
+        """`cache`, io.roles.cache and every model's `cached` come together; each model has a cached graph for
+        every backend it has a (full) graph for, torch aside."""
+        have = [self.cache is not None, "cache" in roles] + [m.cached is not None for m in self.models]
+        if any(have) and not all(have):
+            raise BundleError("cache, io.roles.cache and every model's cached entry come together (DeepCache's "
+                              "full and cached step graphs); rebuild the bundle")
+        for m in self.models:
+            missing = [k for k in m.engines if k != "torch" and k not in (m.cached or {}).get("engines", {})]
+            if m.cached and missing:
+                raise BundleError(f"{m.name}: no cached step graph for {', '.join(missing)}; rebuild the bundle")
 
     def _validate_sdxl(self) -> None:
         """The pooled width agrees between the conditioning, the step graphs and text_encoder_2."""
@@ -318,12 +352,15 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
 
 
 def verify_bundle(bundle_dir: str | Path, manifest: Manifest) -> None:
-    """Every file the manifest names: inside the bundle, present, and matching its sha256; every ONNX
-    graph's external weights listed (and so checksummed) and inside the bundle."""
+    """Every file the manifest names: inside the bundle, present, and matching its sha256; and every file an
+    ONNX graph names (external data): inside the bundle and checksummed by the manifest (bundle/graphs.py)."""
+    from tstitch_trt.bundle.graphs import check_graph_references
+
     for _, entry in manifest.artifacts():
         for rel, digest in entry.files():
             checked_file(bundle_dir, rel, digest)
-        _check_graph_refs(bundle_dir, entry)
+        if entry.file.endswith(".onnx"):
+            check_graph_references(bundle_dir, entry.file, [rel for rel, _ in entry.files()])
         if entry.extra.get("dir"):
             inside(bundle_dir, entry.extra["dir"])
 
@@ -331,21 +368,17 @@ def verify_bundle(bundle_dir: str | Path, manifest: Manifest) -> None:
 def artifact_path(bundle_dir: str | Path, entry: EngineEntry, verify: bool = True) -> Path:
     """Path of an artifact, checked to be inside the bundle, to exist and (verify) to match its sha256."""
     paths = [checked_file(bundle_dir, rel, digest, verify) for rel, digest in entry.files()]
-    _check_graph_refs(bundle_dir, entry)
+    if entry.file.endswith(".onnx"):  # every backend that opens a graph comes through here
+        from tstitch_trt.bundle.graphs import check_graph_references
+
+        check_graph_references(bundle_dir, entry.file, [rel for rel, _ in entry.files()])
     return paths[0]
-
-
-def _check_graph_refs(bundle_dir: str | Path, entry: EngineEntry) -> None:
-    """An ONNX graph names its external weight files itself: each must be one the entry lists (checksummed)
-    and inside the bundle (bundle/onnx_refs.py), whatever the manifest says."""
-    if entry.file.endswith(".onnx"):
-        check_external_data(bundle_dir, entry.file, [d["file"] for d in entry.extra.get("external_data", [])])
 
 
 def onnx_entry(bundle_dir: str | Path, rel: str, **entry: Any) -> EngineEntry:
     """The entry of an ONNX graph in the bundle: its checksum and, over 2 GB, its external weight files'."""
     graph = Path(bundle_dir) / rel
-    data = [posixpath.normpath(posixpath.join(posixpath.dirname(rel), loc)) for loc in external_locations(graph)]
+    data = [posixpath.normpath(posixpath.join(posixpath.dirname(rel), loc)) for loc in external_data_locations(graph)]
     extra = dict(entry.pop("extra", {}))
     if data:
         extra["external_data"] = [{"file": f, "sha256": sha256_file(Path(bundle_dir) / f)} for f in data]

@@ -80,6 +80,28 @@ def staged_bundle(out_dir: str | Path, owned: Iterable[str] = ()) -> Iterator[Pa
         os.replace(tmp, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        left = remove_staging(tmp)
+        if left is None:
+            raise
+        note = (f"; and the staging directory {tmp} could not be removed ({left}): delete it, or the next build "
+                "here removes it")
+        if isinstance(e, UserError):  # still one line: what went wrong, and what was left
+            raise type(e)(f"{e}{note}") from None
+        import sys
+
+        print(f"error: {note[6:]}", file=sys.stderr)  # the failure itself is reported by the caller
         raise
+
+
+def remove_staging(tmp: Path) -> str | None:
+    """Remove a staging directory; None when it is gone, else why it is not (under memory exhaustion or a
+    read-only file system the removal itself can fail: that is said, never left silently)."""
+    errors: list[str] = []
+    if not tmp.exists():
+        return None
+    # onerror (Python 3.11; 3.12 renames it onexc): keep going, remember the first failure
+    shutil.rmtree(tmp, onerror=lambda _f, path, info: errors.append(f"{path}: {info[1]}"))
+    if not tmp.exists():
+        return None
+    return errors[0] if errors else "it is still there"

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from tstitch_trt.argtypes import int_in, parse_batch_sizes
-from tstitch_trt.cli import control
+from tstitch_trt.cli import cache, control
 from tstitch_trt.cli.common import require_torch
 from tstitch_trt.errors import UserError
 
@@ -43,6 +43,7 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
                         "or the one of that name, before export; SCALE default 1 (repeatable)")
     b.add_argument("--out", help="bundle directory (default engines/NAME); an existing one must be a bundle or empty")
     control.add_build_flags(b)
+    cache.add_build_flags(b)
 
 
 def command(args: argparse.Namespace) -> int:
@@ -62,11 +63,13 @@ def build_dit(args: argparse.Namespace) -> int:
         if getattr(args, flag, None):
             raise UserError(f"--{flag} applies to diffusers (SD) builds, not DiT")
     control.refuse_controlnet_build(args)
+    cache.refuse_dit(args)
     cfg = build_config_from_args(args)
     from tstitch_trt.export.build import build_bundle
     from tstitch_trt.progress import Stages, peak_rss_bytes
+    from tstitch_trt.quiet import quiet_stderr
 
-    with Stages() as stages:
+    with Stages() as stages, quiet_stderr():  # torch's and ONNX Runtime's warnings: the user sees our lines only
         manifest = build_bundle(cfg, stage=stages.stage)
     print(f"wrote bundle {cfg.out} ({', '.join(manifest.backends())}) in {stages.total_seconds:.1f} s, "
           f"peak RSS {peak_rss_bytes() / 2**30:.2f} GB")
@@ -92,10 +95,13 @@ def build_sd(args: argparse.Namespace) -> int:
                         compute_capabilities=_capabilities(args.compute_capabilities or ""),
                         guidance=getattr(args, "guidance", None) or "auto",
                         loras=[parse_lora_spec(s) for s in getattr(args, "lora", None) or []],
-                        controlnet=getattr(args, "controlnet", None))
+                        controlnet=getattr(args, "controlnet", None),
+                        cache_branch=getattr(args, "cache_branch", None))
     from tstitch_trt.progress import Stages, peak_rss_bytes
+    from tstitch_trt.quiet import quiet_stderr
 
-    with Stages() as stages:
+    # diffusers' progress bars, ONNX Runtime's warnings: the user sees our lines only
+    with Stages() as stages, quiet_stderr():
         manifest = build_sd_bundle(cfg, stage=stages.stage)
     print(f"wrote bundle {cfg.out} ({', '.join(manifest.backends())}) in {stages.total_seconds:.1f} s, "
           f"peak RSS {peak_rss_bytes() / 2**30:.2f} GB")

@@ -34,7 +34,8 @@ def refuse_controlnet_build(args: argparse.Namespace) -> None:
         raise UserError("--controlnet applies to SD builds (diffusers --model directories); DiT bundles take none")
 
 
-def control_request(args: argparse.Namespace, has_controlnet: bool):  # -> ControlRequest | None
+def control_request(args: argparse.Namespace, has_controlnet: bool,
+                    max_size: tuple[int, int] | None = None):  # -> ControlRequest | None
     """The run's ControlNet request from its flags: ControlNet flags on a bundle without one, or settings
     without --control-image, are one line (a ControlNet bundle without an image: pipeline.control)."""
     from tstitch_trt.pipeline.control import (
@@ -54,7 +55,7 @@ def control_request(args: argparse.Namespace, has_controlnet: bool):  # -> Contr
             raise UserError(f"--{given[0].replace('_', '-')} sets up a ControlNet; give --control-image FILE with it")
         return None
     return ControlRequest(
-        read_control_image(args.control_image),
+        read_control_image(args.control_image, **({"max_size": max_size} if max_size else {})),
         scale=DEFAULT_CONTROLNET_SCALE if args.controlnet_scale is None else args.controlnet_scale,
         guess_mode=bool(args.guess_mode),
         start=DEFAULT_GUIDANCE_START if args.control_guidance_start is None else args.control_guidance_start,

@@ -49,8 +49,9 @@ def describe_dit(bundle: Path, m) -> str:  # m: Manifest
             lo, hi = e.batch_range
             lines.append(f"      {kind:8s} {e.file} ({e.precision}, batch {lo}-{hi}{extra})")
         if model.bf16:  # `check --precision bf16 --record`
-            lines.append(f"      bf16     {'safe' if model.bf16.get('safe') else 'not safe'} on CPU backends "
-                         f"({model.bf16.get('checked_with', '?')})")
+            isa = ", ".join(model.bf16.get("isa") or ["an unrecorded CPU ISA: covers no CPU"])
+            lines.append(f"      bf16     {'safe' if model.bf16.get('safe') else 'not safe'} on CPU backends, "
+                         f"measured on {isa} ({model.bf16.get('checked_with', '?')})")
     lines.append(f"  VAE: {', '.join(m.vae['engines']) + ' from ' + str(m.vae.get('source')) if m.vae else 'none'}")
     lines.append(f"  artifacts for the whole pair: {', '.join(m.backends()) or 'none'}")
     return "\n".join(lines)
@@ -89,11 +90,17 @@ def describe_sd(bundle: Path, m) -> str:  # m: Manifest
         for kind, e in model.engines.items():
             lo, hi = e.batch_range
             lines.append(f"      {kind:8s} {e.file} ({e.precision}, batch {lo}-{hi})")
+        for kind, e in (model.cached or {}).get("engines", {}).items():
+            lines.append(f"      {kind:8s} {e.file} (DeepCache cached path, kept feature "
+                         f"{model.cached['feature']['shape']})")
     lines.append(f"  VAE: {', '.join(m.vae['engines']) if m.vae else 'none'}")
     lines += [f"    {note}" for note in (m.vae or {}).get("notes", [])]
     if m.controlnet:
         net = m.controlnet
         lines.append(f"  ControlNet ({net['family']}, {net['conditioning_channels']}-channel image) inside every U-Net "
                      f"step graph, from {net.get('source', '?')}: run with --control-image FILE")
+    if m.cache:
+        lines.append(f"  DeepCache branch {m.cache['branch']}: full and cached step graphs per U-Net; run with "
+                     "--cache-interval N")
     lines.append(f"  backends usable for the whole set: {', '.join(m.backends()) or 'none'}")
     return "\n".join(lines)

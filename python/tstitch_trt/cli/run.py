@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from tstitch_trt.argtypes import MAX_SEED, finite, int_in, non_negative, parse_fractions, parse_labels, unit
-from tstitch_trt.cli import control
+from tstitch_trt.cli import cache, control
 from tstitch_trt.cli.common import one_line
 from tstitch_trt.demo import DEMO_NAME as DEMO
 from tstitch_trt.demo import resolve_bundle
@@ -29,8 +29,9 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--bundle", default=DEMO, help="bundle directory, or 'demo'")
     r.add_argument("--backend", default="auto", help="auto, trt, trt-rtx, ort, openvino, torch")
     r.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="CPU backends (openvino): bf16 needs a CPU with native bf16; auto uses it only where the "
-                        "bundle records it as safe (tstitch-trt check --precision bf16 --record)")
+                   help="CPU backends (openvino), every part (models; SD: U-Nets, text encoders, VAE): bf16 needs a "
+                        "CPU with native bf16; auto uses it only where the bundle records it as safe on this CPU's "
+                        "bf16 ISA (tstitch-trt check --precision bf16 --record)")
     r.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "dpm-solver++", "pndm", "euler", "lcm"],
                    help="DiT: ddim, ddpm, dpm-solver++ (default ddim); SD: pndm, ddim, euler, dpm-solver++, lcm "
                         "(default: the bundle's scheduler)")
@@ -71,6 +72,7 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: on a terminal, for 20+ steps)")
     control.add_run_flags(r)
+    cache.add_run_flags(r)
 
 
 def command(args: argparse.Namespace) -> int:
@@ -89,6 +91,7 @@ def run_dit(args: argparse.Namespace, bundle: Path, manifest) -> int:  # manifes
     from tstitch_trt.pipeline.dit import StitchedPipeline, decodes_to_images
 
     refuse_sd_flags(args)
+    cache.refuse_dit(args)
     if args.sampler in ("pndm", "euler", "lcm"):
         raise UserError(f"--sampler {args.sampler} is for text-to-image (sd) bundles; DiT bundles take ddim, ddpm "
                         "or dpm-solver++")
@@ -184,16 +187,18 @@ def run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # manifest
     if args.report:
         outputs.add("--report", args.report)
     init = load_init_noise(args.init_noise) if args.init_noise else None
-    control_req = control.control_request(args, manifest.controlnet is not None)
+    from tstitch_trt.pipeline.control import control_size_limit
+
+    control_req = control.control_request(args, manifest.controlnet is not None, control_size_limit(manifest))
     num_images = args.num_images if args.num_images is not None else 1
-    pipe = StitchedSDPipeline.from_bundle(bundle, backend=args.backend, device=args.device)
+    pipe = StitchedSDPipeline.from_bundle(bundle, backend=args.backend, device=args.device, precision=args.precision)
     try:
         ratio, fractions = defaults.default_stitch(len(manifest.models), args.ratio, args.fractions)
         res = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, num_images=num_images, ratio=ratio,
                    fractions=fractions, steps=args.steps, sampler=args.sampler,
                    cfg_scale=args.cfg_scale, seed=args.seed,  # None: the kind's / sampler's default
                    height=args.height, width=args.width, eta=args.eta, init_noise=init, progress=args.progress,
-                   control=control_req, **sdxl_time_id_args(args))
+                   control=control_req, **sdxl_time_id_args(args), **cache.run_kwargs(args))
     finally:
         pipe.close()
     rep = res.report
@@ -212,6 +217,10 @@ def run_sd(args: argparse.Namespace, bundle: Path, manifest) -> int:  # manifest
     per_model = ", ".join(f"{n} {name}" for n, name in zip(rep["steps_per_model"], rep["models"], strict=True))
     print(f"{rep['steps']} {rep['sampler']} steps = {rep['unet_calls']} U-Net calls ({per_model}) on {rep['backend']} "
           f"[{rep['device']}], batch {rep['batch']}, {rep['height']}x{rep['width']}: {rep['total_seconds']:.2f} s")
+    print("precision: " + ", ".join(f"{part} {p}" for part, p in rep["precisions"].items()))
+    if rep.get("cache"):
+        c = rep["cache"]
+        print(f"DeepCache interval {c['interval']} branch {c['branch']}: full calls {c['full_calls']}")
     for flag in ("--out", "--save-latents", "--report"):
         if flag in writers:
             print(f"wrote {outputs.paths[flag].resolve()}")

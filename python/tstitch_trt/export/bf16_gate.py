@@ -16,8 +16,12 @@ the eps difference by 4, so bf16's eps error shows ~17x larger in x0 (demo pair 
 catches garbage (overflow, a wrong graph). Whole-trajectory quality is the evaluator's job.
 
 `--record` writes the verdict into manifest.json as models[i].bf16 = {"safe", "reason",
-"step_max_rel", "step_min_cosine" (x_next's), "checked_with"}; only manifest.json changes (replaced
-atomically), so every artifact and its recorded checksum stay as they were.
+"step_max_rel", "step_min_cosine" (x_next's), "checked_with", "isa"}; only manifest.json changes (replaced
+atomically), so every artifact and its recorded checksum stay as they were. "isa" lists the CPU bf16
+ISAs the verdict was measured on (runtime/cpu_isa.py: amx_bf16, avx512_bf16): OpenVINO runs other
+kernels on AMX, so `--precision auto` uses bf16 only on an ISA the verdict lists. Recording a safe
+verdict over a safe one measured on another ISA keeps both ISAs (worst figures of the two); any other
+recording replaces the verdict.
 """
 
 from __future__ import annotations
@@ -32,7 +36,13 @@ import numpy as np
 from tstitch_trt.bundle.manifest import Manifest
 from tstitch_trt.errors import UserError
 
-BF16_STEP_TOLERANCE = {"x_next": {"max_rel": 2e-2, "min_cos": 0.9995}, "x0": {"max_rel": 0.5, "min_cos": 0.98}}
+BF16_STEP_TOLERANCE = {"x_next": {"max_rel": 2e-2, "min_cos": 0.9995}, "x0": {"max_rel": 0.5, "min_cos": 0.98},
+                       # text-to-image bundles' text encoder(s) and VAE decoder, each its own verdict (see below)
+                       "text_embeddings": {"max_rel": 5e-2, "min_cos": 0.999},
+                       "text_embeds": {"max_rel": 5e-2, "min_cos": 0.999},
+                       "image": {"max_rel": 5e-2, "min_cos": 0.999}}
+# the verdicts of the parts outside the stitched loop, by check's label -> manifest key
+AUX_KEYS = {"text encoder": "text_encoder", "text encoder 2": "text_encoder_2", "VAE decoder": "vae"}
 QUALITY_RATIOS = (0.0, 0.4)
 MAX_FID_INCREASE = 0.03  # relative to fp32
 MAX_ACCURACY_DROP = 0.01  # absolute (1 point)
@@ -85,29 +95,48 @@ def quality_gate(bundle: Path, images: int, seed: int) -> dict:
             "summary": f"{summary} ({images} images)"}
 
 
-def verdicts(manifest: Manifest, results: list, quality: dict | None, checked_with: str) -> dict[str, dict]:
+def verdicts(manifest: Manifest, results: list, quality: dict | None, checked_with: str,
+             isa: str | None = None) -> dict[str, dict]:
     """{model name: the models[i].bf16 record} from check's bf16 comparisons and the quality gate."""
     out: dict[str, dict] = {}
-    for m in manifest.models:
-        rows = [r for r in results if r.model == m.name and r.precision == "bf16" and r.status != "not run"]
+    for name in [m.name for m in manifest.models] + list(AUX_KEYS):
+        rows = [r for r in results if r.model == name and r.precision == "bf16" and r.status != "not run"]
         if not rows:
             continue
-        max_rel = max(r.max_rel for r in rows if r.output == "x_next")
-        min_cos = min(r.cosine for r in rows if r.output == "x_next")
+        state = [r for r in rows if r.output == "x_next"] or rows  # a step graph: x_next, the state it carries
+        max_rel = max(r.max_rel for r in state)
+        min_cos = min(r.cosine for r in state)
         step_ok = all(r.status == "ok" for r in rows)
         per_output = ", ".join(f"{r.output} max rel {r.max_rel:.2g} cosine {r.cosine:.6f} "
                                f"({'ok' if r.status == 'ok' else 'OUTSIDE'} rel <= {r.tolerance['max_rel']:g}, "
                                f"cos >= {r.tolerance['min_cos']:g})" for r in rows)
-        reasons = [f"one step vs torch fp32: {per_output}"]
+        what = "one step" if name not in AUX_KEYS else "one call"
+        reasons = [f"{what} vs torch fp32: {per_output}"]
         safe = step_ok
-        if quality is not None:
+        if quality is not None and name not in AUX_KEYS:
             safe = safe and quality["pass"]
             limits = f"FID +{100 * MAX_FID_INCREASE:g}%, accuracy -{100 * MAX_ACCURACY_DROP:g} pt"
             verdict = "within" if quality["pass"] else "OUTSIDE"
             reasons.append(f"demo evaluator, bf16 vs fp32 {verdict} {limits}: {quality['summary']}")
-        out[m.name] = {"safe": bool(safe), "reason": "; ".join(reasons), "step_max_rel": float(max_rel),
-                       "step_min_cosine": float(min_cos), "checked_with": checked_with}
+        out[name] = {"safe": bool(safe), "reason": "; ".join(reasons), "step_max_rel": float(max_rel),
+                     "step_min_cosine": float(min_cos), "checked_with": checked_with}
+        if isa is not None:
+            out[name]["isa"] = [isa]
+            out[name]["reason"] = f"on {isa}: {out[name]['reason']}"
     return out
+
+
+def merge_verdict(old: dict | None, new: dict) -> dict:
+    """`new` (measured on one ISA) recorded over `old`: both safe on other ISAs -> one verdict covering both."""
+    from tstitch_trt.runtime.cpu_isa import BF16_ISAS
+
+    if not (old and old.get("safe") and new["safe"] and old.get("isa")) or set(new["isa"]) <= set(old["isa"]):
+        return new
+    isas = [i for i in BF16_ISAS if i in set(old["isa"]) | set(new["isa"])]
+    reason = f"{new['reason']} | {old.get('reason', '')}"[:4000]
+    return {**new, "isa": isas, "reason": reason,
+            "step_max_rel": max(new["step_max_rel"], old.get("step_max_rel", 0.0)),
+            "step_min_cosine": min(new["step_min_cosine"], old.get("step_min_cosine", 1.0))}
 
 
 def record(bundle: Path, records: dict[str, dict]) -> None:
@@ -116,7 +145,10 @@ def record(bundle: Path, records: dict[str, dict]) -> None:
     raw = json.loads(path.read_text())
     for m in raw["models"]:
         if m["name"] in records:
-            m["bf16"] = records[m["name"]]
+            m["bf16"] = merge_verdict(m.get("bf16"), records[m["name"]])
+    for label, key in AUX_KEYS.items():  # text encoder(s), VAE decoder: each its own verdict
+        if label in records and raw.get(key):
+            raw[key]["bf16"] = merge_verdict(raw[key].get("bf16"), records[label])
     tmp = path.with_name(f".manifest.json.tmp-{os.getpid()}")
     try:
         tmp.write_text(json.dumps(raw, indent=2))  # as Manifest.to_json writes it
@@ -132,12 +164,18 @@ def run_gate(bundle: Path, manifest: Manifest, results: list, quality_images: in
     """The verdict per model (printed; recorded with record_it); returns it for check's JSON report."""
     import openvino
 
+    from tstitch_trt.runtime.cpu_isa import bf16_isa
+
     if not any(r.precision == "bf16" and r.status != "not run" for r in results):
         note = next((r.note for r in results if r.precision == "bf16"), "bf16 was not run")
         print(f"bf16: no verdict: {note}")
         if record_it:
             raise UserError(f"nothing to record: bf16 could not be measured here ({note})")
         return {"verdicts": {}, "quality": None, "note": note}
+    isa = bf16_isa()
+    if isa is None and record_it:
+        raise UserError("nothing recorded: this CPU's bf16 ISA (amx_bf16 / avx512_bf16) cannot be told from "
+                        "/proc/cpuinfo, and a verdict must name it; run without --record")
     quality = None
     if (bundle / "eval" / "eval.json").is_file() and quality_images > 0:
         if quality_images < 2:
@@ -145,7 +183,7 @@ def run_gate(bundle: Path, manifest: Manifest, results: list, quality_images: in
         print(f"bf16 quality gate: {quality_images} images at ratios "
               f"{', '.join(f'{r:g}' for r in QUALITY_RATIOS)}, fp32 and bf16 on OpenVINO ...", flush=True)
         quality = quality_gate(bundle, quality_images, seed)
-    records = verdicts(manifest, results, quality, f"openvino {openvino.__version__}")
+    records = verdicts(manifest, results, quality, f"openvino {openvino.__version__}", isa)
     for name, v in records.items():
         print(f"bf16 {name}: {'safe' if v['safe'] else 'NOT safe'}: {v['reason']}")
     if record_it:

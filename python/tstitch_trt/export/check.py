@@ -78,7 +78,9 @@ def compare(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
 
 def tolerance(precision: str, output: str) -> dict[str, float]:
     """The bound for `output` at `precision` (bf16 has one per output: see export/bf16_gate.py)."""
-    return BF16_STEP_TOLERANCE[output] if precision == "bf16" else TOLERANCES[precision]
+    if precision == "bf16":  # a step graph's other state (an SD U-Net's eps history): x0's sanity bound
+        return BF16_STEP_TOLERANCE.get(output, BF16_STEP_TOLERANCE["x0"])
+    return TOLERANCES[precision]
 
 
 def within(metrics: dict[str, float], precision: str, output: str = "x_next") -> bool:
@@ -171,9 +173,9 @@ def run_check(args: argparse.Namespace, outputs: OutputPlan | None = None) -> in
     print(f"check {bundle}: reference torch StepModule (fp32, CPU); batch {args.batch}, seed {args.seed}, "
           f"one step at t={int(feeds['t'][0])}")
     results = _check_models(bundle, manifest, wanted, feeds, bf16=precision == "bf16")
-    results += _check_text_encoder(bundle, manifest, wanted, args.batch, args.seed)
+    results += _check_text_encoder(bundle, manifest, wanted, args.batch, args.seed, bf16=precision == "bf16")
     if manifest.vae and "torch" in manifest.vae["engines"]:
-        results += _check_vae(bundle, manifest, wanted, args.batch, args.seed)
+        results += _check_vae(bundle, manifest, wanted, args.batch, args.seed, bf16=precision == "bf16")
     _print(results)
     ran = [r for r in results if r.status != "not run"]
     failed = [r for r in ran if r.status != "ok"]
@@ -218,17 +220,35 @@ def _check_models(bundle: Path, manifest: Manifest, wanted: list[str],
     io = StepIO.from_io(manifest.io)  # the step graph's I/O by role: DiT (x, t, y, ...) or U-Net (x, t, context, ...)
     results = []
     for model, step in zip(manifest.models, load_step_modules(bundle, manifest), strict=True):
+        names = list(io.outputs)
+        cached_ref, cached_feeds = None, feeds
         with torch.inference_mode():
-            ref_t = step(**{n: torch.from_numpy(feeds[n]) for n in io.inputs})
-        ref = {n: t.numpy() for n, t in zip(io.outputs, ref_t, strict=True)}
+            tensors = {n: torch.from_numpy(feeds[n]) for n in io.inputs}
+            if model.cached and manifest.cache:  # DeepCache: the full graph (+ the kept feature) and the cached one
+                from tstitch_trt.export.deep_cache import CACHE_INPUT, CACHE_OUTPUT, CacheStep
+
+                branch = int(manifest.cache["branch"])
+                *ref_t, kept = CacheStep(step, branch, "full", model.name)(**tensors)
+                ref_t.append(kept)
+                names.append(CACHE_OUTPUT)
+                out_c = CacheStep(step, branch, "cached", model.name)(**tensors, **{CACHE_INPUT: kept})
+                cached_ref = {n: t.numpy() for n, t in zip(io.outputs, out_c, strict=True)}
+                cached_feeds = {**feeds, CACHE_INPUT: kept.numpy()}
+            else:
+                ref_t = step(**tensors)
+        ref = {n: t.numpy() for n, t in zip(names, ref_t, strict=True)}
         del step
         for backend in wanted:
             entry = model.engines.get(ARTIFACT.get(backend, backend))
             if entry is None:
                 results.append(Comparison(model.name, backend, "-", "-", "not run", note="no artifact"))
                 continue
-            outs, why = _run(bundle, backend, entry, feeds, list(io.outputs))
+            outs, why = _run(bundle, backend, entry, feeds, names)
             results += _judge(model.name, backend, entry, ref, outs, why)
+            cached_entry = (model.cached or {}).get("engines", {}).get(ARTIFACT.get(backend, backend))
+            if cached_ref is not None and cached_entry is not None:
+                outs, why = _run(bundle, backend, cached_entry, cached_feeds, list(io.outputs))
+                results += _judge(f"{model.name} (cached)", backend, cached_entry, cached_ref, outs, why)
         if bf16:
             from tstitch_trt.export.bf16_gate import run_bf16_step
 
@@ -238,7 +258,8 @@ def _check_models(bundle: Path, manifest: Manifest, wanted: list[str],
     return results
 
 
-def _check_vae(bundle: Path, manifest: Manifest, wanted: list[str], batch: int, seed: int) -> list[Comparison]:
+def _check_vae(bundle: Path, manifest: Manifest, wanted: list[str], batch: int, seed: int,
+               bf16: bool = False) -> list[Comparison]:
     import torch
     from diffusers import AutoencoderKL
 
@@ -256,11 +277,31 @@ def _check_vae(bundle: Path, manifest: Manifest, wanted: list[str], batch: int, 
         if backend in engines:
             outs, why = _run(bundle, backend, engines[backend], {"latent": z}, ["image"])
             results += _judge("VAE decoder", backend, engines[backend], ref, outs, why)
+    results += _check_openvino_part("VAE decoder", bundle, engines, {"latent": z}, ref, "openvino" in wanted, bf16)
     return results
 
 
+def _check_openvino_part(label: str, bundle: Path, engines: dict[str, EngineEntry], feeds: dict[str, np.ndarray],
+                         ref: dict[str, np.ndarray], fp32: bool, bf16: bool) -> list[Comparison]:
+    """A text encoder / VAE decoder's ONNX graph on OpenVINO: fp32 where asked, and bf16 for its own verdict."""
+    if "ort" not in engines:
+        return []
+    out: list[Comparison] = []
+    path = artifact_path(bundle, engines["ort"])
+    if fp32:
+        from tstitch_trt.export.bf16_gate import run_openvino_step
+
+        out += _judge(label, "openvino", engines["ort"], ref, run_openvino_step(path, feeds, list(ref), "fp32"), "")
+    if bf16:
+        from tstitch_trt.export.bf16_gate import run_bf16_step
+
+        got, why = run_bf16_step(path, feeds, list(ref))
+        out += _judge(label, "openvino", engines["ort"], ref, got, why, precision="bf16")
+    return out
+
+
 def _check_text_encoder(bundle: Path, manifest: Manifest, wanted: list[str], batch: int,
-                        seed: int) -> list[Comparison]:
+                        seed: int, bf16: bool = False) -> list[Comparison]:
     """The CLIP text encoder(s) on seeded token ids (BOS, random tokens, EOS padding) for 2 x batch prompts,
     against the torch encoder taking the hidden state the manifest names (SDXL: text_encoder_2's pooled
     text_embeds too)."""
@@ -295,6 +336,7 @@ def _check_text_encoder(bundle: Path, manifest: Manifest, wanted: list[str], bat
             if backend in engines:
                 got, why = _run(bundle, backend, engines[backend], {in_name: ids}, out_names)
                 results += _judge(label, backend, engines[backend], ref, got, why)
+        results += _check_openvino_part(label, bundle, engines, {in_name: ids}, ref, "openvino" in wanted, bf16)
     return results
 
 

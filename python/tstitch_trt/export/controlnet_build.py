@@ -22,7 +22,11 @@ CONTROLNET_DIR = "controlnet/diffusers"
 def prepare_controlnet(spec: str, unets: list[tuple[str, dict[str, Any]]], vae_factor: int
                        ) -> tuple[ControlNetSource, nn.Module]:
     """Resolve, check against every U-Net (name, config) and load, before anything is written."""
+    from tstitch_trt.models.preflight import available_memory_bytes, check_fits_memory, check_weights_dir
+
     source = resolve_controlnet(spec)
+    check_weights_dir(source.root, f"the ControlNet weights of --controlnet {spec}")
+    check_fits_memory([(f"--controlnet {spec}: config.json", source.config)], available_memory_bytes())
     check_controlnet(source, unets, vae_factor)
     return source, load_controlnet(source.root)
 

@@ -24,6 +24,10 @@ from tstitch_trt.sampling.coefficients import NUM_COEFS
 
 OPSET = 18
 TWO_GB = 2**31 - 1
+# Graphs with more weight bytes than this are cleaned weightless and written with external data even below
+# 2 GB (BK-SDM-Tiny's fp32 step graph: 1.3 GB; SD 1.5's fp16: 1.7 GB): in-memory cleanup holds ~7 copies.
+STREAM_ABOVE = 256 << 20
+RAW_WEIGHTS = "raw-weights.bin"
 
 
 def example_inputs(step: StepModule, batch: int = 2) -> tuple[torch.Tensor, ...]:
@@ -112,6 +116,14 @@ def finish_export(raw: Path, path: Path, check: Callable[[Any], object] | None =
     header = onnx.load(str(raw), load_external_data=False)
     if prepare:  # edits of the raw graph's structure, before cleanup
         prepare(header)
+    if not _external_initializers(header) and _inline_weight_bytes(header) > STREAM_ABOVE:
+        # under 2 GB torch embeds the weights; above STREAM_ABOVE they leave the protos for one raw file (freeing
+        # them), so a 1.7 GB graph is not copied by cleanup, inference and serialization (~7 copies in memory)
+        from onnx.external_data_helper import convert_model_to_external_data, write_external_data_tensors
+
+        convert_model_to_external_data(header, all_tensors_to_one_file=True, location=RAW_WEIGHTS,
+                                       size_threshold=1024)
+        write_external_data_tensors(header, str(raw.parent))
     if not _external_initializers(header):
         model = clean_graph(header)
         if check:
@@ -144,6 +156,36 @@ def _copy_range(src, dst, offset: int, count: int, name: str) -> None:
     dst.seek(0, os.SEEK_END)
 
 
+def _location(init) -> str:
+    return next(e.value for e in init.external_data if e.key == "location")
+
+
+def _point(init, location: str, offset: int, length: int) -> None:
+    del init.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        init.external_data.add(key=key, value=value)
+
+
+def _whole_file_weight(inits: list, src_root: Path):
+    """The largest external weight stored alone in a file inside src_root (offset 0, the whole file)."""
+    best, best_size = None, 0
+    for init in inits:
+        info = {e.key: e.value for e in init.external_data}
+        src = (src_root / info.get("location", "")).resolve()
+        if not src.is_relative_to(src_root) or not src.is_file() or int(info.get("offset", 0)) != 0:
+            continue
+        size = src.stat().st_size
+        if info.get("length") not in (None, str(size)):
+            continue
+        if size > best_size and sum(_location(i) == info["location"] for i in inits) == 1:
+            best, best_size = init, size
+    return best
+
+
+def _inline_weight_bytes(model) -> int:
+    return sum(len(i.raw_data) for i in model.graph.initializer)
+
+
 def _external_initializers(model) -> list:
     import onnx
 
@@ -160,8 +202,27 @@ def stream_external_data(model, src_dir: Path, path: Path) -> None:
 
     data_name = external_data_name(path)
     src_root = Path(src_dir).resolve()
-    with open(path.parent / data_name, "wb") as out:
-        for init in _external_initializers(model):
+    inits = _external_initializers(model)
+    files = {_location(i) for i in inits}
+    single = (src_root / next(iter(files))).resolve() if len(files) == 1 else None
+    if single is not None and single.is_relative_to(src_root) and single.is_file():
+        size = single.stat().st_size
+        os.replace(single, path.parent / data_name)  # every weight in one raw file: moved, offsets kept
+        for init in inits:
+            info = {e.key: e.value for e in init.external_data}
+            offset = int(info.get("offset", 0))
+            _point(init, data_name, offset, int(info.get("length") or size - offset))
+        os.chmod(path.parent / data_name, 0o644)
+        onnx.save_model(model, str(path))
+        onnx.checker.check_model(str(path))
+        return
+    first = _whole_file_weight(inits, src_root)
+    if first is not None:  # the largest weight that fills its own raw file: moved, not copied (2 GB of I/O less)
+        os.replace(src_root / _location(first), path.parent / data_name)
+        inits.remove(first)
+        _point(first, data_name, 0, (path.parent / data_name).stat().st_size)
+    with open(path.parent / data_name, "ab" if first is not None else "wb") as out:
+        for init in inits:
             info = {e.key: e.value for e in init.external_data}
             src = (src_root / info["location"]).resolve()
             if not src.is_relative_to(src_root):  # our own export; a bug if it points elsewhere
@@ -173,9 +234,7 @@ def stream_external_data(model, src_dir: Path, path: Path) -> None:
             with open(src, "rb") as f:
                 left = int(length) if length is not None else src.stat().st_size - offset
                 _copy_range(f, out, offset, left, init.name)
-            del init.external_data[:]
-            for key, value in (("location", data_name), ("offset", str(start)), ("length", str(out.tell() - start))):
-                init.external_data.add(key=key, value=value)
+            _point(init, data_name, start, out.tell() - start)
     os.chmod(path.parent / data_name, 0o644)
     onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))  # by path: the checker resolves (and confines) the external file

@@ -36,8 +36,16 @@ from tstitch_trt.bundle.manifest import (
 )
 from tstitch_trt.bundle.staging import staged_bundle
 from tstitch_trt.errors import UserError, first_line
+from tstitch_trt.export.deep_cache import CACHE_INPUT, CACHE_OUTPUT, check_branch, config_structure
 from tstitch_trt.export.lora import LoraSpec, check_loras, fuse_loras, lora_targets
-from tstitch_trt.export.unet_export import export_text_encoder, export_unet_step, text_io_spec, unet_io_spec
+from tstitch_trt.export.unet_export import (
+    cache_feature_spec,
+    cache_graph_io,
+    export_text_encoder,
+    export_unet_step,
+    text_io_spec,
+    unet_io_spec,
+)
 from tstitch_trt.export.unet_step import GUIDANCE_MODES, UNetStepModule
 from tstitch_trt.models.sd import SdSource, check_pair, load_text_encoder, load_unet, resolve_source
 
@@ -62,6 +70,7 @@ class SdBuildConfig:
     guidance: str = "auto"  # "auto" | GUIDANCE_MODES: how the step graphs take the guidance scale
     loras: list[LoraSpec] = field(default_factory=list)  # fused into their U-Net before export
     controlnet: str | None = None  # a diffusers ControlNetModel directory or hub id, inside every step graph
+    cache_branch: int | None = None  # DeepCache's cache_branch_id: also write each model's cached step graph
 
 
 def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None = None,
@@ -77,6 +86,7 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
     facts = check_pair(sources)
     large = sources[-1].pipeline
     assert large is not None  # check_pair refuses otherwise
+    _preflight(sources, large, facts["pipeline"])
     scheduler = _read_scheduler(large)
     guidance = resolve_guidance(cfg.guidance, sources)
     loras = lora_targets(cfg.loras, [s.name for s in sources])
@@ -86,6 +96,12 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
         from tstitch_trt.export.controlnet_build import prepare_controlnet
 
         control = prepare_controlnet(cfg.controlnet, [(s.name, s.unet_config()) for s in sources], facts["vae_factor"])
+    if cfg.cache_branch is not None:
+        if control is not None:
+            raise UserError("--cache-branch with --controlnet is not supported: DeepCache's cached path has no place "
+                            "for the ControlNet's residuals yet; build without one of them")
+        for s in sources:  # every U-Net must have the branch: refused before any weights load
+            check_branch(config_structure(s.unet_config()), cfg.cache_branch, f"U-Net {s.name}")
     builders = _engine_builders(cfg)
     timings: dict[str, float] = {}
     text_len = facts["text_max_length"]
@@ -110,6 +126,9 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
             entry, io = _write_unet(tmp, i, src, cfg, builders, text_len, guidance, loras.get(i, []),
                                     control and control[1], facts["vae_factor"], stage)
             entries.append(entry)
+        if cfg.cache_branch is not None:  # export/deep_cache.py: the kept feature's role
+            assert io is not None
+            io = {**io, "roles": {**io["roles"], "cache": [[CACHE_INPUT, CACHE_OUTPUT]]}}
             timings[f"unet {src.name}"] = time.perf_counter() - t0
         c, s = facts["latent_channels"], facts["sample_size"]
         t0 = time.perf_counter()
@@ -142,10 +161,25 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
             tokenizer=tokenizer,
             scheduler=scheduler,
             conditioning=conditioning,
+            cache=None if cfg.cache_branch is None else {"scheme": "deepcache", "branch": cfg.cache_branch},
             **sdxl_parts,
         )
         write_manifest(tmp, manifest)
     return manifest
+
+
+def _preflight(sources: list[SdSource], large: Path, kind: str) -> None:
+    """Before anything is exported: every weights file a safetensors with a sound header (never a pickle), and
+    every U-Net's size from its config within this machine's memory (models/preflight.py)."""
+    from tstitch_trt.models.preflight import available_memory_bytes, check_fits_memory, check_weights_dir
+
+    for src in sources:
+        check_weights_dir(src.unet_dir, f"the U-Net weights of --model {src.spec}")
+    parts = ("text_encoder", "vae") + (("text_encoder_2",) if kind == "sdxl" else ())
+    for part in parts:
+        check_weights_dir(large / part, f"the {part} weights of {sources[-1].spec}")
+    check_fits_memory([(f"--model {s.spec}: unet/config.json" if s.pipeline else f"--model {s.spec}: config.json",
+                        s.unet_config()) for s in sources], available_memory_bytes())
 
 
 def resolve_guidance(requested: str, sources: list[SdSource]) -> str:
@@ -207,6 +241,7 @@ def _write_text_encoder(tmp: Path, large: Path, cfg: SdBuildConfig, builders: di
     pooled text_embeds."""
     with stage(f"load {part}"):
         clip = load_text_encoder(large, part)
+    kind = type(clip).__name__
     engines: dict[str, EngineEntry] = {}
     pooled = pooled_dim > 0
     io = text_io_spec(text_len, width, cfg.batch_range, pooled_dim)
@@ -222,10 +257,10 @@ def _write_text_encoder(tmp: Path, large: Path, cfg: SdBuildConfig, builders: di
     if builders:
         graph = tmp / f"{part}/{part}-{cfg.precision}-src.onnx"
         with stage(f"export {part} {cfg.precision} graph (engines)"):
-            export_text_encoder(clip, graph, cfg.precision, text_len, layer, pooled)
+            export_text_encoder(clip, graph, cfg.precision, text_len, layer, pooled, consume=True)
         del clip  # the engine builds need only the graph
         engines.update(_engine_entries(tmp, builders, graph, f"{part}/{part}", cfg, io, stage))
-    entry = {"source": str(large / part), "kind": type(clip).__name__, "hidden_state": layer, "engines": engines,
+    entry = {"source": str(large / part), "kind": kind, "hidden_state": layer, "engines": engines,
              "io": io}
     if pooled:
         entry["pooled"] = True
@@ -258,7 +293,12 @@ def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: 
         lora = fuse_loras(unet, loras) if loras else None
         step = UNetStepModule(unet, controlnet, guidance=guidance).eval()
     tag = f"{i}-{src.name}"
+    feature = None  # DeepCache: the kept feature's spec (one probe call; refuses a branch this U-Net lacks)
+    if cfg.cache_branch is not None:
+        feature = cache_feature_spec(step, cfg.cache_branch, text_len, pixel_factor, name=f"U-Net {src.name}")
+    full = None if feature is None else (cfg.cache_branch, "full", feature)
     engines: dict[str, EngineEntry] = {}
+    cached: dict[str, EngineEntry] = {}
     if "torch" in cfg.backends:
         rel_dir = f"unet/{tag}"
         with stage(f"save U-Net {src.name} (torch)"):
@@ -267,18 +307,34 @@ def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: 
     if "ort" in cfg.backends:
         rel = f"onnx/{tag}-fp32.onnx"
         with stage(f"export U-Net {src.name} fp32 step graph (ort)"):
-            export_unet_step(step, tmp / rel, "fp32", text_len, pixel_factor)
+            export_unet_step(step, tmp / rel, "fp32", text_len, pixel_factor, full)
             engines["ort"] = onnx_entry(tmp, rel, batch_range=cfg.batch_range)
+        if feature is not None:
+            rel = f"onnx/{tag}-cached-fp32.onnx"
+            with stage(f"export U-Net {src.name} cached fp32 step graph (ort)"):
+                export_unet_step(step, tmp / rel, "fp32", text_len, pixel_factor, (cfg.cache_branch, "cached", feature))
+                cached["ort"] = onnx_entry(tmp, rel, batch_range=cfg.batch_range)
     io = unet_io_spec(step, text_len, pixel_factor)
     if builders:
         graph = tmp / f"onnx/{tag}-{cfg.precision}-src.onnx"
+        # the last use of the step (no cached graph, no ControlNet shared with the next U-Net): converted in place
+        last = feature is None and controlnet is None
         with stage(f"export U-Net {src.name} {cfg.precision} step graph (engines)"):
-            export_unet_step(step, graph, cfg.precision, text_len, pixel_factor)
+            export_unet_step(step, graph, cfg.precision, text_len, pixel_factor, full, consume=last)
+        engines.update(_engine_entries(tmp, builders, graph, f"trt/{tag}", cfg,
+                                       io if feature is None else cache_graph_io(io, feature, "full"), stage))
+        if feature is not None:
+            graph = tmp / f"onnx/{tag}-cached-{cfg.precision}-src.onnx"
+            with stage(f"export U-Net {src.name} cached {cfg.precision} step graph (engines)"):
+                export_unet_step(step, graph, cfg.precision, text_len, pixel_factor,
+                                 (cfg.cache_branch, "cached", feature))
+            cached.update(_engine_entries(tmp, builders, graph, f"trt/{tag}-cached", cfg,
+                                          cache_graph_io(io, feature, "cached"), stage))
     del step, unet
-    if builders:
-        engines.update(_engine_entries(tmp, builders, graph, f"trt/{tag}", cfg, io, stage))
     arch = {k: v for k, v in src.unet_config().items() if not k.startswith("_")}
-    return ModelEntry(name=src.name, family="unet", arch=arch, engines=engines, lora=lora), io
+    entry = ModelEntry(name=src.name, family="unet", arch=arch, engines=engines, lora=lora,
+                       cached=None if feature is None else {"feature": feature, "engines": cached})
+    return entry, io
 
 
 def _engine_entries(tmp: Path, builders: dict[str, Any], graph: Path, stem: str, cfg: SdBuildConfig,

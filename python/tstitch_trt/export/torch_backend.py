@@ -20,7 +20,8 @@ from tstitch_trt.export.step_module import StepModule
 from tstitch_trt.models.checkpoints import load_dit
 from tstitch_trt.models.dit import DiTConfig
 from tstitch_trt.runtime.backend import x_slots
-from tstitch_trt.runtime.io_roles import StepIO, state_slots
+from tstitch_trt.runtime.host_buffers import check_cached
+from tstitch_trt.runtime.io_roles import StepIO, state_slots, step_io
 from tstitch_trt.runtime.loop import LoopResult
 from tstitch_trt.sampling.trajectory import TrajectoryPlan
 
@@ -70,8 +71,14 @@ class TorchBackend:
     def __init__(self, bundle_dir: str | Path, manifest: Manifest, device: str = "cpu",
                  guidance_channels: int | None = None, cuda_graph: bool = True):
         self.manifest = manifest
-        self._setup(load_step_modules(bundle_dir, manifest, guidance_channels), StepIO.from_io(manifest.io), device,
+        self._setup(load_step_modules(bundle_dir, manifest, guidance_channels), step_io(manifest), device,
                     cuda_graph)
+        if manifest.cache is not None:  # DeepCache: each U-Net's full and cached step (the same weights)
+            from tstitch_trt.export.deep_cache import CacheStep
+
+            k = int(manifest.cache["branch"])
+            self.cache_modules = [(CacheStep(m, k, "full", mm.name), CacheStep(m, k, "cached", mm.name))
+                                  for m, mm in zip(self.modules, manifest.models, strict=True)]
 
     @classmethod
     def from_modules(cls, modules: list[nn.Module], latent_shape: tuple[int, int, int] | None = None,
@@ -98,6 +105,8 @@ class TorchBackend:
         self.use_cuda_graph = cuda_graph and device.startswith("cuda")
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.notes: list[str] = []
+        self.cache_modules: list[tuple[nn.Module, nn.Module]] = []
+        self._cached: list[bool] = []
 
     def _allocate(self, plan: TrajectoryPlan, latent_shape: tuple[int, ...]) -> None:
         key = (tuple(latent_shape), plan.steps, plan.noise is not None, int(plan.coef.shape[1]))
@@ -114,13 +123,16 @@ class TorchBackend:
         self.tables = {n: zeros((plan.steps, *io.shape(n, dims)), n) for n in io.step
                        if n != "noise" or plan.noise is not None}
         self.zero_rows = {n: zeros(io.shape(n, dims), n) for n in io.step if n not in self.tables}
-        self.allocations += 2 * len(self.state) + len(self.request) + len(self.tables) + len(self.zero_rows)
+        self.kept = [torch.zeros(f.resolve(dims), dtype=_TORCH_DTYPES[f.dtype.name], device=dev) for f in io.features]
+        self.allocations += (2 * len(self.state) + len(self.request) + len(self.tables) + len(self.zero_rows)
+                             + len(self.kept))
         self._key = key
         self._graphs.clear()  # graphs captured on the old buffers must never replay
 
     def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, labels: Any, guidance: float) -> None:
         """labels: the conditioning (DiT labels (B,), SD context (2B, 77, D)) or a dict by input name."""
         self._allocate(plan, x_init.shape)
+        self._cached = check_cached(plan, self.io)
         dims = self.io.dims(x_init.shape)
         self._x_init = x_init
         self._reset_state()
@@ -136,6 +148,8 @@ class TorchBackend:
                 pair[0].copy_(torch.from_numpy(np.ascontiguousarray(self._x_init, dtype=np.float32)))
             else:
                 pair[0].zero_()
+        for k in self.kept:
+            k.zero_()
 
     @torch.inference_mode()
     def _step(self, step: int, model: int) -> None:
@@ -144,7 +158,13 @@ class TorchBackend:
         kwargs = {n: self.state[n][src] for n, _ in io.state}
         kwargs.update(self.request)
         kwargs.update({n: self.tables[n][step] if n in self.tables else self.zero_rows[n] for n in io.step})
-        outs = self.modules[model](**kwargs)
+        if io.cache is None:
+            outs = self.modules[model](**kwargs)
+        elif self._cached[step]:  # DeepCache: the shallow path on the model's kept feature
+            outs = self.cache_modules[model][1](**kwargs, **{io.cache[0]: self.kept[model]})
+        else:
+            *outs, kept = self.cache_modules[model][0](**kwargs)
+            self.kept[model].copy_(kept)
         for (n, _), out in zip(io.state, outs, strict=True):
             self.state[n][dst].copy_(out)
 
@@ -160,7 +180,7 @@ class TorchBackend:
         """Capture the whole trajectory (both models, all steps) as one CUDA graph and replay it."""
         if not self.use_cuda_graph:
             return None
-        key = (self._key, tuple(plan.step_model.tolist()))
+        key = (self._key, tuple(plan.step_model.tolist()), tuple(self._cached))
         g = self._graphs.get(key)
         try:
             if g is None:

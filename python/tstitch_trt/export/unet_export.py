@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from tstitch_trt.errors import UserError
 from tstitch_trt.export.onnx_export import OPSET, check_step_graph_typing, finish_export
 from tstitch_trt.export.unet_step import UNET_STEP_OUTPUTS, UNetStepModule
 from tstitch_trt.sampling.sd_samplers import HISTORY, SD_NUM_COEFS
@@ -84,27 +85,84 @@ def example_unet_inputs(step: UNetStepModule, text_len: int, batch: int = 1, pix
     return tuple(values[n] for n in step.conditions.inputs)
 
 
+def cache_feature_spec(step: UNetStepModule, branch: int, text_len: int, pixel_factor: int = 8,
+                       name: str = "the U-Net") -> dict:
+    """The kept feature of DeepCache branch `branch` (export/deep_cache.py) as a manifest tensor spec: the U-Net's
+    batch, its channels, and H, W over the level's down factor ("H/2"), found by one probe call."""
+    from tstitch_trt.export.deep_cache import CacheStep
+
+    full = CacheStep(step, branch, "full", name)
+    with torch.no_grad():
+        kept = full(*example_unet_inputs(step, text_len, pixel_factor=pixel_factor))[-1]
+    s = step.sample_size
+    f = s // int(kept.shape[-1])
+    if f * int(kept.shape[-1]) != s or int(kept.shape[-2]) * f != s:
+        raise UserError(f"{name}: DeepCache branch {branch} keeps a {tuple(kept.shape)} feature that is not the "
+                        f"latent's size over a whole factor")
+    hw = ["H", "W"] if f == 1 else [f"H/{f}", f"W/{f}"]
+    return {"shape": [step.conditions.cond_batch, int(kept.shape[1]), *hw], "dtype": "float32"}
+
+
+def cache_graph_io(io: dict, feature: dict, mode: str) -> dict:
+    """The io of a model's full (mode "full": + the deep_next output) or cached ("cached": + the deep input)
+    step graph, with the feature's scaled dims ("H/2") in dim_ranges (TensorRT profiles)."""
+    from tstitch_trt.export.deep_cache import CACHE_INPUT, CACHE_OUTPUT
+
+    part, name = ("outputs", CACHE_OUTPUT) if mode == "full" else ("inputs", CACHE_INPUT)
+    out = {**io, part: {**io[part], name: feature}}
+    ranges = dict(io.get("dim_ranges", {}))
+    for d in feature["shape"]:
+        if isinstance(d, str) and "/" in d:
+            base, f = d.split("/")
+            if base in ranges:
+                ranges[d] = [max(1, v // int(f)) for v in ranges[base]]
+    out["dim_ranges"] = ranges
+    return out
+
+
 def export_unet_step(step: UNetStepModule, path: str | Path, precision: str, text_len: int,
-                     pixel_factor: int = 8) -> Path:
-    """Write the U-Net step graph (fp32, or fp16-typed for engines) and check its typing."""
+                     pixel_factor: int = 8, cache: tuple[int, str, dict] | None = None, consume: bool = False
+                     ) -> Path:
+    """Write the U-Net step graph (fp32, or fp16-typed for engines) and check its typing.
+
+    cache: (DeepCache branch, "full" | "cached", the kept feature's spec): the model's full graph (+ output
+    deep_next) or cached graph (+ input deep) of export/deep_cache.py.
+    consume: fp16 converts `step` itself instead of a copy (the caller's last use of it): an SDXL U-Net
+    is 10.3 GB in fp32, and a copy would hold both."""
+
+    from tstitch_trt.export.deep_cache import CACHE_OUTPUT, CacheStep
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = step if precision == "fp32" else _fp16_ready(step)
     spec = unet_io_spec(step, text_len, pixel_factor)
+    names, outputs = step.conditions.inputs, UNET_STEP_OUTPUTS
+    example = example_unet_inputs(step, text_len, pixel_factor=pixel_factor)
+    module: torch.nn.Module = step if precision == "fp32" else _fp16_ready(step, consume)
+    if cache is not None:
+        branch, mode, feature = cache
+        module = CacheStep(module, branch, mode)
+        spec = cache_graph_io(spec, feature, mode)
+        if mode == "full":
+            outputs = (*outputs, CACHE_OUTPUT)
+        else:
+            names = module.inputs
+            s = step.sample_size
+            dims = {"B": 1, "2B": 2, "H": s, "W": s}
+            shape = [dims[d] if d in dims else s // int(d.split("/")[1]) if isinstance(d, str) else d
+                     for d in feature["shape"]]
+            example = (*example, torch.randn(shape))
     dynamic_axes = {name: {i: d for i, d in enumerate(t["shape"]) if isinstance(d, str)}
                     for part in ("inputs", "outputs") for name, t in spec[part].items()}
     dynamic_axes = {k: v for k, v in dynamic_axes.items() if v}
-    names = step.conditions.inputs
     with tempfile.TemporaryDirectory(prefix="tstitch-export-", dir=path.parent) as raw_dir:
         raw = Path(raw_dir) / "raw.onnx"
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module.eval(), example_unet_inputs(step, text_len, pixel_factor=pixel_factor),
-                              str(raw), input_names=list(names), output_names=list(UNET_STEP_OUTPUTS),
+            torch.onnx.export(module.eval(), example,
+                              str(raw), input_names=list(names), output_names=list(outputs),
                               dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True, dynamo=False)
         finish_export(raw, path, prepare=lambda m: _restore_unused_inputs(m, spec, names),
-                      check=lambda m: check_step_graph_typing(m, precision, float_io=names + UNET_STEP_OUTPUTS,
+                      check=lambda m: check_step_graph_typing(m, precision, float_io=tuple(names) + tuple(outputs),
                                                               int_io=()))
     return path
 
@@ -127,13 +185,14 @@ def _restore_unused_inputs(model, spec: dict, names: tuple[str, ...]) -> None:
     model.graph.input.extend(ordered)
 
 
-def _fp16_ready(step: UNetStepModule) -> UNetStepModule:
-    """An fp16 copy with fp32 norms and an upcast attention softmax (the typing rules above)."""
+def _fp16_ready(step: UNetStepModule, consume: bool = False) -> UNetStepModule:
+    """An fp16 copy (consume: `step` itself, converted) with fp32 norms and an upcast attention softmax (the
+    typing rules above)."""
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
     from tstitch_trt.export.vae_export import _GroupNormFp32
 
-    module = copy.deepcopy(step).to(torch.float16)
+    module = (step if consume else copy.deepcopy(step)).to(torch.float16)
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.GroupNorm):
@@ -190,11 +249,14 @@ class TextEncoder(torch.nn.Module):
 
 
 def export_text_encoder(clip: torch.nn.Module, path: str | Path, precision: str, text_len: int,
-                        layer: str = "last", pooled: bool = False) -> Path:
+                        layer: str = "last", pooled: bool = False, consume: bool = False) -> Path:
+    """consume: fp16 converts `clip` itself (the caller's last use of it), no copy."""
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    enc = TextEncoder(copy.deepcopy(clip).to(torch.float16) if precision == "fp16" else clip, layer, pooled).eval()
+    if precision == "fp16":
+        clip = (clip if consume else copy.deepcopy(clip)).to(torch.float16)
+    enc = TextEncoder(clip, layer, pooled).eval()
     if precision == "fp16":
         for parent in list(enc.modules()):
             for name, child in list(parent.named_children()):

@@ -198,7 +198,13 @@ def add_vae(bundle: Path, source: str, backends: list[str], batch_range: tuple[i
             engines[kind] = EngineEntry(file=rel, sha256=sha256_file(bundle / rel), precision=engine_precision,
                                         batch_range=batch_range, builder=info)
         if "ort" not in backends:
-            graphs["fp32"].unlink()
+            _remove_graph(graphs["fp32"])
         if "fp16" in graphs:
-            graphs["fp16"].unlink()
+            _remove_graph(graphs["fp16"])
     return {"source": str(source), "kind": "AutoencoderKL", "engines": engines, "notes": notes}
+
+
+def _remove_graph(path: Path) -> None:
+    """A source graph and its external weights (`NAME.onnx.data`, written for graphs of real size)."""
+    for f in path.parent.glob(path.name + "*"):
+        f.unlink()

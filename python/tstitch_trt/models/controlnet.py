@@ -10,7 +10,6 @@ lists, so a mismatch would be silently truncated or fail deep inside the U-Net).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,10 +53,9 @@ def resolve_controlnet(spec: str) -> ControlNetSource:
         p = p / "controlnet"  # a ControlNet pipeline directory
     if not (p / "config.json").is_file():
         raise UserError(f"--controlnet {spec}: no config.json there; give a diffusers ControlNetModel directory")
-    try:
-        config = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"--controlnet {spec}: cannot read {p / 'config.json'}: {e}") from None
+    from tstitch_trt.models.preflight import read_json_object
+
+    config = read_json_object(p / "config.json", f"--controlnet {spec}: {p / 'config.json'}")
     if config.get("_class_name") != "ControlNetModel":
         raise UserError(f"--controlnet {spec}: config.json describes {config.get('_class_name')!r}, not a "
                         "diffusers ControlNetModel")

@@ -17,18 +17,51 @@ import torch
 from tstitch_trt.sampling.stitch import stitch_schedule_by_call
 
 
-def stitch_by_callback(pipe: Any, small: Any, large: Any, n_calls: int, ratio: float) -> Callable[..., dict]:
+def stitch_by_callback(pipe: Any, small: Any, large: Any, n_calls: int, ratio: float,
+                       cache: tuple[int, int] | None = None) -> Callable[..., dict]:
     """Put `pipe` on the U-Net that runs call 0 and return the callback_on_step_end that moves it to `large`
-    after the small model's share of the n_calls U-Net calls."""
+    after the small model's share of the n_calls U-Net calls. cache (interval, branch): the `deepcache`
+    package's DeepCacheSDHelper runs on the first U-Net and is started afresh on `large` at the switch (a cache
+    belongs to the model that made it); end_deepcache(unet) afterwards."""
     k = int((stitch_schedule_by_call(n_calls, 2, ratio=ratio) == 0).sum())
     pipe.unet = small if k > 0 else large
+    if cache is not None:
+        start_deepcache(pipe, *cache)
 
     def switch(p: Any, i: int, t: Any, kwargs: dict) -> dict:
         if i + 1 == k:
             p.unet = large
+            if cache is not None:
+                start_deepcache(p, *cache)
         return {}
 
     return switch
+
+
+def start_deepcache(pipe: Any, interval: int, branch: int) -> Any:
+    """DeepCacheSDHelper (PyPI `deepcache` 0.1.1) enabled on pipe.unet with these cache_interval / cache_branch_id.
+
+    One patch, made here and nowhere else: 0.1.1 wraps unet.mid_block unconditionally and fails on a U-Net without
+    one (BK-SDM, the tiny small U-Net); such a block is skipped, which is what its rules do with the mid block's
+    output anyway (a cached call never runs it). Everything else is the package's own code."""
+    from DeepCache import DeepCacheSDHelper
+
+    class Helper(DeepCacheSDHelper):
+        def wrap_block_forward(self, block: Any, *args: Any, **kwargs: Any) -> None:
+            if block is not None:
+                super().wrap_block_forward(block, *args, **kwargs)
+
+    helper = Helper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)
+    helper.enable()
+    return helper
+
+
+def end_deepcache(unet: Any) -> None:
+    """Undo DeepCacheSDHelper's wrapping of `unet` (its own disable() has the mid-block failure of start_deepcache):
+    it sets `forward` on module instances, so dropping those restores the classes' methods."""
+    for m in unet.modules():
+        m.__dict__.pop("forward", None)
 
 
 class EmbeddingBlind(torch.nn.Module):

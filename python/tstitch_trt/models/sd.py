@@ -8,7 +8,6 @@ scheduler; of the others only the U-Net is used (SSD-1B's own text encoders are 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ class SdSource:
         return self.root.name or str(self.root)
 
     def unet_config(self) -> dict[str, Any]:
-        return json.loads((self.unet_dir / "config.json").read_text())
+        return _read_json(self.unet_dir / "config.json")
 
 
 def is_sd_model(spec: str) -> bool:
@@ -91,10 +90,9 @@ def _from_hub(spec: str) -> Path:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+    from tstitch_trt.models.preflight import read_json_object
+
+    return read_json_object(path)
 
 
 def unet_family(config: dict[str, Any]) -> str:

@@ -155,7 +155,9 @@ def save_wide_pair(root: Path, time_embedding_dim: int = WIDE_TIME_EMBED_DIM) ->
     config = dict(UNet2DConditionModel.load_config(str(large / "unet")))
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     config["time_embedding_dim"] = time_embedding_dim
-    unet = UNet2DConditionModel(**config)
+    with torch.device("meta"):  # no init of 538 M parameters that randomize_ overwrites anyway
+        unet = UNet2DConditionModel(**config)
+    unet = unet.to_empty(device="cpu")
     randomize_(unet, 5).eval().save_pretrained(str(large / "unet"), safe_serialization=True)
     del unet
     return small, large

@@ -120,6 +120,30 @@ def backend_candidates(manifest: Manifest, requested: str, precision: str = "aut
     raise BackendUnavailable(f"no backend of this bundle can run here ({'; '.join(reasons) or 'it has none'})")
 
 
+def torch_device(device: str | None) -> str:
+    """--device for the torch backend, checked before any model loads: cpu or cuda[:N] on a GPU PyTorch sees
+    (None: cuda if there is one, else cpu). One line otherwise."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device[:40]!r} is not a device the torch backend runs on; give cpu, cuda or "
+                        "cuda:N")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            built = "" if torch.version.cuda else " (this PyTorch is built without CUDA)"
+            raise BackendUnavailable(f"--device {device}: PyTorch sees no CUDA GPU here{built}; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise UserError(f"--device {device}: PyTorch sees {count} GPU(s) (cuda:0..cuda:{count - 1})")
+    return str(dev)
+
+
 def open_backend(kind: str, bundle_dir: str | Path, manifest: Manifest, device: str | None = None,
                  precision: str = "auto", threads: int | None = None) -> Backend:
     """Open backend `kind`. precision (auto, fp32, bf16) applies to the CPU backend that has bf16 (openvino)."""
@@ -144,11 +168,7 @@ def open_backend(kind: str, bundle_dir: str | Path, manifest: Manifest, device: 
             raise BackendUnavailable("the torch backend needs PyTorch: pip install \"tstitch-trt[build]\"")
         from tstitch_trt.export.torch_backend import TorchBackend
 
-        if device is None:
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return TorchBackend(bundle_dir, manifest, device=device)
+        return TorchBackend(bundle_dir, manifest, device=torch_device(device))
     raise UserError(f"unknown backend {kind!r}")
 
 

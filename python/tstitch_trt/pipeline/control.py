@@ -79,14 +79,39 @@ def control_keep(n_calls: int, start: float, end: float) -> np.ndarray:
     return np.where(off, 0.0, 1.0).astype(np.float32)
 
 
-def read_control_image(path: str | Path | BinaryIO, what: str = "--control-image") -> np.ndarray:
+MAX_CONTROL_SIDE = 16384  # run's --height / --width bound: an image past it could never be the output size
+
+
+def control_size_limit(manifest) -> tuple[int, int]:  # manifest: Manifest
+    """The largest (height, width) this bundle makes: its engines' size ranges (latent units) x the VAE factor;
+    a control image declaring more is refused from its header, before it is decoded."""
+    factor = max(1, manifest.image_size // manifest.latent_shape[1])
+    ranges = manifest.io.get("dim_ranges", {})
+    h = ranges["H"][2] * factor if "H" in ranges else MAX_CONTROL_SIDE
+    w = ranges["W"][2] * factor if "W" in ranges else MAX_CONTROL_SIDE
+    return min(h, MAX_CONTROL_SIDE), min(w, MAX_CONTROL_SIDE)
+
+
+def read_control_image(path: str | Path | BinaryIO, what: str = "--control-image",
+                       max_size: tuple[int, int] = (MAX_CONTROL_SIDE, MAX_CONTROL_SIDE)) -> np.ndarray:
     """(3, H, W) float32 in [0, 1]: RGB, value / 255, as diffusers' control image processor. `path` may be an
-    open binary file (serve's decoded upload); `what` names it in errors."""
+    open binary file (serve's decoded upload); `what` names it in errors. The size the file declares is
+    checked against max_size (control_size_limit) from its header, before any pixel is decoded: a 20 KB
+    PNG declaring 10000x10000 would otherwise take gigabytes."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     name = f"{what} {path}" if isinstance(path, str | Path) else what
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # PIL's DecompressionBombWarning: the size check below says it in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            width, height = img.size  # from the header only
+            if height > max_size[0] or width > max_size[1] or height < 1 or width < 1:
+                raise UserError(f"{name} declares {height}x{width} (HxW) pixels; this bundle makes images of at "
+                                f"most {max_size[0]}x{max_size[1]}: give an image of the output size")
             rgb = img.convert("RGB")
     except FileNotFoundError:
         raise UserError(f"{name} does not exist") from None

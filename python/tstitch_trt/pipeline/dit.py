@@ -8,7 +8,6 @@ A pipeline is reusable: the second call with the same batch and steps allocates 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import numpy as np
 
 from tstitch_trt.bundle.manifest import Manifest
 from tstitch_trt.errors import UserError
+from tstitch_trt.pipeline import values
 from tstitch_trt.pipeline.backends import open_bundle, open_first_backend
 from tstitch_trt.pipeline.resources import available_memory_bytes, estimate_request_bytes
 from tstitch_trt.runtime.backend import Backend
@@ -73,28 +73,24 @@ class StitchedPipeline:
         max_steps = self.num_timesteps
         if not isinstance(steps, int | np.integer) or not 1 <= steps <= max_steps:
             raise UserError(f"--steps must be an integer between 1 and {max_steps} (the schedule's timesteps), "
-                            f"got {steps}")
+                            f"got {values.shown(steps)}")
         if fractions is not None:
-            if not all(math.isfinite(f) for f in fractions):
-                raise UserError(f"--fractions must be finite numbers, got {list(fractions)}")
+            values.check_fractions_finite(fractions)
             try:
                 check_fractions(fractions, n_models)
             except ValueError as e:
                 raise UserError(str(e)) from None
         elif ratio is None:
             raise UserError("give --ratio (two models) or --fractions (one per model)")
-        elif not 0.0 <= ratio <= 1.0:  # NaN fails this too
-            raise UserError(f"--ratio must be in [0, 1] (the share of early steps on the small model), got {ratio}")
         elif n_models != 2:
             raise UserError(
                 f"--ratio stitches two models but the bundle has {n_models}; give --fractions with {n_models} values"
             )
-        if not math.isfinite(cfg_scale) or abs(cfg_scale) > 1e4:
-            raise UserError(f"--cfg-scale must be a finite number of reasonable size, got {cfg_scale}")
-        if not math.isfinite(eta) or not 0.0 <= eta <= 100.0:
-            raise UserError(f"--eta must be between 0 and 100, got {eta}")
-        if not isinstance(seed, int | np.integer) or not 0 <= seed < 2**64:
-            raise UserError(f"--seed must be an integer in [0, 2^64), got {seed}")
+        if ratio is not None and fractions is None:
+            values.check_ratio(ratio)
+        values.check_cfg_scale(cfg_scale)
+        values.check_eta(eta)
+        values.check_seed(int(seed) if isinstance(seed, np.integer) else seed)
         if len(labels) == 0:
             raise UserError("give at least one class label")
         nc = self.manifest.num_classes

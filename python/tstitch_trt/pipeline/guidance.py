@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from tstitch_trt.bundle.manifest import Manifest
 from tstitch_trt.errors import UserError
-from tstitch_trt.pipeline import defaults
+from tstitch_trt.pipeline import defaults, values
 
 
 def unets_without_embedding(manifest: Manifest) -> list[str]:
@@ -43,6 +43,7 @@ def default_steps(sampler: str) -> int:
 
 def check_guidance(manifest: Manifest, sampler: str, cfg_scale: float, negative_given: bool) -> None:
     """Refuse what the bundle's step graphs cannot do (one line each)."""
+    values.check_cfg_scale(cfg_scale)  # NaN first: it is neither <= 1 nor > 1
     embedding = manifest.guidance_mode == "embedding"
     check_negative_prompt(manifest, negative_given)
     if not guidance_through_embedding(manifest, sampler) or cfg_scale <= 1:

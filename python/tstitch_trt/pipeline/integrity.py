@@ -15,14 +15,18 @@ def check_integrity(bundle: Path) -> list[str]:
              f"{len(manifest.files())} files match their sha256"]
     import onnxruntime as ort
 
+    from tstitch_trt.runtime.io_roles import graph_io, step_io
     from tstitch_trt.runtime.ort_backend import check_graph_io
 
-    for m in manifest.models:
-        entry = m.engines.get("ort")
-        if entry is None:
-            continue
-        path = artifact_path(bundle, entry)
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        check_graph_io(sess, manifest.io, f"the ONNX graph of {m.name}")
-        lines.append(f"  {m.name} ort: {path.name} loads in ONNX Runtime {ort.__version__}, I/O as the manifest says")
+    io = step_io(manifest)
+    for i, m in enumerate(manifest.models):
+        # the step graph, and DeepCache's cached one where the bundle has it (each with the kept feature's I/O)
+        for cached, entry in ((False, m.engines.get("ort")), (True, (m.cached or {}).get("engines", {}).get("ort"))):
+            if entry is None:
+                continue
+            path = artifact_path(bundle, entry)
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            check_graph_io(sess, graph_io(manifest.io, io, i, cached), f"the ONNX graph of {m.name}")
+            lines.append(f"  {m.name} ort{' (cached)' if cached else ''}: {path.name} loads in ONNX Runtime "
+                         f"{ort.__version__}, I/O as the manifest says")
     return lines

@@ -10,6 +10,7 @@ heads x tokens^2 attention scores), times 2 for the runtime's arena.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from tstitch_trt.bundle.manifest import Manifest
 
@@ -53,3 +54,65 @@ def available_memory_bytes() -> int | None:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return None
+
+
+# The interpreter, the runtimes' libraries and their arenas beyond the largest activation: measured on the real
+# SD 1.5 pair at 512 px (benchmarks/RESULTS.md): ort peak 10.85 GB = 5.4 GB of files + 4.3 GB estimated
+# activations + ~1.2 GB; rounded up.
+RUNTIME_OVERHEAD = 3 << 29  # 1.5 GiB
+
+
+# --- text-to-image bundles (U-Nets): estimated from the files a backend loads, before it loads them ---------
+def backend_file_bytes(bundle_dir: str | Path, manifest: Manifest, backend: str) -> int:
+    """Bytes of every artifact `backend` loads (step graphs with their external weights, text encoders, VAE,
+    ControlNet): what it holds resident, one copy per engine."""
+    from tstitch_trt.bundle.manifest import ARTIFACTS_OF
+
+    kind = ARTIFACTS_OF.get(backend, backend)
+    entries = [m.engines[kind] for m in manifest.models if kind in m.engines]
+    for part in (manifest.text_encoder, manifest.text_encoder_2, manifest.vae, manifest.controlnet):
+        if part and kind in part.get("engines", {}):
+            entries.append(part["engines"][kind])
+    total = 0
+    for e in entries:
+        for rel, _ in e.files():
+            try:
+                total += (Path(bundle_dir) / rel).stat().st_size
+            except OSError:
+                pass  # a missing file is the checksum pass's to report
+    return total
+
+
+def unet_activation_bytes(arch: dict, batch: int, height: int, width: int, vae_factor: int = 8) -> int:
+    """The largest attention of a U-Net call: heads x tokens^2 fp32 scores (and their softmax) at the first level
+    with attention, at the CFG-doubled batch, times the arena factor; plus the VAE decoder's full-size features
+    (128 channels x 4 live tensors)."""
+    h, w = height // vae_factor, width // vae_factor
+    kinds = list(arch.get("down_block_types", []))
+    level = next((i for i, k in enumerate(kinds) if "Attn" in k), 0)
+    tokens = (h >> level) * (w >> level)
+    channels = list(arch.get("block_out_channels", [320]))[min(level, len(arch.get("block_out_channels", [1])) - 1)]
+    head_dim = arch.get("attention_head_dim", 8)
+    head_dim = head_dim[level] if isinstance(head_dim, list) else head_dim
+    # diffusers' SD 1.x configs name the head COUNT attention_head_dim (8); SDXL's give 64-wide heads per level
+    heads = int(head_dim) if arch.get("addition_embed_type") is None else max(1, channels // 64)
+    attention = 2 * batch * heads * tokens * tokens * 4 * 2
+    vae = batch * 128 * height * width * 4 * 4
+    return int(ARENA_FACTOR * max(attention, vae))
+
+
+def check_sd_fits(bundle_dir: str | Path, manifest: Manifest, backends: list[str], batch: int, height: int,
+                  width: int) -> None:
+    """Refuse up front, in one line, a text-to-image run no candidate backend can hold in this machine's memory
+    (a real-size SDXL bundle on a small host): weights as loaded plus the largest attention / VAE activation."""
+    from tstitch_trt.errors import UserError
+
+    have = available_memory_bytes()
+    if have is None or not backends:
+        return
+    acts = max(unet_activation_bytes(m.arch, batch, height, width) for m in manifest.models)
+    need = min(backend_file_bytes(bundle_dir, manifest, b) for b in backends) + acts + RUNTIME_OVERHEAD
+    if need > have:
+        raise UserError(f"this bundle needs about {need / 2**30:.1f} GiB of memory on {'/'.join(backends)} "
+                        f"({height}x{width}, batch {batch}) but only {have / 2**30:.1f} GiB is available; free "
+                        "memory, or use a machine with more")

@@ -27,35 +27,53 @@ import numpy as np
 from tstitch_trt.bundle.manifest import Manifest
 from tstitch_trt.errors import UserError
 from tstitch_trt.pipeline import guidance as lcm_guidance
+from tstitch_trt.pipeline import values
 from tstitch_trt.pipeline.backends import open_bundle, open_first_backend
+from tstitch_trt.pipeline.caching import check_cache
 from tstitch_trt.pipeline.control import ControlRequest, check_control
 from tstitch_trt.pipeline.dit import SampleResult, to_uint8
 from tstitch_trt.runtime.backend import Backend
 from tstitch_trt.runtime.loop import run_stitched
+from tstitch_trt.sampling.cache_plan import cached_calls
 from tstitch_trt.sampling.sd_samplers import SD_SAMPLERS, default_sampler, draw_step_noise, sd_needs_noise, sd_table
 from tstitch_trt.sampling.stitch import check_fractions, steps_per_model, stitch_schedule_by_call
 from tstitch_trt.sampling.trajectory import TrajectoryPlan
 
 
 class StitchedSDPipeline:
-    def __init__(self, bundle_dir: str | Path, manifest: Manifest, backend: Backend, backend_reason: str):
+    def __init__(self, bundle_dir: str | Path, manifest: Manifest, backend: Backend, backend_reason: str,
+                 precision: str = "auto"):
+        from tstitch_trt.pipeline.precision import aux_precisions, unet_precisions
+
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
         self.backend = backend
         self.backend_reason = backend_reason
+        # the precision of every part: U-Nets (the backend's choice), text encoder(s) and VAE (each by its verdict)
+        aux, self.aux_precision_reason = aux_precisions(manifest, backend, precision)
+        self.precisions: dict[str, str] = {**unet_precisions(manifest, backend), **aux}
         self._tokenizer = None
         self._text_encoder = None
         self._sdxl_text = None  # (tokenizer, text encoder, tokenizer_2, text_encoder_2) of an sdxl bundle
         self._decoder = None
 
     @classmethod
-    def from_bundle(cls, bundle_dir: str | Path, backend: str = "auto", device: str | None = None
-                    ) -> StitchedSDPipeline:
+    def from_bundle(cls, bundle_dir: str | Path, backend: str = "auto", device: str | None = None,
+                    precision: str = "auto") -> StitchedSDPipeline:
+        """precision: auto, fp32 or bf16, for every part (U-Nets, text encoders, VAE) on the CPU backend with bf16
+        (openvino); auto uses bf16 for a part only where the bundle records it as safe on this CPU's bf16 ISA.
+        Other backends take auto or fp32 and run their artifacts' precision (bf16 is one line, exit 2)."""
         bundle_dir, manifest = open_bundle(bundle_dir)  # schema, sealed paths, every checksum
         if not manifest.text_to_image:
             raise UserError(f"{bundle_dir} is a {manifest.pipeline} bundle, not a text-to-image (sd, sdxl) bundle")
-        opened, why = open_first_backend(bundle_dir, manifest, backend, device)
-        return cls(bundle_dir, manifest, opened, why)
+        from tstitch_trt.pipeline.backends import backend_candidates
+        from tstitch_trt.pipeline.resources import check_sd_fits
+
+        # before any weights load: the default size at batch 1 (a larger request is checked again in validate)
+        kinds = [k for k, _ in backend_candidates(manifest, backend, precision)]
+        check_sd_fits(bundle_dir, manifest, kinds, 1, manifest.image_size, manifest.image_size)
+        opened, why = open_first_backend(bundle_dir, manifest, backend, device, precision)
+        return cls(bundle_dir, manifest, opened, why, precision)
 
     @property
     def model_names(self) -> list[str]:
@@ -73,20 +91,33 @@ class StitchedSDPipeline:
         return max(2 ** (len(m.arch.get("block_out_channels", [0])) - 1) for m in self.manifest.models)
 
     def validate(self, ratio: float | None, fractions: Sequence[float] | None, steps: int, sampler: str,
-                 height: int, width: int, batch: int) -> None:
+                 height: int, width: int, batch: int, cfg_scale: float | None = None, eta: float = 0.0,
+                 seed: int = 0, texts: Sequence[tuple[str, str | None]] = ()) -> None:
+        """Every request check before any work (run and serve both call this; one line each). texts: (flag,
+        text) pairs of the prompts and negative prompts."""
         n_models = len(self.manifest.models)
         if sampler not in SD_SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r} for an SD bundle; choose one of {', '.join(SD_SAMPLERS)}")
-        if not 1 <= steps <= 1000:
-            raise UserError(f"--steps must be between 1 and 1000, got {steps}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+            raise UserError(f"--steps must be between 1 and 1000, got {values.shown(steps)}")
+        values.check_seed(seed)
+        values.check_eta(eta)
+        if cfg_scale is not None:
+            values.check_cfg_scale(cfg_scale)
+        for flag, text in texts:
+            if text is not None:
+                values.check_text(flag, text)
+        # the sampler's own limits (eta off ddim, steps past an offset schedule, LCM's original steps)
+        sd_table(sampler, self.manifest.scheduler or {}, steps, eta)
         if fractions is not None:
+            values.check_fractions_finite(fractions)
             try:
                 check_fractions(fractions, n_models)
             except ValueError as e:
                 raise UserError(str(e)) from None
         elif ratio is None:
             raise UserError("give --ratio (two models) or --fractions (one per model)")
-        elif not 0.0 <= ratio <= 1.0:
+        elif not 0.0 <= ratio <= 1.0:  # NaN fails this too
             raise UserError(f"--ratio must be in [0, 1] (the share of early U-Net calls on the small model), "
                             f"got {ratio}")
         elif n_models != 2:
@@ -108,6 +139,15 @@ class StitchedSDPipeline:
             raise UserError(f"batch {batch} (prompts x --num-images) is outside the range this bundle was built "
                             f"for on {self.backend.name} [{lo}, {hi}]; split the request, or rebuild with "
                             f"--batch-sizes {lo}-{max(batch, hi)}")
+        if self.backend.device == "cpu":  # the weights are loaded: what the request's activations need on top
+            from tstitch_trt.pipeline.resources import available_memory_bytes, unet_activation_bytes
+
+            need = max(unet_activation_bytes(m.arch, batch, height, width, f) for m in self.manifest.models)
+            have = available_memory_bytes()
+            if have is not None and need > have:
+                raise UserError(f"a {height}x{width} batch-{batch} request needs about {need / 2**30:.1f} GiB of "
+                                f"working memory but only {have / 2**30:.1f} GiB is available; use a smaller size "
+                                "or batch")
         ranges = self.manifest.io.get("dim_ranges", {})
         for name, dim, v in (("--height", "H", height), ("--width", "W", width)):
             if dim in ranges and not ranges[dim][0] * f <= v <= ranges[dim][2] * f:
@@ -139,10 +179,11 @@ class StitchedSDPipeline:
             if self.manifest.tokenizer is None:
                 raise UserError("the bundle has no tokenizer; rebuild it from a full SD pipeline directory")
             self._tokenizer = PromptTokenizer(self.bundle_dir, self.manifest.tokenizer)
-            self._text_encoder = open_text_encoder(self.bundle_dir, self.manifest, self.backend.name)
+            self._text_encoder = open_text_encoder(self.bundle_dir, self.manifest, self.backend.name,
+                                                   self.precisions["text encoder"])
         ids, cut = self._tokenizer(list(negative) + list(prompts))
-        notes = [f"prompt {text!r} is longer than {self._tokenizer.max_length} tokens and was truncated (as diffusers "
-                 "does)" for text, c in zip(list(negative) + list(prompts), cut, strict=True) if c]
+        notes = [f"prompt {values.shown(text)} is longer than {self._tokenizer.max_length} tokens and was truncated "
+                 "(as diffusers does)" for text, c in zip(list(negative) + list(prompts), cut, strict=True) if c]
         assert self._text_encoder is not None
         context = np.ascontiguousarray(self._text_encoder(ids), dtype=np.float32)
         return {"context": context}, list(dict.fromkeys(notes))
@@ -158,14 +199,17 @@ class StitchedSDPipeline:
                 raise UserError("the sdxl bundle lacks a tokenizer or text encoder; rebuild it from a full "
                                 "StableDiffusionXLPipeline directory")
             self._sdxl_text = (PromptTokenizer(self.bundle_dir, m.tokenizer),
-                               open_text_encoder_outputs(self.bundle_dir, m.text_encoder, self.backend.name),
+                               open_text_encoder_outputs(self.bundle_dir, m.text_encoder, self.backend.name,
+                                                         self.precisions["text encoder"]),
                                PromptTokenizer(self.bundle_dir, m.tokenizer_2),
-                               open_text_encoder_outputs(self.bundle_dir, m.text_encoder_2, self.backend.name))
+                               open_text_encoder_outputs(self.bundle_dir, m.text_encoder_2, self.backend.name,
+                                                         self.precisions["text encoder 2"]))
         tok, enc, tok_2, enc_2 = self._sdxl_text
         zeros = bool((self.manifest.conditioning or {}).get("force_zeros_for_empty_prompt", True))
         texts = ["" if n is None else n for n in negative] + list(prompts)
         (ids, cut), (ids_2, cut_2) = tok(texts), tok_2(texts)
-        notes = [f"prompt {text!r} is longer than {tok.max_length} tokens and was truncated (as diffusers does)"
+        notes = [f"prompt {values.shown(text)} is longer than {tok.max_length} tokens and was truncated (as diffusers "
+                 "does)"
                  for text, c, c2 in zip(texts, cut, cut_2, strict=True) if c or c2]
         out, out_2 = enc(ids), enc_2(ids_2)
         # both encoders' penultimate hidden states (raw, as the bundle's graphs output them), concatenated
@@ -247,13 +291,17 @@ class StitchedSDPipeline:
         negative_crop_coords: Sequence[int] | None = None,
         negative_target_size: Sequence[int] | None = None,
         control: ControlRequest | None = None,
+        cache_interval: int = 1,
+        cache_branch: int | None = None,
     ) -> SampleResult:
         """step_noise (U-Net calls, B, C, h, w): the per-call noise of ddim eta>0 and lcm, else drawn from `seed`.
         steps / cfg_scale left out: pipeline/guidance.py's defaults (50 / SD 7.5, SDXL 5.0; lcm 4 / 8.5, or 1.0
         where a U-Net lacks the guidance embedding). original_size .. negative_target_size: SDXL's time ids
         (diffusers' names; (height, width) and (top, left) pairs). control: the ControlNet's image and
-        settings (bundles built with --controlnet need one)."""
+        settings (bundles built with --controlnet need one). cache_interval / cache_branch: DeepCache's
+        (pipeline/caching.py; 1 = no caching); the report's "cache" lists the full calls."""
         check_control(self.manifest.controlnet is not None, control)
+        cache_interval, cache_branch = check_cache(self.manifest, cache_interval, cache_branch)
         sampler = sampler or self.default_sampler
         steps = lcm_guidance.default_steps(sampler) if steps is None else steps
         if cfg_scale is None:
@@ -294,7 +342,9 @@ class StitchedSDPipeline:
         height = height or self.manifest.image_size
         width = width or self.manifest.image_size
         batch = len(prompts) * num_images
-        self.validate(None if fractions is not None else ratio, fractions, steps, sampler, height, width, batch)
+        texts = [("--prompt", p) for p in prompts] + [("--negative-prompt", n) for n in negatives]
+        self.validate(None if fractions is not None else ratio, fractions, steps, sampler, height, width, batch,
+                      cfg_scale=cfg_scale, eta=eta, seed=seed, texts=texts)
         if control is not None:
             control.check(height, width)
         # diffusers repeats each prompt's embedding num_images times in a row
@@ -311,6 +361,8 @@ class StitchedSDPipeline:
         plan, sigma = self.plan(sampler, steps, shape, rng,
                                 None if fractions is not None else ratio, fractions, eta, step_noise)
         x_init = x_unit * np.float32(sigma)
+        if cache_interval > 1:  # DeepCache's full / cached calls, per model from its first call after a switch
+            plan = dataclasses.replace(plan, cached=cached_calls(plan.timesteps, plan.step_model, cache_interval))
         if control is not None:  # the image and guess mode per request, the scale per U-Net call
             cond = {**cond, **control.request_arrays(batch)}
             plan = dataclasses.replace(plan, tables={**plan.tables, "control_scale": control.scale_row(plan.steps)})
@@ -355,8 +407,17 @@ class StitchedSDPipeline:
             "loop_seconds": loop.total_seconds,
             "decode_seconds": decode_s,
             "total_seconds": total,
-            "notes": notes + loop.notes,
+            "precisions": self.precisions,  # every part: U-Nets, text encoder(s), VAE decoder
+            "notes": notes + loop.notes + ([f"openvino precision (text encoders, VAE): {self.aux_precision_reason}"]
+                                           if self.aux_precision_reason else []),
         }
+        if cache_branch is not None:
+            cached = plan.cached if plan.cached is not None else np.zeros(plan.steps, dtype=bool)
+            report["cache"] = {"scheme": "deepcache", "interval": cache_interval, "branch": cache_branch,
+                               "full_calls": [i for i in range(plan.steps) if not cached[i]],
+                               "cached_calls": [i for i in range(plan.steps) if cached[i]]}
+        else:
+            report["cache"] = None  # no caching: every call full
         if control is not None:
             report["controlnet"] = {"scale": control.scale, "guess_mode": control.guess_mode,
                                     "guidance_start": control.start, "guidance_end": control.end,
@@ -382,7 +443,8 @@ class StitchedSDPipeline:
         if self._decoder is None:
             from tstitch_trt.pipeline.vae import open_decoder
 
-            self._decoder = open_decoder(self.bundle_dir, self.manifest, self.backend.name)
+            self._decoder = open_decoder(self.bundle_dir, self.manifest, self.backend.name,
+                                         self.precisions["VAE decoder"])
         return to_uint8(self._decoder(latents / np.float32(self.manifest.latent_scale_factor)))
 
     def close(self) -> None:

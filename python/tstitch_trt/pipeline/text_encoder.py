@@ -18,29 +18,33 @@ from tstitch_trt.errors import UserError
 TEXT_OUTPUT = "text_embeddings"  # = export.unet_export.TEXT_OUTPUT (that module needs torch)
 
 
-def open_text_encoder(bundle_dir: Path, manifest: Manifest, backend: str) -> Callable[[np.ndarray], np.ndarray]:
+def open_text_encoder(bundle_dir: Path, manifest: Manifest, backend: str,
+                      precision: str = "fp32") -> Callable[[np.ndarray], np.ndarray]:
     """The first text encoder's hidden state (SD 1.x: the context)."""
     if manifest.text_encoder is None:
         raise UserError("the bundle has no text encoder; rebuild it from a full SD pipeline directory")
-    encode = open_text_encoder_outputs(bundle_dir, manifest.text_encoder, backend)
+    encode = open_text_encoder_outputs(bundle_dir, manifest.text_encoder, backend, precision)
     return lambda ids: encode(ids)[TEXT_OUTPUT]
 
 
-def open_text_encoder_outputs(bundle_dir: Path, te: Mapping[str, Any], backend: str
+def open_text_encoder_outputs(bundle_dir: Path, te: Mapping[str, Any], backend: str, precision: str = "fp32"
                               ) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    """A manifest text-encoder entry -> a function ids -> {output name: fp32 array} (its io's outputs)."""
+    """A manifest text-encoder entry -> a function ids -> {output name: fp32 array} (its io's outputs).
+
+    precision (fp32, bf16) applies on the openvino backend, which runs the ONNX graph built for ort."""
     engines = te["engines"]
     names = list(te["io"]["outputs"])
     kind = backend if backend in engines else ("ort" if "ort" in engines else "torch")
     if kind not in engines:
         raise UserError(f"the bundle's text encoder has no artifact usable with {backend} (has: {', '.join(engines)})")
     entry = engines[kind]
-    if kind == "ort" and backend == "openvino":  # the same ONNX graph on OpenVINO
-        from tstitch_trt.runtime.openvino_parts import OpenVinoGraph
+    if backend == "openvino" and kind == "ort":
+        from tstitch_trt.runtime.openvino_graph import OpenVinoGraph
 
-        graph = OpenVinoGraph(bundle_dir, entry, precision="fp32")
-        inp = next(iter(te["io"]["inputs"]))
-        return lambda ids: {n: graph({inp: ids.astype(np.int64)})[n] for n in names}
+        graph = OpenVinoGraph(artifact_path(bundle_dir, entry), precision,
+                              graph_sha256=[sha for _, sha in entry.files()])
+        in_name = next(iter(te["io"]["inputs"]))
+        return lambda ids: {n: a for n, a in graph({in_name: ids.astype(np.int64)}).items() if n in names}
     if kind == "ort":
         import onnxruntime as ort
 

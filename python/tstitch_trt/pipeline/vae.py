@@ -11,18 +11,22 @@ from tstitch_trt.bundle.manifest import Manifest, artifact_path
 from tstitch_trt.errors import UserError
 
 
-def open_decoder(bundle_dir: Path, manifest: Manifest, backend: str) -> Callable[[np.ndarray], np.ndarray]:
-    """A function latent/scale (B, 4, h, w) -> image (B, 3, H, W) in [-1, 1]."""
+def open_decoder(bundle_dir: Path, manifest: Manifest, backend: str,
+                 precision: str = "fp32") -> Callable[[np.ndarray], np.ndarray]:
+    """A function latent/scale (B, 4, h, w) -> image (B, 3, H, W) in [-1, 1].
+
+    precision (fp32, bf16) applies on the openvino backend, which runs the ONNX decoder built for ort."""
     assert manifest.vae is not None
     engines = manifest.vae["engines"]
     kind = backend if backend in engines else ("ort" if "ort" in engines else "torch")
     if kind not in engines:
         raise UserError(f"the bundle's VAE has no artifact usable with {backend} (has: {', '.join(engines)})")
     entry = engines[kind]
-    if kind == "ort" and backend == "openvino":  # the same ONNX graph on OpenVINO
-        from tstitch_trt.runtime.openvino_parts import OpenVinoGraph
+    if backend == "openvino" and kind == "ort":
+        from tstitch_trt.runtime.openvino_graph import OpenVinoGraph
 
-        graph = OpenVinoGraph(bundle_dir, entry, precision="fp32")
+        graph = OpenVinoGraph(artifact_path(bundle_dir, entry), precision,
+                              graph_sha256=[sha for _, sha in entry.files()])
         return lambda z: graph({"latent": z.astype(np.float32)})["image"]
     if kind == "ort":
         import onnxruntime as ort

@@ -1,7 +1,8 @@
 """The role-bound host buffers of the CPU backends (ONNX Runtime on the CPU, OpenVINO).
 
 One set per shape (runtime/io_roles.py): a ping-pong pair per state tensor, one array per request
-constant, a per-trajectory table per step input (a zero row where the sampler takes no noise). A
+constant, a per-trajectory table per step input (a zero row where the sampler takes no noise), one
+kept-feature buffer per model where the bundle has DeepCache's cached graphs (the cache role). A
 backend mixes this in and binds its engine's inputs and outputs to these arrays in `_bind_all`; a
 reused backend allocates nothing new while the shape stays the same.
 """
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from tstitch_trt.errors import UserError
 from tstitch_trt.runtime.io_roles import StepIO
 from tstitch_trt.sampling.trajectory import TrajectoryPlan
 
@@ -33,7 +35,9 @@ class HostStepBuffers:
         self.tables = {n: np.zeros((plan.steps, *io.shape(n, dims)), io.dtype(n)) for n in io.step
                        if n != "noise" or plan.noise is not None}
         self.zero_rows = {n: np.zeros(io.shape(n, dims), io.dtype(n)) for n in io.step if n not in self.tables}
-        self.allocations += 2 * len(self.state) + len(self.request) + len(self.tables) + len(self.zero_rows)
+        self.kept = [np.zeros(f.resolve(dims), f.dtype) for f in io.features]  # one per model, not ping-ponged
+        self.allocations += (2 * len(self.state) + len(self.request) + len(self.tables) + len(self.zero_rows)
+                             + len(self.kept))
         self._shape_key = key
         self._bind_all(plan.steps)
 
@@ -46,6 +50,9 @@ class HostStepBuffers:
     def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, cond: Any, guidance: float) -> None:
         """cond: the conditioning array (DiT labels (B,), SD context (2B, 77, D)) or a dict by input name."""
         self._allocate(plan, x_init.shape)
+        self._cached = check_cached(plan, self.io)
+        for k in self.kept:
+            k[...] = 0
         dims = self.io.dims(x_init.shape)
         for n, pair in self.state.items():
             pair[0][...] = x_init if n == self.io.latent else 0
@@ -64,3 +71,13 @@ class HostStepBuffers:
 
     def read_x0(self, slot: int) -> np.ndarray:
         return self.read_state("prev_x0", slot)
+
+
+def check_cached(plan: TrajectoryPlan, io: StepIO) -> list[bool]:
+    """The plan's per-call full / cached choice, refused where the bundle has no cached graphs."""
+    if plan.cached is None or not plan.cached.any():
+        return [False] * plan.steps
+    if io.cache is None:
+        raise UserError("this bundle has no cached step graphs (DeepCache); rebuild it with --cache-branch K, or "
+                        "run with --cache-interval 1")
+    return [bool(c) for c in plan.cached]

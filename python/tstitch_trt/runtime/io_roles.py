@@ -11,10 +11,15 @@ A step graph's tensors fall into three roles (recorded in the manifest's io["rol
            where the sampler draws none).
 - request: per-request constants. The conditioning (DiT: y (B,); SD: context (2B, 77, D), uncond
            first) and guidance ().
+- cache:   DeepCache's kept feature (export/deep_cache.py), one (input, output) pair: each model has
+           ONE buffer of its own shape (models[i].cached.feature), not ping-ponged, kept across calls.
+           The model's full graph writes it (output), its cached graph reads it (input); a cached call
+           always follows a full call of the same model (sampling/cache_plan.py).
 
 Shapes come from io["inputs"] / io["outputs"]: "B" is the batch, other names (SD: "H", "W") take
 their value from the initial latent's shape, and a name with a number in front is that multiple
-("2B": the CFG-doubled batch; "8H", "8W": a ControlNet image at the VAE's pixel size). Bundles written
+("2B": the CFG-doubled batch; "8H", "8W": a ControlNet image at the VAE's pixel size), and a name
+over a number is that fraction ("H/2": a kept feature one level down; the latent's H must divide). Bundles written
 before roles existed (the shipped demo pair) are DiT bundles and get DIT_ROLES.
 """
 
@@ -51,6 +56,13 @@ def resolve_dim(symbol: str, dims: Mapping[str, int]) -> int:
     """The value of a symbolic dim: a name from `dims`, or a multiple of one ("2B", "8H")."""
     if symbol in dims:
         return int(dims[symbol])
+    m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)/([1-9][0-9]*)", symbol)
+    if m is not None and m.group(1) in dims:
+        value, f = int(dims[m.group(1)]), int(m.group(2))
+        if value % f:
+            raise UserError(f"the latent's {m.group(1)} = {value} is not a multiple of {f}, which the step graphs "
+                            "need; choose another size")
+        return value // f
     m = re.fullmatch(r"([1-9][0-9]*)([A-Za-z_][A-Za-z0-9_]*)", symbol)
     if m is None or m.group(2) not in dims:
         raise UserError(f"the bundle manifest's io uses the dim {symbol!r}, which no latent dim defines; rebuild "
@@ -64,13 +76,21 @@ class StepIO:
     step: tuple[str, ...]
     request: tuple[str, ...]
     specs: Mapping[str, TensorSpec]
+    cache: tuple[str, str] | None = None  # (cached graphs' input, full graphs' output) of the kept feature
+    features: tuple[TensorSpec, ...] = ()  # the kept feature of each model (its own shape)
 
     @classmethod
-    def from_io(cls, io: Mapping[str, Any]) -> StepIO:
+    def from_io(cls, io: Mapping[str, Any], features: list[Mapping[str, Any]] | None = None) -> StepIO:
+        """features: each model's kept feature spec (manifest models[i].cached.feature), bound by io.roles.cache."""
         roles = io.get("roles") or DIT_ROLES
         specs = {name: TensorSpec(tuple(s["shape"]), np.dtype(s["dtype"]))
                  for part in ("inputs", "outputs") for name, s in io.get(part, {}).items()}
-        out = cls(tuple((a, b) for a, b in roles["state"]), tuple(roles["step"]), tuple(roles["request"]), specs)
+        # the cache role binds only where the models' features are given (step_io): a reader that runs the full
+        # graphs alone (check, bench) sees the step I/O without it
+        cache = tuple(roles["cache"][0]) if roles.get("cache") and features else None
+        feats = tuple(TensorSpec(tuple(f["shape"]), np.dtype(f["dtype"])) for f in features or []) if cache else ()
+        out = cls(tuple((a, b) for a, b in roles["state"]), tuple(roles["step"]), tuple(roles["request"]), specs,
+                  cache, feats)  # type: ignore[arg-type]
         missing = [n for n in out.names if n not in specs]
         if missing:
             raise UserError(f"the bundle manifest's io has no shape for {', '.join(missing)}; rebuild the bundle")
@@ -150,6 +170,23 @@ class StepIO:
                 value = np.repeat(value[:, None], dims["B"], axis=1)
             out[name] = np.ascontiguousarray(value.astype(self.dtype(name)).reshape(plan.steps, *row))
         return out
+
+
+def step_io(manifest: Any) -> StepIO:
+    """The bundle's StepIO, with each model's kept feature where it has DeepCache's cached graphs."""
+    feats = [m.cached["feature"] for m in manifest.models if m.cached] or None
+    return StepIO.from_io(manifest.io, feats)
+
+
+def graph_io(io: Mapping[str, Any], step: StepIO, model: int, cached: bool) -> dict[str, Any]:
+    """The manifest io of one graph: the bundle's, plus the kept feature's output (a full graph of a bundle
+    with caching) or input (a cached graph), in the model's own shape."""
+    if step.cache is None:
+        return dict(io)
+    f = step.features[model]
+    part, name = ("inputs", step.cache[0]) if cached else ("outputs", step.cache[1])
+    spec = {"shape": list(f.shape), "dtype": f.dtype.name}
+    return {**io, part: {**io.get(part, {}), name: spec}}
 
 
 def state_slots(step: int) -> tuple[int, int]:

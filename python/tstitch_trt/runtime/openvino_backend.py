@@ -11,7 +11,8 @@ bf16 is OpenVINO's INFERENCE_PRECISION_HINT: the network runs in bf16 with fp32 
 sensitive ops (timestep embedding, softmax, normalization, exp, CFG + sampler tail) are marked to stay
 fp32 (runtime/openvino_precision.py), so bf16 is only in the matmul/conv body. It is used
 only on CPUs with native bf16 (AVX512_BF16 / AMX) and, under `--precision auto`, only for models
-whose bundle records bf16 as safe (`tstitch-trt check --precision bf16 --record`).
+whose bundle records bf16 as safe on this CPU's bf16 ISA (`tstitch-trt check --precision bf16 --record`
+names the ISA it measured on: amx_bf16 or avx512_bf16, runtime/cpu_isa.py).
 Each model is compiled for the batch in use (static shapes run ~10-15% faster than the dynamic
 graph); compiled models are cached as blobs outside the bundle (which may be read-only), keyed without
 reading the graph (runtime/openvino_compile.py): a cached run imports the blobs and never reads the ONNX,
@@ -30,10 +31,12 @@ import numpy as np
 
 from tstitch_trt.bundle.manifest import Manifest, artifact_path
 from tstitch_trt.errors import BackendUnavailable, UserError
-from tstitch_trt.runtime.host_buffers import HostStepBuffers
-from tstitch_trt.runtime.io_roles import StepIO, state_slots
+from tstitch_trt.runtime.cpu_isa import bf16_isa
+from tstitch_trt.runtime.host_buffers import HostStepBuffers, check_cached
+from tstitch_trt.runtime.io_roles import state_slots, step_io
 from tstitch_trt.runtime.openvino_compile import Compiled, compile_cached, has_blob
 from tstitch_trt.runtime.openvino_precision import marked_for_bf16
+from tstitch_trt.sampling.trajectory import TrajectoryPlan
 
 PRECISIONS = ("auto", "fp32", "bf16")
 _HINT = {"fp32": "f32", "bf16": "bf16"}
@@ -70,16 +73,30 @@ def cache_root() -> Path:
     return Path(root)
 
 
-def bf16_recorded_safe(model: Any) -> bool:
-    """What `tstitch-trt check --record` wrote into the bundle for this model (ModelEntry.bf16)."""
-    return bool((getattr(model, "bf16", None) or {}).get("safe", False))
+def verdict_covers(verdict: dict | None, isa: str | None) -> str | None:
+    """None where a recorded bf16 verdict lets auto use bf16 on this CPU's bf16 ISA, else why not (a phrase)."""
+    if not verdict or not verdict.get("safe", False):
+        return "the bundle does not record bf16 as safe (tstitch-trt check --precision bf16 --record)"
+    measured = verdict.get("isa") or []
+    if not measured:
+        return ("the bundle's bf16 verdict does not name the CPU ISA it was measured on (recorded by an older "
+                "check); run tstitch-trt check --precision bf16 --record on this CPU")
+    if isa is None:
+        return "this CPU's bf16 ISA cannot be told (no /proc/cpuinfo flags)"
+    if isa not in measured:
+        return f"bf16 verdict measured on {', '.join(measured)}, this CPU is {isa}"
+    return None
 
 
-def resolve_precisions(manifest: Manifest, requested: str, native_bf16: bool) -> tuple[list[str], str]:
-    """(precision per model, one line saying why). bf16 needs a native-bf16 CPU; auto also needs the bundle's ok."""
+def choose_precisions(parts: list[tuple[str, dict | None]], requested: str, native_bf16: bool,
+                      isa: str | None) -> tuple[list[str], str]:
+    """(precision per part, one line saying why) for parts = [(name, its recorded bf16 verdict)].
+
+    bf16 needs a native-bf16 CPU; auto also needs a safe verdict measured on this CPU's bf16 ISA.
+    """
     if requested not in PRECISIONS:
         raise UserError(f"unknown precision {requested!r}; choose from {', '.join(PRECISIONS)}")
-    names = [m.name for m in manifest.models]
+    names = [n for n, _ in parts]
     if requested == "fp32":
         return ["fp32"] * len(names), "fp32 (requested)"
     if requested == "bf16":
@@ -89,14 +106,22 @@ def resolve_precisions(manifest: Manifest, requested: str, native_bf16: bool) ->
         return ["bf16"] * len(names), "bf16 (requested)"
     if not native_bf16:
         return ["fp32"] * len(names), "fp32: this CPU has no native bf16"
-    safe = [bf16_recorded_safe(m) for m in manifest.models]
-    precisions = ["bf16" if s else "fp32" for s in safe]
-    if all(safe):
-        return precisions, "bf16: the bundle records bf16 as safe for every model"
-    if not any(safe):
-        return precisions, "fp32: the bundle does not record bf16 as safe (tstitch-trt check --precision bf16 --record)"
-    return precisions, "bf16 on " + ", ".join(n for n, s in zip(names, safe, strict=True) if s) + \
-        ", fp32 elsewhere: the bundle records bf16 as safe only there"
+    why_not = [verdict_covers(v, isa) for _, v in parts]
+    precisions = ["fp32" if w else "bf16" for w in why_not]
+    reasons = "; ".join(dict.fromkeys(w for w in why_not if w))
+    if not reasons:
+        return precisions, f"bf16: the bundle records bf16 as safe on {isa} for every part"
+    if "bf16" not in precisions:
+        return precisions, f"fp32: {reasons}"
+    return precisions, "bf16 on " + ", ".join(n for n, p in zip(names, precisions, strict=True) if p == "bf16") + \
+        f", fp32 elsewhere: {reasons}"
+
+
+def resolve_precisions(manifest: Manifest, requested: str, native_bf16: bool,
+                       isa: str | None) -> tuple[list[str], str]:
+    """choose_precisions for the bundle's step models (their models[i].bf16 verdicts)."""
+    return choose_precisions([(m.name, getattr(m, "bf16", None)) for m in manifest.models], requested, native_bf16,
+                             isa)
 
 
 def compile_static(core: Any, model: Any, shapes: dict[str, tuple[int, ...]], precision: str,
@@ -144,13 +169,15 @@ class OpenVinoBackend(HostStepBuffers):
         self._ov = ov
         self.manifest = manifest
         self.core = ov.Core()
-        self.precisions, self.precision_reason = resolve_precisions(manifest, precision, cpu_has_bf16(self.core))
+        self.precisions, self.precision_reason = resolve_precisions(manifest, precision, cpu_has_bf16(self.core),
+                                                                    bf16_isa())
         self.threads = threads or int(os.environ.get("TSTITCH_OPENVINO_THREADS", "0"))
         self.cache_dir: Path | None = Path(cache_dir) if cache_dir is not None else model_cache_dir(manifest)
         self._notes = []
         if not _writable_dir(self.cache_dir):
             self._notes = [f"OpenVINO model cache off: {self.cache_dir} is not writable"]
             self.cache_dir = None
+        self.bundle_dir = Path(bundle_dir)
         self._paths = []
         self._shas = []  # each graph's files' sha256 (verified when the bundle was opened): the cache keys
         for m in manifest.models:
@@ -162,7 +189,14 @@ class OpenVinoBackend(HostStepBuffers):
         # moves on) and kept only until its first compile; a cached one is never read (openvino_compile.py)
         self._read: list[Any] = [None if has_blob(self.cache_dir, sha) else read_onnx(self.core, path)
                                  for path, sha in zip(self._paths, self._shas, strict=True)]
-        self.io = StepIO.from_io(manifest.io)
+        # DeepCache's cached graphs: found at the first trajectory that uses them, compiled through the same cache
+        self._cached_paths: list[Path] = []
+        self._cached_shas: list[list[str]] = []
+        self.cached_compiled: list[Any] = []
+        self._cached_compiled: list[Compiled] = []
+        self._cached_requests: list[list[Any]] = []
+        self._cached: list[bool] = []
+        self.io = step_io(manifest)
         self.allocations = 0
         self.compiles = 0
         self.compile_sources: list[str] = []  # per model: "cache" (blob imported) or "compiled", last compile
@@ -171,6 +205,20 @@ class OpenVinoBackend(HostStepBuffers):
         self._requests: list[list[Any]] = []  # [model][parity]
         self.compiled: list[Any] = []
         self._compiled: list[Compiled] = []
+
+    def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, cond: Any, guidance: float) -> None:
+        if any(check_cached(plan, self.io)) and not self._cached_paths:
+            entries = []
+            for m in self.manifest.models:
+                entry = (m.cached or {}).get("engines", {}).get(ONNX_ENTRY)
+                if entry is None:
+                    raise UserError(f"the bundle has no cached ONNX graph for {m.name}; rebuild it with --backend "
+                                    "ort --cache-branch K")
+                entries.append(entry)
+            self._cached_paths = [artifact_path(self.bundle_dir, e) for e in entries]
+            self._cached_shas = [[sha for _, sha in e.files()] for e in entries]
+            self._shape_key = self._compiled_for = None  # compile and bind them too
+        super().prepare(plan, x_init, cond, guidance)
 
     # compiled models ------------------------------------------------------------------------------
     def _compile(self, dims: dict[str, int]) -> None:
@@ -191,6 +239,18 @@ class OpenVinoBackend(HostStepBuffers):
         self.compiled = [c.model for c in self._compiled]
         self.compile_sources = [c.source for c in self._compiled]
         self.compiles += len(self.compiled)
+        self.cached_compiled, self._cached_compiled = [], []
+        if self._cached_paths and self.io.cache is not None:  # + the kept feature, in each model's own shape
+            for i, precision in enumerate(self.precisions):
+                cached_shapes = {**shapes, self.io.cache[0]: self.io.features[i].resolve(dims)}
+                self._cached_compiled.append(compile_cached(
+                    self.core, lambda i=i: read_onnx(self.core, self._cached_paths[i]),
+                    lambda model, precision=precision, cached_shapes=cached_shapes: compile_static(
+                        self.core, model, cached_shapes, precision, self.threads),
+                    self._cached_shas[i], cached_shapes, precision, self.threads, self.cache_dir,
+                    compile_config(precision, self.threads)))
+            self.cached_compiled = [c.model for c in self._cached_compiled]  # _cached_compiled keeps blob maps alive
+            self.compiles += len(self.cached_compiled)
         self._compiled_for = key
 
     def _take_model(self, i: int) -> Any:
@@ -212,8 +272,9 @@ class OpenVinoBackend(HostStepBuffers):
         request = {n: self._tensor(a) for n, a in self.request.items()}
         self._rows = [{n: self._tensor(self.tables[n][i, ...] if n in self.tables else self.zero_rows[n])
                        for n in io.step} for i in range(steps)]
-        self._requests = []
-        for compiled in self.compiled:
+        kept = [self._tensor(a) for a in self.kept]
+
+        def requests(compiled: Any, model: int, cached: bool) -> list[Any]:
             per_parity = []
             for parity in (0, 1):
                 src, dst = state_slots(parity)
@@ -223,13 +284,18 @@ class OpenVinoBackend(HostStepBuffers):
                     r.set_tensor(out, state[inp][dst])
                 for n in io.request:
                     r.set_tensor(n, request[n])
+                if io.cache is not None:  # the model's kept feature: the full graph writes it, the cached reads it
+                    r.set_tensor(io.cache[0] if cached else io.cache[1], kept[model])
                 per_parity.append(r)
-            self._requests.append(per_parity)
+            return per_parity
+
+        self._requests = [requests(c, m, False) for m, c in enumerate(self.compiled)]
+        self._cached_requests = [requests(c, m, True) for m, c in enumerate(self.cached_compiled)]
 
     # Backend protocol (prepare, read_x, read_x0: HostStepBuffers) ---------------------------------
     def launch(self, step: int, model: int) -> float | None:
         t0 = time.perf_counter()
-        r = self._requests[model][step % 2]
+        r = (self._cached_requests if self._cached[step] else self._requests)[model][step % 2]
         for n, tensor in self._rows[step].items():
             r.set_tensor(n, tensor)
         r.infer()
@@ -247,6 +313,9 @@ class OpenVinoBackend(HostStepBuffers):
 
     def close(self) -> None:
         self._requests = []
+        self._cached_requests = []
+        self.cached_compiled = []
+        self._cached_compiled = []
         self._rows = []
         self.compiled = []
         self._compiled = []

@@ -7,6 +7,7 @@ keyed by what decides the compiled model, all known without the graph:
 
 - the graph's files' sha256 from the manifest (verified when the bundle was opened),
 - the static input shapes, the precision and the thread count,
+- the bf16 marking's attribute (name, version, value) for a bf16 compile,
 - OpenVINO's version, and the compile recipe: the source of the runtime/openvino_*.py modules (a
   change to how graphs are marked or compiled must not reuse an old blob).
 
@@ -29,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-_RECIPE_FILES = ("openvino_backend.py", "openvino_compile.py", "openvino_parts.py", "openvino_precision.py")
+from tstitch_trt.runtime.openvino_precision import ATTRIBUTE
+
+_RECIPE_FILES = ("openvino_backend.py", "openvino_compile.py", "openvino_graph.py", "openvino_precision.py")
 
 
 def recipe_digest() -> str:
@@ -47,7 +50,8 @@ def blob_key(graph_sha256: Sequence[str], shapes: Mapping[str, Sequence[int]], p
              ov_version: str) -> str:
     """The cache key of one compiled model (module docstring)."""
     what = {"graph": list(graph_sha256), "shapes": {k: [int(d) for d in v] for k, v in sorted(shapes.items())},
-            "precision": precision, "threads": int(threads), "openvino": ov_version, "recipe": recipe_digest()}
+            "precision": precision, "threads": int(threads), "openvino": ov_version, "recipe": recipe_digest(),
+            "bf16_marking": list(ATTRIBUTE) if precision == "bf16" else None}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 

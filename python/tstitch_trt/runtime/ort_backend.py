@@ -15,8 +15,8 @@ import numpy as np
 
 from tstitch_trt.bundle.manifest import Manifest, artifact_path
 from tstitch_trt.errors import BackendUnavailable, BundleError, UserError
-from tstitch_trt.runtime.host_buffers import HostStepBuffers
-from tstitch_trt.runtime.io_roles import StepIO, state_slots
+from tstitch_trt.runtime.host_buffers import HostStepBuffers, check_cached
+from tstitch_trt.runtime.io_roles import graph_io, state_slots, step_io
 from tstitch_trt.sampling.trajectory import TrajectoryPlan
 
 
@@ -62,7 +62,8 @@ class OrtBackend(HostStepBuffers):
         import onnxruntime as ort
 
         self.manifest = manifest
-        self.io = StepIO.from_io(manifest.io)
+        self.bundle_dir = Path(bundle_dir)
+        self.io = step_io(manifest)
         self.providers = providers or ["CPUExecutionProvider"]
         if self.providers[0] != "CPUExecutionProvider":
             # Host buffers + IOBinding would copy every step over PCIe; the CUDA EP path binds
@@ -83,22 +84,47 @@ class OrtBackend(HostStepBuffers):
         # default) or sleep (0): see ORT_SPIN_DEFAULT for the measured trade-off.
         opts.add_session_config_entry("session.intra_op.allow_spinning",
                                       os.environ.get("TSTITCH_ORT_SPIN", ORT_SPIN_DEFAULT))
+        self._opts = opts
         self.sessions = []
-        for m in manifest.models:
+        for i, m in enumerate(manifest.models):
             if "ort" not in m.engines:
                 raise UserError(f"the bundle has no ONNX graph for {m.name}; rebuild with --backend ort")
-            path = artifact_path(bundle_dir, m.engines["ort"])
-            try:
-                sess = ort.InferenceSession(str(path), opts, providers=self.providers)
-            except Exception as e:  # the checksum matched: this ONNX Runtime cannot run what the build wrote
-                raise BackendUnavailable(f"ONNX Runtime {ort.__version__} cannot load {path.name}: "
-                                         f"{str(e).splitlines()[0][:200]}; upgrade onnxruntime or rebuild the "
-                                         "bundle") from None
-            check_graph_io(sess, manifest.io, f"the ONNX graph of {m.name} ({path.name})")
-            self.sessions.append(sess)
+            self.sessions.append(self._session(m.engines["ort"], i, cached=False))
+        # DeepCache's cached graphs: opened at the first trajectory with cached calls (they double the weights held)
+        self.cached_sessions: list = []
+        self._cached: list[bool] = []
         self.allocations = 0
         self._shape_key: tuple | None = None
         self._bindings: list = []
+
+    def _session(self, entry: Any, model: int, cached: bool) -> Any:
+        import onnxruntime as ort
+
+        path = artifact_path(self.bundle_dir, entry)
+        try:
+            sess = ort.InferenceSession(str(path), self._opts, providers=self.providers)
+        except Exception as e:  # the checksum matched: this ONNX Runtime cannot run what the build wrote
+            raise BackendUnavailable(f"ONNX Runtime {ort.__version__} cannot load {path.name}: "
+                                     f"{str(e).splitlines()[0][:200]}; upgrade onnxruntime or rebuild the "
+                                     "bundle") from None
+        check_graph_io(sess, graph_io(self.manifest.io, self.io, model, cached),
+                       f"the ONNX graph of {self.manifest.models[model].name} ({path.name})")
+        return sess
+
+    def _open_cached(self) -> None:
+        """The cached step graph of every model (the bundle has them: check_cached refused otherwise)."""
+        for i, m in enumerate(self.manifest.models):
+            entry = (m.cached or {}).get("engines", {}).get("ort")
+            if entry is None:
+                raise UserError(f"the bundle has no cached ONNX graph for {m.name}; rebuild it with --backend ort "
+                                "--cache-branch K")
+            self.cached_sessions.append(self._session(entry, i, cached=True))
+        self._shape_key = None  # bind them too
+
+    def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, cond: Any, guidance: float) -> None:
+        if any(check_cached(plan, self.io)) and not self.cached_sessions:
+            self._open_cached()
+        super().prepare(plan, x_init, cond, guidance)
 
     # buffers: runtime/host_buffers.py; bound here --------------------------------------------------
     def _bind_all(self, steps: int) -> None:
@@ -114,9 +140,10 @@ class OrtBackend(HostStepBuffers):
         # t[i, ...]: a 0-d view for scalar rows (control_scale); t[i] would be a detached numpy scalar
         rows = {n: [val(t[i, ...]) for i in range(steps)] for n, t in self.tables.items()}
         rows.update({n: [val(z)] * steps for n, z in self.zero_rows.items()})
-        self._keep = [state, request, rows]
-        self._bindings = []
-        for sess in self.sessions:
+        kept = [val(a) for a in self.kept]
+        self._keep = [state, request, rows, kept]
+
+        def bindings(sess: Any, model: int, cached: bool) -> list:
             per_step = []
             for i in range(steps):
                 src, dst = state_slots(i)
@@ -128,13 +155,24 @@ class OrtBackend(HostStepBuffers):
                     b.bind_ortvalue_input(n, request[n])
                 for n in io.step:
                     b.bind_ortvalue_input(n, rows[n][i])
+                if io.cache is not None:  # the model's kept feature: the full graph writes it, the cached reads it
+                    if cached:
+                        b.bind_ortvalue_input(io.cache[0], kept[model])
+                    else:
+                        b.bind_ortvalue_output(io.cache[1], kept[model])
                 per_step.append(b)
-            self._bindings.append(per_step)
+            return per_step
+
+        self._bindings = [bindings(sess, m, False) for m, sess in enumerate(self.sessions)]
+        self._cached_bindings = [bindings(sess, m, True) for m, sess in enumerate(self.cached_sessions)]
 
     # Backend protocol (prepare, read_x, read_x0: HostStepBuffers) ---------------------------------
     def launch(self, step: int, model: int) -> float | None:
         t0 = time.perf_counter()
-        self.sessions[model].run_with_iobinding(self._bindings[model][step])
+        if self._cached[step]:
+            self.cached_sessions[model].run_with_iobinding(self._cached_bindings[model][step])
+        else:
+            self.sessions[model].run_with_iobinding(self._bindings[model][step])
         return (time.perf_counter() - t0) * 1e3
 
     def synchronize(self) -> None:
@@ -142,7 +180,9 @@ class OrtBackend(HostStepBuffers):
 
     def close(self) -> None:
         self._bindings = []
+        self._cached_bindings = []
         self.sessions = []
+        self.cached_sessions = []
         self._shape_key = None
 
 
@@ -217,6 +257,10 @@ class OrtDeviceBackend(OrtBackend):
             self._bindings.append(per_step)
 
     def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, cond: Any, guidance: float) -> None:
+        if any(check_cached(plan, self.io)):
+            raise UserError("DeepCache's cached calls are not supported on ONNX Runtime's CUDA execution provider "
+                            "yet; use --device cpu, or the trt / torch backend")
+        self._cached = [False] * plan.steps
         self._allocate(plan, x_init.shape)
         dims = self.io.dims(x_init.shape)
         for n, pair in self.state_v.items():

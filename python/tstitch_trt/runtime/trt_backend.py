@@ -34,7 +34,8 @@ from tstitch_trt.errors import BackendUnavailable, BundleError, UserError, first
 from tstitch_trt.runtime import cuda as cuda_rt
 from tstitch_trt.runtime.backend import x_slots
 from tstitch_trt.runtime.engine_compat import check_engine_compat
-from tstitch_trt.runtime.io_roles import StepIO
+from tstitch_trt.runtime.host_buffers import check_cached
+from tstitch_trt.runtime.io_roles import step_io
 from tstitch_trt.runtime.loop import LoopResult
 from tstitch_trt.sampling.trajectory import TrajectoryPlan
 
@@ -130,7 +131,8 @@ class TrtBackend:
         """`trt_module` and `cuda` default to the installed TensorRT and runtime/cuda.py (tests pass fakes)."""
         self.name = kind
         self.manifest = manifest
-        self.io = StepIO.from_io(manifest.io)
+        self.io = step_io(manifest)
+        self.bundle_dir = Path(bundle_dir)
         self.trt = trt_module if trt_module is not None else import_tensorrt(kind)
         self.cu = cuda if cuda is not None else cuda_rt
         self.use_cuda_graph = cuda_graph
@@ -160,6 +162,9 @@ class TrtBackend:
             self.engine_memory = [int(e.device_memory_size_v2) for e in self.engines]
             for e in self.engines:
                 self._contexts.append([self._create_context(e) for _ in range(2)])
+            # DeepCache: engine (and context pair) index = model + len(models) for the cached step graphs, loaded at
+            # the first trajectory with cached calls (_open_cached); _cached[i]: call i runs one
+            self._cached: list[bool] = []
             # One scratch for every context: engines never run at the same time.
             self.scratch = self.alloc.alloc(max(self.engine_memory + [1]), "TensorRT scratch (shared by all engines)")
             self._set_device_memory()
@@ -168,10 +173,12 @@ class TrtBackend:
             raise
 
     # loading ------------------------------------------------------------------------------------------
-    def _load_engine(self, bundle_dir: str | Path, m: ModelEntry) -> trt_types.ICudaEngine:
-        entry = m.engines.get(self.name)
+    def _load_engine(self, bundle_dir: str | Path, m: ModelEntry, cached: bool = False) -> trt_types.ICudaEngine:
+        entry = ((m.cached or {}).get("engines", {}) if cached else m.engines).get(self.name)
         if entry is None:
-            raise UserError(f"the bundle has no {self.name} engine for {m.name}; rebuild it with --backend {self.name}")
+            more = " --cache-branch K" if cached else ""
+            raise UserError(f"the bundle has no {self.name} {'cached ' if cached else ''}engine for {m.name}; rebuild "
+                            f"it with --backend {self.name}{more}")
         path = artifact_path(bundle_dir, entry)  # missing file / checksum mismatch -> UserError
         what = f"the {self.name} engine of {m.name} ({path.name})"
         check_engine_compat(entry.builder, self.trt, self.device_cc, what=what, kind=self.name)
@@ -200,19 +207,37 @@ class TrtBackend:
             raise BackendUnavailable(f"{self.trt.__name__} reports {what} cannot run here ({', '.join(reasons)}); "
                             f"rebuild the bundle on this machine (`tstitch-trt build --backend {self.name}`)")
 
-    def _check_io(self) -> dict[str, dict]:
-        """Names (the manifest's roles), modes, dtypes and static dims of the step I/O, identical across engines."""
+    def _graph_names(self, g: int) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, Any]]:
+        """(inputs, outputs, kept-feature specs by name) of engine g: the roles', plus the kept feature's
+        output (a full graph of a bundle with caching) or input (a cached graph), in its model's own shape."""
+        roles, n = self.io, len(self.manifest.models)
+        if roles.cache is None:
+            return roles.inputs, roles.outputs, {}
+        model, cached = g % n, g >= n
+        name = roles.cache[0] if cached else roles.cache[1]
+        extra = {name: roles.features[model]}
+        if cached:
+            return (*roles.inputs, name), roles.outputs, extra
+        return roles.inputs, (*roles.outputs, name), extra
+
+    def _check_io(self, first: int = 0) -> dict[str, dict]:
+        """Names (the manifest's roles), modes, dtypes and static dims of the step I/O, identical across engines
+        (the kept feature aside: each model's own shape). first: check engines from this index on."""
         trt, roles = self.trt, self.io
-        io: dict[str, dict] = {}
-        for m, engine in zip(self.manifest.models, self.engines, strict=True):
+        io: dict[str, dict] = dict(getattr(self, "engine_io", {}))
+        n_models = len(self.manifest.models)
+        for g in range(first, len(self.engines)):
+            m, engine = self.manifest.models[g % n_models], self.engines[g]
+            inputs, outputs, kept = self._graph_names(g)
+            specs = {**roles.specs, **kept}
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-            unknown = [n for n in names if n not in roles.names]
-            missing = [n for n in roles.names if n not in names]
+            unknown = [n for n in names if n not in inputs + outputs]
+            missing = [n for n in inputs + outputs if n not in names]
             if unknown or missing:
                 raise BundleError(f"the {self.name} engine of {m.name} is not a step engine (unknown I/O {unknown}, "
                                 f"missing {missing}); rebuild the bundle")
             for n in names:
-                want_mode = trt.TensorIOMode.INPUT if n in roles.inputs else trt.TensorIOMode.OUTPUT
+                want_mode = trt.TensorIOMode.INPUT if n in inputs else trt.TensorIOMode.OUTPUT
                 if engine.get_tensor_mode(n) != want_mode:
                     raise BundleError(f"the {self.name} engine of {m.name}: tensor {n} has the wrong direction; "
                                       "rebuild")
@@ -221,19 +246,21 @@ class TrtBackend:
                 if on_host:
                     raise BundleError(f"the {self.name} engine of {m.name} keeps {n} on the host; rebuild the bundle")
                 dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(n)))
-                want = roles.dtype(n)
+                want = specs[n].dtype
                 ok = dtype == want or (want == np.int64 and dtype == np.int32)  # int ids may be int32 in a plan
                 if not ok:
                     raise BundleError(f"the {self.name} engine of {m.name} has {n} as {dtype}, the manifest says "
                                       f"{want}; "
                                     "rebuild the bundle")
                 dims = _dims(engine.get_tensor_shape(n))
-                fixed = [d for d in roles.specs[n].shape]
+                fixed = [d for d in specs[n].shape]
                 if len(dims) != len(fixed) or any(isinstance(f, int) and d != f for d, f in zip(dims, fixed,
                                                                                                 strict=True)):
                     raise BundleError(f"the {self.name} engine of {m.name} takes {n} as {list(dims)}, the manifest "
                                       "says "
                                     f"{fixed}; rebuild the bundle")
+                if n in kept:
+                    continue
                 prev = io.setdefault(n, {"dtype": dtype, "dims": dims})
                 if prev["dtype"] != dtype or prev["dims"] != dims:
                     raise BundleError(f"the engines disagree on tensor {n} ({prev['dtype']}{list(prev['dims'])} vs "
@@ -296,6 +323,9 @@ class TrtBackend:
             sizes[n] = nbytes[n]
             if n != "noise" or plan.noise is not None:
                 sizes[f"{n}_table"] = nbytes[n] * plan.steps
+        for model, f in enumerate(roles.features):  # DeepCache: each model's kept feature, one buffer (fp32)
+            shapes[f"kept{model}"] = f.resolve(dims)
+            sizes[f"kept{model}"] = int(np.prod(shapes[f"kept{model}"], dtype=np.int64)) * f.dtype.itemsize
         what = "x".join(str(d) for d in latent_shape)
         try:
             for name, size in sizes.items():
@@ -315,7 +345,7 @@ class TrtBackend:
     def _check_batch(self, dims: dict[str, int], k: int) -> None:
         latent = self.io.latent
         want = self.io.shape(latent, dims)
-        for m, engine in zip(self.manifest.models, self.engines, strict=True):
+        for m, engine in zip(self.manifest.models, self.engines[:len(self.manifest.models)], strict=True):
             lo, _, hi = (_dims(s) for s in engine.get_tensor_profile_shape(latent, 0))
             if not lo[0] <= want[0] <= hi[0]:
                 raise UserError(f"batch {want[0]} is outside the {self.name} engine's range [{lo[0]}, {hi[0]}] "
@@ -332,17 +362,23 @@ class TrtBackend:
         """Shapes and addresses of every context, once per allocation (contexts never rebind per step)."""
         b, roles = self._buf, self.io
         need = self.scratch.nbytes
-        for model, pair in enumerate(self._contexts):
+        n_models = len(self.manifest.models)
+        for g, pair in enumerate(self._contexts):
+            model = g % n_models
+            inputs, _, kept = self._graph_names(g)
             for parity, ctx in enumerate(pair):
                 src, dst = parity, 1 - parity  # = x_slots(step) for any step of this parity
                 addr = {n: b[n] for n in roles.request + roles.step}
                 for n, out in roles.state:
                     addr[n], addr[out] = b[f"{n}_slot{src}"], b[f"{n}_slot{dst}"]
-                engine = self.engines[model]
+                for n in kept:  # the model's kept feature: written by its full graph, read by its cached one
+                    addr[n] = b[f"kept{model}"]
+                own = {**shapes, **{n: shapes[f"kept{model}"] for n in kept}}
+                engine = self.engines[g]
                 for i in range(engine.num_io_tensors):
                     name = engine.get_tensor_name(i)
-                    if name in roles.inputs and not ctx.set_input_shape(name, shapes[name]):
-                        raise UserError(f"{self.trt.__name__} refused shape {list(shapes[name])} for {name} of "
+                    if name in inputs and not ctx.set_input_shape(name, own[name]):
+                        raise UserError(f"{self.trt.__name__} refused shape {list(own[name])} for {name} of "
                                         f"{self.manifest.models[model].name}: {self.logger.last_error()}")
                     if not ctx.set_tensor_address(name, addr[name].ptr):
                         raise RuntimeError(f"set_tensor_address({name}) failed: {self.logger.last_error()}")
@@ -366,6 +402,10 @@ class TrtBackend:
         """labels: the conditioning (DiT labels (B,), SD context (2B, L, D)) or a dict by input name."""
         if self.scratch is None:
             raise UserError(f"the {self.name} backend was closed (after an error or close()); open a new pipeline")
+        cached = check_cached(plan, self.io)
+        if any(cached) and len(self.engines) == len(self.manifest.models):
+            self._open_cached()
+        self._cached = cached
         self._allocate(plan, x_init.shape)
         b, s, roles = self._buf, self.stream, self.io
         self._x_init = np.ascontiguousarray(x_init, dtype=np.float32)
@@ -377,6 +417,26 @@ class TrtBackend:
                 b[f"{n}_table"].upload(np.ascontiguousarray(table.astype(self.engine_io[n]["dtype"])), s)
         s.synchronize()
 
+    def _open_cached(self) -> None:
+        """DeepCache's cached engines (a context pair each, on the shared scratch, grown if they need more)."""
+        n = len(self.engines)
+        for m in self.manifest.models:
+            self.engines.append(self._load_engine(self.bundle_dir, m, cached=True))
+        self.engine_io = self._check_io(first=n)
+        self.engine_memory += [int(e.device_memory_size_v2) for e in self.engines[n:]]
+        for e in self.engines[n:]:
+            self._contexts.append([self._create_context(e) for _ in range(2)])
+        if max(self.engine_memory) > self.scratch.nbytes:
+            self.alloc.free(self.scratch)
+            try:
+                self.scratch = self.alloc.alloc(max(self.engine_memory), "TensorRT scratch (shared by all engines)")
+            except UserError:
+                self.scratch = None
+                self.close()
+                raise
+        self._set_device_memory()
+        self._key = None  # bind the new contexts (and every graph captured before dies with the generation)
+
     def _upload_start(self) -> None:
         """The trajectory's start state: the latent in its slot 0, every other state zero."""
         for n, _ in self.io.state:
@@ -384,6 +444,8 @@ class TrtBackend:
                 self._buf[f"{n}_slot0"].upload(self._x_init, self.stream)
             else:
                 self._buf[f"{n}_slot0"].zero(self.stream)
+        for model in range(len(self.io.features)):
+            self._buf[f"kept{model}"].zero(self.stream)
 
     def _enqueue(self, step: int, model: int) -> None:
         """The step's table rows into the step buffers, then the engine: all async on the stream."""
@@ -392,7 +454,8 @@ class TrtBackend:
             if f"{name}_table" in b:
                 n = rows[name]
                 self.cu.copy_device(b[name].ptr, b[f"{name}_table"].ptr + step * n, n, s)
-        if not self._contexts[model][step % 2].execute_async_v3(s.handle):
+        g = model + len(self.manifest.models) if self._cached and self._cached[step] else model
+        if not self._contexts[g][step % 2].execute_async_v3(s.handle):
             raise RuntimeError(f"{self.trt.__name__} enqueue failed at step {step} on "
                                f"{self.manifest.models[model].name}: {self.logger.last_error()}")
 
@@ -434,7 +497,9 @@ class TrtBackend:
         per_context = sum(len(p) * size for p, size in zip(self._contexts, self.engine_memory, strict=True))
         shared = self.scratch.nbytes if self.scratch is not None else 0
         return {
-            "engines": {m.name: size for m, size in zip(self.manifest.models, self.engine_memory, strict=True)},
+            "engines": {(m.name if g < len(self.manifest.models) else f"{m.name} cached"): size
+                        for g, (m, size) in enumerate(zip(self.manifest.models * 2, self.engine_memory,
+                                                          strict=False))},
             "contexts": sum(len(p) for p in self._contexts),
             "shared_scratch_bytes": shared,
             "one_per_engine_bytes": per_engine,
@@ -456,7 +521,8 @@ class TrtBackend:
         """
         if not self.use_cuda_graph or self._key is None:
             return None
-        key = (self._generation, plan.steps, tuple(int(m) for m in plan.step_model), self._key[0])
+        key = (self._generation, plan.steps, tuple(int(m) for m in plan.step_model), self._key[0],
+               tuple(self._cached))
         g = self._graphs.get(key)
         if g is not None:
             return self._replay(g, plan)
@@ -495,9 +561,12 @@ class TrtBackend:
         self.stream.synchronize()
 
     def _capture(self, plan: TrajectoryPlan) -> _Graph | None:
-        used = sorted({(int(m), i % 2) for i, m in enumerate(plan.step_model)})
-        for model, parity in used:
-            ctx = self._contexts[model][parity]
+        n_models = len(self.manifest.models)
+        used = sorted({(int(m) + (n_models if self._cached and self._cached[i] else 0), i % 2)
+                       for i, m in enumerate(plan.step_model)})
+        for g, parity in used:
+            model = g % n_models
+            ctx = self._contexts[g][parity]
             if hasattr(ctx, "is_stream_capturable") and not ctx.is_stream_capturable(self.stream.handle):
                 self._graph_failed(f"{self.manifest.models[model].name}'s context is not stream-capturable")
                 return None

@@ -327,6 +327,39 @@ def sd_table(sampler: str, config: Mapping[str, Any], steps: int, eta: float = 0
     s = SdSchedule.from_config(config)
     if steps > s.num_train_timesteps:
         raise UserError(f"--steps {steps} is more than the scheduler's {s.num_train_timesteps} training timesteps")
+    table = _usable_table(s, sampler, steps, eta)
+    if table is None:
+        # diffusers' own schedulers index past the schedule (IndexError) or divide by a zero step here
+        lo, hi = 1, steps - 1  # the largest count that works: the failures sit at the top (offset, spacing)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if _usable_table(s, sampler, mid, eta) is not None else (lo, mid - 1)
+        raise UserError(f"--steps {steps} with {sampler} is more than this bundle's scheduler allows (its "
+                        f"{s.spacing(sampler) if sampler != 'lcm' else 'LCM'} timesteps with steps_offset "
+                        f"{s.steps_offset} leave the {s.num_train_timesteps}-step schedule); give at most {lo}")
+    return table
+
+
+def _usable_table(s: SdSchedule, sampler: str, steps: int, eta: float) -> SdTable | None:
+    """The table, or None where `steps` makes it index past the schedule, repeat a timestep (a zero step)
+    or hold a non-finite coefficient."""
+    try:
+        with np.errstate(all="ignore"):  # a zero step's division: detected below, never printed
+            table = _table(s, sampler, steps, eta)
+    except IndexError:
+        return None
+    ts = table.timesteps
+    t_max = s.num_train_timesteps
+    if not (np.isfinite(table.coef).all() and (ts >= 0).all() and (ts < t_max).all()):
+        return None
+    # PLMS repeats its first timestep by design (a one-call table has nothing to repeat)
+    distinct = np.delete(ts, 1) if sampler == "pndm" and len(ts) > 1 else ts
+    if len(np.unique(distinct)) != len(distinct):
+        return None
+    return table
+
+
+def _table(s: SdSchedule, sampler: str, steps: int, eta: float) -> SdTable:
     if sampler == "pndm":
         return pndm_table(s, steps)
     if sampler == "ddim":

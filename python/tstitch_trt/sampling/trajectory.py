@@ -22,6 +22,8 @@ class TrajectoryPlan:
     step_model: np.ndarray  # (N,) int64, model index in stitch order
     noise: np.ndarray | None  # (N, B, C, H, W) float32
     tables: Mapping[str, np.ndarray] = field(default_factory=dict)  # other per-step inputs by name, (N, ...)
+    # (N,) bool: call i runs its model's cached step graph (DeepCache: sampling/cache_plan.py); None: all full
+    cached: np.ndarray | None = None
 
     @property
     def steps(self) -> int:

@@ -34,13 +34,16 @@ from tstitch_trt.serve.policy import AdaptiveRatio
 from tstitch_trt.serve.requests import (
     CONTROL_FIELDS,
     KINDS,
+    MAX_CONTROL_IMAGE_BYTES,
     GenerateRequest,
     RequestResult,
     parse_generate,
     pipeline_kind,
+    run_isolated,
 )
 
 APP_NAME = "tstitch"
+MIN_INGRESS_LIMIT = 1024
 REPLICA_DIED = (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)
 
 
@@ -51,7 +54,7 @@ class Generator:
     def __init__(self, cfg: ServeConfig):
         bundle = resolve_bundle(cfg.bundle)
         self.kind = KINDS[pipeline_kind(read_manifest(bundle))]
-        self.pipe = self.kind.open(bundle, cfg.backend)
+        self.pipe = self.kind.open(bundle, cfg.backend, cfg.precision)
         self.policy = AdaptiveRatio(cfg.latency_target_ms, cfg.max_ratio) if cfg.adaptive else None
         self.batcher = Batcher(self._run_batch, key=lambda r: r.batch_key, size=lambda r: r.num_images,
                                max_images=min(cfg.max_batch_size, self.kind.max_batch(self.pipe)),
@@ -59,6 +62,7 @@ class Generator:
 
     def describe(self) -> dict:
         return {"pid": os.getpid(), "backend": self.pipe.backend.name, "backend_reason": self.pipe.backend_reason,
+                "precisions": getattr(self.pipe, "precisions", None),
                 "torch_imported": "torch" in sys.modules, "queued": self.batcher.queued,
                 "ratio": None if self.policy is None else self.policy.ratio}
 
@@ -74,7 +78,7 @@ class Generator:
         except Exception as e:  # noqa: BLE001 - answered as 500 with one line, never dropped
             msg = first_line(e)
             return {"status": 500, "error": f"generation failed: {msg}"}
-        if self.policy is not None and req.adaptive:
+        if self.policy is not None and req.adaptive and out["status"] == 200:
             rep = out["report"]
             self.policy.observe(rep["queue_ms"] + rep["compute_ms"])
         return out
@@ -88,16 +92,23 @@ class Generator:
     async def _run_batch(self, reqs: list[GenerateRequest]) -> list[dict]:
         """One engine batch, in a thread, so the replica keeps answering health checks and queuing."""
         start = time.monotonic()
-        results = await asyncio.to_thread(self.kind.run_batch, self.pipe, reqs)
+        results = await asyncio.to_thread(run_isolated, self.kind, self.pipe, reqs)
         encoded = await asyncio.to_thread(lambda: [_encode(r) for r in results])
         compute_ms = (time.monotonic() - start) * 1e3
         for r, body in zip(reqs, encoded, strict=True):
+            if "error" in body:
+                continue
             body["report"].update(queue_ms=round((start - r.arrival) * 1e3, 3), compute_ms=round(compute_ms, 3))
             body["status"] = 200
         return encoded
 
 
-def _encode(result: RequestResult) -> dict:
+def _encode(result: RequestResult | Exception) -> dict:
+    """A request's answer body: its images and report, or (its own failure) a status and one line."""
+    if isinstance(result, UserError):
+        return {"status": 400, "error": first_line(result)}
+    if isinstance(result, Exception):
+        return {"status": 500, "error": f"generation failed: {first_line(result)[:300]}"}
     from PIL import Image
 
     images = []
@@ -129,6 +140,46 @@ app = FastAPI(title="tstitch-trt", docs_url=None, redoc_url=None)
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+# a request is JSON fields plus at most one base64 control image: anything larger is refused unread
+MAX_BODY_BYTES = MAX_CONTROL_IMAGE_BYTES * 4 // 3 + (1 << 20)
+
+
+class BodyRefused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused by its declared Content-Length before any of it is read, cut off as soon as it
+    passes `limit`, and given `timeout_s` to arrive whole: a client that stalls (headers, then nothing) holds
+    this ingress's request slot for that long only."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit() or len(declared) > 18:
+            raise BodyRefused(400, f"Content-Length {declared[:20]!r} is not a byte count")
+        if int(declared) > limit:
+            raise BodyRefused(413, f"the request body is {int(declared)} bytes; this service takes at most {limit} "
+                                   "(one control image of 32 MB, base64)")
+    chunks: list[bytes] = []
+    size = 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyRefused(413, f"the request body is over {limit} bytes; this service takes at most {limit}")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout=timeout_s)
+    except TimeoutError:
+        raise BodyRefused(408, f"the request body did not arrive within {timeout_s:g} s (--body-timeout-s); "
+                               "send it whole") from None
+    return b"".join(chunks)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=5.0)
@@ -176,7 +227,13 @@ class Ingress:
     @app.post("/v1/generate")
     async def generate(self, request: Request) -> JSONResponse:
         t0 = time.monotonic()
-        response, report = await self._generate(await request.body())
+        try:
+            body = await _read_body(request, MAX_BODY_BYTES, self.cfg.body_timeout_s)
+            response, report = await self._generate(body)
+        except BodyRefused as e:  # the connection is closed: the rest of the body is never read
+            response, report = _error(e.status, str(e), {"Connection": "close"}), None
+        except Exception as e:  # noqa: BLE001 - a bug, but still one JSON line, never a plain-text 500
+            response, report = _error(500, f"internal error ({type(e).__name__}: {first_line(e)[:200]})"), None
         self.metrics.answered(response.status_code, time.monotonic() - t0, report)
         return response
 
@@ -216,6 +273,7 @@ def build_app(cfg: ServeConfig):  # -> ray.serve.Application
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica,
                            "runtime_env": {"env_vars": env}},
     ).bind(cfg)
-    # the ingress only awaits: its own limit stays above everything the generators can hold
-    ingress_limit = 4 * (cfg.replicas * 2 * cfg.max_batch_size + cfg.max_queued) + 16
+    # the ingress only awaits: its own limit stays above everything the generators can hold, and far above what
+    # stalled clients can hold at once (each for --body-timeout-s at most), so they never block the others
+    ingress_limit = max(4 * (cfg.replicas * 2 * cfg.max_batch_size + cfg.max_queued) + 16, MIN_INGRESS_LIMIT)
     return Ingress.options(max_ongoing_requests=ingress_limit).bind(gen, cfg)

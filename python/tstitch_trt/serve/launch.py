@@ -12,12 +12,17 @@ from tstitch_trt.demo import DEMO_NAME
 from tstitch_trt.errors import UserError
 from tstitch_trt.serve.config import ServeConfig
 
+KEEP_ALIVE_S = 5  # uvicorn's own default
+
 
 def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     from tstitch_trt.argtypes import int_in, non_negative, positive, unit
 
     s.add_argument("--bundle", default=DEMO_NAME, help="bundle directory, or 'demo'")
     s.add_argument("--backend", default="auto", help="auto, trt, trt-rtx, ort, openvino, torch")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="openvino (CPU): bf16 or fp32 per part; auto: bf16 where the bundle records it as safe on "
+                        "this CPU's bf16 ISA (as run --precision)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback unless you mean otherwise)")
     s.add_argument("--port", type=int_in(1, 65535), default=8000, help="HTTP port")
     s.add_argument("--replicas", type=int_in(1, 1024), default=None,
@@ -30,6 +35,8 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-queued", type=int_in(1, 1_000_000), default=64,
                    help="queued requests beyond that answer 503")
     s.add_argument("--request-timeout-s", type=positive, default=60.0, help="slower requests answer 504")
+    s.add_argument("--body-timeout-s", type=positive, default=10.0,
+                   help="a request body that has not arrived whole by then answers 408 and its connection is closed")
     s.add_argument("--latency-target-ms", type=positive, default=None,
                    help="load-adaptive stitching: raise the ratio while latency exceeds this (default: off)")
     s.add_argument("--max-ratio", type=unit, default=0.4, help="the highest ratio the adaptive policy uses")
@@ -78,16 +85,18 @@ def service_config(args: argparse.Namespace) -> ServeConfig:
             raise UserError(f"{flag} must be >= {low}, got {value}")
     if args.port > 65535:
         raise UserError(f"--port must be <= 65535, got {args.port}")
-    if args.request_timeout_s <= 0 or args.batch_wait_ms < 0:
-        raise UserError("--request-timeout-s must be > 0 and --batch-wait-ms >= 0")
+    if args.request_timeout_s <= 0 or args.batch_wait_ms < 0 or args.body_timeout_s <= 0:
+        raise UserError("--request-timeout-s and --body-timeout-s must be > 0 and --batch-wait-ms >= 0")
     if not 0.0 <= args.max_ratio <= 1.0:
         raise UserError(f"--max-ratio must be in [0, 1], got {args.max_ratio}")
     if args.latency_target_ms is not None and args.latency_target_ms <= 0:
         raise UserError(f"--latency-target-ms must be > 0, got {args.latency_target_ms}")
     replicas, cpus, gpus = replica_resources(args.replicas, args.cores_per_replica)
-    return ServeConfig(bundle=str(args.bundle), backend=args.backend, replicas=replicas, cpus_per_replica=cpus,
+    return ServeConfig(bundle=str(args.bundle), backend=args.backend, precision=args.precision, replicas=replicas,
+                       cpus_per_replica=cpus,
                        gpus_per_replica=gpus, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                        max_queued=args.max_queued, request_timeout_s=args.request_timeout_s,
+                       body_timeout_s=args.body_timeout_s,
                        latency_target_ms=args.latency_target_ms, max_ratio=args.max_ratio)
 
 
@@ -100,7 +109,9 @@ def serve_forever(cfg: ServeConfig, host: str, port: int) -> int:
 
     manifest = read_manifest(resolve_bundle(cfg.bundle))  # a bad bundle or backend fails here, before Ray starts
     pipeline_kind(manifest)
-    backend_candidates(manifest, cfg.backend)
+    for kind, _ in backend_candidates(manifest, cfg.backend, cfg.precision):
+        if cfg.precision == "bf16" and kind != "openvino":  # refused here, in one line, before Ray starts
+            raise UserError(f"--precision bf16 is for --backend openvino (CPU); {kind} runs its engines' own precision")
     address = os.environ.get("RAY_ADDRESS") or None
     if address is None:
         check_port_free(host, port)
@@ -119,7 +130,8 @@ def serve_forever(cfg: ServeConfig, host: str, port: int) -> int:
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
             signal.signal(sig, lambda *_: stop.set())
-        serve.start(http_options={"host": host, "port": port})
+        # idle keep-alive connections are closed after KEEP_ALIVE_S (Ray's default keeps them 90 s)
+        serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": KEEP_ALIVE_S})
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
         print(f"serving {cfg.bundle} on http://{host}:{port} ({cfg.replicas} replica(s), max batch "
               f"{cfg.max_batch_size}, max queued {cfg.max_queued}); Ctrl-C stops", flush=True)

@@ -24,6 +24,7 @@ requests gives each the images a lone `tstitch-trt run --seed S` gives.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,8 +33,9 @@ from typing import Any
 import numpy as np
 
 from tstitch_trt.bundle.manifest import Manifest
-from tstitch_trt.errors import UserError
+from tstitch_trt.errors import UserError, first_line
 from tstitch_trt.pipeline import defaults
+from tstitch_trt.pipeline.values import check_text, cut_text, shown
 
 COMMON_FIELDS = ("steps", "ratio", "fractions", "sampler", "cfg_scale", "eta", "seed", "height", "width",
                  "return_latents")
@@ -41,7 +43,11 @@ TEXT_FIELDS = ("prompt", "negative_prompt", "num_images")  # what text-to-image 
 SDXL_FIELDS = ("original_size", "crop_coords", "target_size")  # SDXL's time ids, diffusers' names
 CONTROL_FIELDS = ("control_image", "controlnet_scale", "guess_mode", "control_guidance_start",
                   "control_guidance_end")  # bundles built with --controlnet
+CACHE_FIELDS = ("cache_interval", "cache_branch")  # text-to-image: DeepCache (pipeline/caching.py checks them)
 MAX_CONTROL_IMAGE_BYTES = 32 << 20
+# A prompt's text encoder reads its first 77 tokens; a longer text only costs tokenizing time, which a batch shares
+MAX_PROMPT_CHARS = 16_384
+MAX_FRACTIONS = 64  # one per model in the bundle
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,7 @@ class PipelineKind:
     fields: tuple[str, ...]
     # (manifest, the request's sampler or None) -> run's defaults (sampler, cfg_scale, steps)
     defaults: Callable[[Manifest, str | None], tuple[str, float, int]]
-    open: Callable[[Path, str], Any]  # (bundle dir, backend) -> pipeline
+    open: Callable[[Path, str, str], Any]  # (bundle dir, backend, precision) -> pipeline
     max_batch: Callable[[Any], int]  # pipeline -> the largest engine batch it can run
     parse: Callable[[dict[str, Any], Manifest, bool, int], tuple[dict[str, Any], int]]  # -> conditioning, images
     validate: Callable[[Any, GenerateRequest], None]  # (pipeline, request); raises UserError
@@ -101,13 +107,18 @@ def parse_generate(body: bytes, manifest: Manifest, is_demo: bool, max_images: i
     """The request body -> GenerateRequest, or UserError with one line (the service answers 400)."""
     try:
         data = json.loads(body or b"{}")
+    except RecursionError:  # the C parser stops at Python's recursion limit, safely
+        raise UserError("the request body nests JSON arrays or objects too deeply; send a flat JSON object") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"the request body is not valid JSON ({e}); send a JSON object") from None
+        raise UserError(f"the request body is not valid JSON ({first_line(e)[:120]}); send a JSON object") from None
+    except ValueError:  # a number past CPython's 4300-digit limit for int()
+        raise UserError("the request body holds a number of more than 4300 digits; no field takes one") from None
     if not isinstance(data, dict):
         raise UserError(f"the request body must be a JSON object, got {type(data).__name__}")
     kind = pipeline_kind(manifest)
     spec = KINDS[kind]
-    allowed = (*spec.fields, *(CONTROL_FIELDS if manifest.controlnet else ()), *COMMON_FIELDS)
+    allowed = (*spec.fields, *(CONTROL_FIELDS if manifest.controlnet else ()),
+               *(CACHE_FIELDS if manifest.text_to_image else ()), *COMMON_FIELDS)
     for name in data:
         if name in allowed:
             continue
@@ -116,7 +127,7 @@ def parse_generate(body: bytes, manifest: Manifest, is_demo: bool, max_images: i
             raise UserError(f"{name!r} does not apply to this {kind} bundle; it takes {takes}")
         if name in CONTROL_FIELDS:
             raise UserError(f"{name!r} needs a bundle built with --controlnet; this bundle has no ControlNet")
-        raise UserError(f"unknown field {name!r}; this {kind} bundle takes: {', '.join(allowed)}")
+        raise UserError(f"unknown field {shown(name)}; this {kind} bundle takes: {', '.join(allowed)}")
 
     conditioning, num_images = spec.parse(data, manifest, is_demo, max_images)
     sampler, default_cfg, default_steps = spec.defaults(manifest, _str(data, "sampler", None))
@@ -135,11 +146,28 @@ def parse_generate(body: bytes, manifest: Manifest, is_demo: bool, max_images: i
     if not follow_policy:
         ratio, fractions_list = defaults.default_stitch(len(manifest.models), ratio, fractions)
         fractions = None if fractions_list is None else tuple(fractions_list)
-    extras = {**_sdxl_extras(data, manifest), **_control_extras(data, manifest)}
+    extras = {**_sdxl_extras(data, manifest), **_control_extras(data, manifest), **_cache_extras(data, manifest)}
     shared = tuple(sorted((k, v.key if hasattr(v, "key") else v) for k, v in extras.items()))
     return GenerateRequest(kind, conditioning, num_images, steps, sampler, cfg_scale, eta, seed, ratio,
                            fractions, height, width, return_latents, adaptive=follow_policy, shared=shared,
                            extras=extras)
+
+
+def run_isolated(kind: PipelineKind, pipe: Any, reqs: Sequence[GenerateRequest]) -> list[RequestResult | Exception]:
+    """One engine batch; if it fails, each request again alone, so that only the request that causes a
+    failure gets it (its exception in its place) and its batch mates get their images."""
+    try:
+        return list(kind.run_batch(pipe, reqs))
+    except Exception as e:  # noqa: BLE001 - handed to the request(s) that cause it
+        if len(reqs) == 1:
+            return [e]
+    out: list[RequestResult | Exception] = []
+    for r in reqs:
+        try:
+            out.extend(kind.run_batch(pipe, [r]))
+        except Exception as e:  # noqa: BLE001 - this request's own failure
+            out.append(e)
+    return out
 
 
 def pipeline_kind(manifest: Manifest) -> str:
@@ -157,17 +185,24 @@ def _get(data: dict, name: str, types: tuple[type, ...], what: str, default: Any
     if v is None:
         return default
     if isinstance(v, bool) and bool not in types or not isinstance(v, types):
-        raise UserError(f"{name} must be {what}, got {json.dumps(v)[:40]}")
+        raise UserError(f"{name} must be {what}, got {shown(v)}")
     return v
 
 
 def _int(data: dict, name: str, default: Any) -> Any:
-    return _get(data, name, (int,), "an integer", default)
+    v = _get(data, name, (int,), "an integer", default)
+    # no field takes more (the seed's own check words its range); the checks' messages then never quote it whole
+    if v is not None and name != "seed" and v.bit_length() > 64:
+        raise UserError(f"{name} must be an integer of at most 64 bits, got {shown(v)}")
+    return v
 
 
 def _float(data: dict, name: str, default: Any) -> Any:
     v = _get(data, name, (int, float), "a number", default)
-    return None if v is None else float(v)
+    try:
+        return None if v is None else float(v)
+    except OverflowError:  # an integer past float's range: the pipeline's check words it
+        return math.inf
 
 
 def _str(data: dict, name: str, default: Any) -> Any:
@@ -182,9 +217,12 @@ def _floats(data: dict, name: str) -> tuple[float, ...] | None:
     v = _get(data, name, (list,), "a list of numbers", None)
     if v is None:
         return None
-    if not all(isinstance(f, int | float) and not isinstance(f, bool) for f in v):
-        raise UserError(f"{name} must be a list of numbers, got {json.dumps(v)[:40]}")
-    return tuple(float(f) for f in v)
+    if len(v) > MAX_FRACTIONS or not all(isinstance(f, int | float) and not isinstance(f, bool) for f in v):
+        raise UserError(f"{name} must be a list of numbers (one per model), got {shown(v)}")
+    try:
+        return tuple(float(f) for f in v)
+    except OverflowError:  # an integer past float's range
+        raise UserError(f"{name} must be finite numbers, got {shown(v)}") from None
 
 
 # ------------------------------------------------------------------------------- DiT, class-conditional
@@ -193,7 +231,7 @@ def _dit_parse(data: dict, manifest: Manifest, is_demo: bool, max_images: int) -
     if labels is None:
         labels = defaults.default_class_labels(manifest.num_classes, is_demo)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
-        raise UserError(f"class_labels must be a list of integers, got {json.dumps(labels)[:40]}")
+        raise UserError(f"class_labels must be a list of integers, got {shown(labels)}")
     if len(labels) > max_images:
         raise UserError(f"{len(labels)} class labels, but this service runs at most {max_images} images per "
                         "request (--max-batch-size); split the request")
@@ -209,10 +247,10 @@ def _dit_defaults(manifest: Manifest, sampler: str | None) -> tuple[str, float, 
     return sampler or defaults.DEFAULT_SAMPLER, defaults.DEFAULT_CFG_SCALE, defaults.DEFAULT_STEPS
 
 
-def _dit_open(bundle: Path, backend: str) -> Any:
+def _dit_open(bundle: Path, backend: str, precision: str = "auto") -> Any:
     from tstitch_trt.pipeline.dit import StitchedPipeline
 
-    return StitchedPipeline.from_bundle(bundle, backend=backend)
+    return StitchedPipeline.from_bundle(bundle, backend=backend, precision=precision)
 
 
 def _max_batch(pipe: Any) -> int:
@@ -222,7 +260,8 @@ def _max_batch(pipe: Any) -> int:
 
 def _dit_validate(pipe: Any, req: GenerateRequest) -> None:
     labels = np.asarray(req.conditioning["class_labels"], dtype=np.int64)
-    pipe.validate(labels, req.ratio, req.fractions, req.steps, req.sampler, None)
+    pipe.validate(labels, req.ratio, req.fractions, req.steps, req.sampler, None, cfg_scale=req.cfg_scale,
+                  eta=req.eta, seed=req.seed)
 
 
 def _dit_run_batch(pipe: Any, reqs: Sequence[GenerateRequest]) -> list[RequestResult]:
@@ -264,7 +303,12 @@ def _texts(data: dict, name: str) -> list[str] | None:
         return None
     texts = [v] if isinstance(v, str) else v
     if not all(isinstance(t, str) for t in texts):
-        raise UserError(f"{name} must be a string or a list of strings, got {json.dumps(v)[:40]}")
+        raise UserError(f"{name} must be a string or a list of strings, got {shown(v)}")
+    for t in texts:
+        if len(t) > MAX_PROMPT_CHARS:
+            raise UserError(f"{name} is {len(t)} characters; this service takes at most {MAX_PROMPT_CHARS} (the text "
+                            "encoder reads the first 77 tokens)")
+        check_text(name, t)
     return list(texts)
 
 
@@ -302,7 +346,7 @@ def _pair(data: dict, name: str) -> tuple[int, int] | None:
     if v is None:
         return None
     if len(v) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-        raise UserError(f"{name} must be a list of two integers, got {json.dumps(v)[:40]}")
+        raise UserError(f"{name} must be a list of two integers, got {shown(v)}")
     return int(v[0]), int(v[1])
 
 
@@ -321,6 +365,18 @@ class _ControlImage:
     key: str
 
 
+def _cache_extras(data: dict, manifest: Manifest) -> dict[str, Any]:
+    """cache_interval / cache_branch as given, checked against the bundle by the pipeline's own rule (they are
+    batch-shared: one trajectory plan per batch)."""
+    if not any(n in data for n in CACHE_FIELDS):
+        return {}
+    from tstitch_trt.pipeline.caching import check_cache
+
+    interval, branch = _int(data, "cache_interval", 1), _int(data, "cache_branch", None)
+    interval, branch = check_cache(manifest, interval, branch)
+    return {"cache_interval": interval, "cache_branch": branch}
+
+
 def _control_extras(data: dict, manifest: Manifest) -> dict[str, Any]:
     """The ControlNet's image (decoded once here) and settings; a ControlNet bundle needs the image."""
     if not manifest.controlnet:
@@ -328,7 +384,7 @@ def _control_extras(data: dict, manifest: Manifest) -> dict[str, Any]:
     encoded = _str(data, "control_image", None)
     if encoded is None:
         raise UserError("this bundle was built with a ControlNet: give \"control_image\" (a base64 PNG/JPEG/WebP)")
-    out: dict[str, Any] = {"control_image": _decode_control_image(encoded)}
+    out: dict[str, Any] = {"control_image": _decode_control_image(encoded, manifest)}
     for name in ("controlnet_scale", "control_guidance_start", "control_guidance_end"):
         if (v := _float(data, name, None)) is not None:
             out[name] = v
@@ -337,13 +393,13 @@ def _control_extras(data: dict, manifest: Manifest) -> dict[str, Any]:
     return out
 
 
-def _decode_control_image(encoded: str) -> _ControlImage:
+def _decode_control_image(encoded: str, manifest: Manifest) -> _ControlImage:
     import base64
     import binascii
     import hashlib
     import io
 
-    from tstitch_trt.pipeline.control import read_control_image
+    from tstitch_trt.pipeline.control import control_size_limit, read_control_image
 
     payload = encoded.split(",", 1)[1] if encoded.startswith("data:") else encoded
     if len(payload) > MAX_CONTROL_IMAGE_BYTES * 4 // 3 + 4:
@@ -353,7 +409,7 @@ def _decode_control_image(encoded: str) -> _ControlImage:
     except (binascii.Error, ValueError):
         raise UserError("control_image is not base64 (send the image file's bytes base64-encoded, or a data: URL)"
                         ) from None
-    image = read_control_image(io.BytesIO(raw), what="control_image")
+    image = read_control_image(io.BytesIO(raw), what="control_image", max_size=control_size_limit(manifest))
     return _ControlImage(image, hashlib.sha256(raw).hexdigest())
 
 
@@ -370,10 +426,10 @@ def _control_request(extras: dict[str, Any]) -> Any:
         end=extras.get("control_guidance_end", control.DEFAULT_GUIDANCE_END))
 
 
-def _sd_open(bundle: Path, backend: str) -> Any:
+def _sd_open(bundle: Path, backend: str, precision: str = "auto") -> Any:
     from tstitch_trt.pipeline.sd import StitchedSDPipeline
 
-    return StitchedSDPipeline.from_bundle(bundle, backend=backend)
+    return StitchedSDPipeline.from_bundle(bundle, backend=backend, precision=precision)
 
 
 def _sd_validate(pipe: Any, req: GenerateRequest) -> None:
@@ -384,7 +440,10 @@ def _sd_validate(pipe: Any, req: GenerateRequest) -> None:
     has_negative = any(n is not None for n in req.conditioning["negative_prompt"])
     if req.sampler in SD_SAMPLERS:
         guidance.check_guidance(pipe.manifest, req.sampler, req.cfg_scale, has_negative)
-    pipe.validate(req.ratio, req.fractions, req.steps, req.sampler, req.height, req.width, req.num_images)
+    c = req.conditioning
+    texts = [("prompt", p) for p in c["prompt"]] + [("negative_prompt", n) for n in c["negative_prompt"]]
+    pipe.validate(req.ratio, req.fractions, req.steps, req.sampler, req.height, req.width, req.num_images,
+                  cfg_scale=req.cfg_scale, eta=req.eta, seed=req.seed, texts=texts)
     control = _control_request(req.extras)
     check_control(pipe.manifest.controlnet is not None, control)
     if control is not None:
@@ -424,7 +483,7 @@ def _sd_run_batch(pipe: Any, reqs: Sequence[GenerateRequest]) -> list[RequestRes
         inits.append(x)
         step_noises.append(noise)
     step_noise = None if step_noises[0] is None else np.concatenate(step_noises, axis=1)
-    extras = {k: v for k, v in first.extras.items() if k in SDXL_FIELDS}
+    extras = {k: v for k, v in first.extras.items() if k in SDXL_FIELDS or k in CACHE_FIELDS}
     res = pipe(prompt=prompts, negative_prompt=_batch_negatives(pipe, negatives),
                num_images=1, ratio=first.ratio, fractions=first.fractions, steps=first.steps, sampler=first.sampler,
                cfg_scale=first.cfg_scale, seed=first.seed, eta=first.eta, init_noise=np.concatenate(inits, axis=0),
@@ -433,12 +492,13 @@ def _sd_run_batch(pipe: Any, reqs: Sequence[GenerateRequest]) -> list[RequestRes
     for r in reqs:
         stop = start + r.num_images
         c = r.conditioning
-        report = dict(res.report, prompts=_expand(c["prompt"], c["num_images"]),
-                      negative_prompts=res.report["negative_prompts"][start:stop], seed=r.seed,
+        negatives = res.report["negative_prompts"][start:stop]
+        report = dict(res.report, prompts=[cut_text(p) for p in _expand(c["prompt"], c["num_images"])],
+                      negative_prompts=[n if n is None else cut_text(n) for n in negatives], seed=r.seed,
                       batch=r.num_images, batch_size=len(prompts), ratio=first.ratio,
                       fractions=None if first.fractions is None else list(first.fractions))
         report["notes"] = [n for n in res.report["notes"] if not n.startswith("prompt ") or
-                           any(repr(t) in n for t in (*c["prompt"], *c["negative_prompt"]) if t is not None)]
+                           any(shown(t) in n for t in (*c["prompt"], *c["negative_prompt"]) if t is not None)]
         images = [] if res.images is None else list(res.images[start:stop])
         latents = res.latents[start:stop].copy() if r.return_latents else None
         out.append(RequestResult(images, latents, report))

@@ -1,0 +1,38 @@
+"""A request's feature caching (DeepCache): its fields checked against the bundle, and its per-call plan.
+
+`run --cache-interval N --cache-branch K`, the Python API's cache_interval / cache_branch and serve's fields of
+the same names all come here (one line, exit 2, for anything wrong). Interval 1 is no caching; the branch is
+fixed when the bundle is built (`build --cache-branch K` writes each U-Net's full and cached step graphs), so
+a run may leave it out or must name that one.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+from tstitch_trt.bundle.manifest import Manifest
+from tstitch_trt.errors import UserError
+from tstitch_trt.sampling.cache_plan import MAX_CACHE_INTERVAL
+
+
+def check_cache(manifest: Manifest, interval: object, branch: object) -> tuple[int, int | None]:
+    """(interval, branch) of a request, or one line saying what is wrong and what to do."""
+    if interval is None:
+        interval = 1
+    if isinstance(interval, bool) or not isinstance(interval, numbers.Integral):
+        raise UserError(f"cache_interval must be a whole number (1 = no caching), got {interval!r}")
+    if not 1 <= int(interval) <= MAX_CACHE_INTERVAL:
+        raise UserError(f"--cache-interval must be between 1 (no caching) and {MAX_CACHE_INTERVAL}, got {interval}")
+    if branch is not None and (isinstance(branch, bool) or not isinstance(branch, numbers.Integral)):
+        raise UserError(f"cache_branch must be a whole number (DeepCache's cache_branch_id), got {branch!r}")
+    built = None if manifest.cache is None else int(manifest.cache["branch"])
+    if branch is not None and built is None:
+        raise UserError(f"--cache-branch {branch}: this bundle was built without cached step graphs; rebuild it with "
+                        f"`tstitch-trt build ... --cache-branch {branch}`")
+    if branch is not None and int(branch) != built:
+        raise UserError(f"--cache-branch {branch}: this bundle's cached step graphs keep branch {built}; run with "
+                        f"--cache-branch {built}, or rebuild it with --cache-branch {branch}")
+    if int(interval) > 1 and built is None:
+        raise UserError("--cache-interval needs cached step graphs, which this bundle was built without; rebuild it "
+                        "with `tstitch-trt build ... --cache-branch K` (DeepCache's branch, e.g. 0)")
+    return int(interval), built if int(interval) > 1 or branch is not None else None

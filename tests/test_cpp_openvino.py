@@ -1,0 +1,216 @@
+"""The C++ runtime's OpenVINO engine (libtstitch through its C API) against Python's OpenVINO backend, on real graphs.
+
+The C side is the C11 driver cpp/tests/sample_dump.c (one request into raw files) and the example
+cpp/examples/sample_service.c, from the C++ build that scripts/test_cpp.sh makes (build/, or TSTITCH_CPP_BUILD: the
+sanitizer build runs this file too). Same bundle, seed, sampler and precision: latents within 1e-5 relative in
+fp32, images within 1.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install '.[openvino]')")
+
+from tstitch_trt.pipeline.dit import StitchedPipeline  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = Path(os.environ.get("TSTITCH_CPP_BUILD", ROOT / "build"))
+DUMP = BUILD / "cpp" / "tests" / "tstitch_sample_dump"
+EXAMPLE = BUILD / "cpp" / "tstitch_sample"
+DEMO = ROOT / "python" / "tstitch_trt" / "demo" / "pair"
+FP32_REL = 1e-5
+
+pytestmark = pytest.mark.skipif(not DUMP.exists(), reason=f"no C++ build at {BUILD} (scripts/test_cpp.sh builds it; "
+                                                          "TSTITCH_CPP_BUILD points elsewhere)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ov_cache(tmp_path_factory):
+    # both sides keep OpenVINO's compiled-model cache in one fresh place (Python's key, model_cache_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TSTITCH_OPENVINO_CACHE", str(tmp_path_factory.mktemp("ov-cache")))
+        yield
+
+
+def run_c(tmp_path: Path, **kw) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    out, rgb = tmp_path / "latents.f32", tmp_path / "rgb.u8"
+    args = [str(DUMP), f"out={out}", f"rgb={rgb}"] + [f"{k}={v}" for k, v in kw.items() if v is not None]
+    return subprocess.run(args, capture_output=True, text=True, timeout=600), out, rgb
+
+
+def _rel(got: np.ndarray, ref: np.ndarray) -> float:
+    scale = float(np.max(np.abs(ref)))
+    assert scale > 0.1, "reference is near zero"
+    return float(np.max(np.abs(got - ref))) / scale
+
+
+@pytest.fixture(scope="module")
+def python_demo():
+    return {p: StitchedPipeline.from_bundle(DEMO, backend="openvino", precision=p) for p in ("fp32",)}
+
+
+@pytest.mark.parametrize(("sampler", "steps", "ratio", "seed"), [("ddim", 12, 0.4, 0), ("ddpm", 20, 0.5, 7),
+                                                                  ("dpm-solver++", 10, 0.0, 123)])
+def test_demo_equals_python_openvino_fp32(tmp_path, python_demo, sampler, steps, ratio, seed):
+    labels = [1, 4, 7]
+    proc, out, rgb = run_c(tmp_path, bundle=DEMO, engine="openvino", precision="fp32", steps=steps, ratio=ratio,
+                           sampler=sampler, cfg=1.5, seed=seed, batch=len(labels), labels=",".join(map(str, labels)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("engine openvino; fp32 (requested)"), proc.stdout
+    ref = python_demo["fp32"](labels, ratio=ratio, steps=steps, sampler=sampler, cfg_scale=1.5, seed=seed)
+    got = np.fromfile(out, dtype=np.float32).reshape(ref.latents.shape)
+    assert _rel(got, ref.latents) <= FP32_REL
+    images = np.fromfile(rgb, dtype=np.uint8).reshape(ref.images.shape)
+    assert np.abs(images.astype(int) - ref.images.astype(int)).max() <= 1
+
+
+def test_auto_engine_and_precision_follow_python(tmp_path):
+    # NULL engine on a CPU-only build/host is openvino; NULL precision is Python's auto rule on this CPU
+    import openvino as ov
+
+    from tstitch_trt.bundle.manifest import read_manifest
+    from tstitch_trt.runtime.openvino_backend import cpu_has_bf16, resolve_precisions
+
+    proc, out, _ = run_c(tmp_path, bundle=DEMO, steps=4, batch=1, labels="3")
+    assert proc.returncode == 0, proc.stderr
+    _, why = resolve_precisions(read_manifest(DEMO), "auto", cpu_has_bf16(ov.Core()))
+    assert proc.stdout.splitlines()[0] == f"engine openvino; {why}"
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"engine": "onnx"}, "error: unknown engine 'onnx'; choose openvino or trt (NULL: auto)"),
+    ({"engine": "openvino", "precision": "fp16"},
+     "error: unknown precision 'fp16'; choose from auto, fp32, bf16 (NULL: auto)"),
+    ({"engine": "openvino", "labels": "10"},
+     "error: class label 10 is outside [0, 10); this bundle's models know 10 classes"),
+])
+def test_bad_input_is_one_line_and_status(tmp_path, kw, message):
+    proc, out, _ = run_c(tmp_path, **{"bundle": DEMO, "steps": 2, "batch": 1, "labels": "1", **kw})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == message
+    assert not out.exists()
+
+
+def test_example_writes_the_demo_digits_as_a_png(tmp_path):
+    """cpp/examples' C service on this CPU: 4 images of one digit, as Python's pipeline makes them."""
+    from PIL import Image
+
+    png = tmp_path / "digits.png"
+    proc = subprocess.run([str(EXAMPLE), str(DEMO), str(png), "7", "20", "0.4"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "engine openvino" in proc.stdout, proc.stdout
+    got = np.asarray(Image.open(png))
+    ref = StitchedPipeline.from_bundle(DEMO, backend="openvino")([7] * 4, ratio=0.4, steps=20, sampler="ddpm",
+                                                                 cfg_scale=1.5, seed=0)
+    want = np.concatenate(list(ref.images[..., 0]), axis=1)  # side by side, gray
+    assert got.shape == want.shape == (32, 128)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    assert got.std() > 20  # digits on a background, not a flat image
+
+
+# --- SD: the text encoder, the U-Net step graphs and the VAE through OpenVINO, token ids from the caller ---------
+
+@pytest.fixture(scope="module")
+def sd_ov(sd_bundle):
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    return StitchedSDPipeline.from_bundle(sd_bundle, backend="openvino")
+
+
+def _tokens(pipe, texts: list[str]) -> np.ndarray:
+    from tstitch_trt.pipeline.text import PromptTokenizer
+
+    ids, _ = PromptTokenizer(pipe.bundle_dir, pipe.manifest.tokenizer)(texts)
+    return ids
+
+
+@pytest.mark.parametrize(("sampler", "steps", "seed", "eta"), [(None, 6, 0, 0.0), ("ddim", 5, 11, 0.5),
+                                                                ("euler", 4, 5, 0.0)])
+def test_sd_equals_python_openvino(tmp_path, sd_bundle, sd_ov, sampler, steps, seed, eta):
+    prompts, negatives = ["a red fox in the snow", "an astronaut, oil painting"], ["", "blurry"]
+    ref = sd_ov(prompts, negative_prompt=negatives, steps=steps, sampler=sampler, cfg_scale=7.5, seed=seed, eta=eta,
+                ratio=0.5)
+    prompt, negative = tmp_path / "prompt.i64", tmp_path / "negative.i64"
+    _tokens(sd_ov, prompts).tofile(prompt)
+    _tokens(sd_ov, negatives).tofile(negative)
+    proc, out, rgb = run_c(tmp_path, bundle=sd_bundle, engine="openvino", steps=steps, sampler=sampler, cfg=7.5,
+                           seed=seed, eta=eta, ratio=0.5, batch=2, prompt=prompt, negative=negative,
+                           tokens=sd_ov.manifest.tokenizer["max_length"])
+    assert proc.returncode == 0, proc.stderr
+    got = np.fromfile(out, dtype=np.float32).reshape(ref.latents.shape)
+    assert _rel(got, ref.latents) <= FP32_REL
+    images = np.fromfile(rgb, dtype=np.uint8).reshape(ref.images.shape)
+    assert np.abs(images.astype(int) - ref.images.astype(int)).max() <= 1
+    assert ref.images.std() > 5  # random weights still draw something, not a flat image
+
+
+def _prompt_file(path: Path, texts: list[str | bytes]) -> Path:
+    path.write_bytes(b"".join((t.encode() if isinstance(t, str) else t) + b"\0" for t in texts))
+    return path
+
+
+def test_sd_prompts_as_text_equal_python(tmp_path, sd_bundle, sd_ov):
+    """Prompts as UTF-8 text: tokenized in C++ as the Python pipeline tokenizes them, then the same trajectory."""
+    prompts = ["Ein Fuchs im Schnee, café-Stil 🦊", "a very long prompt " + "with many words " * 30]
+    ref = sd_ov(prompts, steps=4, cfg_scale=6.0, seed=21, ratio=0.5)  # no negative prompt: "" under cfg
+    proc, out, rgb = run_c(tmp_path, bundle=sd_bundle, engine="openvino", steps=4, cfg=6.0, seed=21, ratio=0.5, batch=2,
+                           prompts=_prompt_file(tmp_path / "p.txt", prompts))
+    assert proc.returncode == 0, proc.stderr
+    got = np.fromfile(out, dtype=np.float32).reshape(ref.latents.shape)
+    assert _rel(got, ref.latents) <= FP32_REL
+    images = np.fromfile(rgb, dtype=np.uint8).reshape(ref.images.shape)
+    assert np.abs(images.astype(int) - ref.images.astype(int)).max() <= 1
+    negatives = ["ugly, blurry", "ÜBER-saturated\t\tcolours"]
+    ref_neg = sd_ov(prompts, negative_prompt=negatives, steps=4, cfg_scale=6.0, seed=21, ratio=0.5)
+    proc, out, _ = run_c(tmp_path, bundle=sd_bundle, engine="openvino", steps=4, cfg=6.0, seed=21, ratio=0.5, batch=2,
+                         prompts=_prompt_file(tmp_path / "p.txt", prompts),
+                         negative_prompts=_prompt_file(tmp_path / "n.txt", negatives))
+    assert proc.returncode == 0, proc.stderr
+    got_neg = np.fromfile(out, dtype=np.float32).reshape(ref.latents.shape)
+    assert _rel(got_neg, ref_neg.latents) <= FP32_REL
+    assert _rel(got_neg, ref.latents) > 1e-3  # the negative prompts reached the trajectory
+
+
+@pytest.mark.parametrize(("prompts", "negatives", "message"), [
+    ([b"\xff\xfe a cat", "a dog"], None,
+     "error: prompt 0 is not valid UTF-8 (bad byte 0xff at byte 0); pass prompts as UTF-8 text"),
+    (["a cat", b"caf\xc3"], None,
+     "error: prompt 1 is not valid UTF-8 (bad byte 0xc3 at byte 3); pass prompts as UTF-8 text"),
+    (["a cat", b"\xed\xa0\x80"], None, "error: prompt 1 is not valid UTF-8 (bad byte 0xed at byte 0); pass prompts as "
+                                       "UTF-8 text"),
+    (["a cat"], None, "error: give one prompt per image: batch 2, 1 prompts"),
+    (["a cat", "a dog", "a cow"], None, "error: give one prompt per image: batch 2, 3 prompts"),
+    (["a cat", "a dog"], ["x"], "error: 1 negative prompts for 2 prompts; give one per prompt (or NULL: none)"),
+    (["a cat", "a dog"], [b"ok", b"\xc0\xaf"],
+     "error: negative prompt 1 is not valid UTF-8 (bad byte 0xc0 at byte 0); pass prompts as UTF-8 text"),
+])
+def test_bad_prompts_are_one_line(tmp_path, sd_bundle, prompts, negatives, message):
+    kw = {"prompts": _prompt_file(tmp_path / "p.txt", prompts)}
+    if negatives is not None:
+        kw["negative_prompts"] = _prompt_file(tmp_path / "n.txt", negatives)
+    proc, out, _ = run_c(tmp_path, bundle=sd_bundle, engine="openvino", steps=2, batch=2, **kw)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == message
+    assert not out.exists()
+
+
+def test_tampered_tokenizer_is_refused_at_open(tmp_path, sd_bundle):
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(sd_bundle, copy)
+    with open(copy / "tokenizer" / "tokenizer.json", "a") as f:
+        f.write(" ")
+    proc, out, _ = run_c(tmp_path, bundle=copy, engine="openvino", steps=2, batch=1,
+                         prompts=_prompt_file(tmp_path / "p.txt", ["a cat"]))
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "checksum mismatch for" in proc.stderr
+    assert "tokenizer/tokenizer.json" in proc.stderr
+    assert not out.exists()
