@@ -75,11 +75,12 @@ def test_auto_engine_and_precision_follow_python(tmp_path):
     import openvino as ov
 
     from tstitch_trt.bundle.manifest import read_manifest
+    from tstitch_trt.runtime.cpu_isa import bf16_isa
     from tstitch_trt.runtime.openvino_backend import cpu_has_bf16, resolve_precisions
 
     proc, out, _ = run_c(tmp_path, bundle=DEMO, steps=4, batch=1, labels="3")
     assert proc.returncode == 0, proc.stderr
-    _, why = resolve_precisions(read_manifest(DEMO), "auto", cpu_has_bf16(ov.Core()))
+    _, why = resolve_precisions(read_manifest(DEMO), "auto", cpu_has_bf16(ov.Core()), bf16_isa())
     assert proc.stdout.splitlines()[0] == f"engine openvino; {why}"
 
 

@@ -247,7 +247,7 @@ class OvBackend : public Backend {
       });
       // an unwritable cache only costs compile time, as in Python
     }
-    return resolve_cpu_precisions(m, requested, native_bf16_, why);
+    return resolve_cpu_precisions(m, requested, native_bf16_, cpu_bf16_isa(), why);
   }
 
   std::unique_ptr<StepEngine> load(const std::vector<char>& plan, const std::string& what) override {

@@ -1,4 +1,4 @@
-// CPU inference precision per model (runtime/openvino_backend.py's resolve_precisions): the one rule
+// CPU inference precision per model (runtime/openvino_backend.py's choose_precisions): the one rule
 // that decides where bf16 runs, kept apart so it follows Python's rule as that rule changes.
 #pragma once
 
@@ -11,14 +11,19 @@ namespace tstitch {
 
 constexpr const char* kPrecisions = "auto, fp32, bf16";
 
-// Is this model's recorded bf16 verdict (ModelEntry.bf16, from `tstitch-trt check --precision bf16
-// --record`) "safe" for this CPU? Today: safe == true (the CPU's native bf16 is checked by the caller).
-bool bf16_verdict_safe(const nlohmann::json& verdict);
+// This CPU's bf16 instruction set as runtime/cpu_isa.py names it: "amx_bf16" (best first: an AMX CPU
+// also has AVX512_BF16), "avx512_bf16", or "" (none, or no flags line in `cpuinfo_path`).
+std::string cpu_bf16_isa(const std::string& cpuinfo_path = "/proc/cpuinfo");
+
+// "" where a recorded bf16 verdict (ModelEntry.bf16, from `tstitch-trt check --precision bf16 --record`)
+// lets auto use bf16 on `isa`, else why not (Python's verdict_covers phrase): the verdict must be safe
+// AND list `isa` among the ISAs it was measured on (OpenVINO picks other kernels on AMX).
+std::string bf16_verdict_gap(const nlohmann::json& verdict, const std::string& isa);
 
 // "fp32" / "bf16" per model for `requested` ("auto", "fp32", "bf16"; "" = auto) on a CPU with or
-// without native bf16; *why: one line saying why (Python's wording). Error(TSTITCH_ERR_INVALID_ARGUMENT)
-// for an unknown precision or bf16 requested on a CPU without it.
+// without native bf16 whose bf16 ISA is `isa`; *why: one line saying why (Python's wording).
+// Error(TSTITCH_ERR_INVALID_ARGUMENT) for an unknown precision or bf16 requested on a CPU without it.
 std::vector<std::string> resolve_cpu_precisions(const Manifest& m, const std::string& requested, bool native_bf16,
-                                                std::string* why);
+                                                const std::string& isa, std::string* why);
 
 }  // namespace tstitch

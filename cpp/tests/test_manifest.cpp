@@ -6,6 +6,7 @@
 
 #include "graph_refs.hpp"
 #include "manifest.hpp"
+#include "precision.hpp"
 #include "test_util.hpp"
 
 using namespace tstitch;
@@ -232,4 +233,42 @@ TEST(Manifest, GraphExternalDataIsSealedToo) {
   std::ofstream(b.dir() + "/trt/g.onnx", std::ios::binary) << std::string("\x0a\xff\xff\xff\x0f", 5);  // truncated
   e.artifact.sha256 = sha256_file(b.dir() + "/trt/g.onnx");
   EXPECT_NE(error_of([&] { artifact_path(b.dir(), e); }).find("bundle file trt/g.onnx is not an ONNX graph that can be read"), std::string::npos);
+}
+
+TEST(Precision, AutoUsesBf16OnlyWhereTheVerdictCoversThisIsa) {
+  // runtime/openvino_backend.py's choose_precisions, word for word (issue 19: a verdict is per CPU ISA)
+  Manifest m = read_manifest(tstitch::testing::test_dir() + "/../../python/tstitch_trt/demo/pair");
+  const nlohmann::json safe_avx = {{"safe", true}, {"isa", {"avx512_bf16"}}};
+  m.models[0].bf16 = safe_avx;
+  m.models[1].bf16 = safe_avx;
+  std::string why;
+  EXPECT_EQ(resolve_cpu_precisions(m, "", true, "avx512_bf16", &why), (std::vector<std::string>{"bf16", "bf16"}));
+  EXPECT_EQ(why, "bf16: the bundle records bf16 as safe on avx512_bf16 for every part");
+  EXPECT_EQ(resolve_cpu_precisions(m, "auto", true, "amx_bf16", &why), (std::vector<std::string>{"fp32", "fp32"}));
+  EXPECT_EQ(why, "fp32: bf16 verdict measured on avx512_bf16, this CPU is amx_bf16");
+  m.models[1].bf16 = {{"safe", true}};  // recorded before verdicts named their ISA
+  EXPECT_EQ(resolve_cpu_precisions(m, "auto", true, "avx512_bf16", &why), (std::vector<std::string>{"bf16", "fp32"}));
+  EXPECT_EQ(why.rfind("bf16 on " + m.models[0].name + ", fp32 elsewhere: the bundle's bf16 verdict does not name", 0),
+            0u) << why;
+  m.models[1].bf16 = {{"safe", false}, {"isa", {"avx512_bf16"}}};
+  EXPECT_EQ(bf16_verdict_gap(m.models[1].bf16, "avx512_bf16"),
+            "the bundle does not record bf16 as safe (tstitch-trt check --precision bf16 --record)");
+  EXPECT_EQ(bf16_verdict_gap(safe_avx, ""), "this CPU's bf16 ISA cannot be told (no /proc/cpuinfo flags)");
+  EXPECT_EQ(resolve_cpu_precisions(m, "auto", false, "", &why), (std::vector<std::string>{"fp32", "fp32"}));
+  EXPECT_EQ(why, "fp32: this CPU has no native bf16");
+  EXPECT_EQ(resolve_cpu_precisions(m, "bf16", true, "amx_bf16", &why), (std::vector<std::string>{"bf16", "bf16"}));
+}
+
+TEST(Precision, CpuIsaFromCpuinfoFlags) {
+  const std::string dir = ::testing::TempDir();
+  const auto isa_of = [&](const std::string& text) {
+    const std::string path = dir + "/cpuinfo-test";
+    std::ofstream(path) << text;
+    return cpu_bf16_isa(path);
+  };
+  EXPECT_EQ(isa_of("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n"), "amx_bf16");
+  EXPECT_EQ(isa_of("flags\t\t: fpu avx512f avx512_bf16\n"), "avx512_bf16");
+  EXPECT_EQ(isa_of("flags\t\t: fpu sse2 avx2\n"), "");
+  EXPECT_EQ(isa_of("no flags here\n"), "");
+  EXPECT_EQ(cpu_bf16_isa("/nonexistent/cpuinfo"), "");
 }
