@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("DeepCache", reason="pip install --no-deps deepcache (scripts/test.sh installs it)")
 
 from conftest import build_sd  # noqa: E402
+from tstitch_trt.bundle.manifest import read_manifest  # noqa: E402
 from tstitch_trt.cli import main  # noqa: E402
 from tstitch_trt.models.diffusers_peer import end_deepcache, stitch_by_callback  # noqa: E402
 from tstitch_trt.sampling.cache_plan import cached_calls  # noqa: E402
@@ -117,11 +118,25 @@ def test_stitched_equals_deepcache_switched(cache_bundles, peer, tmp_path, backe
     assert switch > 0 and switch in report["cache"]["full_calls"]  # the large model's first call is full
 
 
-def test_openvino_equals_ort(cache_bundles, tmp_path) -> None:
+def test_openvino_equals_ort(cache_bundles, tmp_path, monkeypatch) -> None:
+    """...and the cached step graphs go through the blob cache (runtime/openvino_compile.py) like the full ones:
+    a second run reads no step graph's ONNX, cached graphs included, and gives the same latents."""
     pytest.importorskip("openvino")
+    from tstitch_trt.runtime import openvino_backend
+
+    reads: list[str] = []
+    real = openvino_backend.read_onnx
+    monkeypatch.setattr(openvino_backend, "read_onnx", lambda core, path: reads.append(path.name) or real(core, path))
+    monkeypatch.setenv("TSTITCH_OPENVINO_CACHE", str(tmp_path / "ov-cache"))
     init = unit_latents()
     flags = ("--cache-interval", "3")
     ov, _ = run_cli(cache_bundles[0], tmp_path, "openvino", "pndm", 0.4, init, "--precision", "fp32", *flags)
+    manifest = read_manifest(cache_bundles[0])
+    cached_files = {Path(m.cached["engines"]["ort"].file).name for m in manifest.models}
+    assert cached_files <= set(reads)  # a cold cache: the cached graphs were read and compiled
+    reads.clear()
+    again, _ = run_cli(cache_bundles[0], tmp_path, "openvino", "pndm", 0.4, init, "--precision", "fp32", *flags)
+    assert reads == [] and np.array_equal(again, ov)
     ort, _ = run_cli(cache_bundles[0], tmp_path, "ort", "pndm", 0.4, init, *flags)
     assert rel_diff(ov, ort) < 1e-4
 

@@ -111,3 +111,37 @@ def test_decoded_image_equals_diffusers(sd_bundle, reference, tmp_path) -> None:
     want = (ref * 255).round().astype(np.int32)
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= 1
+
+
+@pytest.mark.parametrize("negative", [None, NEGATIVE])
+def test_openvino_text_encoder_unets_and_vae_equal_diffusers(sd_bundle, reference, tmp_path, negative) -> None:
+    """--backend openvino runs every graph of the bundle on OpenVINO (text encoder, U-Nets, VAE): the latents
+    and the decoded image equal diffusers' (a text encoder error would show in both)."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install '.[openvino]')")
+    from PIL import Image
+
+    from tstitch_trt.bundle.manifest import read_manifest
+    from tstitch_trt.runtime import openvino_graph
+
+    made: list = []
+
+    class Recorded(openvino_graph.OpenVinoGraph):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    init = unit_latents(batch=1)
+    ref_latent = reference("pndm", 0.4, negative, init)
+    ref_image = reference("pndm", 0.4, negative, init, output_type="np")[0]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(openvino_graph, "OpenVinoGraph", Recorded)
+        mp.setenv("TSTITCH_OPENVINO_CACHE", str(tmp_path / "ov-cache"))
+        got, report = run_cli(sd_bundle, tmp_path, "openvino", "pndm", 0.4, negative, init)
+    manifest = read_manifest(sd_bundle)
+    assert report["backend"] == "openvino"
+    assert sorted(g.path.name for g in made) == sorted(Path(e["engines"]["ort"].file).name
+                                                        for e in (manifest.text_encoder, manifest.vae))
+    assert all(g.compiles == 1 and g.source == "compiled" for g in made)
+    assert rel_diff(got, ref_latent) < 1e-4, f"openvino: {rel_diff(got, ref_latent):.2e}"
+    want = (ref_image * 255).round().astype(np.int32)
+    assert np.abs(np.asarray(Image.open(tmp_path / "o.png")).astype(np.int32) - want).max() <= 1

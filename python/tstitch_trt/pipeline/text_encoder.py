@@ -41,7 +41,8 @@ def open_text_encoder_outputs(bundle_dir: Path, te: Mapping[str, Any], backend: 
     if backend == "openvino" and kind == "ort":
         from tstitch_trt.runtime.openvino_graph import OpenVinoGraph
 
-        graph = OpenVinoGraph(artifact_path(bundle_dir, entry), precision)
+        graph = OpenVinoGraph(artifact_path(bundle_dir, entry), precision,
+                              graph_sha256=[sha for _, sha in entry.files()])
         in_name = next(iter(te["io"]["inputs"]))
         return lambda ids: {n: a for n, a in graph({in_name: ids.astype(np.int64)}).items() if n in names}
     if kind == "ort":

@@ -25,7 +25,8 @@ def open_decoder(bundle_dir: Path, manifest: Manifest, backend: str,
     if backend == "openvino" and kind == "ort":
         from tstitch_trt.runtime.openvino_graph import OpenVinoGraph
 
-        graph = OpenVinoGraph(artifact_path(bundle_dir, entry), precision)
+        graph = OpenVinoGraph(artifact_path(bundle_dir, entry), precision,
+                              graph_sha256=[sha for _, sha in entry.files()])
         return lambda z: graph({"latent": z.astype(np.float32)})["image"]
     if kind == "ort":
         import onnxruntime as ort

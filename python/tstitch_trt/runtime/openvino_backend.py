@@ -14,7 +14,9 @@ only on CPUs with native bf16 (AVX512_BF16 / AMX) and, under `--precision auto`,
 whose bundle records bf16 as safe on this CPU's bf16 ISA (`tstitch-trt check --precision bf16 --record`
 names the ISA it measured on: amx_bf16 or avx512_bf16, runtime/cpu_isa.py).
 Each model is compiled for the batch in use (static shapes run ~10-15% faster than the dynamic
-graph); compiled blobs go to OpenVINO's model cache outside the bundle (which may be read-only).
+graph); compiled models are cached as blobs outside the bundle (which may be read-only), keyed without
+reading the graph (runtime/openvino_compile.py): a cached run imports the blobs and never reads the ONNX,
+and no ov.Model is kept once its compiled model exists (no second copy of the weights).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from tstitch_trt.errors import BackendUnavailable, UserError
 from tstitch_trt.runtime.cpu_isa import bf16_isa
 from tstitch_trt.runtime.host_buffers import HostStepBuffers, check_cached
 from tstitch_trt.runtime.io_roles import state_slots, step_io
+from tstitch_trt.runtime.openvino_compile import Compiled, compile_cached, has_blob
 from tstitch_trt.runtime.openvino_precision import marked_for_bf16
 from tstitch_trt.sampling.trajectory import TrajectoryPlan
 
@@ -58,11 +61,16 @@ def cpu_has_bf16(core: Any) -> bool:
 def model_cache_dir(manifest: Manifest) -> Path:
     """OpenVINO's compiled-model cache for this bundle: outside it, keyed by its graphs' checksums."""
     digest = hashlib.sha256("".join(m.engines[ONNX_ENTRY].sha256 for m in manifest.models).encode()).hexdigest()
+    return cache_root() / digest[:16]
+
+
+def cache_root() -> Path:
+    """$TSTITCH_OPENVINO_CACHE, else $XDG_CACHE_HOME (~/.cache)/tstitch-trt/openvino."""
     root = os.environ.get("TSTITCH_OPENVINO_CACHE")
     if not root:
         base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         root = str(Path(base) / "tstitch-trt" / "openvino")
-    return Path(root) / digest[:16]
+    return Path(root)
 
 
 def verdict_covers(verdict: dict | None, isa: str | None) -> str | None:
@@ -123,10 +131,32 @@ def compile_static(core: Any, model: Any, shapes: dict[str, tuple[int, ...]], pr
     static.reshape({inp.get_any_name(): list(shapes[inp.get_any_name()]) for inp in model.inputs})
     if precision == "bf16":  # bf16 only inside the matmul/conv body, whatever the CPU's ISA
         static = marked_for_bf16(core, static)
+    return core.compile_model(static, "CPU", compile_config(precision, threads))
+
+
+def compile_config(precision: str, threads: int = 0) -> dict[str, Any]:
+    """The CPU plugin's properties for `precision` (an imported blob needs them again: they are not all in it)."""
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": _HINT[precision]}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    return core.compile_model(static, "CPU", config)
+    return config
+
+
+def read_onnx(core: Any, path: Path) -> Any:
+    """The ov.Model of an ONNX graph, or one line saying OpenVINO cannot read it."""
+    try:
+        return core.read_model(str(path))
+    except Exception as e:
+        raise BackendUnavailable(f"OpenVINO cannot read {path.name}: {str(e).strip().splitlines()[0][:200]}; "
+                                 "upgrade openvino or use --backend ort") from None
+
+
+def _writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
 
 
 class OpenVinoBackend(HostStepBuffers):
@@ -142,69 +172,91 @@ class OpenVinoBackend(HostStepBuffers):
         self.precisions, self.precision_reason = resolve_precisions(manifest, precision, cpu_has_bf16(self.core),
                                                                     bf16_isa())
         self.threads = threads or int(os.environ.get("TSTITCH_OPENVINO_THREADS", "0"))
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else model_cache_dir(manifest)
-        try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            self.core.set_property({"CACHE_DIR": str(self.cache_dir)})
-        except OSError:
+        self.cache_dir: Path | None = Path(cache_dir) if cache_dir is not None else model_cache_dir(manifest)
+        self._notes = []
+        if not _writable_dir(self.cache_dir):
             self._notes = [f"OpenVINO model cache off: {self.cache_dir} is not writable"]
-        else:
-            self._notes = []
+            self.cache_dir = None
         self.bundle_dir = Path(bundle_dir)
-        self.models = []  # read once; reshaped and compiled per batch in _compile
+        self._paths = []
+        self._shas = []  # each graph's files' sha256 (verified when the bundle was opened): the cache keys
         for m in manifest.models:
             if ONNX_ENTRY not in m.engines:
                 raise UserError(f"the bundle has no ONNX graph for {m.name}; rebuild with --backend ort")
-            self.models.append(self._read(m.engines[ONNX_ENTRY]))
-        self.cached_models: list[Any] = []  # DeepCache's cached graphs: read at the first trajectory that uses them
+            self._paths.append(artifact_path(bundle_dir, m.engines[ONNX_ENTRY]))
+            self._shas.append([sha for _, sha in m.engines[ONNX_ENTRY].files()])
+        # a graph this cache never compiled is read now (an OpenVINO too old for it refuses here, so `auto`
+        # moves on) and kept only until its first compile; a cached one is never read (openvino_compile.py)
+        self._read: list[Any] = [None if has_blob(self.cache_dir, sha) else read_onnx(self.core, path)
+                                 for path, sha in zip(self._paths, self._shas, strict=True)]
+        # DeepCache's cached graphs: found at the first trajectory that uses them, compiled through the same cache
+        self._cached_paths: list[Path] = []
+        self._cached_shas: list[list[str]] = []
         self.cached_compiled: list[Any] = []
+        self._cached_compiled: list[Compiled] = []
         self._cached_requests: list[list[Any]] = []
         self._cached: list[bool] = []
         self.io = step_io(manifest)
         self.allocations = 0
         self.compiles = 0
+        self.compile_sources: list[str] = []  # per model: "cache" (blob imported) or "compiled", last compile
         self._shape_key: tuple | None = None
         self._compiled_for: tuple | None = None
         self._requests: list[list[Any]] = []  # [model][parity]
-
-    def _read(self, entry: Any) -> Any:
-        path = artifact_path(self.bundle_dir, entry)
-        try:
-            return self.core.read_model(str(path))
-        except Exception as e:
-            raise BackendUnavailable(f"OpenVINO cannot read {path.name}: {str(e).strip().splitlines()[0][:200]}; "
-                                     "upgrade openvino or use --backend ort") from None
+        self.compiled: list[Any] = []
+        self._compiled: list[Compiled] = []
 
     def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, cond: Any, guidance: float) -> None:
-        if any(check_cached(plan, self.io)) and not self.cached_models:
+        if any(check_cached(plan, self.io)) and not self._cached_paths:
+            entries = []
             for m in self.manifest.models:
                 entry = (m.cached or {}).get("engines", {}).get(ONNX_ENTRY)
                 if entry is None:
                     raise UserError(f"the bundle has no cached ONNX graph for {m.name}; rebuild it with --backend "
                                     "ort --cache-branch K")
-                self.cached_models.append(self._read(entry))
+                entries.append(entry)
+            self._cached_paths = [artifact_path(self.bundle_dir, e) for e in entries]
+            self._cached_shas = [[sha for _, sha in e.files()] for e in entries]
             self._shape_key = self._compiled_for = None  # compile and bind them too
         super().prepare(plan, x_init, cond, guidance)
 
     # compiled models ------------------------------------------------------------------------------
     def _compile(self, dims: dict[str, int]) -> None:
-        """Compile every model for these dims (static shapes); the model cache makes a repeat cheap."""
+        """Compile every model for these dims (static shapes); a cached blob is imported without the ONNX."""
         key = tuple(sorted(dims.items()))
         if key == self._compiled_for:
             return
-        self._requests = []
+        # the old shape's models go before new ones come
+        self._requests, self._rows, self.compiled, self._compiled = [], [], [], []
         shapes = {n: self.io.shape(n, dims) for n in self.io.inputs}
-        self.compiled = [compile_static(self.core, model, shapes, precision, self.threads)
-                         for model, precision in zip(self.models, self.precisions, strict=True)]
+        self._compiled = []
+        for i, precision in enumerate(self.precisions):
+            self._compiled.append(compile_cached(
+                self.core, lambda i=i: self._take_model(i),
+                lambda model, precision=precision: compile_static(self.core, model, shapes, precision, self.threads),
+                self._shas[i], shapes, precision, self.threads, self.cache_dir,
+                compile_config(precision, self.threads)))
+        self.compiled = [c.model for c in self._compiled]
+        self.compile_sources = [c.source for c in self._compiled]
         self.compiles += len(self.compiled)
-        self.cached_compiled = []
-        if self.cached_models and self.io.cache is not None:  # + the kept feature, in each model's own shape
-            self.cached_compiled = [
-                compile_static(self.core, model, {**shapes, self.io.cache[0]: self.io.features[i].resolve(dims)},
-                               precision, self.threads)
-                for i, (model, precision) in enumerate(zip(self.cached_models, self.precisions, strict=True))]
+        self.cached_compiled, self._cached_compiled = [], []
+        if self._cached_paths and self.io.cache is not None:  # + the kept feature, in each model's own shape
+            for i, precision in enumerate(self.precisions):
+                cached_shapes = {**shapes, self.io.cache[0]: self.io.features[i].resolve(dims)}
+                self._cached_compiled.append(compile_cached(
+                    self.core, lambda i=i: read_onnx(self.core, self._cached_paths[i]),
+                    lambda model, precision=precision, cached_shapes=cached_shapes: compile_static(
+                        self.core, model, cached_shapes, precision, self.threads),
+                    self._cached_shas[i], cached_shapes, precision, self.threads, self.cache_dir,
+                    compile_config(precision, self.threads)))
+            self.cached_compiled = [c.model for c in self._cached_compiled]  # _cached_compiled keeps blob maps alive
             self.compiles += len(self.cached_compiled)
         self._compiled_for = key
+
+    def _take_model(self, i: int) -> Any:
+        """The ov.Model of graph i, handed over (not kept): read at open, or read again for a new shape."""
+        model, self._read[i] = self._read[i], None
+        return model if model is not None else read_onnx(self.core, self._paths[i])
 
     # buffers: runtime/host_buffers.py (compiled for each new shape); bound here ------------------------
     def _prepare_shape(self, dims: dict[str, int]) -> None:
@@ -254,13 +306,18 @@ class OpenVinoBackend(HostStepBuffers):
 
     def take_notes(self) -> list[str]:
         notes, self._notes = self._notes, []
-        return [f"openvino precision: {self.precision_reason}", *notes]
+        sources = [f"{m.name} {'from the model cache' if s == 'cache' else 'compiled (now cached)'}"
+                   for m, s in zip(self.manifest.models, self.compile_sources, strict=False)]
+        return [f"openvino precision: {self.precision_reason}", *notes,
+                *([f"openvino models: {', '.join(sources)}"] if sources else [])]
 
     def close(self) -> None:
         self._requests = []
         self._cached_requests = []
         self.cached_compiled = []
+        self._cached_compiled = []
         self._rows = []
         self.compiled = []
+        self._compiled = []
         self._shape_key = None
         self._compiled_for = None

@@ -1,0 +1,201 @@
+"""SD on the CPU, side by side in one run: `tstitch-trt run` (openvino) vs OpenVINO GenAI vs diffusers (torch).
+
+    python benchmarks/sd_cpu_vs_genai.py --bundle BUNDLE --optimum OPTIMUM_DIR --large SD_PIPELINE_DIR \
+        [--small SMALL_UNET_DIR] --genai-python /path/to/genai-venv/bin/python \
+        [--size 512] [--steps 4] [--ratios 0,0.4] [--precisions fp32] [--genai-precisions fp32,bf16] \
+        [--diffusers-precisions fp32,bf16] [--repeats 2] [--runners ours,genai,diffusers] [--lock FILE] \
+        --out results.json
+
+BUNDLE: `tstitch-trt build --model SMALL --model LARGE --backend ort`; OPTIMUM_DIR: `optimum-cli export
+openvino --model LARGE --task text-to-image --weight-format fp32 OUT` (the same weights). Every
+measurement is its own process, so each has its own peak RSS (os.wait4's ru_maxrss of that process) and
+whole-process wall time; the runners alternate within each repeat (ours r=0, ours r=0.4, GenAI, diffusers
+fp32, diffusers bf16, ...), so load drifting on a shared machine hits all alike. One warm-up process per
+cached runner fills its compiled-model cache first (its figures are kept as "first run").
+
+Per run: per-U-Net-call ms (ours: the report's step_ms, by model; GenAI: its raw unet durations;
+diffusers: a forward hook), VAE decode, whole image (prompt -> pixels, in process), whole process, peak
+RSS. Min and median over --repeats. GenAI runs in its own environment (--genai-python, script
+benchmarks/genai_t2i.py) and at ratio 0 only (it has no stitching): it is the SD 1.5 large model alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+LOCK: list[str] = []  # --lock: a file flock()ed around each measured process (a shared machine's big-memory lock)
+
+
+def run_process(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS GB of that process, output tail); raises on failure. With --lock, the lock is
+    taken before the clock starts and released when the process ends (waiting for it is not timed)."""
+    with contextlib.ExitStack() as stack:
+        if LOCK:
+            f = stack.enter_context(open(LOCK[0], "a"))
+            fcntl.flock(f, fcntl.LOCK_EX)
+        return _run_timed(cmd, env)
+
+
+def _run_timed(cmd: list[str], env: dict[str, str] | None) -> tuple[float, float, str]:
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        tail = log.read().decode(errors="replace")[-3000:]
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{tail}")
+    return wall, usage.ru_maxrss / 2**20, tail
+
+
+def ours(args: argparse.Namespace, ratio: float, precision: str, work: Path) -> dict[str, Any]:
+    report = work / f"ours-{precision}-{ratio}.json"
+    cmd = [sys.executable, "-m", "tstitch_trt.cli", "run", "--bundle", args.bundle, "--backend", "openvino",
+           "--precision", precision, "--prompt", PROMPT, "--steps", str(args.steps), "--ratio", str(ratio),
+           "--height", str(args.size), "--width", str(args.size), "--seed", "0", "--report", str(report),
+           "--out", str(work / "ours.png")]
+    env = {**os.environ, "TSTITCH_OPENVINO_CACHE": str(work / "ov-cache")}
+    wall, rss, _ = run_process(cmd, env)
+    r = json.loads(report.read_text())
+    small = r["steps_per_model"][0]
+    step_ms = r["step_ms"]
+    return {"process_seconds": wall, "peak_rss_gb": rss, "image_seconds": r["total_seconds"],
+            "loop_seconds": r["loop_seconds"], "vae_decode_ms": 1e3 * r["decode_seconds"],
+            "text_encoder_ms": 1e3 * r["text_encoder_seconds"], "unet_call_ms": {"small": step_ms[:small],
+                                                                                  "large": step_ms[small:]},
+            "precision": r.get("precision"), "notes": r.get("notes", [])}
+
+
+def genai(args: argparse.Namespace, precision: str, work: Path) -> dict[str, Any]:
+    out = work / f"genai-{precision}.json"
+    cmd = [args.genai_python, str(HERE / "genai_t2i.py"), args.optimum, "--prompt", PROMPT, "--size",
+           str(args.size), "--steps", str(args.steps), "--precision", {"fp32": "f32", "bf16": "bf16"}[precision],
+           "--cache-dir", str(work / "genai-cache"), "--out", str(out)]
+    wall, rss, _ = run_process(cmd)
+    r = json.loads(out.read_text())
+    return {"process_seconds": wall, "peak_rss_gb": rss, "image_seconds": r["generate_seconds"],
+            "load_seconds": r["load_seconds"], "vae_decode_ms": r["vae_decode_ms"],
+            "text_encoder_ms": r["text_encoder_ms"], "unet_call_ms": {"large": r["unet_call_ms"]}}
+
+
+def diffusers_run(args: argparse.Namespace, precision: str, work: Path) -> dict[str, Any]:
+    out = work / f"diffusers-{precision}.json"
+    cmd = [sys.executable, str(HERE / "diffusers_t2i.py"), args.large, "--prompt", PROMPT, "--size",
+           str(args.size), "--steps", str(args.steps), "--precision", precision, "--out", str(out)]
+    wall, rss, _ = run_process(cmd)
+    r = json.loads(out.read_text())
+    return {"process_seconds": wall, "peak_rss_gb": rss, "image_seconds": r["image_seconds"],
+            "load_seconds": r["load_seconds"], "vae_decode_ms": r["vae_decode_ms"],
+            "unet_call_ms": {"large": r["unet_call_ms"]}}
+
+
+def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """min / median over repeats of every figure (per-call: over every call of every repeat)."""
+    def stats(values: list[float]) -> dict[str, float]:
+        return {"min": float(min(values)), "median": float(np.median(values))} if values else {}
+
+    out: dict[str, Any] = {"repeats": len(samples)}
+    for key in ("process_seconds", "image_seconds", "vae_decode_ms", "peak_rss_gb", "text_encoder_ms",
+                "loop_seconds", "load_seconds"):
+        vals = [s[key] for s in samples if s.get(key) is not None]
+        if vals:
+            out[key] = stats(vals)
+    for model in ("small", "large"):
+        calls = [c for s in samples for c in s["unet_call_ms"].get(model, [])]
+        if calls:
+            out[f"unet_{model}_call_ms"] = stats(calls)
+    for extra in ("precision", "notes"):
+        if extra in samples[-1]:
+            out[extra] = samples[-1][extra]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--optimum", required=True)
+    p.add_argument("--large", required=True, help="the diffusers SD pipeline directory (diffusers' runs)")
+    p.add_argument("--genai-python", required=True)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=4, help="PNDM steps (4 steps = 5 U-Net calls)")
+    p.add_argument("--ratios", default="0,0.4")
+    p.add_argument("--precisions", default="fp32", help="ours (tstitch-trt run --precision)")
+    p.add_argument("--genai-precisions", default="fp32,bf16", help="GenAI's INFERENCE_PRECISION_HINT (bf16 is its "
+                   "default on a bf16 CPU)")
+    p.add_argument("--diffusers-precisions", default="fp32,bf16", help="torch fp32 / bf16 autocast")
+    p.add_argument("--lock", help="flock this file around each measured process (not timed)")
+    p.add_argument("--runners", default="ours,genai,diffusers")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--work", help="scratch directory (compiled-model caches); default: a temporary one")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    ratios = [float(r) for r in args.ratios.split(",")]
+    precisions = args.precisions.split(",")
+    runners = args.runners.split(",")
+    work = Path(args.work or tempfile.mkdtemp(prefix="sd-cpu-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.lock:
+        LOCK.append(args.lock)
+    plan: list[tuple[str, Any]] = []
+    if "ours" in runners:
+        plan += [(f"ours-{prec}-r{r}", lambda r=r, prec=prec: ours(args, r, prec, work))
+                 for prec in precisions for r in ratios]
+    if "genai" in runners:
+        plan += [(f"genai-{prec}", lambda prec=prec: genai(args, prec, work))
+                 for prec in args.genai_precisions.split(",")]
+    if "diffusers" in runners:
+        plan += [(f"diffusers-{prec}", lambda prec=prec: diffusers_run(args, prec, work))
+                 for prec in args.diffusers_precisions.split(",")]
+    result: dict[str, Any] = {"size": args.size, "steps": args.steps, "prompt": PROMPT, "guidance": 7.5,
+                              "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                                       "load_at_start": os.getloadavg()},
+                              "command": " ".join(sys.argv), "first_run": {}, "runs": {}}
+    failed: dict[str, str] = {}
+    for name, fn in plan:  # warm-up: compiled-model caches filled (ours, GenAI); figures of a cold start kept
+        if name.startswith(("ours", "genai")):
+            print(f"first run (cache cold): {name} ...", flush=True)
+            try:
+                result["first_run"][name] = fn()
+            except RuntimeError as e:  # one runner failing must not lose the others' figures: recorded, skipped
+                failed[name] = str(e)[-2000:]
+                print(f"  FAILED: {str(e)[-500:]}", flush=True)
+    result["failed"] = failed
+    plan = [(name, fn) for name, fn in plan if name not in failed]
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in plan}
+    for rep in range(args.repeats):
+        for name, fn in plan:
+            print(f"repeat {rep + 1}/{args.repeats}: {name} ...", flush=True)
+            samples[name].append(fn())
+            s = samples[name][-1]
+            print(f"  image {s['image_seconds']:.2f} s, process {s['process_seconds']:.2f} s, VAE "
+                  f"{s['vae_decode_ms'] / 1e3:.2f} s, peak RSS {s['peak_rss_gb']:.2f} GB", flush=True)
+            Path(args.out).write_text(json.dumps({**result, "runs": {k: summarize(v) for k, v in samples.items()
+                                                                      if v}, "samples": samples}, indent=2))
+    result["host"]["load_at_end"] = os.getloadavg()
+    result["runs"] = {k: summarize(v) for k, v in samples.items()}
+    result["samples"] = samples
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
