@@ -25,9 +25,10 @@ def prepare_controlnet(spec: str, unets: list[tuple[str, dict[str, Any]]], vae_f
     from tstitch_trt.models.preflight import available_memory_bytes, check_fits_memory, check_weights_dir
 
     source = resolve_controlnet(spec)
-    check_weights_dir(source.root, f"the ControlNet weights of --controlnet {spec}")
+    # config-only checks first (size, then fit to the U-Nets), then the weights files
     check_fits_memory([(f"--controlnet {spec}: config.json", source.config)], available_memory_bytes())
     check_controlnet(source, unets, vae_factor)
+    check_weights_dir(source.root, f"the ControlNet weights of --controlnet {spec}")
     return source, load_controlnet(source.root)
 
 
