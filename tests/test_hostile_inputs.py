@@ -707,10 +707,10 @@ def test_a_failing_batch_is_retried_per_request_so_only_the_cause_fails(sd_bundl
     real = KINDS["sd"]
     poison_seed = 666
 
-    def run_batch(pipe, reqs):
+    def run_batch(pipe, reqs, cancel=None):
         if any(r.seed == poison_seed for r in reqs):
             raise RuntimeError("TextEncodeInput must be Union[TextInputSequence, ...]")  # what a bad row raised
-        return real.run_batch(pipe, reqs)
+        return real.run_batch(pipe, reqs, cancel)
 
     kind = replace(real, run_batch=run_batch)
     reqs = [parse_generate(json.dumps({"prompt": p, "seed": s, "steps": 2, "return_latents": True}).encode(),

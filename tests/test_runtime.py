@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from tstitch_trt.bundle.manifest import read_manifest, sha256_file
 from tstitch_trt.export.torch_backend import TorchBackend
 from tstitch_trt.pipeline.dit import StitchedPipeline
-from tstitch_trt.runtime.loop import NonFiniteError, _progress_bar, run_stitched
+from tstitch_trt.runtime.loop import Cancelled, NonFiniteError, _progress_bar, run_stitched
 from tstitch_trt.runtime.ort_backend import OrtBackend
 from tstitch_trt.sampling.stitch import stitch_schedule
 from tstitch_trt.sampling.trajectory import plan_trajectory
@@ -149,3 +150,30 @@ def test_progress_bar_only_on_a_tty(monkeypatch, pipe, capsys):
     monkeypatch.undo()
     pipe([1], ratio=0.4, steps=30, seed=0, decode=False)  # progress=None under pytest: stderr is no TTY
     assert "step" not in capsys.readouterr().err
+
+
+def test_a_cancelled_loop_stops_between_steps(pair_backends):
+    """The serve replica's cancel event: set by another thread, the loop stops before its next step."""
+    manifest, ort_b, _ = pair_backends
+    plan, x, labels = _inputs(manifest, 1, "ddim", 10, ratio=0.4)
+    cancel = threading.Event()
+    launched: list[int] = []
+    launch = ort_b.launch
+
+    def launch_then_cancel(i, model):
+        launched.append(i)
+        if i == 3:
+            cancel.set()  # as the batcher's callback does when the last caller gives up
+        return launch(i, model)
+
+    ort_b.launch = launch_then_cancel
+    try:
+        with pytest.raises(Cancelled, match="before step 4"):
+            run_stitched(ort_b, plan, x, labels, 1.5, progress=False, cancel=cancel)
+    finally:
+        del ort_b.launch
+    assert launched == [0, 1, 2, 3]
+    with pytest.raises(Cancelled, match="before step 0"):  # already set: nothing runs
+        run_stitched(ort_b, plan, x, labels, 1.5, progress=False, cancel=cancel)
+    cancel.clear()
+    assert run_stitched(ort_b, plan, x, labels, 1.5, progress=False, cancel=cancel).x.shape == x.shape

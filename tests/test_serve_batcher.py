@@ -18,7 +18,7 @@ class Engine:
         self.seconds = seconds
         self.fail = fail
 
-    async def run(self, reqs):
+    async def run(self, reqs, abandoned=None):
         self.batches.append(list(reqs))
         await asyncio.sleep(self.seconds)
         if self.fail:
@@ -106,3 +106,45 @@ def test_wait_gives_late_arrivals_a_moment_when_the_engine_is_idle():
 def test_an_oversized_request_is_refused():
     with pytest.raises(ValueError, match="exceeds the batch limit 4"):
         asyncio.run(_batcher(Engine()).submit(("a", 5)))
+
+
+class Watcher(Engine):
+    """An engine that records, for each batch, whether it was told all its callers gave up."""
+
+    def __init__(self):
+        super().__init__(seconds=0.1)
+        self.abandoned: list[bool] = []
+        self.steps_run: list[int] = []
+
+    async def run(self, reqs, abandoned=None):
+        self.batches.append(list(reqs))
+        steps = 0
+        while steps < 20 and not abandoned.is_set():  # a step loop that checks the event between steps
+            await asyncio.sleep(0.01)
+            steps += 1
+        self.abandoned.append(abandoned.is_set())
+        self.steps_run.append(steps)
+        return [f"done {r}" for r in reqs]
+
+
+def test_a_running_batch_is_told_when_every_caller_gave_up_and_only_then():
+    async def main():
+        engine = Watcher()
+        b = _batcher(engine, max_images=4)
+        # batch 1: one of two callers gives up, the other still waits -> the engine runs on
+        kept = asyncio.create_task(b.submit(("a", 1)))
+        gone = asyncio.create_task(b.submit(("a", 1)))
+        await asyncio.sleep(0.03)
+        gone.cancel()
+        assert await kept == "done ('a', 1)"
+        # batch 2: its only caller gives up mid-run -> the engine is told, and the next request is served
+        alone = asyncio.create_task(b.submit(("b", 1)))
+        await asyncio.sleep(0.03)
+        alone.cancel()
+        after = await b.submit(("c", 1))
+        return engine, after
+
+    engine, after = asyncio.run(main())
+    assert engine.abandoned == [False, True, False] and after == "done ('c', 1)"
+    steps = engine.steps_run  # the abandoned batch stopped early; the others ran all 20 steps
+    assert steps[0] == steps[2] == 20 and steps[1] < 10, steps

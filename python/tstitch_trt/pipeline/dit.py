@@ -8,6 +8,7 @@ A pipeline is reusable: the second call with the same batch and steps allocates 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -140,8 +141,10 @@ class StitchedPipeline:
         progress: bool | None = None,
         decode: bool = True,
         step_noise: np.ndarray | None = None,
+        cancel: threading.Event | None = None,
     ) -> SampleResult:
-        """step_noise (steps, B, C, H, W): the per-step noise of ddpm / ddim eta>0, else drawn from `seed`."""
+        """step_noise (steps, B, C, H, W): the per-step noise of ddpm / ddim eta>0, else drawn from `seed`.
+        cancel: set by another thread to stop the loop before its next step (raises runtime.loop.Cancelled)."""
         label_list = [int(v) for v in class_labels]
         nc = self.manifest.num_classes
         bad = [v for v in label_list if not 0 <= v < nc]
@@ -163,7 +166,7 @@ class StitchedPipeline:
                                noise=step_noise, num_timesteps=self.num_timesteps)
         t0 = time.perf_counter()
         loop = run_stitched(self.backend, plan, x_init, labels, cfg_scale, progress=progress,
-                            model_names=self.model_names)
+                            model_names=self.model_names, cancel=cancel)
         images, decode_s, decode_note = None, 0.0, None
         if decode:
             t1 = time.perf_counter()

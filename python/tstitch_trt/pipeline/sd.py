@@ -18,6 +18,7 @@ unless given); no negative prompt and force_zeros_for_empty_prompt: zero uncond 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -293,13 +294,15 @@ class StitchedSDPipeline:
         control: ControlRequest | None = None,
         cache_interval: int = 1,
         cache_branch: int | None = None,
+        cancel: threading.Event | None = None,
     ) -> SampleResult:
         """step_noise (U-Net calls, B, C, h, w): the per-call noise of ddim eta>0 and lcm, else drawn from `seed`.
         steps / cfg_scale left out: pipeline/guidance.py's defaults (50 / SD 7.5, SDXL 5.0; lcm 4 / 8.5, or 1.0
         where a U-Net lacks the guidance embedding). original_size .. negative_target_size: SDXL's time ids
         (diffusers' names; (height, width) and (top, left) pairs). control: the ControlNet's image and
         settings (bundles built with --controlnet need one). cache_interval / cache_branch: DeepCache's
-        (pipeline/caching.py; 1 = no caching); the report's "cache" lists the full calls."""
+        (pipeline/caching.py; 1 = no caching); the report's "cache" lists the full calls. cancel: set by another
+        thread to stop the loop before its next U-Net call (raises runtime.loop.Cancelled)."""
         check_control(self.manifest.controlnet is not None, control)
         cache_interval, cache_branch = check_cache(self.manifest, cache_interval, cache_branch)
         sampler = sampler or self.default_sampler
@@ -370,7 +373,7 @@ class StitchedSDPipeline:
         if cfg_scale < 1 and self.manifest.guidance_mode == "cfg":
             notes.append(f"cfg {cfg_scale} <= 1 means no guidance (as diffusers): the conditional prediction alone")
         loop = run_stitched(self.backend, plan, x_init, cond, guidance, progress=progress,
-                            model_names=self.model_names)
+                            model_names=self.model_names, cancel=cancel)
         images, decode_s = None, 0.0
         if decode:
             t1 = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -15,6 +16,10 @@ from tstitch_trt.sampling.trajectory import TrajectoryPlan
 
 class NonFiniteError(UserError):
     """A step produced NaN or Inf."""
+
+
+class Cancelled(Exception):
+    """The caller gave up on the trajectory (its `cancel` event was set); it stopped between two steps."""
 
 
 @dataclass
@@ -41,16 +46,19 @@ def run_stitched(
     guidance: float,
     progress: bool | None = None,
     model_names: list[str] | None = None,
+    cancel: threading.Event | None = None,
 ) -> LoopResult:
-    """Run the whole trajectory; raises NonFiniteError naming the first bad step and model."""
+    """Run the whole trajectory; raises NonFiniteError naming the first bad step and model, and Cancelled
+    when `cancel` is set before a step (a whole-trajectory CUDA graph is one launch: it runs to its end)."""
     t_start = time.perf_counter()
     backend.prepare(plan, x_init, labels, guidance)
+    _check_cancel(cancel, 0)
     graph = getattr(backend, "run_graph", None)
     result: LoopResult | None = None
     if graph is not None:
         result = graph(plan)  # None when the backend decides it cannot (it says why in notes)
     if result is None:
-        result = _run_steps(backend, plan, progress)
+        result = _run_steps(backend, plan, progress, cancel)
     take_notes = getattr(backend, "take_notes", None)
     if take_notes is not None:  # e.g. why a CUDA graph fell back: reported once, with the run it affected
         result.notes.extend(n for n in take_notes() if n not in result.notes)
@@ -65,11 +73,18 @@ def run_stitched(
     return result
 
 
-def _run_steps(backend: Backend, plan: TrajectoryPlan, progress: bool | None) -> LoopResult:
+def _check_cancel(cancel: threading.Event | None, step: int) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"cancelled before step {step}: the caller gave up")
+
+
+def _run_steps(backend: Backend, plan: TrajectoryPlan, progress: bool | None,
+               cancel: threading.Event | None = None) -> LoopResult:
     bar = _progress_bar(plan.steps, progress)
     step_ms: list[float] = []
     engine_ms: list[float] = []
     for i in range(plan.steps):
+        _check_cancel(cancel, i)
         t0 = time.perf_counter()
         e = backend.launch(i, int(plan.step_model[i]))
         backend.synchronize()

@@ -13,6 +13,7 @@ import io
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import replace
 from importlib import resources
@@ -89,10 +90,11 @@ class Generator:
         assert self.policy is not None, "adaptive requests reach only replicas with a policy"
         return replace(req, ratio=self.policy.ratio, fractions=None)
 
-    async def _run_batch(self, reqs: list[GenerateRequest]) -> list[dict]:
-        """One engine batch, in a thread, so the replica keeps answering health checks and queuing."""
+    async def _run_batch(self, reqs: list[GenerateRequest], abandoned: threading.Event) -> list[dict]:
+        """One engine batch, in a thread, so the replica keeps answering health checks and queuing; it stops
+        between steps once all its callers gave up (504 at the ingress, or a disconnect)."""
         start = time.monotonic()
-        results = await asyncio.to_thread(run_isolated, self.kind, self.pipe, reqs)
+        results = await asyncio.to_thread(run_isolated, self.kind, self.pipe, reqs, abandoned)
         encoded = await asyncio.to_thread(lambda: [_encode(r) for r in results])
         compute_ms = (time.monotonic() - start) * 1e3
         for r, body in zip(reqs, encoded, strict=True):

@@ -5,12 +5,14 @@ Why not `ray.serve.batch`: it closes the next batch while the current one comput
 arrived in its wait window), so under load the engine sees small batches while compatible requests
 queue behind it; and it mixes incompatible requests in one call. Here a batch is formed only when the
 engine is free, from everything waiting then. A request whose caller gave up (timeout, disconnect) is
-dropped before it costs compute.
+dropped before it costs compute, and a running batch whose callers have all given up is told so (the
+event handed to `run`), so that the engine stops between steps and serves the others instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -25,10 +27,11 @@ class _Waiting(Generic[R]):
 
 
 class Batcher(Generic[R]):
-    def __init__(self, run: Callable[[list[R]], Awaitable[list[Any]]], key: Callable[[R], Hashable],
+    def __init__(self, run: Callable[[list[R], threading.Event], Awaitable[list[Any]]], key: Callable[[R], Hashable],
                  size: Callable[[R], int], max_images: int, wait_s: float,
                  prepare: Callable[[R], R] = lambda r: r):
-        """run(batch) -> one result per request; key: compatibility; size: images of a request;
+        """run(batch, abandoned) -> one result per request; `abandoned` is set (from the event loop's thread)
+        once every caller of the batch has given up; key: compatibility; size: images of a request;
         prepare: applied to each request as its batch is formed (e.g. the adaptive ratio of that moment)."""
         self._run, self._key, self._size, self._prepare = run, key, size, prepare
         self.max_images = max_images
@@ -63,8 +66,16 @@ class Batcher(Generic[R]):
             batch = self._take()
             if not batch:
                 continue
+            abandoned = threading.Event()
+
+            def _on_done(_: asyncio.Future, batch: list[_Waiting[R]] = batch, ev: threading.Event = abandoned) -> None:
+                if all(w.future.cancelled() for w in batch):
+                    ev.set()
+
+            for w in batch:
+                w.future.add_done_callback(_on_done)
             try:
-                results = await self._run([w.request for w in batch])
+                results = await self._run([w.request for w in batch], abandoned)
             except Exception as e:  # noqa: BLE001 - every caller gets the error, none is left waiting
                 for w in batch:
                     if not w.future.done():

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +37,7 @@ from tstitch_trt.bundle.manifest import Manifest
 from tstitch_trt.errors import UserError, first_line
 from tstitch_trt.pipeline import defaults
 from tstitch_trt.pipeline.values import check_text, cut_text, shown
+from tstitch_trt.runtime.loop import Cancelled
 
 COMMON_FIELDS = ("steps", "ratio", "fractions", "sampler", "cfg_scale", "eta", "seed", "height", "width",
                  "return_latents")
@@ -98,7 +100,8 @@ class PipelineKind:
     max_batch: Callable[[Any], int]  # pipeline -> the largest engine batch it can run
     parse: Callable[[dict[str, Any], Manifest, bool, int], tuple[dict[str, Any], int]]  # -> conditioning, images
     validate: Callable[[Any, GenerateRequest], None]  # (pipeline, request); raises UserError
-    run_batch: Callable[[Any, Sequence[GenerateRequest]], list[RequestResult]]  # one engine batch
+    # one engine batch: (pipeline, requests, cancel event or None); raises runtime.loop.Cancelled once cancelled
+    run_batch: Callable[..., list[RequestResult]]
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -153,18 +156,24 @@ def parse_generate(body: bytes, manifest: Manifest, is_demo: bool, max_images: i
                            extras=extras)
 
 
-def run_isolated(kind: PipelineKind, pipe: Any, reqs: Sequence[GenerateRequest]) -> list[RequestResult | Exception]:
+def run_isolated(kind: PipelineKind, pipe: Any, reqs: Sequence[GenerateRequest],
+                 cancel: threading.Event | None = None) -> list[RequestResult | Exception]:
     """One engine batch; if it fails, each request again alone, so that only the request that causes a
-    failure gets it (its exception in its place) and its batch mates get their images."""
+    failure gets it (its exception in its place) and its batch mates get their images. Once `cancel` is set
+    (every caller gave up) the batch stops between steps and nothing is retried."""
     try:
-        return list(kind.run_batch(pipe, reqs))
+        return list(kind.run_batch(pipe, reqs, cancel))
+    except Cancelled as e:
+        return [e] * len(reqs)
     except Exception as e:  # noqa: BLE001 - handed to the request(s) that cause it
         if len(reqs) == 1:
             return [e]
     out: list[RequestResult | Exception] = []
     for r in reqs:
         try:
-            out.extend(kind.run_batch(pipe, [r]))
+            out.extend(kind.run_batch(pipe, [r], cancel))
+        except Cancelled as e:
+            out.append(e)
         except Exception as e:  # noqa: BLE001 - this request's own failure
             out.append(e)
     return out
@@ -264,7 +273,8 @@ def _dit_validate(pipe: Any, req: GenerateRequest) -> None:
                   eta=req.eta, seed=req.seed)
 
 
-def _dit_run_batch(pipe: Any, reqs: Sequence[GenerateRequest]) -> list[RequestResult]:
+def _dit_run_batch(pipe: Any, reqs: Sequence[GenerateRequest],
+                   cancel: threading.Event | None = None) -> list[RequestResult]:
     """One engine batch: each request's noise drawn from its own seed, concatenated, split back."""
     from tstitch_trt.pipeline.dit import request_noise
 
@@ -280,7 +290,7 @@ def _dit_run_batch(pipe: Any, reqs: Sequence[GenerateRequest]) -> list[RequestRe
     step_noise = None if step_noises[0] is None else np.concatenate(step_noises, axis=1)
     res = pipe(class_labels=labels, ratio=first.ratio, fractions=first.fractions, steps=first.steps,
                sampler=first.sampler, cfg_scale=first.cfg_scale, seed=first.seed, eta=first.eta,
-               init_noise=np.concatenate(inits, axis=0), step_noise=step_noise, progress=False)
+               init_noise=np.concatenate(inits, axis=0), step_noise=step_noise, progress=False, cancel=cancel)
     out, start = [], 0
     for r in reqs:
         stop = start + r.num_images
@@ -468,7 +478,8 @@ def _batch_negatives(pipe: Any, negatives: list[str | None]) -> list[str | None]
     return ["" if n is None and pipe.manifest.pipeline == "sd" else n for n in negatives]
 
 
-def _sd_run_batch(pipe: Any, reqs: Sequence[GenerateRequest]) -> list[RequestResult]:
+def _sd_run_batch(pipe: Any, reqs: Sequence[GenerateRequest],
+                  cancel: threading.Event | None = None) -> list[RequestResult]:
     """One engine batch: each request's prompts repeated num_images times and its own seed's latents,
     concatenated in request order, split back (the text encoder and the U-Nets are per-row)."""
     first = reqs[0]
@@ -487,7 +498,8 @@ def _sd_run_batch(pipe: Any, reqs: Sequence[GenerateRequest]) -> list[RequestRes
     res = pipe(prompt=prompts, negative_prompt=_batch_negatives(pipe, negatives),
                num_images=1, ratio=first.ratio, fractions=first.fractions, steps=first.steps, sampler=first.sampler,
                cfg_scale=first.cfg_scale, seed=first.seed, eta=first.eta, init_noise=np.concatenate(inits, axis=0),
-               step_noise=step_noise, progress=False, control=_control_request(first.extras), **extras)
+               step_noise=step_noise, progress=False, control=_control_request(first.extras), cancel=cancel,
+               **extras)
     out, start = [], 0
     for r in reqs:
         stop = start + r.num_images
