@@ -37,3 +37,83 @@ def test_activation_estimate_at_real_sizes():
     SDXL at 1024 px: its first attention level is 64x64 with 10 heads of 64 = 5 GiB."""
     assert resources.unet_activation_bytes(SD15_UNET, 1, 512, 512) == 2 * 2 * 8 * 4096**2 * 4 * 2
     assert resources.unet_activation_bytes(SDXL_UNET, 1, 1024, 1024) == 2 * 2 * 10 * 4096**2 * 4 * 2
+
+
+# An SDXL pair at its real size (benchmarks/RESULTS.md, real sizes): the ORT graphs' bytes per artifact (SSD-1B,
+# SDXL U-Net step graphs, CLIP-L, OpenCLIP-bigG, VAE decoder), on a 24 GB machine with 18 GiB available
+SDXL_ORT_BYTES = [5_265_000_000, 10_270_000_000, 492_000_000, 2_780_000_000, 198_000_000]
+GiB = 2**30
+
+
+def _sdxl_at_real_size(sdxl_bundle, monkeypatch, available: int):
+    """The tiny SDXL bundle's manifest with the real U-Net configs, its files seen at their real sizes."""
+    from tstitch_trt.models.real_configs import SSD_1B_UNET
+    from tstitch_trt.runtime import ort_backend
+
+    manifest = read_manifest(sdxl_bundle)
+    for m, arch in zip(manifest.models, (SSD_1B_UNET, SDXL_UNET), strict=True):
+        m.arch = dict(arch)
+    monkeypatch.setattr(resources, "_artifact_bytes", lambda *a: list(SDXL_ORT_BYTES))
+    monkeypatch.setattr(ort_backend, "ort_weight_bytes", lambda *a: sum(SDXL_ORT_BYTES))
+    monkeypatch.setattr(ort_backend, "_mem_total", lambda: 24 * 10**9)
+    monkeypatch.setattr(resources, "available_memory_bytes", lambda: available)
+    return manifest
+
+
+def test_real_size_sdxl_fits_on_ort_with_mapped_weights_and_not_packed(sdxl_bundle, monkeypatch):
+    """19.5 GB of graphs on a 24 GB machine: mapped (the largest model, 10.3 GB, resident at once) the run fits in 18
+    GiB; packed (every weight resident) or on OpenVINO (fp32: its own copy of every weight) it is refused, in one
+    line, before anything loads."""
+    from tstitch_trt.errors import UserError
+    from tstitch_trt.runtime.ort_backend import MAP_WEIGHTS_ENV, maps_weights
+
+    manifest = _sdxl_at_real_size(sdxl_bundle, monkeypatch, 18 * GiB)
+    monkeypatch.delenv(MAP_WEIGHTS_ENV, raising=False)
+    assert maps_weights(sdxl_bundle, manifest)
+    assert resources.resident_weight_bytes(sdxl_bundle, manifest, "ort") == max(SDXL_ORT_BYTES)
+    resources.check_sd_fits(sdxl_bundle, manifest, ["ort"], 1, 1024, 1024)  # fits: no error
+    with pytest.raises(UserError, match=r"needs about 2\d\.\d GiB of memory on openvino \(1024x1024, batch 1\)"):
+        resources.check_sd_fits(sdxl_bundle, manifest, ["openvino"], 1, 1024, 1024)
+    monkeypatch.setenv(MAP_WEIGHTS_ENV, "0")  # packed
+    assert resources.resident_weight_bytes(sdxl_bundle, manifest, "ort") == sum(SDXL_ORT_BYTES)
+    with pytest.raises(UserError, match="on ort"):
+        resources.check_sd_fits(sdxl_bundle, manifest, ["ort"], 1, 1024, 1024)
+    # mapped, yet less memory than one U-Net call needs (10.3 GB of its weights + its activations): refused
+    monkeypatch.delenv(MAP_WEIGHTS_ENV)
+    _sdxl_at_real_size(sdxl_bundle, monkeypatch, 12 * GiB)
+    with pytest.raises(UserError, match="on ort"):
+        resources.check_sd_fits(sdxl_bundle, manifest, ["ort"], 1, 1024, 1024)
+
+
+def test_weights_are_mapped_only_when_the_graphs_are_over_half_the_memory(sd_bundle, monkeypatch):
+    from tstitch_trt.runtime import ort_backend
+
+    manifest = read_manifest(sd_bundle)
+    size = ort_backend.ort_weight_bytes(sd_bundle, manifest)
+    assert size > 0
+    monkeypatch.delenv(ort_backend.MAP_WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(ort_backend, "_mem_total", lambda: 2 * size + 2)
+    assert not ort_backend.maps_weights(sd_bundle, manifest)
+    monkeypatch.setattr(ort_backend, "_mem_total", lambda: 2 * size - 2)
+    assert ort_backend.maps_weights(sd_bundle, manifest)
+    monkeypatch.setenv(ort_backend.MAP_WEIGHTS_ENV, "0")
+    assert not ort_backend.maps_weights(sd_bundle, manifest)
+
+
+def test_a_mapped_weights_run_equals_the_packed_one(sd_bundle, monkeypatch):
+    """The mapped mode changes where the weights live, not the numbers; it says so in the run's notes."""
+    import numpy as np
+
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+    from tstitch_trt.runtime.ort_backend import MAP_WEIGHTS_ENV
+
+    latents, notes = {}, {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv(MAP_WEIGHTS_ENV, mode)
+        pipe = StitchedSDPipeline.from_bundle(sd_bundle, backend="ort")
+        assert pipe.backend.mapped_weights == (mode == "1")
+        res = pipe(prompt="a cat", steps=3, ratio=0.5, seed=1)
+        latents[mode], notes[mode] = res.latents, res.report["notes"]
+        pipe.backend.close()
+    assert np.abs(latents["1"] - latents["0"]).max() <= 1e-5 * np.abs(latents["0"]).max()
+    assert any("memory-mapped" in n for n in notes["1"]) and not any("memory-mapped" in n for n in notes["0"])

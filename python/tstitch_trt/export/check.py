@@ -214,12 +214,13 @@ def _check_models(bundle: Path, manifest: Manifest, wanted: list[str],
                   feeds: dict[str, np.ndarray], bf16: bool = False) -> list[Comparison]:
     import torch
 
-    from tstitch_trt.export.torch_backend import load_step_modules
+    from tstitch_trt.export.torch_backend import iter_step_modules
     from tstitch_trt.runtime.io_roles import StepIO
 
     io = StepIO.from_io(manifest.io)  # the step graph's I/O by role: DiT (x, t, y, ...) or U-Net (x, t, context, ...)
     results = []
-    for model, step in zip(manifest.models, load_step_modules(bundle, manifest), strict=True):
+    # one torch model at a time, dropped (del step) before its backends load theirs
+    for model, step in zip(manifest.models, iter_step_modules(bundle, manifest), strict=True):
         names = list(io.outputs)
         cached_ref, cached_feeds = None, feeds
         with torch.inference_mode():
@@ -360,10 +361,10 @@ def _run(bundle: Path, backend: str, entry: EngineEntry, feeds: dict[str, np.nda
     path = artifact_path(bundle, entry)
     batch = next(iter(feeds.values())).shape[0]
     if backend == "ort":
-        import onnxruntime as ort
+        from tstitch_trt.runtime.ort_backend import aux_session, maps_weights
 
         try:
-            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            sess = aux_session(path, maps_weights(bundle, read_manifest(bundle)))
         except Exception as e:
             raise UserError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}; rebuild the bundle") from None
         return dict(zip(outputs, sess.run(outputs, feeds), strict=True)), ""

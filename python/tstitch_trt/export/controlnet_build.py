@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from tstitch_trt.bundle.manifest import directory_entry
+from tstitch_trt.export.torch_dirs import UNSHARDED
 from tstitch_trt.models.controlnet import ControlNetSource, check_controlnet, load_controlnet, resolve_controlnet
 
 CONTROLNET_DIR = "controlnet/diffusers"
@@ -37,7 +38,8 @@ def controlnet_entry(tmp: Path, source: ControlNetSource, net: nn.Module, backen
     """The manifest's conditioning.controlnet; the torch backend gets the diffusers directory."""
     engines = {}
     if "torch" in backends:
-        net.save_pretrained(str(tmp / CONTROLNET_DIR), safe_serialization=True)  # type: ignore[operator]
+        net.save_pretrained(str(tmp / CONTROLNET_DIR), safe_serialization=True,  # type: ignore[operator]
+                           max_shard_size=UNSHARDED)
         engines["torch"] = directory_entry(tmp, CONTROLNET_DIR, batch_range=batch_range)
     return {"source": str(source.spec), "family": source.family,
             "conditioning_channels": source.conditioning_channels, "engines": engines}

@@ -29,7 +29,6 @@ from tstitch_trt.bundle.manifest import (
     EngineEntry,
     Manifest,
     ModelEntry,
-    directory_entry,
     onnx_entry,
     sha256_file,
     write_manifest,
@@ -38,6 +37,7 @@ from tstitch_trt.bundle.staging import staged_bundle
 from tstitch_trt.errors import UserError, first_line
 from tstitch_trt.export.deep_cache import CACHE_INPUT, CACHE_OUTPUT, check_branch, config_structure
 from tstitch_trt.export.lora import LoraSpec, check_loras, fuse_loras, lora_targets
+from tstitch_trt.export.torch_dirs import save_model_dir
 from tstitch_trt.export.unet_export import (
     cache_feature_spec,
     cache_graph_io,
@@ -247,8 +247,7 @@ def _write_text_encoder(tmp: Path, large: Path, cfg: SdBuildConfig, builders: di
     io = text_io_spec(text_len, width, cfg.batch_range, pooled_dim)
     if "torch" in cfg.backends:
         with stage(f"save {part} (torch)"):
-            clip.save_pretrained(str(tmp / part / "diffusers"), safe_serialization=True)
-            engines["torch"] = directory_entry(tmp, f"{part}/diffusers")
+            engines["torch"] = save_model_dir(clip, tmp, f"{part}/diffusers", large / part)
     if "ort" in cfg.backends:
         rel = f"{part}/{part}-fp32.onnx"
         with stage(f"export {part} fp32 graph (ort)"):
@@ -302,8 +301,9 @@ def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: 
     if "torch" in cfg.backends:
         rel_dir = f"unet/{tag}"
         with stage(f"save U-Net {src.name} (torch)"):
-            unet.save_pretrained(str(tmp / rel_dir), safe_serialization=True)
-            engines["torch"] = directory_entry(tmp, rel_dir, batch_range=cfg.batch_range)
+            # linked from the source unless a LoRA was fused into it
+            engines["torch"] = save_model_dir(unet, tmp, rel_dir, None if lora else src.unet_dir,
+                                              batch_range=cfg.batch_range)
     if "ort" in cfg.backends:
         rel = f"onnx/{tag}-fp32.onnx"
         with stage(f"export U-Net {src.name} fp32 step graph (ort)"):

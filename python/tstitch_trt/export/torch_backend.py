@@ -7,6 +7,7 @@ pipeline picks this backend by name.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,14 @@ from tstitch_trt.sampling.trajectory import TrajectoryPlan
 def load_step_modules(bundle_dir: str | Path, manifest: Manifest, guidance_channels: int | None = None,
                       dtype: torch.dtype = torch.float32) -> list[nn.Module]:
     """The step module of every model: StepModule (family dit) or UNetStepModule (family unet)."""
+    return list(iter_step_modules(bundle_dir, manifest, guidance_channels, dtype))
+
+
+def iter_step_modules(bundle_dir: str | Path, manifest: Manifest, guidance_channels: int | None = None,
+                      dtype: torch.dtype = torch.float32) -> Iterator[nn.Module]:
+    """load_step_modules one at a time: a caller that drops each before the next (check) holds one model's weights,
+    not the pair's (SSD-1B + SDXL: 15.6 GB in fp32)."""
     g = manifest.guidance_channels if guidance_channels is None else guidance_channels
-    mods: list[nn.Module] = []
     controlnet = _load_controlnet(bundle_dir, manifest, dtype)
     for m in manifest.models:
         if "torch" not in m.engines:
@@ -40,12 +47,11 @@ def load_step_modules(bundle_dir: str | Path, manifest: Manifest, guidance_chann
             from tstitch_trt.export.unet_step import UNetStepModule
             from tstitch_trt.models.sd import load_unet
 
-            unet = load_unet(Path(bundle_dir) / m.engines["torch"].extra["dir"]).to(dtype)
-            mods.append(UNetStepModule(unet, controlnet, guidance=manifest.guidance_mode).eval())
+            # no local names the module: once the caller drops it, nothing here keeps it alive
+            yield UNetStepModule(load_unet(Path(bundle_dir) / m.engines["torch"].extra["dir"]).to(dtype), controlnet,
+                                 guidance=manifest.guidance_mode).eval()
             continue
-        net = load_dit(DiTConfig.from_dict(m.arch), path).to(dtype)
-        mods.append(StepModule(net, guidance_channels=g).eval())
-    return mods
+        yield StepModule(load_dit(DiTConfig.from_dict(m.arch), path).to(dtype), guidance_channels=g).eval()
 
 
 def _load_controlnet(bundle_dir: str | Path, manifest: Manifest, dtype: torch.dtype) -> nn.Module | None:

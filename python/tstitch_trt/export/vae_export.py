@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tstitch_trt.bundle.manifest import EngineEntry, directory_entry, onnx_entry, sha256_file
+from tstitch_trt.bundle.manifest import EngineEntry, onnx_entry, sha256_file
 from tstitch_trt.errors import UserError, first_line
 from tstitch_trt.export.onnx_export import OPSET, finish_export
 
@@ -169,9 +169,9 @@ def add_vae(bundle: Path, source: str, backends: list[str], batch_range: tuple[i
     engines: dict[str, EngineEntry] = {}
     notes: list[str] = []
     if "torch" in backends:
-        dst = bundle / "vae" / "diffusers"
-        vae.save_pretrained(str(dst), safe_serialization=True)
-        engines["torch"] = directory_entry(bundle, "vae/diffusers")
+        from tstitch_trt.export.torch_dirs import save_model_dir
+
+        engines["torch"] = save_model_dir(vae, bundle, "vae/diffusers", source)
     graphs: dict[str, Path] = {}
     if "ort" in backends or engine_builders:
         graphs["fp32"] = export_vae_decoder(vae, bundle / "vae/decoder-fp32.onnx", latent_shape, "fp32",

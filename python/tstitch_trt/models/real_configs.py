@@ -10,13 +10,15 @@ tests/test_real_configs.py counts each config on the meta device (no memory) aga
     python -m tstitch_trt.models.real_configs sdxl-pair OUT      # OUT/ssd-1b (U-Net), OUT/sdxl (pipeline)
     python -m tstitch_trt.models.real_configs PART OUT           # one part (see PARTS)
 
-Writing is one part at a time: built on the meta device, materialized, randomized in row blocks
-(models/sd.randomize_), saved, freed; the SDXL U-Net (10.3 GB fp32) is the largest resident thing.
+Writing streams: each part is built on the meta device (structure only) and its parameters are drawn one at a
+time (models/sd.fill_random_, randomize_'s values in randomize_'s order) straight into its safetensors file, so
+writing the SDXL pair holds one parameter at a time (~0.5 GB peak), not the 10.3 GB fp32 SDXL U-Net.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -160,21 +162,69 @@ def _materialize(factory: Callable[[], torch.nn.Module], seed: int) -> torch.nn.
     return randomize_(module, seed).eval()
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.int64: "I64"}
+
+
+def stream_random(factory: Callable[[], torch.nn.Module], out: Path, seed: int) -> Path:
+    """The module `factory` builds, saved as its library's save_pretrained would (config.json + one safetensors
+    file) with _materialize's random weights, written one parameter at a time: never the whole module in memory.
+    diffusers models (ConfigMixin) write diffusion_pytorch_model.safetensors, transformers ones model.safetensors."""
+    from tstitch_trt.models.sd import fill_random_
+
+    with torch.device("meta"):
+        module = factory()
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(module, "save_config"):  # diffusers
+        module.save_config(str(out))
+        weights = out / "diffusion_pytorch_model.safetensors"
+    else:  # transformers: save_pretrained names the class in the config
+        module.config.architectures = [type(module).__name__]
+        module.config.save_pretrained(str(out))
+        weights = out / "model.safetensors"
+    params = dict(module.named_parameters())
+    state = module.state_dict()  # parameters and persistent buffers, as save_pretrained would write them
+    for name in state:
+        if name not in params and not name.endswith("position_ids"):
+            raise RuntimeError(f"internal error: {type(module).__name__} has a persistent buffer {name} this writer "
+                               "cannot rebuild")
+    if set(params) - set(state):
+        raise RuntimeError(f"internal error: {type(module).__name__} has tied parameters; this writer writes none")
+    names = list(params) + [n for n in state if n not in params]  # parameters in randomize_'s order
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        t = state[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+    gen = torch.Generator().manual_seed(seed)
+    tmp = weights.with_name(weights.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name in names:
+            meta = state[name]
+            if name in params:
+                t = fill_random_(torch.empty(meta.shape, dtype=meta.dtype), name, gen)
+            else:  # position ids: 0 .. n-1, as _materialize rebuilds them
+                t = torch.arange(meta.shape[-1], dtype=meta.dtype).expand(meta.shape).contiguous()
+            f.write(memoryview(t.numpy()).cast("B"))
+            del t
+    tmp.replace(weights)
+    return out
+
+
 def write_unet(name: str, out: Path, seed: int = 0) -> Path:
     from diffusers import UNet2DConditionModel
 
-    unet = _materialize(lambda: UNet2DConditionModel(**UNETS[name]), seed)
-    unet.save_pretrained(str(out), safe_serialization=True)
-    del unet
-    return out
+    return stream_random(lambda: UNet2DConditionModel(**UNETS[name]), out, seed)
 
 
 def write_controlnet(out: Path, seed: int = 11) -> Path:
     from diffusers import ControlNetModel
 
-    net = _materialize(lambda: ControlNetModel(**SD15_CONTROLNET), seed)
-    net.save_pretrained(str(out), safe_serialization=True)
-    return out
+    return stream_random(lambda: ControlNetModel(**SD15_CONTROLNET), out, seed)
 
 
 def write_pipeline(kind: str, out: Path, unet: str | None = None, seed: int = 0) -> Path:
@@ -193,12 +243,8 @@ def write_pipeline(kind: str, out: Path, unet: str | None = None, seed: int = 0)
     out.mkdir(parents=True, exist_ok=True)
     write_unet(unet or kind, out / "unet", seed)
     vae_cfg = SDXL_VAE if sdxl else SD_VAE
-    vae = _materialize(lambda: AutoencoderKL(**vae_cfg), seed + 1)
-    vae.save_pretrained(str(out / "vae"), safe_serialization=True)
-    del vae
-    text = _materialize(lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)), seed + 2)
-    text.save_pretrained(str(out / "text_encoder"), safe_serialization=True)
-    del text
+    stream_random(lambda: AutoencoderKL(**vae_cfg), out / "vae", seed + 1)
+    stream_random(lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)), out / "text_encoder", seed + 2)
     tok_src = write_clip_tokenizer(out / ".clip-vocab")
     tok = CLIPTokenizer.from_pretrained(str(tok_src))
     tok.save_pretrained(str(out / "tokenizer"))
@@ -209,9 +255,8 @@ def write_pipeline(kind: str, out: Path, unet: str | None = None, seed: int = 0)
     }
     scheduler = SDXL_SCHEDULER if sdxl else SD15_SCHEDULER
     if sdxl:
-        text2 = _materialize(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG_TEXT)), seed + 3)
-        text2.save_pretrained(str(out / "text_encoder_2"), safe_serialization=True)
-        del text2
+        stream_random(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG_TEXT)),
+                      out / "text_encoder_2", seed + 3)
         tok2 = CLIPTokenizer.from_pretrained(str(tok_src), pad_token="!")  # SDXL's tokenizer_2 pads with "!"
         tok2.save_pretrained(str(out / "tokenizer_2"))
         index.update({"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,

@@ -234,15 +234,24 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     gen = torch.Generator(device=dev).manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if p.dim() >= 2 and p.numel() > _CHUNK:  # row blocks: no second full-size copy of a huge weight
-                rows = max(1, _CHUNK // p[0].numel())
-                for r in range(0, p.shape[0], rows):
-                    block = p[r:r + rows]
-                    block.copy_(torch.randn(block.shape, generator=gen, device=dev) / math.sqrt(p[0].numel()))
-            elif p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen, device=dev) / math.sqrt(p[0].numel()))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen, device=dev))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen, device=dev))
+            fill_random_(p, name, gen)
     return module
+
+
+def fill_random_(p: torch.Tensor, name: str, gen: torch.Generator) -> torch.Tensor:
+    """Parameter `name`'s random values, drawn from `gen` into `p` (randomize_'s rule, in its order: a writer that
+    streams parameters one by one, models/real_configs.py, draws the same values)."""
+    dev = p.device
+    with torch.no_grad():
+        if p.dim() >= 2 and p.numel() > _CHUNK:  # row blocks: no second full-size copy of a huge weight
+            rows = max(1, _CHUNK // p[0].numel())
+            for r in range(0, p.shape[0], rows):
+                block = p[r:r + rows]
+                block.copy_(torch.randn(block.shape, generator=gen, device=dev) / math.sqrt(p[0].numel()))
+        elif p.dim() >= 2:
+            p.copy_(torch.randn(p.shape, generator=gen, device=dev) / math.sqrt(p[0].numel()))
+        elif "norm" in name and name.endswith("weight"):
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen, device=dev))
+        else:
+            p.copy_(0.05 * torch.randn(p.shape, generator=gen, device=dev))
+    return p

@@ -66,6 +66,24 @@ RUNTIME_OVERHEAD = 3 << 29  # 1.5 GiB
 def backend_file_bytes(bundle_dir: str | Path, manifest: Manifest, backend: str) -> int:
     """Bytes of every artifact `backend` loads (step graphs with their external weights, text encoders, VAE,
     ControlNet): what it holds resident, one copy per engine."""
+    return sum(_artifact_bytes(bundle_dir, manifest, backend))
+
+
+def resident_weight_bytes(bundle_dir: str | Path, manifest: Manifest, backend: str) -> int:
+    """The weights `backend` must hold in memory at once: all its artifacts, except on ORT with memory-mapped
+    weights (runtime/ort_backend.maps_weights), where they are page cache and a call needs only its own model's
+    pages resident: the largest artifact."""
+    sizes = _artifact_bytes(bundle_dir, manifest, backend)
+    if backend == "ort" and sizes:
+        from tstitch_trt.runtime.ort_backend import maps_weights
+
+        if maps_weights(bundle_dir, manifest):
+            return max(sizes)
+    return sum(sizes)
+
+
+def _artifact_bytes(bundle_dir: str | Path, manifest: Manifest, backend: str) -> list[int]:
+    """Bytes of each artifact `backend` loads (a graph with its external weights counts as one)."""
     from tstitch_trt.bundle.manifest import ARTIFACTS_OF
 
     kind = ARTIFACTS_OF.get(backend, backend)
@@ -73,14 +91,16 @@ def backend_file_bytes(bundle_dir: str | Path, manifest: Manifest, backend: str)
     for part in (manifest.text_encoder, manifest.text_encoder_2, manifest.vae, manifest.controlnet):
         if part and kind in part.get("engines", {}):
             entries.append(part["engines"][kind])
-    total = 0
+    sizes = []
     for e in entries:
+        size = 0
         for rel, _ in e.files():
             try:
-                total += (Path(bundle_dir) / rel).stat().st_size
+                size += (Path(bundle_dir) / rel).stat().st_size
             except OSError:
                 pass  # a missing file is the checksum pass's to report
-    return total
+        sizes.append(size)
+    return sizes
 
 
 def unet_activation_bytes(arch: dict, batch: int, height: int, width: int, vae_factor: int = 8) -> int:
@@ -104,14 +124,15 @@ def unet_activation_bytes(arch: dict, batch: int, height: int, width: int, vae_f
 def check_sd_fits(bundle_dir: str | Path, manifest: Manifest, backends: list[str], batch: int, height: int,
                   width: int) -> None:
     """Refuse up front, in one line, a text-to-image run no candidate backend can hold in this machine's memory
-    (a real-size SDXL bundle on a small host): weights as loaded plus the largest attention / VAE activation."""
+    (a real-size SDXL bundle on a small host): the weights it must hold at once (resident_weight_bytes) plus the
+    largest attention / VAE activation."""
     from tstitch_trt.errors import UserError
 
     have = available_memory_bytes()
     if have is None or not backends:
         return
     acts = max(unet_activation_bytes(m.arch, batch, height, width) for m in manifest.models)
-    need = min(backend_file_bytes(bundle_dir, manifest, b) for b in backends) + acts + RUNTIME_OVERHEAD
+    need = min(resident_weight_bytes(bundle_dir, manifest, b) for b in backends) + acts + RUNTIME_OVERHEAD
     if need > have:
         raise UserError(f"this bundle needs about {need / 2**30:.1f} GiB of memory on {'/'.join(backends)} "
                         f"({height}x{width}, batch {batch}) but only {have / 2**30:.1f} GiB is available; free "

@@ -194,17 +194,19 @@ class StitchedSDPipeline:
         if self._sdxl_text is None:
             from tstitch_trt.pipeline.text import PromptTokenizer
             from tstitch_trt.pipeline.text_encoder import open_text_encoder_outputs
+            from tstitch_trt.runtime.ort_backend import maps_weights
 
             m = self.manifest
+            mapped = maps_weights(self.bundle_dir, m)
             if not (m.tokenizer and m.tokenizer_2 and m.text_encoder and m.text_encoder_2):
                 raise UserError("the sdxl bundle lacks a tokenizer or text encoder; rebuild it from a full "
                                 "StableDiffusionXLPipeline directory")
             self._sdxl_text = (PromptTokenizer(self.bundle_dir, m.tokenizer),
                                open_text_encoder_outputs(self.bundle_dir, m.text_encoder, self.backend.name,
-                                                         self.precisions["text encoder"]),
+                                                         self.precisions["text encoder"], mapped=mapped),
                                PromptTokenizer(self.bundle_dir, m.tokenizer_2),
                                open_text_encoder_outputs(self.bundle_dir, m.text_encoder_2, self.backend.name,
-                                                         self.precisions["text encoder 2"]))
+                                                         self.precisions["text encoder 2"], mapped=mapped))
         tok, enc, tok_2, enc_2 = self._sdxl_text
         zeros = bool((self.manifest.conditioning or {}).get("force_zeros_for_empty_prompt", True))
         texts = ["" if n is None else n for n in negative] + list(prompts)

@@ -23,15 +23,19 @@ def open_text_encoder(bundle_dir: Path, manifest: Manifest, backend: str,
     """The first text encoder's hidden state (SD 1.x: the context)."""
     if manifest.text_encoder is None:
         raise UserError("the bundle has no text encoder; rebuild it from a full SD pipeline directory")
-    encode = open_text_encoder_outputs(bundle_dir, manifest.text_encoder, backend, precision)
+    from tstitch_trt.runtime.ort_backend import maps_weights
+
+    encode = open_text_encoder_outputs(bundle_dir, manifest.text_encoder, backend, precision,
+                                       mapped=maps_weights(bundle_dir, manifest))
     return lambda ids: encode(ids)[TEXT_OUTPUT]
 
 
-def open_text_encoder_outputs(bundle_dir: Path, te: Mapping[str, Any], backend: str, precision: str = "fp32"
-                              ) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+def open_text_encoder_outputs(bundle_dir: Path, te: Mapping[str, Any], backend: str, precision: str = "fp32",
+                              mapped: bool = False) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
     """A manifest text-encoder entry -> a function ids -> {output name: fp32 array} (its io's outputs).
 
-    precision (fp32, bf16) applies on the openvino backend, which runs the ONNX graph built for ort."""
+    precision (fp32, bf16) applies on the openvino backend, which runs the ONNX graph built for ort; mapped: an
+    ORT session keeps its weights memory-mapped (the bundle's runtime/ort_backend.maps_weights)."""
     engines = te["engines"]
     names = list(te["io"]["outputs"])
     kind = backend if backend in engines else ("ort" if "ort" in engines else "torch")
@@ -46,9 +50,9 @@ def open_text_encoder_outputs(bundle_dir: Path, te: Mapping[str, Any], backend: 
         in_name = next(iter(te["io"]["inputs"]))
         return lambda ids: {n: a for n, a in graph({in_name: ids.astype(np.int64)}).items() if n in names}
     if kind == "ort":
-        import onnxruntime as ort
+        from tstitch_trt.runtime.ort_backend import aux_session
 
-        sess = ort.InferenceSession(str(artifact_path(bundle_dir, entry)), providers=["CPUExecutionProvider"])
+        sess = aux_session(artifact_path(bundle_dir, entry), mapped)
         inp = sess.get_inputs()[0].name
         return lambda ids: dict(zip(names, sess.run(names, {inp: ids.astype(np.int64)}), strict=True))
     if kind == "torch":

@@ -29,9 +29,9 @@ def open_decoder(bundle_dir: Path, manifest: Manifest, backend: str,
                               graph_sha256=[sha for _, sha in entry.files()])
         return lambda z: graph({"latent": z.astype(np.float32)})["image"]
     if kind == "ort":
-        import onnxruntime as ort
+        from tstitch_trt.runtime.ort_backend import aux_session, maps_weights
 
-        sess = ort.InferenceSession(str(artifact_path(bundle_dir, entry)), providers=["CPUExecutionProvider"])
+        sess = aux_session(artifact_path(bundle_dir, entry), maps_weights(bundle_dir, manifest))
         return lambda z: sess.run(["image"], {"latent": z.astype(np.float32)})[0]
     if kind == "torch":
         import torch

@@ -1,0 +1,52 @@
+"""The torch artifacts of a bundle: a model's diffusers / transformers directory (config.json + ONE safetensors).
+
+Where the model is exactly what its source directory holds (loaded from it, nothing fused into it) and that
+directory has one safetensors file, the file is hard-linked into the bundle instead of written again: a real-size
+SDXL pair's torch artifacts are 19 GB that would otherwise be serialized and stored twice on the same disk. A hard
+link is the bundle's own directory entry (nothing outside the bundle is read through it), and the bundle's
+checksum of it is taken as for any file: a source later rewritten in place is a checksum failure, never a silent
+change. Otherwise (another file system, sharded or several weights files, a fused LoRA) the model is saved, as
+one unsharded file (diffusers shards at 10 GB: the SDXL U-Net's 10.3 GB would be two files).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tstitch_trt.bundle.manifest import EngineEntry, directory_entry
+
+UNSHARDED = "1000GB"
+
+
+def save_model_dir(module: Any, bundle: Path, rel_dir: str, source: str | Path | None = None,
+                   **entry: Any) -> EngineEntry:
+    """Write `module` (a diffusers ModelMixin or transformers PreTrainedModel) as bundle/rel_dir and return its
+    entry; `source`: the directory it was loaded from unchanged (None when it was changed, or is not a
+    directory)."""
+    dst = Path(bundle) / rel_dir
+    if source is None or not _link_source(Path(source), dst):
+        module.save_pretrained(str(dst), safe_serialization=True, max_shard_size=UNSHARDED)
+    return directory_entry(Path(bundle), rel_dir, **entry)
+
+
+def _link_source(src: Path, dst: Path) -> bool:
+    """config.json copied and the one safetensors file hard-linked from src into dst; False (dst left absent)
+    where src is not such a directory or the link cannot be made."""
+    if not src.is_dir() or not (src / "config.json").is_file():
+        return False
+    weights = [p for p in src.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".ckpt", ".pth")
+               or p.name.endswith(".index.json")]
+    if len(weights) != 1 or weights[0].suffix != ".safetensors":
+        return False
+    real = weights[0].resolve()  # a hub cache's snapshot links to its blob
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(real, dst / weights[0].name)
+    except OSError:  # another file system, or links not allowed: written instead
+        shutil.rmtree(dst)
+        return False
+    shutil.copyfile(src / "config.json", dst / "config.json")
+    return True
