@@ -69,6 +69,9 @@ def timed(name: str, cmd: list[str], log: Path) -> dict:
     print(f"[{name}] rc {rc}, {seconds:.1f} s, peak RSS {rss:.2f} GB, CPU {row['cpu']}", flush=True)
     if rc != 0:
         print(text[-3000:], file=sys.stderr)
+        # the command's last line before /usr/bin/time's report: a refusal's one line, or the error
+        lines = [ln for ln in text.split("\tCommand being timed")[0].splitlines() if ln.strip()]
+        row["error"] = lines[-1][:300] if lines else ""
     return row
 
 
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--stages", default="parts,build,check,run,diffusers",
                    help="comma list of parts, build, check, run, diffusers (default: all)")
+    p.add_argument("--run-backends", default="ort,openvino", help="backends of the run stage (default ort,openvino)")
+    p.add_argument("--check-backends", default="ort,openvino", help="backends of the check stage")
     args = p.parse_args(argv)
     import numpy as np
 
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         du = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
         record({"stage": "bundle size", "bytes": du, "gb": round(du / 2**30, 2)})
     if "check" in stages:
-        record(timed("check", [*tst, "check", "--bundle", str(bundle), "--backend", "ort,openvino", "--batch", "1",
+        record(timed("check", [*tst, "check", "--bundle", str(bundle), "--backend", args.check_backends, "--batch", "1",
                                "--report", str(work / "check.json")], logs / "check.log"))
     lat = size // 8
     init = work / "init.npy"
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         np.save(init, np.random.default_rng(0).standard_normal((1, 4, lat, lat), dtype=np.float32))
     sampler = "euler" if args.pair == "sdxl" else "pndm"
     if "run" in stages:
-        for backend in ("ort", "openvino"):
+        for backend in args.run_backends.split(","):
             record(timed(f"run-{backend}", [*tst, "run", "--bundle", str(bundle), "--backend", backend, "--prompt",
                                             PROMPT, "--sampler", sampler, "--steps", str(args.steps), "--ratio",
                                             str(args.ratio), "--init-noise", str(init), "--save-latents",
