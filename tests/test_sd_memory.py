@@ -48,30 +48,34 @@ GiB = 2**30
 def _sdxl_at_real_size(sdxl_bundle, monkeypatch, available: int):
     """The tiny SDXL bundle's manifest with the real U-Net configs, its files seen at their real sizes."""
     from tstitch_trt.models.real_configs import SSD_1B_UNET
-    from tstitch_trt.runtime import ort_backend
+    from tstitch_trt.runtime import host_memory
 
     manifest = read_manifest(sdxl_bundle)
     for m, arch in zip(manifest.models, (SSD_1B_UNET, SDXL_UNET), strict=True):
         m.arch = dict(arch)
     monkeypatch.setattr(resources, "_artifact_bytes", lambda *a: list(SDXL_ORT_BYTES))
-    monkeypatch.setattr(ort_backend, "ort_weight_bytes", lambda *a: sum(SDXL_ORT_BYTES))
-    monkeypatch.setattr(ort_backend, "_mem_total", lambda: 24 * 10**9)
+    monkeypatch.setattr(host_memory, "ort_graph_bytes", lambda *a: sum(SDXL_ORT_BYTES))
+    monkeypatch.setattr(host_memory, "mem_total", lambda: 24 * 10**9)
     monkeypatch.setattr(resources, "available_memory_bytes", lambda: available)
     return manifest
 
 
-def test_real_size_sdxl_fits_on_ort_with_mapped_weights_and_not_packed(sdxl_bundle, monkeypatch):
-    """19.5 GB of graphs on a 24 GB machine: mapped (the largest model, 10.3 GB, resident at once) the run fits in 18
-    GiB; packed (every weight resident) or on OpenVINO (fp32: its own copy of every weight) it is refused, in one
-    line, before anything loads."""
+def test_real_size_sdxl_fits_in_the_low_memory_modes_only(sdxl_bundle, monkeypatch):
+    """19.5 GB of graphs on a 24 GB machine: ORT with mapped weights and OpenVINO compiling one model at a time (the
+    largest model, 10.3 GB, resident at once) fit in 18 GiB; ORT packed or OpenVINO with every model compiled (a
+    copy of every weight) are refused, in one line, before anything loads."""
     from tstitch_trt.errors import UserError
+    from tstitch_trt.runtime.openvino_backend import ONE_MODEL_ENV
     from tstitch_trt.runtime.ort_backend import MAP_WEIGHTS_ENV, maps_weights
 
     manifest = _sdxl_at_real_size(sdxl_bundle, monkeypatch, 18 * GiB)
     monkeypatch.delenv(MAP_WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(ONE_MODEL_ENV, raising=False)
     assert maps_weights(sdxl_bundle, manifest)
-    assert resources.resident_weight_bytes(sdxl_bundle, manifest, "ort") == max(SDXL_ORT_BYTES)
-    resources.check_sd_fits(sdxl_bundle, manifest, ["ort"], 1, 1024, 1024)  # fits: no error
+    for backend in ("ort", "openvino"):
+        assert resources.resident_weight_bytes(sdxl_bundle, manifest, backend) == max(SDXL_ORT_BYTES)
+        resources.check_sd_fits(sdxl_bundle, manifest, [backend], 1, 1024, 1024)  # fits: no error
+    monkeypatch.setenv(ONE_MODEL_ENV, "0")
     with pytest.raises(UserError, match=r"needs about 2\d\.\d GiB of memory on openvino \(1024x1024, batch 1\)"):
         resources.check_sd_fits(sdxl_bundle, manifest, ["openvino"], 1, 1024, 1024)
     monkeypatch.setenv(MAP_WEIGHTS_ENV, "0")  # packed
@@ -86,15 +90,15 @@ def test_real_size_sdxl_fits_on_ort_with_mapped_weights_and_not_packed(sdxl_bund
 
 
 def test_weights_are_mapped_only_when_the_graphs_are_over_half_the_memory(sd_bundle, monkeypatch):
-    from tstitch_trt.runtime import ort_backend
+    from tstitch_trt.runtime import host_memory, ort_backend
 
     manifest = read_manifest(sd_bundle)
-    size = ort_backend.ort_weight_bytes(sd_bundle, manifest)
+    size = host_memory.ort_graph_bytes(sd_bundle, manifest)
     assert size > 0
     monkeypatch.delenv(ort_backend.MAP_WEIGHTS_ENV, raising=False)
-    monkeypatch.setattr(ort_backend, "_mem_total", lambda: 2 * size + 2)
+    monkeypatch.setattr(host_memory, "mem_total", lambda: 2 * size + 2)
     assert not ort_backend.maps_weights(sd_bundle, manifest)
-    monkeypatch.setattr(ort_backend, "_mem_total", lambda: 2 * size - 2)
+    monkeypatch.setattr(host_memory, "mem_total", lambda: 2 * size - 2)
     assert ort_backend.maps_weights(sd_bundle, manifest)
     monkeypatch.setenv(ort_backend.MAP_WEIGHTS_ENV, "0")
     assert not ort_backend.maps_weights(sd_bundle, manifest)
@@ -117,3 +121,31 @@ def test_a_mapped_weights_run_equals_the_packed_one(sd_bundle, monkeypatch):
         pipe.backend.close()
     assert np.abs(latents["1"] - latents["0"]).max() <= 1e-5 * np.abs(latents["0"]).max()
     assert any("memory-mapped" in n for n in notes["1"]) and not any("memory-mapped" in n for n in notes["0"])
+
+
+def test_openvino_one_model_at_a_time_equals_every_model_compiled(sd_bundle, monkeypatch):
+    """The low-memory mode compiles each step model at its first call and releases the other (text encoders after
+    encoding, step models before decoding): the same latents, twice in a row, and the notes say so."""
+    import numpy as np
+
+    pytest.importorskip("openvino")
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+    from tstitch_trt.runtime.openvino_backend import ONE_MODEL_ENV
+
+    monkeypatch.setenv("TSTITCH_OPENVINO_CACHE", str(sd_bundle.parent / "ov-cache-one-model"))
+    latents = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv(ONE_MODEL_ENV, mode)
+        pipe = StitchedSDPipeline.from_bundle(sd_bundle, backend="openvino", precision="fp32")
+        assert pipe.backend.one_model_at_a_time == (mode == "1")
+        for _ in range(2):
+            res = pipe(prompt="a cat", steps=3, ratio=0.5, seed=1)
+            latents.setdefault(mode, []).append(res.latents)
+        if mode == "1":
+            assert pipe.backend.compiled == [None, None] and pipe._text_encoder is None
+            assert pipe.backend.compiles == 4  # each model once per trajectory
+            assert any("one model in memory at a time" in n for n in res.report["notes"])
+        pipe.backend.close()
+    ref = latents["0"][0]
+    for got in latents["0"][1:] + latents["1"]:
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()

@@ -70,14 +70,20 @@ def backend_file_bytes(bundle_dir: str | Path, manifest: Manifest, backend: str)
 
 
 def resident_weight_bytes(bundle_dir: str | Path, manifest: Manifest, backend: str) -> int:
-    """The weights `backend` must hold in memory at once: all its artifacts, except on ORT with memory-mapped
-    weights (runtime/ort_backend.maps_weights), where they are page cache and a call needs only its own model's
-    pages resident: the largest artifact."""
+    """The weights `backend` must hold in memory at once: all its artifacts, except in the CPU backends' low-memory
+    modes (runtime/host_memory.py): ORT with memory-mapped weights (page cache: a call needs only its own model's
+    pages resident) and OpenVINO compiling one model at a time: the largest artifact."""
     sizes = _artifact_bytes(bundle_dir, manifest, backend)
     if backend == "ort" and sizes:
         from tstitch_trt.runtime.ort_backend import maps_weights
 
         if maps_weights(bundle_dir, manifest):
+            return max(sizes)
+    if backend == "openvino" and sizes:
+        from tstitch_trt.runtime.host_memory import graphs_over_half_memory
+        from tstitch_trt.runtime.openvino_backend import ONE_MODEL_ENV
+
+        if graphs_over_half_memory(bundle_dir, manifest, ONE_MODEL_ENV):  # one compiled model at a time
             return max(sizes)
     return sum(sizes)
 

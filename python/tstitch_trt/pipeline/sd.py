@@ -359,6 +359,11 @@ class StitchedSDPipeline:
         t0 = time.perf_counter()
         cond, notes = self.encode_prompts(prompts, negatives, time_ids)
         encode_s = time.perf_counter() - t0
+        low_memory = bool(getattr(self.backend, "one_model_at_a_time", False))
+        if low_memory:  # the text encoders' compiled copies go before the first step model's comes (reopened per run)
+            self._tokenizer = self._text_encoder = self._sdxl_text = None
+            notes.append("text encoders released after encoding, the step models before decoding (one model in "
+                         "memory at a time)")
         rng = np.random.default_rng(seed)
         shape = (batch, c, height // self.vae_factor, width // self.vae_factor)
         x_unit = (np.asarray(init_noise, dtype=np.float32) if init_noise is not None
@@ -376,6 +381,8 @@ class StitchedSDPipeline:
             notes.append(f"cfg {cfg_scale} <= 1 means no guidance (as diffusers): the conditional prediction alone")
         loop = run_stitched(self.backend, plan, x_init, cond, guidance, progress=progress,
                             model_names=self.model_names, cancel=cancel)
+        if low_memory:
+            self.backend.release_step_models()  # type: ignore[attr-defined]
         images, decode_s = None, 0.0
         if decode:
             t1 = time.perf_counter()

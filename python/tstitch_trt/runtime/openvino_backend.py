@@ -17,6 +17,12 @@ Each model is compiled for the batch in use (static shapes run ~10-15% faster th
 graph); compiled models are cached as blobs outside the bundle (which may be read-only), keyed without
 reading the graph (runtime/openvino_compile.py): a cached run imports the blobs and never reads the ONNX,
 and no ov.Model is kept once its compiled model exists (no second copy of the weights).
+
+A bundle whose graphs are over half the machine's memory (an SDXL pair: 19.5 GB) cannot hold a compiled copy of
+every step model at once (the CPU plugin repacks each weight into its own buffers): then one step model is
+compiled at a time, at its first call, and the previous one is released first (runtime/host_memory.py;
+$TSTITCH_OPENVINO_ONE_MODEL=1/0 forces it). A stitched trajectory calls its models in order, so each is compiled
+once per request; the compile time is in that model's first step, and the run's notes say so.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from tstitch_trt.bundle.manifest import Manifest, artifact_path
 from tstitch_trt.errors import BackendUnavailable, UserError
 from tstitch_trt.runtime.cpu_isa import bf16_isa
 from tstitch_trt.runtime.host_buffers import HostStepBuffers, check_cached
+from tstitch_trt.runtime.host_memory import graphs_over_half_memory, ort_graph_bytes
 from tstitch_trt.runtime.io_roles import state_slots, step_io
 from tstitch_trt.runtime.openvino_compile import Compiled, compile_cached, has_blob
 from tstitch_trt.runtime.openvino_precision import marked_for_bf16
@@ -41,6 +48,7 @@ from tstitch_trt.sampling.trajectory import TrajectoryPlan
 PRECISIONS = ("auto", "fp32", "bf16")
 _HINT = {"fp32": "f32", "bf16": "bf16"}
 ONNX_ENTRY = "ort"  # the bundle's fp32 ONNX step graphs, shared with the ORT backend
+ONE_MODEL_ENV = "TSTITCH_OPENVINO_ONE_MODEL"
 
 
 def import_openvino() -> Any:
@@ -185,6 +193,11 @@ class OpenVinoBackend(HostStepBuffers):
                 raise UserError(f"the bundle has no ONNX graph for {m.name}; rebuild with --backend ort")
             self._paths.append(artifact_path(bundle_dir, m.engines[ONNX_ENTRY]))
             self._shas.append([sha for _, sha in m.engines[ONNX_ENTRY].files()])
+        self.one_model_at_a_time = graphs_over_half_memory(bundle_dir, manifest, ONE_MODEL_ENV)
+        if self.one_model_at_a_time:
+            size = ort_graph_bytes(bundle_dir, manifest) / 2**30
+            self._notes.append(f"openvino: one step model compiled at a time ({size:.1f} GiB of graphs): each at "
+                               "its first call, which includes its compile time")
         # a graph this cache never compiled is read now (an OpenVINO too old for it refuses here, so `auto`
         # moves on) and kept only until its first compile; a cached one is never read (openvino_compile.py)
         self._read: list[Any] = [None if has_blob(self.cache_dir, sha) else read_onnx(self.core, path)
@@ -229,13 +242,13 @@ class OpenVinoBackend(HostStepBuffers):
         # the old shape's models go before new ones come
         self._requests, self._rows, self.compiled, self._compiled = [], [], [], []
         shapes = {n: self.io.shape(n, dims) for n in self.io.inputs}
-        self._compiled = []
-        for i, precision in enumerate(self.precisions):
-            self._compiled.append(compile_cached(
-                self.core, lambda i=i: self._take_model(i),
-                lambda model, precision=precision: compile_static(self.core, model, shapes, precision, self.threads),
-                self._shas[i], shapes, precision, self.threads, self.cache_dir,
-                compile_config(precision, self.threads)))
+        self._shapes = shapes
+        if self._one_at_a_time():  # compiled at each model's first call (_load_only)
+            n = len(self.precisions)
+            self._compiled, self.compiled, self.compile_sources = [None] * n, [None] * n, [""] * n
+            self._compiled_for = key
+            return
+        self._compiled = [self._compile_model(i) for i in range(len(self.precisions))]
         self.compiled = [c.model for c in self._compiled]
         self.compile_sources = [c.source for c in self._compiled]
         self.compiles += len(self.compiled)
@@ -252,6 +265,38 @@ class OpenVinoBackend(HostStepBuffers):
             self.cached_compiled = [c.model for c in self._cached_compiled]  # _cached_compiled keeps blob maps alive
             self.compiles += len(self.cached_compiled)
         self._compiled_for = key
+
+    def _one_at_a_time(self) -> bool:
+        # DeepCache's cached graphs alternate with the full ones: every model stays compiled there
+        return self.one_model_at_a_time and not self._cached_paths
+
+    def _compile_model(self, i: int) -> Compiled:
+        precision, shapes = self.precisions[i], self._shapes
+        return compile_cached(
+            self.core, lambda: self._take_model(i),
+            lambda model: compile_static(self.core, model, shapes, precision, self.threads),
+            self._shas[i], shapes, precision, self.threads, self.cache_dir, compile_config(precision, self.threads))
+
+    def _load_only(self, model: int) -> None:
+        """One-model-at-a-time mode: release every other step model (its requests, then its compiled model), then
+        compile this one and bind its requests."""
+        for j in range(len(self.compiled)):
+            if j != model:
+                self._requests[j] = None
+                self.compiled[j] = self._compiled[j] = None
+        c = self._compile_model(model)
+        self._compiled[model], self.compiled[model] = c, c.model
+        self.compile_sources[model] = c.source
+        self.compiles += 1
+        self._requests[model] = self._make_requests(c.model, model, False)
+
+    def release_step_models(self) -> None:
+        """One-model-at-a-time mode, after a trajectory: the last step model's compiled copy goes (the VAE decoder
+        comes next); the next trajectory compiles each model again at its first call."""
+        if self._one_at_a_time() and self._compiled_for is not None:
+            for j in range(len(self.compiled)):
+                self._requests[j] = None
+                self.compiled[j] = self._compiled[j] = None
 
     def _take_model(self, i: int) -> Any:
         """The ov.Model of graph i, handed over (not kept): read at open, or read again for a new shape."""
@@ -289,12 +334,15 @@ class OpenVinoBackend(HostStepBuffers):
                 per_parity.append(r)
             return per_parity
 
-        self._requests = [requests(c, m, False) for m, c in enumerate(self.compiled)]
+        self._make_requests = requests
+        self._requests = [None if c is None else requests(c, m, False) for m, c in enumerate(self.compiled)]
         self._cached_requests = [requests(c, m, True) for m, c in enumerate(self.cached_compiled)]
 
     # Backend protocol (prepare, read_x, read_x0: HostStepBuffers) ---------------------------------
     def launch(self, step: int, model: int) -> float | None:
         t0 = time.perf_counter()
+        if not self._cached[step] and self._requests[model] is None:
+            self._load_only(model)
         r = (self._cached_requests if self._cached[step] else self._requests)[model][step % 2]
         for n, tensor in self._rows[step].items():
             r.set_tensor(n, tensor)
@@ -307,7 +355,7 @@ class OpenVinoBackend(HostStepBuffers):
     def take_notes(self) -> list[str]:
         notes, self._notes = self._notes, []
         sources = [f"{m.name} {'from the model cache' if s == 'cache' else 'compiled (now cached)'}"
-                   for m, s in zip(self.manifest.models, self.compile_sources, strict=False)]
+                   for m, s in zip(self.manifest.models, self.compile_sources, strict=False) if s]
         return [f"openvino precision: {self.precision_reason}", *notes,
                 *([f"openvino models: {', '.join(sources)}"] if sources else [])]
 

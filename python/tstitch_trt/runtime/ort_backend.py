@@ -16,6 +16,7 @@ import numpy as np
 from tstitch_trt.bundle.manifest import Manifest, artifact_path
 from tstitch_trt.errors import BackendUnavailable, BundleError, UserError
 from tstitch_trt.runtime.host_buffers import HostStepBuffers, check_cached
+from tstitch_trt.runtime.host_memory import graphs_over_half_memory, ort_graph_bytes
 from tstitch_trt.runtime.io_roles import graph_io, state_slots, step_io
 from tstitch_trt.sampling.trajectory import TrajectoryPlan
 
@@ -31,30 +32,6 @@ ORT_SPIN_DEFAULT = "1"
 MAP_WEIGHTS_ENV = "TSTITCH_ORT_MAP_WEIGHTS"  # 1 / 0 force the mapped / packed mode; unset: maps_weights decides
 
 
-def ort_weight_bytes(bundle_dir: str | Path, manifest: Manifest) -> int:
-    """Bytes of the ONNX graphs (and their .data) a run on ORT opens: every step model's, the text encoder(s)',
-    the VAE decoder's and the ControlNet's."""
-    entries = [m.engines["ort"] for m in manifest.models if "ort" in m.engines]
-    for part in (manifest.text_encoder, manifest.text_encoder_2, manifest.vae, manifest.controlnet):
-        if part and "ort" in part.get("engines", {}):
-            entries.append(part["engines"]["ort"])
-    total = 0
-    for e in entries:
-        for rel, _ in e.files():
-            try:
-                total += (Path(bundle_dir) / rel).stat().st_size
-            except OSError:
-                pass  # a missing file is the checksum pass's to report
-    return total
-
-
-def _mem_total() -> int | None:
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def maps_weights(bundle_dir: str | Path, manifest: Manifest) -> bool:
     """Whether ORT sessions of this bundle keep their weights memory-mapped from the bundle's files instead of
     packing a copy of every matmul weight into anonymous memory (ORT's default, a little faster).
@@ -62,13 +39,8 @@ def maps_weights(bundle_dir: str | Path, manifest: Manifest) -> bool:
     Packed, the weights of every open session are resident and unevictable: an SDXL pair's 19.5 GB of fp32 graphs
     does not fit next to its activations in 24 GB. Mapped, they are the page cache's: a U-Net call needs its own
     model's pages (10.3 GB for SDXL), the kernel pages the idle model out when memory is short. Chosen when the
-    graphs are over half the machine's memory (MemTotal: the same answer for every session of a bundle on this
-    machine); $TSTITCH_ORT_MAP_WEIGHTS=1/0 forces it either way."""
-    forced = os.environ.get(MAP_WEIGHTS_ENV, "")
-    if forced in ("0", "1"):
-        return forced == "1"
-    total = _mem_total()
-    return total is not None and ort_weight_bytes(bundle_dir, manifest) > total // 2
+    graphs are over half the machine's memory (runtime/host_memory.py); $TSTITCH_ORT_MAP_WEIGHTS=1/0 forces it."""
+    return graphs_over_half_memory(bundle_dir, manifest, MAP_WEIGHTS_ENV)
 
 
 def weight_options(opts: Any, mapped: bool) -> Any:
@@ -145,7 +117,7 @@ class OrtBackend(HostStepBuffers):
                                       os.environ.get("TSTITCH_ORT_SPIN", ORT_SPIN_DEFAULT))
         self.mapped_weights = self.device == "cpu" and maps_weights(bundle_dir, manifest)
         self._opts = weight_options(opts, self.mapped_weights)
-        size = ort_weight_bytes(bundle_dir, manifest) / 2**30 if self.mapped_weights else 0.0
+        size = ort_graph_bytes(bundle_dir, manifest) / 2**30 if self.mapped_weights else 0.0
         self._notes = [f"ort weights memory-mapped from the bundle, not packed ({size:.1f} GiB of graphs; "
                        "runtime/ort_backend.maps_weights)"] if self.mapped_weights else []
         self.sessions = []
