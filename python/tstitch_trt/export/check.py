@@ -138,7 +138,7 @@ def run_check(args: argparse.Namespace, outputs: OutputPlan | None = None) -> in
     """Compare; `outputs` holds the --report path, checked writable before any work."""
     bundle = resolve_bundle(args.bundle)
     manifest = read_manifest(bundle)
-    verify_bundle(bundle, manifest)
+    verify_bundle(bundle, manifest, fresh=True)
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
     present = sorted({k for m in manifest.models for k in m.engines if k in CHECKABLE}, key=CHECKABLE.index)
