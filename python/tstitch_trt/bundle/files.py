@@ -6,7 +6,7 @@ bundle never makes the engine read outside its own directory. Checksums are memo
 identity and change time (device, inode, size, mtime and ctime: st_ctime changes on every write and
 cannot be set back from user space), in the process and in the user's cache directory
 ($XDG_CACHE_HOME/tstitch-trt/verified, beside the compiled models), so each version of a file is hashed
-once: an SD 1.5 bundle's 9 GB cost every `run` ~10 s of hashing before. Any later write to a file changes
+once: a 5.2 GB SD 1.5 bundle cost every `run` 7-10 s of hashing before. Any later write to a file changes
 its ctime and is hashed again; `check` (fresh=True) always hashes everything.
 """
 
