@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 PAIRS = {"sd15": ("sd15-pair", "bk-sdm-tiny", "sd15", 512), "sdxl": ("sdxl-pair", "ssd-1b", "sdxl", 1024)}
+CFG = {"sd15": "7.5", "sdxl": "5.0"}  # each pipeline's default guidance scale, given to both sides explicitly
 PROMPT = "a photo of a cat sitting on a red chair"
 
 REFERENCE = r'''
@@ -31,8 +32,8 @@ import sys, numpy as np, torch, diffusers
 from diffusers import UNet2DConditionModel
 from tstitch_trt.models.diffusers_peer import stitch_by_callback
 from tstitch_trt.sampling.sd_samplers import sd_table
-small, large, init, out, steps, ratio, size, prompt, kind = sys.argv[1:10]
-steps, ratio, size = int(steps), float(ratio), int(size)
+small, large, init, out, steps, ratio, size, prompt, kind, cfg = sys.argv[1:11]
+steps, ratio, size, cfg = int(steps), float(ratio), int(size), float(cfg)
 cls = diffusers.StableDiffusionXLPipeline if kind == "sdxl" else diffusers.StableDiffusionPipeline
 extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
 pipe = cls.from_pretrained(large, **extra)
@@ -43,7 +44,7 @@ sampler = "pndm" if kind != "sdxl" else "euler"
 n_calls = len(sd_table(sampler, dict(pipe.scheduler.config), steps).timesteps)
 switch = stitch_by_callback(pipe, small_unet, pipe.unet, n_calls, ratio)
 with torch.no_grad():
-    lat = pipe([prompt], height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
+    lat = pipe([prompt], height=size, width=size, num_inference_steps=steps, guidance_scale=cfg,
                latents=torch.from_numpy(np.load(init)), output_type="latent", callback_on_step_end=switch).images
 np.save(out, np.asarray(lat))
 '''
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         for backend in args.run_backends.split(","):
             record(timed(f"run-{backend}", [*tst, "run", "--bundle", str(bundle), "--backend", backend, "--prompt",
                                             PROMPT, "--sampler", sampler, "--steps", str(args.steps), "--ratio",
-                                            str(args.ratio), "--init-noise", str(init), "--save-latents",
+                                            str(args.ratio), "--cfg-scale", CFG[args.pair], "--init-noise",
+                                            str(init), "--save-latents",
                                             str(work / f"lat-{backend}.npy"), "--report",
                                             str(work / f"run-{backend}.json"),
                                             "--out", str(work / f"{backend}.png")], logs / f"run-{backend}.log"))
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         script = work / "reference.py"
         script.write_text(REFERENCE)
         record(timed("diffusers", [py, str(script), str(small), str(large), str(init), str(work / "lat-diffusers.npy"),
-                                   str(args.steps), str(args.ratio), str(size), PROMPT, args.pair],
+                                   str(args.steps), str(args.ratio), str(size), PROMPT, args.pair, CFG[args.pair]],
                      logs / "diffusers.log"))
     ref_path = work / "lat-diffusers.npy"
     if ref_path.exists():
