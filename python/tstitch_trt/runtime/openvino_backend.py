@@ -354,7 +354,8 @@ class OpenVinoBackend(HostStepBuffers):
 
     def take_notes(self) -> list[str]:
         notes, self._notes = self._notes, []
-        sources = [f"{m.name} {'from the model cache' if s == 'cache' else 'compiled (now cached)'}"
+        fresh = "compiled (now cached)" if self.cache_dir is not None else "compiled"
+        sources = [f"{m.name} {'from the model cache' if s == 'cache' else fresh}"
                    for m, s in zip(self.manifest.models, self.compile_sources, strict=False) if s]
         return [f"openvino precision: {self.precision_reason}", *notes,
                 *([f"openvino models: {', '.join(sources)}"] if sources else [])]
