@@ -229,7 +229,10 @@ Manifest parse_manifest(const ojson& raw, const std::string& where) {
   m.guidance_channels = raw["guidance_channels"].get<int>();
   for (size_t i = 0; i < raw["models"].size(); ++i) m.models.push_back(model(raw["models"][i], "models[" + std::to_string(i) + "]"));
   m.has_vae = raw.contains("vae") && !raw["vae"].is_null();
-  if (raw.contains("cache") && raw["cache"].is_object()) m.cache_branch = raw["cache"]["branch"].get<int>();
+  if (raw.contains("cache") && raw["cache"].is_object()) {  // DeepCache has a branch, FORA none (the schema says which)
+    m.cache_scheme = raw["cache"]["scheme"].get<std::string>();
+    if (raw["cache"].contains("branch")) m.cache_branch = raw["cache"]["branch"].get<int>();
+  }
   m.has_text_encoder = raw.contains("text_encoder") && !raw["text_encoder"].is_null();
   if (raw.contains("scheduler") && !raw["scheduler"].is_null()) m.scheduler = json::parse(raw["scheduler"].dump());
   if (m.has_vae) m.vae_engines = engines(raw["vae"]["engines"], "vae.engines");

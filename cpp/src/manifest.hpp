@@ -98,6 +98,7 @@ struct Manifest {
   IoRoles roles;               // io.roles, or the DiT roles where the manifest has none
   bool roles_recorded = false; // io.roles was in the manifest
   int cache_branch = -1;       // manifest `cache` (DeepCache's full + cached step graphs): its branch; -1: none
+  std::string cache_scheme;    // manifest `cache`: "deepcache" (U-Nets) or "fora" (DiTs); empty: none
   nlohmann::json scheduler;    // SD: the diffusers scheduler config (null otherwise)
   bool has_text_encoder = false;
   std::map<std::string, EngineEntry> text_encoder_engines;  // SD: kind -> the text encoder's plan

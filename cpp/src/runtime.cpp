@@ -75,6 +75,10 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& given, const 
     fail(TSTITCH_ERR_UNAVAILABLE, "this bundle was built with --cache-branch " + std::to_string(manifest_.cache_branch) +
                                       " (DeepCache's full and cached step graphs), which the C++ runtime does not run "
                                       "yet; run it with tstitch-trt (Python), or rebuild it without --cache-branch");
+  if (manifest_.cache_scheme == "fora")
+    fail(TSTITCH_ERR_UNAVAILABLE, "this bundle was built with --cache-scheme fora (FORA's full and cached step "
+                                  "graphs), which the C++ runtime does not run yet; run it with tstitch-trt (Python), "
+                                  "or rebuild it without --cache-scheme");
   OpenOptions opt = given;
   if (opt.engine.empty()) opt.engine = auto_engine(manifest_);
   const auto& known = engine_names();
