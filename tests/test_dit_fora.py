@@ -269,3 +269,83 @@ def test_manifest_scheme_fits_the_kind(fora_pair, tmp_path) -> None:
     (bad / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(BundleError, match="FORA"):
         read_manifest(bad)
+
+
+# --- TensorRT: the runtime on fake TensorRT / CUDA, and real TensorRT-RTX builds ------------------------------
+def test_trt_backend_runs_fora_engines_like_ort(fora_pair, tmp_path) -> None:
+    """TrtBackend on fake TensorRT (tests/fake_gpu.py: engines that run the ONNX graphs, fake CUDA): each model's
+    kept features bound to its own buffer, the cached engines opened on demand; plain launches and one CUDA graph
+    per trajectory equal ORT."""
+    import dataclasses
+    import shutil
+    from types import SimpleNamespace
+
+    from fake_gpu import FakeCuda, make_fake_trt, ort_step
+    from tstitch_trt.bundle.manifest import EngineEntry
+    from tstitch_trt.pipeline.dit import request_noise
+    from tstitch_trt.runtime.engine_compat import builder_info
+    from tstitch_trt.runtime.loop import run_stitched
+    from tstitch_trt.runtime.ort_backend import OrtBackend
+    from tstitch_trt.runtime.trt_backend import TrtBackend
+    from tstitch_trt.sampling.cache_plan import cached_calls
+    from tstitch_trt.sampling.trajectory import plan_trajectory
+
+    bundle = tmp_path / "fake-trt"
+    shutil.copytree(fora_pair, bundle)
+    manifest = read_manifest(bundle)
+    info = builder_info(SimpleNamespace(__name__="tensorrt_rtx", __version__="1.7.1.116"), ["8.9"])
+    for m in manifest.models:
+        for part in (m.engines, m.cached["engines"]):
+            e = part["ort"]
+            part["trt-rtx"] = EngineEntry(file=e.file, sha256=e.sha256, precision="fp32", batch_range=(1, 16),
+                                          builder=info)
+    (bundle / "manifest.json").write_text(manifest.to_json())
+    manifest = read_manifest(bundle)
+    x, _ = request_noise(0, 2, manifest.latent_shape, STEPS, "ddim", 0.0)
+    plan = plan_trajectory("ddim", STEPS, 2, x.shape, np.random.default_rng(0), ratio=0.4)
+    plan = dataclasses.replace(plan, cached=cached_calls(plan.timesteps, plan.step_model, 3))
+    labels = np.array(LABELS)
+    ref = run_stitched(OrtBackend(bundle, manifest), plan, x, labels, 1.5, progress=False)
+
+    def fake(**kw):
+        cu = FakeCuda()
+        trt = make_fake_trt(cu, ort_step, scratch_for=lambda data: len(data) // 8)
+        return TrtBackend(bundle, manifest, kind="trt-rtx", trt_module=trt, cuda=cu, **kw), cu, trt
+
+    plain, _, trt = fake(cuda_graph=False)
+    got = run_stitched(plain, plan, x, labels, 1.5, progress=False)
+    assert got.mode == "steps" and rel_diff(got.x, ref.x) < 1e-5
+    assert sum(c.enqueues for c in trt.contexts if "fora" in c.engine.inputs) == int(plan.cached.sum())
+    graph, cu, _ = fake()
+    first = run_stitched(graph, plan, x, labels, 1.5, progress=False)
+    assert first.mode == "graph" and cu.captures == 1 and np.array_equal(first.x, got.x)
+    again = run_stitched(graph, dataclasses.replace(plan, cached=None), x, labels, 1.5, progress=False)
+    assert cu.captures == 2 and rel_diff(again.x, got.x) > 1e-3
+
+
+def _has_rtx() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt_rtx") is not None
+
+
+@pytest.mark.skipif(not _has_rtx(), reason="tensorrt_rtx is not installed (pip install tensorrt-rtx)")
+def test_trt_rtx_builds_the_fora_step_graphs_on_cpu(tmp_path) -> None:
+    """Real TensorRT-RTX fp16 plans of both step graphs per DiT; the cached engine's profile covers the kept
+    features at twice the batch range."""
+    from tstitch_trt.bundle.manifest import artifact_path
+
+    out = build_tiny(tmp_path / "rtx", ["DiT-S/2", "DiT-B/2"], ["trt-rtx"], cache_scheme="fora", batch_range=(1, 2))
+    m = read_manifest(out)
+    assert m.cache == {"scheme": "fora"} and m.io["roles"]["cache"] == [["fora", "fora_next"]]
+    for model in m.models:
+        depth, d = model.arch["depth"], model.arch["hidden_size"]
+        assert model.cached["feature"] == {"shape": ["2B", depth, 2, 16, d], "dtype": "float32"}
+        full, cached = model.engines["trt-rtx"], model.cached["engines"]["trt-rtx"]
+        for e in (full, cached):
+            assert e.precision == "fp16" and artifact_path(out, e).stat().st_size > 10_000
+        assert "fora" not in full.builder["options"]["profile"]
+        # min / opt / max: 2B over batch 1-2 (opt: the largest)
+        assert cached.builder["options"]["profile"]["fora"] == [[2, depth, 2, 16, d], [4, depth, 2, 16, d],
+                                                                [4, depth, 2, 16, d]]
+    assert not any(out.glob("**/*.onnx"))
