@@ -163,10 +163,9 @@ class StitchedPipeline:
         labels = np.asarray(label_list, dtype=np.int64)
         if init_noise is not None and init_noise.ndim == 4 and len(labels) == 1:
             labels = np.repeat(labels, init_noise.shape[0])  # one label for the whole --init-noise batch
+        cache_interval = check_dit_cache(self.manifest, cache_interval, cache_branch)
         self.validate(labels, None if fractions is not None else ratio, fractions, steps, sampler, init_noise,
-                      cfg_scale=cfg_scale, eta=eta, seed=seed, cache_interval=cache_interval,
-                      cache_branch=cache_branch)
-        cache_interval = int(cache_interval)
+                      cfg_scale=cfg_scale, eta=eta, seed=seed, cache_interval=cache_interval)
         shape = (len(labels), *self.manifest.latent_shape)
         if init_noise is None:
             x_init, drawn = request_noise(seed, len(labels), self.manifest.latent_shape, steps, sampler, eta)
