@@ -81,6 +81,38 @@ def time_points(bundle: Path, configs: list[tuple[float, int]], batch: int, roun
     return out
 
 
+def step_cpu_ms(bundle: Path, batch: int, calls: int) -> dict[str, float]:
+    """CPU ms (process time, median of `calls`) of one call of each model's full and cached step graph at `batch`,
+    through the backend's own launch path (ORT, bound buffers)."""
+    import dataclasses
+
+    from tstitch_trt.runtime.ort_backend import OrtBackend
+    from tstitch_trt.sampling.trajectory import plan_trajectory
+
+    m = read_manifest(bundle)
+    backend = OrtBackend(bundle, m)
+    shape = (batch, *m.latent_shape)
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    labels = np.arange(batch) % m.num_classes
+    out = {}
+    try:
+        for i, model in enumerate(m.models):
+            for cached in (False, True):
+                plan = plan_trajectory("ddim", calls, 2, shape, np.random.default_rng(0), ratio=0.0)
+                plan = dataclasses.replace(plan, cached=np.array([cached and k > 0 for k in range(calls)]))
+                backend.prepare(plan, x, labels, 1.5)
+                backend.launch(0, i)  # a full call first: the kept features exist
+                times = []
+                for k in range(1, calls):
+                    c0 = time.process_time()
+                    backend.launch(k, i)
+                    times.append(time.process_time() - c0)
+                out[f"{model.name} {'cached' if cached else 'full'}"] = 1e3 * statistics.median(times)
+    finally:
+        backend.close()
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=500, help="images per point for FID / accuracy")
@@ -91,6 +123,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="timing rounds (0: quality only)")
     p.add_argument("--work", default="bench-out/fora-demo-bundle", help="where the FORA demo bundle is built")
     p.add_argument("--out", default="bench-out/fora")
+    p.add_argument("--step-calls", type=int, default=11, help="calls per graph of the per-step CPU figure")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,8 +132,10 @@ def main() -> None:
     t_start = time.perf_counter()
     bundle = build_fora_demo(Path(args.work))
     check_interval_one(bundle)
-    points = []
-    for n in intervals:
+    steps_cpu = step_cpu_ms(bundle, args.batch, args.step_calls)
+    print("CPU ms per call at batch", args.batch, json.dumps({k: round(v, 1) for k, v in steps_cpu.items()}))
+    points, reference = [], None
+    for n in intervals if args.images else ():
         res = quality_sweep(bundle, ratios, args.images, backend="ort", steps=args.steps, batch=args.batch,
                             cache_interval=n, progress=True)
         for pt in res["points"]:
@@ -114,7 +149,7 @@ def main() -> None:
             pt["ms_per_image_min"] = 1e3 * min(w for w, _ in ts)
             pt["ms_per_image_median"] = 1e3 * statistics.median(w for w, _ in ts)
             pt["cpu_ms_per_image_median"] = 1e3 * statistics.median(c for _, c in ts)
-    base = next(pt for pt in points if pt["ratio"] == 0 and pt["cache_interval"] == 1)
+    base = next((pt for pt in points if pt["ratio"] == 0 and pt["cache_interval"] == 1), {})
     lines = ["| ratio | FORA interval | steps S / L | full calls S / L | FID | class accuracy | ms / image (min) "
              "| ms / image (median) | CPU ms / image (median) | CPU time vs ratio 0, interval 1 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -122,7 +157,7 @@ def main() -> None:
         full = _full_calls(pt["steps_per_model"], pt["cache_interval"])
         ms_min, ms_med = pt.get("ms_per_image_min"), pt.get("ms_per_image_median")
         cpu = pt.get("cpu_ms_per_image_median")
-        rel = f"{cpu / base['cpu_ms_per_image_median']:.2f}x" if cpu else "-"
+        rel = f"{cpu / base['cpu_ms_per_image_median']:.2f}x" if cpu and base.get("cpu_ms_per_image_median") else "-"
         lines.append(f"| {pt['ratio']:.1f} | {pt['cache_interval']} | {' / '.join(map(str, pt['steps_per_model']))} "
                      f"| {' / '.join(map(str, full))} | {pt['fid']:.2f} | {pt['accuracy']:.1%} | "
                      f"{'-' if ms_min is None else f'{ms_min:.1f}'} | {'-' if ms_med is None else f'{ms_med:.1f}'} "
@@ -130,7 +165,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     result = {"images_per_point": args.images, "steps": args.steps, "batch": args.batch, "rounds": args.rounds,
-              "reference": reference, "points": points, "wall_seconds": time.perf_counter() - t_start}
+              "step_cpu_ms": steps_cpu, "reference": reference, "points": points,
+              "wall_seconds": time.perf_counter() - t_start}
     (out / "fora.json").write_text(json.dumps(result, indent=2))
     (out / "fora.md").write_text(table + "\n")
 
