@@ -349,3 +349,25 @@ def test_trt_rtx_builds_the_fora_step_graphs_on_cpu(tmp_path) -> None:
         assert cached.builder["options"]["profile"]["fora"] == [[2, depth, 2, 16, d], [4, depth, 2, 16, d],
                                                                 [4, depth, 2, 16, d]]
     assert not any(out.glob("**/*.onnx"))
+
+
+def test_recipe_key_and_sd_refusal(tmp_path) -> None:
+    """`cache_scheme = "fora"` in a recipe is the flag's equivalent; an SD build refuses --cache-scheme (U-Nets take
+    DeepCache's --cache-branch), and a DiT build a scheme it does not have."""
+    import argparse
+
+    from tstitch_trt.cli.cache import refuse_sd_build
+    from tstitch_trt.export.build import build_bundle
+    from tstitch_trt.recipes import build_config_from_args
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('cache_scheme = "fora"\n[[models]]\narch = "DiT-S/2"\ncheckpoint = "random:1"\n'
+                      '[[models]]\narch = "DiT-B/2"\ncheckpoint = "random:2"\n')
+    args = argparse.Namespace(recipe=str(recipe), model=None, backend=None, batch_sizes=None, out=str(tmp_path / "o"))
+    assert build_config_from_args(args).cache_scheme == "fora"
+    recipe.write_text(recipe.read_text().replace('"fora"', '"deepcache"'))
+    with pytest.raises(UserError, match="--cache-scheme deepcache: DiT bundles cache with fora"):
+        build_bundle(build_config_from_args(args))
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(UserError, match="--cache-branch K"):
+        refuse_sd_build(argparse.Namespace(cache_scheme="fora"))
