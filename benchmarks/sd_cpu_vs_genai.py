@@ -174,10 +174,10 @@ def cpu_host() -> dict[str, Any]:
     return {"cpu": model, "cores": os.cpu_count(), "flags": {f: f in flags for f in wanted}}
 
 
-def sample_load(trace: list[tuple[float, float]], stop: threading.Event, t0: float) -> None:
-    """The 1-minute load average every 15 s (the benchmark's own process counts in it: ~1-2 on 2 cores)."""
+def sample_load(trace: list[tuple[str, float]], stop: threading.Event) -> None:
+    """(UTC time, 1-minute load average) every 15 s (the benchmark's own process counts in it: ~1-2 on 2 cores)."""
     while not stop.wait(15.0):
-        trace.append((round(time.perf_counter() - t0, 1), os.getloadavg()[0]))
+        trace.append((time.strftime("%H:%M:%S", time.gmtime()), os.getloadavg()[0]))
 
 
 def main() -> None:
@@ -199,6 +199,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--work", help="scratch directory (compiled-model caches); default: a temporary one")
     p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="add --repeats more repeats to the samples already in --out "
+                   "(same --work: its caches are warm, so no first runs); the summaries cover all of them")
     args = p.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     precisions = args.precisions.split(",")
@@ -224,25 +226,32 @@ def main() -> None:
     result: dict[str, Any] = {"size": args.size, "steps": args.steps, "prompt": PROMPT, "guidance": 7.5,
                               "host": {**cpu_host(), "load_at_start": os.getloadavg()},
                               "command": " ".join(sys.argv), "first_run": {}, "runs": {}}
-    trace: list[tuple[float, float]] = []
+    prev = json.loads(Path(args.out).read_text()) if args.resume and Path(args.out).exists() else None
+    if prev is not None:  # the first runs, failures and process log of the earlier invocation are kept
+        result.update({k: prev[k] for k in ("first_run", "failed", "processes", "host") if k in prev})
+        result["command"] = [*([prev["command"]] if isinstance(prev["command"], str) else prev["command"]),
+                             result["command"]]
+    trace: list[tuple[str, float]] = prev.get("load_trace", []) if prev else []
     result["load_trace"] = trace
     stop = threading.Event()
-    threading.Thread(target=sample_load, args=(trace, stop, time.perf_counter()), daemon=True).start()
+    threading.Thread(target=sample_load, args=(trace, stop), daemon=True).start()
     failed: dict[str, str] = {}
     for name, fn, cached in plan:  # warm-up: compiled-model caches filled (ours, GenAI); figures of a cold start kept
-        if cached:
+        if cached and prev is None:
             print(f"first run (cache cold): {name} ...", flush=True)
             try:
                 result["first_run"].update(fn())
             except RuntimeError as e:  # one runner failing must not lose the others' figures: recorded, skipped
                 failed[name] = str(e)[-2000:]
                 print(f"  FAILED: {str(e)[-500:]}", flush=True)
+    failed = {**result.get("failed", {}), **failed}
     result["failed"] = failed
     plan = [(name, fn, cached) for name, fn, cached in plan if name not in failed]
-    samples: dict[str, list[dict[str, Any]]] = {}
-    for rep in range(args.repeats):
+    samples: dict[str, list[dict[str, Any]]] = prev.get("samples", {}) if prev else {}
+    done = max((len(v) for v in samples.values()), default=0)
+    for rep in range(done, done + args.repeats):
         for name, fn, _ in plan:
-            print(f"repeat {rep + 1}/{args.repeats}: {name} ...", flush=True)
+            print(f"repeat {rep + 1}/{done + args.repeats}: {name} ...", flush=True)
             t = time.perf_counter()
             if name.startswith("genai"):
                 got = fn(gen=args.genai_generates)
