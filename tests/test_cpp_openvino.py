@@ -372,3 +372,50 @@ def test_lcm_and_guidance_refusals_are_pythons(tmp_path, lcm_bundle, sd_bundle):
         assert proc.returncode == 2, proc.stdout
         assert proc.stderr.strip() == message
         assert not out.exists()
+
+
+def test_sdxl_controlnet_equals_python_openvino(tmp_path, sdxl_control_bundle):
+    """SDXL's conditioning from prompt text and a ControlNet inside the step graphs together."""
+    from tstitch_trt.pipeline.control import ControlRequest
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    pipe = StitchedSDPipeline.from_bundle(sdxl_control_bundle, backend="openvino", precision="fp32")
+    size = pipe.manifest.image_size
+    image = np.random.default_rng(5).random((3, size, size), dtype=np.float32)
+    ref = pipe(SDXL_PROMPTS, steps=3, cfg_scale=5.0, seed=12, ratio=0.5,
+               control=ControlRequest(image, scale=0.8, start=0.0, end=0.7))
+    np.repeat(image[None], 2, axis=0).astype(np.float32).tofile(tmp_path / "control.f32")
+    proc, out, rgb = run_c(tmp_path, bundle=sdxl_control_bundle, engine="openvino", precision="fp32", steps=3, cfg=5.0,
+                           seed=12, ratio=0.5, batch=2, prompts=_prompt_file(tmp_path / "p.txt", SDXL_PROMPTS),
+                           inputs=f"control_image:{tmp_path / 'control.f32'}", controlnet_scale=0.8, control_end=0.7)
+    _check_equal(proc, out, rgb, ref)
+
+
+@pytest.fixture(scope="module")
+def sdxl_lcm_bundle(sdxl_pair, tmp_path_factory) -> Path:
+    """The tiny SDXL pair whose large U-Net gains LCM's guidance embedding: an "embedding"-guided SDXL bundle (ort)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from conftest import build_sd
+    from tstitch_trt.models.sd_random import with_guidance_embedding
+
+    small, large = sdxl_pair
+    root = tmp_path_factory.mktemp("cpp-sdxl-lcm")
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(large))
+    pipe.unet = with_guidance_embedding(pipe.unet, 21)
+    pipe.save_pretrained(str(root / "lcm-sdxl-pipeline"))
+    return build_sd(root / "bundle", [small, root / "lcm-sdxl-pipeline"], backends="ort")
+
+
+@pytest.mark.parametrize("g", [1.0, 0.5])
+def test_sdxl_lcm_equals_python_openvino(tmp_path, sdxl_lcm_bundle, g):
+    """SDXL under "embedding" guidance: the prompts' rows only (no negative half, nothing zeroed), lcm sampler."""
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    pipe = StitchedSDPipeline.from_bundle(sdxl_lcm_bundle, backend="openvino", precision="fp32")
+    assert pipe.manifest.guidance_mode == "embedding"
+    ref = pipe(SDXL_PROMPTS, steps=4, sampler="lcm", cfg_scale=g, seed=13, ratio=0.5)
+    proc, out, rgb = run_c(tmp_path, bundle=sdxl_lcm_bundle, engine="openvino", precision="fp32", steps=4,
+                           sampler="lcm", cfg=g, seed=13, ratio=0.5, batch=2,
+                           prompts=_prompt_file(tmp_path / "p.txt", SDXL_PROMPTS))
+    _check_equal(proc, out, rgb, ref)
