@@ -351,14 +351,15 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
     return manifest
 
 
-def verify_bundle(bundle_dir: str | Path, manifest: Manifest) -> None:
-    """Every file the manifest names: inside the bundle, present, and matching its sha256; and every file an
-    ONNX graph names (external data): inside the bundle and checksummed by the manifest (bundle/graphs.py)."""
+def verify_bundle(bundle_dir: str | Path, manifest: Manifest, fresh: bool = False) -> None:
+    """Every file the manifest names: inside the bundle, present, and matching its sha256 (fresh: hashed now,
+    not taken from the memo of verified files); and every file an ONNX graph names (external data): inside
+    the bundle and checksummed by the manifest (bundle/graphs.py)."""
     from tstitch_trt.bundle.graphs import check_graph_references
 
     for _, entry in manifest.artifacts():
         for rel, digest in entry.files():
-            checked_file(bundle_dir, rel, digest)
+            checked_file(bundle_dir, rel, digest, fresh=fresh)
         if entry.file.endswith(".onnx"):
             check_graph_references(bundle_dir, entry.file, [rel for rel, _ in entry.files()])
         if entry.extra.get("dir"):

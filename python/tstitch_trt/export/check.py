@@ -30,6 +30,7 @@ install).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -138,7 +139,7 @@ def run_check(args: argparse.Namespace, outputs: OutputPlan | None = None) -> in
     """Compare; `outputs` holds the --report path, checked writable before any work."""
     bundle = resolve_bundle(args.bundle)
     manifest = read_manifest(bundle)
-    verify_bundle(bundle, manifest)
+    verify_bundle(bundle, manifest, fresh=True)
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
     present = sorted({k for m in manifest.models for k in m.engines if k in CHECKABLE}, key=CHECKABLE.index)
@@ -214,12 +215,13 @@ def _check_models(bundle: Path, manifest: Manifest, wanted: list[str],
                   feeds: dict[str, np.ndarray], bf16: bool = False) -> list[Comparison]:
     import torch
 
-    from tstitch_trt.export.torch_backend import load_step_modules
+    from tstitch_trt.export.torch_backend import iter_step_modules
     from tstitch_trt.runtime.io_roles import StepIO
 
     io = StepIO.from_io(manifest.io)  # the step graph's I/O by role: DiT (x, t, y, ...) or U-Net (x, t, context, ...)
     results = []
-    for model, step in zip(manifest.models, load_step_modules(bundle, manifest), strict=True):
+    # one model at a time: its torch reference output, then the model is dropped before any backend loads
+    for model, step in zip(manifest.models, iter_step_modules(bundle, manifest), strict=True):
         names = list(io.outputs)
         cached_ref, cached_feeds = None, feeds
         with torch.inference_mode():
@@ -237,7 +239,8 @@ def _check_models(bundle: Path, manifest: Manifest, wanted: list[str],
             else:
                 ref_t = step(**tensors)
         ref = {n: t.numpy() for n, t in zip(names, ref_t, strict=True)}
-        del step
+        del step, tensors
+        gc.collect()  # the model's weights go before a backend loads its own copy (real sizes: GBs each)
         for backend in wanted:
             entry = model.engines.get(ARTIFACT.get(backend, backend))
             if entry is None:

@@ -7,6 +7,7 @@ pipeline picks this backend by name.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tstitch_trt.bundle.manifest import Manifest, artifact_path
+from tstitch_trt.bundle.manifest import Manifest, ModelEntry, artifact_path
 from tstitch_trt.errors import UserError
 from tstitch_trt.export.step_module import StepModule
 from tstitch_trt.models.checkpoints import load_dit
@@ -29,23 +30,32 @@ from tstitch_trt.sampling.trajectory import TrajectoryPlan
 def load_step_modules(bundle_dir: str | Path, manifest: Manifest, guidance_channels: int | None = None,
                       dtype: torch.dtype = torch.float32) -> list[nn.Module]:
     """The step module of every model: StepModule (family dit) or UNetStepModule (family unet)."""
+    return list(iter_step_modules(bundle_dir, manifest, guidance_channels, dtype))
+
+
+def iter_step_modules(bundle_dir: str | Path, manifest: Manifest, guidance_channels: int | None = None,
+                      dtype: torch.dtype = torch.float32) -> Iterator[nn.Module]:
+    """The step modules one at a time, loaded as they are asked for and held by nothing here, so that a
+    caller that drops each before the next (`check` at real size) holds one model's weights at a time."""
     g = manifest.guidance_channels if guidance_channels is None else guidance_channels
-    mods: list[nn.Module] = []
     controlnet = _load_controlnet(bundle_dir, manifest, dtype)
     for m in manifest.models:
-        if "torch" not in m.engines:
-            raise UserError(f"the bundle has no torch weights for {m.name}; rebuild with --backend torch")
-        path = artifact_path(bundle_dir, m.engines["torch"])
-        if m.family == "unet":
-            from tstitch_trt.export.unet_step import UNetStepModule
-            from tstitch_trt.models.sd import load_unet
+        yield _load_step_module(bundle_dir, manifest, m, controlnet, g, dtype)
 
-            unet = load_unet(Path(bundle_dir) / m.engines["torch"].extra["dir"]).to(dtype)
-            mods.append(UNetStepModule(unet, controlnet, guidance=manifest.guidance_mode).eval())
-            continue
-        net = load_dit(DiTConfig.from_dict(m.arch), path).to(dtype)
-        mods.append(StepModule(net, guidance_channels=g).eval())
-    return mods
+
+def _load_step_module(bundle_dir: str | Path, manifest: Manifest, m: ModelEntry, controlnet: nn.Module | None,
+                      guidance_channels: int, dtype: torch.dtype) -> nn.Module:
+    if "torch" not in m.engines:
+        raise UserError(f"the bundle has no torch weights for {m.name}; rebuild with --backend torch")
+    path = artifact_path(bundle_dir, m.engines["torch"])
+    if m.family == "unet":
+        from tstitch_trt.export.unet_step import UNetStepModule
+        from tstitch_trt.models.sd import load_unet
+
+        unet = load_unet(Path(bundle_dir) / m.engines["torch"].extra["dir"]).to(dtype)
+        return UNetStepModule(unet, controlnet, guidance=manifest.guidance_mode).eval()
+    net = load_dit(DiTConfig.from_dict(m.arch), path).to(dtype)
+    return StepModule(net, guidance_channels=guidance_channels).eval()
 
 
 def _load_controlnet(bundle_dir: str | Path, manifest: Manifest, dtype: torch.dtype) -> nn.Module | None:

@@ -10,7 +10,7 @@ from tstitch_trt.bundle.manifest import artifact_path, read_manifest, verify_bun
 def check_integrity(bundle: Path) -> list[str]:
     """Lines describing what was verified; raises BundleError at the first problem."""
     manifest = read_manifest(bundle)
-    verify_bundle(bundle, manifest)
+    verify_bundle(bundle, manifest, fresh=True)
     lines = [f"check {bundle}: manifest valid (schema, sealed paths); "
              f"{len(manifest.files())} files match their sha256"]
     import onnxruntime as ort
