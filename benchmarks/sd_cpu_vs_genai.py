@@ -3,8 +3,8 @@
     python benchmarks/sd_cpu_vs_genai.py --bundle BUNDLE --optimum OPTIMUM_DIR --large SD_PIPELINE_DIR \
         [--small SMALL_UNET_DIR] --genai-python /path/to/genai-venv/bin/python \
         [--size 512] [--steps 4] [--ratios 0,0.4] [--precisions fp32] [--genai-precisions fp32,bf16] \
-        [--diffusers-precisions fp32,bf16] [--repeats 2] [--runners ours,genai,diffusers] [--lock FILE] \
-        --out results.json
+        [--diffusers-precisions fp32,bf16] [--repeats 2] [--runners ours,ours-warm,genai,diffusers] \
+        [--genai-generates 2] [--lock FILE] --out results.json
 
 BUNDLE: `tstitch-trt build --model SMALL --model LARGE --backend ort`; OPTIMUM_DIR: `optimum-cli export
 openvino --model LARGE --task text-to-image --weight-format fp32 OUT` (the same weights). Every
@@ -15,8 +15,13 @@ cached runner fills its compiled-model cache first (its figures are kept as "fir
 
 Per run: per-U-Net-call ms (ours: the report's step_ms, by model; GenAI: its raw unet durations;
 diffusers: a forward hook), VAE decode, whole image (prompt -> pixels, in process), whole process, peak
-RSS. Min and median over --repeats. GenAI runs in its own environment (--genai-python, script
-benchmarks/genai_t2i.py) and at ratio 0 only (it has no stitching): it is the SD 1.5 large model alone.
+RSS. Min and median over --repeats. "ours-warm" (benchmarks/sd_ours_warm.py) measures ours the way GenAI's
+image is measured: one process loads the pipeline, makes one untimed image, then one timed image per ratio
+(`run`'s image includes importing the compiled blobs and opening the text encoder and VAE); its process
+time is not one image's, so it has none. --genai-generates 2 times a second generate() in GenAI's process
+too ("genai-P-warm"; GenAI's process time stays its first image's). GenAI runs in its own environment
+(--genai-python, script benchmarks/genai_t2i.py) and at ratio 0 only (it has no stitching): it is the SD 1.5
+large model alone.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -85,16 +91,41 @@ def ours(args: argparse.Namespace, ratio: float, precision: str, work: Path) -> 
             "precision": r.get("precision"), "notes": r.get("notes", [])}
 
 
-def genai(args: argparse.Namespace, precision: str, work: Path) -> dict[str, Any]:
-    out = work / f"genai-{precision}.json"
+def ours_warm(args: argparse.Namespace, ratios: list[float], precision: str, work: Path) -> dict[str, dict[str, Any]]:
+    """{"ours-warm-P-rR": sample} per ratio, from one process (load, one untimed image, one timed image per ratio)."""
+    out = work / f"ours-warm-{precision}.json"
+    cmd = [sys.executable, str(HERE / "sd_ours_warm.py"), args.bundle, "--precision", precision, "--size",
+           str(args.size), "--steps", str(args.steps), "--ratios", ",".join(f"{r:g}" for r in ratios),
+           "--out", str(out)]
+    env = {**os.environ, "TSTITCH_OPENVINO_CACHE": str(work / "ov-cache")}
+    wall, rss, _ = run_process(cmd, env)
+    r = json.loads(out.read_text())
+    samples = {}
+    for key, runs in r["runs"].items():
+        for s in runs:
+            samples[f"ours-warm-{precision}-{key}"] = {**s, "process_seconds": None, "peak_rss_gb": rss,
+                                                       "warm_process_seconds": wall, "open_seconds": r["open_seconds"],
+                                                       "runtime_precisions": r["runtime_precisions"]}
+    return samples
+
+
+def genai(args: argparse.Namespace, precision: str, work: Path, generates: int) -> dict[str, dict[str, Any]]:
+    name = f"genai-{precision}"
+    out = work / f"{name}.json"
     cmd = [args.genai_python, str(HERE / "genai_t2i.py"), args.optimum, "--prompt", PROMPT, "--size",
            str(args.size), "--steps", str(args.steps), "--precision", {"fp32": "f32", "bf16": "bf16"}[precision],
-           "--cache-dir", str(work / "genai-cache"), "--out", str(out)]
+           "--cache-dir", str(work / "genai-cache"), "--generates", str(generates), "--out", str(out)]
     wall, rss, _ = run_process(cmd)
     r = json.loads(out.read_text())
-    return {"process_seconds": wall, "peak_rss_gb": rss, "image_seconds": r["generate_seconds"],
-            "load_seconds": r["load_seconds"], "vae_decode_ms": r["vae_decode_ms"],
-            "text_encoder_ms": r["text_encoder_ms"], "unet_call_ms": {"large": r["unet_call_ms"]}}
+    later = sum(w["generate_seconds"] for w in r["warm"])  # the process figure is one image's: later images off
+    samples = {name: {"process_seconds": wall - later, "peak_rss_gb": rss, "image_seconds": r["generate_seconds"],
+                      "load_seconds": r["load_seconds"], "vae_decode_ms": r["vae_decode_ms"],
+                      "text_encoder_ms": r["text_encoder_ms"], "unet_call_ms": {"large": r["unet_call_ms"]}}}
+    for w in r["warm"][-1:]:
+        samples[f"{name}-warm"] = {"process_seconds": None, "peak_rss_gb": rss, "image_seconds": w["generate_seconds"],
+                                   "vae_decode_ms": w["vae_decode_ms"], "text_encoder_ms": w["text_encoder_ms"],
+                                   "unet_call_ms": {"large": w["unet_call_ms"]}}
+    return samples
 
 
 def diffusers_run(args: argparse.Namespace, precision: str, work: Path) -> dict[str, Any]:
@@ -123,10 +154,30 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
         calls = [c for s in samples for c in s["unet_call_ms"].get(model, [])]
         if calls:
             out[f"unet_{model}_call_ms"] = stats(calls)
-    for extra in ("precision", "notes"):
+    for extra in ("precision", "notes", "runtime_precisions", "warm_process_seconds"):
         if extra in samples[-1]:
             out[extra] = samples[-1][extra]
     return out
+
+
+def cpu_host() -> dict[str, Any]:
+    """The CPU model and the flags that decide OpenVINO's bf16 path (avx512_bf16, AMX), from /proc/cpuinfo."""
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    wanted = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile", "avx512_fp16")
+    return {"cpu": model, "cores": os.cpu_count(), "flags": {f: f in flags for f in wanted}}
+
+
+def sample_load(trace: list[tuple[str, float]], stop: threading.Event) -> None:
+    """(UTC time, 1-minute load average) every 15 s (the benchmark's own process counts in it: ~1-2 on 2 cores)."""
+    while not stop.wait(15.0):
+        trace.append((time.strftime("%H:%M:%S", time.gmtime()), os.getloadavg()[0]))
 
 
 def main() -> None:
@@ -143,10 +194,13 @@ def main() -> None:
                    "default on a bf16 CPU)")
     p.add_argument("--diffusers-precisions", default="fp32,bf16", help="torch fp32 / bf16 autocast")
     p.add_argument("--lock", help="flock this file around each measured process (not timed)")
-    p.add_argument("--runners", default="ours,genai,diffusers")
+    p.add_argument("--runners", default="ours,ours-warm,genai,diffusers")
+    p.add_argument("--genai-generates", type=int, default=2, help="2: also a warm second generate() per process")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--work", help="scratch directory (compiled-model caches); default: a temporary one")
     p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="add --repeats more repeats to the samples already in --out "
+                   "(same --work: its caches are warm, so no first runs); the summaries cover all of them")
     args = p.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     precisions = args.precisions.split(",")
@@ -155,41 +209,64 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.lock:
         LOCK.append(args.lock)
-    plan: list[tuple[str, Any]] = []
+    # (name, fn, needs a cache warm-up process); fn returns {runner name: sample}
+    plan: list[tuple[str, Any, bool]] = []
     if "ours" in runners:
-        plan += [(f"ours-{prec}-r{r}", lambda r=r, prec=prec: ours(args, r, prec, work))
-                 for prec in precisions for r in ratios]
+        plan += [(f"ours-{prec}-r{r:g}", lambda r=r, prec=prec: {f"ours-{prec}-r{r:g}": ours(args, r, prec, work)},
+                  True) for prec in precisions for r in ratios]
+    if "ours-warm" in runners:  # its own untimed image warms it (the compiled-model cache is ours-*'s)
+        plan += [(f"ours-warm-{prec}", lambda prec=prec: ours_warm(args, ratios, prec, work), False)
+                 for prec in precisions]
     if "genai" in runners:
-        plan += [(f"genai-{prec}", lambda prec=prec: genai(args, prec, work))
+        plan += [(f"genai-{prec}", lambda gen=1, prec=prec: genai(args, prec, work, gen), True)
                  for prec in args.genai_precisions.split(",")]
     if "diffusers" in runners:
-        plan += [(f"diffusers-{prec}", lambda prec=prec: diffusers_run(args, prec, work))
-                 for prec in args.diffusers_precisions.split(",")]
+        plan += [(f"diffusers-{prec}", lambda prec=prec: {f"diffusers-{prec}": diffusers_run(args, prec, work)},
+                  False) for prec in args.diffusers_precisions.split(",")]
     result: dict[str, Any] = {"size": args.size, "steps": args.steps, "prompt": PROMPT, "guidance": 7.5,
-                              "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                                       "load_at_start": os.getloadavg()},
+                              "host": {**cpu_host(), "load_at_start": os.getloadavg()},
                               "command": " ".join(sys.argv), "first_run": {}, "runs": {}}
+    prev = json.loads(Path(args.out).read_text()) if args.resume and Path(args.out).exists() else None
+    if prev is not None:  # the first runs, failures and process log of the earlier invocation are kept
+        result.update({k: prev[k] for k in ("first_run", "failed", "processes", "host") if k in prev})
+        result["command"] = [*([prev["command"]] if isinstance(prev["command"], str) else prev["command"]),
+                             result["command"]]
+    trace: list[tuple[str, float]] = prev.get("load_trace", []) if prev else []
+    result["load_trace"] = trace
+    stop = threading.Event()
+    threading.Thread(target=sample_load, args=(trace, stop), daemon=True).start()
     failed: dict[str, str] = {}
-    for name, fn in plan:  # warm-up: compiled-model caches filled (ours, GenAI); figures of a cold start kept
-        if name.startswith(("ours", "genai")):
+    for name, fn, cached in plan:  # warm-up: compiled-model caches filled (ours, GenAI); figures of a cold start kept
+        if cached and prev is None:
             print(f"first run (cache cold): {name} ...", flush=True)
             try:
-                result["first_run"][name] = fn()
+                result["first_run"].update(fn())
             except RuntimeError as e:  # one runner failing must not lose the others' figures: recorded, skipped
                 failed[name] = str(e)[-2000:]
                 print(f"  FAILED: {str(e)[-500:]}", flush=True)
+    failed = {**result.get("failed", {}), **failed}
     result["failed"] = failed
-    plan = [(name, fn) for name, fn in plan if name not in failed]
-    samples: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in plan}
-    for rep in range(args.repeats):
-        for name, fn in plan:
-            print(f"repeat {rep + 1}/{args.repeats}: {name} ...", flush=True)
-            samples[name].append(fn())
-            s = samples[name][-1]
-            print(f"  image {s['image_seconds']:.2f} s, process {s['process_seconds']:.2f} s, VAE "
-                  f"{s['vae_decode_ms'] / 1e3:.2f} s, peak RSS {s['peak_rss_gb']:.2f} GB", flush=True)
+    plan = [(name, fn, cached) for name, fn, cached in plan if name not in failed]
+    samples: dict[str, list[dict[str, Any]]] = prev.get("samples", {}) if prev else {}
+    done = max((len(v) for v in samples.values()), default=0)
+    for rep in range(done, done + args.repeats):
+        for name, fn, _ in plan:
+            print(f"repeat {rep + 1}/{done + args.repeats}: {name} ...", flush=True)
+            t = time.perf_counter()
+            if name.startswith("genai"):
+                got = fn(gen=args.genai_generates)
+            else:
+                got = fn()
+            for key, s in got.items():
+                samples.setdefault(key, []).append(s)
+                proc = "-" if s["process_seconds"] is None else f"{s['process_seconds']:.2f} s"
+                print(f"  {key}: image {s['image_seconds']:.2f} s, process {proc}, VAE {s['vae_decode_ms'] / 1e3:.2f} "
+                      f"s, peak RSS {s['peak_rss_gb']:.2f} GB (load {os.getloadavg()[0]:.2f})", flush=True)
+            result.setdefault("processes", []).append({"runner": name, "repeat": rep + 1, "load_after": os.getloadavg(),
+                                                       "seconds": time.perf_counter() - t})
             Path(args.out).write_text(json.dumps({**result, "runs": {k: summarize(v) for k, v in samples.items()
                                                                       if v}, "samples": samples}, indent=2))
+    stop.set()
     result["host"]["load_at_end"] = os.getloadavg()
     result["runs"] = {k: summarize(v) for k, v in samples.items()}
     result["samples"] = samples

@@ -40,7 +40,8 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktra
 ctest --test-dir build-asan --output-on-failure -j "$jobs"
 if [[ ${#ov[@]} -gt 0 ]]; then
     TSTITCH_CPP_BUILD=build-asan "$PY" -m pytest -q -p no:cacheprovider tests/test_cpp_openvino.py tests/test_cpp_tokenizer.py \
-        -k "not example and not ddim and not euler"  # no examples here; fewer samplers (the plain build runs all)
+        -k "not example and not ddim and not euler and not sdxl_controlnet"  # no examples here; fewer samplers and
+        # no SDXL ControlNet (no C++ path the SDXL and ControlNet tests do not take; the plain build runs all)
 fi
 unset ASAN_OPTIONS UBSAN_OPTIONS
 echo "C++ runtime: build + tests + sanitizer build + tests in $(( $(date +%s) - start )) s"

@@ -216,3 +216,206 @@ def test_tampered_tokenizer_is_refused_at_open(tmp_path, sd_bundle):
     assert len(proc.stderr.strip().splitlines()) == 1 and "checksum mismatch for" in proc.stderr
     assert "tokenizer/tokenizer.json" in proc.stderr
     assert not out.exists()
+
+
+# --- SDXL: prompts as text through both tokenizers and text encoders (context + pooled text_embeds), time ids -----
+
+@pytest.fixture(scope="module")
+def sdxl_ov(sdxl_bundle):
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    return StitchedSDPipeline.from_bundle(sdxl_bundle, backend="openvino", precision="fp32")
+
+
+def _check_equal(proc, out: Path, rgb: Path | None, ref) -> np.ndarray:
+    assert proc.returncode == 0, proc.stderr
+    got = np.fromfile(out, dtype=np.float32).reshape(ref.latents.shape)
+    assert _rel(got, ref.latents) <= FP32_REL
+    if rgb is not None:
+        images = np.fromfile(rgb, dtype=np.uint8).reshape(ref.images.shape)
+        assert np.abs(images.astype(int) - ref.images.astype(int)).max() <= 1
+        assert ref.images.std() > 5  # random weights still draw something, not a flat image
+    return got
+
+
+SDXL_PROMPTS = ["a photo of a cat sitting on a red chair", "Ein Fuchs im Schnee, café-Stil 🦊 " + "sehr " * 90]
+
+
+@pytest.mark.parametrize(("negatives", "sampler", "seed"),
+                         [(None, None, 3), (["", "blurry, low quality"], "dpm-solver++", 8)])
+def test_sdxl_prompts_as_text_equal_python(tmp_path, sdxl_bundle, sdxl_ov, negatives, sampler, seed):
+    """Both encoders' penultimate states concatenated, text_embeds from text_encoder_2, diffusers' default time ids; no
+    negative prompt: zero uncond rows (force_zeros_for_empty_prompt), as Python's SDXL pipeline builds them."""
+    ref = sdxl_ov(SDXL_PROMPTS, negative_prompt=negatives, steps=4, sampler=sampler, cfg_scale=5.0, seed=seed,
+                  ratio=0.5)
+    kw = {"negative_prompts": _prompt_file(tmp_path / "n.txt", negatives)} if negatives is not None else {}
+    proc, out, rgb = run_c(tmp_path, bundle=sdxl_bundle, engine="openvino", precision="fp32", steps=4, sampler=sampler,
+                           cfg=5.0, seed=seed, ratio=0.5, batch=2,
+                           prompts=_prompt_file(tmp_path / "p.txt", SDXL_PROMPTS), **kw)
+    _check_equal(proc, out, rgb, ref)
+
+
+def test_sdxl_empty_negative_is_encoded_not_zeroed(tmp_path, sdxl_bundle, sdxl_ov):
+    """negative_prompts NULL (zeros) and "" each (the encoded empty prompt) are different requests, each Python's."""
+    none = sdxl_ov(SDXL_PROMPTS, steps=3, cfg_scale=5.0, seed=5, ratio=0.5, decode=False)
+    empty = sdxl_ov(SDXL_PROMPTS, negative_prompt=["", ""], steps=3, cfg_scale=5.0, seed=5, ratio=0.5, decode=False)
+    common = {"bundle": sdxl_bundle, "engine": "openvino", "precision": "fp32", "steps": 3, "cfg": 5.0, "seed": 5,
+              "ratio": 0.5, "batch": 2, "prompts": _prompt_file(tmp_path / "p.txt", SDXL_PROMPTS)}
+    proc, out, _ = run_c(tmp_path, **common)
+    got_none = _check_equal(proc, out, None, none)
+    proc, out, _ = run_c(tmp_path, **common, negative_prompts=_prompt_file(tmp_path / "n.txt", ["", ""]))
+    got_empty = _check_equal(proc, out, None, empty)
+    assert _rel(got_empty, got_none) > 1e-3  # zeros and the encoded "" differ, so the check above can fail
+
+
+def test_sdxl_time_ids_follow_the_size_or_the_caller(tmp_path, sdxl_bundle, sdxl_ov):
+    """Default time ids from the requested height/width (diffusers: (h, w), (0, 0), (h, w)); explicit ones (original
+    size, crop, target, a different negative row) passed as the time_ids input, rows negative first."""
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    prompts = SDXL_PROMPTS
+    ref = sdxl_ov(prompts, steps=3, cfg_scale=5.0, seed=9, ratio=0.5, height=48, width=32)
+    proc, out, rgb = run_c(tmp_path, bundle=sdxl_bundle, engine="openvino", precision="fp32", steps=3, cfg=5.0, seed=9,
+                           ratio=0.5, batch=2, height=48, width=32, prompts=_prompt_file(tmp_path / "p.txt", prompts))
+    _check_equal(proc, out, rgb, ref)
+    sizes = {"original_size": (64, 48), "crop_coords": (4, 2), "target_size": (32, 32),
+             "negative_original_size": (16, 16), "negative_target_size": (32, 32)}
+    ref_ids = sdxl_ov(prompts, steps=3, cfg_scale=5.0, seed=9, ratio=0.5, decode=False, **sizes)
+    rows = np.repeat(StitchedSDPipeline.sdxl_time_ids(64, 64, **sizes), len(prompts), axis=0)  # negative rows first
+    rows.astype(np.float32).tofile(tmp_path / "time_ids.f32")
+    proc, out, _ = run_c(tmp_path, bundle=sdxl_bundle, engine="openvino", precision="fp32", steps=3, cfg=5.0, seed=9,
+                         ratio=0.5, batch=2, prompts=_prompt_file(tmp_path / "p.txt", prompts),
+                         inputs=f"time_ids:{tmp_path / 'time_ids.f32'}")
+    got = _check_equal(proc, out, None, ref_ids)
+    default = sdxl_ov(prompts, steps=3, cfg_scale=5.0, seed=9, ratio=0.5, decode=False)
+    assert _rel(got, default.latents) > 1e-4  # the time ids reached the U-Nets
+
+
+def test_sdxl_bad_text_requests_are_one_line(tmp_path, sdxl_bundle):
+    pooled = tmp_path / "pooled.f32"
+    np.zeros((4, 32), np.float32).tofile(pooled)
+    cases = [
+        ({"inputs": f"text_embeds:{pooled}"},
+         "error: text_embeds comes from the prompts (text_encoder_2's pooled output) when prompts are given as text; "
+         "leave it out of request.inputs, or pass text_context and text_embeds instead of prompts"),
+        ({"negative_prompts": _prompt_file(tmp_path / "n.txt", ["x"])},
+         "error: 1 negative prompts for 2 prompts; give one per prompt (or NULL: none)"),
+        ({"negative_prompts": _prompt_file(tmp_path / "n2.txt", ["ok", b"\xc0\xaf"])},
+         "error: negative prompt 1 is not valid UTF-8 (bad byte 0xc0 at byte 0); pass prompts as UTF-8 text"),
+    ]
+    for kw, message in cases:
+        proc, out, _ = run_c(tmp_path, bundle=sdxl_bundle, engine="openvino", steps=2, batch=2,
+                             prompts=_prompt_file(tmp_path / "p.txt", ["a cat", "a dog"]), **kw)
+        assert proc.returncode == 2, proc.stdout
+        assert proc.stderr.strip() == message
+        assert not out.exists()
+
+
+# --- ControlNet and LCM bundles with prompts as text ----------------------------------------------------------------
+
+@pytest.mark.parametrize(("scale", "start", "end", "guess"), [(1.0, 0.0, 1.0, 0), (0.7, 0.2, 0.8, 1)])
+def test_controlnet_equals_python_openvino(tmp_path, control_bundle, scale, start, end, guess):
+    from tstitch_trt.pipeline.control import ControlRequest
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    pipe = StitchedSDPipeline.from_bundle(control_bundle, backend="openvino", precision="fp32")
+    size = pipe.manifest.image_size
+    image = np.random.default_rng(4).random((3, size, size), dtype=np.float32)
+    prompts = ["a red fox in the snow", "an astronaut, oil painting"]
+    ref = pipe(prompts, negative_prompt=["", "blurry"], steps=4, cfg_scale=7.5, seed=2, ratio=0.5,
+               control=ControlRequest(image, scale=scale, guess_mode=bool(guess), start=start, end=end))
+    np.repeat(image[None], len(prompts), axis=0).astype(np.float32).tofile(tmp_path / "control.f32")
+    proc, out, rgb = run_c(tmp_path, bundle=control_bundle, engine="openvino", precision="fp32", steps=4, cfg=7.5,
+                           seed=2, ratio=0.5, batch=2, prompts=_prompt_file(tmp_path / "p.txt", prompts),
+                           negative_prompts=_prompt_file(tmp_path / "n.txt", ["", "blurry"]),
+                           inputs=f"control_image:{tmp_path / 'control.f32'}", controlnet_scale=scale,
+                           control_start=start, control_end=end, guess_mode=guess)
+    got = _check_equal(proc, out, rgb, ref)
+    plain = pipe(prompts, negative_prompt=["", "blurry"], steps=4, cfg_scale=7.5, seed=2, ratio=0.5, decode=False,
+                 control=ControlRequest(image, scale=0.0))
+    assert _rel(got, plain.latents) > 1e-4  # the ControlNet's residuals reached the U-Nets
+
+
+@pytest.mark.parametrize(("g", "seed"), [(1.0, 4), (0.0, 6)])
+def test_lcm_equals_python_openvino(tmp_path, lcm_bundle, g, seed):
+    """The bundle's LCM sampler and guidance embedding (no negative prompts, batch-row context), per-step noise from
+    the seed; g itself reaches the graphs (g - 1 embedded), also below 1."""
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    pipe = StitchedSDPipeline.from_bundle(lcm_bundle, backend="openvino", precision="fp32")
+    assert pipe.manifest.guidance_mode == "embedding" and pipe.default_sampler == "lcm"
+    prompts = ["a red fox in the snow", "an astronaut, oil painting"]
+    ref = pipe(prompts, steps=4, cfg_scale=g, seed=seed, ratio=0.5)
+    proc, out, rgb = run_c(tmp_path, bundle=lcm_bundle, engine="openvino", precision="fp32", steps=4, cfg=g, seed=seed,
+                           ratio=0.5, batch=2, prompts=_prompt_file(tmp_path / "p.txt", prompts))
+    _check_equal(proc, out, rgb, ref)
+
+
+def test_lcm_and_guidance_refusals_are_pythons(tmp_path, lcm_bundle, sd_bundle):
+    from tstitch_trt.bundle.manifest import read_manifest
+
+    small = read_manifest(lcm_bundle).models[0].name
+    cases = [
+        (lcm_bundle, {"cfg": 8.5}, "error: cfg scale 8.5 > 1 with the lcm sampler needs the guidance embedding "
+                                   f"(time_cond_proj_dim), which U-Net {small} lacks; give cfg_scale 1 or less "
+                                   "(no guidance)"),
+        (lcm_bundle, {"cfg": 1.0, "negative_prompts": _prompt_file(tmp_path / "n.txt", ["x", "y"])},
+         "error: a negative prompt needs classifier-free guidance, but this bundle guides through LCM's guidance "
+         "embedding (no uncond batch): leave negative_prompts NULL, or rebuild with --guidance cfg"),
+        (sd_bundle, {"cfg": 2.0, "sampler": "lcm"},
+         f"error: cfg scale 2 > 1 with the lcm sampler needs the guidance embedding (time_cond_proj_dim), which U-Net "
+         f"{read_manifest(sd_bundle).models[0].name} lacks; give cfg_scale 1 or less (no guidance)"),
+    ]
+    for bundle, kw, message in cases:
+        proc, out, _ = run_c(tmp_path, bundle=bundle, engine="openvino", steps=2, batch=2,
+                             prompts=_prompt_file(tmp_path / "p.txt", ["a cat", "a dog"]), **kw)
+        assert proc.returncode == 2, proc.stdout
+        assert proc.stderr.strip() == message
+        assert not out.exists()
+
+
+def test_sdxl_controlnet_equals_python_openvino(tmp_path, sdxl_control_bundle):
+    """SDXL's conditioning from prompt text and a ControlNet inside the step graphs together."""
+    from tstitch_trt.pipeline.control import ControlRequest
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    pipe = StitchedSDPipeline.from_bundle(sdxl_control_bundle, backend="openvino", precision="fp32")
+    size = pipe.manifest.image_size
+    image = np.random.default_rng(5).random((3, size, size), dtype=np.float32)
+    ref = pipe(SDXL_PROMPTS, steps=3, cfg_scale=5.0, seed=12, ratio=0.5,
+               control=ControlRequest(image, scale=0.8, start=0.0, end=0.7))
+    np.repeat(image[None], 2, axis=0).astype(np.float32).tofile(tmp_path / "control.f32")
+    proc, out, rgb = run_c(tmp_path, bundle=sdxl_control_bundle, engine="openvino", precision="fp32", steps=3, cfg=5.0,
+                           seed=12, ratio=0.5, batch=2, prompts=_prompt_file(tmp_path / "p.txt", SDXL_PROMPTS),
+                           inputs=f"control_image:{tmp_path / 'control.f32'}", controlnet_scale=0.8, control_end=0.7)
+    _check_equal(proc, out, rgb, ref)
+
+
+@pytest.fixture(scope="module")
+def sdxl_lcm_bundle(sdxl_pair, tmp_path_factory) -> Path:
+    """The tiny SDXL pair whose large U-Net gains LCM's guidance embedding: an "embedding"-guided SDXL bundle (ort)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from conftest import build_sd
+    from tstitch_trt.models.sd_random import with_guidance_embedding
+
+    small, large = sdxl_pair
+    root = tmp_path_factory.mktemp("cpp-sdxl-lcm")
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(large))
+    pipe.unet = with_guidance_embedding(pipe.unet, 21)
+    pipe.save_pretrained(str(root / "lcm-sdxl-pipeline"))
+    return build_sd(root / "bundle", [small, root / "lcm-sdxl-pipeline"], backends="ort")
+
+
+@pytest.mark.parametrize("g", [1.0, 0.5])
+def test_sdxl_lcm_equals_python_openvino(tmp_path, sdxl_lcm_bundle, g):
+    """SDXL under "embedding" guidance: the prompts' rows only (no negative half, nothing zeroed), lcm sampler."""
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    pipe = StitchedSDPipeline.from_bundle(sdxl_lcm_bundle, backend="openvino", precision="fp32")
+    assert pipe.manifest.guidance_mode == "embedding"
+    ref = pipe(SDXL_PROMPTS, steps=4, sampler="lcm", cfg_scale=g, seed=13, ratio=0.5)
+    proc, out, rgb = run_c(tmp_path, bundle=sdxl_lcm_bundle, engine="openvino", precision="fp32", steps=4,
+                           sampler="lcm", cfg=g, seed=13, ratio=0.5, batch=2,
+                           prompts=_prompt_file(tmp_path / "p.txt", SDXL_PROMPTS))
+    _check_equal(proc, out, rgb, ref)

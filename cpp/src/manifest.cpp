@@ -229,7 +229,10 @@ Manifest parse_manifest(const ojson& raw, const std::string& where) {
   m.guidance_channels = raw["guidance_channels"].get<int>();
   for (size_t i = 0; i < raw["models"].size(); ++i) m.models.push_back(model(raw["models"][i], "models[" + std::to_string(i) + "]"));
   m.has_vae = raw.contains("vae") && !raw["vae"].is_null();
-  if (raw.contains("cache") && raw["cache"].is_object()) m.cache_branch = raw["cache"]["branch"].get<int>();
+  if (raw.contains("cache") && raw["cache"].is_object()) {  // DeepCache has a branch, FORA none (the schema says which)
+    m.cache_scheme = raw["cache"]["scheme"].get<std::string>();
+    if (raw["cache"].contains("branch")) m.cache_branch = raw["cache"]["branch"].get<int>();
+  }
   m.has_text_encoder = raw.contains("text_encoder") && !raw["text_encoder"].is_null();
   if (raw.contains("scheduler") && !raw["scheduler"].is_null()) m.scheduler = json::parse(raw["scheduler"].dump());
   if (m.has_vae) m.vae_engines = engines(raw["vae"]["engines"], "vae.engines");
@@ -238,7 +241,10 @@ Manifest parse_manifest(const ojson& raw, const std::string& where) {
     m.text_encoder_io = io_specs(raw["text_encoder"]["io"]);
   }
   m.has_text_encoder_2 = raw.contains("text_encoder_2") && !raw["text_encoder_2"].is_null();
-  if (m.has_text_encoder_2) m.text_encoder_2_engines = engines(raw["text_encoder_2"]["engines"], "text_encoder_2.engines");
+  if (m.has_text_encoder_2) {
+    m.text_encoder_2_engines = engines(raw["text_encoder_2"]["engines"], "text_encoder_2.engines");
+    m.text_encoder_2_io = io_specs(raw["text_encoder_2"]["io"]);
+  }
   for (auto [key, out] : {std::pair{"tokenizer", &m.tokenizer}, std::pair{"tokenizer_2", &m.tokenizer_2}}) {
     if (!raw.contains(key) || !raw[key].is_object()) continue;  // the schema holds the fields' types
     const ojson& t = raw[key];
@@ -251,7 +257,7 @@ Manifest parse_manifest(const ojson& raw, const std::string& where) {
   if (raw.contains("conditioning") && raw["conditioning"].is_object()) {  // the schema holds its fields' types
     const ojson& c = raw["conditioning"];
     m.conditioning.guidance = c["guidance"].get<std::string>();
-    m.conditioning.force_zeros_for_empty_prompt = c.value("force_zeros_for_empty_prompt", false);
+    m.conditioning.force_zeros_for_empty_prompt = c.value("force_zeros_for_empty_prompt", true);  // Python's default
     m.conditioning.text_embeds_dim = c.value("text_embeds_dim", int64_t{0});
     m.conditioning.time_ids = c.value("time_ids", int64_t{0});
     if (c.contains("controlnet") && c["controlnet"].is_object()) {

@@ -65,7 +65,7 @@ struct IoRoles {
 struct Conditioning {
   std::string guidance = "cfg";        // "cfg": batch doubling inside the graph (context (2B, L, D), uncond
                                        // first); "embedding": LCM's guidance embedding, no doubling (B, L, D)
-  bool force_zeros_for_empty_prompt = false;  // SDXL (informational here: the caller encodes prompts)
+  bool force_zeros_for_empty_prompt = true;   // SDXL: no negative prompt -> zero uncond embeddings (diffusers)
   int64_t text_embeds_dim = 0;         // SDXL: width of the pooled text_embeds input; 0: none
   int64_t time_ids = 0;                // SDXL: 6; 0: none
   bool controlnet = false;             // a ControlNet inside every step graph
@@ -98,12 +98,14 @@ struct Manifest {
   IoRoles roles;               // io.roles, or the DiT roles where the manifest has none
   bool roles_recorded = false; // io.roles was in the manifest
   int cache_branch = -1;       // manifest `cache` (DeepCache's full + cached step graphs): its branch; -1: none
+  std::string cache_scheme;    // manifest `cache`: "deepcache" (U-Nets) or "fora" (DiTs); empty: none
   nlohmann::json scheduler;    // SD: the diffusers scheduler config (null otherwise)
   bool has_text_encoder = false;
   std::map<std::string, EngineEntry> text_encoder_engines;  // SD: kind -> the text encoder's plan
   std::vector<TensorSpec> text_encoder_io;                  // SD: input_ids (N, L) -> embeddings (N, L, D)
   bool has_text_encoder_2 = false;                          // SDXL: the second (OpenCLIP bigG) text encoder
   std::map<std::string, EngineEntry> text_encoder_2_engines;
+  std::vector<TensorSpec> text_encoder_2_io;                // SDXL: input_ids -> text_embeddings (N, L, D2), text_embeds (N, P)
   Conditioning conditioning;                                // defaults (cfg, no extras) where the manifest has none
   TokenizerEntry tokenizer, tokenizer_2;                    // SD: the large pipeline's tokenizer(s)
   bool text_to_image() const { return pipeline == "sd" || pipeline == "sdxl"; }

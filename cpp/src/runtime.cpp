@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -75,6 +76,10 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& given, const 
     fail(TSTITCH_ERR_UNAVAILABLE, "this bundle was built with --cache-branch " + std::to_string(manifest_.cache_branch) +
                                       " (DeepCache's full and cached step graphs), which the C++ runtime does not run "
                                       "yet; run it with tstitch-trt (Python), or rebuild it without --cache-branch");
+  if (manifest_.cache_scheme == "fora")
+    fail(TSTITCH_ERR_UNAVAILABLE, "this bundle was built with --cache-scheme fora (FORA's full and cached step "
+                                  "graphs), which the C++ runtime does not run yet; run it with tstitch-trt (Python), "
+                                  "or rebuild it without --cache-scheme");
   OpenOptions opt = given;
   if (opt.engine.empty()) opt.engine = auto_engine(manifest_);
   const auto& known = engine_names();
@@ -98,12 +103,12 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& given, const 
   if (ve != manifest_.vae_engines.end()) vae_path = artifact_path(dir_, ve->second, opt.verify_checksums);
   for (const TokenizerEntry* t : {&manifest_.tokenizer, &manifest_.tokenizer_2})
     if (t->present) artifact_path(dir_, t->file, opt.verify_checksums);  // a changed tokenizer is refused at open
-  // SDXL's second text encoder and a ControlNet's own artifacts of this kind: checked like the rest
-  // (the caller encodes SDXL prompts; the ControlNet runs inside the step graphs)
-  for (const auto* part : {&manifest_.text_encoder_2_engines, &manifest_.conditioning.controlnet_engines}) {
-    auto it = part->find(art);
-    if (it != part->end()) artifact_path(dir_, it->second, opt.verify_checksums);
-  }
+  std::string text_2_path;  // SDXL's second (OpenCLIP bigG) text encoder, likewise
+  auto te2 = manifest_.text_encoder_2_engines.find(art);
+  if (te2 != manifest_.text_encoder_2_engines.end()) text_2_path = artifact_path(dir_, te2->second, opt.verify_checksums);
+  // a ControlNet's own artifact of this kind: checked like the rest (the ControlNet runs inside the step graphs)
+  auto cn = manifest_.conditioning.controlnet_engines.find(art);
+  if (cn != manifest_.conditioning.controlnet_engines.end()) artifact_path(dir_, cn->second, opt.verify_checksums);
   engine_kind_ = opt.engine;
   batch_range_ = {1, INT64_MAX};
   for (const ModelEntry& m : manifest_.models) {
@@ -128,10 +133,13 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& given, const 
   for (const Binding& b : loop_->bindings())
     if (b.role == Role::kRequest && b.source != "guidance") request_inputs_.push_back(b.spec.name);
   // the text encoder and the VAE run in the engine's default precision (fp32 on OpenVINO), as Python runs them
-  if (!text_path.empty() && manifest_.pipeline != "sdxl") {  // SDXL: the caller encodes prompts (two encoders)
+  if (!text_path.empty() && manifest_.pipeline != "sdxl") {
     const std::string what = "the " + opt.engine + " text encoder engine (" + std::filesystem::path(text_path).filename().string() + ")";
-    text_encoder_ = std::make_unique<TextEncoder>(manifest_, backend_->device(), load(te->second, text_path, what, ""));
+    text_encoder_ = std::make_unique<TextEncoder>(manifest_.text_encoder_io, backend_->device(), load(te->second, text_path, what, ""));
   }
+  // SDXL: both encoders are loaded on the first prompt given as text (encode_sdxl); a caller passing text_context
+  // and text_embeds never needs them
+  if (manifest_.pipeline == "sdxl") sdxl_text_paths_ = {text_path, text_2_path};
   if (!vae_path.empty()) {
     const std::string what = "the " + opt.engine + " VAE decoder engine (" + std::filesystem::path(vae_path).filename().string() + ")";
     const int factor = manifest_.height() > 0 ? manifest_.image_size / manifest_.height() : 0;
@@ -201,9 +209,6 @@ void Runtime::decode_rgb(const std::vector<float>& latents, int batch, int64_t l
 SampleRequest Runtime::tokenize(const SampleRequest& req) {
   auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
   if (!req.prompt_tokens.empty() || !req.text_context.empty()) bad("give prompts, token ids or a text context, one of them");
-  if (manifest_.pipeline == "sdxl")
-    fail(TSTITCH_ERR_UNAVAILABLE, "SDXL prompts as text are not implemented in this C++ runtime yet (two encoders and the "
-                                  "pooled text_embeds): pass text_context and the text_embeds input");
   const bool cfg = manifest_.conditioning.guidance == "cfg";
   if (static_cast<int>(req.prompts.size()) != req.batch)
     bad("give one prompt per image: batch " + std::to_string(req.batch) + ", " + std::to_string(req.prompts.size()) + " prompts");
@@ -214,6 +219,7 @@ SampleRequest Runtime::tokenize(const SampleRequest& req) {
     bad(std::to_string(req.negative_prompts.size()) + " negative prompts for " + std::to_string(req.batch) +
         " prompts; give one per prompt (or NULL: none)");
   if (!manifest_.tokenizer.present) bad("the bundle has no tokenizer; pass token ids or the text context, or rebuild it from a full SD pipeline directory");
+  if (manifest_.pipeline == "sdxl") return encode_sdxl(req);
   if (!tokenizer_)
     tokenizer_ = std::make_unique<ClipTokenizer>(artifact_path(dir_, manifest_.tokenizer.file, false),
                                                  manifest_.tokenizer.max_length, manifest_.tokenizer.pad_id);
@@ -232,12 +238,93 @@ SampleRequest Runtime::tokenize(const SampleRequest& req) {
 }
 
 // Token ids -> the text context (pipeline/sd.py's encode_prompts: negative prompts first).
+// pipeline/sd.py's _encode_sdxl: texts = the negative prompts ("" for none) then the prompts (under "embedding"
+// guidance the prompts only), through both tokenizers and text encoders in one run each; the context is both
+// penultimate hidden states concatenated (CLIP-L's first), text_embeds text_encoder_2's pooled output; no negative
+// prompt with force_zeros_for_empty_prompt: the uncond rows of both are zero (diffusers). time_ids are named_inputs'.
+SampleRequest Runtime::encode_sdxl(const SampleRequest& req) {
+  auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
+  if (req.inputs.count(kPooledOutput))
+    bad("text_embeds comes from the prompts (text_encoder_2's pooled output) when prompts are given as text; leave it out of "
+        "request.inputs, or pass text_context and text_embeds instead of prompts");
+  if (!manifest_.tokenizer_2.present)
+    bad("the sdxl bundle has no tokenizer_2; pass text_context and text_embeds, or rebuild it from a full "
+        "StableDiffusionXLPipeline directory");
+  if (sdxl_text_paths_.first.empty() || sdxl_text_paths_.second.empty())
+    fail(TSTITCH_ERR_UNAVAILABLE, "the sdxl bundle has no " + artifact_kind(engine_kind_) + " artifacts for both text encoders; "
+                                  "pass request.text_context and the text_embeds input, or rebuild it with --backend " +
+                                  artifact_kind(engine_kind_));
+  const std::string art = artifact_kind(engine_kind_);
+  for (int k = 0; k < 2; ++k) {  // the text encoders run in the engine's default precision (fp32 on OpenVINO)
+    std::unique_ptr<TextEncoder>& enc = k == 0 ? text_encoder_ : text_encoder_2_;
+    if (enc) continue;
+    const std::string& path = k == 0 ? sdxl_text_paths_.first : sdxl_text_paths_.second;
+    const EngineEntry& entry = (k == 0 ? manifest_.text_encoder_engines : manifest_.text_encoder_2_engines).at(art);
+    const std::string label = k == 0 ? "text encoder" : "text encoder 2";
+    const std::string what = "the " + engine_kind_ + " " + label + " engine (" + std::filesystem::path(path).filename().string() + ")";
+    backend_->check_compat(entry.builder, what);
+    enc = std::make_unique<TextEncoder>(k == 0 ? manifest_.text_encoder_io : manifest_.text_encoder_2_io, backend_->device(),
+                                        backend_->load_file(path, what, ""), label);
+  }
+  if (!text_encoder_2_->has_output(kPooledOutput))
+    fail(TSTITCH_ERR_BUNDLE, "the sdxl bundle's text_encoder_2.io has no pooled text_embeds output; rebuild the bundle");
+  if (req.batch < batch_range_.first || req.batch > batch_range_.second)
+    bad("batch " + std::to_string(req.batch) + " is outside the engines' range [" + std::to_string(batch_range_.first) + ", " +
+        std::to_string(batch_range_.second) + "]; rebuild with a wider batch range");
+  if (!tokenizer_)
+    tokenizer_ = std::make_unique<ClipTokenizer>(artifact_path(dir_, manifest_.tokenizer.file, false),
+                                                 manifest_.tokenizer.max_length, manifest_.tokenizer.pad_id);
+  if (!tokenizer_2_)
+    tokenizer_2_ = std::make_unique<ClipTokenizer>(artifact_path(dir_, manifest_.tokenizer_2.file, false),
+                                                   manifest_.tokenizer_2.max_length, manifest_.tokenizer_2.pad_id);
+  if (tokenizer_->max_length() != tokenizer_2_->max_length())
+    fail(TSTITCH_ERR_BUNDLE, "the sdxl bundle's tokenizers pad to " + std::to_string(tokenizer_->max_length()) + " and " +
+                                 std::to_string(tokenizer_2_->max_length()) + " tokens; both contexts must be as long; rebuild the bundle");
+  const bool cfg = manifest_.conditioning.guidance == "cfg";
+  std::vector<std::string> texts, whats;  // cfg: B negative rows first, then B prompt rows
+  if (cfg)
+    for (int i = 0; i < req.batch; ++i)
+      texts.push_back(req.has_negative ? req.negative_prompts[i] : ""), whats.push_back("negative prompt " + std::to_string(i));
+  for (int i = 0; i < req.batch; ++i) texts.push_back(req.prompts[i]), whats.push_back("prompt " + std::to_string(i));
+  std::vector<int64_t> ids, ids_2;
+  for (size_t i = 0; i < texts.size(); ++i) {
+    const std::vector<int64_t> a = tokenizer_->encode(texts[i], whats[i]), b = tokenizer_2_->encode(texts[i], whats[i]);
+    ids.insert(ids.end(), a.begin(), a.end());
+    ids_2.insert(ids_2.end(), b.begin(), b.end());
+  }
+  const int64_t rows = static_cast<int64_t>(texts.size()), tokens = tokenizer_->max_length();
+  std::map<std::string, TextOutput> out = text_encoder_->encode_all(ids, rows, tokens);
+  std::map<std::string, TextOutput> out_2 = text_encoder_2_->encode_all(ids_2, rows, tokens);
+  const TextOutput &h = out.at(kTextOutput), &h_2 = out_2.at(kTextOutput);
+  TextOutput& pooled = out_2.at(kPooledOutput);
+  if (h.dims[1] != h_2.dims[1] || pooled.dims.size() != 2)
+    fail(TSTITCH_ERR_BUNDLE, "the sdxl bundle's text encoders give contexts of " + std::to_string(h.dims[1]) + " and " +
+                                 std::to_string(h_2.dims[1]) + " tokens (or no (N, P) pooled output); rebuild the bundle");
+  const int64_t d = h.dims[2], d_2 = h_2.dims[2], width = d + d_2, per_row = h.dims[1] * width;
+  SampleRequest q = req;
+  q.text_context.resize(static_cast<size_t>(rows * per_row));
+  for (int64_t r = 0; r < rows * h.dims[1]; ++r) {  // np.concatenate(axis=-1) over (rows x tokens)
+    std::copy_n(h.values.begin() + r * d, d, q.text_context.begin() + r * width);
+    std::copy_n(h_2.values.begin() + r * d_2, d_2, q.text_context.begin() + r * width + d);
+  }
+  if (cfg && !req.has_negative && manifest_.conditioning.force_zeros_for_empty_prompt) {
+    const int64_t p = pooled.dims[1];  // the B uncond rows: zero, not the encoded ""
+    std::fill_n(q.text_context.begin(), static_cast<size_t>(req.batch * per_row), 0.0f);
+    std::fill_n(pooled.values.begin(), static_cast<size_t>(req.batch * p), 0.0f);
+  }
+  q.text_tokens = static_cast<int>(h.dims[1]), q.text_width = static_cast<int>(width);
+  q.inputs[kPooledOutput] = std::move(pooled.values);
+  q.prompts.clear(), q.negative_prompts.clear(), q.has_negative = false;
+  return q;
+}
+
 SampleRequest Runtime::encode_tokens(const SampleRequest& req) {
   auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
   if (!req.text_context.empty()) bad("give the text context or token ids, not both");
   if (manifest_.pipeline == "sdxl")
-    fail(TSTITCH_ERR_UNAVAILABLE, "an SDXL bundle's prompts go through two text encoders (and the pooled text_embeds); this "
-                                  "runtime takes them encoded: pass text_context and the text_embeds input instead of token ids");
+    fail(TSTITCH_ERR_UNAVAILABLE, "an SDXL bundle's prompts go through two tokenizers and text encoders (and the pooled "
+                                  "text_embeds): pass the prompts as text (request.prompts), or text_context and the text_embeds "
+                                  "input, instead of token ids");
   if (!text_encoder_)
     fail(TSTITCH_ERR_UNAVAILABLE, "the bundle has no text encoder engine of this kind; pass request.text_context instead");
   if (req.batch < batch_range_.first || req.batch > batch_range_.second)
@@ -330,10 +417,35 @@ void Runtime::check_sd(const SampleRequest& req) const {
     bad("controlnet_scale, control_guidance_start/end and control_guess_mode are for bundles with a ControlNet; this one has none "
         "(leave them at 1, 0, 1, 0)");
   if (!std::isfinite(req.controlnet_scale)) bad("controlnet_scale must be a finite number");
+  check_guidance(req);
   // diffusers' check_inputs rules for the ControlNet's start / end
   if (!(req.control_guidance_start >= 0.0 && req.control_guidance_end <= 1.0 && req.control_guidance_start < req.control_guidance_end))
     bad("control_guidance_start and control_guidance_end must satisfy 0 <= start < end <= 1, got " +
         std::to_string(req.control_guidance_start) + " and " + std::to_string(req.control_guidance_end));
+}
+
+// guidance.check_guidance: g > 1 reaches the U-Nets through LCM's guidance embedding under "embedding" guidance or
+// the lcm sampler; a U-Net without the embedding (no time_cond_proj_dim) would silently ignore it, and a cfg bundle's
+// graphs have none: both refused, with Python's messages.
+void Runtime::check_guidance(const SampleRequest& req) const {
+  const std::string sampler = req.sampler.empty() ? sd_default_sampler(manifest_.scheduler) : req.sampler;
+  const bool embedding = manifest_.conditioning.guidance == "embedding";
+  if (!(embedding || sampler == "lcm") || !(req.cfg_scale > 1.0f)) return;
+  char g[32];
+  std::snprintf(g, sizeof g, "%g", static_cast<double>(req.cfg_scale));
+  for (const ModelEntry& m : manifest_.models) {
+    const nlohmann::json& dim = m.arch.contains("time_cond_proj_dim") ? m.arch["time_cond_proj_dim"] : nlohmann::json();
+    const bool has = dim.is_number() ? dim.get<double>() != 0.0 : !(dim.is_null() || (dim.is_boolean() && !dim.get<bool>()));
+    if (!has)
+      fail(TSTITCH_ERR_INVALID_ARGUMENT, "cfg scale " + std::string(g) + " > 1 with " +
+                                             (sampler == "lcm" ? "the lcm sampler" : "LCM guidance") +
+                                             " needs the guidance embedding (time_cond_proj_dim), which U-Net " + m.name +
+                                             " lacks; give cfg_scale 1 or less (no guidance)");
+  }
+  if (!embedding)
+    fail(TSTITCH_ERR_INVALID_ARGUMENT, "the lcm sampler with cfg scale " + std::string(g) + " > 1 guides through the U-Nets' "
+                                       "guidance embedding, but this bundle was built with --guidance cfg; rebuild with "
+                                       "--guidance embedding, or give cfg_scale 1 or less");
 }
 
 std::vector<int64_t> Runtime::request_input_shape(const std::string& name, int64_t batch, int64_t lh, int64_t lw) const {
@@ -466,7 +578,10 @@ LoopResult Runtime::sample(const SampleRequest& request) {
     for (float& v : in.x_init) v *= sigma;  // x_unit * init_noise_sigma, in float32
     in.context = req.text_context;
     in.tensors = named_inputs(req, lh, lw);
-    in.guidance = req.cfg_scale > 1.0f ? req.cfg_scale : 1.0f;  // diffusers: no guidance at cfg <= 1
+    // guidance.graph_guidance: under "embedding" g itself (the graphs embed g - 1, as diffusers does for any g); under
+    // cfg max(g, 1) (diffusers: no guidance at g <= 1)
+    const bool embedding = manifest_.conditioning.guidance == "embedding";
+    in.guidance = embedding || req.cfg_scale > 1.0f ? req.cfg_scale : 1.0f;
     return loop_->run(plan, in);
   }
   const size_t latent = static_cast<size_t>(req.batch) * manifest_.channels() * manifest_.height() * manifest_.width();

@@ -103,6 +103,7 @@ class Runtime {
  private:
   void check(const SampleRequest& req) const;
   void check_sd(const SampleRequest& req) const;
+  void check_guidance(const SampleRequest& req) const;  // guidance.check_guidance (LCM's embedding)
   // The named request inputs (given, or made here: control_guess, default time_ids), checked one line each.
   std::map<std::string, std::vector<float>> named_inputs(const SampleRequest& req, int64_t lh, int64_t lw) const;
   TrajectoryPlan sd_plan(const SampleRequest& req, size_t latent, Pcg64& rng, float* init_sigma) const;
@@ -110,13 +111,17 @@ class Runtime {
   Manifest manifest_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<StitchedLoop> loop_;
-  std::unique_ptr<TextEncoder> text_encoder_;
+  std::unique_ptr<TextEncoder> text_encoder_;    // SD 1.x's; SDXL's first (CLIP-L)
+  std::unique_ptr<TextEncoder> text_encoder_2_;  // SDXL's second (OpenCLIP bigG, with the pooled text_embeds)
+  std::pair<std::string, std::string> sdxl_text_paths_;  // SDXL: both encoders' artifacts (checked), loaded on first use
   std::unique_ptr<VaeDecoder> vae_;  // bundles with a VAE plan of this engine kind
   std::string engine_kind_;  // the engine running (opt.engine, auto resolved)
   std::string precision_reason_;  // one line: the precision in use and why (Backend::configure)
   SampleRequest encode_tokens(const SampleRequest& req);
   SampleRequest tokenize(const SampleRequest& req);  // prompts -> token ids (clip_tokenizer.hpp)
+  SampleRequest encode_sdxl(const SampleRequest& req);  // SDXL prompts -> context + text_embeds (two encoders)
   std::unique_ptr<ClipTokenizer> tokenizer_;         // read on the first text prompt
+  std::unique_ptr<ClipTokenizer> tokenizer_2_;       // SDXL's second
   std::pair<int64_t, int64_t> batch_range_{1, 1};
   std::vector<std::string> request_inputs_;  // the step graphs' request inputs but guidance, context first
 };

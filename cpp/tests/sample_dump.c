@@ -4,7 +4,8 @@
  * keys: bundle engine precision steps ratio sampler cfg seed eta batch labels=1,2,.. (DiT)
  *       height width (SD) prompt=<file> negative=<file> (SD: int64 token ids, batch x tokens, raw little endian)
  *       tokens=<count per prompt> inputs=<name>:<file>[,...] (float32 raw) out=<latents.f32> rgb=<images.u8>
- *       prompts=<file> negative_prompts=<file> (SD: prompts as text, NUL-separated)
+ *       prompts=<file> negative_prompts=<file> (SD, SDXL: prompts as text, NUL-separated)
+ *       controlnet_scale control_start control_end guess_mode (ControlNet bundles)
  * Prints "engine <name>; <precision line>" and the sample info; on failure one line on stderr, exit 2. */
 #include <stdint.h>
 #include <stdio.h>
@@ -91,6 +92,10 @@ int main(int argc, char** argv) {
   if ((v = arg(argc, argv, "height"))) req.height = atoi(v);
   if ((v = arg(argc, argv, "width"))) req.width = atoi(v);
   req.sampler = arg(argc, argv, "sampler");
+  if ((v = arg(argc, argv, "controlnet_scale"))) req.controlnet_scale = (float)atof(v);
+  if ((v = arg(argc, argv, "control_start"))) req.control_guidance_start = atof(v);
+  if ((v = arg(argc, argv, "control_end"))) req.control_guidance_end = atof(v);
+  if ((v = arg(argc, argv, "guess_mode"))) req.control_guess_mode = atoi(v);
   if ((v = arg(argc, argv, "labels"))) {
     char* end = NULL;
     for (k = 0; k < 64 && *v; ++k) {

@@ -253,3 +253,17 @@ TEST(Loop, RequestChecksBeforeAnyWork) {
   EXPECT_EQ(error_of([&] { rt->sample(bad_label); }), "class label 10 is outside [0, 10); this bundle's models know 10 classes");
   EXPECT_EQ(rt->loop().allocations(), allocs);
 }
+
+TEST(Loop, ForaBundlesAreRefusedWithOneLine) {
+  // a DiT bundle built with --cache-scheme fora: its engines have every block's kept features as one more I/O, which
+  // this runtime does not bind yet; refused when opened, before any device work (FORA has no branch)
+  TempBundle b;
+  b.edit([&](nlohmann::json& j) { j["cache"] = {{"scheme", "fora"}}; });
+  FakeStats stats;
+  tstitch_status s = TSTITCH_OK;
+  EXPECT_EQ(error_of([&] { open_fake(b.dir(), {}, stats); }, &s),
+            "this bundle was built with --cache-scheme fora (FORA's full and cached step graphs), which the C++ "
+            "runtime does not run yet; run it with tstitch-trt (Python), or rebuild it without --cache-scheme");
+  EXPECT_EQ(s, TSTITCH_ERR_UNAVAILABLE);
+  EXPECT_EQ(stats.contexts, 0u);
+}

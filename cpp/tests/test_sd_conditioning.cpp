@@ -300,7 +300,19 @@ TEST(SdConditioning, SdxlBadInputsAreOneLine) {
   const int64_t ids[6] = {49406, 1, 49407, 49406, 2, 49407};
   req.text_context = nullptr, req.prompt_tokens = ids, req.negative_tokens = ids, req.token_count = 3;
   EXPECT_EQ(sample(req), TSTITCH_ERR_UNAVAILABLE);
-  EXPECT_NE(std::string(tstitch_last_error()).find("an SDXL bundle's prompts go through two text encoders"), std::string::npos);
+  EXPECT_NE(std::string(tstitch_last_error()).find("an SDXL bundle's prompts go through two tokenizers and text encoders"),
+            std::string::npos);
+  // prompts as text load both encoders on first use: this toy bundle's second one lacks the pooled output the io names
+  const char* prompts[2] = {"a cat", "a dog"};
+  req = c_request(c, keep, inputs, ctx);
+  req.text_context = nullptr, req.prompts = prompts, req.num_prompts = 2, req.inputs = nullptr, req.num_inputs = 0;
+  EXPECT_EQ(sample(req), TSTITCH_ERR_BUNDLE);
+  EXPECT_STREQ(tstitch_last_error(), "the text encoder 2 engine has no float32 device tensor text_embeds as the manifest says; "
+                                     "rebuild the bundle");
+  req.inputs = inputs.data(), req.num_inputs = static_cast<int>(inputs.size());  // text_embeds among them
+  EXPECT_EQ(sample(req), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(tstitch_last_error(), "text_embeds comes from the prompts (text_encoder_2's pooled output) when prompts are given "
+                                     "as text; leave it out of request.inputs, or pass text_context and text_embeds instead of prompts");
   EXPECT_EQ(out, std::vector<float>(out.size(), -7.0f)) << "a refused request writes nothing";
 }
 

@@ -16,6 +16,7 @@ _KEYS: dict[str, type | tuple[type, ...]] = {
     "models": list, "backend": (str, list), "batch_sizes": (str, int), "name": str, "description": str,
     "compute_capabilities": (str, list),  # TensorRT-RTX targets, e.g. "8.9,12.0"
     "arch_overrides": dict,  # {"DiT-S/2": {"depth": 2}}: DiTConfig fields for custom (or tiny test) models
+    "cache_scheme": str,  # "fora": also FORA's cached step graphs (run --cache-interval N)
 }
 
 
@@ -91,6 +92,7 @@ def build_config_from_args(args: argparse.Namespace) -> BuildConfig:
         timing_cache=pick("timing_cache", None),
         compute_capabilities=_capabilities(pick("compute_capabilities", [])),
         arch_overrides=overrides,
+        cache_scheme=pick("cache_scheme", None),
     )
 
 

@@ -71,9 +71,9 @@ typedef struct tstitch_request {
   int batch;                     /* images in the request; within the engines' batch range */
   /* DiT (class-conditional) */
   const int64_t* class_labels;   /* batch labels in [0, num_classes) */
-  /* SD / SDXL (text-to-image): token ids come from the caller's tokenizer */
-  const int64_t* prompt_tokens;  /* batch x token_count (SD 1.x bundles: SDXL prompts need two encoders, pass
-                                    text_context + the text_embeds input) */
+  /* SD (text-to-image): token ids come from the caller's tokenizer (or give prompts as text below) */
+  const int64_t* prompt_tokens;  /* batch x token_count (SD 1.x bundles; SDXL's two tokenizers: give prompts as text,
+                                    or text_context + the text_embeds input) */
   const int64_t* negative_tokens;/* batch x token_count (cfg guidance; the tokenized "" for no negative prompt);
                                     NULL under "embedding" (LCM) guidance, which takes no negative prompt */
   int token_count;
@@ -115,9 +115,12 @@ typedef struct tstitch_request {
   double control_guidance_end;
   int control_guess_mode;
   /* ---- API 5 (beyond a version-4 struct_size these read as NULL / 0) ---- */
-  /* SD: prompts as UTF-8 text, one per image (num_prompts == batch), tokenized here exactly as the Python pipeline
-     tokenizes them with the bundle's tokenizer.json (instead of prompt_tokens / text_context). negative_prompts:
-     one per image under cfg guidance (NULL: "" for each, as diffusers); none under "embedding" (LCM) guidance. */
+  /* SD, SDXL: prompts as UTF-8 text, one per image (num_prompts == batch), tokenized here exactly as the Python
+     pipeline tokenizes them with the bundle's tokenizer.json(s) (instead of prompt_tokens / text_context) and encoded
+     by the bundle's text encoder(s) (SDXL: both, the context concatenated, text_embeds the second's pooled output:
+     leave text_embeds out of inputs; time_ids stay an optional input). negative_prompts: one per image under cfg
+     guidance (NULL: none, as diffusers' negative_prompt=None: "" for each on SD 1.x, zero embeddings on SDXL bundles
+     with force_zeros_for_empty_prompt); none under "embedding" (LCM) guidance. */
   const char* const* prompts;
   int num_prompts;
   const char* const* negative_prompts;

@@ -132,8 +132,9 @@ class Manifest:
     text_encoder_2: dict[str, Any] | None = None
     tokenizer_2: dict[str, Any] | None = None
     conditioning: dict[str, Any] | None = None
-    # Feature caching (export/deep_cache.py): {"scheme": "deepcache", "branch": K}; each model then has `cached`
-    # and io.roles.cache names the kept feature's (input, output) pair.
+    # Feature caching: {"scheme": "deepcache", "branch": K} (U-Nets, export/deep_cache.py) or {"scheme": "fora"}
+    # (DiTs, export/fora.py); each model then has `cached` and io.roles.cache names the kept feature's
+    # (input, output) pair.
     cache: dict[str, Any] | None = None
 
     @property
@@ -257,6 +258,10 @@ class Manifest:
         if self.text_encoder or self.tokenizer or self.scheduler or self.text_encoder_2 or self.conditioning:
             raise BundleError("a class-conditional (DiT) bundle has a text encoder, tokenizer or scheduler entry; "
                               "rebuild the bundle")
+        if self.cache is not None and self.cache.get("scheme") != "fora":
+            raise BundleError(f"a class-conditional (DiT) bundle caches with FORA, not {self.cache.get('scheme')}; "
+                              "rebuild the bundle")
+        self._validate_cache(self.io.get("roles") or {})
 
     def _validate_sd(self) -> None:
         widths = {int(m.arch["cross_attention_dim"]) for m in self.models}
@@ -272,6 +277,9 @@ class Manifest:
             self._validate_sdxl()
         names = set(self.io.get("inputs", {})) | set(self.io.get("outputs", {}))
         named = {n for pair in roles["state"] for n in pair} | set(roles["step"]) | set(roles["request"])
+        if self.cache is not None and self.cache.get("scheme") != "deepcache":
+            raise BundleError(f"a text-to-image bundle caches with DeepCache, not {self.cache.get('scheme')}; rebuild "
+                              "the bundle")
         self._validate_cache(roles)
         if named != names:
             raise BundleError(f"io.roles names {sorted(named ^ names)[:3]} that are not (or not all) the step "

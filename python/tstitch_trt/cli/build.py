@@ -63,7 +63,7 @@ def build_dit(args: argparse.Namespace) -> int:
         if getattr(args, flag, None):
             raise UserError(f"--{flag} applies to diffusers (SD) builds, not DiT")
     control.refuse_controlnet_build(args)
-    cache.refuse_dit(args)
+    cache.refuse_dit_build(args)
     cfg = build_config_from_args(args)
     from tstitch_trt.export.build import build_bundle
     from tstitch_trt.progress import Stages, peak_rss_bytes
@@ -86,6 +86,7 @@ def build_sd(args: argparse.Namespace) -> int:
         if getattr(args, flag, None) is not None:
             raise UserError(f"--{flag.replace('_', '-')} does not apply to a diffusers (SD) build: the sizes, VAE and "
                             "text encoder come from the last --model's pipeline")
+    cache.refuse_sd_build(args)
     if not args.out:
         raise UserError("give --out DIR for the SD bundle")
     backends = [b.strip() for b in (args.backend or "torch,ort").split(",") if b.strip()]

@@ -52,7 +52,12 @@ def describe_dit(bundle: Path, m) -> str:  # m: Manifest
             isa = ", ".join(model.bf16.get("isa") or ["an unrecorded CPU ISA: covers no CPU"])
             lines.append(f"      bf16     {'safe' if model.bf16.get('safe') else 'not safe'} on CPU backends, "
                          f"measured on {isa} ({model.bf16.get('checked_with', '?')})")
+        for kind, e in (model.cached or {}).get("engines", {}).items():
+            lines.append(f"      {kind:8s} {e.file} (FORA cached path, kept features "
+                         f"{model.cached['feature']['shape']})")
     lines.append(f"  VAE: {', '.join(m.vae['engines']) + ' from ' + str(m.vae.get('source')) if m.vae else 'none'}")
+    if m.cache:
+        lines.append("  FORA: full and cached step graphs per DiT; run with --cache-interval N")
     lines.append(f"  artifacts for the whole pair: {', '.join(m.backends()) or 'none'}")
     return "\n".join(lines)
 

@@ -91,7 +91,6 @@ def run_dit(args: argparse.Namespace, bundle: Path, manifest) -> int:  # manifes
     from tstitch_trt.pipeline.dit import StitchedPipeline, decodes_to_images
 
     refuse_sd_flags(args)
-    cache.refuse_dit(args)
     if args.sampler in ("pndm", "euler", "lcm"):
         raise UserError(f"--sampler {args.sampler} is for text-to-image (sd) bundles; DiT bundles take ddim, ddpm "
                         "or dpm-solver++")
@@ -122,7 +121,8 @@ def run_dit(args: argparse.Namespace, bundle: Path, manifest) -> int:  # manifes
         ratio, fractions = defaults.default_stitch(len(pipe.manifest.models), args.ratio, args.fractions)
         steps = defaults.DEFAULT_STEPS if args.steps is None else args.steps
         res = pipe(class_labels=labels, ratio=ratio, fractions=fractions, steps=steps, sampler=args.sampler,
-                   cfg_scale=args.cfg_scale, seed=args.seed, eta=args.eta, init_noise=init, progress=args.progress)
+                   cfg_scale=args.cfg_scale, seed=args.seed, eta=args.eta, init_noise=init, progress=args.progress,
+                   **cache.run_kwargs(args))
     finally:
         pipe.close()
     rep = res.report
@@ -147,6 +147,8 @@ def run_dit(args: argparse.Namespace, bundle: Path, manifest) -> int:  # manifes
           f"batch {rep['batch']}: {rep['total_seconds']:.2f} s")
     if rep["backend_reason"] not in ("requested", ""):
         print(f"backend: {rep['backend']} ({rep['backend_reason']})")
+    if rep.get("cache"):
+        print(f"FORA interval {rep['cache']['interval']}: full calls {rep['cache']['full_calls']}")
     if "--out" in outputs.paths:
         print(f"wrote {outputs.paths['--out'].resolve()}")
     if "--save-latents" in outputs.paths:

@@ -27,8 +27,10 @@ DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(11))
 
 def quality_sweep(bundle_dir: str | Path, ratios: Sequence[float], images_per_point: int, backend: str = "auto",
                   steps: int = 50, cfg_scale: float = 1.5, seed: int = 0, batch: int = 100,
-                  sampler: str = "ddim", progress: bool = False, precision: str = "auto") -> dict:
-    """Sample `images_per_point` digits at each ratio and score them.
+                  sampler: str = "ddim", progress: bool = False, precision: str = "auto",
+                  cache_interval: int = 1) -> dict:
+    """Sample `images_per_point` digits at each ratio and score them (cache_interval: FORA's, on a bundle built
+    with --cache-scheme fora; 1 = no caching).
 
     Returns {"points": [{"ratio", "fid", "accuracy", "seconds_per_image", "steps_per_model"}, ...],
     "reference": {"heldout_accuracy", "heldout_images", "fid_floor"}, and the settings}.
@@ -50,7 +52,8 @@ def quality_sweep(bundle_dir: str | Path, ratios: Sequence[float], images_per_po
             images, seconds, per_model = [], 0.0, None
             for k, start in enumerate(range(0, images_per_point, batch)):
                 res = pipe(class_labels=labels[start:start + batch], ratio=float(ratio), steps=steps,
-                           sampler=sampler, cfg_scale=cfg_scale, seed=seed + k, progress=False)
+                           sampler=sampler, cfg_scale=cfg_scale, seed=seed + k, progress=False,
+                           cache_interval=cache_interval)
                 images.append(res.images)
                 seconds += res.report["total_seconds"]
                 per_model = res.report["steps_per_model"]
@@ -78,6 +81,7 @@ def quality_sweep(bundle_dir: str | Path, ratios: Sequence[float], images_per_po
         "cfg_scale": cfg_scale,
         "seed": seed,
         "batch": batch,
+        "cache_interval": cache_interval,
         "images_per_point": images_per_point,
         "reference": {
             "heldout_images": int(len(scorer.heldout_labels)),

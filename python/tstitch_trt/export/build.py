@@ -15,6 +15,7 @@ from tstitch_trt import __version__
 from tstitch_trt.bundle.manifest import EngineEntry, Manifest, ModelEntry, add_file, write_manifest
 from tstitch_trt.bundle.staging import staged_bundle
 from tstitch_trt.errors import UserError
+from tstitch_trt.export.fora import FORA_INPUT, FORA_OUTPUT, feature_spec, fora_graph_io
 from tstitch_trt.export.onnx_export import export_step_graph, io_spec
 from tstitch_trt.export.step_module import StepModule
 from tstitch_trt.models.checkpoints import load_dit, save_dit
@@ -22,6 +23,7 @@ from tstitch_trt.models.dit import DiT, DiTConfig, dit_config, randomized_dit
 
 log = logging.getLogger("tstitch_trt.build")
 BUILD_BACKENDS = ("torch", "ort", "trt", "trt-rtx")
+DIT_CACHE_SCHEMES = ("fora",)  # build --cache-scheme: FORA's full + cached step graphs (export/fora.py)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class BuildConfig:
     timing_cache: str | None = None
     compute_capabilities: tuple[str, ...] = ()  # TensorRT-RTX target GPUs ("8.9"); () = its portable default
     arch_overrides: dict = field(default_factory=dict)  # DiTConfig fields (e.g. depth) for custom pairs
+    cache_scheme: str | None = None  # "fora": also write each model's FORA cached step graph (export/fora.py)
 
 
 def check_config(cfg: BuildConfig) -> None:
@@ -109,6 +112,8 @@ def build_bundle(cfg: BuildConfig, on_model: Callable[[str], None] | None = None
         raise UserError("give at least two --model entries (smallest first) to stitch")
     if cfg.precision not in ("fp16", "fp32"):
         raise UserError(f"--precision must be fp16 or fp32, got {cfg.precision!r}")
+    if cfg.cache_scheme not in (None, *DIT_CACHE_SCHEMES):
+        raise UserError(f"--cache-scheme {cfg.cache_scheme}: DiT bundles cache with {', '.join(DIT_CACHE_SCHEMES)}")
     configs = [model_config(s, cfg) for s in cfg.models]
     engine_builder = None
     trt_kinds = [b for b in cfg.backends if b in ("trt", "trt-rtx")]
@@ -131,31 +136,44 @@ def build_bundle(cfg: BuildConfig, on_model: Callable[[str], None] | None = None
             if "torch" in cfg.backends:
                 engines["torch"] = add_file(tmp, f"models/{tag}.safetensors", lambda p, n=net: save_dit(n, p),
                                             batch_range=cfg.batch_range)
-            onnx_paths: dict[str, Path] = {}
+            # FORA: the model's usual graph becomes its full graph (+ the kept features); a cached one beside it
+            feature = feature_spec(mcfg) if cfg.cache_scheme == "fora" else None
+            cached: dict[str, EngineEntry] = {}
+            onnx_paths: dict[tuple[str, str], Path] = {}
             for precision in _onnx_precisions(cfg):
-                t0 = time.perf_counter()
-                rel = f"onnx/{tag}-{precision}.onnx"
-                with stage(f"export {spec.arch} {precision} step graph"):
-                    export_step_graph(step, tmp / rel, precision)
-                timings[f"export {spec.arch} {precision}"] = time.perf_counter() - t0
-                onnx_paths[precision] = tmp / rel
-                if precision == "fp32" and "ort" in cfg.backends:
-                    engines["ort"] = _entry(tmp, rel, "fp32", cfg)
+                for mode in ("full", "cached") if feature else ("full",):
+                    t0 = time.perf_counter()
+                    suffix = "-cached" if mode == "cached" else ""
+                    rel = f"onnx/{tag}{suffix}-{precision}.onnx"
+                    with stage(f"export {spec.arch} {precision}{' FORA ' + mode if feature else ''} step graph"):
+                        export_step_graph(step, tmp / rel, precision, fora=mode if feature else None)
+                    timings[f"export {spec.arch} {precision}{suffix}"] = time.perf_counter() - t0
+                    onnx_paths[(precision, mode)] = tmp / rel
+                    if precision == "fp32" and "ort" in cfg.backends:
+                        (cached if mode == "cached" else engines)["ort"] = _entry(tmp, rel, "fp32", cfg)
             for kind, builder in (engine_builder or {}).items():
-                t0 = time.perf_counter()
-                rel = f"trt/{tag}-{kind}-{cfg.precision}.plan"
-                with stage(f"build {kind} {cfg.precision} engine of {spec.arch}"):
-                    info = builder.build(onnx_paths[cfg.precision], tmp / rel, cfg.batch_range, io_spec(step))
-                timings[f"build {kind} {spec.arch}"] = time.perf_counter() - t0
-                engines[kind] = _entry(tmp, rel, cfg.precision, cfg, builder=info)
-            kept = {tmp / e.file for e in engines.values()}
+                for mode in ("full", "cached") if feature else ("full",):
+                    t0 = time.perf_counter()
+                    suffix = "-cached" if mode == "cached" else ""
+                    rel = f"trt/{tag}{suffix}-{kind}-{cfg.precision}.plan"
+                    graph_io = io_spec(step) if feature is None else fora_graph_io(io_spec(step), feature, mode)
+                    what = f"{spec.arch}{' (FORA cached)' if mode == 'cached' else ''}"
+                    with stage(f"build {kind} {cfg.precision} engine of {what}"):
+                        info = builder.build(onnx_paths[(cfg.precision, mode)], tmp / rel, cfg.batch_range, graph_io)
+                    timings[f"build {kind} {spec.arch}{suffix}"] = time.perf_counter() - t0
+                    (cached if mode == "cached" else engines)[kind] = _entry(tmp, rel, cfg.precision, cfg, builder=info)
+            kept = {tmp / e.file for e in [*engines.values(), *cached.values()]}
             for p in onnx_paths.values():  # graphs only kept where a backend runs them (ort: fp32)
                 if p not in kept:
                     for f in p.parent.glob(p.name + "*"):  # the graph and its external data
                         f.unlink()
             entries.append(ModelEntry(name=spec.arch, family="dit", arch=mcfg.to_dict(), engines=engines,
-                                      macs_per_forward=mcfg.macs_per_forward()))
+                                      macs_per_forward=mcfg.macs_per_forward(),
+                                      cached=None if feature is None else {"feature": feature, "engines": cached}))
             del net, step
+        bundle_io = io_spec(StepModule(DiT(configs[0])))
+        if cfg.cache_scheme is not None:  # the kept features' role (runtime/io_roles.py), one buffer per model
+            bundle_io["roles"] = {**bundle_io["roles"], "cache": [[FORA_INPUT, FORA_OUTPUT]]}
         if (tmp / "onnx").is_dir() and not any((tmp / "onnx").iterdir()):
             (tmp / "onnx").rmdir()  # every graph was only the source of engines
         manifest = Manifest(
@@ -165,8 +183,9 @@ def build_bundle(cfg: BuildConfig, on_model: Callable[[str], None] | None = None
             image_size=cfg.image_size,
             latent_scale_factor=cfg.latent_scale_factor if cfg.downsample > 1 else 1.0,
             guidance_channels=cfg.guidance_channels,
-            io={**io_spec(StepModule(DiT(configs[0]))), "build_seconds": timings},
+            io={**bundle_io, "build_seconds": timings},
             created_by=f"tstitch-trt {__version__}, torch {torch.__version__}",
+            cache=None if cfg.cache_scheme is None else {"scheme": cfg.cache_scheme},
         )
         manifest.validate()
         if cfg.vae:

@@ -226,16 +226,17 @@ def _check_models(bundle: Path, manifest: Manifest, wanted: list[str],
         cached_ref, cached_feeds = None, feeds
         with torch.inference_mode():
             tensors = {n: torch.from_numpy(feeds[n]) for n in io.inputs}
-            if model.cached and manifest.cache:  # DeepCache: the full graph (+ the kept feature) and the cached one
-                from tstitch_trt.export.deep_cache import CACHE_INPUT, CACHE_OUTPUT, CacheStep
+            if model.cached and manifest.cache:  # DeepCache / FORA: the full graph (+ the kept feature), the cached one
+                from tstitch_trt.export.cache_steps import cache_names, cache_step_pair
 
-                branch = int(manifest.cache["branch"])
-                *ref_t, kept = CacheStep(step, branch, "full", model.name)(**tensors)
+                full, cached = cache_step_pair(step, manifest.cache, model.name)
+                cache_in, cache_out = cache_names(manifest.cache)
+                *ref_t, kept = full(**tensors)
                 ref_t.append(kept)
-                names.append(CACHE_OUTPUT)
-                out_c = CacheStep(step, branch, "cached", model.name)(**tensors, **{CACHE_INPUT: kept})
+                names.append(cache_out)
+                out_c = cached(**tensors, **{cache_in: kept})
                 cached_ref = {n: t.numpy() for n, t in zip(io.outputs, out_c, strict=True)}
-                cached_feeds = {**feeds, CACHE_INPUT: kept.numpy()}
+                cached_feeds = {**feeds, cache_in: kept.numpy()}
             else:
                 ref_t = step(**tensors)
         ref = {n: t.numpy() for n, t in zip(names, ref_t, strict=True)}

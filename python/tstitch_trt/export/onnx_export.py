@@ -63,21 +63,34 @@ def io_spec(step: StepModule) -> dict:
     }
 
 
-def export_step_graph(step: StepModule, path: str | Path, precision: str = "fp32") -> Path:
+def export_step_graph(step: StepModule, path: str | Path, precision: str = "fp32", fora: str | None = None) -> Path:
     """Write the step graph to `path` (external data in `path.name + '.data'` when over 2 GB).
 
     The fp16 graph is checked against the typing rules of this module's docstring before it is
-    written (a violation is a bug here, not a user error).
+    written (a violation is a bug here, not a user error). fora: "full" or "cached": FORA's full graph (+ the
+    output fora_next, every block's kept features) or cached graph (+ the input fora) of export/fora.py.
     """
+    from tstitch_trt.export.fora import FORA_INPUT, FORA_OUTPUT, ForaStep
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
     # never mutate the caller's module; fp32 needs no copy (a DiT-XL/2 copy is 2.7 GB)
-    module = copy.deepcopy(step).to(dtype) if dtype != step.dtype else step
+    module: torch.nn.Module = copy.deepcopy(step).to(dtype) if dtype != step.dtype else step
     batch_dim = {0: "B"}
     dynamic_axes = {"x": batch_dim, "t": batch_dim, "y": batch_dim, "prev_x0": batch_dim, "noise": batch_dim,
                     "x_next": batch_dim, "x0": batch_dim}
+    inputs, outputs, example = list(STEP_INPUTS), list(STEP_OUTPUTS), example_inputs(step)
+    if fora is not None:
+        module = ForaStep(module, fora)  # type: ignore[arg-type]
+        if fora == "full":
+            outputs.append(FORA_OUTPUT)
+            dynamic_axes[FORA_OUTPUT] = {0: "2B"}
+        else:
+            inputs.append(FORA_INPUT)
+            dynamic_axes[FORA_INPUT] = {0: "2B"}
+            cfg = step.denoiser.config
+            example = (*example, torch.randn(2 * example[0].shape[0], cfg.depth, 2, cfg.num_tokens, cfg.hidden_size))
     # A private directory for the raw export: over 2 GB torch writes one external file per
     # weight beside the graph, which must not land in (and be left behind in) the bundle.
     with tempfile.TemporaryDirectory(prefix="tstitch-export-", dir=path.parent) as raw_dir:
@@ -86,17 +99,18 @@ def export_step_graph(step: StepModule, path: str | Path, precision: str = "fp32
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module.eval(),
-                example_inputs(step),
+                example,
                 str(raw),
-                input_names=list(STEP_INPUTS),
-                output_names=list(STEP_OUTPUTS),
+                input_names=inputs,
+                output_names=outputs,
                 dynamic_axes=dynamic_axes,
                 opset_version=OPSET,
                 do_constant_folding=True,
                 dynamo=False,
             )
         del module
-        finish_export(raw, path, lambda m: check_step_graph_typing(m, precision))
+        finish_export(raw, path, lambda m: check_step_graph_typing(m, precision, float_io=(
+            *(n for n in inputs + outputs if n not in _INT_IO),), int_io=_INT_IO))
     return path
 
 

@@ -83,11 +83,10 @@ class TorchBackend:
         self.manifest = manifest
         self._setup(load_step_modules(bundle_dir, manifest, guidance_channels), step_io(manifest), device,
                     cuda_graph)
-        if manifest.cache is not None:  # DeepCache: each U-Net's full and cached step (the same weights)
-            from tstitch_trt.export.deep_cache import CacheStep
+        if manifest.cache is not None:  # DeepCache / FORA: each model's full and cached step (the same weights)
+            from tstitch_trt.export.cache_steps import cache_step_pair
 
-            k = int(manifest.cache["branch"])
-            self.cache_modules = [(CacheStep(m, k, "full", mm.name), CacheStep(m, k, "cached", mm.name))
+            self.cache_modules = [cache_step_pair(m, manifest.cache, mm.name)
                                   for m, mm in zip(self.modules, manifest.models, strict=True)]
 
     @classmethod
@@ -170,7 +169,7 @@ class TorchBackend:
         kwargs.update({n: self.tables[n][step] if n in self.tables else self.zero_rows[n] for n in io.step})
         if io.cache is None:
             outs = self.modules[model](**kwargs)
-        elif self._cached[step]:  # DeepCache: the shallow path on the model's kept feature
+        elif self._cached[step]:  # the cached path on the model's kept feature (DeepCache, FORA)
             outs = self.cache_modules[model][1](**kwargs, **{io.cache[0]: self.kept[model]})
         else:
             *outs, kept = self.cache_modules[model][0](**kwargs)

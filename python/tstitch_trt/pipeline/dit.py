@@ -8,6 +8,7 @@ A pipeline is reusable: the second call with the same batch and steps allocates 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Sequence
@@ -20,9 +21,11 @@ from tstitch_trt.bundle.manifest import Manifest
 from tstitch_trt.errors import UserError
 from tstitch_trt.pipeline import values
 from tstitch_trt.pipeline.backends import open_bundle, open_first_backend
+from tstitch_trt.pipeline.caching import check_dit_cache
 from tstitch_trt.pipeline.resources import available_memory_bytes, estimate_request_bytes
 from tstitch_trt.runtime.backend import Backend
 from tstitch_trt.runtime.loop import LoopResult, run_stitched
+from tstitch_trt.sampling.cache_plan import cached_calls
 from tstitch_trt.sampling.coefficients import SAMPLERS
 from tstitch_trt.sampling.stitch import check_fractions, steps_per_model
 from tstitch_trt.sampling.trajectory import TrajectoryPlan, plan_trajectory, sampler_needs_noise
@@ -66,9 +69,10 @@ class StitchedPipeline:
 
     def validate(self, labels: np.ndarray, ratio: float | None, fractions: Sequence[float] | None,
                  steps: int, sampler: str, x_init: np.ndarray | None, cfg_scale: float = 1.5, eta: float = 0.0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, cache_interval: object = 1, cache_branch: object = None) -> None:
         """Every request check, before any work; each failure is one line naming the value and the limit."""
         n_models = len(self.manifest.models)
+        check_dit_cache(self.manifest, cache_interval, cache_branch)
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         max_steps = self.num_timesteps
@@ -142,9 +146,15 @@ class StitchedPipeline:
         decode: bool = True,
         step_noise: np.ndarray | None = None,
         cancel: threading.Event | None = None,
+        cache_interval: int = 1,
+        cache_branch: int | None = None,
     ) -> SampleResult:
         """step_noise (steps, B, C, H, W): the per-step noise of ddpm / ddim eta>0, else drawn from `seed`.
-        cancel: set by another thread to stop the loop before its next step (raises runtime.loop.Cancelled)."""
+        cancel: set by another thread to stop the loop before its next step (raises runtime.loop.Cancelled).
+        cache_interval: FORA's interval N (1 = no caching; a bundle built with --cache-scheme fora): each model
+        runs whole every N-th call, counted from its first call after a stitch switch, and reuses every block's
+        attention and MLP outputs between; the report's "cache" lists the full calls. cache_branch: DeepCache's
+        (SD) and refused here: FORA has none."""
         label_list = [int(v) for v in class_labels]
         nc = self.manifest.num_classes
         bad = [v for v in label_list if not 0 <= v < nc]
@@ -153,8 +163,9 @@ class StitchedPipeline:
         labels = np.asarray(label_list, dtype=np.int64)
         if init_noise is not None and init_noise.ndim == 4 and len(labels) == 1:
             labels = np.repeat(labels, init_noise.shape[0])  # one label for the whole --init-noise batch
+        cache_interval = check_dit_cache(self.manifest, cache_interval, cache_branch)
         self.validate(labels, None if fractions is not None else ratio, fractions, steps, sampler, init_noise,
-                      cfg_scale=cfg_scale, eta=eta, seed=seed)
+                      cfg_scale=cfg_scale, eta=eta, seed=seed, cache_interval=cache_interval)
         shape = (len(labels), *self.manifest.latent_shape)
         if init_noise is None:
             x_init, drawn = request_noise(seed, len(labels), self.manifest.latent_shape, steps, sampler, eta)
@@ -164,6 +175,8 @@ class StitchedPipeline:
         plan = plan_trajectory(sampler, steps, len(self.manifest.models), shape, np.random.default_rng(seed),
                                ratio=None if fractions is not None else ratio, fractions=fractions, eta=eta,
                                noise=step_noise, num_timesteps=self.num_timesteps)
+        if cache_interval > 1:  # FORA's full / cached calls, per model from its first call after a switch
+            plan = dataclasses.replace(plan, cached=cached_calls(plan.timesteps, plan.step_model, cache_interval))
         t0 = time.perf_counter()
         loop = run_stitched(self.backend, plan, x_init, labels, cfg_scale, progress=progress,
                             model_names=self.model_names, cancel=cancel)
@@ -174,6 +187,7 @@ class StitchedPipeline:
             decode_s = time.perf_counter() - t1
         total = time.perf_counter() - t0
         report = self._report(plan, loop, labels, cfg_scale, seed, total, decode_s, decode_note)
+        report["cache"] = cache_report(plan, cache_interval) if cache_interval > 1 else None  # None: every call full
         return SampleResult(loop.x, images, report)
 
     def _decode(self, latents: np.ndarray) -> tuple[np.ndarray | None, str | None]:
@@ -218,6 +232,14 @@ class StitchedPipeline:
 
     def close(self) -> None:
         self.backend.close()
+
+
+def cache_report(plan: TrajectoryPlan, interval: int) -> dict:
+    """FORA's plan as the report shows it: which calls ran the full step graphs, which the cached ones."""
+    cached = plan.cached if plan.cached is not None else np.zeros(plan.steps, dtype=bool)
+    return {"scheme": "fora", "interval": interval,
+            "full_calls": [i for i in range(plan.steps) if not cached[i]],
+            "cached_calls": [i for i in range(plan.steps) if cached[i]]}
 
 
 def decodes_to_images(manifest: Manifest) -> bool:

@@ -31,7 +31,15 @@ def estimate_request_bytes(manifest: Manifest, batch: int, steps: int, with_nois
     buffers = latent * (4 + (steps if with_noise else 1)) + steps * (batch * 8 + 64)
     weights = sum(_params_bytes(m.arch) for m in manifest.models)
     activations = max(activation_bytes(m.arch, batch) for m in manifest.models)
-    return buffers + weights + activations
+    kept = sum(kept_feature_bytes(m.arch, batch) for m in manifest.models) if manifest.cache is not None else 0
+    return buffers + weights + activations + kept
+
+
+def kept_feature_bytes(arch: dict, batch: int) -> int:
+    """FORA's kept-feature buffer of one DiT (export/fora.py: (2B, depth, 2, tokens, hidden) fp32): a bundle built
+    with --cache-scheme fora holds one per model whether or not a run caches (its full graphs write it)."""
+    tokens = (int(arch["input_size"]) // int(arch["patch_size"])) ** 2
+    return 2 * batch * int(arch["depth"]) * 2 * tokens * int(arch["hidden_size"]) * 4
 
 
 def _params_bytes(arch: dict) -> int:

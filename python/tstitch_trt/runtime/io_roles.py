@@ -11,8 +11,10 @@ A step graph's tensors fall into three roles (recorded in the manifest's io["rol
            where the sampler draws none).
 - request: per-request constants. The conditioning (DiT: y (B,); SD: context (2B, 77, D), uncond
            first) and guidance ().
-- cache:   DeepCache's kept feature (export/deep_cache.py), one (input, output) pair: each model has
-           ONE buffer of its own shape (models[i].cached.feature), not ping-ponged, kept across calls.
+- cache:   the kept feature of feature caching, one (input, output) pair: DeepCache's U-Net feature
+           (export/deep_cache.py) or FORA's attention and MLP outputs of every DiT block in one tensor
+           (export/fora.py). Each model has ONE buffer of its own shape (models[i].cached.feature), not
+           ping-ponged, kept across calls.
            The model's full graph writes it (output), its cached graph reads it (input); a cached call
            always follows a full call of the same model (sampling/cache_plan.py).
 

@@ -297,8 +297,8 @@ class OrtDeviceBackend(OrtBackend):
 
     def prepare(self, plan: TrajectoryPlan, x_init: np.ndarray, cond: Any, guidance: float) -> None:
         if any(check_cached(plan, self.io)):
-            raise UserError("DeepCache's cached calls are not supported on ONNX Runtime's CUDA execution provider "
-                            "yet; use --device cpu, or the trt / torch backend")
+            raise UserError("cached calls (DeepCache, FORA) are not supported on ONNX Runtime's CUDA execution "
+                            "provider yet; use --device cpu, or the trt / torch backend")
         self._cached = [False] * plan.steps
         self._allocate(plan, x_init.shape)
         dims = self.io.dims(x_init.shape)

@@ -45,7 +45,7 @@ TEXT_FIELDS = ("prompt", "negative_prompt", "num_images")  # what text-to-image 
 SDXL_FIELDS = ("original_size", "crop_coords", "target_size")  # SDXL's time ids, diffusers' names
 CONTROL_FIELDS = ("control_image", "controlnet_scale", "guess_mode", "control_guidance_start",
                   "control_guidance_end")  # bundles built with --controlnet
-CACHE_FIELDS = ("cache_interval", "cache_branch")  # text-to-image: DeepCache (pipeline/caching.py checks them)
+CACHE_FIELDS = ("cache_interval", "cache_branch")  # SD: DeepCache; DiT: FORA, no branch (pipeline/caching.py)
 MAX_CONTROL_IMAGE_BYTES = 32 << 20
 # A prompt's text encoder reads its first 77 tokens; a longer text only costs tokenizing time, which a batch shares
 MAX_PROMPT_CHARS = 16_384
@@ -121,7 +121,7 @@ def parse_generate(body: bytes, manifest: Manifest, is_demo: bool, max_images: i
     kind = pipeline_kind(manifest)
     spec = KINDS[kind]
     allowed = (*spec.fields, *(CONTROL_FIELDS if manifest.controlnet else ()),
-               *(CACHE_FIELDS if manifest.text_to_image else ()), *COMMON_FIELDS)
+               *CACHE_FIELDS, *COMMON_FIELDS)
     for name in data:
         if name in allowed:
             continue
@@ -270,7 +270,7 @@ def _max_batch(pipe: Any) -> int:
 def _dit_validate(pipe: Any, req: GenerateRequest) -> None:
     labels = np.asarray(req.conditioning["class_labels"], dtype=np.int64)
     pipe.validate(labels, req.ratio, req.fractions, req.steps, req.sampler, None, cfg_scale=req.cfg_scale,
-                  eta=req.eta, seed=req.seed)
+                  eta=req.eta, seed=req.seed, cache_interval=req.extras.get("cache_interval", 1))
 
 
 def _dit_run_batch(pipe: Any, reqs: Sequence[GenerateRequest],
@@ -290,7 +290,8 @@ def _dit_run_batch(pipe: Any, reqs: Sequence[GenerateRequest],
     step_noise = None if step_noises[0] is None else np.concatenate(step_noises, axis=1)
     res = pipe(class_labels=labels, ratio=first.ratio, fractions=first.fractions, steps=first.steps,
                sampler=first.sampler, cfg_scale=first.cfg_scale, seed=first.seed, eta=first.eta,
-               init_noise=np.concatenate(inits, axis=0), step_noise=step_noise, progress=False, cancel=cancel)
+               init_noise=np.concatenate(inits, axis=0), step_noise=step_noise, progress=False, cancel=cancel,
+               cache_interval=first.extras.get("cache_interval", 1))
     out, start = [], 0
     for r in reqs:
         stop = start + r.num_images
@@ -380,9 +381,11 @@ def _cache_extras(data: dict, manifest: Manifest) -> dict[str, Any]:
     batch-shared: one trajectory plan per batch)."""
     if not any(n in data for n in CACHE_FIELDS):
         return {}
-    from tstitch_trt.pipeline.caching import check_cache
+    from tstitch_trt.pipeline.caching import check_cache, check_dit_cache
 
     interval, branch = _int(data, "cache_interval", 1), _int(data, "cache_branch", None)
+    if not manifest.text_to_image:  # FORA: the interval only (a branch is refused with one line)
+        return {"cache_interval": check_dit_cache(manifest, interval, branch)}
     interval, branch = check_cache(manifest, interval, branch)
     return {"cache_interval": interval, "cache_branch": branch}
 
