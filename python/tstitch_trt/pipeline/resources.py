@@ -99,22 +99,9 @@ def resident_weight_bytes(bundle_dir: str | Path, manifest: Manifest, backend: s
 def _artifact_bytes(bundle_dir: str | Path, manifest: Manifest, backend: str) -> list[int]:
     """Bytes of each artifact `backend` loads (a graph with its external weights counts as one)."""
     from tstitch_trt.bundle.manifest import ARTIFACTS_OF
+    from tstitch_trt.runtime.host_memory import artifact_sizes
 
-    kind = ARTIFACTS_OF.get(backend, backend)
-    entries = [m.engines[kind] for m in manifest.models if kind in m.engines]
-    for part in (manifest.text_encoder, manifest.text_encoder_2, manifest.vae, manifest.controlnet):
-        if part and kind in part.get("engines", {}):
-            entries.append(part["engines"][kind])
-    sizes = []
-    for e in entries:
-        size = 0
-        for rel, _ in e.files():
-            try:
-                size += (Path(bundle_dir) / rel).stat().st_size
-            except OSError:
-                pass  # a missing file is the checksum pass's to report
-        sizes.append(size)
-    return sizes
+    return artifact_sizes(bundle_dir, manifest, ARTIFACTS_OF.get(backend, backend))
 
 
 def unet_activation_bytes(arch: dict, batch: int, height: int, width: int, vae_factor: int = 8) -> int:

@@ -15,21 +15,28 @@ from pathlib import Path
 from tstitch_trt.bundle.manifest import Manifest
 
 
-def ort_graph_bytes(bundle_dir: str | Path, manifest: Manifest) -> int:
-    """Bytes of the ONNX graphs (with their .data) a CPU run opens: every step model's, the text encoder(s)',
-    the VAE decoder's and the ControlNet's."""
-    entries = [m.engines["ort"] for m in manifest.models if "ort" in m.engines]
+def artifact_sizes(bundle_dir: str | Path, manifest: Manifest, kind: str) -> list[int]:
+    """Bytes of each artifact of `kind` ("ort", "trt", ...) a run opens: every step model's, the text encoder(s)',
+    the VAE decoder's and the ControlNet's (a graph with its external weights counts as one)."""
+    entries = [m.engines[kind] for m in manifest.models if kind in m.engines]
     for part in (manifest.text_encoder, manifest.text_encoder_2, manifest.vae, manifest.controlnet):
-        if part and "ort" in part.get("engines", {}):
-            entries.append(part["engines"]["ort"])
-    total = 0
+        if part and kind in part.get("engines", {}):
+            entries.append(part["engines"][kind])
+    sizes = []
     for e in entries:
+        size = 0
         for rel, _ in e.files():
             try:
-                total += (Path(bundle_dir) / rel).stat().st_size
+                size += (Path(bundle_dir) / rel).stat().st_size
             except OSError:
                 pass  # a missing file is the checksum pass's to report
-    return total
+        sizes.append(size)
+    return sizes
+
+
+def ort_graph_bytes(bundle_dir: str | Path, manifest: Manifest) -> int:
+    """Bytes of the ONNX graphs (with their .data) a CPU run opens."""
+    return sum(artifact_sizes(bundle_dir, manifest, "ort"))
 
 
 def mem_total() -> int | None:
