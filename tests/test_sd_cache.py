@@ -452,3 +452,44 @@ def test_controlnet_torch_cached_call_skips_the_deep_controlnet(control_set) -> 
         assert calls == {"downsampler 0": 1, "down 1": 1, "mid": 1}
         CacheStep(step, CONTROL_BRANCH, "cached")(*inputs, kept)
     assert calls == {"downsampler 0": 2, "down 1": 1, "mid": 1}
+
+
+def test_sdxl_controlnet_stitched_equals_deepcache_switched(sdxl_control_set, tmp_path):
+    """SDXL with a ControlNet (text_embeds and time_ids into the ControlNet too): equal to
+    StableDiffusionXLControlNetPipeline with the peer's helper, switched by callback."""
+    from diffusers import (
+        ControlNetModel,
+        StableDiffusionXLControlNetPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from PIL import Image
+
+    small, large, net = sdxl_control_set
+    bundle = build_sd(tmp_path / "sdxl-control-cache", [small, large], "--controlnet", str(net), "--cache-branch", "0",
+                      backends="ort")
+    png = tmp_path / "control.png"
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(png)
+    base = StableDiffusionXLPipeline.from_pretrained(str(large))
+    parts = {k: v for k, v in base.components.items() if k not in ("image_encoder", "feature_extractor")}
+    pipe = StableDiffusionXLControlNetPipeline(
+        **parts, controlnet=ControlNetModel.from_pretrained(str(net)).eval(),
+        force_zeros_for_empty_prompt=base.config.force_zeros_for_empty_prompt, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    small_unet, large_unet = UNet2DConditionModel.from_pretrained(str(small)).eval(), pipe.unet
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    steps, init = STEPS, unit_latents()  # run_cli's
+    n_calls = len(sd_table("euler", dict(pipe.scheduler.config), steps).timesteps)
+    switch = stitch_by_callback(pipe, small_unet, large_unet, n_calls, 0.4, cache=(2, 0))
+    try:
+        with torch.no_grad():
+            ref = np.asarray(pipe([PROMPT] * 2, image=Image.open(png), height=SIZE, width=SIZE,
+                                  num_inference_steps=steps, latents=torch.from_numpy(init), output_type="latent",
+                                  callback_on_step_end=switch).images)
+    finally:
+        end_deepcache(small_unet)
+        end_deepcache(large_unet)
+    got, report = run_cli(bundle, tmp_path, "ort", "euler", 0.4, init, "--control-image", str(png),
+                          "--cache-interval", "2")
+    assert report["cache"]["cached_calls"] and np.abs(ref).max() > 0.1
+    assert rel_diff(got, ref) < 1e-4, f"{rel_diff(got, ref):.2e}"
