@@ -135,7 +135,8 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
         with stage(f"VAE decoder ({', '.join(b for b in cfg.backends)})"):
             vae = add_vae(tmp, str(large / "vae"), cfg.backends, cfg.batch_range, (c, s, s),
                           precision=cfg.precision, engine_builders=builders, downsample=facts["vae_factor"],
-                          dynamic_hw=True, probe_scale=1.0 / facts["latent_scale_factor"] if sdxl else None)
+                          dynamic_hw=True, probe_scale=1.0 / facts["latent_scale_factor"] if sdxl else None,
+                          honour_force_upcast=sdxl)  # diffusers' SD 1.x pipeline ignores the flag, SDXL's obeys it
         timings["vae"] = time.perf_counter() - t0
         conditioning = {**sdxl_parts.pop("conditioning", {}), "guidance": guidance}
         if control:
