@@ -1,7 +1,7 @@
 """SD on the CPU, side by side in one run: `tstitch-trt run` (openvino) vs OpenVINO GenAI vs diffusers (torch).
 
-    python benchmarks/sd_cpu_vs_genai.py --bundle BUNDLE --optimum OPTIMUM_DIR --large SD_PIPELINE_DIR \
-        [--small SMALL_UNET_DIR] --genai-python /path/to/genai-venv/bin/python \
+    python benchmarks/sd_cpu_vs_genai.py --bundle BUNDLE [--optimum OPTIMUM_DIR] [--large SD_PIPELINE_DIR] \
+        [--small SMALL_UNET_DIR] [--genai-python /path/to/genai-venv/bin/python] \
         [--size 512] [--steps 4] [--ratios 0,0.4] [--precisions fp32] [--genai-precisions fp32,bf16] \
         [--diffusers-precisions fp32,bf16] [--repeats 2] [--runners ours,ours-warm,genai,diffusers] \
         [--genai-generates 2] [--lock FILE] [--cache-branch K --cache-intervals 1,3] --out results.json
@@ -202,9 +202,9 @@ def sample_load(trace: list[tuple[str, float]], stop: threading.Event) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bundle", required=True)
-    p.add_argument("--optimum", required=True)
-    p.add_argument("--large", required=True, help="the diffusers SD pipeline directory (diffusers' runs)")
-    p.add_argument("--genai-python", required=True)
+    p.add_argument("--optimum", help="GenAI's runs: optimum-cli's IR export of the large pipeline")
+    p.add_argument("--large", help="the diffusers SD pipeline directory (diffusers' runs)")
+    p.add_argument("--genai-python", help="GenAI's runs: its environment's python")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=4, help="PNDM steps (4 steps = 5 U-Net calls)")
     p.add_argument("--ratios", default="0,0.4")
@@ -228,6 +228,10 @@ def main() -> None:
     precisions = args.precisions.split(",")
     runners = args.runners.split(",")
     intervals = [int(n) for n in args.cache_intervals.split(",")]
+    if "genai" in runners and not (args.optimum and args.genai_python):
+        p.error("the genai runner needs --optimum and --genai-python (or leave it out of --runners)")
+    if "diffusers" in runners and not args.large:
+        p.error("the diffusers runner needs --large (or leave it out of --runners)")
     if args.cache_branch is None and intervals != [1]:
         p.error("--cache-intervals needs --cache-branch (the bundle's DeepCache branch)")
     work = Path(args.work or tempfile.mkdtemp(prefix="sd-cpu-bench-"))
