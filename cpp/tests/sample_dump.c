@@ -6,6 +6,7 @@
  *       tokens=<count per prompt> inputs=<name>:<file>[,...] (float32 raw) out=<latents.f32> rgb=<images.u8>
  *       prompts=<file> negative_prompts=<file> (SD, SDXL: prompts as text, NUL-separated)
  *       controlnet_scale control_start control_end guess_mode (ControlNet bundles)
+ *       cache_interval cache_branch (DeepCache / FORA bundles)
  * Prints "engine <name>; <precision line>" and the sample info; on failure one line on stderr, exit 2. */
 #include <stdint.h>
 #include <stdio.h>
@@ -96,6 +97,8 @@ int main(int argc, char** argv) {
   if ((v = arg(argc, argv, "control_start"))) req.control_guidance_start = atof(v);
   if ((v = arg(argc, argv, "control_end"))) req.control_guidance_end = atof(v);
   if ((v = arg(argc, argv, "guess_mode"))) req.control_guess_mode = atoi(v);
+  if ((v = arg(argc, argv, "cache_interval"))) req.cache_interval = atoi(v);
+  if ((v = arg(argc, argv, "cache_branch"))) req.cache_branch = atoi(v);
   if ((v = arg(argc, argv, "labels"))) {
     char* end = NULL;
     for (k = 0; k < 64 && *v; ++k) {
