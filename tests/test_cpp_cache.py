@@ -9,6 +9,7 @@ other requests. Run by scripts/test_cpp.sh in the plain and the sanitizer build 
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install '.[openvino]')")
 
 from conftest import build_sd, build_tiny  # noqa: E402
-from test_cpp_openvino import DEMO, DUMP, FP32_REL, _ov_cache, _prompt_file, _rel, run_c  # noqa: E402, F401
+from test_cpp_openvino import DEMO, DUMP, FP32_REL, _ov_cache, _prompt_file, _rel  # noqa: E402, F401
 
 pytestmark = pytest.mark.skipif(not DUMP.exists(), reason="no C++ build (scripts/test_cpp.sh builds it)")
 
@@ -42,7 +43,8 @@ def deepcache_ov(deepcache_bundle):
 @pytest.fixture(scope="module")
 def fora_bundle(tmp_path_factory) -> Path:
     """The conftest tiny DiT pair's models (DiT-S/2 -> DiT-B/2, shrunk), built with FORA's cached graphs."""
-    return build_tiny(tmp_path_factory.mktemp("cpp-fora") / "pair", ["DiT-S/2", "DiT-B/2"], ["ort"], cache_scheme="fora")
+    return build_tiny(tmp_path_factory.mktemp("cpp-fora") / "pair", ["DiT-S/2", "DiT-B/2"], ["ort"],
+                      cache_scheme="fora")
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,13 @@ def fora_ov(fora_bundle):
     from tstitch_trt.pipeline.dit import StitchedPipeline
 
     return StitchedPipeline.from_bundle(fora_bundle, backend="openvino", precision="fp32")
+
+
+def run_c(tmp_path: Path, rgb: bool = True, **kw) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """The C driver on one request (test_cpp_openvino.run_c; rgb=False: latents only, for bundles without a VAE)."""
+    out, image = tmp_path / "latents.f32", tmp_path / "rgb.u8"
+    args = [str(DUMP), f"out={out}", *([f"rgb={image}"] if rgb else [])] + [f"{k}={v}" for k, v in kw.items()]
+    return subprocess.run(args, capture_output=True, text=True, timeout=600), out, image
 
 
 def _latents(out: Path, like: np.ndarray) -> np.ndarray:
@@ -84,11 +93,11 @@ def test_fora_dit_equals_python_openvino(tmp_path, fora_bundle, fora_ov, interva
     ref = fora_ov(LABELS, cache_interval=interval, **kw)
     common = {"bundle": fora_bundle, "engine": "openvino", "precision": "fp32", "steps": 10, "ratio": ratio,
               "sampler": sampler, "cfg": 1.5, "seed": 4, "batch": 2, "labels": ",".join(map(str, LABELS))}
-    proc, out, _ = run_c(tmp_path, **common, cache_interval=interval)
+    proc, out, _ = run_c(tmp_path, rgb=False, **common, cache_interval=interval)
     assert proc.returncode == 0, proc.stderr
     got = _latents(out, ref.latents)
     assert _rel(got, ref.latents) <= FP32_REL
-    proc, out, _ = run_c(tmp_path, **common)
+    proc, out, _ = run_c(tmp_path, rgb=False, **common)
     assert proc.returncode == 0, proc.stderr
     full = _latents(out, ref.latents)
     assert _rel(full, fora_ov(LABELS, **kw).latents) <= FP32_REL
@@ -121,7 +130,7 @@ def test_bad_cache_requests_are_one_line_and_exit_2(tmp_path, request, which, kw
     else:
         bundle = DEMO if which == "demo" else request.getfixturevalue("fora_bundle")
         args = {"bundle": bundle, "batch": 1, "labels": "3"}
-    proc, out, _ = run_c(tmp_path, **args, engine="openvino", steps=4, **kw)
+    proc, out, _ = run_c(tmp_path, rgb=False, **args, engine="openvino", steps=4, **kw)
     assert proc.returncode == 2
     assert proc.stderr.strip() == message
     assert not out.exists()
