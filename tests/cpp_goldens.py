@@ -425,6 +425,20 @@ MANIFEST_CASES = [
     ("DiT with text_encoder_2", "dit",
      [_set("/text_encoder_2", {"kind": "CLIPTextModelWithProjection", "hidden_state": "penultimate", "io": {},
                                "engines": {"trt": {"file": "te2/x.plan", "sha256": "0" * 64}}})]),
+    # feature caching (DeepCache, FORA): the scheme of the bundle kind; cache, io.roles.cache and every model's cached
+    # graphs together; a cached graph for every kind a model has
+    ("DeepCache without cached graphs", "sd", [_set("/cache", {"scheme": "deepcache", "branch": 0})]),
+    ("FORA on an SD bundle", "sd", [_set("/cache", {"scheme": "fora"})]),
+    ("DeepCache on a DiT bundle", "dit", [_set("/cache", {"scheme": "deepcache", "branch": 0})]),
+    ("cache role without cache", "sd", [_set("/io/roles/cache", [["deep", "deep_next"]])]),
+    ("one model without a cached graph", "sd",
+     [_set("/cache", {"scheme": "deepcache", "branch": 0}), _set("/io/roles/cache", [["deep", "deep_next"]]),
+      _set("/models/0/cached", {"feature": {"shape": ["2B", 8, "H", "W"], "dtype": "float32"},
+                                "engines": {"trt": {"file": "trt/0-cached.plan", "sha256": "0" * 64}}})]),
+    ("a cached graph missing for a kind", "sd",
+     [_set("/cache", {"scheme": "deepcache", "branch": 0}), _set("/io/roles/cache", [["deep", "deep_next"]])]
+     + [_set(f"/models/{i}/cached", {"feature": {"shape": ["2B", 8, "H", "W"], "dtype": "float32"}, "engines": {}})
+        for i in (0, 1)]),
 ]
 
 

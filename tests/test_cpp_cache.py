@@ -1,10 +1,11 @@
 """Feature caching through the C++ runtime (issue 25, point 7): libtstitch's OpenVINO engine, through its C API
 (cpp/tests/sample_dump.c), runs a DeepCache SD bundle (`build --cache-branch K`) and a FORA DiT bundle (`build
---cache-scheme fora`) with the same full / cached call plan (sampling/cache_plan.py; the C++ plan is checked against
-the goldens in ctest) and the same kept feature per model as Python's OpenVINO backend: latents within 1e-5
-relative in fp32, each also shown to differ from the uncached run (so the comparison can fail). An interval > 1 on a
-bundle without cached step graphs, or the wrong DeepCache branch, is one line and exit 2, as the C API refuses
-other requests. Run by scripts/test_cpp.sh in the plain and the sanitizer build (TSTITCH_CPP_BUILD).
+--cache-scheme fora`) with the same full / cached call plan as Python's OpenVINO backend (sampling/cache_plan.py:
+tstitch_cache_plan's answer equals the report's cached calls; ctest checks the C++ plan against the goldens) and
+the same kept feature per model: latents within 1e-5 relative in fp32, each also shown to differ from the uncached
+run (so the comparison can fail). An interval > 1 on a bundle without cached step graphs, a wrong DeepCache branch
+or a branch on a DiT bundle is one line and exit 2, as the C API refuses other requests. Run by scripts/test_cpp.sh
+in the plain and the sanitizer build (TSTITCH_CPP_BUILD).
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ def run_c(tmp_path: Path, rgb: bool = True, **kw) -> tuple[subprocess.CompletedP
     return subprocess.run(args, capture_output=True, text=True, timeout=600), out, image
 
 
+def _plan(proc: subprocess.CompletedProcess) -> list[int]:
+    """The calls the C side runs cached (sample_dump prints tstitch_cache_plan's answer before it samples)."""
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("cached calls:"))
+    return [int(i) for i in line.split(":")[1].split()]
+
+
 def _latents(out: Path, like: np.ndarray) -> np.ndarray:
     return np.fromfile(out, dtype=np.float32).reshape(like.shape)
 
@@ -75,6 +82,7 @@ def test_deepcache_sd_equals_python_openvino(tmp_path, deepcache_bundle, deepcac
               "seed": 3, "ratio": ratio, "batch": 2, "prompts": prompts}
     proc, out, rgb = run_c(tmp_path, **common, cache_interval=interval, cache_branch=BRANCH)
     assert proc.returncode == 0, proc.stderr
+    assert _plan(proc) == ref.report["cache"]["cached_calls"]  # tstitch_cache_plan: the calls Python ran cached
     got = _latents(out, ref.latents)
     assert _rel(got, ref.latents) <= FP32_REL
     images = np.fromfile(rgb, dtype=np.uint8).reshape(ref.images.shape)
@@ -95,6 +103,7 @@ def test_fora_dit_equals_python_openvino(tmp_path, fora_bundle, fora_ov, interva
               "sampler": sampler, "cfg": 1.5, "seed": 4, "batch": 2, "labels": ",".join(map(str, LABELS))}
     proc, out, _ = run_c(tmp_path, rgb=False, **common, cache_interval=interval)
     assert proc.returncode == 0, proc.stderr
+    assert _plan(proc) == ref.report["cache"]["cached_calls"]
     got = _latents(out, ref.latents)
     assert _rel(got, ref.latents) <= FP32_REL
     proc, out, _ = run_c(tmp_path, rgb=False, **common)

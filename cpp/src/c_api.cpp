@@ -482,6 +482,23 @@ tstitch_status tstitch_sample_alloc(tstitch_runtime* h, const tstitch_request* r
   });
 }
 
+tstitch_status tstitch_cache_plan(tstitch_runtime* h, const tstitch_request* request, uint8_t* cached, size_t capacity,
+                                  int* calls) {
+  return guarded([&] {
+    Runtime& rt = checked(h);
+    if (calls == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "calls is NULL");
+    *calls = 0;
+    const std::vector<uint8_t> plan = rt.cache_plan(to_request(rt, request));
+    *calls = static_cast<int>(plan.size());
+    if (cached == nullptr) return TSTITCH_OK;  // the count only
+    if (capacity < plan.size())
+      fail(TSTITCH_ERR_BUFFER_TOO_SMALL, "cached holds " + std::to_string(capacity) + " bytes, the trajectory has " +
+                                             std::to_string(plan.size()) + " calls");
+    std::copy(plan.begin(), plan.end(), cached);
+    return TSTITCH_OK;
+  });
+}
+
 void tstitch_free(void* buffer) { std::free(buffer); }
 
 }  // extern "C"

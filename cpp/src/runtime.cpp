@@ -394,6 +394,31 @@ void Runtime::plan_cache(const SampleRequest& req, TrajectoryPlan& plan) const {
                                      : cached_calls(plan.t_float, plan.step_model, req.cache_interval);
 }
 
+std::vector<uint8_t> Runtime::cache_plan(const SampleRequest& req) const {
+  check_cache(req);
+  const int models = static_cast<int>(manifest_.models.size());
+  if (!req.fractions.empty()) check_fractions(req.fractions, models);
+  TrajectoryPlan p;
+  if (manifest_.text_to_image()) {  // sd_plan's table and stitch by call (no noise: it does not change the plan)
+    const std::string sampler = req.sampler.empty() ? sd_default_sampler(manifest_.scheduler) : req.sampler;
+    const SdTable table = sd_table(sampler, manifest_.scheduler, req.steps, req.eta);
+    p.t_float = table.timesteps;
+    const int n = table.calls();
+    p.step_model = req.fractions.empty() ? stitch_by_call_index(n, models, req.ratio) : stitch_by_call_fractions(n, req.fractions);
+  } else {  // plan_trajectory's timesteps and stitch
+    if (req.steps < 1 || req.steps > manifest_.num_timesteps)
+      fail(TSTITCH_ERR_INVALID_ARGUMENT, "steps must be in [1, " + std::to_string(manifest_.num_timesteps) + "], got " +
+                                             std::to_string(req.steps));
+    const RespacedSchedule s = dit_schedule(req.steps, manifest_.num_timesteps);
+    p.timesteps.assign(s.timesteps.rbegin(), s.timesteps.rend());
+    p.step_model = req.fractions.empty() ? stitch_by_timestep(p.timesteps, models, req.ratio, manifest_.num_timesteps)
+                                         : stitch_by_fractions(p.timesteps, req.fractions, manifest_.num_timesteps);
+  }
+  plan_cache(req, p);
+  if (p.cached.empty()) p.cached.assign(p.step_model.size(), 0);
+  return p.cached;
+}
+
 void Runtime::check(const SampleRequest& req) const {
   auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
   check_cache(req);

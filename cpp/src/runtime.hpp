@@ -83,6 +83,9 @@ class Runtime {
  public:
   Runtime(const std::string& bundle_dir, const OpenOptions& opt, const BackendFactory& factory);
   LoopResult sample(const SampleRequest& req);
+  // The request's full / cached call plan (what sample() follows; Python's report["cache"]): 1 where call i runs
+  // its model's cached step graph. Checks the cache fields, sampler, steps and stitch only.
+  std::vector<uint8_t> cache_plan(const SampleRequest& req) const;
   const Manifest& manifest() const { return manifest_; }
   const std::string& engine() const { return engine_kind_; }
   const std::string& precision_reason() const { return precision_reason_; }

@@ -418,7 +418,21 @@ TEST(Loop, Version5CallersRunWithoutCaching) {
   ASSERT_EQ(tstitch_sample(h, reinterpret_cast<const tstitch_request*>(mem.data()), old.data(), n, nullptr, 0, nullptr), TSTITCH_OK)
       << tstitch_last_error();
   EXPECT_EQ(old, uncached);
-  r.struct_size = sizeof(tstitch_request), r.cache_interval = 2, r.cache_branch = 4;
+  // tstitch_cache_plan: the plan these runs followed (ratio 0.4 of 10 DDIM steps, interval 3: Trajectory goldens)
+  r.struct_size = sizeof(tstitch_request), r.cache_interval = 3;
+  int calls = 0;
+  ASSERT_EQ(tstitch_cache_plan(h, &r, nullptr, 0, &calls), TSTITCH_OK) << tstitch_last_error();
+  EXPECT_EQ(calls, 10);
+  std::vector<uint8_t> plan(10);
+  EXPECT_EQ(tstitch_cache_plan(h, &r, plan.data(), 9, &calls), TSTITCH_ERR_BUFFER_TOO_SMALL);
+  EXPECT_EQ(std::string(tstitch_last_error()), "cached holds 9 bytes, the trajectory has 10 calls");
+  ASSERT_EQ(tstitch_cache_plan(h, &r, plan.data(), plan.size(), &calls), TSTITCH_OK) << tstitch_last_error();
+  EXPECT_EQ(plan, (std::vector<uint8_t>{0, 1, 1, 0, 0, 1, 1, 0, 1, 1}));
+  r.cache_interval = 1;
+  ASSERT_EQ(tstitch_cache_plan(h, &r, plan.data(), plan.size(), &calls), TSTITCH_OK) << tstitch_last_error();
+  EXPECT_EQ(plan, std::vector<uint8_t>(10, 0));
+  r.cache_interval = 2, r.cache_branch = 4;
+  EXPECT_EQ(tstitch_cache_plan(h, &r, plan.data(), plan.size(), &calls), TSTITCH_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(tstitch_sample(h, &r, old.data(), n, nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(std::string(tstitch_last_error()),
             "cache_branch 4: DiT bundles cache with FORA (every block's attention and MLP outputs), which has no branch "

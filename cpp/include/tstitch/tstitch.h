@@ -25,7 +25,7 @@ extern "C" {
                                      tstitch_engine, prompts as UTF-8 text (tstitch_request.prompts). A caller
                                      built against version 4 (its smaller structs) keeps working.
                                   6: feature caching (tstitch_request.cache_interval / cache_branch: DeepCache and
-                                     FORA bundles). A caller built against version 5 (or 4, 3) keeps working: its
+                                     FORA bundles; tstitch_cache_plan). A caller built against version 5 (or 4, 3) keeps working: its
                                      requests run without caching. */
 
 typedef enum tstitch_status {
@@ -193,6 +193,12 @@ tstitch_status tstitch_sample(tstitch_runtime* runtime, const tstitch_request* r
 tstitch_status tstitch_sample_alloc(tstitch_runtime* runtime, const tstitch_request* request, float** latents,
                                     size_t* count, tstitch_sample_info* info);
 void tstitch_free(void* buffer);
+/* API 6: the request's feature-caching plan, the one tstitch_sample follows: for each U-Net (SD) / DiT call of its
+ * trajectory, cached[i] = 1 where the model's cached step graph runs, 0 where its full one does (the 0s are
+ * `tstitch-trt run`'s report "full calls"); *calls = the trajectory's calls. cached NULL: the count only;
+ * capacity in bytes (TSTITCH_ERR_BUFFER_TOO_SMALL below *calls). The request is checked as for sampling. */
+tstitch_status tstitch_cache_plan(tstitch_runtime* runtime, const tstitch_request* request, uint8_t* cached,
+                                  size_t capacity, int* calls);
 
 #ifdef __cplusplus
 }
