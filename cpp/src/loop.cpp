@@ -97,38 +97,36 @@ void StitchedLoop::check_engines() {
   }
 }
 
-void StitchedLoop::check_engine(StepEngine& engine, const std::string& label, const TensorSpec* extra) {
-  {
-    const std::string& name = label;
-    std::vector<EngineTensor> ts = engine.tensors();
-    std::vector<Binding> expected = bindings_;
-    if (extra != nullptr) expected.push_back({*extra, extra->input ? Role::kRequest : Role::kStateOut, "", "", false});
-    std::vector<std::string> unknown, missing;
-    for (const EngineTensor& t : ts)
-      if (std::none_of(expected.begin(), expected.end(), [&](const Binding& b) { return b.spec.name == t.name; }))
-        unknown.push_back(t.name);
-    for (const Binding& b : expected)
-      if (std::none_of(ts.begin(), ts.end(), [&](const EngineTensor& t) { return t.name == b.spec.name; }))
-        missing.push_back(b.spec.name);
-    if (!unknown.empty() || !missing.empty()) {
-      auto join = [](const std::vector<std::string>& v) {
-        std::string s;
-        for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
-        return "[" + s + "]";
-      };
-      fail(TSTITCH_ERR_BUNDLE, name + " does not match the manifest's step I/O (unknown " +
-                                   join(unknown) + ", missing " + join(missing) + "); rebuild the bundle");
-    }
-    for (const EngineTensor& t : ts) {
-      const Binding& b = *std::find_if(expected.begin(), expected.end(), [&](const Binding& x) { return x.spec.name == t.name; });
-      if (t.input != b.spec.input)
-        fail(TSTITCH_ERR_BUNDLE, name + ": tensor " + t.name + " has the wrong direction; rebuild");
-      if (!t.on_device)
-        fail(TSTITCH_ERR_BUNDLE, name + " keeps " + t.name + " on the host; rebuild the bundle");
-      if (t.dtype != b.spec.dtype)
-        fail(TSTITCH_ERR_BUNDLE, name + " has " + t.name + " as " + t.dtype + ", the manifest says " +
-                                     b.spec.dtype + "; rebuild the bundle");
-    }
+void StitchedLoop::check_engine(StepEngine& engine, const std::string& name, const TensorSpec* extra) {
+  // name: "the engine of <model>" / "the cached engine of <model>"; extra: the kept feature's I/O, if any
+  std::vector<EngineTensor> ts = engine.tensors();
+  std::vector<Binding> expected = bindings_;
+  if (extra != nullptr) expected.push_back({*extra, extra->input ? Role::kRequest : Role::kStateOut, "", "", false});
+  std::vector<std::string> unknown, missing;
+  for (const EngineTensor& t : ts)
+    if (std::none_of(expected.begin(), expected.end(), [&](const Binding& b) { return b.spec.name == t.name; }))
+      unknown.push_back(t.name);
+  for (const Binding& b : expected)
+    if (std::none_of(ts.begin(), ts.end(), [&](const EngineTensor& t) { return t.name == b.spec.name; }))
+      missing.push_back(b.spec.name);
+  if (!unknown.empty() || !missing.empty()) {
+    auto join = [](const std::vector<std::string>& v) {
+      std::string s;
+      for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+      return "[" + s + "]";
+    };
+    fail(TSTITCH_ERR_BUNDLE, name + " does not match the manifest's step I/O (unknown " +
+                                 join(unknown) + ", missing " + join(missing) + "); rebuild the bundle");
+  }
+  for (const EngineTensor& t : ts) {
+    const Binding& b = *std::find_if(expected.begin(), expected.end(), [&](const Binding& x) { return x.spec.name == t.name; });
+    if (t.input != b.spec.input)
+      fail(TSTITCH_ERR_BUNDLE, name + ": tensor " + t.name + " has the wrong direction; rebuild");
+    if (!t.on_device)
+      fail(TSTITCH_ERR_BUNDLE, name + " keeps " + t.name + " on the host; rebuild the bundle");
+    if (t.dtype != b.spec.dtype)
+      fail(TSTITCH_ERR_BUNDLE, name + " has " + t.name + " as " + t.dtype + ", the manifest says " +
+                                   b.spec.dtype + "; rebuild the bundle");
   }
 }
 
@@ -210,19 +208,23 @@ void StitchedLoop::allocate(const TrajectoryPlan& plan, const DimValues& dims) {
   ++generation_;
 }
 
+void* StitchedLoop::address(const Binding& b, int parity) {
+  switch (b.role) {
+    case Role::kStateIn: return state_[parity][b.spec.name].ptr;  // step i reads slot i % 2
+    case Role::kStateOut: return state_[1 - parity][b.pair].ptr;  // and writes slot (i + 1) % 2
+    case Role::kStep: return step_[b.spec.name].ptr;
+    case Role::kRequest: return request_[b.spec.name].ptr;
+  }
+  return nullptr;
+}
+
 void StitchedLoop::bind() {
   size_t need = scratch_.nbytes;
   for (size_t m = 0; m < contexts_.size(); ++m) {
     for (int parity = 0; parity < 2; ++parity) {
       StepContext& ctx = *contexts_[m][parity];
       for (const Binding& b : bindings_) {
-        void* ptr = nullptr;
-        switch (b.role) {
-          case Role::kStateIn: ptr = state_[parity][b.spec.name].ptr; break;  // step i reads slot i % 2
-          case Role::kStateOut: ptr = state_[1 - parity][b.pair].ptr; break;   // and writes slot (i + 1) % 2
-          case Role::kStep: ptr = step_[b.spec.name].ptr; break;
-          case Role::kRequest: ptr = request_[b.spec.name].ptr; break;
-        }
+        void* ptr = address(b, parity);
         if (b.spec.input && !ctx.set_input_shape(b.spec.name, resolve_dims(b.spec, dims_)))
           fail(TSTITCH_ERR_INVALID_ARGUMENT, "the engine of " + manifest_.models[m].name + " refused the shape of " +
                                                  b.spec.name + " for batch " + std::to_string(dims_.at("B")));
@@ -255,13 +257,7 @@ void StitchedLoop::bind_cached() {
     for (int parity = 0; parity < 2; ++parity) {
       StepContext& ctx = *cached_contexts_[m][parity];
       for (const Binding& b : bindings_) {
-        void* ptr = nullptr;
-        switch (b.role) {
-          case Role::kStateIn: ptr = state_[parity][b.spec.name].ptr; break;
-          case Role::kStateOut: ptr = state_[1 - parity][b.pair].ptr; break;
-          case Role::kStep: ptr = step_[b.spec.name].ptr; break;
-          case Role::kRequest: ptr = request_[b.spec.name].ptr; break;
-        }
+        void* ptr = address(b, parity);
         if (b.spec.input && !ctx.set_input_shape(b.spec.name, resolve_dims(b.spec, dims_)))
           fail(TSTITCH_ERR_INVALID_ARGUMENT, "the cached engine of " + manifest_.models[m].name + " refused the shape of " +
                                                  b.spec.name + " for batch " + std::to_string(dims_.at("B")));

@@ -85,6 +85,7 @@ class StitchedLoop {
   }
   void allocate(const TrajectoryPlan& plan, const DimValues& dims);
   void bind();
+  void* address(const Binding& b, int parity);  // the buffer a context of this parity binds to b
   void prepare(const TrajectoryPlan& plan, const RequestInputs& in);
   void restore_start();
   void enqueue(int step, int model, bool cached);
