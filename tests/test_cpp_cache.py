@@ -143,3 +143,30 @@ def test_bad_cache_requests_are_one_line_and_exit_2(tmp_path, request, which, kw
     assert proc.returncode == 2
     assert proc.stderr.strip() == message
     assert not out.exists()
+
+
+def test_deepcache_controlnet_equals_python_openvino(tmp_path, control_set, tmp_path_factory):
+    """DeepCache with a ControlNet inside the step graphs (the cached graphs run its shallow residuals only)."""
+    from tstitch_trt.pipeline.control import ControlRequest
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    small, large, net = control_set
+    bundle = build_sd(tmp_path_factory.mktemp("cpp-deepcache-control") / "sd", [small, large], "--controlnet",
+                      str(net), "--cache-branch", str(BRANCH), backends="ort")
+    pipe = StitchedSDPipeline.from_bundle(bundle, backend="openvino", precision="fp32")
+    size = pipe.manifest.image_size
+    image = np.random.default_rng(4).random((3, size, size), dtype=np.float32)
+    kw = {"steps": 5, "cfg_scale": 7.5, "seed": 2, "ratio": 0.5}
+    ref = pipe(PROMPTS, cache_interval=3, control=ControlRequest(image, scale=0.8, end=0.8), **kw)
+    np.repeat(image[None], len(PROMPTS), axis=0).astype(np.float32).tofile(tmp_path / "control.f32")
+    common = {"bundle": bundle, "engine": "openvino", "precision": "fp32", "steps": 5, "cfg": 7.5, "seed": 2,
+              "ratio": 0.5, "batch": 2, "prompts": _prompt_file(tmp_path / "p.txt", PROMPTS),
+              "inputs": f"control_image:{tmp_path / 'control.f32'}", "controlnet_scale": 0.8, "control_end": 0.8}
+    proc, out, _ = run_c(tmp_path, **common, cache_interval=3)
+    assert proc.returncode == 0, proc.stderr
+    assert _plan(proc) == ref.report["cache"]["cached_calls"]
+    got = _latents(out, ref.latents)
+    assert _rel(got, ref.latents) <= FP32_REL
+    proc, out, _ = run_c(tmp_path, **common)
+    assert proc.returncode == 0, proc.stderr
+    assert _rel(got, _latents(out, ref.latents)) > 1e-3, "the cached calls changed nothing"
