@@ -159,7 +159,8 @@ def _prompt_file(path: Path, texts: list[str | bytes]) -> Path:
 
 
 def test_sd_prompts_as_text_equal_python(tmp_path, sd_bundle, sd_ov):
-    """Prompts as UTF-8 text: tokenized in C++ as the Python pipeline tokenizes them, then the same trajectory."""
+    """Prompts as UTF-8 text: tokenized in C++ as the Python pipeline tokenizes them, then the same trajectory; a prompt
+    cut to the tokenizer's length is said (sample_info.truncated_prompts / notes), as Python's report says it."""
     prompts = ["Ein Fuchs im Schnee, café-Stil 🦊", "a very long prompt " + "with many words " * 30]
     ref = sd_ov(prompts, steps=4, cfg_scale=6.0, seed=21, ratio=0.5)  # no negative prompt: "" under cfg
     proc, out, rgb = run_c(tmp_path, bundle=sd_bundle, engine="openvino", steps=4, cfg=6.0, seed=21, ratio=0.5, batch=2,
@@ -178,6 +179,107 @@ def test_sd_prompts_as_text_equal_python(tmp_path, sd_bundle, sd_ov):
     got_neg = np.fromfile(out, dtype=np.float32).reshape(ref.latents.shape)
     assert _rel(got_neg, ref_neg.latents) <= FP32_REL
     assert _rel(got_neg, ref.latents) > 1e-3  # the negative prompts reached the trajectory
+    # the long prompt was cut to 77 tokens, and both sides say so in the same words (API 6: sample_info.notes)
+    notes = [n for n in ref.report["notes"] if "truncated" in n]
+    assert len(notes) == 1 and notes[0].startswith("prompt 'a very long prompt with many words with many words")
+    assert "truncated prompts 1" in proc.stdout.splitlines()
+    assert proc.stdout.split("notes:\n", 1)[1].splitlines() == notes
+
+
+def test_short_prompts_have_no_truncation_note(tmp_path, sd_bundle):
+    proc, _, _ = run_c(tmp_path, bundle=sd_bundle, engine="openvino", steps=1, batch=1,
+                       prompts=_prompt_file(tmp_path / "p.txt", ["a cat " * 37]),  # 74 words + BOS + EOS: 76 ids
+                       negative_prompts=_prompt_file(tmp_path / "n.txt", ["ugly " * 80]))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "truncated prompts 1" in lines  # the negative prompt only
+    from tstitch_trt.pipeline.values import shown
+
+    assert lines[lines.index("notes:") + 1:] == [f"prompt {shown('ugly ' * 80)} is longer than 77 tokens and was "
+                                                 "truncated (as diffusers does)"]
+
+
+# --- precision per part: U-Nets, text encoder and VAE each in bf16 exactly where Python runs them in bf16 ----------
+
+def _needs_bf16():
+    import openvino as ov
+
+    from tstitch_trt.runtime.openvino_backend import cpu_has_bf16
+
+    if not cpu_has_bf16(ov.Core()):
+        pytest.skip("this CPU has no native bf16 (AVX512_BF16 / AMX)")
+
+
+# C++ and Python compile the same marked graph (openvino_bf16.cpp = runtime/openvino_precision.py) with the same
+# OpenVINO: measured here (AMD EPYC, AVX512-BF16) bit-equal latents; the bound is the fp32 one. bf16 against fp32 is
+# ~1e-2..1e-1 (tests/test_sd_precision.py), so either side ignoring the request fails by orders of magnitude.
+BF16_SAME_REL = FP32_REL
+
+
+def _sd_run(tmp_path: Path, bundle: Path, precision: str | None, name: str):
+    prompts = ["a red fox in the snow", "an astronaut, oil painting"]
+    sub = tmp_path / name
+    sub.mkdir()
+    proc, out, rgb = run_c(sub, bundle=bundle, engine="openvino", precision=precision, steps=4, sampler="pndm", cfg=7.5,
+                           seed=3, ratio=0.5, batch=2, prompts=_prompt_file(sub / "p.txt", prompts))
+    assert proc.returncode == 0, proc.stderr
+    return proc, prompts, np.fromfile(out, dtype=np.float32), np.fromfile(rgb, dtype=np.uint8).astype(int)
+
+
+def _python_line(pipe) -> str:
+    return f"engine openvino; {pipe.backend.precision_reason}; text encoders, VAE: {pipe.aux_precision_reason}"
+
+
+def test_sd_bf16_every_part_equals_python(tmp_path, sd_bundle):
+    """precision "bf16": the U-Nets, the text encoder and the VAE all in bf16 on both sides, equal; fp32 differs."""
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    _needs_bf16()
+    pipe = StitchedSDPipeline.from_bundle(sd_bundle, backend="openvino", precision="bf16")
+    assert set(pipe.precisions.values()) == {"bf16"} and len(pipe.precisions) == 4
+    proc, prompts, got, rgb = _sd_run(tmp_path, sd_bundle, "bf16", "bf16")
+    assert proc.stdout.splitlines()[0] == _python_line(pipe) == \
+        "engine openvino; bf16 (requested); text encoders, VAE: bf16 (requested)"
+    ref = pipe(prompts, steps=4, sampler="pndm", cfg_scale=7.5, seed=3, ratio=0.5)
+    pipe.close()
+    assert _rel(got.reshape(ref.latents.shape), ref.latents) <= BF16_SAME_REL
+    assert np.abs(rgb.reshape(ref.images.shape) - ref.images.astype(int)).max() <= 1
+    _, _, got32, _ = _sd_run(tmp_path, sd_bundle, "fp32", "fp32")
+    assert _rel(got32.reshape(ref.latents.shape), ref.latents) > 1e-3  # bf16 really ran
+
+
+@pytest.mark.parametrize("safe_part", ["text_encoder", "vae"])
+def test_sd_auto_runs_each_part_by_its_own_verdict(tmp_path, sd_bundle, safe_part):
+    """auto with a bf16 verdict recorded for one part only (as `check --precision bf16 --record` writes it): that part
+    alone runs in bf16, on both sides; C++ ignoring it (fp32 there) or applying it elsewhere fails."""
+    import json
+    import shutil
+
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+    from tstitch_trt.runtime.cpu_isa import bf16_isa
+
+    _needs_bf16()
+    bundle = tmp_path / "bundle"
+    shutil.copytree(sd_bundle, bundle)
+    raw = json.loads((bundle / "manifest.json").read_text())
+    raw[safe_part]["bf16"] = {"safe": True, "reason": "test", "isa": [bf16_isa()]}
+    (bundle / "manifest.json").write_text(json.dumps(raw))
+    pipe = StitchedSDPipeline.from_bundle(bundle, backend="openvino", precision="auto")
+    label = {"text_encoder": "text encoder", "vae": "VAE decoder"}[safe_part]
+    assert {k for k, v in pipe.precisions.items() if v == "bf16"} == {label}
+    proc, prompts, got, rgb = _sd_run(tmp_path, bundle, None, "auto")
+    assert proc.stdout.splitlines()[0] == _python_line(pipe)
+    assert f"text encoders, VAE: bf16 on {label}, fp32 elsewhere: " in proc.stdout.splitlines()[0]
+    ref = pipe(prompts, steps=4, sampler="pndm", cfg_scale=7.5, seed=3, ratio=0.5)
+    pipe.close()
+    assert _rel(got.reshape(ref.latents.shape), ref.latents) <= BF16_SAME_REL
+    assert np.abs(rgb.reshape(ref.images.shape) - ref.images.astype(int)).max() <= 1
+    _, _, got32, rgb32 = _sd_run(tmp_path, bundle, "fp32", "fp32")
+    if safe_part == "text_encoder":  # a bf16 text context moves the whole trajectory
+        assert _rel(got32.reshape(ref.latents.shape), ref.latents) > 1e-4
+    else:  # the same latents, decoded by a bf16 VAE
+        assert _rel(got32.reshape(ref.latents.shape), ref.latents) <= FP32_REL
+        assert np.abs(rgb32.reshape(ref.images.shape) - ref.images.astype(int)).max() > 1
 
 
 @pytest.mark.parametrize(("prompts", "negatives", "message"), [
