@@ -70,6 +70,23 @@ def test_demo_equals_python_openvino_fp32(tmp_path, python_demo, sampler, steps,
     assert np.abs(images.astype(int) - ref.images.astype(int)).max() <= 1
 
 
+def test_demo_bf16_equals_python_openvino_bf16(tmp_path, python_demo):
+    """bf16 with the sensitive ops kept fp32 as Python keeps them (openvino_bf16.cpp): equal to Python's bf16."""
+    _needs_bf16()
+    labels, kw = [1, 4, 7], {"ratio": 0.4, "steps": 12, "sampler": "ddim", "seed": 0}
+    proc, out, rgb = run_c(tmp_path, bundle=DEMO, engine="openvino", precision="bf16", cfg=1.5, batch=len(labels),
+                           labels=",".join(map(str, labels)), **kw)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("engine openvino; bf16 (requested)"), proc.stdout
+    pipe = StitchedPipeline.from_bundle(DEMO, backend="openvino", precision="bf16")
+    ref = pipe(labels, cfg_scale=1.5, **kw)
+    got = np.fromfile(out, dtype=np.float32).reshape(ref.latents.shape)
+    assert _rel(got, ref.latents) <= BF16_SAME_REL
+    images = np.fromfile(rgb, dtype=np.uint8).reshape(ref.images.shape)
+    assert np.abs(images.astype(int) - ref.images.astype(int)).max() <= 1
+    assert _rel(python_demo["fp32"](labels, cfg_scale=1.5, **kw).latents, got) > 1e-4  # bf16 really ran
+
+
 def test_auto_engine_and_precision_follow_python(tmp_path):
     # NULL engine on a CPU-only build/host is openvino; NULL precision is Python's auto rule on this CPU
     import openvino as ov
@@ -99,8 +116,7 @@ def test_bad_input_is_one_line_and_status(tmp_path, kw, message):
 
 
 def test_example_writes_the_demo_digits_as_a_png(tmp_path):
-    """cpp/examples' C service on this CPU: 4 images of one digit, as Python's pipeline makes them (fp32: Python's
-    bf16 keeps the sensitive ops in fp32 by an IR marking the C++ engine does not apply yet, so bf16 differs)."""
+    """cpp/examples' C service on this CPU: 4 images of one digit, as Python's pipeline makes them (fp32)."""
     from PIL import Image
 
     png = tmp_path / "digits.png"
