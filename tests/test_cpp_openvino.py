@@ -232,12 +232,12 @@ def _needs_bf16():
 BF16_SAME_REL = FP32_REL
 
 
-def _sd_run(tmp_path: Path, bundle: Path, precision: str | None, name: str):
+def _sd_run(tmp_path: Path, bundle: Path, precision: str | None, name: str, sampler: str = "pndm", cfg: float = 7.5):
     prompts = ["a red fox in the snow", "an astronaut, oil painting"]
     sub = tmp_path / name
     sub.mkdir()
-    proc, out, rgb = run_c(sub, bundle=bundle, engine="openvino", precision=precision, steps=4, sampler="pndm", cfg=7.5,
-                           seed=3, ratio=0.5, batch=2, prompts=_prompt_file(sub / "p.txt", prompts))
+    proc, out, rgb = run_c(sub, bundle=bundle, engine="openvino", precision=precision, steps=4, sampler=sampler,
+                           cfg=cfg, seed=3, ratio=0.5, batch=2, prompts=_prompt_file(sub / "p.txt", prompts))
     assert proc.returncode == 0, proc.stderr
     return proc, prompts, np.fromfile(out, dtype=np.float32), np.fromfile(rgb, dtype=np.uint8).astype(int)
 
@@ -264,22 +264,47 @@ def test_sd_bf16_every_part_equals_python(tmp_path, sd_bundle):
     assert _rel(got32.reshape(ref.latents.shape), ref.latents) > 1e-3  # bf16 really ran
 
 
+def _with_verdict(tmp_path: Path, bundle: Path, part: str) -> Path:
+    """A copy of `bundle` whose manifest records bf16 as safe on this CPU for `part` only."""
+    import json
+    import shutil
+
+    from tstitch_trt.runtime.cpu_isa import bf16_isa
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    raw[part]["bf16"] = {"safe": True, "reason": "test", "isa": [bf16_isa()]}
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    return copy
+
+
+def test_sdxl_auto_runs_text_encoder_2_by_its_verdict(tmp_path, sdxl_bundle):
+    """SDXL: the second text encoder has its own verdict; bf16 there only, on both sides, equal; fp32 differs."""
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    _needs_bf16()
+    bundle = _with_verdict(tmp_path, sdxl_bundle, "text_encoder_2")
+    pipe = StitchedSDPipeline.from_bundle(bundle, backend="openvino", precision="auto")
+    assert {k for k, v in pipe.precisions.items() if v == "bf16"} == {"text encoder 2"}
+    proc, prompts, got, rgb = _sd_run(tmp_path, bundle, None, "auto", sampler="euler", cfg=5.0)
+    assert proc.stdout.splitlines()[0] == _python_line(pipe)
+    ref = pipe(prompts, steps=4, sampler="euler", cfg_scale=5.0, seed=3, ratio=0.5)
+    pipe.close()
+    assert _rel(got.reshape(ref.latents.shape), ref.latents) <= BF16_SAME_REL
+    assert np.abs(rgb.reshape(ref.images.shape) - ref.images.astype(int)).max() <= 1
+    _, _, got32, _ = _sd_run(tmp_path, bundle, "fp32", "fp32", sampler="euler", cfg=5.0)
+    assert _rel(got32.reshape(ref.latents.shape), ref.latents) > 1e-4
+
+
 @pytest.mark.parametrize("safe_part", ["text_encoder", "vae"])
 def test_sd_auto_runs_each_part_by_its_own_verdict(tmp_path, sd_bundle, safe_part):
     """auto with a bf16 verdict recorded for one part only (as `check --precision bf16 --record` writes it): that part
     alone runs in bf16, on both sides; C++ ignoring it (fp32 there) or applying it elsewhere fails."""
-    import json
-    import shutil
-
     from tstitch_trt.pipeline.sd import StitchedSDPipeline
-    from tstitch_trt.runtime.cpu_isa import bf16_isa
 
     _needs_bf16()
-    bundle = tmp_path / "bundle"
-    shutil.copytree(sd_bundle, bundle)
-    raw = json.loads((bundle / "manifest.json").read_text())
-    raw[safe_part]["bf16"] = {"safe": True, "reason": "test", "isa": [bf16_isa()]}
-    (bundle / "manifest.json").write_text(json.dumps(raw))
+    bundle = _with_verdict(tmp_path, sd_bundle, safe_part)
     pipe = StitchedSDPipeline.from_bundle(bundle, backend="openvino", precision="auto")
     label = {"text_encoder": "text encoder", "vae": "VAE decoder"}[safe_part]
     assert {k for k, v in pipe.precisions.items() if v == "bf16"} == {label}
