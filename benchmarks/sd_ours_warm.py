@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warm-steps", type=int, default=2, help="steps of the untimed call (same shapes, fewer calls)")
     p.add_argument("--ratios", default="0,0.4")
+    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale (SD 1.5: 7.5, SDXL: 5.0)")
     p.add_argument("--repeats", type=int, default=1, help="rounds of one timed call per ratio")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -72,7 +73,7 @@ def main() -> None:
     t0 = time.perf_counter()
     pipe = StitchedSDPipeline.from_bundle(args.bundle, backend="openvino", precision=args.precision)
     open_s = time.perf_counter() - t0
-    call = dict(prompt=PROMPT, steps=args.steps, cfg_scale=7.5, seed=0, height=args.size, width=args.size,
+    call = dict(prompt=PROMPT, steps=args.steps, cfg_scale=args.guidance, seed=0, height=args.size, width=args.size,
                 progress=False)  # the bundle's own sampler (SD 1.5: PNDM), as `run` and GenAI use
     t0 = time.perf_counter()
     warm = pipe(**{**call, "steps": args.warm_steps, "ratio": max(ratios)})
