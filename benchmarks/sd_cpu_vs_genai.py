@@ -225,7 +225,7 @@ def main() -> None:
                    "scheduler of their directory)")
     p.add_argument("--no-model-cache", action="store_true", help="no compiled-model cache on disk for ours or GenAI "
                    "(so no cache-filling first runs): every process compiles")
-    p.add_argument("--runners", default="ours,ours-warm,genai,diffusers")
+    p.add_argument("--runners", default="ours,ours-warm,genai,diffusers", help="run in this order in each repeat")
     p.add_argument("--genai-generates", type=int, default=2, help="2: also a warm second generate() per process")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--work", help="scratch directory (compiled-model caches); default: a temporary one")
@@ -268,6 +268,9 @@ def main() -> None:
     stop = threading.Event()
     threading.Thread(target=sample_load, args=(trace, stop), daemon=True).start()
     failed: dict[str, str] = {}
+    order = {"ours": runners.index("ours") if "ours" in runners else 0}  # each runner kind where --runners puts it
+    order.update({k: runners.index(k) for k in ("ours-warm", "genai", "diffusers") if k in runners})
+    plan.sort(key=lambda item: order["ours-warm" if item[0].startswith("ours-warm") else item[0].split("-")[0]])
     for name, fn, cached in plan:  # warm-up: compiled-model caches filled (ours, GenAI); figures of a cold start kept
         if cached and prev is None and not args.no_model_cache:
             print(f"first run (cache cold): {name} ...", flush=True)
