@@ -213,6 +213,7 @@ class OpenVinoBackend(HostStepBuffers):
         self.allocations = 0
         self.compiles = 0
         self.compile_sources: list[str] = []  # per model: "cache" (blob imported) or "compiled", last compile
+        self._written: list[bool] = []  # per model: its compile wrote a blob to the cache
         self._shape_key: tuple | None = None
         self._compiled_for: tuple | None = None
         self._requests: list[list[Any]] = []  # [model][parity]
@@ -246,11 +247,13 @@ class OpenVinoBackend(HostStepBuffers):
         if self._one_at_a_time():  # compiled at each model's first call (_load_only)
             n = len(self.precisions)
             self._compiled, self.compiled, self.compile_sources = [None] * n, [None] * n, [""] * n
+            self._written = [False] * n
             self._compiled_for = key
             return
         self._compiled = [self._compile_model(i) for i in range(len(self.precisions))]
         self.compiled = [c.model for c in self._compiled]
         self.compile_sources = [c.source for c in self._compiled]
+        self._written = [c.written for c in self._compiled]
         self.compiles += len(self.compiled)
         self.cached_compiled, self._cached_compiled = [], []
         if self._cached_paths and self.io.cache is not None:  # + the kept feature, in each model's own shape
@@ -287,6 +290,7 @@ class OpenVinoBackend(HostStepBuffers):
         c = self._compile_model(model)
         self._compiled[model], self.compiled[model] = c, c.model
         self.compile_sources[model] = c.source
+        self._written[model] = c.written
         self.compiles += 1
         self._requests[model] = self._make_requests(c.model, model, False)
 
@@ -354,9 +358,17 @@ class OpenVinoBackend(HostStepBuffers):
 
     def take_notes(self) -> list[str]:
         notes, self._notes = self._notes, []
-        fresh = "compiled (now cached)" if self.cache_dir is not None else "compiled"
-        sources = [f"{m.name} {'from the model cache' if s == 'cache' else fresh}"
-                   for m, s in zip(self.manifest.models, self.compile_sources, strict=False) if s]
+        def said(source: str, written: bool) -> str:
+            if source == "cache":
+                return "from the model cache"
+            if self.cache_dir is None:
+                return "compiled"
+            if written:
+                return "compiled (now cached)"
+            return "compiled (NOT cached: the model cache could not write its blob; is the disk full? " \
+                   "TSTITCH_OPENVINO_CACHE moves it)"
+        sources = [f"{m.name} {said(s, w)}"
+                   for m, s, w in zip(self.manifest.models, self.compile_sources, self._written, strict=False) if s]
         return [f"openvino precision: {self.precision_reason}", *notes,
                 *([f"openvino models: {', '.join(sources)}"] if sources else [])]
 

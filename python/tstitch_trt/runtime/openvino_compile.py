@@ -69,6 +69,7 @@ def has_blob(cache_dir: Path | None, graph_sha256: Sequence[str]) -> bool:
 class Compiled:
     model: Any  # ov.CompiledModel
     source: str  # "cache" (blob imported) or "compiled"
+    written: bool = False  # compiled and its blob written to the cache (False where the write failed: a full disk)
     mapped: Any = None  # the blob's memory map, alive as long as the compiled model that may read from it
 
 
@@ -96,7 +97,7 @@ def compile_cached(core: Any, read: Callable[[], Any], compile_fn: Callable[[Any
     else:
         compiled = _compile_writing_blob(core, model, compile_fn, path)
     del model  # the compiled model holds its own weights: no second copy kept
-    return Compiled(compiled, "compiled")
+    return Compiled(compiled, "compiled", written=path is not None and path.is_file())
 
 
 def _import_blob(core: Any, path: Path, config: Mapping[str, Any]) -> Compiled:
@@ -128,7 +129,9 @@ def _release_pages(mapped: Any) -> None:
 
 def _compile_writing_blob(core: Any, model: Any, compile_fn: Callable[[Any], Any], path: Path) -> Any:
     """compile_fn(model) with OpenVINO's own cache pointed at a fresh temporary directory, whose one blob
-    (streamed to disk by OpenVINO, never held as a bytes copy of the weights) is renamed to `path`."""
+    (streamed to disk by OpenVINO, never held as a bytes copy of the weights) is renamed to `path`. OpenVINO
+    does not raise when it cannot write the blob (a full disk): then no blob is renamed, and the caller sees
+    `path` missing."""
     try:
         tmp = tempfile.mkdtemp(prefix=".compile-", dir=path.parent)
     except OSError:
