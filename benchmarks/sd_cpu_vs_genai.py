@@ -4,7 +4,13 @@
         [--small SMALL_UNET_DIR] [--genai-python /path/to/genai-venv/bin/python] \
         [--size 512] [--steps 4] [--ratios 0,0.4] [--precisions fp32] [--genai-precisions fp32,bf16] \
         [--diffusers-precisions fp32,bf16] [--repeats 2] [--runners ours,ours-warm,genai,diffusers] \
-        [--genai-generates 2] [--lock FILE] [--cache-branch K --cache-intervals 1,3] --out results.json
+        [--genai-generates 2] [--guidance 7.5] [--sampler NAME] [--no-model-cache] [--lock FILE] \
+        [--cache-branch K --cache-intervals 1,3] --out results.json
+
+SDXL (SSD-1B -> SDXL at 1024 px): --size 1024 --guidance 5.0 (SDXL's default) --sampler euler; with
+--no-model-cache neither engine keeps compiled models on disk (an SDXL pair's blobs are ~19 GB): ours compiles
+each U-Net at its first call (the low-memory mode), so that call's time goes to "first_call_ms" and the per-call
+figures are the calls after it; GenAI compiles during its load, outside its image.
 
 BUNDLE: `tstitch-trt build --model SMALL --model LARGE --backend ort`; OPTIMUM_DIR: `optimum-cli export
 openvino --model LARGE --task text-to-image --weight-format fp32 OUT` (the same weights). Every
@@ -78,6 +84,25 @@ def _run_timed(cmd: list[str], env: dict[str, str] | None) -> tuple[float, float
     return wall, usage.ru_maxrss / 2**20, tail
 
 
+NO_CACHE = "/proc/no-openvino-cache"  # unwritable: OpenVINO keeps no compiled-model blobs (--no-model-cache)
+COMPILE_IN_FIRST_CALL = "one step model compiled at a time"  # the openvino backend's note in the low-memory mode
+
+
+def ours_env(args: argparse.Namespace, work: Path) -> dict[str, str]:
+    return {**os.environ, "TSTITCH_OPENVINO_CACHE": NO_CACHE if args.no_model_cache else str(work / "ov-cache")}
+
+
+def split_calls(report: dict[str, Any]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """({model: call ms}, {model: first call ms}) from a run report. Where the backend compiled each step model at
+    its first call (its note says so), that call is compile + inference: it is kept apart, not a per-call figure
+    (a model's first call is always a full one, so DeepCache's "_full" lists lose it too)."""
+    calls = unet_calls(report)
+    if not any(COMPILE_IN_FIRST_CALL in n for n in report.get("notes", [])):
+        return calls, {}
+    first = {m: calls[m][:1] for m in ("small", "large") if calls[m]}
+    return {k: v[1:] if k in ("small", "large", "small_full", "large_full") else v for k, v in calls.items()}, first
+
+
 def cache_args(args: argparse.Namespace, interval: int) -> list[str]:
     """ours' DeepCache flags (none without --cache-branch: a plain bundle's runs stay as before)."""
     if args.cache_branch is None:
@@ -93,14 +118,15 @@ def ours(args: argparse.Namespace, ratio: float, precision: str, work: Path, int
     report = work / f"ours-{precision}-{ratio}{cache_suffix(args, interval)}.json"
     cmd = [sys.executable, "-m", "tstitch_trt.cli", "run", "--bundle", args.bundle, "--backend", "openvino",
            "--precision", precision, "--prompt", PROMPT, "--steps", str(args.steps), "--ratio", str(ratio),
-           "--height", str(args.size), "--width", str(args.size), "--seed", "0", "--report", str(report),
+           "--height", str(args.size), "--width", str(args.size), "--seed", "0", "--cfg-scale", str(args.guidance),
+           *(["--sampler", args.sampler] if args.sampler else []), "--report", str(report),
            "--out", str(work / "ours.png"), *cache_args(args, interval)]
-    env = {**os.environ, "TSTITCH_OPENVINO_CACHE": str(work / "ov-cache")}
-    wall, rss, _ = run_process(cmd, env)
+    wall, rss, _ = run_process(cmd, ours_env(args, work))
     r = json.loads(report.read_text())
+    calls, first = split_calls(r)
     return {"process_seconds": wall, "peak_rss_gb": rss, "image_seconds": r["total_seconds"],
             "loop_seconds": r["loop_seconds"], "vae_decode_ms": 1e3 * r["decode_seconds"],
-            "text_encoder_ms": 1e3 * r["text_encoder_seconds"], "unet_call_ms": unet_calls(r),
+            "text_encoder_ms": 1e3 * r["text_encoder_seconds"], "unet_call_ms": calls, "first_call_ms": first,
             "precision": r.get("precisions", r.get("precision")), "notes": r.get("notes", []),
             "full_calls": (r.get("cache") or {}).get("full_calls")}
 
@@ -113,11 +139,10 @@ def ours_warm(args: argparse.Namespace, ratios: list[float], precision: str, wor
     out = work / f"ours-warm-{precision}{suffix}.json"
     cmd = [sys.executable, str(HERE / "sd_ours_warm.py"), args.bundle, "--precision", precision, "--size",
            str(args.size), "--steps", str(args.steps), "--ratios", ",".join(f"{r:g}" for r in ratios),
-           "--out", str(out), *cache_args(args, interval)]
+           "--guidance", str(args.guidance), "--out", str(out), *cache_args(args, interval)]
     if interval > 1:  # the untimed call must use every cached graph (sd_ours_warm.py checks): 4 PNDM steps do
         cmd += ["--warm-steps", str(max(4, min(args.steps, 6)))]
-    env = {**os.environ, "TSTITCH_OPENVINO_CACHE": str(work / "ov-cache")}
-    wall, rss, _ = run_process(cmd, env)
+    wall, rss, _ = run_process(cmd, ours_env(args, work))
     r = json.loads(out.read_text())
     samples = {}
     for key, runs in r["runs"].items():
@@ -133,7 +158,8 @@ def genai(args: argparse.Namespace, precision: str, work: Path, generates: int) 
     out = work / f"{name}.json"
     cmd = [args.genai_python, str(HERE / "genai_t2i.py"), args.optimum, "--prompt", PROMPT, "--size",
            str(args.size), "--steps", str(args.steps), "--precision", {"fp32": "f32", "bf16": "bf16"}[precision],
-           "--cache-dir", str(work / "genai-cache"), "--generates", str(generates), "--out", str(out)]
+           "--cache-dir", "" if args.no_model_cache else str(work / "genai-cache"), "--guidance", str(args.guidance),
+           "--generates", str(generates), "--out", str(out)]
     wall, rss, _ = run_process(cmd)
     r = json.loads(out.read_text())
     later = sum(w["generate_seconds"] for w in r["warm"])  # the process figure is one image's: later images off
@@ -150,7 +176,8 @@ def genai(args: argparse.Namespace, precision: str, work: Path, generates: int) 
 def diffusers_run(args: argparse.Namespace, precision: str, work: Path) -> dict[str, Any]:
     out = work / f"diffusers-{precision}.json"
     cmd = [sys.executable, str(HERE / "diffusers_t2i.py"), args.large, "--prompt", PROMPT, "--size",
-           str(args.size), "--steps", str(args.steps), "--precision", precision, "--out", str(out)]
+           str(args.size), "--steps", str(args.steps), "--precision", precision, "--guidance", str(args.guidance),
+           "--out", str(out)]
     wall, rss, _ = run_process(cmd)
     r = json.loads(out.read_text())
     return {"process_seconds": wall, "peak_rss_gb": rss, "image_seconds": r["image_seconds"],
@@ -173,6 +200,9 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
         calls = [c for s in samples for c in s["unet_call_ms"].get(model, [])]
         if calls:
             out[f"unet_{model}_call_ms"] = stats(calls)
+        first = [c for s in samples for c in s.get("first_call_ms", {}).get(model, [])]
+        if first:  # compile + the first call (ours without a model cache)
+            out[f"unet_{model}_first_call_ms"] = stats(first)
     for extra in ("precision", "notes", "runtime_precisions", "warm_process_seconds", "full_calls"):
         if extra in samples[-1]:
             out[extra] = samples[-1][extra]
@@ -213,7 +243,12 @@ def main() -> None:
                    "default on a bf16 CPU)")
     p.add_argument("--diffusers-precisions", default="fp32,bf16", help="torch fp32 / bf16 autocast")
     p.add_argument("--lock", help="flock this file around each measured process (not timed)")
-    p.add_argument("--runners", default="ours,ours-warm,genai,diffusers")
+    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale, all runners (SD 1.5: 7.5, SDXL: 5.0)")
+    p.add_argument("--sampler", help="ours' --sampler (default: the bundle's; GenAI and diffusers use the "
+                   "scheduler of their directory)")
+    p.add_argument("--no-model-cache", action="store_true", help="no compiled-model cache on disk for ours or GenAI "
+                   "(so no cache-filling first runs): every process compiles")
+    p.add_argument("--runners", default="ours,ours-warm,genai,diffusers", help="run in this order in each repeat")
     p.add_argument("--genai-generates", type=int, default=2, help="2: also a warm second generate() per process")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--cache-branch", type=int, default=None, help="DeepCache: the bundle's --cache-branch (ours' "
@@ -255,8 +290,8 @@ def main() -> None:
     if "diffusers" in runners:
         plan += [(f"diffusers-{prec}", lambda prec=prec: {f"diffusers-{prec}": diffusers_run(args, prec, work)},
                   False) for prec in args.diffusers_precisions.split(",")]
-    result: dict[str, Any] = {"size": args.size, "steps": args.steps, "prompt": PROMPT, "guidance": 7.5,
-                              "cache_branch": args.cache_branch,
+    result: dict[str, Any] = {"size": args.size, "steps": args.steps, "prompt": PROMPT, "guidance": args.guidance,
+                              "model_cache": not args.no_model_cache, "cache_branch": args.cache_branch,
                               "host": {**cpu_host(), "load_at_start": os.getloadavg()},
                               "command": " ".join(sys.argv), "first_run": {}, "runs": {}}
     prev = json.loads(Path(args.out).read_text()) if args.resume and Path(args.out).exists() else None
@@ -269,8 +304,11 @@ def main() -> None:
     stop = threading.Event()
     threading.Thread(target=sample_load, args=(trace, stop), daemon=True).start()
     failed: dict[str, str] = {}
+    order = {"ours": runners.index("ours") if "ours" in runners else 0}  # each runner kind where --runners puts it
+    order.update({k: runners.index(k) for k in ("ours-warm", "genai", "diffusers") if k in runners})
+    plan.sort(key=lambda item: order["ours-warm" if item[0].startswith("ours-warm") else item[0].split("-")[0]])
     for name, fn, cached in plan:  # warm-up: compiled-model caches filled (ours, GenAI); figures of a cold start kept
-        if cached and prev is None:
+        if cached and prev is None and not args.no_model_cache:
             print(f"first run (cache cold): {name} ...", flush=True)
             try:
                 result["first_run"].update(fn())
@@ -293,8 +331,10 @@ def main() -> None:
             for key, s in got.items():
                 samples.setdefault(key, []).append(s)
                 proc = "-" if s["process_seconds"] is None else f"{s['process_seconds']:.2f} s"
+                calls = {m: [round(c / 1e3, 2) for c in v] for m, v in s["unet_call_ms"].items()}
                 print(f"  {key}: image {s['image_seconds']:.2f} s, process {proc}, VAE {s['vae_decode_ms'] / 1e3:.2f} "
-                      f"s, peak RSS {s['peak_rss_gb']:.2f} GB (load {os.getloadavg()[0]:.2f})", flush=True)
+                      f"s, peak RSS {s['peak_rss_gb']:.2f} GB, calls {calls} s, first calls "
+                      f"{s.get('first_call_ms', {})} ms (load {os.getloadavg()[0]:.2f})", flush=True)
             result.setdefault("processes", []).append({"runner": name, "repeat": rep + 1, "load_after": os.getloadavg(),
                                                        "seconds": time.perf_counter() - t})
             Path(args.out).write_text(json.dumps({**result, "runs": {k: summarize(v) for k, v in samples.items()

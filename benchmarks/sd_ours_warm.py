@@ -81,6 +81,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warm-steps", type=int, default=2, help="steps of the untimed call (same shapes, fewer calls)")
     p.add_argument("--ratios", default="0,0.4")
+    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale (SD 1.5: 7.5, SDXL: 5.0)")
     p.add_argument("--repeats", type=int, default=1, help="rounds of one timed call per ratio")
     p.add_argument("--cache-interval", type=int, default=1, help="DeepCache's cache_interval (1 = off)")
     p.add_argument("--cache-branch", type=int, default=None, help="DeepCache's cache_branch_id (the bundle's)")
@@ -93,7 +94,7 @@ def main() -> None:
     pipe = StitchedSDPipeline.from_bundle(args.bundle, backend="openvino", precision=args.precision)
     open_s = time.perf_counter() - t0
     # the bundle's own sampler (SD 1.5: PNDM), as `run` and GenAI use
-    call = dict(prompt=PROMPT, steps=args.steps, cfg_scale=7.5, seed=0, height=args.size, width=args.size,
+    call = dict(prompt=PROMPT, steps=args.steps, cfg_scale=args.guidance, seed=0, height=args.size, width=args.size,
                 progress=False, cache_interval=args.cache_interval, cache_branch=args.cache_branch)
     t0 = time.perf_counter()
     warm = pipe(**{**call, "steps": args.warm_steps, "ratio": max(ratios)})
