@@ -77,6 +77,18 @@ static_assert(kRequestV5Fields == offsetof(tstitch_request, num_negative_prompts
               "the API 6 fields follow num_negative_prompts");
 static_assert(kRequestV5Size < sizeof(tstitch_request), "a version-5 request is smaller than this one");
 
+// Defaults into the caller's struct: at most `size` bytes (the caller's sizeof) are written, and struct_size says
+// `size`, so a smaller (older) struct reads as its version and an unknown one is refused where it is used.
+template <class T, class SetDefaults>
+void init_into(T* out, size_t size, SetDefaults set_defaults) {
+  if (out == nullptr || size < sizeof(size_t)) return;
+  T full;
+  std::memset(static_cast<void*>(&full), 0, sizeof full);
+  set_defaults(full);
+  full.struct_size = size;
+  std::memcpy(static_cast<void*>(out), &full, std::min(size, sizeof full));
+}
+
 bool request_size_known(size_t n) {
   return n == sizeof(tstitch_request) || n == kRequestV5Size || n == kRequestV4Size || n == kRequestV3Size;
 }
@@ -313,35 +325,44 @@ const char* tstitch_status_name(tstitch_status s) {
   return "unknown status";
 }
 
-void tstitch_open_params_init(tstitch_open_params* p) {
-  if (p == nullptr) return;
-  std::memset(p, 0, sizeof(*p));
-  p->struct_size = sizeof(*p);
-  p->cuda_graph = 1;
-  p->verify_checksums = 1;
+void tstitch_open_params_init_sized(tstitch_open_params* p, size_t size) {
+  init_into(p, size, [](tstitch_open_params& q) {
+    q.cuda_graph = 1;
+    q.verify_checksums = 1;
+  });
 }
 
-void tstitch_request_init(tstitch_request* r) {
-  if (r == nullptr) return;
-  std::memset(r, 0, sizeof(*r));
-  r->struct_size = sizeof(*r);
-  r->batch = 1;
-  r->steps = 50;
-  r->ratio = 0.5;
-  r->cfg_scale = 1.5f;
-  r->controlnet_scale = 1.0f;
-  r->control_guidance_end = 1.0;
-  r->cache_interval = 1;
-  r->cache_branch = -1;
+void tstitch_request_init_sized(tstitch_request* r, size_t size) {
+  init_into(r, size, [](tstitch_request& q) {
+    q.batch = 1;
+    q.steps = 50;
+    q.ratio = 0.5;
+    q.cfg_scale = 1.5f;
+    q.controlnet_scale = 1.0f;
+    q.control_guidance_end = 1.0;
+    q.cache_interval = 1;
+    q.cache_branch = -1;
+  });
 }
 
-void tstitch_sample_info_init(tstitch_sample_info* i) {
-  if (i == nullptr) return;
-  std::memset(i, 0, sizeof(*i));
-  i->struct_size = sizeof(*i);
-  i->host_overhead_ms_per_step = -1.0;
-  i->notes = "";
+void tstitch_sample_info_init_sized(tstitch_sample_info* i, size_t size) {
+  init_into(i, size, [](tstitch_sample_info& q) {
+    q.host_overhead_ms_per_step = -1.0;
+    q.notes = "";
+  });
 }
+
+// The symbols binaries built against version 5 or older call (before the macros): they write a version-5 struct,
+// never more (versions 3 and 4 had smaller ones, which these overran already in version 5; not fixable now).
+#undef tstitch_open_params_init
+#undef tstitch_request_init
+#undef tstitch_sample_info_init
+void tstitch_open_params_init(tstitch_open_params* p);
+void tstitch_request_init(tstitch_request* r);
+void tstitch_sample_info_init(tstitch_sample_info* i);
+void tstitch_open_params_init(tstitch_open_params* p) { tstitch_open_params_init_sized(p, sizeof(tstitch_open_params)); }
+void tstitch_request_init(tstitch_request* r) { tstitch_request_init_sized(r, kRequestV5Size); }
+void tstitch_sample_info_init(tstitch_sample_info* i) { tstitch_sample_info_init_sized(i, kSampleInfoV6Size); }
 
 tstitch_status tstitch_open(const char* bundle_dir, const tstitch_open_params* params, tstitch_runtime** out) {
   return open_with_factory(bundle_dir, params, default_backend_factory(), out, "");  // "": auto

@@ -167,6 +167,51 @@ TEST(CApi, SampleEqualsThePythonTrajectory) {
   EXPECT_EQ(info.steps, c["steps"].get<int>());
 }
 
+// The exported symbol behind the macro (parenthesised: not expanded), as a version-5 binary declared it.
+extern "C" void(tstitch_request_init)(tstitch_request* request);
+
+// API 7: the *_init macros pass the caller's sizeof, and the plain symbols a version-5 binary calls write a
+// version-5 struct: a newer library never writes past an older caller's struct (it overran it before API 7).
+TEST(CApi, InitNeverWritesPastTheCallersStruct) {
+  constexpr size_t kV5 = (offsetof(tstitch_request, cache_interval) + alignof(tstitch_request) - 1) /
+                         alignof(tstitch_request) * alignof(tstitch_request);
+  static_assert(kV5 < sizeof(tstitch_request), "the request grew after version 5");
+  struct Caller {
+    tstitch_request r;  // only its first kV5 bytes are the caller's
+    unsigned char after[32];
+  };
+  for (int legacy = 0; legacy < 2; ++legacy) {
+    Caller c;
+    std::memset(&c, 0xAB, sizeof c);
+    if (legacy) {
+      (tstitch_request_init)(&c.r);  // the exported symbol, not the macro: what a version-5 binary calls
+    } else {
+      tstitch_request_init_sized(&c.r, kV5);
+    }
+    EXPECT_EQ(c.r.struct_size, kV5);
+    EXPECT_EQ(c.r.steps, 50);
+    const unsigned char* tail = reinterpret_cast<const unsigned char*>(&c.r) + kV5;
+    for (size_t i = 0; i < sizeof(Caller) - kV5; ++i)
+      ASSERT_EQ(tail[i], 0xAB) << "byte " << i << " past a version-5 request was written (legacy " << legacy << ")";
+    // and such a request runs, uncached (its missing fields read as their defaults)
+    FakeHandle f;
+    const int64_t labels[2] = {1, 7};
+    c.r.batch = 2;
+    c.r.class_labels = labels;
+    c.r.steps = 8;
+    c.r.sampler = "ddpm";
+    float out[64];
+    EXPECT_EQ(tstitch_sample(f.h, &c.r, out, 64, nullptr, 0, nullptr), TSTITCH_OK) << tstitch_last_error();
+  }
+  tstitch_sample_info info;
+  tstitch_sample_info_init(&info);  // the macro: this header's size, every field
+  EXPECT_EQ(info.struct_size, sizeof info);
+  EXPECT_STREQ(info.notes, "");
+  tstitch_request newer;  // a caller built against a newer header: its size is kept, and refused where used
+  tstitch_request_init_sized(&newer, sizeof newer + 8);
+  EXPECT_EQ(newer.struct_size, sizeof newer + 8);
+}
+
 // API 6 grew tstitch_sample_info (truncated_prompts, notes): a version-5 caller's smaller struct is accepted and
 // nothing past its end is written; a version-6 one gets no truncation and no notes on a run without any.
 TEST(CApi, SampleInfoOfAVersion5CallerKeepsWorking) {

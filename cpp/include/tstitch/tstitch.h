@@ -29,7 +29,9 @@ extern "C" {
                                      requests run without caching.
                                   7: tstitch_sample_info.truncated_prompts and .notes (a prompt cut to the tokenizer's
                                      length is said, not silent). A caller built against version 6 or older (its smaller
-                                     tstitch_sample_info) keeps working. */
+                                     tstitch_sample_info) keeps working. The *_init functions became macros over
+                                     *_init_sized (the caller's sizeof): an older binary's struct is never
+                                     overrun by a newer library's defaults. */
 
 typedef enum tstitch_status {
   TSTITCH_OK = 0,
@@ -162,9 +164,16 @@ int tstitch_api_version(void);
 const char* tstitch_last_error(void);
 const char* tstitch_status_name(tstitch_status status);
 
-void tstitch_open_params_init(tstitch_open_params* params);
-void tstitch_request_init(tstitch_request* request);
-void tstitch_sample_info_init(tstitch_sample_info* info);
+/* Initialise a struct with its defaults. The macros pass the caller's own sizeof, so a library newer than the header
+ * the caller was built against never writes past the caller's struct (API 7; the functions without _sized stay for
+ * binaries built against version 5 or older and write a version-5 struct). A struct_size the library does not know
+ * (a newer header) is kept, and the call using the struct then says so in one line. */
+void tstitch_open_params_init_sized(tstitch_open_params* params, size_t struct_size);
+void tstitch_request_init_sized(tstitch_request* request, size_t struct_size);
+void tstitch_sample_info_init_sized(tstitch_sample_info* info, size_t struct_size);
+#define tstitch_open_params_init(params) tstitch_open_params_init_sized((params), sizeof *(params))
+#define tstitch_request_init(request) tstitch_request_init_sized((request), sizeof *(request))
+#define tstitch_sample_info_init(info) tstitch_sample_info_init_sized((info), sizeof *(info))
 
 /* Open a bundle directory: manifest, sealed paths, checksums, engine compatibility, device buffers. */
 tstitch_status tstitch_open(const char* bundle_dir, const tstitch_open_params* params, tstitch_runtime** out);
