@@ -93,8 +93,13 @@ SD15_CONTROLNET: dict[str, Any] = {
     "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
     "norm_eps": 1e-05, "norm_num_groups": 32,
 }
-# latent-consistency/lcm-lora-ssd-1b adapter_config.json: rank 64, alpha 64, on the attention projections
+# latent-consistency/lcm-lora-ssd-1b adapter_config.json: rank 64, alpha 64, on the modules
+# diffusers' train_lcm_distill_lora_sdxl.py adapts (its lora target list): with these, rank 64 counts 67.3 M on SD
+# 1.5, 104.7 M on the SSD-1B config here and 196.8 M on SDXL against the LCM-LoRA paper's 67.5 M / 105 M / 197 M
+# (Luo et al. 2023, arXiv 2311.05556, Table 1); the attention projections alone would be 42 M on SSD-1B
 LCM_LORA_SSD_1B = {"rank": 64, "alpha": 64}
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json is models/sd_random.SD15_SCHEDULER;
 # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json:
 SDXL_SCHEDULER: dict[str, Any] = {
@@ -111,6 +116,8 @@ PUBLISHED_PARAMS = {
     "clip-l": 123.1, "openclip-bigg": 694.7, "sd-vae": 83.7, "sd-controlnet": 361.3, "DiT-S/2": 33.0,
     "DiT-XL/2": 675.1,
 }
+# LoRA parameter counts at LCM_LORA_SSD_1B's rank (LCM-LoRA paper, Table 1), by the U-Net they adapt
+PUBLISHED_LORA_PARAMS = {"sd15": 67.5, "ssd-1b": 105.0, "sdxl": 197.0}
 
 
 def unet_meta(name: str) -> torch.nn.Module:
@@ -287,6 +294,44 @@ def write_dit(arch: str, out: Path, seed: int = 0) -> Path:
     return out
 
 
+def lora_shapes(unet: torch.nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
+    """The LCM-LoRA's tensors for `unet` (any device, meta included), diffusers' format of the LCM-LoRA release
+    (train_lcm_distill_lora_*.py: PEFT state -> convert_state_dict_to_diffusers -> save_lora_weights):
+    "unet.MODULE.lora.down.weight" (rank, in[, kh, kw]) and "unet.MODULE.lora.up.weight" (out, rank[, 1, 1]).
+    Convolutions get a kh x kw down convolution and a 1x1 up one, as PEFT's Conv2d LoRA does."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, m in unet.named_modules():
+        if not name.endswith(LCM_LORA_TARGETS) or not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        w = m.weight
+        tail = tuple(w.shape[2:])
+        shapes[f"unet.{name}.lora.down.weight"] = (rank, w.shape[1], *tail)
+        shapes[f"unet.{name}.lora.up.weight"] = (w.shape[0], rank, *(1,) * len(tail))
+    return shapes
+
+
+def write_lcm_lora(unet: str | dict[str, Any], out: Path, seed: int = 5, rank: int = LCM_LORA_SSD_1B["rank"]
+                   ) -> Path:
+    """A LoRA of the LCM-LoRA release's format and rank for the U-Net `unet` (a UNETS name or a config), random
+    fp16 weights (the release is fp16), as OUT/pytorch_lora_weights.safetensors. alpha = rank (LCM_LORA_SSD_1B),
+    so the file carries no alphas: diffusers then scales by 1, as it does the release."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):
+        net = UNet2DConditionModel(**(UNETS[unet] if isinstance(unet, str) else unet))
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in lora_shapes(net, rank).items():
+        fan_in = int(torch.tensor(shape[1:]).prod())
+        # small enough that the fused U-Net stays finite, large enough to change it (PEFT zero-inits "up")
+        state[key] = (torch.randn(shape, generator=gen) / fan_in**0.5 * (0.1 if ".up." in key else 1.0)).half()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "pytorch_lora_weights.safetensors"
+    save_file(state, str(path), metadata={"format": "pt"})
+    return path
+
+
 def _diffusers_version() -> str:
     import diffusers
 
@@ -297,7 +342,13 @@ PARTS = {
     "sd15-pair": lambda out: (write_unet("bk-sdm-tiny", out / "bk-sdm-tiny", 1), write_pipeline("sd15", out / "sd15")),
     "bk-sdm-small": lambda out: write_unet("bk-sdm-small", out, 2),
     "sdxl-pair": lambda out: (write_unet("ssd-1b", out / "ssd-1b", 1), write_pipeline("sdxl", out / "sdxl")),
+    # the SD 1.5 pipeline alone, for pairs that reuse it (BK-SDM-Small -> SD 1.5; the ControlNet pair)
+    "sd15-pipeline": lambda out: write_pipeline("sd15", out),
+    # an SD 1.5-architecture U-Net with other weights (seed 3): the small model of the ControlNet pair, since
+    # BK-SDM's U-Nets lack SD 1.5's skips and cannot take its ControlNet (docs/sd.md#controlnet)
+    "sd15-unet": lambda out: write_unet("sd15", out, 3),
     "sd15-controlnet": lambda out: write_controlnet(out),
+    "lcm-lora-ssd-1b": lambda out: write_lcm_lora("ssd-1b", out),
     "dit-pair": lambda out: (write_dit("DiT-S/2", out / "DiT-S-2.pt", 1), write_dit("DiT-XL/2", out / "DiT-XL-2.pt")),
 }
 
