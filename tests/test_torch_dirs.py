@@ -48,3 +48,14 @@ def test_a_source_with_several_weights_files_is_saved_as_one(tmp_path):
     files = list((tmp_path / "bundle" / "vae" / "diffusers").glob("*.safetensors"))
     assert [tmp_path / "bundle" / entry.file] == files
     assert all(os.stat(f).st_nlink == 1 for f in files)
+
+
+def test_controlnet_build_links_the_controlnet_to_its_source(control_set, control_bundle):
+    """The ControlNet is loaded unchanged, so its torch artifact is its source's file (SD 1.5's is 1.4 GB), not
+    a second copy; and the bundle still loads it (the torch backend's check runs on it in test_controlnet.py)."""
+    net_dir = control_set[2]
+    entry = json.loads((control_bundle / "manifest.json").read_text())["conditioning"]["controlnet"]["engines"]["torch"]
+    [weights] = list(net_dir.glob("*.safetensors"))
+    assert os.path.samefile(control_bundle / entry["file"], weights)
+    config = (control_bundle / entry["extra"]["dir"] / "config.json").read_bytes()
+    assert config == (net_dir / "config.json").read_bytes()

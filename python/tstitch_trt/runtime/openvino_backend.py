@@ -213,6 +213,7 @@ class OpenVinoBackend(HostStepBuffers):
         self.allocations = 0
         self.compiles = 0
         self.compile_sources: list[str] = []  # per model: "cache" (blob imported) or "compiled", last compile
+        self._uncached: set[int] = set()  # models whose last compile wrote no blob (the disk's reserve)
         self._shape_key: tuple | None = None
         self._compiled_for: tuple | None = None
         self._requests: list[list[Any]] = []  # [model][parity]
@@ -248,7 +249,7 @@ class OpenVinoBackend(HostStepBuffers):
             self._compiled, self.compiled, self.compile_sources = [None] * n, [None] * n, [""] * n
             self._compiled_for = key
             return
-        self._compiled = [self._compile_model(i) for i in range(len(self.precisions))]
+        self._compiled = [self._note_uncached(self._compile_model(i), i) for i in range(len(self.precisions))]
         self.compiled = [c.model for c in self._compiled]
         self.compile_sources = [c.source for c in self._compiled]
         self.compiles += len(self.compiled)
@@ -256,15 +257,26 @@ class OpenVinoBackend(HostStepBuffers):
         if self._cached_paths and self.io.cache is not None:  # + the kept feature, in each model's own shape
             for i, precision in enumerate(self.precisions):
                 cached_shapes = {**shapes, self.io.cache[0]: self.io.features[i].resolve(dims)}
-                self._cached_compiled.append(compile_cached(
+                self._cached_compiled.append(self._note_uncached(compile_cached(
                     self.core, lambda i=i: read_onnx(self.core, self._cached_paths[i]),
                     lambda model, precision=precision, cached_shapes=cached_shapes: compile_static(
                         self.core, model, cached_shapes, precision, self.threads),
                     self._cached_shas[i], cached_shapes, precision, self.threads, self.cache_dir,
-                    compile_config(precision, self.threads)))
+                    compile_config(precision, self.threads))))
             self.cached_compiled = [c.model for c in self._cached_compiled]  # _cached_compiled keeps blob maps alive
             self.compiles += len(self.cached_compiled)
         self._compiled_for = key
+
+    def _note_uncached(self, c: Compiled, model: int | None = None) -> Compiled:
+        """The run's notes say why a compiled model was not cached; `model`: a step model's index (full graph)."""
+        if model is not None:
+            self._uncached.discard(model)
+        if c.note:
+            if model is not None:
+                self._uncached.add(model)
+            if c.note not in self._notes:
+                self._notes.append(c.note)
+        return c
 
     def _one_at_a_time(self) -> bool:
         # DeepCache's cached graphs alternate with the full ones: every model stays compiled there
@@ -284,7 +296,7 @@ class OpenVinoBackend(HostStepBuffers):
             if j != model:
                 self._requests[j] = None
                 self.compiled[j] = self._compiled[j] = None
-        c = self._compile_model(model)
+        c = self._note_uncached(self._compile_model(model), model)
         self._compiled[model], self.compiled[model] = c, c.model
         self.compile_sources[model] = c.source
         self.compiles += 1
@@ -354,9 +366,14 @@ class OpenVinoBackend(HostStepBuffers):
 
     def take_notes(self) -> list[str]:
         notes, self._notes = self._notes, []
-        fresh = "compiled (now cached)" if self.cache_dir is not None else "compiled"
-        sources = [f"{m.name} {'from the model cache' if s == 'cache' else fresh}"
-                   for m, s in zip(self.manifest.models, self.compile_sources, strict=False) if s]
+
+        def how(i: int, source: str) -> str:
+            if source == "cache":
+                return "from the model cache"
+            return "compiled (now cached)" if self.cache_dir is not None and i not in self._uncached else "compiled"
+
+        sources = [f"{m.name} {how(i, s)}"
+                   for i, (m, s) in enumerate(zip(self.manifest.models, self.compile_sources, strict=False)) if s]
         return [f"openvino precision: {self.precision_reason}", *notes,
                 *([f"openvino models: {', '.join(sources)}"] if sources else [])]
 
