@@ -48,7 +48,7 @@ PAIRS = {
     "sd15-controlnet": Pair((("sd15-unet", "sd15-unet"), ("sd15-pipeline", "sd15"), ("sd15-controlnet", "controlnet")),
                             "sd15-unet", "sd15", 512, "sd15", controlnet="controlnet"),
     "sdxl": Pair((("sdxl-pair", ""),), "ssd-1b", "sdxl", 1024, "sdxl"),
-    "dit": Pair((("dit-pair", ""),), "DiT-S-2.pt", "DiT-XL-2.pt", 256, "dit"),
+    "dit": Pair((("dit-pair", ""),), "DiT-S-2.safetensors", "DiT-XL-2.safetensors", 256, "dit"),
 }
 CFG = {"sd15": "7.5", "sdxl": "5.0", "dit": "1.5"}  # each pipeline's default guidance scale, given explicitly
 PROMPT = "a photo of a cat sitting on a red chair"

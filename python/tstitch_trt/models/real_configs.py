@@ -8,6 +8,7 @@ tests/test_real_configs.py counts each config on the meta device (no memory) aga
 
     python -m tstitch_trt.models.real_configs sd15-pair OUT      # OUT/bk-sdm-tiny (U-Net), OUT/sd15 (pipeline)
     python -m tstitch_trt.models.real_configs sdxl-pair OUT      # OUT/ssd-1b (U-Net), OUT/sdxl (pipeline)
+    python -m tstitch_trt.models.real_configs dit-pair OUT       # OUT/DiT-S-2.safetensors, OUT/DiT-XL-2.safetensors
     python -m tstitch_trt.models.real_configs PART OUT           # one part (see PARTS)
 
 Writing streams: each part is built on the meta device (structure only) and its parameters are drawn one at a
@@ -176,8 +177,6 @@ def stream_random(factory: Callable[[], torch.nn.Module], out: Path, seed: int) 
     """The module `factory` builds, saved as its library's save_pretrained would (config.json + one safetensors
     file) with _materialize's random weights, written one parameter at a time: never the whole module in memory.
     diffusers models (ConfigMixin) write diffusion_pytorch_model.safetensors, transformers ones model.safetensors."""
-    from tstitch_trt.models.sd import fill_random_
-
     with torch.device("meta"):
         module = factory()
     out.mkdir(parents=True, exist_ok=True)
@@ -188,6 +187,15 @@ def stream_random(factory: Callable[[], torch.nn.Module], out: Path, seed: int) 
         module.config.architectures = [type(module).__name__]
         module.config.save_pretrained(str(out))
         weights = out / "model.safetensors"
+    stream_weights(module, weights, seed)
+    return out
+
+
+def stream_weights(module: torch.nn.Module, weights: Path, seed: int) -> Path:
+    """The meta-device `module`'s parameters (and rebuildable buffers) as one safetensors file, _materialize's random
+    values drawn and written one parameter at a time."""
+    from tstitch_trt.models.sd import fill_random_
+
     params = dict(module.named_parameters())
     state = module.state_dict()  # parameters and persistent buffers, as save_pretrained would write them
     for name in state:
@@ -219,7 +227,7 @@ def stream_random(factory: Callable[[], torch.nn.Module], out: Path, seed: int) 
             f.write(memoryview(t.numpy()).cast("B"))
             del t
     tmp.replace(weights)
-    return out
+    return weights
 
 
 def write_unet(name: str, out: Path, seed: int = 0) -> Path:
@@ -284,14 +292,15 @@ def write_pipeline(kind: str, out: Path, unet: str | None = None, seed: int = 0)
 
 
 def write_dit(arch: str, out: Path, seed: int = 0) -> Path:
-    """An official-layout DiT checkpoint (facebookresearch/DiT keys, .pt state dict) at 256 px, 1000 classes."""
-    from tstitch_trt.models.checkpoints import save_dit
+    """A DiT checkpoint in facebookresearch/DiT's keys at 256 px, 1000 classes, as models/checkpoints.save_dit
+    writes it (a safetensors state dict: name `out` *.safetensors, which is how build reads it), streamed: DiT-XL/2's
+    2.7 GB are never held (_materialize's values)."""
     from tstitch_trt.models.dit import DiT, dit_config
 
-    net = _materialize(lambda: DiT(dit_config(arch, input_size=32, num_classes=1000)), seed)
+    with torch.device("meta"):
+        net = DiT(dit_config(arch, input_size=32, num_classes=1000))
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_dit(net, out)
-    return out
+    return stream_weights(net, out, seed)
 
 
 def lora_shapes(unet: torch.nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
@@ -349,7 +358,8 @@ PARTS = {
     "sd15-unet": lambda out: write_unet("sd15", out, 3),
     "sd15-controlnet": lambda out: write_controlnet(out),
     "lcm-lora-ssd-1b": lambda out: write_lcm_lora("ssd-1b", out),
-    "dit-pair": lambda out: (write_dit("DiT-S/2", out / "DiT-S-2.pt", 1), write_dit("DiT-XL/2", out / "DiT-XL-2.pt")),
+    "dit-pair": lambda out: (write_dit("DiT-S/2", out / "DiT-S-2.safetensors", 1),
+                             write_dit("DiT-XL/2", out / "DiT-XL-2.safetensors")),
 }
 
 
