@@ -296,6 +296,38 @@ def test_vae_that_overflows_in_fp16_gets_fp32_engines(tmp_path) -> None:
         assert f"VAE engines are {want}" in entry["notes"][0]
 
 
+def test_sdxl_vae_with_force_upcast_gets_fp32_engines_without_a_probe(tmp_path) -> None:
+    """The real SDXL VAE's config sets force_upcast, and diffusers' SDXL pipeline decodes it in fp32: the build
+    obeys the flag (random weights cannot show the trained VAE's overflow); with the flag false the probe decides."""
+    from tstitch_trt.export.vae_export import add_vae, randomized_vae
+
+    class RecordingBuilder:
+        graphs: list[str] = []
+
+        def build(self, graph: Path, out: Path, batch_range, io) -> dict:
+            self.graphs.append(graph.name)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(b"plan")
+            return {"kind": "recording"}
+
+    for upcast, want in ((True, "fp32"), (False, "fp16")):
+        vae = randomized_vae((8, 16), seed=1)
+        vae.register_to_config(force_upcast=upcast)
+        src = tmp_path / f"vae-{upcast}"
+        vae.save_pretrained(str(src))
+        bundle = tmp_path / f"bundle-{upcast}"
+        bundle.mkdir()
+        builder = RecordingBuilder()
+        builder.graphs = []
+        entry = add_vae(bundle, str(src), ["trt-rtx"], (1, 1), (4, 8, 8), precision="fp16",
+                        engine_builders={"trt-rtx": builder}, downsample=2, dynamic_hw=True,
+                        probe_scale=1 / 0.13025, honour_force_upcast=True)
+        assert builder.graphs == [f"decoder-{want}.onnx"]
+        assert entry["engines"]["trt-rtx"].precision == want
+        assert f"VAE engines are {want}" in entry["notes"][0]
+        assert ("force_upcast" in entry["notes"][0]) is upcast and ("PSNR" in entry["notes"][0]) is not upcast
+
+
 # ------------------------------------------------------------------------- benchmarks/gpu_check_sd.py --pair sdxl
 
 def _gpu_check_sd():

@@ -126,10 +126,10 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
             entry, io = _write_unet(tmp, i, src, cfg, builders, text_len, guidance, loras.get(i, []),
                                     control and control[1], facts["vae_factor"], stage)
             entries.append(entry)
+            timings[f"unet {src.name}"] = time.perf_counter() - t0
         if cfg.cache_branch is not None:  # export/deep_cache.py: the kept feature's role
             assert io is not None
             io = {**io, "roles": {**io["roles"], "cache": [[CACHE_INPUT, CACHE_OUTPUT]]}}
-            timings[f"unet {src.name}"] = time.perf_counter() - t0
         c, s = facts["latent_channels"], facts["sample_size"]
         t0 = time.perf_counter()
         from tstitch_trt.export.vae_export import add_vae
@@ -138,7 +138,8 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
         with stage(f"VAE decoder ({', '.join(b for b in cfg.backends)})"):
             vae = add_vae(tmp, str(large / "vae"), cfg.backends, cfg.batch_range, (c, s, s),
                           precision=cfg.precision, engine_builders=builders, downsample=facts["vae_factor"],
-                          dynamic_hw=True, probe_scale=1.0 / facts["latent_scale_factor"] if sdxl else None)
+                          dynamic_hw=True, probe_scale=1.0 / facts["latent_scale_factor"] if sdxl else None,
+                          honour_force_upcast=sdxl)  # diffusers' SD 1.x pipeline ignores the flag, SDXL's obeys it
         timings["vae"] = time.perf_counter() - t0
         conditioning = {**sdxl_parts.pop("conditioning", {}), "guidance": guidance}
         if control:

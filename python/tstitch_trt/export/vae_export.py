@@ -160,11 +160,14 @@ def fp16_decode_psnr(fp32_onnx: Path, fp16_onnx: Path, latent_shape: tuple[int, 
 def add_vae(bundle: Path, source: str, backends: list[str], batch_range: tuple[int, int],
             latent_shape: tuple[int, int, int] = (4, 32, 32), precision: str = "fp32",
             engine_builders: Mapping[str, Any] | None = None, downsample: int = 8, dynamic_hw: bool = False,
-            probe_scale: float | None = None) -> dict:
+            probe_scale: float | None = None, honour_force_upcast: bool = False) -> dict:
     """Write the VAE artifacts for `backends` into `bundle`; returns the manifest's `vae` entry.
 
     probe_scale: the fp16 check decodes 3 latents N(0,1) x probe_scale (a pipeline's 1 / scaling_factor)
-    instead of the one N(0,1) latent of the default."""
+    instead of the one N(0,1) latent of the default.
+    honour_force_upcast: a VAE whose config sets `force_upcast` gets fp32 engines without a probe, as diffusers'
+    SDXL pipeline decodes it in fp32 (the trained SDXL VAE overflows in fp16; random weights cannot show that, so
+    the checkpoint's own flag decides). A VAE with `force_upcast: false` (an fp16-fix VAE) is probed."""
     vae = load_vae(source)
     engines: dict[str, EngineEntry] = {}
     notes: list[str] = []
@@ -181,7 +184,11 @@ def add_vae(bundle: Path, source: str, backends: list[str], batch_range: tuple[i
         engines["ort"] = onnx_entry(bundle, rel, batch_range=batch_range)
     if engine_builders:
         engine_precision = "fp32"
-        if precision == "fp16":
+        if precision == "fp16" and honour_force_upcast and bool(getattr(vae.config, "force_upcast", False)):
+            notes.append("the VAE's config sets force_upcast (diffusers decodes it in fp32: the SDXL VAE overflows "
+                         "in fp16; use a VAE with force_upcast false, e.g. an fp16-fix VAE, for fp16): "
+                         "VAE engines are fp32")
+        elif precision == "fp16":
             graphs["fp16"] = export_vae_decoder(vae, bundle / "vae/decoder-fp16.onnx", latent_shape, "fp16",
                                                  dynamic_hw)
             scale, probes = (1.0, 1) if probe_scale is None else (probe_scale, 3)

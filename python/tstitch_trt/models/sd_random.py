@@ -287,7 +287,8 @@ def save_tiny_sdxl_pair(root: Path, force_zeros_for_empty_prompt: bool = True) -
     tiny_sdxl_unet(11, small=True).save_pretrained(str(small_dir))
     vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        latent_channels=4, sample_size=128, scaling_factor=0.13025)
+                        latent_channels=4, sample_size=128, scaling_factor=0.13025,
+                        force_upcast=False)  # as an fp16-fix VAE: the engine build's fp16 probe decides
 
     def clip_config() -> CLIPTextConfig:
         return CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32,
