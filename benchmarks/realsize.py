@@ -15,6 +15,7 @@ Each stage is its own process under /usr/bin/time -v (wall time, peak RSS, CPU %
              (SD: PNDM / SDXL: Euler from init.npy; DiT: DDIM, class labels, --seed 0)
   diffusers  SD: diffusers' own pipeline switched small -> large by callback (models/diffusers_peer.py);
              DiT (no diffusers peer for a stitched DiT): `run --backend torch`, the bundle's torch StepModules
+  cache      (not by default) ORT runs at each --cache-intervals value, --repeats times: min / median sampling time
 and the final latents of each run are compared to the reference (max |a - b| / max |b|).
 Results go to WORK/results.json and, as a Markdown table, to stdout (benchmarks/RESULTS.md quotes it).
 Real sizes need real memory: run it alone, under `flock /work/bigmem.lock` on a shared machine.
@@ -145,9 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--stages", default="parts,build,check,run,diffusers",
-                   help="comma list of parts, build, check, run, diffusers (default: all)")
+                   help="comma list of parts, build, check, run, diffusers, cache (default: all but cache)")
     p.add_argument("--run-backends", default="ort,openvino", help="backends of the run stage (default ort,openvino)")
     p.add_argument("--check-backends", default="ort,openvino", help="backends of the check stage")
+    p.add_argument("--cache-intervals", default="1,2,3",
+                   help="stage cache: `run --backend ort --cache-interval N` for each N (a bundle built with "
+                        "--cache-scheme fora / --cache-branch K), --repeats times each, interleaved")
+    p.add_argument("--repeats", type=int, default=3, help="stage cache: runs per interval (min and median reported)")
     args = p.parse_args(argv)
     import numpy as np
 
@@ -215,16 +220,33 @@ def main(argv: list[str] | None = None) -> int:
     else:
         request = ["--prompt", PROMPT, "--init-noise", str(init)] + (["--control-image", str(image)] if image else [])
 
-    def run(backend: str, stage: str) -> None:
-        record(timed(stage, [*tst, "run", "--bundle", str(bundle), "--backend", backend, *request,
-                             "--sampler", SAMPLER[pair.kind], "--steps", str(args.steps), "--ratio", str(args.ratio),
-                             "--cfg-scale", CFG[pair.kind], "--save-latents", str(work / f"lat-{backend}.npy"),
-                             "--report", str(work / f"run-{backend}.json"), "--out", str(work / f"{backend}.png")],
-                     logs / f"{stage}.log"))
+    def run(backend: str, stage: str, extra: tuple[str, ...] = (), tag: str = "") -> dict:
+        tag = tag or backend
+        return record(timed(stage, [*tst, "run", "--bundle", str(bundle), "--backend", backend, *request,
+                                    "--sampler", SAMPLER[pair.kind], "--steps", str(args.steps), "--ratio",
+                                    str(args.ratio), "--cfg-scale", CFG[pair.kind], *extra, "--save-latents",
+                                    str(work / f"lat-{tag}.npy"), "--report", str(work / f"run-{tag}.json"),
+                                    "--out", str(work / f"{tag}.png")], logs / f"{stage}.log"))
 
     if "run" in stages:
         for backend in args.run_backends.split(","):
             run(backend, f"run-{backend}")
+    if "cache" in stages:  # per-image sampling time with feature caching (FORA / DeepCache) on ORT
+        intervals = [int(n) for n in args.cache_intervals.split(",")]
+        loops: dict[int, list[float]] = {n: [] for n in intervals}
+        for r in range(args.repeats):
+            for n in intervals:
+                row = run("ort", f"cache-interval {n} #{r}", ("--cache-interval", str(n)), f"ort-cache{n}")
+                if row["rc"] == 0:
+                    loops[n].append(json.loads((work / f"run-ort-cache{n}.json").read_text())["loop_seconds"])
+        base = work / "lat-ort-cache1.npy"
+        for n in intervals:
+            times = sorted(loops[n])
+            got = work / f"lat-ort-cache{n}.npy"
+            record({"stage": f"cache-interval {n}", "runs": len(times),
+                    "loop_s_min": round(times[0], 2) if times else None,
+                    "loop_s_median": round(times[len(times) // 2], 2) if times else None,
+                    "vs interval 1": rel(np.load(got), np.load(base)) if got.exists() and base.exists() else None})
     ref_path = work / ("lat-torch.npy" if pair.kind == "dit" else "lat-diffusers.npy")
     if "diffusers" in stages:
         if pair.kind == "dit":
@@ -244,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 record({"stage": f"{backend} vs reference", "max_rel": rel(np.load(got), ref)})
     print("\n| stage | wall s | peak RSS GB | CPU | result |\n|---|---|---|---|---|")
     for r in rows:
-        result = r.get("max_rel", r.get("gb", f"rc {r.get('rc', '')}"))
+        result = r.get("max_rel", r.get("gb", r.get("loop_s_median", f"rc {r.get('rc', '')}")))
         print(f"| {r['stage']} | {r.get('wall_s', '')} | {r.get('peak_rss_gb', '')} | {r.get('cpu', '')} | {result} |")
     return 0 if all(r.get("rc", 0) == 0 for r in rows) else 1
 
