@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -27,25 +26,9 @@ import numpy as np
 
 from tstitch_trt.bundle.manifest import read_manifest
 from tstitch_trt.demo import demo_bundle_dir
+from tstitch_trt.demo.rebuild import rebuild_demo
 from tstitch_trt.eval.quality import quality_sweep
 from tstitch_trt.pipeline.dit import StitchedPipeline
-
-
-def build_fora_demo(out: Path) -> Path:
-    """The shipped demo pair's weights, rebuilt with --cache-scheme fora (ort + torch, its settings)."""
-    from tstitch_trt.export.build import BuildConfig, ModelSpec, build_bundle
-
-    demo = demo_bundle_dir()
-    m = read_manifest(demo)
-    if (out / "eval").is_dir() and read_manifest(out).cache == {"scheme": "fora"}:
-        return out
-    models = [ModelSpec(x.name, str(demo / x.engines["torch"].file)) for x in m.models]
-    build_bundle(BuildConfig(models=models, out=out, backends=["torch", "ort"], image_size=m.image_size,
-                             num_classes=m.num_classes, latent_channels=m.latent_shape[0], downsample=1,
-                             guidance_channels=m.guidance_channels,
-                             batch_range=tuple(m.models[0].engines["ort"].batch_range), cache_scheme="fora"))
-    shutil.copytree(demo / "eval", out / "eval")  # the evaluator's classifier and held-out digits, as shipped
-    return out
 
 
 def check_interval_one(bundle: Path) -> None:
@@ -130,17 +113,15 @@ def main() -> None:
     ratios = [float(v) for v in args.ratios.split(",")]
     intervals = [int(v) for v in args.intervals.split(",")]
     t_start = time.perf_counter()
-    bundle = build_fora_demo(Path(args.work))
+    bundle = rebuild_demo(Path(args.work))
     check_interval_one(bundle)
     steps_cpu = step_cpu_ms(bundle, args.batch, args.step_calls)
     print("CPU ms per call at batch", args.batch, json.dumps({k: round(v, 1) for k, v in steps_cpu.items()}))
     points, reference = [], None
-    for n in intervals if args.images else ():
+    if args.images:  # the same sweep as `tstitch-trt bench --quality --cache-interval 1,2,3`
         res = quality_sweep(bundle, ratios, args.images, backend="ort", steps=args.steps, batch=args.batch,
-                            cache_interval=n, progress=True)
-        for pt in res["points"]:
-            points.append({**pt, "cache_interval": n})
-        reference = res["reference"]
+                            cache_intervals=intervals, progress=True)
+        points, reference = res["points"], res["reference"]
     configs = [(r, n) for r in ratios for n in intervals]
     timings = time_points(bundle, configs, args.batch, args.rounds, args.steps) if args.rounds else {}
     for pt in points:
@@ -154,7 +135,7 @@ def main() -> None:
              "| ms / image (median) | CPU ms / image (median) | CPU time vs ratio 0, interval 1 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for pt in points:
-        full = _full_calls(pt["steps_per_model"], pt["cache_interval"])
+        full = pt["full_calls_per_model"]
         ms_min, ms_med = pt.get("ms_per_image_min"), pt.get("ms_per_image_median")
         cpu = pt.get("cpu_ms_per_image_median")
         rel = f"{cpu / base['cpu_ms_per_image_median']:.2f}x" if cpu and base.get("cpu_ms_per_image_median") else "-"
@@ -169,11 +150,6 @@ def main() -> None:
               "wall_seconds": time.perf_counter() - t_start}
     (out / "fora.json").write_text(json.dumps(result, indent=2))
     (out / "fora.md").write_text(table + "\n")
-
-
-def _full_calls(steps_per_model: list[int], interval: int) -> list[int]:
-    """Full calls per model: each model counts from its own first call (sampling/cache_plan.py)."""
-    return [-(-s // interval) for s in steps_per_model]
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 # No GPU and no TensorRT needed (the TensorRT engine is not built without its headers; configure
 # says so). The OpenVINO engine is built from the openvino wheel of the Python it is given ($PYTHON, else
 # `python`: scripts/test.sh activates .venv first), and both builds run tests/test_cpp_openvino.py (the C API
-# on real graphs against Python's OpenVINO backend). Build dirs: build/ and build-asan/ (git-ignored).
+# on real graphs against Python's OpenVINO backend) and tests/test_cpp_cache.py (DeepCache / FORA bundles).
+# Build dirs: build/ and build-asan/ (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PKGS=(cmake ninja-build g++ nlohmann-json3-dev libssl-dev libgtest-dev libicu-dev)
@@ -39,7 +40,8 @@ cmake --build build-asan -j "$jobs"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 ctest --test-dir build-asan --output-on-failure -j "$jobs"
 if [[ ${#ov[@]} -gt 0 ]]; then
-    TSTITCH_CPP_BUILD=build-asan "$PY" -m pytest -q -p no:cacheprovider tests/test_cpp_openvino.py tests/test_cpp_tokenizer.py \
+    TSTITCH_CPP_BUILD=build-asan "$PY" -m pytest -q -p no:cacheprovider tests/test_cpp_openvino.py tests/test_cpp_cache.py \
+        tests/test_cpp_tokenizer.py \
         -k "not example and not ddim and not euler and not sdxl_controlnet"  # no examples here; fewer samplers and
         # no SDXL ControlNet (no C++ path the SDXL and ControlNet tests do not take; the plain build runs all)
 fi

@@ -106,9 +106,23 @@ def sampling_golden() -> dict:
                       "timesteps": p.timesteps.tolist(), "step_model": p.step_model.tolist(),
                       "coef_bits": f32_bits(p.coef),
                       "noise_bits": f32_bits(p.noise) if p.noise is not None else []})
+    # FORA's full / cached call plan (sampling/cache_plan.py, as pipeline/dit.py calls it on the plan's integer
+    # timesteps and stitch): 2 models by ratio, 3 by fractions, each interval; and the request bound both check
+    from tstitch_trt.sampling.cache_plan import MAX_CACHE_INTERVAL, cached_calls
+
+    cache_plans = []
+    for steps in (8, 10, 50):
+        ts = dit_schedule(steps).timesteps[::-1]
+        stitches = [{"ratio": r, "models": stitch_schedule(ts, 2, ratio=r)} for r in (0.0, 0.4, 0.5, 1.0)]
+        stitches.append({"fractions": [0.3, 0.3, 0.4], "models": stitch_schedule(ts, 3, fractions=(0.3, 0.3, 0.4))})
+        for st in stitches:
+            for interval in (1, 2, 3, 5, 1000):
+                cache_plans.append({"steps": steps, **{k: v for k, v in st.items() if k != "models"},
+                                    "interval": interval, "models": st["models"].tolist(),
+                                    "cached": [int(c) for c in cached_calls(ts, st["models"], interval)]})
     return {"linear_betas_1000": linear_betas(1000).tolist(), "linear_betas_100": linear_betas(100).tolist(),
             "spacing": spacing, "ddim_spacing": ddim_spacing, "schedules": schedules, "tables": tables,
-            "stitch": stitch, "plans": plans}
+            "stitch": stitch, "plans": plans, "cache_plans": cache_plans, "max_cache_interval": MAX_CACHE_INTERVAL}
 
 
 SD_CONFIGS = {  # diffusers scheduler_config.json dicts (SD 1.5's PNDM as shipped; Euler / DPM / DDIM variants)
@@ -411,6 +425,20 @@ MANIFEST_CASES = [
     ("DiT with text_encoder_2", "dit",
      [_set("/text_encoder_2", {"kind": "CLIPTextModelWithProjection", "hidden_state": "penultimate", "io": {},
                                "engines": {"trt": {"file": "te2/x.plan", "sha256": "0" * 64}}})]),
+    # feature caching (DeepCache, FORA): the scheme of the bundle kind; cache, io.roles.cache and every model's cached
+    # graphs together; a cached graph for every kind a model has
+    ("DeepCache without cached graphs", "sd", [_set("/cache", {"scheme": "deepcache", "branch": 0})]),
+    ("FORA on an SD bundle", "sd", [_set("/cache", {"scheme": "fora"})]),
+    ("DeepCache on a DiT bundle", "dit", [_set("/cache", {"scheme": "deepcache", "branch": 0})]),
+    ("cache role without cache", "sd", [_set("/io/roles/cache", [["deep", "deep_next"]])]),
+    ("one model without a cached graph", "sd",
+     [_set("/cache", {"scheme": "deepcache", "branch": 0}), _set("/io/roles/cache", [["deep", "deep_next"]]),
+      _set("/models/0/cached", {"feature": {"shape": ["2B", 8, "H", "W"], "dtype": "float32"},
+                                "engines": {"trt": {"file": "trt/0-cached.plan", "sha256": "0" * 64}}})]),
+    ("a cached graph missing for a kind", "sd",
+     [_set("/cache", {"scheme": "deepcache", "branch": 0}), _set("/io/roles/cache", [["deep", "deep_next"]])]
+     + [_set(f"/models/{i}/cached", {"feature": {"shape": ["2B", 8, "H", "W"], "dtype": "float32"}, "engines": {}})
+        for i in (0, 1)]),
 ]
 
 

@@ -209,6 +209,44 @@ def test_caching_needs_the_cached_graphs(tiny_pair, tmp_path, capsys) -> None:
                              str(tmp_path / "x.npy"), "--cache-interval", "2"], "--cache-scheme fora")
 
 
+@pytest.fixture(scope="module")
+def fora_demo(tmp_path_factory) -> Path:
+    """The shipped demo pair rebuilt with FORA's cached graphs (ort), with its evaluator: what bench --quality
+    scores."""
+    from tstitch_trt.demo.rebuild import rebuild_demo
+
+    return rebuild_demo(tmp_path_factory.mktemp("fora-demo") / "bundle", backends=["ort"])
+
+
+def test_bench_quality_sweeps_the_cache_interval(fora_demo, tmp_path) -> None:
+    """`bench --quality --cache-interval 1,2`: every ratio at every interval, the same labels and noise, so the
+    cached points differ from the uncached ones only by the caching; the table and the JSON say which is which."""
+    out = tmp_path / "q"
+    assert main(["bench", "--quality", "--bundle", str(fora_demo), "--quality-images", "10", "--steps", "10",
+                 "--ratios", "0,0.4", "--cache-interval", "1,2", "--out", str(out)]) == 0
+    res = json.loads((out / "quality.json").read_text())
+    assert res["cache_intervals"] == [1, 2]
+    pts = {(p["ratio"], p["cache_interval"]): p for p in res["points"]}
+    assert set(pts) == {(0.0, 1), (0.4, 1), (0.0, 2), (0.4, 2)}
+    assert pts[(0.4, 1)]["full_calls_per_model"] == [4, 6] and pts[(0.4, 2)]["full_calls_per_model"] == [2, 3]
+    assert pts[(0.0, 2)]["full_calls_per_model"] == [0, 5]
+    for ratio in (0.0, 0.4):
+        plain, cached = pts[(ratio, 1)], pts[(ratio, 2)]
+        assert cached["steps_per_model"] == plain["steps_per_model"]
+        assert abs(cached["fid"] - plain["fid"]) > 1e-3, (ratio, cached["fid"], plain["fid"])
+    table = (out / "quality.md").read_text()
+    assert "| FORA interval | full calls |" in table and "| 40% | 2 | 2 / 3 | 4 / 6 |" in table
+
+
+def test_bench_quality_cache_interval_needs_the_cached_graphs(tmp_path, capsys) -> None:
+    """The shipped demo pair has no FORA graphs; bench's speed figures take no interval (never ignored)."""
+    one_line_exit_2(capsys, ["bench", "--quality", "--quality-images", "10", "--cache-interval", "2",
+                             "--out", str(tmp_path / "q")], "--cache-scheme fora")
+    assert not (tmp_path / "q").exists()
+    one_line_exit_2(capsys, ["bench", "--cache-interval", "2", "--out", str(tmp_path / "b")], "--quality")
+    assert not (tmp_path / "b").exists()
+
+
 def test_build_flags_by_kind(tmp_path, capsys) -> None:
     """DiTs take --cache-scheme fora, not DeepCache's --cache-branch (and the reverse for SD: cli/cache.py)."""
     out = tmp_path / "b"

@@ -32,7 +32,7 @@ pytest.importorskip("peft")
 
 from conftest import tiny_sd_parts  # noqa: E402
 from tstitch_trt.cli import main  # noqa: E402
-from tstitch_trt.models.diffusers_peer import EmbeddingBlind, stitch_by_callback  # noqa: E402
+from tstitch_trt.models.diffusers_peer import EmbeddingBlind, end_deepcache, stitch_by_callback  # noqa: E402
 
 PROMPT = "a photo of a cat sitting on a red chair"
 SIZE = 32  # dummy VAE factor 2: latent 4x16x16
@@ -93,20 +93,27 @@ def reference(lcm_parts):
     large = pipe.unet
     smalls = {}
 
-    def run(pair: str, steps: int, g: float, seed: int, batch: int = 2, large_blind: bool = False):
-        """large_blind: the large U-Net gets no guidance embedding (what the reference's defect would do)."""
+    def run(pair: str, steps: int, g: float, seed: int, batch: int = 2, large_blind: bool = False,
+            ratio: float = RATIO, cache: tuple[int, int] | None = None):
+        """large_blind: the large U-Net gets no guidance embedding (what the reference's defect would do).
+        cache (interval, branch): the `deepcache` package's DeepCacheSDHelper on each U-Net, restarted at the switch
+        (the helper wraps the U-Net's own blocks: the "embed" pair only, whose U-Nets need no EmbeddingBlind)."""
         if pair not in smalls:
             small = peer_small_unet(lcm_parts, pair)
             dim = large.config.time_cond_proj_dim
             smalls[pair] = small if small.config.time_cond_proj_dim else EmbeddingBlind(small, dim)
         second = EmbeddingBlind(large, large.config.time_cond_proj_dim) if large_blind else large
-        switch = stitch_by_callback(pipe, smalls[pair], second, steps, RATIO)
-
-        with torch.no_grad():
-            out = pipe([PROMPT] * batch, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=g,
-                       generator=torch.Generator().manual_seed(seed), output_type="latent",
-                       callback_on_step_end=switch)
-        pipe.unet = large
+        switch = stitch_by_callback(pipe, smalls[pair], second, steps, ratio, cache=cache)
+        try:
+            with torch.no_grad():
+                out = pipe([PROMPT] * batch, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=g,
+                           generator=torch.Generator().manual_seed(seed), output_type="latent",
+                           callback_on_step_end=switch)
+        finally:
+            if cache is not None:
+                end_deepcache(smalls[pair])
+                end_deepcache(large)
+            pipe.unet = large
         return out.images.numpy()
 
     return run
@@ -124,13 +131,15 @@ def same_draws(steps: int, seed: int, batch: int = 2) -> tuple[np.ndarray, np.nd
     return init.numpy(), noise.numpy()
 
 
-def run_ours(bundle: Path, backend: str, steps: int, g: float | None, seed: int) -> tuple[np.ndarray, dict]:
+def run_ours(bundle: Path, backend: str, steps: int, g: float | None, seed: int, ratio: float = RATIO,
+             cache_interval: int = 1) -> tuple[np.ndarray, dict]:
     from tstitch_trt.pipeline.sd import StitchedSDPipeline
 
     init, noise = same_draws(steps, seed)
     pipe = StitchedSDPipeline.from_bundle(bundle, backend=backend)
     try:
-        res = pipe(PROMPT, ratio=RATIO, steps=steps, cfg_scale=g, init_noise=init, step_noise=noise, decode=False)
+        res = pipe(PROMPT, ratio=ratio, steps=steps, cfg_scale=g, init_noise=init, step_noise=noise, decode=False,
+                   cache_interval=cache_interval)
     finally:
         pipe.close()
     return res.latents, res.report
@@ -320,6 +329,30 @@ def test_trt_rtx_builds_the_embedding_step_graph(tmp_path, embedding) -> None:
     assert profile["context"] == [[1, 77, 32], [2, 77, 32], [2, 77, 32]]  # B, not 2B: no CFG batch
     assert profile["x"][2][0] == 2
     assert "guidance" in io["inputs"] and io["inputs"]["guidance"]["shape"] == []
+
+
+CACHE_BRANCH = 3
+
+
+@pytest.fixture(scope="module")
+def cache_bundle(lcm_parts, tmp_path_factory) -> Path:
+    """The "embed" pair with DeepCache's cached step graphs (branch 3), embedding guidance, no CFG batch."""
+    return build(lcm_parts, tmp_path_factory.mktemp("lcm-cache") / "embed", lcm_parts["small_embed"],
+                 "--cache-branch", str(CACHE_BRANCH))
+
+
+@pytest.mark.parametrize("backend,steps,ratio,interval", [("ort", 8, 0.0, 2), ("ort", 4, RATIO, 2),
+                                                          ("ort", 8, RATIO, 3), ("torch", 8, RATIO, 2)])
+def test_lcm_cache_equals_deepcache(cache_bundle, reference, backend, steps, ratio, interval) -> None:
+    """LCM with DeepCache: equal to LatentConsistencyModelPipeline with DeepCacheSDHelper (same cache_interval and
+    cache_branch_id), stitched by callback with the helper started afresh on the large U-Net at the switch."""
+    pytest.importorskip("DeepCache", reason="pip install --no-deps deepcache (scripts/test.sh installs it)")
+    ref = reference("embed", steps, 8.5, seed=steps, ratio=ratio, cache=(interval, CACHE_BRANCH))
+    got, report = run_ours(cache_bundle, backend, steps, 8.5, seed=steps, ratio=ratio, cache_interval=interval)
+    assert report["sampler"] == "lcm" and report["cache"]["cached_calls"] and np.abs(ref).max() > 0.1
+    assert rel_diff(got, ref) < 1e-4, f"{backend} {steps} steps r={ratio} N={interval}: {rel_diff(got, ref):.2e}"
+    if backend == "ort" and steps == 8:  # the comparison can fail: caching moves the result
+        assert rel_diff(got, reference("embed", steps, 8.5, seed=steps, ratio=ratio)) > 1e-3
 
 
 def test_request_noise_is_what_a_run_draws(bundles) -> None:

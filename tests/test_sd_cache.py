@@ -343,3 +343,153 @@ def test_sdxl_stitched_equals_deepcache_switched(sdxl_pair, tmp_path):
                  "--cache-interval", "2"]) == 0
     got = np.load(tmp_path / "out.npy")
     assert np.abs(ref).max() > 0.1 and rel_diff(got, ref) < 1e-4, f"{rel_diff(got, ref):.2e}"
+
+
+# --- ControlNet: the peer is DeepCacheSDHelper on diffusers' StableDiffusionControlNetPipeline --------------------
+CONTROL_BRANCH = 3  # up block 1: four of the six skip connections live on a cached call, two (and the mid) dead
+
+
+@pytest.fixture(scope="module")
+def control_cache(control_set, tmp_path_factory):
+    """(bundle built with --controlnet and --cache-branch 3, the control PNG, the peer)."""
+    from diffusers import (
+        ControlNetModel,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from PIL import Image
+
+    small, large, net = control_set
+    root = tmp_path_factory.mktemp("sd-control-cache")
+    bundle = build_sd(root / "bundle", [small, large], "--controlnet", str(net), "--cache-branch", str(CONTROL_BRANCH))
+    png = root / "control.png"
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(png)
+    base = StableDiffusionPipeline.from_pretrained(str(large), safety_checker=None, requires_safety_checker=False)
+    parts = {k: v for k, v in base.components.items()
+             if k not in ("safety_checker", "feature_extractor", "image_encoder")}
+    pipe = StableDiffusionControlNetPipeline(**parts, controlnet=ControlNetModel.from_pretrained(str(net)).eval(),
+                                             safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    small_unet, large_unet = UNet2DConditionModel.from_pretrained(str(small)).eval(), pipe.unet
+    n_calls = len(sd_table("pndm", dict(pipe.scheduler.config), STEPS).timesteps)
+
+    def peer(ratio: float, latents: np.ndarray, cache: tuple[int, int] | None, guess: bool) -> np.ndarray:
+        switch = stitch_by_callback(pipe, small_unet, large_unet, n_calls, ratio, cache=cache)
+        try:
+            with torch.no_grad():
+                out = pipe([PROMPT] * latents.shape[0], image=Image.open(png), height=SIZE, width=SIZE,
+                           num_inference_steps=STEPS, guidance_scale=7.5, latents=torch.from_numpy(latents),
+                           output_type="latent", guess_mode=guess, callback_on_step_end=switch)
+        finally:
+            end_deepcache(small_unet)
+            end_deepcache(large_unet)
+            pipe.unet = large_unet
+        return np.asarray(out.images)
+
+    return bundle, png, peer
+
+
+@pytest.mark.parametrize("backend,ratio,interval,guess", [("ort", 0.0, 2, False), ("ort", 0.4, 3, True),
+                                                          ("torch", 0.4, 2, False)])
+def test_controlnet_equals_deepcache_switched(control_cache, tmp_path, backend, ratio, interval, guess) -> None:
+    """The ControlNet runs on every call as in the peer; on a cached call only its residuals for the skip
+    connections the shallow path reads matter (the rest land on skipped modules)."""
+    bundle, png, peer = control_cache
+    init = unit_latents()
+    ref = peer(ratio, init, (interval, CONTROL_BRANCH), guess)
+    got, report = run_cli(bundle, tmp_path, backend, "pndm", ratio, init, "--control-image", str(png),
+                          "--cache-interval", str(interval), *(["--guess-mode"] if guess else []))
+    assert np.abs(ref).max() > 0.1
+    assert rel_diff(got, ref) < 1e-4, f"{backend} r={ratio} N={interval}: {rel_diff(got, ref):.2e}"
+    assert report["cache"]["cached_calls"] and report["controlnet"]["guess_mode"] is guess
+    if backend == "ort":  # the comparison can fail: caching moves the result against the peer without it
+        assert rel_diff(got, peer(ratio, init, None, guess)) > 1e-3
+
+
+def test_controlnet_cached_graph_keeps_only_the_shallow_controlnet(control_cache) -> None:
+    """The cached ONNX graph holds the ControlNet's layers up to the live skip connections and none deeper: its
+    zero convolutions 0..3 (branch 3 reads skips 0..3), not 4, 5 or the mid block's."""
+    import onnx
+
+    from tstitch_trt.bundle.manifest import artifact_path
+
+    bundle = control_cache[0]
+    manifest = read_manifest(bundle)
+    for m in manifest.models:
+        full = onnx.load(str(artifact_path(bundle, m.engines["ort"])), load_external_data=False)
+        cached = onnx.load(str(artifact_path(bundle, m.cached["engines"]["ort"])), load_external_data=False)
+        names = [{i.name for i in g.graph.initializer if ".controlnet." in i.name} for g in (full, cached)]
+        zero = [{n.split("controlnet_down_blocks.")[1].split(".")[0] for n in x if "controlnet_down_blocks." in n}
+                for x in names]
+        assert zero[0] == {"0", "1", "2", "3", "4", "5"} and zero[1] == {"0", "1", "2", "3"}, zero
+        assert any("controlnet.mid_block" in n for n in names[0])
+        assert not any("controlnet.mid_block" in n or "controlnet_mid_block" in n for n in names[1])
+
+
+def test_controlnet_torch_cached_call_skips_the_deep_controlnet(control_set) -> None:
+    """The torch backend's cached step (export/deep_cache.CacheStep) skips the ControlNet's layers behind dead
+    residuals outright, as the cached ONNX graph prunes them; the full step runs them."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from tstitch_trt.export.deep_cache import CacheStep
+    from tstitch_trt.export.unet_export import example_unet_inputs
+    from tstitch_trt.export.unet_step import UNetStepModule
+
+    small, _, net_dir = control_set
+    net = ControlNetModel.from_pretrained(str(net_dir)).eval()
+    step = UNetStepModule(UNet2DConditionModel.from_pretrained(str(small)).eval(), net).eval()
+    # the layer behind skip 3 (down block 0's downsampler) runs; down block 1 (skips 4, 5) and the mid block do not
+    layers = {"downsampler 0": net.down_blocks[0].downsamplers[0], "down 1": net.down_blocks[1].resnets[0],
+              "mid": net.mid_block.resnets[0]}
+    calls = dict.fromkeys(layers, 0)
+    for name, layer in layers.items():
+        layer.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    inputs = example_unet_inputs(step, 77, pixel_factor=2)
+    with torch.no_grad():
+        kept = CacheStep(step, CONTROL_BRANCH, "full")(*inputs)[-1]
+        assert calls == {"downsampler 0": 1, "down 1": 1, "mid": 1}
+        CacheStep(step, CONTROL_BRANCH, "cached")(*inputs, kept)
+    assert calls == {"downsampler 0": 2, "down 1": 1, "mid": 1}
+
+
+def test_sdxl_controlnet_stitched_equals_deepcache_switched(sdxl_control_set, tmp_path):
+    """SDXL with a ControlNet (text_embeds and time_ids into the ControlNet too): equal to
+    StableDiffusionXLControlNetPipeline with the peer's helper, switched by callback."""
+    from diffusers import (
+        ControlNetModel,
+        StableDiffusionXLControlNetPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from PIL import Image
+
+    small, large, net = sdxl_control_set
+    bundle = build_sd(tmp_path / "sdxl-control-cache", [small, large], "--controlnet", str(net), "--cache-branch", "0",
+                      backends="ort")
+    png = tmp_path / "control.png"
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(png)
+    base = StableDiffusionXLPipeline.from_pretrained(str(large))
+    parts = {k: v for k, v in base.components.items() if k not in ("image_encoder", "feature_extractor")}
+    pipe = StableDiffusionXLControlNetPipeline(
+        **parts, controlnet=ControlNetModel.from_pretrained(str(net)).eval(),
+        force_zeros_for_empty_prompt=base.config.force_zeros_for_empty_prompt, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    small_unet, large_unet = UNet2DConditionModel.from_pretrained(str(small)).eval(), pipe.unet
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    steps, init = STEPS, unit_latents()  # run_cli's
+    n_calls = len(sd_table("euler", dict(pipe.scheduler.config), steps).timesteps)
+    switch = stitch_by_callback(pipe, small_unet, large_unet, n_calls, 0.4, cache=(2, 0))
+    try:
+        with torch.no_grad():
+            ref = np.asarray(pipe([PROMPT] * 2, image=Image.open(png), height=SIZE, width=SIZE,
+                                  num_inference_steps=steps, latents=torch.from_numpy(init), output_type="latent",
+                                  callback_on_step_end=switch).images)
+    finally:
+        end_deepcache(small_unet)
+        end_deepcache(large_unet)
+    got, report = run_cli(bundle, tmp_path, "ort", "euler", 0.4, init, "--control-image", str(png),
+                          "--cache-interval", "2")
+    assert report["cache"]["cached_calls"] and np.abs(ref).max() > 0.1
+    assert rel_diff(got, ref) < 1e-4, f"{rel_diff(got, ref):.2e}"

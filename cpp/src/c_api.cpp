@@ -69,19 +69,30 @@ static_assert(kRequestV4Size == (offsetof(tstitch_request, control_guess_mode) +
                                     alignof(tstitch_request) * alignof(tstitch_request),
               "the API 5 fields start where sizeof(a version-4 request) ended");
 
-bool request_size_known(size_t n) { return n == sizeof(tstitch_request) || n == kRequestV4Size || n == kRequestV3Size; }
+// Version 5 ended at num_negative_prompts (an int after a pointer: 4 bytes of padding end its struct); the API 6
+// fields begin inside that padding, so a version-5 request is copied up to its last field only.
+constexpr size_t kRequestV5Fields = offsetof(tstitch_request, cache_interval);
+constexpr size_t kRequestV5Size = (kRequestV5Fields + alignof(tstitch_request) - 1) / alignof(tstitch_request) * alignof(tstitch_request);
+static_assert(kRequestV5Fields == offsetof(tstitch_request, num_negative_prompts) + sizeof(int),
+              "the API 6 fields follow num_negative_prompts");
+static_assert(kRequestV5Size < sizeof(tstitch_request), "a version-5 request is smaller than this one");
+
+bool request_size_known(size_t n) {
+  return n == sizeof(tstitch_request) || n == kRequestV5Size || n == kRequestV4Size || n == kRequestV3Size;
+}
 
 tstitch_request normalized(const tstitch_request* r) {
   if (r == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "request is NULL");
   if (!request_size_known(r->struct_size))
     fail(TSTITCH_ERR_INVALID_ARGUMENT, "request.struct_size is " + std::to_string(r->struct_size) + ", this library expects " +
                                            std::to_string(sizeof(tstitch_request)) + " (API version " +
-                                           std::to_string(TSTITCH_API_VERSION) + "), " + std::to_string(kRequestV4Size) +
+                                           std::to_string(TSTITCH_API_VERSION) + "), " + std::to_string(kRequestV5Size) +
+                                           " (version 5), " + std::to_string(kRequestV4Size) +
                                            " (version 4) or " + std::to_string(kRequestV3Size) +
                                            " (version 3); initialise it with tstitch_request_init and rebuild against this header");
   tstitch_request q;
   tstitch_request_init(&q);
-  std::memcpy(static_cast<void*>(&q), r, r->struct_size);
+  std::memcpy(static_cast<void*>(&q), r, r->struct_size == kRequestV5Size ? kRequestV5Fields : r->struct_size);
   q.struct_size = sizeof(tstitch_request);
   return q;
 }
@@ -209,6 +220,8 @@ SampleRequest to_request(const Runtime& rt, const tstitch_request* given) {
   q.eta = r->eta;
   q.cfg_scale = r->cfg_scale;
   q.seed = r->seed;
+  q.cache_interval = r->cache_interval;  // checked by the runtime (pipeline/caching.py's rules)
+  q.cache_branch = r->cache_branch;
   if (r->init_noise != nullptr) {
     const Manifest& m = rt.manifest();
     q.init_noise.assign(r->init_noise, r->init_noise + static_cast<size_t>(r->batch) * m.channels() * lh * lw);
@@ -304,6 +317,8 @@ void tstitch_request_init(tstitch_request* r) {
   r->cfg_scale = 1.5f;
   r->controlnet_scale = 1.0f;
   r->control_guidance_end = 1.0;
+  r->cache_interval = 1;
+  r->cache_branch = -1;
 }
 
 void tstitch_sample_info_init(tstitch_sample_info* i) {
@@ -463,6 +478,23 @@ tstitch_status tstitch_sample_alloc(tstitch_runtime* h, const tstitch_request* r
       return s;  // tstitch_sample set the message
     }
     *latents = buf, *count = need;
+    return TSTITCH_OK;
+  });
+}
+
+tstitch_status tstitch_cache_plan(tstitch_runtime* h, const tstitch_request* request, uint8_t* cached, size_t capacity,
+                                  int* calls) {
+  return guarded([&] {
+    Runtime& rt = checked(h);
+    if (calls == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "calls is NULL");
+    *calls = 0;
+    const std::vector<uint8_t> plan = rt.cache_plan(to_request(rt, request));
+    *calls = static_cast<int>(plan.size());
+    if (cached == nullptr) return TSTITCH_OK;  // the count only
+    if (capacity < plan.size())
+      fail(TSTITCH_ERR_BUFFER_TOO_SMALL, "cached holds " + std::to_string(capacity) + " bytes, the trajectory has " +
+                                             std::to_string(plan.size()) + " calls");
+    std::copy(plan.begin(), plan.end(), cached);
     return TSTITCH_OK;
   });
 }

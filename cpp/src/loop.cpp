@@ -37,24 +37,34 @@ double LoopResult::host_overhead_ms_per_step() const {
 }
 
 StitchedLoop::StitchedLoop(const Manifest& manifest, Device& device, std::vector<std::unique_ptr<StepEngine>> engines,
-                           bool cuda_graph)
-    : manifest_(manifest), device_(device), engines_(std::move(engines)), use_graph_(cuda_graph) {
+                           bool cuda_graph, std::vector<std::unique_ptr<StepEngine>> cached_engines)
+    : manifest_(manifest), device_(device), engines_(std::move(engines)), cached_engines_(std::move(cached_engines)),
+      use_graph_(cuda_graph) {
   try {
     bindings_ = resolve_roles(manifest_, 11);
     for (const Binding& b : bindings_)
       if (b.latent) latent_name_ = b.spec.name;
+    caching_ = !manifest_.roles.cache.first.empty();
     check_engines();
+    auto contexts = [](StepEngine& e) {
+      std::vector<std::unique_ptr<StepContext>> pair;
+      for (int parity = 0; parity < 2; ++parity) pair.push_back(e.create_context());
+      return pair;
+    };
     for (auto& e : engines_) {
       engine_scratch_.push_back(e->scratch_bytes());
-      std::vector<std::unique_ptr<StepContext>> pair;
-      for (int parity = 0; parity < 2; ++parity) pair.push_back(e->create_context());
-      contexts_.push_back(std::move(pair));
+      contexts_.push_back(contexts(*e));
+    }
+    size_t most = std::max<size_t>(1, *std::max_element(engine_scratch_.begin(), engine_scratch_.end()));
+    for (auto& e : cached_engines_) {
+      most = std::max(most, e->scratch_bytes());
+      cached_contexts_.push_back(contexts(*e));
     }
     // One scratch for every context: engines never run at the same time.
-    const size_t most = std::max<size_t>(1, *std::max_element(engine_scratch_.begin(), engine_scratch_.end()));
     scratch_ = alloc(most, "TensorRT scratch (shared by all engines)");
-    for (auto& pair : contexts_)
-      for (auto& ctx : pair) ctx->set_scratch(scratch_.ptr, scratch_.nbytes);
+    for (auto* group : {&contexts_, &cached_contexts_})
+      for (auto& pair : *group)
+        for (auto& ctx : pair) ctx->set_scratch(scratch_.ptr, scratch_.nbytes);
   } catch (...) {
     close();
     throw;
@@ -63,37 +73,60 @@ StitchedLoop::StitchedLoop(const Manifest& manifest, Device& device, std::vector
 
 StitchedLoop::~StitchedLoop() { close(); }
 
+TensorSpec StitchedLoop::kept_spec(size_t model, bool cached_graph) const {
+  TensorSpec t = manifest_.models[model].cached_feature;
+  t.name = cached_graph ? manifest_.roles.cache.first : manifest_.roles.cache.second;
+  t.input = cached_graph;
+  return t;
+}
+
 void StitchedLoop::check_engines() {
   if (engines_.size() != manifest_.models.size()) fail(TSTITCH_ERR_INTERNAL, "one engine per model expected");
+  if (!cached_engines_.empty() && (!caching_ || cached_engines_.size() != engines_.size()))
+    fail(TSTITCH_ERR_INTERNAL, "one cached engine per model expected, on a bundle with io.roles.cache");
   for (size_t m = 0; m < engines_.size(); ++m) {
     const std::string& name = manifest_.models[m].name;
-    std::vector<EngineTensor> ts = engines_[m]->tensors();
-    std::vector<std::string> unknown, missing;
-    for (const EngineTensor& t : ts)
-      if (std::none_of(bindings_.begin(), bindings_.end(), [&](const Binding& b) { return b.spec.name == t.name; }))
-        unknown.push_back(t.name);
-    for (const Binding& b : bindings_)
-      if (std::none_of(ts.begin(), ts.end(), [&](const EngineTensor& t) { return t.name == b.spec.name; }))
-        missing.push_back(b.spec.name);
-    if (!unknown.empty() || !missing.empty()) {
-      auto join = [](const std::vector<std::string>& v) {
-        std::string s;
-        for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
-        return "[" + s + "]";
-      };
-      fail(TSTITCH_ERR_BUNDLE, "the engine of " + name + " does not match the manifest's step I/O (unknown " +
-                                   join(unknown) + ", missing " + join(missing) + "); rebuild the bundle");
+    if (caching_ && manifest_.models[m].cached_feature.shape.empty())
+      fail(TSTITCH_ERR_BUNDLE, name + " has no cached.feature for io.roles.cache; rebuild the bundle");
+    const TensorSpec out = caching_ ? kept_spec(m, false) : TensorSpec{};
+    check_engine(*engines_[m], "the engine of " + name, caching_ ? &out : nullptr);
+    if (m < cached_engines_.size()) {
+      const TensorSpec in = kept_spec(m, true);
+      check_engine(*cached_engines_[m], "the cached engine of " + name, &in);
     }
-    for (const EngineTensor& t : ts) {
-      const Binding& b = *std::find_if(bindings_.begin(), bindings_.end(), [&](const Binding& x) { return x.spec.name == t.name; });
-      if (t.input != b.spec.input)
-        fail(TSTITCH_ERR_BUNDLE, "the engine of " + name + ": tensor " + t.name + " has the wrong direction; rebuild");
-      if (!t.on_device)
-        fail(TSTITCH_ERR_BUNDLE, "the engine of " + name + " keeps " + t.name + " on the host; rebuild the bundle");
-      if (t.dtype != b.spec.dtype)
-        fail(TSTITCH_ERR_BUNDLE, "the engine of " + name + " has " + t.name + " as " + t.dtype + ", the manifest says " +
-                                     b.spec.dtype + "; rebuild the bundle");
-    }
+  }
+}
+
+void StitchedLoop::check_engine(StepEngine& engine, const std::string& name, const TensorSpec* extra) {
+  // name: "the engine of <model>" / "the cached engine of <model>"; extra: the kept feature's I/O, if any
+  std::vector<EngineTensor> ts = engine.tensors();
+  std::vector<Binding> expected = bindings_;
+  if (extra != nullptr) expected.push_back({*extra, extra->input ? Role::kRequest : Role::kStateOut, "", "", false});
+  std::vector<std::string> unknown, missing;
+  for (const EngineTensor& t : ts)
+    if (std::none_of(expected.begin(), expected.end(), [&](const Binding& b) { return b.spec.name == t.name; }))
+      unknown.push_back(t.name);
+  for (const Binding& b : expected)
+    if (std::none_of(ts.begin(), ts.end(), [&](const EngineTensor& t) { return t.name == b.spec.name; }))
+      missing.push_back(b.spec.name);
+  if (!unknown.empty() || !missing.empty()) {
+    auto join = [](const std::vector<std::string>& v) {
+      std::string s;
+      for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+      return "[" + s + "]";
+    };
+    fail(TSTITCH_ERR_BUNDLE, name + " does not match the manifest's step I/O (unknown " +
+                                 join(unknown) + ", missing " + join(missing) + "); rebuild the bundle");
+  }
+  for (const EngineTensor& t : ts) {
+    const Binding& b = *std::find_if(expected.begin(), expected.end(), [&](const Binding& x) { return x.spec.name == t.name; });
+    if (t.input != b.spec.input)
+      fail(TSTITCH_ERR_BUNDLE, name + ": tensor " + t.name + " has the wrong direction; rebuild");
+    if (!t.on_device)
+      fail(TSTITCH_ERR_BUNDLE, name + " keeps " + t.name + " on the host; rebuild the bundle");
+    if (t.dtype != b.spec.dtype)
+      fail(TSTITCH_ERR_BUNDLE, name + " has " + t.name + " as " + t.dtype + ", the manifest says " +
+                                   b.spec.dtype + "; rebuild the bundle");
   }
 }
 
@@ -117,7 +150,13 @@ void StitchedLoop::free_buffers() {
                    owned_.end());
     }
   for (auto* group : {&state_[0], &state_[1], &step_, &table_, &request_}) group->clear();
+  for (const Buffer& k : kept_) {
+    device_.free(k.ptr);
+    owned_.erase(std::remove_if(owned_.begin(), owned_.end(), [&](const Buffer& b) { return b.ptr == k.ptr; }), owned_.end());
+  }
+  kept_.clear();
   key_.clear();
+  cached_bound_ = 0;
 }
 
 void StitchedLoop::allocate(const TrajectoryPlan& plan, const DimValues& dims) {
@@ -157,10 +196,26 @@ void StitchedLoop::allocate(const TrajectoryPlan& plan, const DimValues& dims) {
       request_[b.spec.name] = alloc(bytes, b.spec.name + shape);
     }
   }
+  if (caching_)  // one kept feature per model, in its own shape
+    for (size_t m = 0; m < engines_.size(); ++m) {
+      const TensorSpec f = kept_spec(m, false);
+      kept_.push_back(alloc(count(resolve_dims(f, dims)) * dtype_size(f.dtype),
+                            "the kept feature of " + manifest_.models[m].name + shape));
+    }
   dims_ = dims;
   bind();
   key_ = key;
   ++generation_;
+}
+
+void* StitchedLoop::address(const Binding& b, int parity) {
+  switch (b.role) {
+    case Role::kStateIn: return state_[parity][b.spec.name].ptr;  // step i reads slot i % 2
+    case Role::kStateOut: return state_[1 - parity][b.pair].ptr;  // and writes slot (i + 1) % 2
+    case Role::kStep: return step_[b.spec.name].ptr;
+    case Role::kRequest: return request_[b.spec.name].ptr;
+  }
+  return nullptr;
 }
 
 void StitchedLoop::bind() {
@@ -169,18 +224,13 @@ void StitchedLoop::bind() {
     for (int parity = 0; parity < 2; ++parity) {
       StepContext& ctx = *contexts_[m][parity];
       for (const Binding& b : bindings_) {
-        void* ptr = nullptr;
-        switch (b.role) {
-          case Role::kStateIn: ptr = state_[parity][b.spec.name].ptr; break;  // step i reads slot i % 2
-          case Role::kStateOut: ptr = state_[1 - parity][b.pair].ptr; break;   // and writes slot (i + 1) % 2
-          case Role::kStep: ptr = step_[b.spec.name].ptr; break;
-          case Role::kRequest: ptr = request_[b.spec.name].ptr; break;
-        }
+        void* ptr = address(b, parity);
         if (b.spec.input && !ctx.set_input_shape(b.spec.name, resolve_dims(b.spec, dims_)))
           fail(TSTITCH_ERR_INVALID_ARGUMENT, "the engine of " + manifest_.models[m].name + " refused the shape of " +
                                                  b.spec.name + " for batch " + std::to_string(dims_.at("B")));
         ctx.set_address(b.spec.name, ptr);
       }
+      if (caching_) ctx.set_address(manifest_.roles.cache.second, kept_[m].ptr);  // the full graph writes it
       need = std::max(need, ctx.scratch_needed());
     }
   }
@@ -191,8 +241,46 @@ void StitchedLoop::bind() {
     scratch_ = {};
     scratch_ = alloc(need, "TensorRT scratch (shared by all engines)");
   }
-  for (auto& pair : contexts_)
-    for (auto& ctx : pair) ctx->set_scratch(scratch_.ptr, scratch_.nbytes);
+  for (auto* group : {&contexts_, &cached_contexts_})
+    for (auto& pair : *group)
+      for (auto& ctx : pair) ctx->set_scratch(scratch_.ptr, scratch_.nbytes);
+}
+
+// The cached engines' contexts: bound at the first trajectory of these buffers that has a cached call (a bundle
+// run without caching never compiles them, as Python's OpenVINO backend), to the same buffers as the full ones,
+// the model's kept feature as their input.
+void StitchedLoop::bind_cached() {
+  if (cached_bound_ == generation_) return;
+  size_t need = scratch_.nbytes;
+  for (size_t m = 0; m < cached_contexts_.size(); ++m) {
+    const TensorSpec kept = kept_spec(m, true);
+    for (int parity = 0; parity < 2; ++parity) {
+      StepContext& ctx = *cached_contexts_[m][parity];
+      for (const Binding& b : bindings_) {
+        void* ptr = address(b, parity);
+        if (b.spec.input && !ctx.set_input_shape(b.spec.name, resolve_dims(b.spec, dims_)))
+          fail(TSTITCH_ERR_INVALID_ARGUMENT, "the cached engine of " + manifest_.models[m].name + " refused the shape of " +
+                                                 b.spec.name + " for batch " + std::to_string(dims_.at("B")));
+        ctx.set_address(b.spec.name, ptr);
+      }
+      if (!ctx.set_input_shape(kept.name, resolve_dims(kept, dims_)))
+        fail(TSTITCH_ERR_INVALID_ARGUMENT, "the cached engine of " + manifest_.models[m].name + " refused the shape of " +
+                                               kept.name + " for batch " + std::to_string(dims_.at("B")));
+      ctx.set_address(kept.name, kept_[m].ptr);
+      need = std::max(need, ctx.scratch_needed());
+    }
+  }
+  if (need > scratch_.nbytes) {
+    device_.free(scratch_.ptr);
+    owned_.erase(std::remove_if(owned_.begin(), owned_.end(), [&](const Buffer& b) { return b.ptr == scratch_.ptr; }),
+                 owned_.end());
+    scratch_ = {};
+    scratch_ = alloc(need, "TensorRT scratch (shared by all engines)");
+    for (auto* group : {&contexts_, &cached_contexts_})
+      for (auto& pair : *group)
+        for (auto& ctx : pair) ctx->set_scratch(scratch_.ptr, scratch_.nbytes);
+  }
+  cached_bound_ = generation_;
 }
 
 void StitchedLoop::require_open() const {
@@ -208,7 +296,20 @@ void StitchedLoop::prepare(const TrajectoryPlan& plan, const RequestInputs& in) 
   if (in.x_init.size() != count(resolve_dims(latent.spec, dims)))
     fail(TSTITCH_ERR_INVALID_ARGUMENT, "the initial latent has " + std::to_string(in.x_init.size()) + " values, its shape needs " +
                                            std::to_string(count(resolve_dims(latent.spec, dims))));
+  const bool any_cached = std::any_of(plan.cached.begin(), plan.cached.end(), [](uint8_t c) { return c != 0; });
+  if (!plan.cached.empty() && plan.cached.size() != static_cast<size_t>(plan.steps()))
+    fail(TSTITCH_ERR_INTERNAL, "the plan's cached row has " + std::to_string(plan.cached.size()) + " calls, not " +
+                                   std::to_string(plan.steps()));
+  if (any_cached && cached_engines_.empty())
+    fail(TSTITCH_ERR_UNAVAILABLE, "this bundle has no cached step graphs; rebuild it with --cache-branch K (SD) or "
+                                  "--cache-scheme fora (DiT), or run with cache interval 1");
+  for (int i = 0; i < plan.steps(); ++i)  // a cached call reads what its model's last call kept: a full call first
+    if (is_cached(plan, i) && (i == 0 || plan.step_model[i - 1] != plan.step_model[i]))
+      fail(TSTITCH_ERR_INTERNAL, "the plan's call " + std::to_string(i) + " is cached but its model's previous call is "
+                                 "not right before it");
   allocate(plan, dims);
+  if (any_cached) bind_cached();
+  for (const Buffer& k : kept_) device_.zero(k.ptr, k.nbytes);
   staging_.clear();
   auto upload = [&](const Buffer& dst, const void* src, size_t nbytes) {
     if (nbytes > dst.nbytes) fail(TSTITCH_ERR_INTERNAL, "upload larger than its buffer");
@@ -300,16 +401,17 @@ void StitchedLoop::restore_start() {
     if (b.latent) device_.upload(slot.ptr, x_init_.data(), x_init_.size() * 4);
     else device_.zero(slot.ptr, slot.nbytes);
   }
+  for (const Buffer& k : kept_) device_.zero(k.ptr, k.nbytes);
   device_.synchronize();
 }
 
-void StitchedLoop::enqueue(int step, int model) {
+void StitchedLoop::enqueue(int step, int model, bool cached) {
   // The step's table rows into the step buffers, then the engine: all on the stream.
   for (const auto& kv : table_) {
     const size_t n = row_bytes_[kv.first];
     device_.copy(step_[kv.first].ptr, static_cast<char*>(kv.second.ptr) + static_cast<size_t>(step) * n, n);
   }
-  contexts_[static_cast<size_t>(model)][static_cast<size_t>(step % 2)]->enqueue();
+  (cached ? cached_contexts_ : contexts_)[static_cast<size_t>(model)][static_cast<size_t>(step % 2)]->enqueue();
 }
 
 std::vector<float> StitchedLoop::read_latent(int slot) {
@@ -322,7 +424,7 @@ LoopResult StitchedLoop::plain_run(const TrajectoryPlan& plan) {
   LoopResult r;
   for (int i = 0; i < plan.steps(); ++i) {
     const double t0 = now_ms();
-    r.engine_ms.push_back(device_.time_ms([&] { enqueue(i, plan.step_model[i]); }));
+    r.engine_ms.push_back(device_.time_ms([&] { enqueue(i, plan.step_model[i], is_cached(plan, i)); }));
     r.step_ms.push_back(now_ms() - t0);
   }
   r.x = read_latent(plan.steps() % 2);
@@ -346,7 +448,7 @@ LoopResult StitchedLoop::replay(Graph& g, const TrajectoryPlan& plan) {
 std::unique_ptr<Graph> StitchedLoop::capture(const TrajectoryPlan& plan) {
   for (int i = 0; i < plan.steps(); ++i) {
     const int m = plan.step_model[i];
-    if (!contexts_[m][i % 2]->capturable()) {
+    if (!(is_cached(plan, i) ? cached_contexts_ : contexts_)[m][i % 2]->capturable()) {
       use_graph_ = false;
       notes_.push_back("CUDA graph disabled, using plain launches: " + manifest_.models[m].name +
                        "'s context is not stream-capturable");
@@ -355,7 +457,7 @@ std::unique_ptr<Graph> StitchedLoop::capture(const TrajectoryPlan& plan) {
   }
   try {
     auto g = device_.capture([&] {
-      for (int i = 0; i < plan.steps(); ++i) enqueue(i, plan.step_model[i]);
+      for (int i = 0; i < plan.steps(); ++i) enqueue(i, plan.step_model[i], is_cached(plan, i));
     });
     ++captures_;
     return g;
@@ -369,6 +471,7 @@ std::unique_ptr<Graph> StitchedLoop::capture(const TrajectoryPlan& plan) {
 LoopResult StitchedLoop::run_graph(const TrajectoryPlan& plan) {
   std::vector<int64_t> key = {static_cast<int64_t>(generation_), plan.steps(), key_[0]};
   key.insert(key.end(), plan.step_model.begin(), plan.step_model.end());
+  for (int i = 0; i < plan.steps(); ++i) key.push_back(is_cached(plan, i) ? 1 : 0);  // full / cached per call
   auto it = graphs_.find(key);
   if (it != graphs_.end()) return replay(*it->second.graph, plan);
   LoopResult warm = plain_run(plan);  // TensorRT must have enqueued once before a capture
@@ -408,7 +511,7 @@ void StitchedLoop::locate_non_finite(const TrajectoryPlan& plan, const RequestIn
   prepare(plan, in);
   int step = plan.steps() - 1;
   for (int i = 0; i < plan.steps(); ++i) {
-    enqueue(i, plan.step_model[i]);
+    enqueue(i, plan.step_model[i], is_cached(plan, i));
     device_.synchronize();
     bool finite = true;
     for (const Binding& b : bindings_) {
@@ -431,6 +534,7 @@ void StitchedLoop::locate_non_finite(const TrajectoryPlan& plan, const RequestIn
 
 MemoryReport StitchedLoop::memory_report() const {
   MemoryReport r;
+  for (const auto& pair : cached_contexts_) r.contexts += pair.size();
   for (size_t m = 0; m < contexts_.size(); ++m) {
     r.contexts += contexts_[m].size();
     r.one_per_engine_bytes += engine_scratch_[m];
@@ -446,11 +550,14 @@ MemoryReport StitchedLoop::memory_report() const {
 void StitchedLoop::close() {
   // Graphs, contexts, engines, then memory (contexts use the scratch until they are gone).
   graphs_.clear();
+  cached_contexts_.clear();
   contexts_.clear();
+  cached_engines_.clear();
   engines_.clear();
   for (const Buffer& b : owned_) device_.free(b.ptr);
   owned_.clear();
   for (auto* group : {&state_[0], &state_[1], &step_, &table_, &request_}) group->clear();
+  kept_.clear();
   scratch_ = {};
   key_.clear();
   closed_ = true;

@@ -4,6 +4,9 @@
 // ONE scratch of the largest engine's size (engines never run concurrently). The whole trajectory
 // is captured as one graph after a warm-up run, cached per (buffers, steps, schedule, batch),
 // checked against the plain run, and dropped with a note (plain launches) when capture fails.
+// Feature caching (DeepCache, FORA; io.roles.cache): each model also has a CACHED engine and ONE kept-feature
+// buffer of its own shape (never ping-ponged, never bound to another model's engines): its full engine writes it,
+// its cached engine reads it; which engine runs call i is the plan's `cached` row (cached_calls).
 #pragma once
 
 #include <cstdint>
@@ -45,8 +48,10 @@ struct MemoryReport {
 
 class StitchedLoop {
  public:
+  // cached_engines: one per model where the manifest has io.roles.cache (its engines then output the kept
+  // feature), else none.
   StitchedLoop(const Manifest& manifest, Device& device, std::vector<std::unique_ptr<StepEngine>> engines,
-               bool cuda_graph);
+               bool cuda_graph, std::vector<std::unique_ptr<StepEngine>> cached_engines = {});
   ~StitchedLoop();
   StitchedLoop(const StitchedLoop&) = delete;
   StitchedLoop& operator=(const StitchedLoop&) = delete;
@@ -72,11 +77,18 @@ class StitchedLoop {
   Buffer alloc(size_t nbytes, const std::string& what);
   void free_buffers();
   void check_engines();
+  void check_engine(StepEngine& engine, const std::string& name, const TensorSpec* extra);
+  TensorSpec kept_spec(size_t model, bool cached_graph) const;  // the kept feature as one graph's I/O
+  void bind_cached();
+  bool is_cached(const TrajectoryPlan& plan, int step) const {
+    return !plan.cached.empty() && plan.cached[static_cast<size_t>(step)] != 0;
+  }
   void allocate(const TrajectoryPlan& plan, const DimValues& dims);
   void bind();
+  void* address(const Binding& b, int parity);  // the buffer a context of this parity binds to b
   void prepare(const TrajectoryPlan& plan, const RequestInputs& in);
   void restore_start();
-  void enqueue(int step, int model);
+  void enqueue(int step, int model, bool cached);
   LoopResult plain_run(const TrajectoryPlan& plan);
   LoopResult replay(Graph& g, const TrajectoryPlan& plan);
   LoopResult run_graph(const TrajectoryPlan& plan);
@@ -89,6 +101,10 @@ class StitchedLoop {
   Device& device_;
   std::vector<std::unique_ptr<StepEngine>> engines_;
   std::vector<std::vector<std::unique_ptr<StepContext>>> contexts_;  // [model][parity]
+  std::vector<std::unique_ptr<StepEngine>> cached_engines_;          // [model]: feature caching's cached graphs
+  std::vector<std::vector<std::unique_ptr<StepContext>>> cached_contexts_;  // [model][parity]
+  bool caching_ = false;                 // the manifest has io.roles.cache: the full engines output the kept feature
+  uint64_t cached_bound_ = 0;            // the buffer generation the cached contexts are bound to (0: none)
   std::vector<Binding> bindings_;
   std::vector<size_t> engine_scratch_;
   bool use_graph_;
@@ -98,6 +114,7 @@ class StitchedLoop {
   std::map<std::string, Buffer> state_[2];      // by state input name: slot 0 / 1
   std::map<std::string, Buffer> step_, table_;  // by step tensor name
   std::map<std::string, Buffer> request_;
+  std::vector<Buffer> kept_;                    // [model]: the kept feature, kept across calls
   std::map<std::string, size_t> row_bytes_;
   std::vector<int64_t> key_;  // (steps, has_noise, k, dims...) of the current buffers
   DimValues dims_;            // symbol values of the current buffers (B, 2B, H, W, ...)

@@ -61,6 +61,14 @@ ModelEntry model(const ojson& j, const std::string& field) {
   m.height = m.width = m.arch[size].get<int>();
   m.engines = engines(j.at("engines"), field + ".engines");
   if (j.contains("bf16")) m.bf16 = json::parse(j.at("bf16").dump());
+  if (j.contains("cached") && j["cached"].is_object()) {  // the schema holds its fields' types
+    const ojson& c = j["cached"];
+    m.has_cached = true;
+    m.cached_engines = engines(c.at("engines"), field + ".cached.engines");
+    m.cached_feature.dtype = c["feature"].at("dtype").get<std::string>();
+    for (const ojson& d : c["feature"].at("shape"))
+      m.cached_feature.shape.push_back(d.is_string() ? Dim{0, d.get<std::string>()} : Dim{d.get<int64_t>(), ""});
+  }
   return m;
 }
 
@@ -86,6 +94,8 @@ IoRoles io_roles(const ojson& roles) {
   for (const ojson& pair : roles.at("state")) r.state.emplace_back(pair[0].get<std::string>(), pair[1].get<std::string>());
   for (const ojson& n : roles.at("step")) r.step.push_back(n.get<std::string>());
   for (const ojson& n : roles.at("request")) r.request.push_back(n.get<std::string>());
+  if (roles.contains("cache") && !roles["cache"].empty())  // one (input, output) pair (the schema says so)
+    r.cache = {roles["cache"][0][0].get<std::string>(), roles["cache"][0][1].get<std::string>()};
   return r;
 }
 
@@ -99,6 +109,8 @@ std::string py_list(const std::set<T>& values) {
   for (const T& v : values) list.push_back(v);
   return py_repr(list);
 }
+
+void validate_cache(const Manifest& m, const ojson& raw);
 
 // Manifest._validate_dit
 void validate_dit(const Manifest& m, const ojson& raw) {
@@ -139,6 +151,29 @@ void validate_dit(const Manifest& m, const ojson& raw) {
   for (const char* part : {"text_encoder", "tokenizer", "scheduler", "text_encoder_2", "conditioning"})
     if (raw.contains(part) && !raw[part].is_null() && !raw[part].empty())
       refuse("a class-conditional (DiT) bundle has a text encoder, tokenizer or scheduler entry; rebuild the bundle");
+  if (!m.cache_scheme.empty() && m.cache_scheme != "fora")
+    refuse("a class-conditional (DiT) bundle caches with FORA, not " + m.cache_scheme + "; rebuild the bundle");
+  validate_cache(m, raw);
+}
+
+// Manifest._validate_cache: `cache`, io.roles.cache and every model's `cached` come together; each model has a
+// cached graph for every kind it has a (full) graph for, torch aside
+void validate_cache(const Manifest& m, const ojson& raw) {
+  const ojson io = raw.value("io", ojson::object());
+  const bool roles = io.is_object() && io.contains("roles") && io["roles"].is_object() && io["roles"].contains("cache");
+  const bool cache = raw.contains("cache") && !raw["cache"].is_null();
+  bool any = cache || roles, all = cache && roles;
+  for (const ModelEntry& model : m.models) any = any || model.has_cached, all = all && model.has_cached;
+  if (any && !all)
+    refuse("cache, io.roles.cache and every model's cached entry come together (DeepCache's full and cached step graphs); "
+           "rebuild the bundle");
+  for (const ModelEntry& model : m.models) {
+    std::string missing;
+    for (const auto& [kind, e] : model.engines)
+      if (kind != "torch" && !model.cached_engines.count(kind)) missing += (missing.empty() ? "" : ", ") + kind;
+    if (model.has_cached && !missing.empty())
+      refuse(model.name + ": no cached step graph for " + missing + "; rebuild the bundle");
+  }
 }
 
 // Python's str() of a JSON scalar as an f-string shows it: a number, a string as is, null as None
@@ -198,6 +233,9 @@ void validate_sd(const Manifest& m, const ojson& raw) {
   for (const auto& [in, out] : m.roles.state) named.insert(in), named.insert(out);
   named.insert(m.roles.step.begin(), m.roles.step.end());
   named.insert(m.roles.request.begin(), m.roles.request.end());
+  if (!m.cache_scheme.empty() && m.cache_scheme != "deepcache")
+    refuse("a text-to-image bundle caches with DeepCache, not " + m.cache_scheme + "; rebuild the bundle");
+  validate_cache(m, raw);
   std::set_symmetric_difference(named.begin(), named.end(), names.begin(), names.end(), std::inserter(diff, diff.end()));
   if (!diff.empty()) {
     std::set<std::string> first3;
@@ -275,7 +313,7 @@ Manifest parse_manifest(const ojson& raw, const std::string& where) {
       m.dim_ranges[it.key()] = it.value().get<std::vector<int64_t>>();
   m.roles_recorded = io.contains("roles");
   m.roles = m.roles_recorded ? io_roles(io["roles"])
-                             : IoRoles{{{"x", "x_next"}, {"prev_x0", "x0"}}, {"t", "coef", "noise"}, {"y", "guidance"}};
+                             : IoRoles{{{"x", "x_next"}, {"prev_x0", "x0"}}, {"t", "coef", "noise"}, {"y", "guidance"}, {}};
 
   // Manifest.validate(): the same rules, in the same order, with the same messages as Python.
   if (m.models.empty()) refuse("the bundle names no models");

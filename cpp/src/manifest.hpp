@@ -29,15 +29,6 @@ struct EngineEntry {
   nlohmann::json builder = nlohmann::json::object();
 };
 
-struct ModelEntry {
-  std::string name;
-  std::string family;
-  nlohmann::json arch;
-  std::map<std::string, EngineEntry> engines;  // kind -> artifact
-  int channels = 0, height = 0, width = 0;     // latent (C, H, W)
-  nlohmann::json bf16;  // `tstitch-trt check --precision bf16 --record`'s verdict (null: none); see precision.hpp
-};
-
 // One dimension of a step-graph tensor: a size, or a symbol ("B", "2B", "H", "W", ...) whose value
 // comes from the initial latent's shape at run time (runtime/io_roles.py).
 struct Dim {
@@ -54,11 +45,27 @@ struct TensorSpec {
   std::vector<Dim> shape;
 };
 
+struct ModelEntry {
+  std::string name;
+  std::string family;
+  nlohmann::json arch;
+  std::map<std::string, EngineEntry> engines;  // kind -> artifact
+  int channels = 0, height = 0, width = 0;     // latent (C, H, W)
+  nlohmann::json bf16;  // `tstitch-trt check --precision bf16 --record`'s verdict (null: none); see precision.hpp
+  // Feature caching (manifest models[i].cached: DeepCache, FORA): the cached step graph per kind and the kept
+  // feature's spec (its own shape per model; the full graphs output it, the cached ones read it)
+  bool has_cached = false;
+  std::map<std::string, EngineEntry> cached_engines;
+  TensorSpec cached_feature;  // shape and dtype (no name: io.roles.cache names it, per graph)
+};
+
 // io.roles: the step graph's tensors by role (state pairs, per-step rows, per-request constants).
 struct IoRoles {
   std::vector<std::pair<std::string, std::string>> state;  // (input, output); the first pair is the latent
   std::vector<std::string> step;                           // "t", "coef", "noise"
   std::vector<std::string> request;                        // conditioning first-non-guidance, "guidance"
+  std::pair<std::string, std::string> cache;               // feature caching: (cached graphs' input, full graphs'
+                                                           // output) of the kept feature; empty: none
 };
 
 // conditioning (text-to-image): how the step graphs are conditioned beyond the text context.

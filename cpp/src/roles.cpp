@@ -107,6 +107,21 @@ std::vector<int64_t> resolve_dims(const TensorSpec& t, const DimValues& dims) {
 int64_t resolve_dim(const std::string& symbol, const DimValues& dims, const std::string& tensor) {
   auto it = dims.find(symbol);
   if (it != dims.end()) return it->second;
+  // "<Name>/<k>": a latent dim over k (a kept feature one level down); the latent's must divide
+  if (const size_t slash = symbol.find('/'); slash != std::string::npos) {
+    const std::string name = symbol.substr(0, slash), den = symbol.substr(slash + 1);
+    auto base = dims.find(name);
+    const bool digits = !den.empty() && den.size() <= 6 && den[0] != '0' &&
+                        std::all_of(den.begin(), den.end(), [](char c) { return c >= '0' && c <= '9'; });
+    if (base == dims.end() || !digits)
+      fail(TSTITCH_ERR_BUNDLE, "the step input " + tensor + " has the dimension '" + symbol +
+                                   "', which the latent's shape does not define; rebuild the bundle");
+    const int64_t f = std::stoll(den);
+    if (base->second % f)
+      fail(TSTITCH_ERR_INVALID_ARGUMENT, "the latent's " + name + " = " + std::to_string(base->second) + " is not a multiple of " +
+                                             std::to_string(f) + ", which the step graphs need; choose another size");
+    return base->second / f;
+  }
   // "<k><Name>": k times a latent dim (io_roles.resolve_dim's [1-9][0-9]*[A-Za-z_][A-Za-z0-9_]*)
   size_t digits = 0;
   while (digits < symbol.size() && symbol[digits] >= '0' && symbol[digits] <= '9') ++digits;

@@ -7,6 +7,9 @@
 //           guidance: DiT's class labels y (B,), SD's text context (2B, 77, D), uncond first), the
 //           others by name (SDXL text_embeds / time_ids, a ControlNet's control_image / control_guess)
 //           and guidance. Step tables beyond t / coef / noise (control_scale) come from the plan by name.
+//   cache   feature caching's kept feature (io.roles.cache: DeepCache, FORA): not a Binding here, because it
+//           differs per graph: each model's full graph outputs it, its cached graph reads it, in the model's own
+//           shape (models[i].cached.feature). The loop keeps one buffer per model (loop.hpp).
 // Bundles without io.roles are DiT bundles and get the DiT roles. Shapes come from io.inputs /
 // io.outputs; "B" is the batch, other symbols (SD: "H", "W") take their value from the initial
 // latent's shape, and "<k><Name>" is k times one ("2B": the CFG-doubled batch; "8H", "8W": a
@@ -40,7 +43,8 @@ std::vector<Binding> resolve_roles(const Manifest& m, int num_coefs);
 // Symbol values from the initial latent's shape (B, C, H, W): its spec's symbols, and "2B".
 DimValues latent_dims(const TensorSpec& latent, const std::vector<int64_t>& latent_shape);
 std::vector<int64_t> resolve_dims(const TensorSpec& t, const DimValues& dims);
-// One symbolic dim: a name of `dims`, or "<k><Name>", k times one ("2B", "8H": io_roles.resolve_dim).
+// One symbolic dim: a name of `dims`, "<k><Name>", k times one ("2B", "8H"), or "<Name>/<k>", one over k ("H/2": a
+// kept feature one level down; Error(TSTITCH_ERR_INVALID_ARGUMENT) where k does not divide it): io_roles.resolve_dim.
 int64_t resolve_dim(const std::string& symbol, const DimValues& dims, const std::string& tensor);
 size_t dtype_size(const std::string& dtype);
 

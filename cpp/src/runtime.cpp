@@ -70,16 +70,6 @@ BackendFactory default_backend_factory() {
 
 Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& given, const BackendFactory& factory)
     : dir_(bundle_dir), manifest_(read_manifest(bundle_dir)) {
-  // DeepCache bundles: each model's engine is its FULL step graph, with the kept feature as one more output, and
-  // a cached engine beside it; this runtime binds neither yet (cached_calls() below is the plan it would follow)
-  if (manifest_.cache_branch >= 0)
-    fail(TSTITCH_ERR_UNAVAILABLE, "this bundle was built with --cache-branch " + std::to_string(manifest_.cache_branch) +
-                                      " (DeepCache's full and cached step graphs), which the C++ runtime does not run "
-                                      "yet; run it with tstitch-trt (Python), or rebuild it without --cache-branch");
-  if (manifest_.cache_scheme == "fora")
-    fail(TSTITCH_ERR_UNAVAILABLE, "this bundle was built with --cache-scheme fora (FORA's full and cached step "
-                                  "graphs), which the C++ runtime does not run yet; run it with tstitch-trt (Python), "
-                                  "or rebuild it without --cache-scheme");
   OpenOptions opt = given;
   if (opt.engine.empty()) opt.engine = auto_engine(manifest_);
   const auto& known = engine_names();
@@ -95,6 +85,16 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& given, const 
       fail(TSTITCH_ERR_BUNDLE, "the bundle has no " + art + " engine for " + m.name + "; rebuild it with --backend " + art);
     paths.push_back(artifact_path(dir_, it->second, opt.verify_checksums));
   }
+  // Feature caching (DeepCache, FORA): each model's cached step graph beside its full one (the manifest holds that
+  // every model has one of each kind it has a full graph of), checked with the rest
+  std::vector<std::string> cached_paths;
+  for (const ModelEntry& m : manifest_.models)
+    if (m.has_cached) {
+      auto it = m.cached_engines.find(art);
+      if (it == m.cached_engines.end())
+        fail(TSTITCH_ERR_BUNDLE, "the bundle has no cached " + art + " step graph for " + m.name + "; rebuild the bundle");
+      cached_paths.push_back(artifact_path(dir_, it->second, opt.verify_checksums));
+    }
   std::string text_path;  // the SD text encoder's plan, checked with the rest
   auto te = manifest_.text_encoder_engines.find(art);
   if (te != manifest_.text_encoder_engines.end()) text_path = artifact_path(dir_, te->second, opt.verify_checksums);
@@ -129,7 +129,14 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& given, const 
                              std::filesystem::path(paths[i]).filename().string() + ")";
     engines.push_back(load(m.engines.at(art), paths[i], what, precisions.at(i)));
   }
-  loop_ = std::make_unique<StitchedLoop>(manifest_, backend_->device(), std::move(engines), opt.cuda_graph);
+  std::vector<std::unique_ptr<StepEngine>> cached;  // in the model's precision, as Python compiles them
+  for (size_t i = 0; i < cached_paths.size(); ++i) {
+    const ModelEntry& m = manifest_.models[i];
+    const std::string what = "the cached " + opt.engine + " engine of " + m.name + " (" +
+                             std::filesystem::path(cached_paths[i]).filename().string() + ")";
+    cached.push_back(load(m.cached_engines.at(art), cached_paths[i], what, precisions.at(i)));
+  }
+  loop_ = std::make_unique<StitchedLoop>(manifest_, backend_->device(), std::move(engines), opt.cuda_graph, std::move(cached));
   for (const Binding& b : loop_->bindings())
     if (b.role == Role::kRequest && b.source != "guidance") request_inputs_.push_back(b.spec.name);
   // the text encoder and the VAE run in the engine's default precision (fp32 on OpenVINO), as Python runs them
@@ -350,8 +357,71 @@ SampleRequest Runtime::encode_tokens(const SampleRequest& req) {
   return q;
 }
 
+// pipeline/caching.py: the interval in [1, MAX_CACHE_INTERVAL]; DeepCache's branch, where given, the bundle's own;
+// FORA (DiT) has no branch; an interval > 1 needs the cached step graphs. Python's messages, with the C names.
+void Runtime::check_cache(const SampleRequest& req) const {
+  auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
+  const int n = req.cache_interval, branch = req.cache_branch, built = manifest_.cache_branch;
+  if (n < 1 || n > kMaxCacheInterval)
+    bad("cache_interval must be between 1 (no caching) and " + std::to_string(kMaxCacheInterval) + ", got " + std::to_string(n));
+  if (branch < -1)
+    bad("cache_branch must be DeepCache's branch id (>= 0) or -1 (not given), got " + std::to_string(branch));
+  const std::string k = std::to_string(branch);
+  if (!manifest_.text_to_image()) {
+    if (branch != -1)
+      bad("cache_branch " + k + ": DiT bundles cache with FORA (every block's attention and MLP outputs), which has no "
+          "branch (DeepCache's, for SD U-Nets); leave cache_branch at -1");
+    if (n > 1 && manifest_.cache_scheme.empty())
+      bad("cache_interval " + std::to_string(n) + " needs FORA's cached step graphs, which this bundle was built without; "
+          "rebuild it with `tstitch-trt build ... --cache-scheme fora`, or give cache_interval 1");
+    return;
+  }
+  if (branch != -1 && built < 0)
+    bad("cache_branch " + k + ": this bundle was built without cached step graphs; rebuild it with `tstitch-trt build ... "
+        "--cache-branch " + k + "`");
+  if (branch != -1 && branch != built)
+    bad("cache_branch " + k + ": this bundle's cached step graphs keep branch " + std::to_string(built) +
+        "; give cache_branch " + std::to_string(built) + " (or -1), or rebuild it with --cache-branch " + k);
+  if (n > 1 && built < 0)
+    bad("cache_interval " + std::to_string(n) + " needs cached step graphs, which this bundle was built without; rebuild "
+        "it with `tstitch-trt build ... --cache-branch K` (DeepCache's branch, e.g. 0), or give cache_interval 1");
+}
+
+void Runtime::plan_cache(const SampleRequest& req, TrajectoryPlan& plan) const {
+  if (req.cache_interval <= 1) return;  // every call full: the plan's cached row stays empty
+  // Python passes plan.timesteps: SD's float table (Euler's fractional t), DiT's integers
+  plan.cached = plan.t_float.empty() ? cached_calls(plan.timesteps, plan.step_model, req.cache_interval)
+                                     : cached_calls(plan.t_float, plan.step_model, req.cache_interval);
+}
+
+std::vector<uint8_t> Runtime::cache_plan(const SampleRequest& req) const {
+  check_cache(req);
+  const int models = static_cast<int>(manifest_.models.size());
+  if (!req.fractions.empty()) check_fractions(req.fractions, models);
+  TrajectoryPlan p;
+  if (manifest_.text_to_image()) {  // sd_plan's table and stitch by call (no noise: it does not change the plan)
+    const std::string sampler = req.sampler.empty() ? sd_default_sampler(manifest_.scheduler) : req.sampler;
+    const SdTable table = sd_table(sampler, manifest_.scheduler, req.steps, req.eta);
+    p.t_float = table.timesteps;
+    const int n = table.calls();
+    p.step_model = req.fractions.empty() ? stitch_by_call_index(n, models, req.ratio) : stitch_by_call_fractions(n, req.fractions);
+  } else {  // plan_trajectory's timesteps and stitch
+    if (req.steps < 1 || req.steps > manifest_.num_timesteps)
+      fail(TSTITCH_ERR_INVALID_ARGUMENT, "steps must be in [1, " + std::to_string(manifest_.num_timesteps) + "], got " +
+                                             std::to_string(req.steps));
+    const RespacedSchedule s = dit_schedule(req.steps, manifest_.num_timesteps);
+    p.timesteps.assign(s.timesteps.rbegin(), s.timesteps.rend());
+    p.step_model = req.fractions.empty() ? stitch_by_timestep(p.timesteps, models, req.ratio, manifest_.num_timesteps)
+                                         : stitch_by_fractions(p.timesteps, req.fractions, manifest_.num_timesteps);
+  }
+  plan_cache(req, p);
+  if (p.cached.empty()) p.cached.assign(p.step_model.size(), 0);
+  return p.cached;
+}
+
 void Runtime::check(const SampleRequest& req) const {
   auto bad = [](const std::string& m) { fail(TSTITCH_ERR_INVALID_ARGUMENT, m); };
+  check_cache(req);
   if (manifest_.text_to_image()) return check_sd(req);
   if (req.batch < batch_range_.first || req.batch > batch_range_.second)  // pipeline/dit.py's message
     bad("batch " + std::to_string(req.batch) + " is outside the engines' range [" + std::to_string(batch_range_.first) +
@@ -574,7 +644,8 @@ LoopResult Runtime::sample(const SampleRequest& request) {
       standard_normal_f32(rng, in.x_init.data(), latent);
     }
     float sigma = 1.0f;
-    const TrajectoryPlan plan = sd_plan(req, latent, rng, &sigma);
+    TrajectoryPlan plan = sd_plan(req, latent, rng, &sigma);
+    plan_cache(req, plan);
     for (float& v : in.x_init) v *= sigma;  // x_unit * init_noise_sigma, in float32
     in.context = req.text_context;
     in.tensors = named_inputs(req, lh, lw);
@@ -604,7 +675,8 @@ LoopResult Runtime::sample(const SampleRequest& request) {
   spec.eta = req.eta;
   spec.num_timesteps = manifest_.num_timesteps;
   spec.latent_count = latent;
-  const TrajectoryPlan plan = plan_trajectory(spec, rng);
+  TrajectoryPlan plan = plan_trajectory(spec, rng);
+  plan_cache(req, plan);
   return loop_->run(plan, in);
 }
 

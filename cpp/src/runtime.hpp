@@ -54,6 +54,11 @@ struct SampleRequest {
   float controlnet_scale = 1.0f;
   double control_guidance_start = 0.0, control_guidance_end = 1.0;
   bool control_guess_mode = false;
+  // Feature caching (pipeline/caching.py): interval N > 1 runs each model's cached step graph between its full calls
+  // (sampling/cache_plan.py; bundles built with --cache-branch K or --cache-scheme fora); 1: none. cache_branch:
+  // DeepCache's branch the caller expects (-1: not given), checked against the bundle's.
+  int cache_interval = 1;
+  int cache_branch = -1;
 };
 
 // diffusers' ControlNet keep rule: call i of n runs the ControlNet when start <= i / n and (i + 1) / n <= end.
@@ -78,6 +83,9 @@ class Runtime {
  public:
   Runtime(const std::string& bundle_dir, const OpenOptions& opt, const BackendFactory& factory);
   LoopResult sample(const SampleRequest& req);
+  // The request's full / cached call plan (what sample() follows; Python's report["cache"]): 1 where call i runs
+  // its model's cached step graph. Checks the cache fields, sampler, steps and stitch only.
+  std::vector<uint8_t> cache_plan(const SampleRequest& req) const;
   const Manifest& manifest() const { return manifest_; }
   const std::string& engine() const { return engine_kind_; }
   const std::string& precision_reason() const { return precision_reason_; }
@@ -104,6 +112,9 @@ class Runtime {
   void check(const SampleRequest& req) const;
   void check_sd(const SampleRequest& req) const;
   void check_guidance(const SampleRequest& req) const;  // guidance.check_guidance (LCM's embedding)
+  void check_cache(const SampleRequest& req) const;     // pipeline/caching.py's check_cache / check_dit_cache
+  // The plan's full / cached calls for the request's interval (sampling/cache_plan.py).
+  void plan_cache(const SampleRequest& req, TrajectoryPlan& plan) const;
   // The named request inputs (given, or made here: control_guess, default time_ids), checked one line each.
   std::map<std::string, std::vector<float>> named_inputs(const SampleRequest& req, int64_t lh, int64_t lw) const;
   TrajectoryPlan sd_plan(const SampleRequest& req, size_t latent, Pcg64& rng, float* init_sigma) const;

@@ -41,4 +41,14 @@ std::vector<uint8_t> cached_calls(const std::vector<float>& timesteps, const std
   return out;
 }
 
+std::vector<uint8_t> cached_calls(const std::vector<int64_t>& timesteps, const std::vector<int>& step_model, int interval) {
+  // only equality between timesteps matters: compared as integers, as Python compares their float()s
+  std::vector<float> t;
+  for (int64_t v : timesteps) {
+    if (v < 0 || v >= (int64_t{1} << 24)) fail(TSTITCH_ERR_INTERNAL, "cached_calls: timestep out of float range");
+    t.push_back(static_cast<float>(v));
+  }
+  return cached_calls(t, step_model, interval);
+}
+
 }  // namespace tstitch

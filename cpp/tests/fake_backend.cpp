@@ -125,14 +125,17 @@ float toy_text_embedding(int64_t id, int64_t d) {
 }
 
 void toy_step(const float* x, const int64_t* t, const int64_t* y, float g, const float* c, const float* prev,
-              const float* noise, float scale, size_t batch, size_t per_item, float* x_next, float* x0) {
+              const float* noise, float scale, size_t batch, size_t per_item, float* x_next, float* x0,
+              const float* eps_in, float* eps_out) {
   for (size_t b = 0; b < batch; ++b) {
     const float t_term = static_cast<float>(t[b]) * 1e-3f, y_term = static_cast<float>(y[b]) * 1e-2f;
     for (size_t j = 0; j < per_item; ++j) {
       const size_t i = b * per_item + j;
       const float sx = scale * x[i];
       const float cond = std::tanh(sx + t_term) + y_term, uncond = std::tanh(sx);
-      const float eps = uncond + g * (cond - uncond);
+      // feature caching's toy: the full graph keeps its eps (eps_out), the cached one reuses the kept eps (eps_in)
+      const float eps = eps_in ? eps_in[i] : uncond + g * (cond - uncond);
+      if (eps_out) eps_out[i] = eps;
       const float x0v = c[0] * x[i] - c[1] * eps;
       const float d = c[2] * x0v + c[3] * prev[i];
       const float logvar = c[10] + (-1.0f + 1.0f) * 0.5f * (c[9] - c[10]);  // v = -1: the posterior variance
@@ -149,6 +152,8 @@ struct ToyPlan {
   int c, h, w, k;
   float scale;
   bool added = false, control = false;  // SD toys: SDXL's added conditions, a ControlNet
+  bool keeps = false, reads = false;     // DiT toys with feature caching: F = full (outputs feat_out), R = cached
+                                         // (reads feat): the kept feature is the step's eps (toy_step)
 };
 
 // The SD toy step graph's tensors in StepConditions.inputs order, then its outputs.
@@ -183,21 +188,27 @@ class FakeContext : public StepContext {
     if (!scratch_) throw std::logic_error("enqueue without device memory (user-managed)");
     for (const char* n : {"x", "t", "y", "guidance", "coef", "prev_x0", "noise", "x_next", "x0"})
       if (!addr_.count(n)) throw std::logic_error(std::string("unbound I/O tensor ") + n);
+    if ((plan_.keeps && !addr_.count("feat_out")) || (plan_.reads && !addr_.count("feat")))
+      throw std::logic_error("unbound kept feature");
     dev_.check_range(scratch_, scratch_needed_);
     ++stats_.enqueues_by_context[this];
     const size_t batch = static_cast<size_t>(shapes_.at("x")[0]);
     const size_t per = static_cast<size_t>(plan_.c) * plan_.h * plan_.w;
     auto a = addr_;
     const float scale = plan_.scale;
+    const bool keeps = plan_.keeps, reads = plan_.reads;
     FakeDevice& dev = dev_;
-    dev_.enqueue([a, batch, per, scale, &dev] {
+    dev_.enqueue([a, batch, per, scale, keeps, reads, &dev] {
       dev.check_range(a.at("x"), batch * per * 4);
       dev.check_range(a.at("x_next"), batch * per * 4);
+      if (keeps) dev.check_range(a.at("feat_out"), batch * per * 4);
+      if (reads) dev.check_range(a.at("feat"), batch * per * 4);
       toy_step(static_cast<const float*>(a.at("x")), static_cast<const int64_t*>(a.at("t")),
                static_cast<const int64_t*>(a.at("y")), *static_cast<const float*>(a.at("guidance")),
                static_cast<const float*>(a.at("coef")), static_cast<const float*>(a.at("prev_x0")),
                static_cast<const float*>(a.at("noise")), scale, batch, per, static_cast<float*>(a.at("x_next")),
-               static_cast<float*>(a.at("x0")));
+               static_cast<float*>(a.at("x0")), reads ? static_cast<const float*>(a.at("feat")) : nullptr,
+               keeps ? static_cast<float*>(a.at("feat_out")) : nullptr);
     });
   }
 
@@ -220,8 +231,10 @@ class FakeEngine : public StepEngine {
     std::vector<EngineTensor> t;
     for (const char* n : {"x", "t", "y", "guidance", "coef", "prev_x0", "noise"})
       t.push_back({n, true, (std::string(n) == "t" || std::string(n) == "y") ? "int64" : "float32", true});
+    if (plan_.reads) t.push_back({"feat", true, "float32", true});
     t.push_back({"x_next", false, "float32", true});
     t.push_back({"x0", false, "float32", true});
+    if (plan_.keeps) t.push_back({"feat_out", false, "float32", true});
     return t;
   }
   size_t scratch_bytes() const override { return scratch_; }
@@ -543,6 +556,9 @@ class FakeBackend : public Backend {
       p.added = flags.find('A') != std::string::npos, p.control = flags.find('C') != std::string::npos;
       return std::make_unique<FakeSdEngine>(dev_, p, data.size() * opt_.scratch_per_plan_byte, opt_, stats_);
     }
+    std::string flags;
+    std::getline(in, flags, '#');
+    p.keeps = flags.find('F') != std::string::npos, p.reads = flags.find('R') != std::string::npos;
     return std::make_unique<FakeEngine>(dev_, p, data.size() * opt_.scratch_per_plan_byte, opt_, stats_);
   }
 

@@ -74,8 +74,10 @@ float toy_text_embedding(int64_t id, int64_t d);
 // The toy VAE decoder's image channel k from the (scaled) latent value z ("TOYVAE f," plans).
 float toy_vae_pixel(float z, int64_t k);
 
-// fake_gpu.toy_step (numpy, float32) for one batch: the reference the loop tests compare with.
+// fake_gpu.toy_step (numpy, float32) for one batch: the reference the loop tests compare with. Feature caching's
+// toy ("TOY...,F" / "TOY...,R" plans): eps_out receives the step's eps (a full call), eps_in replaces it (cached).
 void toy_step(const float* x, const int64_t* t, const int64_t* y, float g, const float* c, const float* prev,
-              const float* noise, float scale, size_t batch, size_t per_item, float* x_next, float* x0);
+              const float* noise, float scale, size_t batch, size_t per_item, float* x_next, float* x0,
+              const float* eps_in = nullptr, float* eps_out = nullptr);
 
 }  // namespace tstitch::testing

@@ -6,6 +6,7 @@
  *       tokens=<count per prompt> inputs=<name>:<file>[,...] (float32 raw) out=<latents.f32> rgb=<images.u8>
  *       prompts=<file> negative_prompts=<file> (SD, SDXL: prompts as text, NUL-separated)
  *       controlnet_scale control_start control_end guess_mode (ControlNet bundles)
+ *       cache_interval cache_branch (DeepCache / FORA bundles; prints "cached calls: i,j,..", the plan it follows)
  * Prints "engine <name>; <precision line>" and the sample info; on failure one line on stderr, exit 2. */
 #include <stdint.h>
 #include <stdio.h>
@@ -96,6 +97,8 @@ int main(int argc, char** argv) {
   if ((v = arg(argc, argv, "control_start"))) req.control_guidance_start = atof(v);
   if ((v = arg(argc, argv, "control_end"))) req.control_guidance_end = atof(v);
   if ((v = arg(argc, argv, "guess_mode"))) req.control_guess_mode = atoi(v);
+  if ((v = arg(argc, argv, "cache_interval"))) req.cache_interval = atoi(v);
+  if ((v = arg(argc, argv, "cache_branch"))) req.cache_branch = atoi(v);
   if ((v = arg(argc, argv, "labels"))) {
     char* end = NULL;
     for (k = 0; k < 64 && *v; ++k) {
@@ -156,9 +159,23 @@ int main(int argc, char** argv) {
     n_rgb = (size_t)req.batch * ih * iw * ic;
     rgb = malloc(n_rgb);
   }
+  if (arg(argc, argv, "cache_interval")) {  /* the plan the sample follows, before it runs */
+    static uint8_t plan[4096];
+    int calls = 0;
+    if (tstitch_cache_plan(rt, &req, plan, sizeof plan, &calls) != TSTITCH_OK) {
+      rc = fail(tstitch_last_error());
+    } else {
+      printf("cached calls:");
+      for (k = 0; k < calls; ++k)
+        if (plan[k]) printf(" %d", k);
+      printf("\n");
+    }
+  }
   tstitch_sample_info_init(&info);
-  s = tstitch_sample(rt, &req, lat, n_lat, rgb, n_rgb, &info);
-  if (s != TSTITCH_OK) {
+  s = rc ? TSTITCH_OK : tstitch_sample(rt, &req, lat, n_lat, rgb, n_rgb, &info);
+  if (rc) {
+    /* refused above: nothing written */
+  } else if (s != TSTITCH_OK) {
     rc = fail(tstitch_last_error());
   } else if (write_file(out, lat, n_lat * sizeof(float)) != 0 || (rgb && write_file(rgb_path, rgb, n_rgb) != 0)) {
     rc = fail("cannot write the results");

@@ -71,6 +71,9 @@ TEST(CApi, BadHandlesAreRefusedNotDereferenced) {
   tstitch_request r = request(labels);
   float out[64];
   EXPECT_EQ(tstitch_sample(f.h, &r, out, 64, nullptr, 0, nullptr), TSTITCH_ERR_BAD_HANDLE);
+  int calls = -1;
+  EXPECT_EQ(tstitch_cache_plan(f.h, &r, nullptr, 0, &calls), TSTITCH_ERR_BAD_HANDLE);
+  EXPECT_EQ(tstitch_cache_plan(nullptr, &r, nullptr, 0, &calls), TSTITCH_ERR_BAD_HANDLE);
   EXPECT_EQ(tstitch_close(f.h), TSTITCH_ERR_BAD_HANDLE);  // twice
   f.h = nullptr;
 }

@@ -3,8 +3,15 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <fstream>
+#include <iterator>
 #include <set>
+#include <tuple>
 
+#include <cstddef>
+#include <cstring>
+
+#include "c_api_internal.hpp"
 #include "fake_backend.hpp"
 #include "runtime.hpp"
 #include "test_util.hpp"
@@ -254,16 +261,181 @@ TEST(Loop, RequestChecksBeforeAnyWork) {
   EXPECT_EQ(rt->loop().allocations(), allocs);
 }
 
-TEST(Loop, ForaBundlesAreRefusedWithOneLine) {
-  // a DiT bundle built with --cache-scheme fora: its engines have every block's kept features as one more I/O, which
-  // this runtime does not bind yet; refused when opened, before any device work (FORA has no branch)
+TEST(Loop, CacheEntryWithoutCachedGraphsIsRefusedWithOneLine) {
+  // `cache` without io.roles.cache and every model's cached graphs: Manifest._validate_cache's rule and message, at
+  // open, before any device work
   TempBundle b;
   b.edit([&](nlohmann::json& j) { j["cache"] = {{"scheme", "fora"}}; });
   FakeStats stats;
   tstitch_status s = TSTITCH_OK;
   EXPECT_EQ(error_of([&] { open_fake(b.dir(), {}, stats); }, &s),
-            "this bundle was built with --cache-scheme fora (FORA's full and cached step graphs), which the C++ "
-            "runtime does not run yet; run it with tstitch-trt (Python), or rebuild it without --cache-scheme");
-  EXPECT_EQ(s, TSTITCH_ERR_UNAVAILABLE);
+            "cache, io.roles.cache and every model's cached entry come together (DeepCache's full and cached step "
+            "graphs); rebuild the bundle");
+  EXPECT_EQ(s, TSTITCH_ERR_BUNDLE);
   EXPECT_EQ(stats.contexts, 0u);
+}
+
+// --- feature caching (FORA-style) on the toy pair --------------------------------------------------------------
+namespace {
+
+// The toy pair rebuilt as a `build --cache-scheme fora` bundle: full plans ("F": they output the kept feature
+// feat_out, the toy's eps) and cached plans ("R": they read it as feat), io.roles.cache, `cache` and each model's
+// `cached` entry with its feature's shape.
+void make_fora_toy(const TempBundle& b) {
+  nlohmann::json j = b.manifest();
+  for (size_t i = 0; i < j["models"].size(); ++i) {
+    nlohmann::json& m = j["models"][i];
+    const std::string full = m["engines"]["trt"]["file"];
+    std::ifstream in(b.dir() + "/" + full);
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const size_t hashes = text.find('#');
+    const std::string cached = "trt/" + std::to_string(i) + "-toy-cached.plan";
+    std::ofstream(b.dir() + "/" + full) << text.substr(0, hashes) << "F" << text.substr(hashes);
+    std::ofstream(b.dir() + "/" + cached) << text.substr(0, hashes) << "R" << text.substr(hashes);
+    m["engines"]["trt"]["sha256"] = sha256_file(b.dir() + "/" + full);
+    nlohmann::json c = m["engines"]["trt"];
+    c["file"] = cached;
+    c["sha256"] = sha256_file(b.dir() + "/" + cached);
+    m["cached"] = {{"feature", {{"shape", {"B", 2, 4, 4}}, {"dtype", "float32"}}}, {"engines", {{"trt", c}}}};
+  }
+  const nlohmann::json lat = {{"shape", {"B", 2, 4, 4}}, {"dtype", "float32"}};
+  j["io"] = {{"inputs", {{"x", lat}, {"t", {{"shape", {"B"}}, {"dtype", "int64"}}}, {"y", {{"shape", {"B"}}, {"dtype", "int64"}}},
+                         {"guidance", {{"shape", nlohmann::json::array()}, {"dtype", "float32"}}},
+                         {"coef", {{"shape", {11}}, {"dtype", "float32"}}}, {"prev_x0", lat}, {"noise", lat}}},
+             {"outputs", {{"x_next", lat}, {"x0", lat}}},
+             {"roles", {{"state", nlohmann::json::array({nlohmann::json::array({"x", "x_next"}),
+                                                         nlohmann::json::array({"prev_x0", "x0"})})},
+                        {"step", {"t", "coef", "noise"}}, {"request", {"y", "guidance"}},
+                        {"cache", nlohmann::json::array({nlohmann::json::array({"feat", "feat_out"})})}}}};
+  j["cache"] = {{"scheme", "fora"}};
+  b.write_manifest(j);
+}
+
+// The trajectory by hand: Runtime::sample's RNG use and plan, then each call on its model's full or cached toy step
+// with one kept eps per model (the model's first call after a switch is full: it never reads the other's)
+std::vector<float> fora_reference(const SampleRequest& r, int interval) {
+  Pcg64 rng(r.seed);
+  const size_t per = 2 * 4 * 4, n = static_cast<size_t>(r.batch) * per;
+  std::vector<float> x(n), prev(n, 0.0f), xn(n), x0(n), zeros(n, 0.0f);
+  standard_normal_f32(rng, x.data(), n);
+  PlanSpec spec;
+  spec.sampler = r.sampler, spec.steps = r.steps, spec.ratio = r.ratio, spec.eta = r.eta, spec.latent_count = n;
+  const TrajectoryPlan p = plan_trajectory(spec, rng);
+  const std::vector<uint8_t> cached = cached_calls(p.timesteps, p.step_model, interval);
+  std::vector<std::vector<float>> kept(2, std::vector<float>(n, 0.0f));
+  const float scales[2] = {0.5f, 0.9f};
+  for (int i = 0; i < p.steps(); ++i) {
+    const int m = p.step_model[i];
+    const std::vector<int64_t> t(static_cast<size_t>(r.batch), p.timesteps[i]);
+    const float* noise = p.noise.empty() ? zeros.data() : p.noise.data() + static_cast<size_t>(i) * n;
+    toy_step(x.data(), t.data(), r.class_labels.data(), r.cfg_scale, p.coef.data() + static_cast<size_t>(i) * p.k, prev.data(),
+             noise, scales[m], static_cast<size_t>(r.batch), per, xn.data(), x0.data(), cached[i] ? kept[m].data() : nullptr,
+             cached[i] ? nullptr : kept[m].data());
+    std::swap(x, xn);
+    std::swap(prev, x0);
+  }
+  return x;
+}
+
+}  // namespace
+
+TEST(Loop, ForaToyFollowsTheCachePlanWithOneKeptFeaturePerModel) {
+  TempBundle b;
+  make_fora_toy(b);
+  int compared = 0;
+  for (bool graph : {false, true}) {
+    FakeStats stats;
+    auto rt = open_fake(b.dir(), {}, stats, graph);
+    EXPECT_EQ(stats.contexts, 8u);  // full and cached engine per model, one context per parity each
+    for (const auto& [sampler, ratio, interval] : {std::tuple{"ddim", 0.4, 3}, std::tuple{"ddpm", 0.5, 2},
+                                                   std::tuple{"dpm-solver++", 0.0, 3}, std::tuple{"ddim", 1.0, 2}}) {
+      SampleRequest r = request(2, sampler, 10, ratio, 5);
+      r.cache_interval = interval;
+      const std::vector<float> got = rt->sample(r).x, want = fora_reference(r, interval);
+      float scale = 1.0f;
+      for (float v : want) scale = std::max(scale, std::fabs(v));
+      EXPECT_LE(max_abs_diff(got, want), 1e-6f * scale) << sampler << " interval " << interval << " graph " << graph;
+      r.cache_interval = 1;
+      const std::vector<float> full = rt->sample(r).x;  // the full graphs alone: the plain trajectory
+      EXPECT_LE(max_abs_diff(full, fora_reference(r, 1)), 1e-6f * scale);
+      EXPECT_GT(max_abs_diff(full, got), 1e-3f) << "the cached calls changed nothing: " << sampler;
+      ++compared;
+    }
+  }
+  EXPECT_EQ(compared, 8);
+}
+
+TEST(Loop, CacheRequestsAreCheckedWithOneLine) {
+  TempBundle b;
+  make_fora_toy(b);
+  FakeStats stats;
+  auto fora = open_fake(b.dir(), {}, stats);
+  auto plain = open_fake(toy(), {}, stats);
+  SampleRequest r = request();
+  tstitch_status s = TSTITCH_OK;
+  r.cache_interval = 0;
+  EXPECT_EQ(error_of([&] { fora->sample(r); }, &s), "cache_interval must be between 1 (no caching) and 1000, got 0");
+  EXPECT_EQ(s, TSTITCH_ERR_INVALID_ARGUMENT);
+  r.cache_interval = 1001;
+  EXPECT_EQ(error_of([&] { fora->sample(r); }), "cache_interval must be between 1 (no caching) and 1000, got 1001");
+  r.cache_interval = 2, r.cache_branch = 0;
+  EXPECT_EQ(error_of([&] { fora->sample(r); }),
+            "cache_branch 0: DiT bundles cache with FORA (every block's attention and MLP outputs), which has no branch "
+            "(DeepCache's, for SD U-Nets); leave cache_branch at -1");
+  r.cache_branch = -1;
+  EXPECT_EQ(error_of([&] { plain->sample(r); }, &s),
+            "cache_interval 2 needs FORA's cached step graphs, which this bundle was built without; rebuild it with "
+            "`tstitch-trt build ... --cache-scheme fora`, or give cache_interval 1");
+  EXPECT_EQ(s, TSTITCH_ERR_INVALID_ARGUMENT);
+  r.cache_interval = 1;
+  EXPECT_NO_THROW(plain->sample(r));
+}
+
+TEST(Loop, Version5CallersRunWithoutCaching) {
+  // a caller built against API 5: its request ends at num_negative_prompts (plus the struct's padding, where the API 6
+  // fields begin); the library reads neither, so its requests run uncached whatever its padding holds
+  TempBundle b;
+  make_fora_toy(b);
+  FakeStats stats;
+  tstitch_runtime* h = nullptr;
+  ASSERT_EQ(open_with_factory(b.dir().c_str(), nullptr, fake_factory({}, stats), &h), TSTITCH_OK) << tstitch_last_error();
+  const int64_t labels[2] = {1, 7};
+  tstitch_request r;
+  tstitch_request_init(&r);
+  EXPECT_EQ(r.cache_interval, 1);
+  EXPECT_EQ(r.cache_branch, -1);
+  r.batch = 2, r.class_labels = labels, r.steps = 10, r.ratio = 0.4, r.sampler = "ddim", r.seed = 5;
+  const size_t n = 2 * 2 * 4 * 4, v5 = (offsetof(tstitch_request, num_negative_prompts) + sizeof(int) + alignof(tstitch_request) - 1) /
+                                        alignof(tstitch_request) * alignof(tstitch_request);
+  std::vector<float> uncached(n), cached(n), old(n);
+  ASSERT_EQ(tstitch_sample(h, &r, uncached.data(), n, nullptr, 0, nullptr), TSTITCH_OK) << tstitch_last_error();
+  r.cache_interval = 3;
+  ASSERT_EQ(tstitch_sample(h, &r, cached.data(), n, nullptr, 0, nullptr), TSTITCH_OK) << tstitch_last_error();
+  EXPECT_GT(max_abs_diff(cached, uncached), 1e-3f);
+  std::vector<unsigned char> mem(sizeof(tstitch_request) + 64, 0xEE);  // garbage past the v5 fields
+  r.struct_size = v5;
+  std::memcpy(mem.data(), &r, offsetof(tstitch_request, num_negative_prompts) + sizeof(int));
+  ASSERT_EQ(tstitch_sample(h, reinterpret_cast<const tstitch_request*>(mem.data()), old.data(), n, nullptr, 0, nullptr), TSTITCH_OK)
+      << tstitch_last_error();
+  EXPECT_EQ(old, uncached);
+  // tstitch_cache_plan: the plan these runs followed (ratio 0.4 of 10 DDIM steps, interval 3: Trajectory goldens)
+  r.struct_size = sizeof(tstitch_request), r.cache_interval = 3;
+  int calls = 0;
+  ASSERT_EQ(tstitch_cache_plan(h, &r, nullptr, 0, &calls), TSTITCH_OK) << tstitch_last_error();
+  EXPECT_EQ(calls, 10);
+  std::vector<uint8_t> plan(10);
+  EXPECT_EQ(tstitch_cache_plan(h, &r, plan.data(), 9, &calls), TSTITCH_ERR_BUFFER_TOO_SMALL);
+  EXPECT_EQ(std::string(tstitch_last_error()), "cached holds 9 bytes, the trajectory has 10 calls");
+  ASSERT_EQ(tstitch_cache_plan(h, &r, plan.data(), plan.size(), &calls), TSTITCH_OK) << tstitch_last_error();
+  EXPECT_EQ(plan, (std::vector<uint8_t>{0, 1, 1, 0, 0, 1, 1, 0, 1, 1}));
+  r.cache_interval = 1;
+  ASSERT_EQ(tstitch_cache_plan(h, &r, plan.data(), plan.size(), &calls), TSTITCH_OK) << tstitch_last_error();
+  EXPECT_EQ(plan, std::vector<uint8_t>(10, 0));
+  r.cache_interval = 2, r.cache_branch = 4;
+  EXPECT_EQ(tstitch_cache_plan(h, &r, plan.data(), plan.size(), &calls), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(tstitch_sample(h, &r, old.data(), n, nullptr, 0, nullptr), TSTITCH_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(std::string(tstitch_last_error()),
+            "cache_branch 4: DiT bundles cache with FORA (every block's attention and MLP outputs), which has no branch "
+            "(DeepCache's, for SD U-Nets); leave cache_branch at -1");
+  tstitch_close(h);
 }

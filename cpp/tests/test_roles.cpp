@@ -23,7 +23,7 @@ TEST(Roles, DitDefaultsWithoutIo) {
   Manifest m;
   m.models.resize(1);
   m.models[0].channels = 4, m.models[0].height = m.models[0].width = 32;
-  m.roles = {{{"x", "x_next"}, {"prev_x0", "x0"}}, {"t", "coef", "noise"}, {"y", "guidance"}};
+  m.roles = {{{"x", "x_next"}, {"prev_x0", "x0"}}, {"t", "coef", "noise"}, {"y", "guidance"}, {}};
   const auto b = resolve_roles(m, 11);
   ASSERT_EQ(b.size(), 9u);
   EXPECT_TRUE(find(b, "x").latent);
@@ -49,7 +49,7 @@ TEST(Roles, SdRolesBindOtherNamesAndSymbolicDims) {
           {"t", true, "int64", {B()}},                {"coef", true, "float32", {n(17)}},
           {"context", true, "float32", {sym("2B"), n(77), n(32)}}, {"guidance", true, "float32", {}},
           {"sample_next", false, "float32", lat},     {"eps_hist_next", false, "float32", hist}};
-  m.roles = {{{"sample", "sample_next"}, {"eps_hist", "eps_hist_next"}}, {"t", "coef"}, {"context", "guidance"}};
+  m.roles = {{{"sample", "sample_next"}, {"eps_hist", "eps_hist_next"}}, {"t", "coef"}, {"context", "guidance"}, {}};
   m.roles_recorded = true;
   const auto b = resolve_roles(m, 17);
   EXPECT_TRUE(find(b, "sample").latent);
@@ -68,7 +68,7 @@ TEST(Roles, RefusalsNameTheTensor) {
   Manifest m;
   m.models.resize(1);
   m.io = {{"x", true, "float32", {B(), n(4)}}, {"x_next", false, "float32", {B(), n(4)}}, {"h", true, "float32", {n(1)}}};
-  m.roles = {{{"x", "x_next"}, {"h", "h_next"}}, {}, {}};
+  m.roles = {{{"x", "x_next"}, {"h", "h_next"}}, {}, {}, {}};
   m.roles_recorded = true;
   EXPECT_EQ(error_of([&] { resolve_roles(m, 11); }), "the bundle manifest's io has no shape for h_next; rebuild the bundle");
   m.io.push_back({"h_next", false, "float32", {n(2)}});

@@ -91,6 +91,36 @@ TEST(Stitch, ErrorMessagesNameTheProblem) {
   EXPECT_EQ(error_of([] { check_fractions({0.5, 0.6}, 2); }), "fractions must sum to 1, got [0.5, 0.6] (sum 1.1)");
 }
 
+TEST(Trajectory, ForaCachePlanEqualsPython) {
+  // sampling/cache_plan.py on DiT plans (pipeline/dit.py: the plan's integer timesteps and stitch): each model's count
+  // restarts at its first call after a switch, so that call is full
+  EXPECT_EQ(kMaxCacheInterval, g()["max_cache_interval"].get<int>());
+  size_t checked = 0, cached = 0;
+  for (const auto& c : g()["cache_plans"]) {
+    const RespacedSchedule s = dit_schedule(c["steps"]);
+    const std::vector<int64_t> ts(s.timesteps.rbegin(), s.timesteps.rend());
+    const std::vector<int> models = c.contains("ratio") ? stitch_by_timestep(ts, 2, c["ratio"])
+                                                        : stitch_by_fractions(ts, c["fractions"].get<std::vector<double>>());
+    EXPECT_EQ(models, c["models"].get<std::vector<int>>());
+    const std::vector<uint8_t> got = cached_calls(ts, models, c["interval"].get<int>());
+    EXPECT_EQ(std::vector<int>(got.begin(), got.end()), c["cached"].get<std::vector<int>>()) << c.dump().substr(0, 100);
+    for (size_t i = 0; i < got.size(); ++i) {
+      cached += got[i];
+      if (i == 0 || models[i] != models[i - 1]) {
+        EXPECT_EQ(got[i], 0) << "a model's first call after a switch is full";
+      }
+    }
+    ++checked;
+  }
+  EXPECT_GE(checked, 75u);
+  EXPECT_GT(cached, 0u);  // the goldens hold cached calls, not only interval 1
+  // ratio 0.4 of 10 DDIM steps, interval 3: the switch to the large model at call 4 restarts its count
+  const RespacedSchedule s = dit_schedule(10);
+  const std::vector<int64_t> ts(s.timesteps.rbegin(), s.timesteps.rend());
+  const std::vector<uint8_t> p = cached_calls(ts, stitch_by_timestep(ts, 2, 0.4), 3);
+  EXPECT_EQ(std::vector<int>(p.begin(), p.end()), (std::vector<int>{0, 1, 1, 0, 0, 1, 1, 0, 1, 1}));
+}
+
 TEST(Trajectory, PlanEqualsPythonIncludingNoise) {
   for (const auto& c : g()["plans"]) {
     Pcg64 rng(c["seed"].get<uint64_t>());

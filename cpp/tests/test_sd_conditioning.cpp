@@ -474,6 +474,8 @@ TEST(SdConditioning, Version3CallersKeepWorking) {
   EXPECT_EQ(std::string(tstitch_last_error()),
             "request.struct_size is " + std::to_string(sizeof(RequestV3) + 8) + ", this library expects " +
                 std::to_string(sizeof(tstitch_request)) + " (API version " + std::to_string(TSTITCH_API_VERSION) + "), " +
+                std::to_string(offsetof(tstitch_request, cache_interval) + alignof(tstitch_request) - sizeof(int)) +
+                " (version 5), " +
                 std::to_string(offsetof(tstitch_request, prompts)) + " (version 4) or " + std::to_string(sizeof(RequestV3)) +
                 " (version 3); initialise it with tstitch_request_init and rebuild against this header");
   EXPECT_EQ(tstitch_api_version(), TSTITCH_API_VERSION);

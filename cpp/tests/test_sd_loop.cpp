@@ -362,9 +362,9 @@ TEST(SdSize, UNetDownsamplingIsPythonsRule) {
   EXPECT_EQ(rt.latent_hw(r), (std::pair<int64_t, int64_t>{8, 4}));
 }
 
-TEST(SdLoop, DeepCacheBundlesAreRefusedWithOneLine) {
-  // a bundle built with --cache-branch: its engines have the kept feature as one more I/O, which this runtime does
-  // not bind yet; refused when opened, before any device work
+TEST(SdLoop, DeepCacheEntryWithoutCachedGraphsIsRefusedWithOneLine) {
+  // `cache` without io.roles.cache and every model's cached graphs: Manifest._validate_cache's rule and message, at
+  // open, before any device work
   namespace fs = std::filesystem;
   const fs::path dir = fs::temp_directory_path() / ("tstitch-cache-bundle-" + std::to_string(std::random_device{}()));
   fs::remove_all(dir);
@@ -382,9 +382,9 @@ TEST(SdLoop, DeepCacheBundlesAreRefusedWithOneLine) {
   FakeStats stats;
   tstitch_status s = TSTITCH_OK;
   EXPECT_EQ(error_of([&] { Runtime rt(dir.string(), {}, fake_factory({}, stats)); }, &s),
-            "this bundle was built with --cache-branch 3 (DeepCache's full and cached step graphs), which the C++ "
-            "runtime does not run yet; run it with tstitch-trt (Python), or rebuild it without --cache-branch");
-  EXPECT_EQ(s, TSTITCH_ERR_UNAVAILABLE);
+            "cache, io.roles.cache and every model's cached entry come together (DeepCache's full and cached step "
+            "graphs); rebuild the bundle");
+  EXPECT_EQ(s, TSTITCH_ERR_BUNDLE);
   EXPECT_EQ(stats.contexts, 0u);
   fs::remove_all(dir);
 }

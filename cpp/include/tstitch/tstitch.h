@@ -17,13 +17,16 @@
 extern "C" {
 #endif
 
-#define TSTITCH_API_VERSION 5  /* 2: tstitch_request.text_context (SD); 3: tstitch_request.height/width (SD);
+#define TSTITCH_API_VERSION 6  /* 2: tstitch_request.text_context (SD); 3: tstitch_request.height/width (SD);
                                   4: named request inputs (SDXL text_embeds / time_ids, ControlNet control_image),
                                      the ControlNet fields, "embedding" (LCM) guidance, the lcm sampler. A caller
                                      built against version 3 (struct_size of the version-3 request) keeps working.
                                   5: the openvino engine (CPU), engine NULL = auto, tstitch_open_params.precision,
                                      tstitch_engine, prompts as UTF-8 text (tstitch_request.prompts). A caller
-                                     built against version 4 (its smaller structs) keeps working. */
+                                     built against version 4 (its smaller structs) keeps working.
+                                  6: feature caching (tstitch_request.cache_interval / cache_branch: DeepCache and
+                                     FORA bundles; tstitch_cache_plan). A caller built against version 5 (or 4, 3) keeps working: its
+                                     requests run without caching. */
 
 typedef enum tstitch_status {
   TSTITCH_OK = 0,
@@ -67,7 +70,7 @@ typedef struct tstitch_input {
 } tstitch_input;
 
 typedef struct tstitch_request {
-  size_t struct_size;            /* sizeof(tstitch_request) (a version-3 or -4 binary's smaller size is accepted) */
+  size_t struct_size;            /* sizeof(tstitch_request) (a version-3, -4 or -5 binary's smaller size is accepted) */
   int batch;                     /* images in the request; within the engines' batch range */
   /* DiT (class-conditional) */
   const int64_t* class_labels;   /* batch labels in [0, num_classes) */
@@ -125,6 +128,16 @@ typedef struct tstitch_request {
   int num_prompts;
   const char* const* negative_prompts;
   int num_negative_prompts;
+  /* ---- API 6 (a version-5 or older struct_size reads these as 1 and -1: no caching) ---- */
+  /* Feature caching, as `tstitch-trt run --cache-interval N --cache-branch K`: on a bundle built with
+     `--cache-branch K` (SD U-Nets: DeepCache) or `--cache-scheme fora` (DiT), interval N > 1 runs each model's full
+     step graph on every N-th of its calls, counted afresh from its first call after a stitch switch (that call is
+     always full: no model reads another's features), and its cached step graph, on the kept feature, in between:
+     the same plan as Python's. 1 (default): every call full. Bounds 1..1000; N > 1 on a bundle without cached step
+     graphs is refused. cache_branch: -1 (default) or the DeepCache branch the caller expects, checked against the
+     bundle's (the branch is fixed when the bundle is built; DiT bundles take -1 only). */
+  int cache_interval;
+  int cache_branch;
 } tstitch_request;
 
 typedef struct tstitch_sample_info {
@@ -180,6 +193,12 @@ tstitch_status tstitch_sample(tstitch_runtime* runtime, const tstitch_request* r
 tstitch_status tstitch_sample_alloc(tstitch_runtime* runtime, const tstitch_request* request, float** latents,
                                     size_t* count, tstitch_sample_info* info);
 void tstitch_free(void* buffer);
+/* API 6: the request's feature-caching plan, the one tstitch_sample follows: for each U-Net (SD) / DiT call of its
+ * trajectory, cached[i] = 1 where the model's cached step graph runs, 0 where its full one does (the 0s are
+ * `tstitch-trt run`'s report "full calls"); *calls = the trajectory's calls. cached NULL: the count only;
+ * capacity in bytes (TSTITCH_ERR_BUFFER_TOO_SMALL below *calls). The request is checked as for sampling. */
+tstitch_status tstitch_cache_plan(tstitch_runtime* runtime, const tstitch_request* request, uint8_t* cached,
+                                  size_t capacity, int* calls);
 
 #ifdef __cplusplus
 }

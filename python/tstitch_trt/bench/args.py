@@ -81,3 +81,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quality", action="store_true", help="FID / accuracy sweep over the ratio (demo pair)")
     p.add_argument("--quality-images", type=int_in(10, 100_000), default=500,
                    help="images per ratio of the quality sweep")
+    p.add_argument("--cache-interval", type=_int_list, default=None, metavar="N[,N...]",
+                   help="--quality: FORA's cache interval, as `run --cache-interval` (1 = off, the default); a comma "
+                        "list sweeps each ratio at each interval (e.g. 1,2,3). Needs a bundle built with "
+                        "--cache-scheme fora")

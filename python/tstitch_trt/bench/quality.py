@@ -1,4 +1,5 @@
-"""--quality: the demo pair's FID / accuracy sweep over the ratio (tstitch_trt.eval.quality)."""
+"""--quality: the demo pair's FID / accuracy sweep over the ratio, and over FORA's cache interval with
+--cache-interval (tstitch_trt.eval.quality)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def run_quality(args: argparse.Namespace) -> int:
     ratios = args.ratios if args.ratios is not None else list(quality.DEFAULT_RATIOS)
     backend = args.backends[0] if args.backends else "auto"
     result = quality.quality_sweep(bundle, ratios, args.quality_images, backend=backend, steps=args.steps or 50,
-                                   cfg_scale=args.cfg_scale, seed=args.seed, progress=True)
+                                   cfg_scale=args.cfg_scale, seed=args.seed, progress=True,
+                                   cache_intervals=args.cache_interval or [1])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = quality.write_quality_report(result, markdown_path=out / "quality.md", png_path=out / "quality.png",

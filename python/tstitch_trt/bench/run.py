@@ -28,6 +28,9 @@ GPU_BACKENDS = ("trt", "trt-rtx")
 def run_bench(args: argparse.Namespace) -> int:
     if args.quality:
         return run_quality(args)
+    if args.cache_interval is not None:  # never accepted and ignored
+        raise UserError("--cache-interval applies to --quality (FORA's quality sweep); the speed figures run "
+                        "without caching: leave it out, or add --quality")
     if args.workload == "sd-bk-tiny-sd15":
         from tstitch_trt.bench.sd import run_sd_bench
 

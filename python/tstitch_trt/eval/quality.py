@@ -28,18 +28,24 @@ DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(11))
 def quality_sweep(bundle_dir: str | Path, ratios: Sequence[float], images_per_point: int, backend: str = "auto",
                   steps: int = 50, cfg_scale: float = 1.5, seed: int = 0, batch: int = 100,
                   sampler: str = "ddim", progress: bool = False, precision: str = "auto",
-                  cache_interval: int = 1) -> dict:
-    """Sample `images_per_point` digits at each ratio and score them (cache_interval: FORA's, on a bundle built
-    with --cache-scheme fora; 1 = no caching).
+                  cache_intervals: Sequence[int] = (1,)) -> dict:
+    """Sample `images_per_point` digits at each (cache interval, ratio) and score them. cache_intervals: FORA's
+    (`run --cache-interval`), on a bundle built with --cache-scheme fora; 1 = no caching. Every point draws the
+    same labels and initial noise, so differences between points come from the stitching and the caching.
 
-    Returns {"points": [{"ratio", "fid", "accuracy", "seconds_per_image", "steps_per_model"}, ...],
-    "reference": {"heldout_accuracy", "heldout_images", "fid_floor"}, and the settings}.
-    seconds_per_image is the pipeline's wall time (loop + decode) divided by the images, batch `batch`.
+    Returns {"points": [{"ratio", "cache_interval", "fid", "accuracy", "seconds_per_image", "steps_per_model",
+    "full_calls_per_model"}, ...], "reference": {"heldout_accuracy", "heldout_images", "fid_floor"}, and the
+    settings}. seconds_per_image is the pipeline's wall time (loop + decode) divided by the images, batch `batch`.
+    full_calls_per_model: the calls of each model that ran its full step graph (the run's report).
     """
+    from tstitch_trt.bundle.manifest import read_manifest
+    from tstitch_trt.pipeline.caching import check_dit_cache
     from tstitch_trt.pipeline.dit import StitchedPipeline
 
     if images_per_point < 2:
         raise ValueError("images_per_point must be >= 2 (a covariance needs two samples)")
+    manifest = read_manifest(bundle_dir)
+    intervals = [check_dit_cache(manifest, n) for n in cache_intervals]  # one line before any sampling
     scorer = DigitScorer(bundle_dir)
     ref_logits, ref_feats = scorer(scorer.heldout_images)
     ref_mu, ref_sigma = feature_stats(ref_feats)
@@ -48,24 +54,29 @@ def quality_sweep(bundle_dir: str | Path, ratios: Sequence[float], images_per_po
     labels = np.arange(images_per_point) % nc
     points = []
     try:
-        for ratio in ratios:
-            images, seconds, per_model = [], 0.0, None
-            for k, start in enumerate(range(0, images_per_point, batch)):
-                res = pipe(class_labels=labels[start:start + batch], ratio=float(ratio), steps=steps,
-                           sampler=sampler, cfg_scale=cfg_scale, seed=seed + k, progress=False,
-                           cache_interval=cache_interval)
-                images.append(res.images)
-                seconds += res.report["total_seconds"]
-                per_model = res.report["steps_per_model"]
-            logits, feats = scorer(np.concatenate(images))
-            mu, sigma = feature_stats(feats)
-            point = {"ratio": float(ratio), "fid": frechet_distance(mu, sigma, ref_mu, ref_sigma),
-                     "accuracy": float((logits.argmax(1) == labels).mean()),
-                     "seconds_per_image": seconds / images_per_point, "steps_per_model": per_model}
-            points.append(point)
-            if progress:
-                print(f"ratio {point['ratio']:.2f}: FID {point['fid']:.2f}, accuracy {point['accuracy']:.3f}, "
-                      f"{point['seconds_per_image'] * 1e3:.1f} ms/image", file=sys.stderr, flush=True)
+        for interval in intervals:
+            for ratio in ratios:
+                images, seconds, report = [], 0.0, {}
+                for k, start in enumerate(range(0, images_per_point, batch)):
+                    res = pipe(class_labels=labels[start:start + batch], ratio=float(ratio), steps=steps,
+                               sampler=sampler, cfg_scale=cfg_scale, seed=seed + k, progress=False,
+                               cache_interval=interval)
+                    images.append(res.images)
+                    seconds += res.report["total_seconds"]
+                    report = res.report
+                logits, feats = scorer(np.concatenate(images))
+                mu, sigma = feature_stats(feats)
+                point = {"ratio": float(ratio), "cache_interval": interval,
+                         "fid": frechet_distance(mu, sigma, ref_mu, ref_sigma),
+                         "accuracy": float((logits.argmax(1) == labels).mean()),
+                         "seconds_per_image": seconds / images_per_point,
+                         "steps_per_model": report["steps_per_model"],
+                         "full_calls_per_model": full_calls_per_model(report)}
+                points.append(point)
+                if progress:
+                    print(f"ratio {point['ratio']:.2f}{_interval_label(interval)}: FID {point['fid']:.2f}, accuracy "
+                          f"{point['accuracy']:.3f}, {point['seconds_per_image'] * 1e3:.1f} ms/image",
+                          file=sys.stderr, flush=True)
         backend_name, device = pipe.backend.name, pipe.backend.device
         precisions = getattr(pipe.backend, "precisions", None)
     finally:
@@ -81,7 +92,7 @@ def quality_sweep(bundle_dir: str | Path, ratios: Sequence[float], images_per_po
         "cfg_scale": cfg_scale,
         "seed": seed,
         "batch": batch,
-        "cache_interval": cache_interval,
+        "cache_intervals": intervals,
         "images_per_point": images_per_point,
         "reference": {
             "heldout_images": int(len(scorer.heldout_labels)),
@@ -92,18 +103,39 @@ def quality_sweep(bundle_dir: str | Path, ratios: Sequence[float], images_per_po
     }
 
 
+def full_calls_per_model(report: dict) -> list[int]:
+    """Calls of each model that ran its full step graph, from a run's report (every call without caching)."""
+    full = [0] * len(report["steps_per_model"])
+    cache = report.get("cache")
+    calls = cache["full_calls"] if cache else range(len(report["step_model"]))
+    for i in calls:
+        full[report["step_model"][i]] += 1
+    return full
+
+
+def _cached(result: dict) -> bool:
+    return any(p.get("cache_interval", 1) > 1 for p in result["points"])
+
+
+def _interval_label(interval: int) -> str:
+    return f", FORA interval {interval}" if interval > 1 else ""
+
+
 def quality_table(result: dict) -> str:
     """The sweep as a Markdown table, with the reference numbers under it."""
     names, n_ref = result["models"], result["reference"]["heldout_images"]
+    cached = _cached(result)  # FORA columns only where some point cached
+    extra = "FORA interval | full calls | " if cached else ""
     lines = [
-        f"| share of steps on {names[0]} | steps {names[0]} / {names[-1]} | FID (vs {n_ref} held-out) "
+        f"| share of steps on {names[0]} | {extra}steps {names[0]} / {names[-1]} | FID (vs {n_ref} held-out) "
         "| class accuracy | ms / image |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|" + ("---|---|" if cached else ""),
     ]
     for p in result["points"]:
         spm = p["steps_per_model"] or []
-        lines.append(f"| {p['ratio']:.0%} | {' / '.join(map(str, spm))} | {p['fid']:.2f} | {p['accuracy']:.1%} | "
-                     f"{p['seconds_per_image'] * 1e3:.1f} |")
+        fora = f"{p['cache_interval']} | {' / '.join(map(str, p['full_calls_per_model']))} | " if cached else ""
+        lines.append(f"| {p['ratio']:.0%} | {fora}{' / '.join(map(str, spm))} | {p['fid']:.2f} | "
+                     f"{p['accuracy']:.1%} | {p['seconds_per_image'] * 1e3:.1f} |")
     ref = result["reference"]
     note = (f"\n{result['images_per_point']} images per point, {result['sampler'].upper()} {result['steps']} steps, "
             f"cfg {result['cfg_scale']}, seed {result['seed']}, batch {result['batch']}, backend {result['backend']} "
@@ -123,25 +155,33 @@ def plot_quality(result: dict, path: str | Path) -> bool:
     except ImportError:
         return False
     pts = result["points"]
-    r = [p["ratio"] for p in pts]
+    intervals = list(dict.fromkeys(p.get("cache_interval", 1) for p in pts))
+    marks = dict(zip(intervals, "o^vsD<>", strict=False))  # one marker per FORA interval, one colour per metric
+
+    def label(what: str, n: int) -> str:
+        return what if intervals == [1] else f"{what}, interval {n}"
+
     fig, (ax, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    fid = [p["fid"] for p in pts]
-    ms = [p["seconds_per_image"] * 1e3 for p in pts]
-    ax.plot(r, fid, "o-", color="tab:blue", label="FID")
+    ax_t = ax.twinx()
+    for n in intervals:
+        group = [p for p in pts if p.get("cache_interval", 1) == n]
+        r = [p["ratio"] for p in group]
+        ax.plot(r, [p["fid"] for p in group], f"{marks[n]}-", color="tab:blue", label=label("FID", n))
+        ax_t.plot(r, [p["seconds_per_image"] * 1e3 for p in group], f"{marks[n]}--", color="tab:orange",
+                  label=label("ms / image", n))
+        ax_acc.plot(r, [100 * p["accuracy"] for p in group], f"{marks[n]}-", color="tab:green",
+                    label=label("generated", n))
     ax.set_xlabel(f"share of steps on the small model ({result['models'][0]})")
     ax.set_ylabel("FID vs held-out digits (lower is better)", color="tab:blue")
     floor = result["reference"].get("fid_floor")
     if floor is not None:
         ax.axhline(floor, color="tab:blue", ls=":", lw=1, label="FID real vs real")
-    ax_t = ax.twinx()
-    ax_t.plot(r, ms, "s--", color="tab:orange", label="ms / image")
     ax_t.set_ylabel(f"ms / image ({result['backend']}, {result['device']})", color="tab:orange")
-    # headroom above both curves for one legend of all three lines
-    ax.set_ylim(0, 1.35 * max(fid))
-    ax_t.set_ylim(0, 1.35 * max(ms))
+    # headroom above both curves for one legend of all the lines
+    ax.set_ylim(0, 1.35 * max(p["fid"] for p in pts))
+    ax_t.set_ylim(0, 1.35 * max(p["seconds_per_image"] * 1e3 for p in pts))
     handles = ax.get_legend_handles_labels()[0] + ax_t.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="upper center", ncol=3, fontsize="small")
-    ax_acc.plot(r, [100 * p["accuracy"] for p in pts], "o-", color="tab:green", label="generated")
     ax_acc.axhline(100 * result["reference"]["heldout_accuracy"], color="tab:green", ls=":", lw=1,
                    label="held-out real digits")
     ax_acc.set_xlabel("share of steps on the small model")

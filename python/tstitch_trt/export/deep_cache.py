@@ -155,13 +155,10 @@ def _skipped_down_block(block: nn.Module):
     return forward
 
 
-@contextlib.contextmanager
-def shallow(unet: nn.Module, cut: CacheBranch, kept: torch.Tensor) -> Iterator[None]:
-    """A cached call: only the shallow path runs, fed by `kept` (the U-Net's dtype)."""
-    n_up = len(unet.up_blocks)
-    b, layer = cut.block, cut.layer
+def _down_patches(down_blocks: nn.ModuleList, b: int, layer: int) -> list[tuple[nn.Module, Any]]:
+    """The down path of a cached call: every block deeper than B, and block B's layers at and past L, skipped."""
     patches: list[tuple[nn.Module, Any]] = []
-    for i, down in enumerate(unet.down_blocks):
+    for i, down in enumerate(down_blocks):
         if i > b or (i == b and layer == 0):
             patches.append((down, _skipped_down_block(down)))
         elif i == b:
@@ -172,6 +169,31 @@ def shallow(unet: nn.Module, cut: CacheBranch, kept: torch.Tensor) -> Iterator[N
                         patches.append((down.attentions[j], _identity(tuple_out=True)))
             if down.downsamplers is not None and len(down.resnets) >= layer:
                 patches += [(d, _identity()) for d in down.downsamplers]
+    return patches
+
+
+def _controlnet_patches(net: nn.Module, cut: CacheBranch, live: int) -> list[tuple[nn.Module, Any]]:
+    """A ControlNet on a cached call: its down path mirrors the U-Net's, so the same layers are skipped, and with
+    them its mid block and the zero convolutions of the dead residuals. What is left computes the `live` residuals
+    exactly as a full call does (each depends only on the ControlNet's layers up to its own)."""
+    patches = _down_patches(net.down_blocks, cut.block, cut.layer)
+    patches += [(c, _identity("input")) for c in list(net.controlnet_down_blocks)[live:]]
+    if net.mid_block is not None:
+        patches.append((net.mid_block, _identity()))
+    return patches + [(net.controlnet_mid_block, _identity("input"))]
+
+
+@contextlib.contextmanager
+def shallow(unet: nn.Module, cut: CacheBranch, kept: torch.Tensor, controlnet: nn.Module | None = None
+            ) -> Iterator[None]:
+    """A cached call: only the shallow path runs, fed by `kept` (the U-Net's dtype); of a ControlNet feeding the
+    U-Net, only the layers behind the residuals that path reads."""
+    n_up = len(unet.up_blocks)
+    b, layer = cut.block, cut.layer
+    live = live_skips(structure(unet), cut)
+    patches = _down_patches(unet.down_blocks, b, layer)
+    if controlnet is not None:
+        patches += _controlnet_patches(controlnet, cut, live)
     if unet.mid_block is not None:
         patches.append((unet.mid_block, _identity()))
     for bi in range(b + 1, n_up):
@@ -189,8 +211,34 @@ def shallow(unet: nn.Module, cut: CacheBranch, kept: torch.Tensor) -> Iterator[N
         return (kept,) if is_tuple else kept
 
     patches = [(m, f) for m, f in patches if m is not module] + [(module, give_kept)]
+    patches.append((unet, _live_residuals_only(unet.forward, live)))
     with _patched(patches):
         yield
+
+
+def live_skips(s: Structure, cut: CacheBranch) -> int:
+    """How many skip connections (from the shallow end: conv_in's output first) a cached call reads: up layer L'
+    of up block B' (both from the shallow end) reads skip sum(layers[:B']) + L', and the running up layers are
+    every layer of the blocks shallower than B and layers 0..L of block B."""
+    layers = s[0]
+    return sum(layers[:cut.block]) + min(cut.layer + 1, layers[cut.block])
+
+
+def _live_residuals_only(inner: Any, live: int):
+    """A ControlNet's residuals on a cached call: the first `live` feed skip connections that the running up layers
+    read (computed as on a full call, from the ControlNet's own shallow layers); the rest, and the mid block's,
+    land on dead values (the skipped modules' stand-ins, of other shapes), so they become 0-d zeros. The ONNX export
+    then prunes whatever of the ControlNet they needed (_controlnet_patches skips those layers outright)."""
+    def forward(*args: Any, down_block_additional_residuals: Any = None, mid_block_additional_residual: Any = None,
+                **kwargs: Any) -> Any:
+        if down_block_additional_residuals is not None:
+            down_block_additional_residuals = tuple(
+                r if i < live else r.new_zeros(()) for i, r in enumerate(down_block_additional_residuals))
+        if mid_block_additional_residual is not None:
+            mid_block_additional_residual = mid_block_additional_residual.new_zeros(())
+        return inner(*args, down_block_additional_residuals=down_block_additional_residuals,
+                     mid_block_additional_residual=mid_block_additional_residual, **kwargs)
+    return forward
 
 
 class CacheStep(nn.Module):
@@ -221,5 +269,5 @@ class CacheStep(nn.Module):
             assert box.value is not None
             return (*outs, box.value.float())
         kept = named.pop(CACHE_INPUT).to(self.step.dtype)
-        with shallow(self.step.unet, self.cut, kept):
+        with shallow(self.step.unet, self.cut, kept, self.step.controlnet):
             return self.step(**named)

@@ -97,9 +97,6 @@ def build_sd_bundle(cfg: SdBuildConfig, on_model: Callable[[str], None] | None =
 
         control = prepare_controlnet(cfg.controlnet, [(s.name, s.unet_config()) for s in sources], facts["vae_factor"])
     if cfg.cache_branch is not None:
-        if control is not None:
-            raise UserError("--cache-branch with --controlnet is not supported: DeepCache's cached path has no place "
-                            "for the ControlNet's residuals yet; build without one of them")
         for s in sources:  # every U-Net must have the branch: refused before any weights load
             check_branch(config_structure(s.unet_config()), cfg.cache_branch, f"U-Net {s.name}")
     builders = _engine_builders(cfg)
