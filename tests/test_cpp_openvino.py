@@ -70,6 +70,23 @@ def test_demo_equals_python_openvino_fp32(tmp_path, python_demo, sampler, steps,
     assert np.abs(images.astype(int) - ref.images.astype(int)).max() <= 1
 
 
+def test_demo_bf16_equals_python_openvino_bf16(tmp_path, python_demo):
+    """bf16 with the sensitive ops kept fp32 as Python keeps them (openvino_bf16.cpp): equal to Python's bf16."""
+    _needs_bf16()
+    labels, kw = [1, 4, 7], {"ratio": 0.4, "steps": 12, "sampler": "ddim", "seed": 0}
+    proc, out, rgb = run_c(tmp_path, bundle=DEMO, engine="openvino", precision="bf16", cfg=1.5, batch=len(labels),
+                           labels=",".join(map(str, labels)), **kw)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("engine openvino; bf16 (requested)"), proc.stdout
+    pipe = StitchedPipeline.from_bundle(DEMO, backend="openvino", precision="bf16")
+    ref = pipe(labels, cfg_scale=1.5, **kw)
+    got = np.fromfile(out, dtype=np.float32).reshape(ref.latents.shape)
+    assert _rel(got, ref.latents) <= BF16_SAME_REL
+    images = np.fromfile(rgb, dtype=np.uint8).reshape(ref.images.shape)
+    assert np.abs(images.astype(int) - ref.images.astype(int)).max() <= 1
+    assert _rel(python_demo["fp32"](labels, cfg_scale=1.5, **kw).latents, got) > 1e-4  # bf16 really ran
+
+
 def test_auto_engine_and_precision_follow_python(tmp_path):
     # NULL engine on a CPU-only build/host is openvino; NULL precision is Python's auto rule on this CPU
     import openvino as ov
@@ -99,8 +116,7 @@ def test_bad_input_is_one_line_and_status(tmp_path, kw, message):
 
 
 def test_example_writes_the_demo_digits_as_a_png(tmp_path):
-    """cpp/examples' C service on this CPU: 4 images of one digit, as Python's pipeline makes them (fp32: Python's
-    bf16 keeps the sensitive ops in fp32 by an IR marking the C++ engine does not apply yet, so bf16 differs)."""
+    """cpp/examples' C service on this CPU: 4 images of one digit, as Python's pipeline makes them (fp32)."""
     from PIL import Image
 
     png = tmp_path / "digits.png"
@@ -159,7 +175,8 @@ def _prompt_file(path: Path, texts: list[str | bytes]) -> Path:
 
 
 def test_sd_prompts_as_text_equal_python(tmp_path, sd_bundle, sd_ov):
-    """Prompts as UTF-8 text: tokenized in C++ as the Python pipeline tokenizes them, then the same trajectory."""
+    """Prompts as UTF-8 text: tokenized in C++ as the Python pipeline tokenizes them, then the same trajectory; a prompt
+    cut to the tokenizer's length is said (sample_info.truncated_prompts / notes), as Python's report says it."""
     prompts = ["Ein Fuchs im Schnee, café-Stil 🦊", "a very long prompt " + "with many words " * 30]
     ref = sd_ov(prompts, steps=4, cfg_scale=6.0, seed=21, ratio=0.5)  # no negative prompt: "" under cfg
     proc, out, rgb = run_c(tmp_path, bundle=sd_bundle, engine="openvino", steps=4, cfg=6.0, seed=21, ratio=0.5, batch=2,
@@ -178,6 +195,132 @@ def test_sd_prompts_as_text_equal_python(tmp_path, sd_bundle, sd_ov):
     got_neg = np.fromfile(out, dtype=np.float32).reshape(ref.latents.shape)
     assert _rel(got_neg, ref_neg.latents) <= FP32_REL
     assert _rel(got_neg, ref.latents) > 1e-3  # the negative prompts reached the trajectory
+    # the long prompt was cut to 77 tokens, and both sides say so in the same words (API 6: sample_info.notes)
+    notes = [n for n in ref.report["notes"] if "truncated" in n]
+    assert len(notes) == 1 and notes[0].startswith("prompt 'a very long prompt with many words with many words")
+    assert "truncated prompts 1" in proc.stdout.splitlines()
+    assert proc.stdout.split("notes:\n", 1)[1].splitlines() == notes
+
+
+def test_short_prompts_have_no_truncation_note(tmp_path, sd_bundle):
+    proc, _, _ = run_c(tmp_path, bundle=sd_bundle, engine="openvino", steps=1, batch=1,
+                       prompts=_prompt_file(tmp_path / "p.txt", ["a cat " * 37]),  # 74 words + BOS + EOS: 76 ids
+                       negative_prompts=_prompt_file(tmp_path / "n.txt", ["ugly " * 80]))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "truncated prompts 1" in lines  # the negative prompt only
+    from tstitch_trt.pipeline.values import shown
+
+    assert lines[lines.index("notes:") + 1:] == [f"prompt {shown('ugly ' * 80)} is longer than 77 tokens and was "
+                                                 "truncated (as diffusers does)"]
+
+
+# --- precision per part: U-Nets, text encoder and VAE each in bf16 exactly where Python runs them in bf16 ----------
+
+def _needs_bf16():
+    import openvino as ov
+
+    from tstitch_trt.runtime.openvino_backend import cpu_has_bf16
+
+    if not cpu_has_bf16(ov.Core()):
+        pytest.skip("this CPU has no native bf16 (AVX512_BF16 / AMX)")
+
+
+# C++ and Python compile the same marked graph (openvino_bf16.cpp = runtime/openvino_precision.py) with the same
+# OpenVINO: measured here (AMD EPYC, AVX512-BF16) bit-equal latents; the bound is the fp32 one. bf16 against fp32 is
+# ~1e-2..1e-1 (tests/test_sd_precision.py), so either side ignoring the request fails by orders of magnitude.
+BF16_SAME_REL = FP32_REL
+
+
+def _sd_run(tmp_path: Path, bundle: Path, precision: str | None, name: str, sampler: str = "pndm", cfg: float = 7.5):
+    prompts = ["a red fox in the snow", "an astronaut, oil painting"]
+    sub = tmp_path / name
+    sub.mkdir()
+    proc, out, rgb = run_c(sub, bundle=bundle, engine="openvino", precision=precision, steps=4, sampler=sampler,
+                           cfg=cfg, seed=3, ratio=0.5, batch=2, prompts=_prompt_file(sub / "p.txt", prompts))
+    assert proc.returncode == 0, proc.stderr
+    return proc, prompts, np.fromfile(out, dtype=np.float32), np.fromfile(rgb, dtype=np.uint8).astype(int)
+
+
+def _python_line(pipe) -> str:
+    return f"engine openvino; {pipe.backend.precision_reason}; text encoders, VAE: {pipe.aux_precision_reason}"
+
+
+def test_sd_bf16_every_part_equals_python(tmp_path, sd_bundle):
+    """precision "bf16": the U-Nets, the text encoder and the VAE all in bf16 on both sides, equal; fp32 differs."""
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    _needs_bf16()
+    pipe = StitchedSDPipeline.from_bundle(sd_bundle, backend="openvino", precision="bf16")
+    assert set(pipe.precisions.values()) == {"bf16"} and len(pipe.precisions) == 4
+    proc, prompts, got, rgb = _sd_run(tmp_path, sd_bundle, "bf16", "bf16")
+    assert proc.stdout.splitlines()[0] == _python_line(pipe) == \
+        "engine openvino; bf16 (requested); text encoders, VAE: bf16 (requested)"
+    ref = pipe(prompts, steps=4, sampler="pndm", cfg_scale=7.5, seed=3, ratio=0.5)
+    pipe.close()
+    assert _rel(got.reshape(ref.latents.shape), ref.latents) <= BF16_SAME_REL
+    assert np.abs(rgb.reshape(ref.images.shape) - ref.images.astype(int)).max() <= 1
+    _, _, got32, _ = _sd_run(tmp_path, sd_bundle, "fp32", "fp32")
+    assert _rel(got32.reshape(ref.latents.shape), ref.latents) > 1e-3  # bf16 really ran
+
+
+def _with_verdict(tmp_path: Path, bundle: Path, part: str) -> Path:
+    """A copy of `bundle` whose manifest records bf16 as safe on this CPU for `part` only."""
+    import json
+    import shutil
+
+    from tstitch_trt.runtime.cpu_isa import bf16_isa
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    raw[part]["bf16"] = {"safe": True, "reason": "test", "isa": [bf16_isa()]}
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    return copy
+
+
+def test_sdxl_auto_runs_text_encoder_2_by_its_verdict(tmp_path, sdxl_bundle):
+    """SDXL: the second text encoder has its own verdict; bf16 there only, on both sides, equal; fp32 differs."""
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    _needs_bf16()
+    bundle = _with_verdict(tmp_path, sdxl_bundle, "text_encoder_2")
+    pipe = StitchedSDPipeline.from_bundle(bundle, backend="openvino", precision="auto")
+    assert {k for k, v in pipe.precisions.items() if v == "bf16"} == {"text encoder 2"}
+    proc, prompts, got, rgb = _sd_run(tmp_path, bundle, None, "auto", sampler="euler", cfg=5.0)
+    assert proc.stdout.splitlines()[0] == _python_line(pipe)
+    ref = pipe(prompts, steps=4, sampler="euler", cfg_scale=5.0, seed=3, ratio=0.5)
+    pipe.close()
+    assert _rel(got.reshape(ref.latents.shape), ref.latents) <= BF16_SAME_REL
+    assert np.abs(rgb.reshape(ref.images.shape) - ref.images.astype(int)).max() <= 1
+    _, _, got32, _ = _sd_run(tmp_path, bundle, "fp32", "fp32", sampler="euler", cfg=5.0)
+    assert _rel(got32.reshape(ref.latents.shape), ref.latents) > 1e-4
+
+
+@pytest.mark.parametrize("safe_part", ["text_encoder", "vae"])
+def test_sd_auto_runs_each_part_by_its_own_verdict(tmp_path, sd_bundle, safe_part):
+    """auto with a bf16 verdict recorded for one part only (as `check --precision bf16 --record` writes it): that part
+    alone runs in bf16, on both sides; C++ ignoring it (fp32 there) or applying it elsewhere fails."""
+    from tstitch_trt.pipeline.sd import StitchedSDPipeline
+
+    _needs_bf16()
+    bundle = _with_verdict(tmp_path, sd_bundle, safe_part)
+    pipe = StitchedSDPipeline.from_bundle(bundle, backend="openvino", precision="auto")
+    label = {"text_encoder": "text encoder", "vae": "VAE decoder"}[safe_part]
+    assert {k for k, v in pipe.precisions.items() if v == "bf16"} == {label}
+    proc, prompts, got, rgb = _sd_run(tmp_path, bundle, None, "auto")
+    assert proc.stdout.splitlines()[0] == _python_line(pipe)
+    assert f"text encoders, VAE: bf16 on {label}, fp32 elsewhere: " in proc.stdout.splitlines()[0]
+    ref = pipe(prompts, steps=4, sampler="pndm", cfg_scale=7.5, seed=3, ratio=0.5)
+    pipe.close()
+    assert _rel(got.reshape(ref.latents.shape), ref.latents) <= BF16_SAME_REL
+    assert np.abs(rgb.reshape(ref.images.shape) - ref.images.astype(int)).max() <= 1
+    _, _, got32, rgb32 = _sd_run(tmp_path, bundle, "fp32", "fp32")
+    if safe_part == "text_encoder":  # a bf16 text context moves the whole trajectory
+        assert _rel(got32.reshape(ref.latents.shape), ref.latents) > 1e-4
+    else:  # the same latents, decoded by a bf16 VAE
+        assert _rel(got32.reshape(ref.latents.shape), ref.latents) <= FP32_REL
+        assert np.abs(rgb32.reshape(ref.images.shape) - ref.images.astype(int)).max() > 1
 
 
 @pytest.mark.parametrize(("prompts", "negatives", "message"), [

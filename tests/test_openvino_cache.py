@@ -60,6 +60,24 @@ def test_cached_run_reads_no_onnx_and_keeps_no_model(tiny_pair, tmp_path, reads)
     assert len(list(tmp_path.glob("*.blob"))) == 4
 
 
+def test_a_blob_that_could_not_be_written_is_not_reported_as_cached(tiny_pair, tmp_path, monkeypatch):
+    """OpenVINO does not raise when its cache cannot write a blob (a full disk): the report must not say
+    "now cached" then. Simulated by a compile that writes no blob into the cache directory."""
+    manifest = read_manifest(tiny_pair)
+    backend = OpenVinoBackend(tiny_pair, manifest, precision="fp32", threads=1, cache_dir=tmp_path)
+    real = openvino_compile._compile_writing_blob
+    monkeypatch.setattr(openvino_compile, "_compile_writing_blob",
+                        lambda core, model, compile_fn, path: compile_fn(model))  # no blob lands at `path`
+    _run(backend, manifest)
+    notes = " ".join(backend.take_notes())
+    assert "NOT cached" in notes and "now cached" not in notes and not list(tmp_path.glob("*.blob"))
+    monkeypatch.setattr(openvino_compile, "_compile_writing_blob", real)
+    written = OpenVinoBackend(tiny_pair, manifest, precision="fp32", threads=1, cache_dir=tmp_path)
+    _run(written, manifest)
+    notes = " ".join(written.take_notes())
+    assert "now cached" in notes and "NOT cached" not in notes
+
+
 def test_blob_key_separates_what_compiles_differently():
     sha, shapes = ["a" * 64], {"x": (1, 4, 8, 8)}
     base = openvino_compile.blob_key(sha, shapes, "fp32", 1, "v1")
@@ -194,4 +212,4 @@ def test_a_run_on_a_full_disk_says_its_models_were_not_cached(tiny_pair, tmp_pat
     assert list(tmp_path.glob("*.blob")) == [] and backend.compile_sources == ["compiled", "compiled"]
     assert any("not written" in n for n in notes), notes
     [models] = [n for n in notes if n.startswith("openvino models:")]
-    assert "now cached" not in models and models.count("compiled") == 2
+    assert "now cached" not in models and models.count("not cached: the disk's free-space reserve") == 2

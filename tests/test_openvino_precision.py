@@ -7,6 +7,8 @@ if the marking stops reaching the plugin or if bf16 silently becomes fp32.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 ov = pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install '.[openvino]')")
@@ -70,3 +72,42 @@ def test_fp32_is_all_fp32(tiny_pair):
     precs = {prec for kind, prec, _ in runtime_precisions(compile_static(core, model, shapes, "fp32"))
              if kind in ("FullyConnected", "Convolution", "MVN", "Subgraph")}
     assert precs == {"f32"}
+
+
+def test_marking_round_trips_the_topology_not_the_weights(tiny_pair, monkeypatch):
+    """The IR written to mark nodes holds no weights (an SDXL U-Net's 10 GB copy filled the disk), the marked
+    model computes what the unmarked one does (fp32: the marks change nothing there), and the caller's model
+    is left with its own inputs and weights."""
+    import numpy as np
+
+    from tstitch_trt.runtime import openvino_precision
+
+    core, model, shapes = _step_graph(tiny_pair)
+    weights = sum(op.get_byte_size() for op in model.get_ordered_ops() if op.get_type_name() == "Constant")
+    params_before = [p.get_friendly_name() for p in model.get_parameters()]
+    written: list[int] = []
+    real_save = ov.save_model
+
+    def save_and_measure(m, path, **kw):
+        real_save(m, path, **kw)
+        written.append(Path(path).with_suffix(".bin").stat().st_size)
+
+    monkeypatch.setattr(ov, "save_model", save_and_measure)
+    marked = openvino_precision.mark_keep_f32(core, model, keep_f32_nodes(model))
+    assert written and written[0] < weights / 100, f"the round trip wrote {written[0]} of {weights} weight bytes"
+    assert [p.get_friendly_name() for p in model.get_parameters()] == params_before
+    assert [p.get_friendly_name() for p in marked.get_parameters()] == params_before
+    marks = {op.get_friendly_name() for op in marked.get_ordered_ops()
+             if any(k.startswith("DisablePrecisionConversion") for k in op.get_rt_info().keys())}
+    assert marks == keep_f32_nodes(model) & {op.get_friendly_name() for op in marked.get_ordered_ops()}
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for p in model.get_parameters():
+        shape = shapes[p.get_friendly_name()]
+        dtype = p.get_element_type().to_dtype()
+        feeds[p.get_friendly_name()] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
+                                        else np.full(shape, 500, dtype=dtype))
+    ref = compile_static(core, model, shapes, "fp32")(feeds)
+    got = compile_static(core, marked, shapes, "fp32")(feeds)
+    for a, b in zip(ref.values(), got.values(), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -229,13 +229,27 @@ SampleRequest to_request(const Runtime& rt, const tstitch_request* given) {
   return q;
 }
 
-void fill_info(tstitch_sample_info* info, const LoopResult& r) {
+// Sample info: a version-6 (or older) caller's smaller struct (up to host_overhead_ms_per_step) gets the API 7 fields
+// unwritten.
+constexpr size_t kSampleInfoV6Size = offsetof(tstitch_sample_info, truncated_prompts);
+static_assert(kSampleInfoV6Size == offsetof(tstitch_sample_info, host_overhead_ms_per_step) + sizeof(double),
+              "a version-6 tstitch_sample_info ends at host_overhead_ms_per_step");
+
+void check_info(const tstitch_sample_info* info) {
+  if (info == nullptr || info->struct_size == kSampleInfoV6Size) return;
+  check_struct(info, "info");
+}
+
+void fill_info(tstitch_sample_info* info, const LoopResult& r, const Runtime& rt) {
   if (info == nullptr) return;
   info->used_cuda_graph = r.graph ? 1 : 0;
   info->steps = static_cast<int>(r.step_ms.size());
   info->total_ms = 0.0;
   for (double ms : r.step_ms) info->total_ms += ms;
   info->host_overhead_ms_per_step = r.host_overhead_ms_per_step();
+  if (info->struct_size < sizeof(tstitch_sample_info)) return;
+  info->truncated_prompts = rt.truncated_prompts();
+  info->notes = rt.last_notes().c_str();
 }
 
 }  // namespace
@@ -326,6 +340,7 @@ void tstitch_sample_info_init(tstitch_sample_info* i) {
   std::memset(i, 0, sizeof(*i));
   i->struct_size = sizeof(*i);
   i->host_overhead_ms_per_step = -1.0;
+  i->notes = "";
 }
 
 tstitch_status tstitch_open(const char* bundle_dir, const tstitch_open_params* params, tstitch_runtime** out) {
@@ -431,7 +446,7 @@ tstitch_status tstitch_sample(tstitch_runtime* h, const tstitch_request* request
                               uint8_t* rgb, size_t rgb_capacity, tstitch_sample_info* info) {
   return guarded([&] {
     Runtime& rt = checked(h);
-    if (info != nullptr) check_struct(info, "info");
+    check_info(info);
     SampleRequest q = to_request(rt, request);
     if (latents == nullptr) fail(TSTITCH_ERR_INVALID_ARGUMENT, "latents is NULL; pass a buffer of batch*C*H*W floats");
     const Manifest& m = rt.manifest();
@@ -452,7 +467,7 @@ tstitch_status tstitch_sample(tstitch_runtime* h, const tstitch_request* request
     LoopResult r = rt.sample(q);
     if (rgb != nullptr) rt.decode_rgb(r.x, q.batch, lh, lw, rgb);
     std::memcpy(latents, r.x.data(), need * sizeof(float));
-    fill_info(info, r);
+    fill_info(info, r, rt);
     return TSTITCH_OK;
   });
 }

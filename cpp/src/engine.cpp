@@ -23,6 +23,13 @@ std::vector<std::string> Backend::configure(const Manifest& m, const std::string
   return std::vector<std::string>(m.models.size());
 }
 
+std::vector<std::string> Backend::configure_parts(const std::vector<std::pair<std::string, nlohmann::json>>& parts,
+                                                  const std::string& requested, std::string* why) {
+  (void)requested;  // configure() refused anything but auto
+  why->clear();
+  return std::vector<std::string>(parts.size());
+}
+
 void Backend::check_compat(const nlohmann::json& builder, const std::string& what) {
   check_engine_compat(builder, identity(), device().compute_capability(), what);
 }

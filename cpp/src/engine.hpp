@@ -59,6 +59,11 @@ class Backend {
   // returns each stitched model's precision for the caller's request ("" = auto). Default (engines with
   // their own precision): auto only, "" per model; Error(TSTITCH_ERR_INVALID_ARGUMENT) otherwise.
   virtual std::vector<std::string> configure(const Manifest& m, const std::string& requested, std::string* why);
+  // The same choice for the parts outside the loop (pipeline/precision.py's aux_precisions: the text encoder(s) and
+  // the VAE decoder, each by its own verdict), after configure(); *why: one line, empty where the engines have their
+  // own precision. Default: "" per part (the engine's own), *why empty.
+  virtual std::vector<std::string> configure_parts(const std::vector<std::pair<std::string, nlohmann::json>>& parts,
+                                                   const std::string& requested, std::string* why);
   // Error(TSTITCH_ERR_INCOMPATIBLE) when what the builder recorded cannot run here. Default: compat.hpp's
   // TensorRT rules against identity() and the device's compute capability.
   virtual void check_compat(const nlohmann::json& builder, const std::string& what);

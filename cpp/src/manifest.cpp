@@ -283,6 +283,10 @@ Manifest parse_manifest(const ojson& raw, const std::string& where) {
     m.text_encoder_2_engines = engines(raw["text_encoder_2"]["engines"], "text_encoder_2.engines");
     m.text_encoder_2_io = io_specs(raw["text_encoder_2"]["io"]);
   }
+  for (auto [key, label] : {std::pair{"text_encoder", "text encoder"}, std::pair{"text_encoder_2", "text encoder 2"},
+                            std::pair{"vae", "VAE decoder"}})
+    if (raw.contains(key) && raw[key].is_object() && !raw[key].empty())  // Python's getattr(manifest, key) is truthy
+      m.aux_bf16.emplace_back(label, raw[key].contains("bf16") ? json::parse(raw[key]["bf16"].dump()) : json());
   for (auto [key, out] : {std::pair{"tokenizer", &m.tokenizer}, std::pair{"tokenizer_2", &m.tokenizer_2}}) {
     if (!raw.contains(key) || !raw[key].is_object()) continue;  // the schema holds the fields' types
     const ojson& t = raw[key];

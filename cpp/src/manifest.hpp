@@ -115,6 +115,9 @@ struct Manifest {
   std::vector<TensorSpec> text_encoder_2_io;                // SDXL: input_ids -> text_embeddings (N, L, D2), text_embeds (N, P)
   Conditioning conditioning;                                // defaults (cfg, no extras) where the manifest has none
   TokenizerEntry tokenizer, tokenizer_2;                    // SD: the large pipeline's tokenizer(s)
+  // The text encoder(s) and VAE decoder present, as pipeline/precision.py's aux_parts labels and orders them
+  // ("text encoder", "text encoder 2", "VAE decoder"), each with its own recorded bf16 verdict (null: none).
+  std::vector<std::pair<std::string, nlohmann::json>> aux_bf16;
   bool text_to_image() const { return pipeline == "sd" || pipeline == "sdxl"; }
   int channels() const { return models.front().channels; }
   int height() const { return models.front().height; }

@@ -1,7 +1,8 @@
 // The OpenVINO step engine (runtime/openvino_backend.py in C++): the bundle's fp32 ONNX graphs (the
 // artifacts the `ort` entry records) on the CPU, on host buffers (host_device.hpp). As in Python:
 // every graph is compiled for the shapes in use (static shapes: faster than the dynamic graph), with
-// PERFORMANCE_HINT LATENCY, INFERENCE_PRECISION_HINT f32 or bf16 (precision.hpp decides which), threads
+// PERFORMANCE_HINT LATENCY, INFERENCE_PRECISION_HINT f32 or bf16 (precision.hpp decides which; in bf16 the
+// numerically sensitive nodes are marked to stay fp32 first, openvino_bf16.hpp), threads
 // from TSTITCH_OPENVINO_THREADS, and OpenVINO's model cache in the directory Python uses (outside the
 // bundle, keyed by the step graphs' checksums). A context's infer request is bound ONCE per buffer
 // allocation (ov::Tensor views of the loop's buffers), so a step is only infer(): no copies.
@@ -19,6 +20,7 @@
 #include "engine.hpp"
 #include "errors.hpp"
 #include "host_device.hpp"
+#include "openvino_bf16.hpp"
 #include "precision.hpp"
 
 namespace tstitch {
@@ -160,6 +162,7 @@ class OvEngine : public StepEngine {
                static_shapes[p] = ov::PartialShape(std::vector<ov::Dimension>(given->second.begin(), given->second.end()));
              }
              s->reshape(static_shapes);
+             if (precision_ == "bf16") mark_for_bf16(s);  // bf16 only in the matmul/conv body, as Python
              ov::AnyMap config = {ov::hint::performance_mode(ov::hint::PerformanceMode::LATENCY),
                                   ov::hint::inference_precision(precision_ == "bf16" ? ov::element::bf16 : ov::element::f32)};
              if (threads_ > 0) config.emplace(ov::inference_num_threads(threads_));
@@ -248,6 +251,11 @@ class OvBackend : public Backend {
       // an unwritable cache only costs compile time, as in Python
     }
     return resolve_cpu_precisions(m, requested, native_bf16_, cpu_bf16_isa(), why);
+  }
+
+  std::vector<std::string> configure_parts(const std::vector<PartVerdict>& parts, const std::string& requested,
+                                           std::string* why) override {
+    return choose_cpu_precisions(parts, requested, native_bf16_, cpu_bf16_isa(), why);
   }
 
   std::unique_ptr<StepEngine> load(const std::vector<char>& plan, const std::string& what) override {

@@ -46,7 +46,14 @@ std::string bf16_verdict_gap(const nlohmann::json& verdict, const std::string& i
 
 std::vector<std::string> resolve_cpu_precisions(const Manifest& m, const std::string& requested, bool native_bf16,
                                                 const std::string& isa, std::string* why) {
-  const size_t n = m.models.size();
+  std::vector<PartVerdict> parts;
+  for (const ModelEntry& e : m.models) parts.emplace_back(e.name, e.bf16);
+  return choose_cpu_precisions(parts, requested, native_bf16, isa, why);
+}
+
+std::vector<std::string> choose_cpu_precisions(const std::vector<PartVerdict>& parts, const std::string& requested,
+                                               bool native_bf16, const std::string& isa, std::string* why) {
+  const size_t n = parts.size();
   const std::string req = requested.empty() ? "auto" : requested;
   if (req != "auto" && req != "fp32" && req != "bf16")
     fail(TSTITCH_ERR_INVALID_ARGUMENT, "unknown precision '" + req + "'; choose from " + kPrecisions + " (NULL: auto)");
@@ -67,10 +74,10 @@ std::vector<std::string> resolve_cpu_precisions(const Manifest& m, const std::st
   }
   std::vector<std::string> out, reasons;
   std::string bf16_names;
-  for (const ModelEntry& e : m.models) {
-    const std::string gap = bf16_verdict_gap(e.bf16, isa);
+  for (const auto& [name, verdict] : parts) {
+    const std::string gap = bf16_verdict_gap(verdict, isa);
     out.push_back(gap.empty() ? "bf16" : "fp32");
-    if (gap.empty()) bf16_names += (bf16_names.empty() ? "" : ", ") + e.name;
+    if (gap.empty()) bf16_names += (bf16_names.empty() ? "" : ", ") + name;
     bool seen = gap.empty();
     for (const std::string& r : reasons) seen = seen || r == gap;
     if (!seen) reasons.push_back(gap);

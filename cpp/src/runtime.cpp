@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "errors.hpp"
+#include "pyrepr.hpp"
 #include "sampling.hpp"
 #include "sd_samplers.hpp"
 
@@ -118,6 +119,14 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& given, const 
   }
   backend_ = factory(opt.engine, opt.device_index);  // no GPU -> TSTITCH_ERR_NO_DEVICE
   const std::vector<std::string> precisions = backend_->configure(manifest_, opt.precision, &precision_reason_);
+  if (manifest_.text_to_image() && !manifest_.aux_bf16.empty()) {
+    // pipeline/precision.py's aux_precisions: the text encoder(s) and the VAE, each by its own verdict (a DiT's VAE
+    // decodes in fp32, as pipeline/dit.py's)
+    std::string why;
+    const std::vector<std::string> aux = backend_->configure_parts(manifest_.aux_bf16, opt.precision, &why);
+    for (size_t i = 0; i < aux.size(); ++i) part_precisions_[manifest_.aux_bf16[i].first] = aux[i];
+    if (!why.empty()) precision_reason_ += "; text encoders, VAE: " + why;
+  }
   auto load = [&](const EngineEntry& entry, const std::string& path, const std::string& what, const std::string& precision) {
     backend_->check_compat(entry.builder, what);
     return backend_->load_file(path, what, precision);
@@ -136,13 +145,15 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& given, const 
                              std::filesystem::path(cached_paths[i]).filename().string() + ")";
     cached.push_back(load(m.cached_engines.at(art), cached_paths[i], what, precisions.at(i)));
   }
-  loop_ = std::make_unique<StitchedLoop>(manifest_, backend_->device(), std::move(engines), opt.cuda_graph, std::move(cached));
+  // cuda_graph is TensorRT's (tstitch.h): OpenVINO's host engine has no graph to capture, and no note says otherwise
+  loop_ = std::make_unique<StitchedLoop>(manifest_, backend_->device(), std::move(engines),
+                                         opt.cuda_graph && opt.engine != "openvino", std::move(cached));
   for (const Binding& b : loop_->bindings())
     if (b.role == Role::kRequest && b.source != "guidance") request_inputs_.push_back(b.spec.name);
-  // the text encoder and the VAE run in the engine's default precision (fp32 on OpenVINO), as Python runs them
+  // the text encoder and the VAE in their own precision (part_precisions_), as pipeline/sd.py runs them
   if (!text_path.empty() && manifest_.pipeline != "sdxl") {
     const std::string what = "the " + opt.engine + " text encoder engine (" + std::filesystem::path(text_path).filename().string() + ")";
-    text_encoder_ = std::make_unique<TextEncoder>(manifest_.text_encoder_io, backend_->device(), load(te->second, text_path, what, ""));
+    text_encoder_ = std::make_unique<TextEncoder>(manifest_.text_encoder_io, backend_->device(), load(te->second, text_path, what, part_precision("text encoder")));
   }
   // SDXL: both encoders are loaded on the first prompt given as text (encode_sdxl); a caller passing text_context
   // and text_embeds never needs them
@@ -150,7 +161,8 @@ Runtime::Runtime(const std::string& bundle_dir, const OpenOptions& given, const 
   if (!vae_path.empty()) {
     const std::string what = "the " + opt.engine + " VAE decoder engine (" + std::filesystem::path(vae_path).filename().string() + ")";
     const int factor = manifest_.height() > 0 ? manifest_.image_size / manifest_.height() : 0;
-    vae_ = std::make_unique<VaeDecoder>(backend_->device(), load(ve->second, vae_path, what, ""), factor);
+    vae_ = std::make_unique<VaeDecoder>(backend_->device(), load(ve->second, vae_path, what, part_precision("VAE decoder")),
+                                        factor);
   }
 }
 
@@ -232,14 +244,21 @@ SampleRequest Runtime::tokenize(const SampleRequest& req) {
                                                  manifest_.tokenizer.max_length, manifest_.tokenizer.pad_id);
   SampleRequest q = req;
   q.token_count = static_cast<int>(tokenizer_->max_length());
+  std::vector<std::pair<std::string, bool>> cut;  // (text, truncated): the negative prompts first, as Python's notes
   for (int i = 0; i < req.batch; ++i) {
-    const std::vector<int64_t> p = tokenizer_->encode(req.prompts[i], "prompt " + std::to_string(i));
+    bool p_cut = false;
+    const std::vector<int64_t> p = tokenizer_->encode(req.prompts[i], "prompt " + std::to_string(i), &p_cut);
     q.prompt_tokens.insert(q.prompt_tokens.end(), p.begin(), p.end());
+    cut.emplace_back(req.prompts[i], p_cut);
     if (cfg) {
-      const std::vector<int64_t> n = tokenizer_->encode(req.has_negative ? req.negative_prompts[i] : "", "negative prompt " + std::to_string(i));
+      bool n_cut = false;
+      const std::string& text = req.has_negative ? req.negative_prompts[i] : std::string();
+      const std::vector<int64_t> n = tokenizer_->encode(text, "negative prompt " + std::to_string(i), &n_cut);
       q.negative_tokens.insert(q.negative_tokens.end(), n.begin(), n.end());
+      cut.insert(cut.begin() + i, {text, n_cut});
     }
   }
+  note_truncated(cut, tokenizer_->max_length());
   q.prompts.clear(), q.negative_prompts.clear(), q.has_negative = false;
   return q;
 }
@@ -262,7 +281,7 @@ SampleRequest Runtime::encode_sdxl(const SampleRequest& req) {
                                   "pass request.text_context and the text_embeds input, or rebuild it with --backend " +
                                   artifact_kind(engine_kind_));
   const std::string art = artifact_kind(engine_kind_);
-  for (int k = 0; k < 2; ++k) {  // the text encoders run in the engine's default precision (fp32 on OpenVINO)
+  for (int k = 0; k < 2; ++k) {  // each text encoder in its own precision (part_precisions_)
     std::unique_ptr<TextEncoder>& enc = k == 0 ? text_encoder_ : text_encoder_2_;
     if (enc) continue;
     const std::string& path = k == 0 ? sdxl_text_paths_.first : sdxl_text_paths_.second;
@@ -271,7 +290,7 @@ SampleRequest Runtime::encode_sdxl(const SampleRequest& req) {
     const std::string what = "the " + engine_kind_ + " " + label + " engine (" + std::filesystem::path(path).filename().string() + ")";
     backend_->check_compat(entry.builder, what);
     enc = std::make_unique<TextEncoder>(k == 0 ? manifest_.text_encoder_io : manifest_.text_encoder_2_io, backend_->device(),
-                                        backend_->load_file(path, what, ""), label);
+                                        backend_->load_file(path, what, part_precision(label)), label);
   }
   if (!text_encoder_2_->has_output(kPooledOutput))
     fail(TSTITCH_ERR_BUNDLE, "the sdxl bundle's text_encoder_2.io has no pooled text_embeds output; rebuild the bundle");
@@ -294,11 +313,16 @@ SampleRequest Runtime::encode_sdxl(const SampleRequest& req) {
       texts.push_back(req.has_negative ? req.negative_prompts[i] : ""), whats.push_back("negative prompt " + std::to_string(i));
   for (int i = 0; i < req.batch; ++i) texts.push_back(req.prompts[i]), whats.push_back("prompt " + std::to_string(i));
   std::vector<int64_t> ids, ids_2;
+  std::vector<std::pair<std::string, bool>> cut;  // (text, cut by either tokenizer), as Python's notes
   for (size_t i = 0; i < texts.size(); ++i) {
-    const std::vector<int64_t> a = tokenizer_->encode(texts[i], whats[i]), b = tokenizer_2_->encode(texts[i], whats[i]);
+    bool a_cut = false, b_cut = false;
+    const std::vector<int64_t> a = tokenizer_->encode(texts[i], whats[i], &a_cut),
+                               b = tokenizer_2_->encode(texts[i], whats[i], &b_cut);
     ids.insert(ids.end(), a.begin(), a.end());
     ids_2.insert(ids_2.end(), b.begin(), b.end());
+    cut.emplace_back(texts[i], a_cut || b_cut);
   }
+  note_truncated(cut, tokenizer_->max_length());
   const int64_t rows = static_cast<int64_t>(texts.size()), tokens = tokenizer_->max_length();
   std::map<std::string, TextOutput> out = text_encoder_->encode_all(ids, rows, tokens);
   std::map<std::string, TextOutput> out_2 = text_encoder_2_->encode_all(ids_2, rows, tokens);
@@ -625,7 +649,54 @@ TrajectoryPlan Runtime::sd_plan(const SampleRequest& req, size_t latent, Pcg64& 
   return p;
 }
 
+std::string Runtime::part_precision(const std::string& label) const {
+  auto it = part_precisions_.find(label);
+  return it == part_precisions_.end() ? "" : it->second;
+}
+
+namespace {
+// The first n code points of valid UTF-8 (the tokenizer has checked it).
+std::string utf8_prefix(const std::string& s, size_t n) {
+  size_t i = 0;
+  for (size_t k = 0; i < s.size() && k < n; ++k)
+    for (++i; i < s.size() && (static_cast<unsigned char>(s[i]) & 0xC0) == 0x80;) ++i;
+  return s.substr(0, i);
+}
+size_t utf8_length(const std::string& s) {
+  size_t n = 0;
+  for (unsigned char c : s) n += (c & 0xC0) != 0x80;
+  return n;
+}
+// pipeline/values.py's shown() of a string: repr(text[:61]), cut to 60 characters and "..."
+std::string shown(const std::string& text) {
+  constexpr size_t kShown = 60;  // values.SHOWN_CHARS
+  const std::string r = py_repr(nlohmann::ordered_json(utf8_prefix(text, kShown + 1)));
+  return utf8_length(r) <= kShown ? r : utf8_prefix(r, kShown) + "...";
+}
+}  // namespace
+
+// pipeline/sd.py's notes on prompts cut to the tokenizer's length: one per distinct text, in the order encoded.
+void Runtime::note_truncated(const std::vector<std::pair<std::string, bool>>& texts, int64_t max_length) {
+  for (const auto& [text, cut] : texts) {
+    if (!cut) continue;
+    ++truncated_prompts_;
+    const std::string note = "prompt " + shown(text) + " is longer than " +
+                             std::to_string(max_length) + " tokens and was truncated (as diffusers does)";
+    if (std::find(text_notes_.begin(), text_notes_.end(), note) == text_notes_.end()) text_notes_.push_back(note);
+  }
+}
+
 LoopResult Runtime::sample(const SampleRequest& request) {
+  truncated_prompts_ = 0;
+  text_notes_.clear();
+  last_notes_.clear();
+  LoopResult r = sample_encoded(request);
+  r.notes.insert(r.notes.begin(), text_notes_.begin(), text_notes_.end());
+  for (const std::string& n : r.notes) last_notes_ += (last_notes_.empty() ? "" : "\n") + n;
+  return r;
+}
+
+LoopResult Runtime::sample_encoded(const SampleRequest& request) {
   const SampleRequest texts = manifest_.text_to_image() && !request.prompts.empty() ? tokenize(request) : request;
   if (!manifest_.text_to_image() && (!request.prompts.empty() || request.has_negative))
     fail(TSTITCH_ERR_INVALID_ARGUMENT, "this bundle is class-conditional (DiT): it takes class labels, not prompts");

@@ -89,6 +89,11 @@ class Runtime {
   const Manifest& manifest() const { return manifest_; }
   const std::string& engine() const { return engine_kind_; }
   const std::string& precision_reason() const { return precision_reason_; }
+  // The prompts (and negative prompts) of the last sample() that were longer than the tokenizer's length and were cut
+  // to it (as diffusers does); their notes lead LoopResult.notes, in pipeline/sd.py's words.
+  int truncated_prompts() const { return truncated_prompts_; }
+  // The last sample()'s notes (LoopResult.notes), one per line; "" when none.
+  const std::string& last_notes() const { return last_notes_; }
   std::pair<int64_t, int64_t> batch_range() const { return batch_range_; }
   StitchedLoop& loop() { return *loop_; }
   // The decoded image of one item (H, W, C): C = 3 through the VAE; pixel-space bundles (no VAE, scale 1)
@@ -134,6 +139,13 @@ class Runtime {
   std::unique_ptr<ClipTokenizer> tokenizer_;         // read on the first text prompt
   std::unique_ptr<ClipTokenizer> tokenizer_2_;       // SDXL's second
   std::pair<int64_t, int64_t> batch_range_{1, 1};
+  LoopResult sample_encoded(const SampleRequest& req);  // sample() past the per-request notes
+  std::string part_precision(const std::string& label) const;  // "" (the engine's own) where configure_parts gave none
+  void note_truncated(const std::vector<std::pair<std::string, bool>>& texts, int64_t max_length);
+  std::map<std::string, std::string> part_precisions_;  // "text encoder", "text encoder 2", "VAE decoder" -> precision
+  int truncated_prompts_ = 0;
+  std::vector<std::string> text_notes_;
+  std::string last_notes_;
   std::vector<std::string> request_inputs_;  // the step graphs' request inputs but guidance, context first
 };
 

@@ -7,7 +7,8 @@
  *       prompts=<file> negative_prompts=<file> (SD, SDXL: prompts as text, NUL-separated)
  *       controlnet_scale control_start control_end guess_mode (ControlNet bundles)
  *       cache_interval cache_branch (DeepCache / FORA bundles; prints "cached calls: i,j,..", the plan it follows)
- * Prints "engine <name>; <precision line>" and the sample info; on failure one line on stderr, exit 2. */
+ * Prints "engine <name>; <precision line>", the sample info, "truncated prompts <n>" and (when any) "notes:" with the
+ * run's notes one per line; on failure one line on stderr, exit 2. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -181,6 +182,8 @@ int main(int argc, char** argv) {
     rc = fail("cannot write the results");
   } else {
     printf("steps %d, %.3f ms, host overhead %.4f ms/step\n", info.steps, info.total_ms, info.host_overhead_ms_per_step);
+    printf("truncated prompts %d\n", info.truncated_prompts);
+    if (info.notes[0]) printf("notes:\n%s\n", info.notes);
   }
   free(lat);
   free(rgb);

@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstddef>
+#include <cstring>
 #include <fstream>
 #include <thread>
 
@@ -163,6 +165,33 @@ TEST(CApi, SampleEqualsThePythonTrajectory) {
   tstitch_free(x);
   EXPECT_EQ(info.used_cuda_graph, 1);
   EXPECT_EQ(info.steps, c["steps"].get<int>());
+}
+
+// API 6 grew tstitch_sample_info (truncated_prompts, notes): a version-5 caller's smaller struct is accepted and
+// nothing past its end is written; a version-6 one gets no truncation and no notes on a run without any.
+TEST(CApi, SampleInfoOfAVersion5CallerKeepsWorking) {
+  FakeHandle f;
+  const int64_t labels[2] = {1, 7};
+  tstitch_request r = request(labels);
+  float out[64];
+  struct V5Info {  // tstitch.h's tstitch_sample_info at TSTITCH_API_VERSION 5, then what follows it in the caller
+    tstitch_sample_info v5;
+    unsigned char after[32];
+  } caller;
+  std::memset(&caller, 0xAB, sizeof caller);
+  caller.v5.struct_size = offsetof(tstitch_sample_info, truncated_prompts);
+  ASSERT_EQ(tstitch_sample(f.h, &r, out, 64, nullptr, 0, &caller.v5), TSTITCH_OK) << tstitch_last_error();
+  EXPECT_EQ(caller.v5.steps, r.steps);
+  const unsigned char* tail = reinterpret_cast<const unsigned char*>(&caller.v5) + caller.v5.struct_size;
+  for (size_t i = 0; i < sizeof(tstitch_sample_info) - caller.v5.struct_size; ++i) EXPECT_EQ(tail[i], 0xAB) << i;
+  tstitch_sample_info info;
+  tstitch_sample_info_init(&info);
+  info.truncated_prompts = 5;
+  info.notes = nullptr;
+  ASSERT_EQ(tstitch_sample(f.h, &r, out, 64, nullptr, 0, &info), TSTITCH_OK) << tstitch_last_error();
+  EXPECT_EQ(info.truncated_prompts, 0);
+  ASSERT_NE(info.notes, nullptr);
+  EXPECT_STREQ(info.notes, "");
 }
 
 // pipeline/dit.py's _decode: a pixel-space bundle (no VAE, latent_scale_factor 1) gives to_uint8(latents);

@@ -17,7 +17,7 @@
 extern "C" {
 #endif
 
-#define TSTITCH_API_VERSION 6  /* 2: tstitch_request.text_context (SD); 3: tstitch_request.height/width (SD);
+#define TSTITCH_API_VERSION 7  /* 2: tstitch_request.text_context (SD); 3: tstitch_request.height/width (SD);
                                   4: named request inputs (SDXL text_embeds / time_ids, ControlNet control_image),
                                      the ControlNet fields, "embedding" (LCM) guidance, the lcm sampler. A caller
                                      built against version 3 (struct_size of the version-3 request) keeps working.
@@ -26,7 +26,10 @@ extern "C" {
                                      built against version 4 (its smaller structs) keeps working.
                                   6: feature caching (tstitch_request.cache_interval / cache_branch: DeepCache and
                                      FORA bundles; tstitch_cache_plan). A caller built against version 5 (or 4, 3) keeps working: its
-                                     requests run without caching. */
+                                     requests run without caching.
+                                  7: tstitch_sample_info.truncated_prompts and .notes (a prompt cut to the tokenizer's
+                                     length is said, not silent). A caller built against version 6 or older (its smaller
+                                     tstitch_sample_info) keeps working. */
 
 typedef enum tstitch_status {
   TSTITCH_OK = 0,
@@ -141,11 +144,18 @@ typedef struct tstitch_request {
 } tstitch_request;
 
 typedef struct tstitch_sample_info {
-  size_t struct_size;            /* sizeof(tstitch_sample_info) */
+  size_t struct_size;            /* sizeof(tstitch_sample_info) (a version-6 or older binary's smaller size is accepted) */
   int used_cuda_graph;           /* 1: one graph launch for the whole trajectory */
   int steps;
   double total_ms;               /* prepare + run + read back */
   double host_overhead_ms_per_step; /* mean(step wall - engine time) of plain launches; -1 if unknown */
+  /* ---- API 7 (not written for a version-6 or older struct_size) ---- */
+  int truncated_prompts;         /* prompts and negative prompts given as text that were longer than the tokenizer's
+                                    length (77 tokens for CLIP) and were cut to it, as diffusers and the Python pipeline
+                                    do; the notes name them. 0: none */
+  const char* notes;             /* the run's notes, one per line ("" when none), in the Python run report's words:
+                                    "prompt '...' is longer than 77 tokens and was truncated (as diffusers does)", a CUDA
+                                    graph that could not be used; valid until the next sample or close on this handle */
 } tstitch_sample_info;
 
 int tstitch_api_version(void);

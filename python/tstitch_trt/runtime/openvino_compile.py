@@ -78,6 +78,7 @@ def has_blob(cache_dir: Path | None, graph_sha256: Sequence[str]) -> bool:
 class Compiled:
     model: Any  # ov.CompiledModel
     source: str  # "cache" (blob imported) or "compiled"
+    written: bool = False  # compiled and its blob written to the cache (False where the write failed: a full disk)
     mapped: Any = None  # the blob's memory map, alive as long as the compiled model that may read from it
     note: str | None = None  # why a compiled model was not cached (the disk), for the run's notes
 
@@ -111,7 +112,7 @@ def compile_cached(core: Any, read: Callable[[], Any], compile_fn: Callable[[Any
     else:
         compiled = _compile_writing_blob(core, model, compile_fn, path)
     del model  # the compiled model holds its own weights: no second copy kept
-    return Compiled(compiled, "compiled", note=note)
+    return Compiled(compiled, "compiled", written=path is not None and path.is_file(), note=note)
 
 
 def weight_bytes(model: Any) -> int:
@@ -147,7 +148,7 @@ def _import_blob(core: Any, path: Path, config: Mapping[str, Any]) -> Compiled:
     mapped = np.memmap(path, dtype=np.uint8, mode="c", offset=offset)
     compiled = core.import_model(ov.Tensor(mapped, shared_memory=True), "CPU", dict(config))
     _release_pages(mapped)
-    return Compiled(compiled, "cache", mapped)
+    return Compiled(compiled, "cache", mapped=mapped)
 
 
 def _release_pages(mapped: Any) -> None:
@@ -164,7 +165,9 @@ def _release_pages(mapped: Any) -> None:
 
 def _compile_writing_blob(core: Any, model: Any, compile_fn: Callable[[Any], Any], path: Path) -> Any:
     """compile_fn(model) with OpenVINO's own cache pointed at a fresh temporary directory, whose one blob
-    (streamed to disk by OpenVINO, never held as a bytes copy of the weights) is renamed to `path`."""
+    (streamed to disk by OpenVINO, never held as a bytes copy of the weights) is renamed to `path`. OpenVINO
+    does not raise when it cannot write the blob (a full disk): then no blob is renamed, and the caller sees
+    `path` missing."""
     try:
         tmp = tempfile.mkdtemp(prefix=".compile-", dir=path.parent)
     except OSError:

@@ -25,7 +25,11 @@ Marks are lost on nodes a transformation rebuilds, so the model goes through Ope
 simplifications before it is marked (marked_for_bf16), and the tests check the compiled result.
 The marking has no Python API (ov.Node rt_info set from Python holds a string, which the plugin
 cannot cast), so it travels the way IR files carry it: the model is saved as IR, the attribute is
-written into the marked layers' <rt_info>, and the IR is read back (weights mmapped from the .bin).
+written into the marked layers' <rt_info>, and the IR is read back. The weights do not travel: every
+weight Constant is swapped for a Parameter before saving and the same Constant node is put back into
+the read model, so the IR is the topology alone (kilobytes). Saving the weights too wrote a full copy
+of each graph into the temporary directory per bf16 compile: 10 GB for the SDXL U-Net, which failed with
+"basic_ios::clear: iostream error" when the disk had less free, and cost a 10 GB write and read each time.
 """
 
 from __future__ import annotations
@@ -102,11 +106,53 @@ def keep_f32_nodes(model: Any) -> set[str]:
     return keep | tail | embedding
 
 
+# Constants at least this large (bytes) are weights: kept out of the IR round trip (small ones, shapes and axes
+# among them, stay in it: read_model's shape inference needs their values)
+WEIGHT_BYTES = 1024
+
+
+def _weights_as_parameters(model: Any) -> dict[str, tuple[Any, Any]]:
+    """Swap every weight Constant of `model` for a Parameter of its type and shape, in place.
+
+    Returns {parameter name: (Parameter, Constant)}; _restore_weights undoes it on any model holding those
+    parameter names."""
+    import openvino as ov
+
+    swapped: dict[str, tuple[Any, Any]] = {}
+    for op in model.get_ordered_ops():
+        if _type(op) != "Constant" or not op.get_output_element_type(0).is_real():
+            continue
+        if op.get_byte_size() < WEIGHT_BYTES:
+            continue
+        param = ov.op.Parameter(op.get_output_element_type(0), op.get_output_partial_shape(0))
+        name = f"tstitch_weight_{len(swapped)}"
+        param.set_friendly_name(name)
+        for target in list(op.output(0).get_target_inputs()):
+            target.replace_source_output(param.output(0))
+        swapped[name] = (param, op)
+    model.add_parameters([p for p, _ in swapped.values()])
+    return swapped
+
+
+def _restore_weights(model: Any, swapped: dict[str, tuple[Any, Any]]) -> None:
+    """Put each swapped Constant back in place of the Parameter of the same name in `model`, and drop it."""
+    for param in list(model.get_parameters()):
+        entry = swapped.get(param.get_friendly_name())
+        if entry is None:
+            continue
+        for target in list(param.output(0).get_target_inputs()):
+            target.replace_source_output(entry[1].output(0))
+        model.remove_parameter(param)
+    model.validate_nodes_and_infer_types()
+
+
 def mark_keep_f32(core: Any, model: Any, names: set[str]) -> Any:
-    """`model` with DisablePrecisionConversion on every node named in `names` (via an IR round trip)."""
+    """`model` with DisablePrecisionConversion on every node named in `names` (via an IR round trip of its
+    topology; the returned model shares `model`'s weight Constants, and `model` is left as it was)."""
     import openvino as ov
 
     tmp = tempfile.TemporaryDirectory(prefix="tstitch-ov-")
+    swapped = _weights_as_parameters(model)
     try:
         xml_path = Path(tmp.name) / "model.xml"
         ov.save_model(model, str(xml_path), compress_to_fp16=False)
@@ -120,9 +166,11 @@ def mark_keep_f32(core: Any, model: Any, names: set[str]) -> Any:
                 rt = ET.SubElement(layer, "rt_info")
             ET.SubElement(rt, "attribute", {"name": name, "version": version, "value": value})
         tree.write(xml_path)
-        # the weights are mmapped from the .bin; unlinking it (below) keeps the mapping valid on POSIX
-        return core.read_model(str(xml_path))
+        marked = core.read_model(str(xml_path))
+        _restore_weights(marked, swapped)
+        return marked
     finally:
+        _restore_weights(model, swapped)
         tmp.cleanup()
 
 
