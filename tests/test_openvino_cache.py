@@ -163,3 +163,53 @@ def test_openvino_graph_uses_the_cache_per_precision(tmp_path, monkeypatch):
     # without the graph's checksums there is no key that avoids reading it: no cache, compiled each time
     g = openvino_graph.OpenVinoGraph(path, "fp32", 1, cache_dir=tmp_path / "c")
     assert np.array_equal(g(x)["y"], first["fp32"]) and g.source == "compiled" and reads == ["g.onnx"]
+
+
+def test_a_blob_that_would_fill_the_disk_is_not_written(tmp_path, monkeypatch):
+    """A miss writes its blob (about the graph's weights: SD 1.5's U-Net 3.4 GB) only where the disk keeps its
+    reserve free; otherwise the graph is compiled uncached, with a note saying why, and runs the same."""
+    import collections
+
+    path = tmp_path / "g.onnx"
+    sha = _small_graph(path)
+    core = ov.Core()
+    x = {"x": np.random.default_rng(2).standard_normal((2, 16)).astype(np.float32)}
+    Usage = collections.namedtuple("Usage", "total used free")
+    monkeypatch.setattr(openvino_compile, "SMALL_BLOB_BYTES", 0)  # the rule for GB blobs, on a 1 KB one
+    total = 100 * 2**30
+    reserve = max(openvino_compile.FREE_RESERVE_MIN_BYTES, int(openvino_compile.FREE_RESERVE_FRACTION * total))
+
+    def compiled(free: int):
+        monkeypatch.setattr(openvino_compile.shutil, "disk_usage", lambda p: Usage(total, total - free, free))
+        c = openvino_compile.compile_cached(
+            core, lambda: core.read_model(str(path)), lambda m: core.compile_model(m, "CPU"), [sha], {"x": [2, 16]},
+            "fp32", 1, tmp_path / "cache", {})
+        return c, np.array(c.model(x)[0])
+
+    (tmp_path / "cache").mkdir()
+    short, out_short = compiled(reserve)  # the 1 KB blob would take the disk under its reserve
+    assert short.source == "compiled" and list((tmp_path / "cache").iterdir()) == []
+    assert "not written" in short.note and "GiB free" in short.note
+    roomy, out_roomy = compiled(reserve + 2**20)
+    assert roomy.note is None and len(list((tmp_path / "cache").glob("*.blob"))) == 1
+    assert np.array_equal(out_short, out_roomy)
+    assert openvino_compile.weight_bytes(core.read_model(str(path))) == 16 * 16 * 4
+
+
+def test_a_run_on_a_full_disk_says_its_models_were_not_cached(tiny_pair, tmp_path, monkeypatch):
+    """The backend's notes carry the reason and no longer claim "(now cached)" for a model that wrote no blob."""
+    import collections
+
+    Usage = collections.namedtuple("Usage", "total used free")
+    monkeypatch.setattr(openvino_compile, "SMALL_BLOB_BYTES", 0)
+    monkeypatch.setattr(openvino_compile.shutil, "disk_usage", lambda p: Usage(100 * 2**30, 100 * 2**30, 0))
+    manifest = read_manifest(tiny_pair)
+    backend = OpenVinoBackend(tiny_pair, manifest, precision="fp32", threads=1, cache_dir=tmp_path)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, *manifest.latent_shape), dtype=np.float32)
+    plan = plan_trajectory("ddim", 4, len(manifest.models), x.shape, rng, ratio=0.5)
+    notes = run_stitched(backend, plan, x, np.zeros(1, np.int64), 1.5, progress=False).notes
+    assert list(tmp_path.glob("*.blob")) == [] and backend.compile_sources == ["compiled", "compiled"]
+    assert any("not written" in n for n in notes), notes
+    [models] = [n for n in notes if n.startswith("openvino models:")]
+    assert "now cached" not in models and models.count("not cached: the disk's free-space reserve") == 2

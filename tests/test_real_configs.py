@@ -5,6 +5,8 @@ Counted on the meta device: no weights are allocated, so the SDXL U-Net costs no
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 pytest.importorskip("diffusers")
@@ -71,3 +73,61 @@ def test_streamed_part_equals_the_materialized_one(tmp_path, part):
     for name, t in want_sd.items():
         assert torch.equal(got_sd[name], t), name
     assert len(list((tmp_path / "streamed").glob("*.safetensors"))) == 1
+
+
+@pytest.mark.parametrize("unet", ["sd15", "ssd-1b", "sdxl"])
+def test_lcm_lora_has_the_published_parameter_count(unet):
+    """The LCM-LoRA at its published rank (64) on the modules of diffusers' LCM-LoRA script: the paper's counts
+    (rounded; SSD-1B's U-Net config is the reconstructed one)."""
+    from tstitch_trt.models.real_configs import LCM_LORA_SSD_1B, PUBLISHED_LORA_PARAMS, lora_shapes
+
+    shapes = lora_shapes(meta_part(unet), LCM_LORA_SSD_1B["rank"])
+    millions = sum(math.prod(s) for s in shapes.values()) / 1e6
+    assert abs(millions - PUBLISHED_LORA_PARAMS[unet]) <= 0.3, (unet, millions)
+
+
+def test_lcm_lora_file_is_read_and_fused_by_build(tmp_path):
+    """write_lcm_lora's file, on a small U-Net with every kind of adapted module (resnets with a shortcut,
+    down/up samplers, attention): build's LoRA check accepts it, every tensor lands, and fusing changes the U-Net."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from tstitch_trt.export.lora import check_loras, fuse_loras, parse_lora_spec, read_unet_lora
+    from tstitch_trt.models.real_configs import lora_shapes, write_lcm_lora
+
+    config = {"block_out_channels": [32, 64], "layers_per_block": 1, "sample_size": 8, "cross_attention_dim": 32,
+              "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "norm_num_groups": 8,
+              "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}
+    path = write_lcm_lora(config, tmp_path / "lora", rank=4)
+    unet = UNet2DConditionModel(**config).eval()
+    shapes = lora_shapes(unet, 4)
+    assert any("conv_shortcut" in k for k in shapes) and any("samplers" in k for k in shapes)
+    spec = parse_lora_spec(f"small={path}")
+    check_loras({0: [spec]}, ["small"], [dict(unet.config)])
+    state = read_unet_lora(path, unet.config)[0]
+    assert len(state) == len(shapes)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    fuse_loras(unet, [spec])
+    after = unet.state_dict()
+    assert sorted(after) == sorted(before)  # fused and unloaded: no LoRA layers left
+    changed = {k.rsplit(".", 1)[0] for k in after if not torch.equal(after[k], before[k])}
+    adapted = {k.removeprefix("unet.").split(".lora.")[0] for k in shapes}
+    assert changed == adapted
+
+
+def test_streamed_dit_checkpoint_loads_as_the_materialized_dit(tmp_path):
+    """write_dit streams (DiT-XL/2's 2.7 GB never held): the file load_dit reads holds _materialize's values."""
+    import torch
+
+    from tstitch_trt.models.checkpoints import load_dit
+    from tstitch_trt.models.dit import DiT, dit_config
+    from tstitch_trt.models.real_configs import _materialize, stream_weights
+
+    config = dit_config("DiT-S/2", input_size=8, num_classes=10)
+    with torch.device("meta"):
+        meta = DiT(config)
+    path = stream_weights(meta, tmp_path / "DiT-S-2.safetensors", seed=4)
+    got, want = load_dit(config, path).state_dict(), _materialize(lambda: DiT(config), seed=4).state_dict()
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert torch.equal(got[name], t), name

@@ -18,7 +18,8 @@ from tstitch_trt.errors import UserError
 from tstitch_trt.export.fora import FORA_INPUT, FORA_OUTPUT, feature_spec, fora_graph_io
 from tstitch_trt.export.onnx_export import export_step_graph, io_spec
 from tstitch_trt.export.step_module import StepModule
-from tstitch_trt.models.checkpoints import load_dit, save_dit
+from tstitch_trt.export.torch_dirs import save_dit_file
+from tstitch_trt.models.checkpoints import load_dit
 from tstitch_trt.models.dit import DiT, DiTConfig, dit_config, randomized_dit
 
 log = logging.getLogger("tstitch_trt.build")
@@ -134,7 +135,10 @@ def build_bundle(cfg: BuildConfig, on_model: Callable[[str], None] | None = None
             tag = f"{i}-{spec.arch.replace('/', '_')}"
             engines: dict[str, EngineEntry] = {}
             if "torch" in cfg.backends:
-                engines["torch"] = add_file(tmp, f"models/{tag}.safetensors", lambda p, n=net: save_dit(n, p),
+                # linked from the checkpoint where it already is what save_dit writes (export/torch_dirs.py)
+                source = None if spec.checkpoint.startswith("random") else spec.checkpoint
+                engines["torch"] = add_file(tmp, f"models/{tag}.safetensors",
+                                            lambda p, n=net, s=source: save_dit_file(n, p, s),
                                             batch_range=cfg.batch_range)
             # FORA: the model's usual graph becomes its full graph (+ the kept features); a cached one beside it
             feature = feature_spec(mcfg) if cfg.cache_scheme == "fora" else None

@@ -13,8 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from tstitch_trt.bundle.manifest import directory_entry
-from tstitch_trt.export.torch_dirs import UNSHARDED
+from tstitch_trt.export.torch_dirs import save_model_dir
 from tstitch_trt.models.controlnet import ControlNetSource, check_controlnet, load_controlnet, resolve_controlnet
 
 CONTROLNET_DIR = "controlnet/diffusers"
@@ -38,8 +37,8 @@ def controlnet_entry(tmp: Path, source: ControlNetSource, net: nn.Module, backen
     """The manifest's conditioning.controlnet; the torch backend gets the diffusers directory."""
     engines = {}
     if "torch" in backends:
-        net.save_pretrained(str(tmp / CONTROLNET_DIR), safe_serialization=True,  # type: ignore[operator]
-                           max_shard_size=UNSHARDED)
-        engines["torch"] = directory_entry(tmp, CONTROLNET_DIR, batch_range=batch_range)
+        # loaded unchanged from source.root: its one safetensors file is hard-linked where it can be (the real SD
+        # 1.5 ControlNet is 1.4 GB written again otherwise), saved unsharded where not (export/torch_dirs.py)
+        engines["torch"] = save_model_dir(net, tmp, CONTROLNET_DIR, source.root, batch_range=batch_range)
     return {"source": str(source.spec), "family": source.family,
             "conditioning_channels": source.conditioning_channels, "engines": engines}

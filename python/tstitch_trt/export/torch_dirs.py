@@ -7,12 +7,18 @@ link is the bundle's own directory entry (nothing outside the bundle is read thr
 checksum of it is taken as for any file: a source later rewritten in place is a checksum failure, never a silent
 change. Otherwise (another file system, sharded or several weights files, a fused LoRA) the model is saved, as
 one unsharded file (diffusers shards at 10 GB: the SDXL U-Net's 10.3 GB would be two files).
+
+A DiT's torch artifact is one safetensors file (models/checkpoints.save_dit); a source checkpoint that already is
+that file (safetensors, exactly the model's keys and shapes, fp32 as loaded) is hard-linked the same way
+(save_dit_file): DiT-XL/2's 2.7 GB are then neither copied in memory nor written again.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +56,35 @@ def _link_source(src: Path, dst: Path) -> bool:
         return False
     shutil.copyfile(src / "config.json", dst / "config.json")
     return True
+
+
+def save_dit_file(model: Any, dst: Path, source: str | Path | None) -> None:
+    """A DiT's weights at dst (what load_dit reads): `source` hard-linked where it already is that file, else
+    written by save_dit. source: the checkpoint the model was loaded from unchanged (None otherwise)."""
+    from tstitch_trt.models.checkpoints import save_dit
+
+    if source is not None and _is_saved_form(Path(source), model):
+        try:
+            os.link(Path(source).resolve(), dst)
+            return
+        except OSError:  # another file system, or links not allowed: written instead
+            pass
+    save_dit(model, dst)
+
+
+def _is_saved_form(src: Path, model: Any) -> bool:
+    """src is a safetensors file of exactly `model`'s state dict keys and shapes, all fp32 (read from its header)."""
+    if src.suffix != ".safetensors" or not src.is_file():
+        return False
+    try:
+        with open(src, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100 * 2**20:  # a header is a few hundred KB at most
+                return False
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error):
+        return False
+    header.pop("__metadata__", None)
+    state = model.state_dict()
+    return set(header) == set(state) and all(
+        header[k].get("dtype") == "F32" and list(header[k].get("shape", [])) == list(t.shape) for k, t in state.items())

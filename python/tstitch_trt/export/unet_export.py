@@ -61,11 +61,19 @@ def latent_dim_ranges(sample_size: int, names: tuple[str, str]) -> dict[str, lis
     return {n: [max(1, sample_size // 2), sample_size, 2 * sample_size] for n in names}
 
 
-def example_unet_inputs(step: UNetStepModule, text_len: int, batch: int = 1, pixel_factor: int = 8
-                        ) -> tuple[torch.Tensor, ...]:
-    """One example value per graph input, in StepConditions.inputs order."""
+def trace_size(step: UNetStepModule) -> int:
+    """The latent size the fp16 step graph is traced at: the smallest the U-Net's levels take twice (a 2x2 map at
+    its deepest level: SD 1.5 16, SDXL and BK-SDM-Tiny 8), never above its sample size."""
+    levels = len(step.unet.config.block_out_channels)
+    return min(step.sample_size, 2 * 2 ** (levels - 1))
+
+
+def example_unet_inputs(step: UNetStepModule, text_len: int, batch: int = 1, pixel_factor: int = 8,
+                        size: int | None = None) -> tuple[torch.Tensor, ...]:
+    """One example value per graph input, in StepConditions.inputs order; size: the latent's H and W (default
+    the U-Net's sample size)."""
     spec = unet_io_spec(step, text_len, pixel_factor)["inputs"]
-    s = step.sample_size
+    s = size or step.sample_size
     dims = {"B": batch, "2B": 2 * batch, "H": s, "W": s, f"{pixel_factor}H": pixel_factor * s,
             f"{pixel_factor}W": pixel_factor * s}
     values = {}
@@ -136,7 +144,11 @@ def export_unet_step(step: UNetStepModule, path: str | Path, precision: str, tex
     path.parent.mkdir(parents=True, exist_ok=True)
     spec = unet_io_spec(step, text_len, pixel_factor)
     names, outputs = step.conditions.inputs, UNET_STEP_OUTPUTS
-    example = example_unet_inputs(step, text_len, pixel_factor=pixel_factor)
+    # H and W are symbolic in every step graph, so the trace's size is only the cost of one forward pass: fp16
+    # convolutions on a CPU without fp16 kernels run ~1000x slower than fp32, and tracing the SD 1.5 pair's fp16
+    # graphs at 64x64 latents did not finish a BK-SDM-Tiny pass in 17 minutes (benchmarks/RESULTS.md, issue 20)
+    s = trace_size(step) if precision != "fp32" else step.sample_size
+    example = example_unet_inputs(step, text_len, pixel_factor=pixel_factor, size=s)
     module: torch.nn.Module = step if precision == "fp32" else _fp16_ready(step, consume)
     if cache is not None:
         branch, mode, feature = cache
@@ -146,7 +158,6 @@ def export_unet_step(step: UNetStepModule, path: str | Path, precision: str, tex
             outputs = (*outputs, CACHE_OUTPUT)
         else:
             names = module.inputs
-            s = step.sample_size
             dims = {"B": 1, "2B": 2, "H": s, "W": s}
             shape = [dims[d] if d in dims else s // int(d.split("/")[1]) if isinstance(d, str) else d
                      for d in feature["shape"]]

@@ -105,11 +105,16 @@ def export_vae_decoder(vae, path: Path, latent_shape: tuple[int, int, int], prec
 
     dec = VaeDecoder(_export_ready(vae, precision)).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
+    example = latent_shape
+    if dynamic_hw and precision != "fp32":
+        # h and w are symbolic: an 8x8 trace, not SD's 64x64 (fp16 convolutions on a CPU without fp16 kernels
+        # are ~1000x slower than fp32; see export/unet_export.trace_size)
+        example = (latent_shape[0], min(8, latent_shape[1]), min(8, latent_shape[2]))
     with tempfile.TemporaryDirectory(prefix="tstitch-vae-", dir=path.parent) as raw_dir:
         raw = Path(raw_dir) / "raw.onnx"
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(dec, (torch.randn(1, *latent_shape),), str(raw), input_names=["latent"],
+            torch.onnx.export(dec, (torch.randn(1, *example),), str(raw), input_names=["latent"],
                               output_names=["image"], dynamic_axes=_vae_axes(dynamic_hw),
                               opset_version=OPSET, dynamo=False)
         finish_export(raw, path)

@@ -8,6 +8,7 @@ tests/test_real_configs.py counts each config on the meta device (no memory) aga
 
     python -m tstitch_trt.models.real_configs sd15-pair OUT      # OUT/bk-sdm-tiny (U-Net), OUT/sd15 (pipeline)
     python -m tstitch_trt.models.real_configs sdxl-pair OUT      # OUT/ssd-1b (U-Net), OUT/sdxl (pipeline)
+    python -m tstitch_trt.models.real_configs dit-pair OUT       # OUT/DiT-S-2.safetensors, OUT/DiT-XL-2.safetensors
     python -m tstitch_trt.models.real_configs PART OUT           # one part (see PARTS)
 
 Writing streams: each part is built on the meta device (structure only) and its parameters are drawn one at a
@@ -93,8 +94,13 @@ SD15_CONTROLNET: dict[str, Any] = {
     "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
     "norm_eps": 1e-05, "norm_num_groups": 32,
 }
-# latent-consistency/lcm-lora-ssd-1b adapter_config.json: rank 64, alpha 64, on the attention projections
+# latent-consistency/lcm-lora-ssd-1b adapter_config.json: rank 64, alpha 64, on the modules
+# diffusers' train_lcm_distill_lora_sdxl.py adapts (its lora target list): with these, rank 64 counts 67.3 M on SD
+# 1.5, 104.7 M on the SSD-1B config here and 196.8 M on SDXL against the LCM-LoRA paper's 67.5 M / 105 M / 197 M
+# (Luo et al. 2023, arXiv 2311.05556, Table 1); the attention projections alone would be 42 M on SSD-1B
 LCM_LORA_SSD_1B = {"rank": 64, "alpha": 64}
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json is models/sd_random.SD15_SCHEDULER;
 # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json:
 SDXL_SCHEDULER: dict[str, Any] = {
@@ -111,6 +117,8 @@ PUBLISHED_PARAMS = {
     "clip-l": 123.1, "openclip-bigg": 694.7, "sd-vae": 83.7, "sd-controlnet": 361.3, "DiT-S/2": 33.0,
     "DiT-XL/2": 675.1,
 }
+# LoRA parameter counts at LCM_LORA_SSD_1B's rank (LCM-LoRA paper, Table 1), by the U-Net they adapt
+PUBLISHED_LORA_PARAMS = {"sd15": 67.5, "ssd-1b": 105.0, "sdxl": 197.0}
 
 
 def unet_meta(name: str) -> torch.nn.Module:
@@ -169,8 +177,6 @@ def stream_random(factory: Callable[[], torch.nn.Module], out: Path, seed: int) 
     """The module `factory` builds, saved as its library's save_pretrained would (config.json + one safetensors
     file) with _materialize's random weights, written one parameter at a time: never the whole module in memory.
     diffusers models (ConfigMixin) write diffusion_pytorch_model.safetensors, transformers ones model.safetensors."""
-    from tstitch_trt.models.sd import fill_random_
-
     with torch.device("meta"):
         module = factory()
     out.mkdir(parents=True, exist_ok=True)
@@ -181,6 +187,15 @@ def stream_random(factory: Callable[[], torch.nn.Module], out: Path, seed: int) 
         module.config.architectures = [type(module).__name__]
         module.config.save_pretrained(str(out))
         weights = out / "model.safetensors"
+    stream_weights(module, weights, seed)
+    return out
+
+
+def stream_weights(module: torch.nn.Module, weights: Path, seed: int) -> Path:
+    """The meta-device `module`'s parameters (and rebuildable buffers) as one safetensors file, _materialize's random
+    values drawn and written one parameter at a time."""
+    from tstitch_trt.models.sd import fill_random_
+
     params = dict(module.named_parameters())
     state = module.state_dict()  # parameters and persistent buffers, as save_pretrained would write them
     for name in state:
@@ -212,7 +227,7 @@ def stream_random(factory: Callable[[], torch.nn.Module], out: Path, seed: int) 
             f.write(memoryview(t.numpy()).cast("B"))
             del t
     tmp.replace(weights)
-    return out
+    return weights
 
 
 def write_unet(name: str, out: Path, seed: int = 0) -> Path:
@@ -277,14 +292,53 @@ def write_pipeline(kind: str, out: Path, unet: str | None = None, seed: int = 0)
 
 
 def write_dit(arch: str, out: Path, seed: int = 0) -> Path:
-    """An official-layout DiT checkpoint (facebookresearch/DiT keys, .pt state dict) at 256 px, 1000 classes."""
-    from tstitch_trt.models.checkpoints import save_dit
+    """A DiT checkpoint in facebookresearch/DiT's keys at 256 px, 1000 classes, as models/checkpoints.save_dit
+    writes it (a safetensors state dict: name `out` *.safetensors, which is how build reads it), streamed: DiT-XL/2's
+    2.7 GB are never held (_materialize's values)."""
     from tstitch_trt.models.dit import DiT, dit_config
 
-    net = _materialize(lambda: DiT(dit_config(arch, input_size=32, num_classes=1000)), seed)
+    with torch.device("meta"):
+        net = DiT(dit_config(arch, input_size=32, num_classes=1000))
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_dit(net, out)
-    return out
+    return stream_weights(net, out, seed)
+
+
+def lora_shapes(unet: torch.nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
+    """The LCM-LoRA's tensors for `unet` (any device, meta included), diffusers' format of the LCM-LoRA release
+    (train_lcm_distill_lora_*.py: PEFT state -> convert_state_dict_to_diffusers -> save_lora_weights):
+    "unet.MODULE.lora.down.weight" (rank, in[, kh, kw]) and "unet.MODULE.lora.up.weight" (out, rank[, 1, 1]).
+    Convolutions get a kh x kw down convolution and a 1x1 up one, as PEFT's Conv2d LoRA does."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, m in unet.named_modules():
+        if not name.endswith(LCM_LORA_TARGETS) or not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        w = m.weight
+        tail = tuple(w.shape[2:])
+        shapes[f"unet.{name}.lora.down.weight"] = (rank, w.shape[1], *tail)
+        shapes[f"unet.{name}.lora.up.weight"] = (w.shape[0], rank, *(1,) * len(tail))
+    return shapes
+
+
+def write_lcm_lora(unet: str | dict[str, Any], out: Path, seed: int = 5, rank: int = LCM_LORA_SSD_1B["rank"]
+                   ) -> Path:
+    """A LoRA of the LCM-LoRA release's format and rank for the U-Net `unet` (a UNETS name or a config), random
+    fp16 weights (the release is fp16), as OUT/pytorch_lora_weights.safetensors. alpha = rank (LCM_LORA_SSD_1B),
+    so the file carries no alphas: diffusers then scales by 1, as it does the release."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):
+        net = UNet2DConditionModel(**(UNETS[unet] if isinstance(unet, str) else unet))
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in lora_shapes(net, rank).items():
+        fan_in = int(torch.tensor(shape[1:]).prod())
+        # small enough that the fused U-Net stays finite, large enough to change it (PEFT zero-inits "up")
+        state[key] = (torch.randn(shape, generator=gen) / fan_in**0.5 * (0.1 if ".up." in key else 1.0)).half()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "pytorch_lora_weights.safetensors"
+    save_file(state, str(path), metadata={"format": "pt"})
+    return path
 
 
 def _diffusers_version() -> str:
@@ -297,8 +351,15 @@ PARTS = {
     "sd15-pair": lambda out: (write_unet("bk-sdm-tiny", out / "bk-sdm-tiny", 1), write_pipeline("sd15", out / "sd15")),
     "bk-sdm-small": lambda out: write_unet("bk-sdm-small", out, 2),
     "sdxl-pair": lambda out: (write_unet("ssd-1b", out / "ssd-1b", 1), write_pipeline("sdxl", out / "sdxl")),
+    # the SD 1.5 pipeline alone, for pairs that reuse it (BK-SDM-Small -> SD 1.5; the ControlNet pair)
+    "sd15-pipeline": lambda out: write_pipeline("sd15", out),
+    # an SD 1.5-architecture U-Net with other weights (seed 3): the small model of the ControlNet pair, since
+    # BK-SDM's U-Nets lack SD 1.5's skips and cannot take its ControlNet (docs/sd.md#controlnet)
+    "sd15-unet": lambda out: write_unet("sd15", out, 3),
     "sd15-controlnet": lambda out: write_controlnet(out),
-    "dit-pair": lambda out: (write_dit("DiT-S/2", out / "DiT-S-2.pt", 1), write_dit("DiT-XL/2", out / "DiT-XL-2.pt")),
+    "lcm-lora-ssd-1b": lambda out: write_lcm_lora("ssd-1b", out),
+    "dit-pair": lambda out: (write_dit("DiT-S/2", out / "DiT-S-2.safetensors", 1),
+                             write_dit("DiT-XL/2", out / "DiT-XL-2.safetensors")),
 }
 
 

@@ -214,6 +214,7 @@ class OpenVinoBackend(HostStepBuffers):
         self.compiles = 0
         self.compile_sources: list[str] = []  # per model: "cache" (blob imported) or "compiled", last compile
         self._written: list[bool] = []  # per model: its compile wrote a blob to the cache
+        self._not_written: list[str | None] = []  # per model: why its compile wrote no blob on purpose (disk reserve)
         self._shape_key: tuple | None = None
         self._compiled_for: tuple | None = None
         self._requests: list[list[Any]] = []  # [model][parity]
@@ -247,27 +248,34 @@ class OpenVinoBackend(HostStepBuffers):
         if self._one_at_a_time():  # compiled at each model's first call (_load_only)
             n = len(self.precisions)
             self._compiled, self.compiled, self.compile_sources = [None] * n, [None] * n, [""] * n
-            self._written = [False] * n
+            self._written, self._not_written = [False] * n, [None] * n
             self._compiled_for = key
             return
-        self._compiled = [self._compile_model(i) for i in range(len(self.precisions))]
+        self._compiled = [self._note_uncached(self._compile_model(i)) for i in range(len(self.precisions))]
         self.compiled = [c.model for c in self._compiled]
         self.compile_sources = [c.source for c in self._compiled]
         self._written = [c.written for c in self._compiled]
+        self._not_written = [c.note for c in self._compiled]
         self.compiles += len(self.compiled)
         self.cached_compiled, self._cached_compiled = [], []
         if self._cached_paths and self.io.cache is not None:  # + the kept feature, in each model's own shape
             for i, precision in enumerate(self.precisions):
                 cached_shapes = {**shapes, self.io.cache[0]: self.io.features[i].resolve(dims)}
-                self._cached_compiled.append(compile_cached(
+                self._cached_compiled.append(self._note_uncached(compile_cached(
                     self.core, lambda i=i: read_onnx(self.core, self._cached_paths[i]),
                     lambda model, precision=precision, cached_shapes=cached_shapes: compile_static(
                         self.core, model, cached_shapes, precision, self.threads),
                     self._cached_shas[i], cached_shapes, precision, self.threads, self.cache_dir,
-                    compile_config(precision, self.threads)))
+                    compile_config(precision, self.threads))))
             self.cached_compiled = [c.model for c in self._cached_compiled]  # _cached_compiled keeps blob maps alive
             self.compiles += len(self.cached_compiled)
         self._compiled_for = key
+
+    def _note_uncached(self, c: Compiled) -> Compiled:
+        """The run's notes say why a compiled model was not cached (its blob would take the disk under its reserve)."""
+        if c.note and c.note not in self._notes:
+            self._notes.append(c.note)
+        return c
 
     def _one_at_a_time(self) -> bool:
         # DeepCache's cached graphs alternate with the full ones: every model stays compiled there
@@ -287,10 +295,11 @@ class OpenVinoBackend(HostStepBuffers):
             if j != model:
                 self._requests[j] = None
                 self.compiled[j] = self._compiled[j] = None
-        c = self._compile_model(model)
+        c = self._note_uncached(self._compile_model(model))
         self._compiled[model], self.compiled[model] = c, c.model
         self.compile_sources[model] = c.source
         self._written[model] = c.written
+        self._not_written[model] = c.note
         self.compiles += 1
         self._requests[model] = self._make_requests(c.model, model, False)
 
@@ -358,17 +367,20 @@ class OpenVinoBackend(HostStepBuffers):
 
     def take_notes(self) -> list[str]:
         notes, self._notes = self._notes, []
-        def said(source: str, written: bool) -> str:
+
+        def said(source: str, written: bool, skipped: str | None) -> str:
             if source == "cache":
                 return "from the model cache"
             if self.cache_dir is None:
                 return "compiled"
             if written:
                 return "compiled (now cached)"
+            if skipped:
+                return "compiled (not cached: the disk's free-space reserve, see the note above)"
             return "compiled (NOT cached: the model cache could not write its blob; is the disk full? " \
                    "TSTITCH_OPENVINO_CACHE moves it)"
-        sources = [f"{m.name} {said(s, w)}"
-                   for m, s, w in zip(self.manifest.models, self.compile_sources, self._written, strict=False) if s]
+        sources = [f"{m.name} {said(s, w, k)}" for m, s, w, k in
+                   zip(self.manifest.models, self.compile_sources, self._written, self._not_written, strict=False) if s]
         return [f"openvino precision: {self.precision_reason}", *notes,
                 *([f"openvino models: {', '.join(sources)}"] if sources else [])]
 

@@ -16,6 +16,12 @@ the graph, compiles it with the caller's function while OpenVINO's own cache poi
 directory (so OpenVINO streams the blob to disk), renames that blob into place (a reader never sees half
 a blob) and drops the ov.Model. A blob that fails to import (damaged, a
 different CPU plugin build) is compiled again and replaced.
+
+A blob is about as large as the graph's weights (SD 1.5's U-Net: 3.4 GB), so a miss writes one over
+SMALL_BLOB_BYTES only where it leaves the cache's file system at least FREE_RESERVE_FRACTION of its size (or
+FREE_RESERVE_MIN_BYTES, the larger) free: a run never fills a disk with its cache. Otherwise it compiles without
+writing and says so (Compiled.note, the run's notes). Smaller blobs are written as before (a failed write runs
+uncached).
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ from typing import Any
 
 from tstitch_trt.runtime.openvino_precision import ATTRIBUTE
 
+SMALL_BLOB_BYTES = 64 * 2**20
+FREE_RESERVE_FRACTION = 0.05
+FREE_RESERVE_MIN_BYTES = 2 * 2**30
 _RECIPE_FILES = ("openvino_backend.py", "openvino_compile.py", "openvino_graph.py", "openvino_precision.py")
 
 
@@ -71,6 +80,7 @@ class Compiled:
     source: str  # "cache" (blob imported) or "compiled"
     written: bool = False  # compiled and its blob written to the cache (False where the write failed: a full disk)
     mapped: Any = None  # the blob's memory map, alive as long as the compiled model that may read from it
+    note: str | None = None  # why a compiled model was not cached (the disk), for the run's notes
 
 
 def compile_cached(core: Any, read: Callable[[], Any], compile_fn: Callable[[Any], Any],
@@ -92,12 +102,38 @@ def compile_cached(core: Any, read: Callable[[], Any], compile_fn: Callable[[Any
             except Exception:  # damaged or from another plugin build: compile again, replace it
                 pass
     model = read()
+    note = None
+    if path is not None:
+        note = blob_does_not_fit(path.parent, weight_bytes(model))
+        if note is not None:
+            path = None
     if path is None:
         compiled = compile_fn(model)
     else:
         compiled = _compile_writing_blob(core, model, compile_fn, path)
     del model  # the compiled model holds its own weights: no second copy kept
-    return Compiled(compiled, "compiled", written=path is not None and path.is_file())
+    return Compiled(compiled, "compiled", written=path is not None and path.is_file(), note=note)
+
+
+def weight_bytes(model: Any) -> int:
+    """The bytes of an ov.Model's constants: about the size of its compiled blob."""
+    return sum(int(op.get_byte_size()) for op in model.get_ops() if op.get_type_name() == "Constant")
+
+
+def blob_does_not_fit(cache_dir: Path, blob_bytes: int) -> str | None:
+    """Why a blob of blob_bytes is not written into cache_dir (it would leave under the reserve free), or None."""
+    if blob_bytes <= SMALL_BLOB_BYTES:
+        return None
+    try:
+        usage = shutil.disk_usage(cache_dir)
+    except OSError:
+        return None  # the write itself will tell (_compile_writing_blob runs uncached where it cannot write)
+    reserve = max(FREE_RESERVE_MIN_BYTES, int(FREE_RESERVE_FRACTION * usage.total))
+    if usage.free - blob_bytes >= reserve:
+        return None
+    return (f"OpenVINO model cache: not written for this graph ({blob_bytes / 2**30:.1f} GiB blob, "
+            f"{usage.free / 2**30:.1f} GiB free in {cache_dir}, {reserve / 2**30:.1f} GiB kept free); "
+            "the next run compiles it again")
 
 
 def _import_blob(core: Any, path: Path, config: Mapping[str, Any]) -> Compiled:
@@ -112,7 +148,7 @@ def _import_blob(core: Any, path: Path, config: Mapping[str, Any]) -> Compiled:
     mapped = np.memmap(path, dtype=np.uint8, mode="c", offset=offset)
     compiled = core.import_model(ov.Tensor(mapped, shared_memory=True), "CPU", dict(config))
     _release_pages(mapped)
-    return Compiled(compiled, "cache", mapped)
+    return Compiled(compiled, "cache", mapped=mapped)
 
 
 def _release_pages(mapped: Any) -> None:
