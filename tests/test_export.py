@@ -376,3 +376,37 @@ def test_streaming_per_weight_files_removes_each_once_copied(tmp_path):
     x = rng.standard_normal((2, 64), dtype=np.float32)
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, x @ ws[0] @ ws[1] @ ws[2], rtol=1e-5, atol=1e-4)
+
+
+def test_finish_export_inlines_external_constant_attributes(tmp_path):
+    """Over 2 GB torch also writes Constant nodes' tensors to their own files (DiT-XL/2's FORA graph); the export
+    puts them back inline, so the bundle's graph checks and runs without the raw files (it failed the checker)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    rng = np.random.default_rng(0)
+    w, c = rng.standard_normal((64, 64), dtype=np.float32), rng.standard_normal((2, 64), dtype=np.float32)
+    nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(c, "c_value")),
+             helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    convert_model_to_external_data(model, all_tensors_to_one_file=False, size_threshold=0, convert_attribute=True)
+    onnx.save_model(model, str(raw / "raw.onnx"))
+    assert len(list(raw.iterdir())) == 3  # the graph, the weight and the Constant's tensor
+    out = tmp_path / "out" / "g.onnx"
+    out.parent.mkdir()
+    onnx_export.finish_export(raw / "raw.onnx", out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["g.onnx", "g.onnx.data"]
+    header = onnx.load(str(out), load_external_data=False)
+    assert [i.name for i in header.graph.initializer if i.data_location == TensorProto.EXTERNAL] == ["w"]
+    for name in [p.name for p in raw.iterdir() if p.name != "raw.onnx"]:
+        (raw / name).unlink()  # the bundle's graph must not need anything left in the raw export's folder
+    x = rng.standard_normal((2, 64), dtype=np.float32)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ w + c, rtol=1e-5, atol=1e-4)

@@ -128,6 +128,7 @@ def finish_export(raw: Path, path: Path, check: Callable[[Any], object] | None =
     import onnx
 
     header = onnx.load(str(raw), load_external_data=False)
+    _inline_attribute_tensors(header, raw.parent)
     if prepare:  # edits of the raw graph's structure, before cleanup
         prepare(header)
     if not _external_initializers(header) and _inline_weight_bytes(header) > STREAM_ABOVE:
@@ -194,6 +195,30 @@ def _whole_file_weight(inits: list, src_root: Path):
         if size > best_size and sum(_location(i) == info["location"] for i in inits) == 1:
             best, best_size = init, size
     return best
+
+
+def _inline_attribute_tensors(model, src_dir: Path) -> None:
+    """Read back into the graph the Constant-node tensors that torch wrote to their own files over 2 GB.
+
+    torch's exporter externalizes node attribute tensors too (DiT-XL/2's FORA graph: `Constant_10_attr::value`),
+    and the streaming below moves initializers only: left external, they would point at raw files that never
+    reach the bundle. They are small (shapes, scalars, positional tables), so they go back inline."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    def graphs(graph):  # the graph and its subgraphs (If / Loop bodies)
+        yield graph
+        for node in graph.node:
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                    yield from graphs(sub)
+
+    for graph in graphs(model.graph):
+        for node in graph.node:
+            for attr in node.attribute:
+                for tensor in [attr.t] if attr.HasField("t") else list(attr.tensors):
+                    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                        load_external_data_for_tensor(tensor, str(src_dir))
 
 
 def _inline_weight_bytes(model) -> int:
