@@ -218,32 +218,44 @@ void* StitchedLoop::address(const Binding& b, int parity) {
   return nullptr;
 }
 
+void StitchedLoop::bind_buffers(StepContext& ctx, int parity, const std::string& engine) {
+  for (const Binding& b : bindings_) {
+    void* ptr = address(b, parity);
+    if (b.spec.input && !ctx.set_input_shape(b.spec.name, resolve_dims(b.spec, dims_)))
+      fail(TSTITCH_ERR_INVALID_ARGUMENT, engine + " refused the shape of " + b.spec.name + " for batch " +
+                                             std::to_string(dims_.at("B")));
+    ctx.set_address(b.spec.name, ptr);
+  }
+}
+
+bool StitchedLoop::grow_scratch(size_t need) {
+  if (need <= scratch_.nbytes) return false;  // shapes needing more than the engine-wide size (not expected)
+  device_.free(scratch_.ptr);
+  owned_.erase(std::remove_if(owned_.begin(), owned_.end(), [&](const Buffer& b) { return b.ptr == scratch_.ptr; }),
+               owned_.end());
+  scratch_ = {};
+  scratch_ = alloc(need, "TensorRT scratch (shared by all engines)");
+  return true;
+}
+
+void StitchedLoop::set_scratch_everywhere() {
+  for (auto* group : {&contexts_, &cached_contexts_})
+    for (auto& pair : *group)
+      for (auto& ctx : pair) ctx->set_scratch(scratch_.ptr, scratch_.nbytes);
+}
+
 void StitchedLoop::bind() {
   size_t need = scratch_.nbytes;
   for (size_t m = 0; m < contexts_.size(); ++m) {
     for (int parity = 0; parity < 2; ++parity) {
       StepContext& ctx = *contexts_[m][parity];
-      for (const Binding& b : bindings_) {
-        void* ptr = address(b, parity);
-        if (b.spec.input && !ctx.set_input_shape(b.spec.name, resolve_dims(b.spec, dims_)))
-          fail(TSTITCH_ERR_INVALID_ARGUMENT, "the engine of " + manifest_.models[m].name + " refused the shape of " +
-                                                 b.spec.name + " for batch " + std::to_string(dims_.at("B")));
-        ctx.set_address(b.spec.name, ptr);
-      }
+      bind_buffers(ctx, parity, "the engine of " + manifest_.models[m].name);
       if (caching_) ctx.set_address(manifest_.roles.cache.second, kept_[m].ptr);  // the full graph writes it
       need = std::max(need, ctx.scratch_needed());
     }
   }
-  if (need > scratch_.nbytes) {  // shapes needing more than the engine-wide size (not expected)
-    device_.free(scratch_.ptr);
-    owned_.erase(std::remove_if(owned_.begin(), owned_.end(), [&](const Buffer& b) { return b.ptr == scratch_.ptr; }),
-                 owned_.end());
-    scratch_ = {};
-    scratch_ = alloc(need, "TensorRT scratch (shared by all engines)");
-  }
-  for (auto* group : {&contexts_, &cached_contexts_})
-    for (auto& pair : *group)
-      for (auto& ctx : pair) ctx->set_scratch(scratch_.ptr, scratch_.nbytes);
+  grow_scratch(need);
+  set_scratch_everywhere();
 }
 
 // The cached engines' contexts: bound at the first trajectory of these buffers that has a cached call (a bundle
@@ -254,32 +266,18 @@ void StitchedLoop::bind_cached() {
   size_t need = scratch_.nbytes;
   for (size_t m = 0; m < cached_contexts_.size(); ++m) {
     const TensorSpec kept = kept_spec(m, true);
+    const std::string engine = "the cached engine of " + manifest_.models[m].name;
     for (int parity = 0; parity < 2; ++parity) {
       StepContext& ctx = *cached_contexts_[m][parity];
-      for (const Binding& b : bindings_) {
-        void* ptr = address(b, parity);
-        if (b.spec.input && !ctx.set_input_shape(b.spec.name, resolve_dims(b.spec, dims_)))
-          fail(TSTITCH_ERR_INVALID_ARGUMENT, "the cached engine of " + manifest_.models[m].name + " refused the shape of " +
-                                                 b.spec.name + " for batch " + std::to_string(dims_.at("B")));
-        ctx.set_address(b.spec.name, ptr);
-      }
+      bind_buffers(ctx, parity, engine);
       if (!ctx.set_input_shape(kept.name, resolve_dims(kept, dims_)))
-        fail(TSTITCH_ERR_INVALID_ARGUMENT, "the cached engine of " + manifest_.models[m].name + " refused the shape of " +
-                                               kept.name + " for batch " + std::to_string(dims_.at("B")));
+        fail(TSTITCH_ERR_INVALID_ARGUMENT, engine + " refused the shape of " + kept.name + " for batch " +
+                                               std::to_string(dims_.at("B")));
       ctx.set_address(kept.name, kept_[m].ptr);
       need = std::max(need, ctx.scratch_needed());
     }
   }
-  if (need > scratch_.nbytes) {
-    device_.free(scratch_.ptr);
-    owned_.erase(std::remove_if(owned_.begin(), owned_.end(), [&](const Buffer& b) { return b.ptr == scratch_.ptr; }),
-                 owned_.end());
-    scratch_ = {};
-    scratch_ = alloc(need, "TensorRT scratch (shared by all engines)");
-    for (auto* group : {&contexts_, &cached_contexts_})
-      for (auto& pair : *group)
-        for (auto& ctx : pair) ctx->set_scratch(scratch_.ptr, scratch_.nbytes);
-  }
+  if (grow_scratch(need)) set_scratch_everywhere();
   cached_bound_ = generation_;
 }
 

@@ -85,6 +85,10 @@ class StitchedLoop {
   }
   void allocate(const TrajectoryPlan& plan, const DimValues& dims);
   void bind();
+  // every shared buffer into one context (`engine` names it in the refusal: "the engine of X", ...)
+  void bind_buffers(StepContext& ctx, int parity, const std::string& engine);
+  bool grow_scratch(size_t need);  // reallocates the shared scratch when `need` is larger; true if it did
+  void set_scratch_everywhere();
   void* address(const Binding& b, int parity);  // the buffer a context of this parity binds to b
   void prepare(const TrajectoryPlan& plan, const RequestInputs& in);
   void restore_start();
