@@ -5,14 +5,17 @@
 
 Pairs (PAIRS): sd15 (BK-SDM-Tiny -> SD 1.5), sd15-small (BK-SDM-Small -> SD 1.5), sd15-controlnet (an SD 1.5
 U-Net -> SD 1.5 with the SD 1.5 ControlNet and a control image; BK-SDM cannot take that ControlNet), sdxl
-(SSD-1B -> SDXL base), dit (DiT-S/2 -> DiT-XL/2 at 256 px, class-conditional, the SD VAE).
+(SSD-1B -> SDXL base), sdxl-lcm (T-Stitch's LCM setup: SSD-1B with the LCM-LoRA for SSD-1B fused -> LCM-SDXL,
+LCMScheduler, guidance 0), dit (DiT-S/2 -> DiT-XL/2 at 256 px, class-conditional, the SD VAE).
 Each stage is its own process under /usr/bin/time -v (wall time, peak RSS, CPU %), in order:
   parts      models/real_configs writes the pair's parts as diffusers directories / official checkpoints
              (--parts-from DIR: a part already under DIR is used from there, read only, not written)
-  build      tstitch-trt build --model SMALL --model LARGE --backend ... [--controlnet CN] [--build-args ...]
+  build      tstitch-trt build --model SMALL --model LARGE --backend ... [--controlnet CN] [--lora small=FILE]
+             [--build-args ...]
   check      tstitch-trt check --backend ort,openvino --batch 1 (every backend vs the torch StepModule)
   run-ort / run-openvino   tstitch-trt run at the published size, --steps N --ratio R, seeded
-             (SD: PNDM / SDXL: Euler from init.npy; DiT: DDIM, class labels, --seed 0)
+             (SD: PNDM / SDXL: Euler from init.npy; DiT: DDIM, class labels, --seed 0; sdxl-lcm: LCM through
+             the Python API, which takes the per-step noise (the CLI draws its own), drawn as diffusers draws it)
   diffusers  SD: diffusers' own pipeline switched small -> large by callback (models/diffusers_peer.py);
              DiT (no diffusers peer for a stitched DiT): `run --backend torch`, the bundle's torch StepModules
   cache      (not by default) ORT runs at each --cache-intervals value, --repeats times: min / median sampling time
@@ -40,6 +43,9 @@ class Pair:
     size: int  # pixels
     kind: str  # sd15, sdxl or dit
     controlnet: str | None = None  # under parts/
+    lora: str | None = None  # under parts/: fused into the small model at build (--lora small=FILE)
+    sampler: str | None = None  # default SAMPLER[kind]
+    cfg: str | None = None  # default CFG[kind]
 
 
 PAIRS = {
@@ -49,12 +55,58 @@ PAIRS = {
     "sd15-controlnet": Pair((("sd15-unet", "sd15-unet"), ("sd15-pipeline", "sd15"), ("sd15-controlnet", "controlnet")),
                             "sd15-unet", "sd15", 512, "sd15", controlnet="controlnet"),
     "sdxl": Pair((("sdxl-pair", ""),), "ssd-1b", "sdxl", 1024, "sdxl"),
+    # REFERENCE.md: "LCM: large lcm-sdxl UNet, small SSD-1B with lcm-lora-ssd-1b fused; 2/4/8 steps, g = 0"
+    "sdxl-lcm": Pair((("ssd-1b", "ssd-1b"), ("lcm-sdxl-pipeline", "lcm-sdxl"), ("lcm-lora-ssd-1b", "lcm-lora-ssd-1b")),
+                     "ssd-1b", "lcm-sdxl", 1024, "sdxl", lora="lcm-lora-ssd-1b/pytorch_lora_weights.safetensors",
+                     sampler="lcm", cfg="0.0"),
     "dit": Pair((("dit-pair", ""),), "DiT-S-2.safetensors", "DiT-XL-2.safetensors", 256, "dit"),
 }
 CFG = {"sd15": "7.5", "sdxl": "5.0", "dit": "1.5"}  # each pipeline's default guidance scale, given explicitly
 PROMPT = "a photo of a cat sitting on a red chair"
 LABELS = "207"  # DiT: one ImageNet class (golden retriever), batch 1 as the SD runs
 SAMPLER = {"sd15": "pndm", "sdxl": "euler", "dit": "ddim"}
+
+# sdxl-lcm: ours through the Python API, with the start latent and per-step noise diffusers draws (LCM adds noise
+# after every call but the last; the CLI would draw its own)
+RUN_LCM = r'''
+import json, sys, numpy as np
+from tstitch_trt.pipeline.sd import StitchedSDPipeline
+bundle, backend, init, noise, out, report, steps, ratio, cfg, prompt = sys.argv[1:11]
+pipe = StitchedSDPipeline.from_bundle(bundle, backend=backend)
+try:
+    res = pipe(prompt, sampler="lcm", ratio=float(ratio), steps=int(steps), cfg_scale=float(cfg),
+               init_noise=np.load(init), step_noise=np.load(noise), decode=False)
+finally:
+    pipe.close()
+np.save(out, res.latents)
+open(report, "w").write(json.dumps(res.report, indent=2, default=str))
+print(json.dumps(res.report, default=str))
+'''
+
+# sdxl-lcm's peer, as tests/test_lcm_sdxl.py: StableDiffusionXLPipeline of the LCM-SDXL directory with
+# LCMScheduler, the small U-Net fused by diffusers (load_lora_weights + fuse_lora) and presented with the large
+# one's guidance embedding (EmbeddingBlind), switched by callback; start latent and noise from one generator
+REFERENCE_LCM = r'''
+import sys, numpy as np, torch
+from diffusers import LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from tstitch_trt.models.diffusers_peer import EmbeddingBlind, stitch_by_callback
+small, large, lora, out, steps, ratio, size, prompt, cfg, seed = sys.argv[1:11]
+steps, ratio, size, cfg, seed = int(steps), float(ratio), int(size), float(cfg), int(seed)
+pipe = StableDiffusionXLPipeline.from_pretrained(large)
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+pipe.set_progress_bar_config(disable=True)
+big = pipe.unet
+pipe.unet = UNet2DConditionModel.from_pretrained(small).eval()
+pipe.load_lora_weights(lora)
+pipe.fuse_lora(components=["unet"])
+pipe.unload_lora_weights()
+switch = stitch_by_callback(pipe, EmbeddingBlind(pipe.unet, big.config.time_cond_proj_dim), big, steps, ratio)
+with torch.no_grad():
+    lat = pipe([prompt], height=size, width=size, num_inference_steps=steps, guidance_scale=cfg,
+               generator=torch.Generator().manual_seed(seed), output_type="latent",
+               callback_on_step_end=switch).images
+np.save(out, lat.numpy())
+'''
 
 REFERENCE = r'''
 import sys, numpy as np, torch, diffusers
@@ -199,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             models = ["--model", str(small), "--model", str(large)]
         extra = (["--controlnet", str(control)] if control else []) + args.build_args.split()
+        extra += ["--lora", f"small={part(pair.lora)}"] if pair.lora else []
         record(timed("build", [*tst, "build", *models, "--backend", args.backend, "--batch-sizes", "1-1", *extra,
                                "--out", str(bundle)], logs / "build.log"))
         files = sorted((f for f in bundle.rglob("*") if f.is_file()), key=lambda f: str(f))
@@ -213,6 +266,17 @@ def main(argv: list[str] | None = None) -> int:
                                "--report", str(work / "check.json")], logs / "check.log"))
     lat = pair.size // 8
     init = work / "init.npy"
+    sampler, cfg = pair.sampler or SAMPLER[pair.kind], pair.cfg or CFG[pair.kind]
+    noise = work / "noise.npy"  # LCM: the per-call noise, zero after the last call
+    if pair.sampler == "lcm" and not noise.exists():
+        import torch  # diffusers' draws: the start latent, then one noise per call but the last (same_draws)
+
+        gen = torch.Generator().manual_seed(0)
+        np.save(init, torch.randn((1, 4, lat, lat), generator=gen).numpy())
+        draws = np.zeros((args.steps, 1, 4, lat, lat), np.float32)
+        for i in range(args.steps - 1):
+            draws[i] = torch.randn((1, 4, lat, lat), generator=gen).numpy()
+        np.save(noise, draws)
     if not init.exists():
         np.save(init, np.random.default_rng(0).standard_normal((1, 4, lat, lat), dtype=np.float32))
     if pair.kind == "dit":
@@ -222,9 +286,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(backend: str, stage: str, extra: tuple[str, ...] = (), tag: str = "") -> dict:
         tag = tag or backend
+        if sampler == "lcm":
+            script = work / "run_lcm.py"
+            script.write_text(RUN_LCM)
+            return record(timed(stage, [py, str(script), str(bundle), backend, str(init), str(noise),
+                                        str(work / f"lat-{tag}.npy"), str(work / f"run-{tag}.json"), str(args.steps),
+                                        str(args.ratio), cfg, PROMPT], logs / f"{stage}.log"))
         return record(timed(stage, [*tst, "run", "--bundle", str(bundle), "--backend", backend, *request,
-                                    "--sampler", SAMPLER[pair.kind], "--steps", str(args.steps), "--ratio",
-                                    str(args.ratio), "--cfg-scale", CFG[pair.kind], *extra, "--save-latents",
+                                    "--sampler", sampler, "--steps", str(args.steps), "--ratio",
+                                    str(args.ratio), "--cfg-scale", cfg, *extra, "--save-latents",
                                     str(work / f"lat-{tag}.npy"), "--report", str(work / f"run-{tag}.json"),
                                     "--out", str(work / f"{tag}.png")], logs / f"{stage}.log"))
 
@@ -251,12 +321,18 @@ def main(argv: list[str] | None = None) -> int:
     if "diffusers" in stages:
         if pair.kind == "dit":
             run("torch", "reference (run --backend torch)")
+        elif sampler == "lcm":
+            script = work / "reference_lcm.py"
+            script.write_text(REFERENCE_LCM)
+            record(timed("diffusers", [py, str(script), str(small), str(large), str(part(pair.lora)), str(ref_path),
+                                       str(args.steps), str(args.ratio), str(pair.size), PROMPT, cfg, "0"],
+                         logs / "diffusers.log"))
         else:
             script = work / "reference.py"
             script.write_text(REFERENCE)
             record(timed("diffusers", [py, str(script), str(small), str(large), str(init), str(ref_path),
                                        str(args.steps), str(args.ratio), str(pair.size), PROMPT, pair.kind,
-                                       CFG[pair.kind], f"{control}:{image}" if control else "-"],
+                                       cfg, f"{control}:{image}" if control else "-"],
                          logs / "diffusers.log"))
     if ref_path.exists():
         ref = np.load(ref_path)

@@ -101,6 +101,39 @@ def test_auto_engine_and_precision_follow_python(tmp_path):
     assert proc.stdout.splitlines()[0] == f"engine openvino; {why}"
 
 
+def test_verified_checksums_are_shared_with_python(tmp_path, monkeypatch):
+    """One memo of verified file versions, one format (cpp/src/verified.cpp, bundle/files.py): each runtime
+    believes what the other remembered. Shown by a memo claiming another digest, which only a runtime that
+    reads it can refuse the intact bundle over."""
+    import shutil
+
+    from tstitch_trt.bundle import files
+    from tstitch_trt.errors import BundleError
+
+    bundle, memo = tmp_path / "pair", tmp_path / "memo"
+    shutil.copytree(DEMO, bundle)  # new file versions: nothing remembered for them yet
+    monkeypatch.setenv(files.MEMO_ENV, str(memo))
+    kw = {"bundle": bundle, "engine": "openvino", "precision": "fp32", "steps": 2, "batch": 1, "labels": "1"}
+
+    def claim_another_digest() -> list[str]:
+        names = sorted(p.name for p in memo.iterdir())
+        for name in names:
+            (memo / name).write_text("0" * 64)
+        return names
+
+    proc, _, _ = run_c(tmp_path, **kw)
+    assert proc.returncode == 0, proc.stderr
+    by_c = claim_another_digest()
+    assert by_c, "C++ remembered nothing it verified"
+    with pytest.raises(BundleError, match="checksum mismatch"):
+        StitchedPipeline.from_bundle(bundle, backend="openvino")  # Python read C++'s memo
+    shutil.rmtree(memo)
+    StitchedPipeline.from_bundle(bundle, backend="openvino").close()
+    assert set(by_c) <= set(claim_another_digest())  # the same keys for the same files
+    proc, _, _ = run_c(tmp_path, **kw)
+    assert proc.returncode != 0 and "checksum mismatch" in proc.stderr, proc.stderr  # C++ read Python's
+
+
 @pytest.mark.parametrize(("kw", "message"), [
     ({"engine": "onnx"}, "error: unknown engine 'onnx'; choose openvino or trt (NULL: auto)"),
     ({"engine": "openvino", "precision": "fp16"},

@@ -32,6 +32,12 @@ def test_ssd_1b_is_the_reconstructed_config_not_the_published_count():
     assert 0.98 < millions / PUBLISHED_PARAMS["ssd-1b"] < 0.99
 
 
+def test_lcm_sdxl_is_sdxl_plus_the_guidance_embedding():
+    """LCM-SDXL is SDXL base's U-Net plus LCM's w-embedding projection (256 -> 320, no bias)."""
+    extra = count_params(meta_part("lcm-sdxl")) - count_params(meta_part("sdxl"))
+    assert extra == 256 * 320
+
+
 def test_unknown_part_is_refused():
     with pytest.raises(ValueError, match="unknown part"):
         meta_part("sd3")

@@ -11,6 +11,7 @@
 #include "graph_refs.hpp"
 #include "pyrepr.hpp"
 #include "schema.hpp"
+#include "verified.hpp"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -392,7 +393,7 @@ std::string artifact_path(const std::string& bundle_dir, const EngineEntry& entr
     const std::string path = sealed_path(bundle_dir, f.file, f.field);
     std::error_code ec;
     if (!fs::is_regular_file(path, ec)) fail(TSTITCH_ERR_BUNDLE, "bundle file " + path + " is missing; rebuild the bundle");
-    if (verify && sha256_file(path) != f.sha256)
+    if (verify && !file_has_sha256(path, f.sha256))  // remembered per file version, shared with Python
       fail(TSTITCH_ERR_BUNDLE, "checksum mismatch for " + path + ": the file changed since the build; rebuild the bundle");
   }
   const std::string& rel = entry.artifact.file;

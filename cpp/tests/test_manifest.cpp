@@ -1,13 +1,16 @@
 // The manifest rules and their one-line messages; sealed paths; sha256 and checksum refusals.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include "graph_refs.hpp"
 #include "manifest.hpp"
 #include "precision.hpp"
 #include "test_util.hpp"
+#include "verified.hpp"
 
 using namespace tstitch;
 using tstitch::testing::error_of;
@@ -139,6 +142,40 @@ TEST(Manifest, ChecksumMismatchAndMissingFile) {
   EXPECT_EQ(error_of([&] { artifact_path(b.dir(), e, /*verify=*/false); }), "");
   fs::remove(path);
   EXPECT_EQ(error_of([&] { artifact_path(b.dir(), e); }), "bundle file " + path + " is missing; rebuild the bundle");
+}
+
+// Verified checksums are remembered per file version (tests/test_cpp_verified.py: in Python's format).
+TEST(Manifest, VerifiedChecksumsAreRememberedPerFileVersion) {
+  TempBundle b;
+  const std::string memo_dir = b.root() + "/memo";
+  ::setenv("TSTITCH_VERIFY_CACHE", memo_dir.c_str(), 1);
+  const Manifest m = read_manifest(b.dir());
+  const EngineEntry& e = m.models[1].engines.at("trt");
+  const std::string path = b.dir() + "/" + e.artifact.file;
+  const std::string memo = verified_memo_file(path);
+  ASSERT_EQ(memo.rfind(memo_dir + "/", 0), 0u) << memo;
+  EXPECT_FALSE(fs::exists(memo));
+  EXPECT_EQ(error_of([&] { artifact_path(b.dir(), e); }), "");
+  std::string digest;
+  std::ifstream(memo) >> digest;
+  EXPECT_EQ(digest, e.artifact.sha256);  // remembered after a hash that matched
+  // read, not hashed again: a memo saying another digest is believed (it is the user's own cache)
+  std::ofstream(memo, std::ios::trunc) << std::string(64, '0');
+  EXPECT_NE(error_of([&] { artifact_path(b.dir(), e); }).find("checksum mismatch for"), std::string::npos);
+  std::ofstream(memo, std::ios::trunc) << "not a digest";  // a damaged memo: hashed again
+  EXPECT_EQ(error_of([&] { artifact_path(b.dir(), e); }), "");
+  // file times tick at the kernel's clock granularity (a jiffy): a write must land on a later tick to be seen
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  {
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(-1, std::ios::end);
+    f.put('!');  // a write: another version of the file (its ctime moved), so hashed and refused
+  }
+  EXPECT_NE(verified_memo_file(path), memo);
+  EXPECT_NE(error_of([&] { artifact_path(b.dir(), e); }).find("checksum mismatch for"), std::string::npos);
+  ::setenv("TSTITCH_VERIFY_CACHE", "off", 1);
+  EXPECT_EQ(verified_memo_file(path), "");
+  ::unsetenv("TSTITCH_VERIFY_CACHE");
 }
 
 TEST(Manifest, ReadsThePythonDemoPair) {

@@ -61,9 +61,13 @@ SDXL_UNET: dict[str, Any] = {
 # here): its count, 1,316.3 M, is 1.1 % below the published 1,331 M; the published file differs somewhere
 # in the up path (see PUBLISHED_PARAMS and tests/test_real_configs.py, which pin both numbers).
 SSD_1B_UNET: dict[str, Any] = {**SDXL_UNET, "transformer_layers_per_block": [1, 2, 4]}
+# latent-consistency/lcm-sdxl unet/config.json: SDXL base's U-Net distilled with LCM's guidance embedding (a
+# 256-wide w-embedding projected into the time embedding: +81,920 parameters, no bias), the large model of
+# T-Stitch's sdxl_lcm_lora setup (REFERENCE.md: small SSD-1B with lcm-lora-ssd-1b fused)
+LCM_SDXL_UNET: dict[str, Any] = {**SDXL_UNET, "time_cond_proj_dim": 256}
 
 UNETS = {"sd15": SD15_UNET, "bk-sdm-tiny": BK_SDM_TINY_UNET, "bk-sdm-small": BK_SDM_SMALL_UNET, "sdxl": SDXL_UNET,
-         "ssd-1b": SSD_1B_UNET}
+         "ssd-1b": SSD_1B_UNET, "lcm-sdxl": LCM_SDXL_UNET}
 
 # runwayml/stable-diffusion-v1-5 text_encoder/config.json (CLIP ViT-L/14's text tower; SDXL's text_encoder too)
 CLIP_L_TEXT: dict[str, Any] = {
@@ -358,6 +362,10 @@ PARTS = {
     "sd15-unet": lambda out: write_unet("sd15", out, 3),
     "sd15-controlnet": lambda out: write_controlnet(out),
     "lcm-lora-ssd-1b": lambda out: write_lcm_lora("ssd-1b", out),
+    # T-Stitch's LCM pair: SSD-1B (the sdxl-pair's, same seed) + lcm-lora-ssd-1b -> an SDXL pipeline whose U-Net
+    # is LCM-SDXL's (the release is a U-Net that users put into SDXL base's pipeline)
+    "ssd-1b": lambda out: write_unet("ssd-1b", out, 1),
+    "lcm-sdxl-pipeline": lambda out: write_pipeline("sdxl", out, unet="lcm-sdxl"),
     "dit-pair": lambda out: (write_dit("DiT-S/2", out / "DiT-S-2.safetensors", 1),
                              write_dit("DiT-XL/2", out / "DiT-XL-2.safetensors")),
 }
