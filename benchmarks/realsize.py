@@ -15,7 +15,8 @@ Each stage is its own process under /usr/bin/time -v (wall time, peak RSS, CPU %
   check      tstitch-trt check --backend ort,openvino --batch 1 (every backend vs the torch StepModule)
   run-ort / run-openvino   tstitch-trt run at the published size, --steps N --ratio R, seeded
              (SD: PNDM / SDXL: Euler from init.npy; DiT: DDIM, class labels, --seed 0; sdxl-lcm: LCM through
-             the Python API, which takes the per-step noise (the CLI draws its own), drawn as diffusers draws it)
+             the Python API, which takes the per-step noise (the CLI draws its own), drawn as diffusers draws it;
+             latents only: the SDXL VAE's decode is the sdxl pair's)
   diffusers  SD: diffusers' own pipeline switched small -> large by callback (models/diffusers_peer.py);
              DiT (no diffusers peer for a stitched DiT): `run --backend torch`, the bundle's torch StepModules
   cache      (not by default) ORT runs at each --cache-intervals value, --repeats times: min / median sampling time

@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace tstitch {
 
@@ -34,6 +35,9 @@ class Device {
   virtual double time_ms(const std::function<void()>& enqueue) = 0;
   // Captures what `body` enqueues into one graph; Error(TSTITCH_ERR_RUNTIME) naming why not.
   virtual std::unique_ptr<Graph> capture(const std::function<void()>& body) = 0;
+  // What the engines on this device had to say since the last call (a compiled model not cached, ...): the
+  // run's notes carry them.
+  virtual std::vector<std::string> take_notes() { return {}; }
 };
 
 }  // namespace tstitch

@@ -7,6 +7,8 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "device.hpp"
 
@@ -28,10 +30,13 @@ class HostDevice : public Device {
   double time_ms(const std::function<void()>& enqueue) override;
   std::unique_ptr<Graph> capture(const std::function<void()>& body) override;
   void add_engine_ms(double ms) { engine_ms_ += ms; }
+  void add_note(std::string note) { notes_.push_back(std::move(note)); }
+  std::vector<std::string> take_notes() override { return std::exchange(notes_, {}); }
 
  private:
   std::set<void*> live_;  // freed on destruction: nothing leaks past the device
   double engine_ms_ = 0.0;
+  std::vector<std::string> notes_;
 };
 
 }  // namespace tstitch

@@ -500,6 +500,7 @@ LoopResult StitchedLoop::run(const TrajectoryPlan& plan, const RequestInputs& in
   LoopResult r = use_graph_ ? run_graph(plan) : plain_run(plan);
   r.notes = std::move(notes_);  // each note once, with the run it affected
   notes_.clear();
+  for (std::string& n : device_.take_notes()) r.notes.push_back(std::move(n));
   if (!all_finite(r.x)) locate_non_finite(plan, in);
   return r;
 }

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "disk_reserve.hpp"
 #include "engine.hpp"
 #include "errors.hpp"
 #include "host_device.hpp"
@@ -113,9 +114,9 @@ class OvContext : public StepContext {
 class OvEngine : public StepEngine {
  public:
   OvEngine(ov::Core& core, std::shared_ptr<ov::Model> model, std::string precision, int threads, HostDevice& dev,
-           std::string what)
+           std::string what, std::string cache_dir)
       : core_(core), model_(std::move(model)), precision_(std::move(precision)), threads_(threads), dev_(dev),
-        what_(std::move(what)) {}
+        what_(std::move(what)), cache_dir_(std::move(cache_dir)) {}
   std::vector<EngineTensor> tensors() const override {
     std::vector<EngineTensor> out;
     for (const auto& p : std::as_const(*model_).inputs()) out.push_back({port_name(p), true, dtype_name(p.get_element_type()), true});
@@ -166,18 +167,44 @@ class OvEngine : public StepEngine {
              ov::AnyMap config = {ov::hint::performance_mode(ov::hint::PerformanceMode::LATENCY),
                                   ov::hint::inference_precision(precision_ == "bf16" ? ov::element::bf16 : ov::element::f32)};
              if (threads_ > 0) config.emplace(ov::inference_num_threads(threads_));
+             const std::string refusal = blob_refusal_for(*s);
+             if (refusal.empty()) return core_.compile_model(s, "CPU", config);
+             dev_.add_note(refusal);
+             core_.set_property(ov::cache_dir(""));  // this compile only: its blob would eat the disk's reserve
+             struct Restore {
+               ov::Core& core;
+               const std::string& dir;
+               ~Restore() {
+                 try {
+                   core.set_property(ov::cache_dir(dir));
+                 } catch (...) {  // the cache stays off for this runtime: compile time, never a wrong result
+                 }
+               }
+             } restore{core_, cache_dir_};
              return core_.compile_model(s, "CPU", config);
            });
   }
   const std::string& what() const { return what_; }
 
  private:
+  // Why this graph's compiled blob is not written into the model cache ("" = it is, or there is no cache).
+  std::string blob_refusal_for(const ov::Model& m) const {
+    if (cache_dir_.empty()) return "";
+    uint64_t weights = 0;  // about the blob's size, as Python's weight_bytes
+    for (const auto& op : m.get_ops())
+      if (auto c = std::dynamic_pointer_cast<ov::op::v0::Constant>(op)) weights += c->get_byte_size();
+    std::error_code ec;
+    const std::filesystem::space_info space = std::filesystem::space(cache_dir_, ec);
+    return ec ? "" : blob_refusal(cache_dir_, weights, space.available, space.capacity);
+  }
+
   ov::Core& core_;
   std::shared_ptr<ov::Model> model_;
   std::string precision_;
   int threads_;
   HostDevice& dev_;
   std::string what_;
+  std::string cache_dir_;  // the model cache OpenVINO writes into ("" = none)
   std::map<std::string, ov::CompiledModel> compiled_;
 };
 
@@ -246,6 +273,7 @@ class OvBackend : public Backend {
       std::filesystem::create_directories(dir, ec);
       if (!ec) ov_call("to set its model cache", [&] {
         core_.set_property(ov::cache_dir(dir.string()));
+        cache_dir_ = dir.string();
         return 0;
       });
       // an unwritable cache only costs compile time, as in Python
@@ -262,7 +290,7 @@ class OvBackend : public Backend {
     std::shared_ptr<ov::Model> model = ov_call("to read " + what, [&] {
       return core_.read_model(std::string(plan.begin(), plan.end()), ov::Tensor());
     });
-    return std::make_unique<OvEngine>(core_, model, "fp32", threads_, device_, what);
+    return std::make_unique<OvEngine>(core_, model, "fp32", threads_, device_, what, cache_dir_);
   }
   std::unique_ptr<StepEngine> load_file(const std::string& path, const std::string& what, const std::string& precision) override {
     std::shared_ptr<ov::Model> model;
@@ -272,7 +300,8 @@ class OvBackend : public Backend {
       fail(TSTITCH_ERR_INCOMPATIBLE, "OpenVINO " + std::string(ov::get_openvino_version().buildNumber) + " cannot read " + what +
                                          ": " + first_line(e.what()) + "; rebuild the bundle or upgrade OpenVINO");
     }
-    return std::make_unique<OvEngine>(core_, model, precision.empty() ? "fp32" : precision, threads_, device_, what);
+    return std::make_unique<OvEngine>(core_, model, precision.empty() ? "fp32" : precision, threads_, device_, what,
+                                      cache_dir_);
   }
 
  private:
@@ -280,6 +309,7 @@ class OvBackend : public Backend {
   ov::Core core_;
   bool native_bf16_ = false;
   int threads_ = 0;
+  std::string cache_dir_;  // this bundle's model cache ("" = none)
 };
 
 }  // namespace

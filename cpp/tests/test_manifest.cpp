@@ -6,6 +6,7 @@
 #include <fstream>
 #include <thread>
 
+#include "disk_reserve.hpp"
 #include "graph_refs.hpp"
 #include "manifest.hpp"
 #include "precision.hpp"
@@ -176,6 +177,18 @@ TEST(Manifest, VerifiedChecksumsAreRememberedPerFileVersion) {
   ::setenv("TSTITCH_VERIFY_CACHE", "off", 1);
   EXPECT_EQ(verified_memo_file(path), "");
   ::unsetenv("TSTITCH_VERIFY_CACHE");
+}
+
+// The model cache's disk reserve: Python's rule and words (tests/test_openvino_cache.py holds Python's side).
+TEST(DiskReserve, ABlobThatWouldEatTheReserveIsNotWritten) {
+  const uint64_t GiB = 1ull << 30, total = 100 * GiB, reserve = 5 * GiB;  // 5% of 100 GiB > 2 GiB
+  EXPECT_EQ(blob_refusal("/c", kSmallBlobBytes, 0, total), "");  // small blobs always
+  EXPECT_EQ(blob_refusal("/c", 3 * GiB, reserve + 3 * GiB, total), "");
+  EXPECT_EQ(blob_refusal("/c", 3 * GiB, reserve + 3 * GiB - 1, total),
+            "OpenVINO model cache: not written for this graph (3.0 GiB blob, 8.0 GiB free in /c, 5.0 GiB kept free); "
+            "the next run compiles it again");
+  EXPECT_NE(blob_refusal("/c", 10 * GiB, 4 * GiB, total), "");  // bigger than what is free
+  EXPECT_NE(blob_refusal("/c", 1 * GiB, 2 * GiB + GiB / 2, 10 * GiB), "");  // small disks keep 2 GiB
 }
 
 TEST(Manifest, ReadsThePythonDemoPair) {
