@@ -1,6 +1,8 @@
 #include "openvino_bf16.hpp"
 
 #include <openvino/core/model.hpp>
+#include <openvino/op/constant.hpp>
+#include <openvino/op/parameter.hpp>
 #include <openvino/pass/graph_rewrite.hpp>
 #include <openvino/pass/manager.hpp>
 #include <openvino/pass/matcher_pass.hpp>
@@ -117,11 +119,38 @@ std::set<std::string> keep_f32_nodes(const ov::Model& model) {
 
 size_t mark_for_bf16(const std::shared_ptr<ov::Model>& model) {
   // Python: apply_moc_transformations(model, cf=True) = MOCTransformations(cf) + FlushFP32SubnormalsToZero. First:
-  // the plugin would run them anyway, and the nodes they rebuild would not keep the mark.
-  ov::pass::Manager manager;
-  manager.register_pass<ov::pass::MOCTransformations>(true);
-  manager.register_pass<ov::pass::FlushFP32SubnormalsToZero>();
-  manager.run_passes(model);
+  // the plugin would run them anyway, and the nodes they rebuild would not keep the mark. On the topology only, as
+  // Python (openvino_precision.marked_for_bf16): every weight Constant (floating point, >= 1 KiB) is swapped for a
+  // Parameter around them, so MOC's MatMulConstTransposesExtraction + constant folding do not write a transposed
+  // copy of each linear weight (7.7 GB for the SDXL U-Net, kept by the compiled model).
+  std::vector<std::pair<std::shared_ptr<ov::op::v0::Parameter>, std::shared_ptr<ov::Node>>> swapped;
+  for (const auto& op : model->get_ordered_ops()) {
+    auto c = std::dynamic_pointer_cast<ov::op::v0::Constant>(op);
+    if (!c || !c->get_output_element_type(0).is_real() || c->get_byte_size() < 1024) continue;
+    auto param = std::make_shared<ov::op::v0::Parameter>(c->get_output_element_type(0), c->get_output_partial_shape(0));
+    for (ov::Input<ov::Node> target : c->output(0).get_target_inputs()) target.replace_source_output(param->output(0));
+    swapped.emplace_back(param, c);
+  }
+  ov::ParameterVector params;
+  for (const auto& [param, c] : swapped) params.push_back(param);
+  model->add_parameters(params);
+  const auto restore = [&] {
+    for (const auto& [param, c] : swapped) {
+      for (ov::Input<ov::Node> target : param->output(0).get_target_inputs()) target.replace_source_output(c->output(0));
+      model->remove_parameter(param);
+    }
+    model->validate_nodes_and_infer_types();
+  };
+  try {
+    ov::pass::Manager manager;
+    manager.register_pass<ov::pass::MOCTransformations>(true);
+    manager.register_pass<ov::pass::FlushFP32SubnormalsToZero>();
+    manager.run_passes(model);
+  } catch (...) {
+    restore();
+    throw;
+  }
+  restore();
   const std::set<std::string> names = keep_f32_nodes(*model);
   size_t marked = 0;
   for (const auto& op : model->get_ordered_ops()) {

@@ -7,6 +7,7 @@
 // bundle, keyed by the step graphs' checksums). A context's infer request is bound ONCE per buffer
 // allocation (ov::Tensor views of the loop's buffers), so a step is only infer(): no copies.
 #include <openvino/core/version.hpp>
+#include <openvino/op/constant.hpp>
 #include <openvino/openvino.hpp>
 
 #include <chrono>

@@ -184,7 +184,14 @@ def marked_for_bf16(core: Any, model: Any) -> Any:
     """
     from openvino._offline_transformations import apply_moc_transformations
 
-    apply_moc_transformations(model, cf=True)
+    # on the topology only: with the weights as Constants, MOC's MatMulConstTransposesExtraction + constant
+    # folding write a transposed copy of every linear weight (7.7 GB of anonymous memory for the SDXL U-Net, kept
+    # by the compiled model, and 15 s); swapped for Parameters, the weights stay the mapped originals
+    swapped = _weights_as_parameters(model)
+    try:
+        apply_moc_transformations(model, cf=True)
+    finally:
+        _restore_weights(model, swapped)
     return mark_keep_f32(core, model, keep_f32_nodes(model))
 
 
