@@ -188,7 +188,9 @@ class OvEngine : public StepEngine {
   const std::string& what() const { return what_; }
 
  private:
-  // Why this graph's compiled blob is not written into the model cache ("" = it is, or there is no cache).
+  // Why this graph's compiled blob is not written into the model cache ("" = it is, or there is no cache). OpenVINO's
+  // cache key is its own, so a blob already cached for this graph is not imported while the disk is under its
+  // reserve: the graph is compiled instead (Python, which keys its blobs itself, imports it).
   std::string blob_refusal_for(const ov::Model& m) const {
     if (cache_dir_.empty()) return "";
     uint64_t weights = 0;  // about the blob's size, as Python's weight_bytes
