@@ -314,7 +314,6 @@ def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: 
                 export_unet_step(step, tmp / rel, "fp32", text_len, pixel_factor, (cfg.cache_branch, "cached", feature))
                 cached["ort"] = onnx_entry(tmp, rel, batch_range=cfg.batch_range)
     io = unet_io_spec(step, text_len, pixel_factor)
-    freed = False
     if builders:
         graph = tmp / f"onnx/{tag}-{cfg.precision}-src.onnx"
         # the last use of the step (no cached graph, no ControlNet shared with the next U-Net): converted in place
@@ -323,7 +322,6 @@ def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: 
             export_unet_step(step, graph, cfg.precision, text_len, pixel_factor, full, consume=last)
         if feature is None:  # nothing left to export from it: freed before the engine build holds the graph
             del step, unet   # (SDXL: its 4.8 GB of fp16 weights beside TensorRT's parsed copy and the plan)
-            freed = True
             gc.collect()
         engines.update(_engine_entries(tmp, builders, graph, f"trt/{tag}", cfg,
                                        io if feature is None else cache_graph_io(io, feature, "full"), stage))
@@ -334,7 +332,7 @@ def _write_unet(tmp: Path, i: int, src: SdSource, cfg: SdBuildConfig, builders: 
                                  (cfg.cache_branch, "cached", feature))
             cached.update(_engine_entries(tmp, builders, graph, f"trt/{tag}-cached", cfg,
                                           cache_graph_io(io, feature, "cached"), stage))
-    if not freed:
+    if not (builders and feature is None):  # else freed before the engine builds
         del step, unet
     arch = {k: v for k, v in src.unet_config().items() if not k.startswith("_")}
     entry = ModelEntry(name=src.name, family="unet", arch=arch, engines=engines, lora=lora,
