@@ -179,11 +179,51 @@ def test_vae_decoder_fp16_graph_psnr(tmp_path):
     model = onnx.load(str(p16))
     types = elem_types(model)
     convs = {types[n.input[0]] for n in model.graph.node if n.op_type == "Conv"}
-    norms = {types[n.input[0]] for n in model.graph.node if n.op_type in ("InstanceNormalization", "Softmax")}
+    ops = {n.op_type for n in model.graph.node}
+    assert "InstanceNormalization" not in ops  # GroupNorm's statistics are the two-level ReduceMeans
+    norms = {types[n.input[0]] for n in model.graph.node if n.op_type in ("ReduceMean", "Softmax")}
     assert convs == {onnx.TensorProto.FLOAT16} and norms == {onnx.TensorProto.FLOAT}
     assert types["latent"] == types["image"] == onnx.TensorProto.FLOAT
     psnr = fp16_decode_psnr(p32, p16, lat)
     assert 40 < psnr < 200  # measured ~72 dB on this model; finite: fp16 really differs
+
+
+def test_vae_group_norm_statistics_in_two_levels_are_exact_where_one_sum_is_not(tmp_path):
+    """A 1M-element group (the SD VAE decoder's last level at 512 px): torch's export (one InstanceNormalization)
+    is off float64 on ONNX Runtime by its fp32 lanes; the two-level form the VAE export uses is not."""
+    from tstitch_trt.export.vae_export import _GroupNormTwoLevel
+
+    norm = torch.nn.GroupNorm(2, 8, eps=1e-6).requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0), norm.bias.uniform_(-1.0, 1.0)
+    x = (torch.randn(1, 8, 512, 512, generator=torch.Generator().manual_seed(0)) + 2.0).numpy()
+    x64 = torch.from_numpy(x).double()
+    ref = torch.nn.functional.group_norm(x64, 2, norm.weight.double(), norm.bias.double(), 1e-6).numpy()
+    errors = {}
+    for name, module in (("one sum", norm), ("two levels", _GroupNormTwoLevel(norm))):
+        path = tmp_path / f"{name.replace(' ', '_')}.onnx"
+        torch.onnx.export(module, (torch.from_numpy(x[:, :, :16, :16]),), str(path), input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}},
+                          opset_version=onnx_export.OPSET, dynamo=False)
+        y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        errors[name] = float(np.abs(y - ref).max() / np.abs(ref).max())
+    assert errors["two levels"] < 2e-6, errors  # measured 1.8e-7 (fp32 rounding of the output)
+    assert errors["one sum"] > 3 * errors["two levels"], errors  # measured 9.3e-6: the error this form removes
+
+
+def test_vae_decoder_graph_is_dynamic_in_batch_and_size(tmp_path):
+    from tstitch_trt.export.vae_export import export_vae_decoder, randomized_vae
+
+    vae = randomized_vae((32, 64), seed=1)
+    path = export_vae_decoder(vae, tmp_path / "d.onnx", (4, 8, 8), "fp32", dynamic_hw=True)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in ((1, 4, 8, 8), (2, 4, 12, 6), (3, 4, 5, 9)):
+        z = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+        with torch.no_grad():
+            ref = vae.decode(torch.from_numpy(z)).sample.numpy()
+        out = sess.run(None, {"latent": z})[0]
+        assert out.shape == (shape[0], 3, 2 * shape[2], 2 * shape[3])
+        assert np.abs(out - ref).max() < 1e-5 * np.abs(ref).max()
 
 
 # --- bundles, check, interrupted builds, recipes --------------------------------------------------
