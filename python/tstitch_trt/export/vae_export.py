@@ -58,7 +58,8 @@ class _GroupNormTwoLevel(torch.nn.Module):
     torch exports GroupNorm as one InstanceNormalization over the flattened group, and ONNX Runtime's CPU kernel
     sums it in fp32 lanes: 1.1e-5 off float64 over a 1M-element group, 8.1e-5 over the 4M of the VAE decoder's
     last level at 1024 px (benchmarks/ort_instancenorm_accuracy.py), so the SDXL decode was 1.38e-4 off torch.
-    Axis by axis no sum is longer than max(W, H, C / G): the SD VAE's fp32 decode at 512 px is 9.1e-7 off float64
+    Axis by axis no ORT sum is longer than max(W, H, C / G) (OpenVINO merges the chain back into one Reduce, whose
+    kernel is still closer than its MVN): the SD VAE's fp32 decode at 512 px is 9.1e-7 off float64
     on ORT (was 1.7e-5) and 3.2e-6 on OpenVINO (was 6.7e-6), in the same time on ORT and OpenVINO bf16 and 2-3%
     more on OpenVINO fp32, whose MVN fusion it does not match (benchmarks/RESULTS.md, "The VAE's GroupNorm in two
     levels"). The SDXL decode at 1024 px: 1.1e-6 off torch on ORT, 7.4e-6 on OpenVINO."""
