@@ -201,6 +201,8 @@ def _fp16_ready(step: UNetStepModule, consume: bool = False) -> UNetStepModule:
     typing rules above)."""
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
+    from tstitch_trt.export.vae_export import _GroupNormFp32
+
     module = (step if consume else copy.deepcopy(step)).to(torch.float16)
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
@@ -214,24 +216,6 @@ def _fp16_ready(step: UNetStepModule, consume: bool = False) -> UNetStepModule:
     if module.controlnet is not None:
         module.controlnet.set_attn_processor(AttnProcessor())
     return module.eval()
-
-
-class _GroupNormFp32(torch.nn.Module):
-    """GroupNorm with fp32 statistics and affine, whatever the network's dtype.
-
-    Exported as torch exports GroupNorm (one InstanceNormalization per group), as the fp32 U-Net graphs are: a
-    U-Net's groups are at most 164K elements at 1024 px, and ORT's SDXL step graphs stay within 4.1e-6 of torch.
-    The VAE decoder's reach 4M, where that one fp32 sum is not enough (export/vae_export._GroupNormTwoLevel)."""
-
-    def __init__(self, norm: torch.nn.GroupNorm):
-        super().__init__()
-        self.num_groups, self.eps = norm.num_groups, norm.eps
-        self.weight = torch.nn.Parameter(norm.weight.detach().float(), requires_grad=False)
-        self.bias = torch.nn.Parameter(norm.bias.detach().float(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.nn.functional.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps)
-        return y.to(x.dtype)
 
 
 class _LayerNormFp32(torch.nn.Module):

@@ -45,6 +45,24 @@ class VaeDecoder(torch.nn.Module):
         return self.vae.decode(latent.to(self.vae.dtype)).sample.float()
 
 
+class _GroupNormFp32(torch.nn.Module):
+    """GroupNorm with fp32 statistics and affine, whatever the network's dtype (the U-Nets' fp16 graphs).
+
+    Exported as torch exports GroupNorm (one InstanceNormalization per group), as the fp32 U-Net graphs are: a
+    U-Net's groups are at most 164K elements at 1024 px, and ORT's SDXL step graphs stay within 4.1e-6 of torch.
+    The VAE decoder's reach 4M, where that one fp32 sum is not enough (_GroupNormTwoLevel)."""
+
+    def __init__(self, norm: torch.nn.GroupNorm):
+        super().__init__()
+        self.num_groups, self.eps = norm.num_groups, norm.eps
+        self.weight = torch.nn.Parameter(norm.weight.detach().float(), requires_grad=False)
+        self.bias = torch.nn.Parameter(norm.bias.detach().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps)
+        return y.to(x.dtype)
+
+
 def _mean_per_group(t: torch.Tensor) -> torch.Tensor:
     """The mean over every axis after (N, G) of t, one axis at a time, last first (keepdim)."""
     for axis in range(t.dim() - 1, 1, -1):
@@ -52,7 +70,7 @@ def _mean_per_group(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class _GroupNormTwoLevel(torch.nn.Module):
+class _GroupNormTwoLevel(_GroupNormFp32):
     """GroupNorm in fp32 whose mean and variance are means of means: over W, then H, then the group's channels.
 
     torch exports GroupNorm as one InstanceNormalization over the flattened group, and ONNX Runtime's CPU kernel
@@ -63,12 +81,6 @@ class _GroupNormTwoLevel(torch.nn.Module):
     on ORT (was 1.7e-5) and 3.2e-6 on OpenVINO (was 6.7e-6), in the same time on ORT and OpenVINO bf16 and 2-3%
     more on OpenVINO fp32, whose MVN fusion it does not match (benchmarks/RESULTS.md, "The VAE's GroupNorm in two
     levels"). The SDXL decode at 1024 px: 1.1e-6 off torch on ORT, 7.4e-6 on OpenVINO."""
-
-    def __init__(self, norm: torch.nn.GroupNorm):
-        super().__init__()
-        self.num_groups, self.eps = norm.num_groups, norm.eps
-        self.weight = torch.nn.Parameter(norm.weight.detach().float(), requires_grad=False)
-        self.bias = torch.nn.Parameter(norm.bias.detach().float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x if x.dtype == torch.float32 else x.float()
